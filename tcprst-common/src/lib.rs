@@ -1,0 +1,218 @@
+//! The ABI shared by the kernel programs and the loader.
+//!
+//! Everything here is `#[repr(C)]` and plain data: the kernel side writes these
+//! records into the ring buffer and reads the layout globals, the user side
+//! (feature `user`) fills the globals and decodes the records. Kernel layouts
+//! are never baked in: every offset is measured on the running kernel and
+//! handed to the programs through the globals below.
+#![no_std]
+
+/// Marks a field or member the running kernel does not have.
+pub const ABSENT: u32 = u32::MAX;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// How a tracepoint stores the connection tuple.
+///
+/// `tcp:tcp_send_reset` since 6.10 stores `saddr`/`daddr` as a
+/// `sockaddr_in`/`sockaddr_in6` (family and port inside); the older
+/// `tcp_event_sk*` classes, and `tcp:tcp_receive_reset` still, have separate
+/// `sport`, `dport`, `family`, `saddr`, `daddr`, `saddr_v6` and `daddr_v6`.
+pub mod tuple_style {
+    pub const SOCKADDR: u32 = 1;
+    pub const SPLIT: u32 = 2;
+}
+
+/// Byte offsets of the tuple fields in a tracepoint record. The `s*` fields
+/// are the local end, the `d*` fields the remote one, on every kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TupleFields {
+    /// One of `tuple_style::*`.
+    pub style: u32,
+    pub family: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+}
+
+/// Byte offsets of the fields a reset tracepoint program reads; `ABSENT`
+/// where this kernel's tracepoint lacks the field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResetFields {
+    pub skaddr: u32,
+    pub skbaddr: u32,
+    pub state: u32,
+    pub reason: u32,
+    pub sock_cookie: u32,
+    pub tuple: TupleFields,
+}
+
+impl ResetFields {
+    /// The value compiled into the object; the loader always overrides it.
+    pub const UNSET: Self = Self {
+        skaddr: ABSENT,
+        skbaddr: ABSENT,
+        state: ABSENT,
+        reason: ABSENT,
+        sock_cookie: ABSENT,
+        tuple: TupleFields {
+            style: tuple_style::SPLIT,
+            family: ABSENT,
+            sport: ABSENT,
+            dport: ABSENT,
+            saddr: ABSENT,
+            daddr: ABSENT,
+            saddr_v6: ABSENT,
+            daddr_v6: ABSENT,
+        },
+    };
+}
+
+/// Kernel struct member offsets, read from the running kernel's BTF.
+/// Chains like `net_ns_inum` are the sum of nested member offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `sock_common.skc_state`
+    pub sk_state: u32,
+    /// `sock_common.skc_net` (a `possible_net_t`, i.e. a `struct net *`)
+    pub sk_net: u32,
+    /// `net.ns.inum`
+    pub net_ns_inum: u32,
+    /// `sk_buff.dev`
+    pub skb_dev: u32,
+    /// `net_device.nd_net`
+    pub dev_nd_net: u32,
+    /// `task_struct.flags`
+    pub task_flags: u32,
+}
+
+impl KernelOffsets {
+    pub const UNSET: Self = Self {
+        sk_state: ABSENT,
+        sk_net: ABSENT,
+        net_ns_inum: ABSENT,
+        skb_dev: ABSENT,
+        dev_nd_net: ABSENT,
+        task_flags: ABSENT,
+    };
+}
+
+/// Filters cheap enough to apply in the kernel, before a record is reserved.
+/// Zero means "any" for every field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelFilter {
+    pub netns: u32,
+    /// Matches the current process's tgid; records not in process context never match.
+    pub tgid: u32,
+    /// Matches the local or the remote port (host order).
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The first field of every ring-buffer record, so the decoder can dispatch.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    RstSent = 1,
+    RstReceived = 2,
+}
+
+/// Where the kernel was running when it produced a record.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecContext {
+    /// A system call or another path of the current user process.
+    Process = 1,
+    /// Softirq (packet receive, timers): the current task is unrelated.
+    Softirq = 2,
+    /// A kernel thread (threaded NAPI, workqueues): no user process to blame.
+    KernelThread = 3,
+}
+
+/// `RstRecord::flags` bits.
+pub mod rst_flags {
+    /// The tracepoint had no socket (a reply to a segment for no socket).
+    pub const NO_SOCKET: u8 = 1 << 0;
+    pub const HAS_REASON: u8 = 1 << 1;
+    pub const HAS_COOKIE: u8 = 1 << 2;
+    pub const HAS_STATE: u8 = 1 << 3;
+    pub const HAS_NETNS: u8 = 1 << 4;
+}
+
+/// One reset sent or received. The task fields are only filled in
+/// `ExecContext::Process`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RstRecord {
+    /// `RecordKind as u8`.
+    pub kind: u8,
+    /// `ExecContext as u8`.
+    pub context: u8,
+    pub flags: u8,
+    /// `TCP_*` state number (stable across kernels).
+    pub state: u8,
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    /// `enum sk_rst_reason` value; its names are read from the running kernel.
+    pub reason: u32,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    pub skaddr: u64,
+    pub sock_cookie: u64,
+    pub netns: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// IPv4 addresses use the first four bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
+// The loader decodes records by size; a silent layout change must not build.
+const _: () = assert!(core::mem::size_of::<RstRecord>() == 104);
+
+/// Index of the only slot in the per-CPU `LOST` array.
+pub const LOST_RECORDS: u32 = 0;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are `#[repr(C)]` plain data with no padding that
+    // the kernel could read as meaningful.
+    unsafe impl aya::Pod for ResetFields {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for KernelFilter {}
+
+    impl RecordKind {
+        pub fn from_u8(v: u8) -> Option<Self> {
+            match v {
+                1 => Some(Self::RstSent),
+                2 => Some(Self::RstReceived),
+                _ => None,
+            }
+        }
+    }
+
+    impl ExecContext {
+        pub fn from_u8(v: u8) -> Option<Self> {
+            match v {
+                1 => Some(Self::Process),
+                2 => Some(Self::Softirq),
+                3 => Some(Self::KernelThread),
+                _ => None,
+            }
+        }
+    }
+}

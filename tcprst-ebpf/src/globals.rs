@@ -1,0 +1,39 @@
+//! Values the loader writes before loading (`EbpfLoader::override_global`).
+//! They live in .rodata, so the verifier sees them as constants; the volatile
+//! reads stop the compiler from folding in the placeholders below.
+
+use tcprst_common::{KernelFilter, KernelOffsets, ResetFields};
+
+#[unsafe(no_mangle)]
+static SEND_RESET_FIELDS: ResetFields = ResetFields::UNSET;
+#[unsafe(no_mangle)]
+static RECEIVE_RESET_FIELDS: ResetFields = ResetFields::UNSET;
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::UNSET;
+#[unsafe(no_mangle)]
+static FILTER: KernelFilter = KernelFilter {
+    netns: 0,
+    tgid: 0,
+    port: 0,
+    _pad: 0,
+};
+
+#[inline(always)]
+pub fn send_reset_fields() -> ResetFields {
+    unsafe { core::ptr::read_volatile(&SEND_RESET_FIELDS) }
+}
+
+#[inline(always)]
+pub fn receive_reset_fields() -> ResetFields {
+    unsafe { core::ptr::read_volatile(&RECEIVE_RESET_FIELDS) }
+}
+
+#[inline(always)]
+pub fn kernel_offsets() -> KernelOffsets {
+    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+#[inline(always)]
+pub fn filter() -> KernelFilter {
+    unsafe { core::ptr::read_volatile(&FILTER) }
+}

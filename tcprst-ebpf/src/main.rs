@@ -1,0 +1,22 @@
+//! tcprst's kernel programs. Each hook family has its own module; they share
+//! the ring buffer and counters in `maps`, the loader-filled globals in
+//! `globals`, and the offset-driven readers in `kernel`.
+#![no_std]
+#![no_main]
+
+mod context;
+mod globals;
+mod kernel;
+mod maps;
+mod reset;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// bpf_probe_read_kernel is GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

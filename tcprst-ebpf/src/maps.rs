@@ -1,0 +1,23 @@
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+
+/// Every record for the loader. The loader resizes it (`--buffer-pages`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 4096, 0);
+
+/// Records that did not fit in `EVENTS`, per CPU, so none is lost silently.
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Emits `record`, or counts it as lost.
+#[inline(always)]
+pub fn emit<T>(record: &T) {
+    if EVENTS.output::<T>(record, 0).is_err() {
+        if let Some(lost) = LOST.get_ptr_mut(tcprst_common::LOST_RECORDS) {
+            // Per-CPU slot: no other writer can race with us.
+            unsafe { *lost += 1 };
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Kernel struct member offsets from the running kernel's BTF. aya cannot
+//! emit CO-RE relocations from Rust, so the loader measures every offset the
+//! programs need here and passes them in as globals.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use btf_rs::{Btf, Type};
+use tcprst_common::KernelOffsets;
+
+pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let btf = Btf::from_file(path)
+            .map_err(|e| anyhow!("{} is not a usable BTF file: {e}", path.display()))?;
+        Ok(Self { btf })
+    }
+
+    /// Byte offset of `path` (member names, outermost first) inside
+    /// `struct <root>`, looking through anonymous structs and unions and
+    /// through typedefs, as C's `offsetof(struct root, a.b.c)` does.
+    pub fn offset_of(&self, root: &str, path: &[&str]) -> Result<u32> {
+        let mut ty = self.named_struct(root)?;
+        let mut bits = 0u32;
+        for (i, member) in path.iter().enumerate() {
+            let (member_bits, member_ty) = self
+                .find_member(&ty, member)?
+                .ok_or_else(|| anyhow!("struct {root} has no member {}", path[..=i].join(".")))?;
+            bits += member_bits;
+            ty = member_ty;
+        }
+        if bits % 8 != 0 {
+            bail!("{root}.{} is a bitfield", path.join("."));
+        }
+        Ok(bits / 8)
+    }
+
+    fn named_struct(&self, name: &str) -> Result<Type> {
+        self.btf
+            .resolve_types_by_name(name)
+            .map_err(|e| anyhow!("no type {name} in BTF: {e}"))?
+            .into_iter()
+            .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))
+            .ok_or_else(|| anyhow!("no struct {name} in BTF"))
+    }
+
+    /// Strips typedefs and qualifiers.
+    fn concrete(&self, mut ty: Type) -> Result<Type> {
+        loop {
+            ty = match &ty {
+                Type::Typedef(_)
+                | Type::Const(_)
+                | Type::Volatile(_)
+                | Type::Restrict(_)
+                | Type::TypeTag(_) => self.chained(&ty)?,
+                _ => return Ok(ty),
+            }
+        }
+    }
+
+    fn chained(&self, ty: &Type) -> Result<Type> {
+        let bt = ty
+            .as_btf_type()
+            .ok_or_else(|| anyhow!("{} has no referenced type", ty.name()))?;
+        Ok(self.btf.resolve_chained_type(bt)?)
+    }
+
+    /// (bit offset, type) of `name` in a struct or union, searching
+    /// anonymous members depth-first.
+    fn find_member(&self, ty: &Type, name: &str) -> Result<Option<(u32, Type)>> {
+        let (Type::Struct(s) | Type::Union(s)) = self.concrete(ty.clone())? else {
+            bail!("{} is not a struct or union", ty.name());
+        };
+        for member in &s.members {
+            let member_name = self.btf.resolve_name(member).unwrap_or_default();
+            let member_ty = self.btf.resolve_chained_type(member)?;
+            if member_name == name {
+                return Ok(Some((member.bit_offset(), member_ty)));
+            }
+            if member_name.is_empty()
+                && let Some((inner, found)) = self.find_member(&member_ty, name)?
+            {
+                return Ok(Some((member.bit_offset() + inner, found)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The name → value pairs of `enum <name>`.
+    pub fn enum_values(&self, name: &str) -> Result<Vec<(u64, String)>> {
+        let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
+        let Some(Type::Enum(e)) = types.into_iter().find(|t| matches!(t, Type::Enum(_))) else {
+            bail!("no enum {name} in BTF");
+        };
+        e.members
+            .iter()
+            .map(|m| Ok((u64::from(m.val()), self.btf.resolve_name(m)?)))
+            .collect()
+    }
+
+    /// Every offset the kernel programs read.
+    pub fn kernel_offsets(&self) -> Result<KernelOffsets> {
+        let offsets = || -> Result<KernelOffsets> {
+            Ok(KernelOffsets {
+                sk_state: self.offset_of("sock_common", &["skc_state"])?,
+                sk_net: self.offset_of("sock_common", &["skc_net", "net"])?,
+                net_ns_inum: self.offset_of("net", &["ns"])?
+                    + self.offset_of("ns_common", &["inum"])?,
+                skb_dev: self.offset_of("sk_buff", &["dev"])?,
+                dev_nd_net: self.offset_of("net_device", &["nd_net", "net"])?,
+                task_flags: self.offset_of("task_struct", &["flags"])?,
+            })
+        };
+        offsets().context("reading kernel struct offsets from BTF")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The running kernel's BTF is a real input every Linux CI host with BTF
+    // has; these assert structural facts that hold on any kernel, not this
+    // machine's numbers.
+    fn vmlinux() -> Option<KernelBtf> {
+        if !Path::new(VMLINUX).exists() {
+            eprintln!("skipped: this kernel has no {VMLINUX}");
+            return None;
+        }
+        Some(KernelBtf::from_file(Path::new(VMLINUX)).unwrap())
+    }
+
+    #[test]
+    fn finds_members_inside_anonymous_unions() {
+        let Some(btf) = vmlinux() else { return };
+        // sk_buff.dev sits in an anonymous struct inside an anonymous union,
+        // right after the next/prev list pointers.
+        assert_eq!(btf.offset_of("sk_buff", &["dev"]).unwrap(), 16);
+        // skc_family is the first member after the address/hash unions.
+        let family = btf.offset_of("sock_common", &["skc_family"]).unwrap();
+        let state = btf.offset_of("sock_common", &["skc_state"]).unwrap();
+        assert_eq!(state, family + 2);
+    }
+
+    #[test]
+    fn looks_through_typedefs() {
+        let Some(btf) = vmlinux() else { return };
+        let via_typedef = btf.offset_of("sock_common", &["skc_net", "net"]).unwrap();
+        assert_eq!(
+            via_typedef,
+            btf.offset_of("sock_common", &["skc_net"]).unwrap()
+        );
+    }
+
+    #[test]
+    fn reports_missing_members_by_path() {
+        let Some(btf) = vmlinux() else { return };
+        let err = btf
+            .offset_of("sock_common", &["skc_net", "nope"])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "struct sock_common has no member skc_net.nope"
+        );
+        assert!(btf.offset_of("no_such_struct_tcprst", &["x"]).is_err());
+    }
+
+    #[test]
+    fn reads_enums() {
+        let Some(btf) = vmlinux() else { return };
+        let states = btf.enum_values("skb_drop_reason").unwrap();
+        assert!(
+            states
+                .iter()
+                .any(|(_, n)| n == "SKB_DROP_REASON_NOT_SPECIFIED")
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        let path = std::env::temp_dir().join(format!("tcprst-garbage-btf-{}", std::process::id()));
+        std::fs::write(&path, b"definitely not BTF").unwrap();
+        let err = KernelBtf::from_file(&path).err().unwrap();
+        assert!(
+            err.to_string().contains("is not a usable BTF file"),
+            "{err}"
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+}

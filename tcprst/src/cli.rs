@@ -1,0 +1,114 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{filter::AddrMatch, sink::OutputFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcprst",
+    version,
+    about = "Explains TCP resets: who sent or received each RST, and why",
+    after_help = "Exit status: 0 when tracing ends normally (Ctrl-C, SIGTERM, or the reader closing the pipe); \
+                  1 when tracing fails after it started; 2 for bad flags, missing privileges or an unusable kernel."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream every TCP RST this host sends or receives.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    #[value(name = "rst_sent")]
+    RstSent,
+    #[value(name = "rst_received")]
+    RstReceived,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Output format [default: table on a terminal, json otherwise]
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+
+    /// Only connections with this local or remote port
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+
+    /// Only connections with this local or remote address or CIDR block (repeatable)
+    #[arg(long = "addr", value_name = "ADDR[/PREFIX]")]
+    pub addrs: Vec<AddrMatch>,
+
+    /// Only resets sent or received in this process's context (never softirq ones)
+    #[arg(long)]
+    pub pid: Option<u32>,
+
+    /// Only resets sent or received while this command ran (never softirq ones)
+    #[arg(long)]
+    pub comm: Option<String>,
+
+    /// Only this network namespace: a name under /run/netns, a path like /proc/PID/ns/net, or an inode number
+    #[arg(long, value_name = "NAME|PATH|INODE")]
+    pub netns: Option<String>,
+
+    /// Only this kind of event
+    #[arg(long, value_enum)]
+    pub kind: Option<KindArg>,
+
+    /// Only IPv4
+    #[arg(short = '4', conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Only IPv6
+    #[arg(short = '6')]
+    pub ipv6: bool,
+
+    /// Ring-buffer size in 4 KiB pages (a power of two)
+    #[arg(long, default_value_t = 256, value_parser = parse_buffer_pages)]
+    pub buffer_pages: u32,
+
+    /// BTF file describing the running kernel [default: /sys/kernel/btf/vmlinux]
+    #[arg(long, value_name = "PATH")]
+    pub btf: Option<PathBuf>,
+}
+
+fn parse_buffer_pages(s: &str) -> Result<u32, String> {
+    let pages: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if pages == 0 || !pages.is_power_of_two() || pages > 1 << 18 {
+        return Err(format!(
+            "{pages} is not a power of two between 1 and {}",
+            1 << 18
+        ));
+    }
+    Ok(pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rejects_conflicting_and_bad_values() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["tcprst", "trace"].iter().chain(args));
+        assert!(parse(&["-4", "-6"]).is_err());
+        assert!(parse(&["--port", "0"]).is_err());
+        assert!(parse(&["--port", "70000"]).is_err());
+        assert!(parse(&["--buffer-pages", "3"]).is_err());
+        assert!(parse(&["--addr", "300.1.1.1"]).is_err());
+        assert!(parse(&["--kind", "rst_sent", "--port", "80", "-o", "json"]).is_ok());
+    }
+}

@@ -1,0 +1,157 @@
+//! What tcprst reports, independent of how the kernel encoded it.
+
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RstKind {
+    Sent,
+    Received,
+}
+
+impl RstKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sent => "rst_sent",
+            Self::Received => "rst_received",
+        }
+    }
+}
+
+/// TCP states; their numbers (`include/net/tcp_states.h`) never changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    Established = 1,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    BoundInactive,
+}
+
+impl TcpState {
+    pub fn from_kernel(value: u8) -> Option<Self> {
+        use TcpState::*;
+        Some(match value {
+            1 => Established,
+            2 => SynSent,
+            3 => SynRecv,
+            4 => FinWait1,
+            5 => FinWait2,
+            6 => TimeWait,
+            7 => Close,
+            8 => CloseWait,
+            9 => LastAck,
+            10 => Listen,
+            11 => Closing,
+            12 => NewSynRecv,
+            13 => BoundInactive,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        use TcpState::*;
+        match self {
+            Established => "ESTABLISHED",
+            SynSent => "SYN_SENT",
+            SynRecv => "SYN_RECV",
+            FinWait1 => "FIN_WAIT1",
+            FinWait2 => "FIN_WAIT2",
+            TimeWait => "TIME_WAIT",
+            Close => "CLOSE",
+            CloseWait => "CLOSE_WAIT",
+            LastAck => "LAST_ACK",
+            Listen => "LISTEN",
+            Closing => "CLOSING",
+            NewSynRecv => "NEW_SYN_RECV",
+            BoundInactive => "BOUND_INACTIVE",
+        }
+    }
+}
+
+/// The error a received RST hands the application, as `tcp_reset()` decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Errno {
+    ConnRefused,
+    Pipe,
+    ConnReset,
+}
+
+impl Errno {
+    pub fn for_reset_in(state: TcpState) -> Option<Self> {
+        match state {
+            TcpState::SynSent => Some(Self::ConnRefused),
+            TcpState::CloseWait => Some(Self::Pipe),
+            // tcp_reset() ignores a RST on a closed socket.
+            TcpState::Close => None,
+            _ => Some(Self::ConnReset),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ConnRefused => "ECONNREFUSED",
+            Self::Pipe => "EPIPE",
+            Self::ConnReset => "ECONNRESET",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecContext {
+    Process,
+    Softirq,
+    KernelThread,
+}
+
+impl ExecContext {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Softirq => "softirq",
+            Self::KernelThread => "kthread",
+        }
+    }
+}
+
+/// The task that was running, when that task is meaningful.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub uid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RstEvent {
+    pub time: SystemTime,
+    pub kind: RstKind,
+    /// This host's end; for a reset sent with no socket, the addressee of
+    /// the offending segment.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// None when the reset was sent with no socket.
+    pub state: Option<TcpState>,
+    pub reason: Option<Arc<str>>,
+    pub sock_cookie: Option<u64>,
+    pub netns: Option<u32>,
+    pub context: ExecContext,
+    /// None in softirq: the interrupted task had nothing to do with it.
+    pub task: Option<Task>,
+    /// For received resets: what the application's next call returns.
+    pub errno: Option<Errno>,
+}
+
+impl RstEvent {
+    pub fn is_ipv6(&self) -> bool {
+        self.local.is_ipv6()
+    }
+}

@@ -1,0 +1,219 @@
+//! What the user asked to see. Port, netns and pid are checked in the kernel
+//! (no ring-buffer space spent on them); address, command and family here.
+
+use std::{net::IpAddr, os::unix::fs::MetadataExt, path::Path, str::FromStr};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use tcprst_common::KernelFilter;
+
+use crate::event::RstEvent;
+
+/// An address or a CIDR block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrMatch {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl FromStr for AddrMatch {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .trim_matches(['[', ']'])
+            .parse()
+            .map_err(|_| anyhow!("{s:?} is not an IP address or CIDR block"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| anyhow!("{s:?} has a bad prefix length (0 to {max})"))?,
+        };
+        Ok(Self { net, prefix })
+    }
+}
+
+impl AddrMatch {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                u128::from(net.to_bits()) << 96,
+                u128::from(ip.to_bits()) << 96,
+                self.prefix,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(net.to_bits(), ip.to_bits(), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, prefix: u8) -> bool {
+    prefix == 0 || (a ^ b) >> (128 - u32::from(prefix)) == 0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// The filters applied after decoding.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub addrs: Vec<AddrMatch>,
+    pub comm: Option<String>,
+    pub family: Option<Family>,
+}
+
+impl EventFilter {
+    pub fn matches(&self, ev: &RstEvent) -> bool {
+        if !self.addrs.is_empty()
+            && !self
+                .addrs
+                .iter()
+                .any(|m| m.contains(ev.local.ip()) || m.contains(ev.remote.ip()))
+        {
+            return false;
+        }
+        if let Some(comm) = &self.comm
+            && ev.task.as_ref().is_none_or(|t| &t.comm != comm)
+        {
+            return false;
+        }
+        match self.family {
+            Some(Family::V4) => !ev.is_ipv6(),
+            Some(Family::V6) => ev.is_ipv6(),
+            None => true,
+        }
+    }
+}
+
+/// A network namespace given as an inode number, a path such as
+/// /proc/PID/ns/net, or a name under /run/netns.
+pub fn resolve_netns(spec: &str) -> Result<u32> {
+    if let Ok(inode) = spec.parse::<u32>() {
+        return Ok(inode);
+    }
+    let path = if spec.contains('/') {
+        Path::new(spec).to_path_buf()
+    } else {
+        Path::new("/run/netns").join(spec)
+    };
+    let meta = std::fs::metadata(&path)
+        .with_context(|| format!("no network namespace {spec:?} ({})", path.display()))?;
+    u32::try_from(meta.ino()).map_err(|_| anyhow!("{} is not a namespace file", path.display()))
+}
+
+pub fn check_pid_exists(pid: u32) -> Result<()> {
+    if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("no process with pid {pid}");
+    }
+    Ok(())
+}
+
+pub fn kernel_filter(port: Option<u16>, netns: Option<u32>, pid: Option<u32>) -> KernelFilter {
+    KernelFilter {
+        netns: netns.unwrap_or(0),
+        tgid: pid.unwrap_or(0),
+        port: port.unwrap_or(0),
+        _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::{bytes, record};
+    use crate::{clock::WallClock, decode::Decoder, layout::ReasonNames};
+    use tcprst_common::RecordKind;
+
+    fn event() -> RstEvent {
+        Decoder::new(ReasonNames::default(), WallClock::new())
+            .decode(&bytes(&record(RecordKind::RstSent)))
+            .unwrap()
+    }
+
+    #[test]
+    fn parses_addresses_and_cidrs() {
+        let m: AddrMatch = "10.0.0.0/8".parse().unwrap();
+        assert!(m.contains("10.200.1.1".parse().unwrap()));
+        assert!(!m.contains("11.0.0.1".parse().unwrap()));
+        assert!(!m.contains("::1".parse().unwrap()));
+        let m: AddrMatch = "[::1]".parse().unwrap();
+        assert!(m.contains("::1".parse().unwrap()));
+        let any: AddrMatch = "0.0.0.0/0".parse().unwrap();
+        assert!(any.contains("1.2.3.4".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<AddrMatch>().is_err());
+        assert!("not-an-ip".parse::<AddrMatch>().is_err());
+    }
+
+    #[test]
+    fn filters_on_either_end_comm_and_family() {
+        let ev = event();
+        let f = |filter: EventFilter| filter.matches(&ev);
+        assert!(f(EventFilter::default()));
+        assert!(f(EventFilter {
+            addrs: vec!["10.1.2.3".parse().unwrap()],
+            ..Default::default()
+        }));
+        assert!(f(EventFilter {
+            addrs: vec!["127.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        }));
+        assert!(!f(EventFilter {
+            addrs: vec!["192.0.2.1".parse().unwrap()],
+            ..Default::default()
+        }));
+        assert!(f(EventFilter {
+            comm: Some("curl".into()),
+            ..Default::default()
+        }));
+        assert!(!f(EventFilter {
+            comm: Some("wget".into()),
+            ..Default::default()
+        }));
+        assert!(f(EventFilter {
+            family: Some(Family::V4),
+            ..Default::default()
+        }));
+        assert!(!f(EventFilter {
+            family: Some(Family::V6),
+            ..Default::default()
+        }));
+    }
+
+    #[test]
+    fn comm_filter_never_matches_softirq() {
+        let mut ev = event();
+        ev.task = None;
+        assert!(
+            !EventFilter {
+                comm: Some("curl".into()),
+                ..Default::default()
+            }
+            .matches(&ev)
+        );
+    }
+
+    #[test]
+    fn resolves_netns_specs() {
+        assert_eq!(resolve_netns("4026531840").unwrap(), 4026531840);
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
+        assert_eq!(resolve_netns("/proc/self/ns/net").unwrap(), own);
+        let err = resolve_netns("tcprst-no-such-netns").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("no network namespace \"tcprst-no-such-netns\""),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,138 @@
+mod btf;
+mod cli;
+mod clock;
+mod decode;
+mod event;
+mod filter;
+mod layout;
+mod privileges;
+mod probes;
+mod sink;
+mod trace;
+mod tracefs;
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    process::ExitCode,
+};
+
+use anyhow::Result;
+use clap::Parser as _;
+
+use crate::{
+    cli::{Cli, Command, KindArg, TraceArgs},
+    filter::{EventFilter, Family},
+    probes::ProbeConfig,
+    sink::OutputFormat,
+    trace::TraceOptions,
+};
+
+/// Bad input or an environment tracing cannot run in.
+const EXIT_UNUSABLE: u8 = 2;
+/// Tracing started and then failed.
+const EXIT_FAILED: u8 = 1;
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's first line says what is wrong; the rest is usage.
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("bad arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("tcprst: error: {first} (see tcprst --help)");
+            return ExitCode::from(EXIT_UNUSABLE);
+        }
+    };
+    match cli.command {
+        Command::Trace(args) => trace_command(args),
+    }
+}
+
+fn trace_command(args: TraceArgs) -> ExitCode {
+    let opts = match prepare(args) {
+        Ok(opts) => opts,
+        Err(e) => return fail(&e, EXIT_UNUSABLE),
+    };
+    let probes = match trace::start(&opts) {
+        Ok(probes) => probes,
+        Err(e) => return fail(&e, EXIT_UNUSABLE),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e.into(), EXIT_FAILED),
+    };
+    match runtime.block_on(trace::run(probes, opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, EXIT_FAILED),
+    }
+}
+
+/// Checks everything about the request before touching the kernel.
+fn prepare(args: TraceArgs) -> Result<TraceOptions> {
+    privileges::check()?;
+    let netns = args
+        .netns
+        .as_deref()
+        .map(filter::resolve_netns)
+        .transpose()?;
+    if let Some(pid) = args.pid {
+        filter::check_pid_exists(pid)?;
+    }
+    let output = args.output.unwrap_or(if std::io::stdout().is_terminal() {
+        OutputFormat::Table
+    } else {
+        OutputFormat::Json
+    });
+    Ok(TraceOptions {
+        probes: ProbeConfig {
+            rst_sent: args.kind != Some(KindArg::RstReceived),
+            rst_received: args.kind != Some(KindArg::RstSent),
+            filter: filter::kernel_filter(args.port, netns, args.pid),
+            buffer_pages: args.buffer_pages,
+            btf: args.btf,
+        },
+        filter: EventFilter {
+            addrs: args.addrs,
+            comm: args.comm,
+            family: match (args.ipv4, args.ipv6) {
+                (true, _) => Some(Family::V4),
+                (_, true) => Some(Family::V6),
+                _ => None,
+            },
+        },
+        output,
+    })
+}
+
+fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
+    // One line: the context chain joined with ": ".
+    eprintln!("tcprst: error: {e:#}");
+    ExitCode::from(code)
+}
+
+/// Logs go to stderr, one line each, prefixed so they stand out from events.
+fn init_logging() {
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .parse_env("TCPRST_LOG")
+        .format(|buf, record| match record.level() {
+            log::Level::Info => writeln!(buf, "tcprst: {}", record.args()),
+            level => writeln!(
+                buf,
+                "tcprst: {}: {}",
+                level.as_str().to_lowercase(),
+                record.args()
+            ),
+        })
+        .init();
+}

@@ -1,0 +1,168 @@
+//! Loads the kernel programs with the running kernel's layouts and attaches
+//! them. Dropping `Probes` detaches everything.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{RawTracePoint, TracePoint},
+};
+use tcprst_common::{KernelFilter, KernelOffsets, LOST_RECORDS, ResetFields};
+
+use crate::{
+    btf::{KernelBtf, VMLINUX},
+    layout::{ReasonNames, reset_fields},
+    tracefs::{TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint},
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcprst"));
+
+const PAGE_SIZE: u32 = 4096;
+
+/// What to load.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub rst_sent: bool,
+    pub rst_received: bool,
+    pub filter: KernelFilter,
+    pub buffer_pages: u32,
+    /// An explicit BTF file; otherwise the running kernel's.
+    pub btf: Option<PathBuf>,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    pub reasons: ReasonNames,
+    pub attached: Vec<String>,
+}
+
+impl Probes {
+    pub fn load(cfg: &ProbeConfig) -> Result<Self> {
+        let tracefs = Tracefs::find_or_mount()?;
+        let send_format = tracefs.event_format(TCP_SEND_RESET)?;
+        let receive_format = tracefs.event_format(TCP_RECEIVE_RESET)?;
+        let send_fields = fields_of(TCP_SEND_RESET, &send_format)?;
+        let receive_fields = fields_of(TCP_RECEIVE_RESET, &receive_format)?;
+
+        let btf = load_btf(cfg.btf.as_deref())?;
+        let offsets = match &btf {
+            Some(btf) => btf.kernel_offsets()?,
+            None => {
+                if cfg.filter.netns != 0 {
+                    bail!("--netns needs kernel BTF ({VMLINUX}, or --btf PATH)");
+                }
+                log::warn!(
+                    "no kernel BTF at {VMLINUX}: netns and the state of received resets will be unknown (pass --btf PATH)"
+                );
+                KernelOffsets::UNSET
+            }
+        };
+        let reasons = ReasonNames::load(&send_format, btf.as_ref());
+
+        raise_memlock_limit();
+        let ebpf = EbpfLoader::new()
+            .override_global("SEND_RESET_FIELDS", &send_fields, true)
+            .override_global("RECEIVE_RESET_FIELDS", &receive_fields, true)
+            .override_global("KERNEL_OFFSETS", &offsets, true)
+            .override_global("FILTER", &cfg.filter, true)
+            .map_max_entries("EVENTS", cfg.buffer_pages * PAGE_SIZE)
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+
+        let mut probes = Self {
+            ebpf,
+            reasons,
+            attached: Vec::new(),
+        };
+        // Context tracking first, so the first reset is already attributed.
+        probes.attach_raw("tcprst_sirq_in", "softirq_entry")?;
+        probes.attach_raw("tcprst_sirq_out", "softirq_exit")?;
+        if cfg.rst_sent {
+            probes.attach_tracepoint("tcprst_rst_sent", TCP_SEND_RESET)?;
+        }
+        if cfg.rst_received {
+            probes.attach_tracepoint("tcprst_rst_recv", TCP_RECEIVE_RESET)?;
+        }
+        Ok(probes)
+    }
+
+    fn attach_tracepoint(&mut self, program: &str, tp: Tracepoint) -> Result<()> {
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| anyhow!("program {program} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading {program} for {tp}"))?;
+        prog.attach(tp.category, tp.name)
+            .with_context(|| format!("attaching to tracepoint {tp}"))?;
+        self.attached.push(tp.to_string());
+        Ok(())
+    }
+
+    fn attach_raw(&mut self, program: &str, tp: &str) -> Result<()> {
+        let prog: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| anyhow!("program {program} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {program}"))?;
+        prog.attach(tp)
+            .with_context(|| format!("attaching to raw tracepoint {tp}"))?;
+        self.attached.push(format!("raw_tp:{tp}"));
+        Ok(())
+    }
+
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("EVENTS map missing from the object"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn take_lost_counter(&mut self) -> Result<LostCounter> {
+        let map = self
+            .ebpf
+            .take_map("LOST")
+            .ok_or_else(|| anyhow!("LOST map missing from the object"))?;
+        Ok(LostCounter(PerCpuArray::try_from(map)?))
+    }
+}
+
+fn fields_of(tp: Tracepoint, format: &crate::tracefs::EventFormat) -> Result<ResetFields> {
+    reset_fields(format).with_context(|| format!("tracepoint {tp}"))
+}
+
+fn load_btf(explicit: Option<&Path>) -> Result<Option<KernelBtf>> {
+    match explicit {
+        Some(path) => KernelBtf::from_file(path).map(Some),
+        None if Path::new(VMLINUX).exists() => KernelBtf::from_file(Path::new(VMLINUX)).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "could not lift RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The kernel's per-CPU count of records that found the ring buffer full.
+pub struct LostCounter(PerCpuArray<MapData, u64>);
+
+impl LostCounter {
+    pub fn total(&self) -> Result<u64> {
+        Ok(self.0.get(&LOST_RECORDS, 0)?.iter().sum())
+    }
+}
