@@ -14,10 +14,10 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Emits `record`, or counts it as lost.
 #[inline(always)]
 pub fn emit<T>(record: &T) {
-    if EVENTS.output::<T>(record, 0).is_err() {
-        if let Some(lost) = LOST.get_ptr_mut(tcprst_common::LOST_RECORDS) {
-            // Per-CPU slot: no other writer can race with us.
-            unsafe { *lost += 1 };
-        }
+    if EVENTS.output::<T>(record, 0).is_err()
+        && let Some(lost) = LOST.get_ptr_mut(tcprst_common::LOST_RECORDS)
+    {
+        // Per-CPU slot: no other writer can race with us.
+        unsafe { *lost += 1 };
     }
 }

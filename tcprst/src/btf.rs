@@ -34,7 +34,7 @@ impl KernelBtf {
             bits += member_bits;
             ty = member_ty;
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             bail!("{root}.{} is a bitfield", path.join("."));
         }
         Ok(bits / 8)
@@ -67,7 +67,7 @@ impl KernelBtf {
         let bt = ty
             .as_btf_type()
             .ok_or_else(|| anyhow!("{} has no referenced type", ty.name()))?;
-        Ok(self.btf.resolve_chained_type(bt)?)
+        self.btf.resolve_chained_type(bt)
     }
 
     /// (bit offset, type) of `name` in a struct or union, searching

@@ -172,6 +172,60 @@ mod tests {
         assert_eq!(v, &expected);
     }
 
+    /// docs/event.schema.json documents exactly the fields we print.
+    #[test]
+    fn schema_lists_every_field() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/event.schema.json")).unwrap();
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()));
+        sink.rst(&RstEvent {
+            time: UNIX_EPOCH,
+            kind: RstKind::Sent,
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            state: None,
+            reason: None,
+            sock_cookie: None,
+            netns: None,
+            context: ExecContext::Softirq,
+            task: None,
+            errno: None,
+        })
+        .unwrap();
+        sink.lost(&LossReport {
+            lost: 1,
+            lost_total: 1,
+        })
+        .unwrap();
+        for (line, def) in lines(&buf).iter().zip(["rst", "lost"]) {
+            let mut printed: Vec<&str> = line
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let def = &schema["$defs"][def];
+            let mut required: Vec<&str> = def["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let mut documented: Vec<&str> = def["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            printed.sort();
+            required.sort();
+            documented.sort();
+            assert_eq!(printed, required);
+            assert_eq!(printed, documented);
+        }
+    }
+
     #[test]
     fn lost_shape() {
         let buf = Shared::default();

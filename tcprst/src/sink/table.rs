@@ -45,14 +45,18 @@ impl TableSink {
             self.row(header)?;
         }
         let mut table = Table::new();
+        // Columns exist only once a row is in; constraints set before are dropped.
         table
             .load_preset(presets::NOTHING)
             .set_content_arrangement(ContentArrangement::Disabled)
+            .add_row(cells)
             .set_constraints(
                 COLUMNS.map(|(_, width)| ColumnConstraint::Absolute(Width::Fixed(width))),
-            )
-            .add_row(cells);
-        writeln!(self.out, "{table}")
+            );
+        for line in table.lines() {
+            writeln!(self.out, "{}", line.trim_end())?;
+        }
+        Ok(())
     }
 }
 
@@ -101,5 +105,82 @@ impl Sink for TableSink {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::SystemTime,
+    };
+
+    use super::*;
+    use crate::event::{Errno, Task, TcpState};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn event(kind: RstKind, local: &str, task: Option<Task>) -> RstEvent {
+        RstEvent {
+            time: SystemTime::now(),
+            kind,
+            local: local.parse().unwrap(),
+            remote: "10.0.0.1:443".parse().unwrap(),
+            state: Some(TcpState::Established),
+            reason: None,
+            sock_cookie: None,
+            netns: Some(4026531840),
+            context: if task.is_some() {
+                ExecContext::Process
+            } else {
+                ExecContext::Softirq
+            },
+            task,
+            errno: Some(Errno::ConnReset),
+        }
+    }
+
+    #[test]
+    fn rows_printed_apart_line_up_under_the_header() {
+        let buf = Shared::default();
+        let mut sink = TableSink::new(Box::new(buf.clone()));
+        sink.rst(&event(RstKind::Received, "127.0.0.1:1", None))
+            .unwrap();
+        let task = Task {
+            pid: 4242,
+            tid: 4242,
+            comm: "envoy".into(),
+            uid: 0,
+        };
+        sink.rst(&event(RstKind::Sent, "192.168.100.200:65535", Some(task)))
+            .unwrap();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let column_of = |line: &str, needle: &str| line.find(needle).unwrap();
+        assert_eq!(
+            column_of(lines[0], "REMOTE"),
+            column_of(lines[1], "10.0.0.1:443")
+        );
+        assert_eq!(
+            column_of(lines[1], "10.0.0.1:443"),
+            column_of(lines[2], "10.0.0.1:443")
+        );
+        assert_eq!(
+            column_of(lines[0], "TASK"),
+            column_of(lines[2], "envoy[4242]")
+        );
+        assert!(lines[1].contains("(softirq)") && lines[1].contains("ECONNRESET"));
     }
 }

@@ -1,0 +1,98 @@
+//! Bad input and unusable environments: one line on stderr, exit 2.
+
+mod common;
+
+use std::{fs, os::unix::fs::PermissionsExt as _, process::Command};
+
+use common::{TCPRST, require_root};
+
+/// Runs tcprst and returns (exit code, stderr), asserting stderr is one line.
+fn fails(args: &[&str]) -> (i32, String) {
+    check(Command::new(TCPRST).args(args))
+}
+
+fn check(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+    assert!(stderr.starts_with("tcprst: error: "), "{stderr:?}");
+    (out.status.code().unwrap(), stderr)
+}
+
+#[test]
+fn unknown_flag() {
+    let (code, err) = fails(&["trace", "--bogus"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--bogus"), "{err}");
+}
+
+#[test]
+fn conflicting_flags() {
+    let (code, err) = fails(&["trace", "-4", "-6"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
+fn bad_address_and_port() {
+    let (code, err) = fails(&["trace", "--addr", "10.0.0.300"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not an IP address or CIDR block"), "{err}");
+    assert_eq!(fails(&["trace", "--port", "http"]).0, 2);
+    assert_eq!(fails(&["trace", "--buffer-pages", "100"]).0, 2);
+}
+
+#[test]
+fn missing_netns_and_pid() {
+    require_root();
+    let (code, err) = fails(&["trace", "--netns", "tcprst-no-such-ns"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no network namespace \"tcprst-no-such-ns\""),
+        "{err}"
+    );
+    let (code, err) = fails(&["trace", "--pid", "999999999"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no process with pid 999999999"), "{err}");
+}
+
+#[test]
+fn garbage_btf() {
+    require_root();
+    let path = std::env::temp_dir().join(format!("tcprst-bad-btf-{}", std::process::id()));
+    fs::write(&path, b"this is not BTF").unwrap();
+    let (code, err) = fails(&["trace", "--btf", path.to_str().unwrap()]);
+    fs::remove_file(&path).unwrap();
+    assert_eq!(code, 2);
+    assert!(err.contains("is not a usable BTF file"), "{err}");
+}
+
+#[test]
+fn unprivileged_user() {
+    require_root();
+    // A copy nobody can execute wherever the checkout lives.
+    let dir = std::env::temp_dir().join(format!("tcprst-nonroot-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("tcprst");
+    fs::copy(TCPRST, &bin).unwrap();
+    let (code, err) = check(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(&bin)
+            .arg("trace"),
+    );
+    fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 2);
+    assert!(err.contains("missing CAP_BPF and CAP_PERFMON"), "{err}");
+}

@@ -1,0 +1,301 @@
+//! Harness for the root integration tests: a fresh network namespace per
+//! test, real sockets inside it, and the real tcprst binary tracing it.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, channel},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use socket2::{Domain, Socket, Type};
+
+pub const TCPRST: &str = env!("CARGO_BIN_EXE_tcprst");
+
+pub fn require_root() {
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests load BPF programs and create network namespaces: run them as root (cargo xtask test does)"
+    );
+}
+
+/// A network namespace made for one test, deleted when dropped.
+pub struct Netns {
+    pub name: String,
+    pub inode: u32,
+}
+
+static NEXT_NETNS: AtomicU32 = AtomicU32::new(0);
+
+impl Netns {
+    pub fn new() -> Self {
+        require_root();
+        let name = format!(
+            "tcprst-test-{}-{}",
+            std::process::id(),
+            NEXT_NETNS.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        let inode = std::fs::metadata(format!("/run/netns/{name}"))
+            .unwrap()
+            .ino() as u32;
+        Self { name, inode }
+    }
+
+    /// Runs `f` on a thread inside this namespace. Sockets it creates stay in
+    /// the namespace wherever they are used afterwards.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::scope(|s| {
+            s.spawn(|| {
+                let ns = File::open(&path).unwrap();
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    pub fn listen(&self, addr: &str) -> TcpListener {
+        let addr: SocketAddr = addr.parse().unwrap();
+        self.enter(|| TcpListener::bind(addr).unwrap())
+    }
+
+    /// A client socket bound to `from`, so the test knows the exact tuple.
+    pub fn connect(&self, from: &str, to: &str) -> std::io::Result<TcpStream> {
+        let (from, to): (SocketAddr, SocketAddr) = (from.parse().unwrap(), to.parse().unwrap());
+        self.enter(|| {
+            let sock = Socket::new(Domain::for_address(from), Type::STREAM, None)?;
+            sock.bind(&from.into())?;
+            sock.connect(&to.into())?;
+            Ok(sock.into())
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A started `tcprst trace -o json`, attached and ready.
+pub struct Spawned {
+    pub child: Child,
+    /// Taken by `Tracer`, or dropped by a test to close the pipe.
+    pub stdout: Option<ChildStdout>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Spawned {
+    /// Starts tracing and returns once the programs are attached.
+    pub fn start(args: &[&str]) -> Self {
+        require_root();
+        let mut child = Command::new(TCPRST)
+            .args(["trace", "-o", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = channel();
+        {
+            let stderr = stderr.clone();
+            let pipe = child.stderr.take().unwrap();
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if line.starts_with("tcprst: tracing") {
+                        let _ = ready_tx.send(());
+                    }
+                    stderr.lock().unwrap().push(line);
+                }
+            });
+        }
+        let stdout = child.stdout.take();
+        let spawned = Self {
+            child,
+            stdout,
+            stderr,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            panic!(
+                "tcprst did not start tracing; stderr:\n{}",
+                spawned.stderr_text()
+            );
+        }
+        spawned
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+}
+
+/// A running `tcprst trace -o json` whose records are collected.
+pub struct Tracer {
+    spawned: Spawned,
+    events: Receiver<Value>,
+    seen: Vec<Value>,
+}
+
+impl Tracer {
+    pub fn start(args: &[&str]) -> Self {
+        let mut spawned = Spawned::start(args);
+        let (tx, events) = channel();
+        let pipe = spawned.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("tcprst printed non-JSON {line:?}: {e}"));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            spawned,
+            events,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.spawned.child.id()
+    }
+
+    /// Waits until `n` RST events have arrived (or 10 s), then a little
+    /// longer so that any unexpected extra event shows up too.
+    pub fn wait_for_rsts(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rsts(&self.seen).len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) => self.seen.push(v),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "tcprst stopped early; stderr:\n{}",
+                        self.spawned.stderr_text()
+                    )
+                }
+            }
+        }
+        let grace = Instant::now() + Duration::from_millis(300);
+        while let Ok(v) = self
+            .events
+            .recv_timeout(grace.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(v);
+        }
+    }
+
+    /// Sends `signal`, waits for the exit, and returns every record seen
+    /// and stderr.
+    pub fn stop_with(mut self, signal: i32) -> (ExitStatus, Vec<Value>, String) {
+        unsafe { libc::kill(self.spawned.child.id() as i32, signal) };
+        let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
+        // The reader threads may still be on their last lines.
+        thread::sleep(Duration::from_millis(100));
+        self.seen.extend(self.events.try_iter());
+        let stderr = self.spawned.stderr_text();
+        (status, std::mem::take(&mut self.seen), stderr)
+    }
+
+    /// Stops with SIGTERM and returns the RST events seen.
+    pub fn stop(self) -> Vec<Value> {
+        let (status, seen, stderr) = self.stop_with(libc::SIGTERM);
+        assert!(
+            status.success(),
+            "tcprst exited with {status}; stderr:\n{stderr}"
+        );
+        rsts(&seen).into_iter().cloned().collect()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tcprst did not exit within {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn rsts(records: &[Value]) -> Vec<&Value> {
+    records
+        .iter()
+        .filter(|v| matches!(v["kind"].as_str(), Some("rst_sent" | "rst_received")))
+        .collect()
+}
+
+/// The fields a test pins down exactly, as one comparable line.
+pub fn summary(v: &Value) -> String {
+    format!(
+        "{} {}:{} -> {}:{} state={} reason={} errno={} netns={}",
+        v["kind"].as_str().unwrap(),
+        v["local_addr"].as_str().unwrap(),
+        v["local_port"],
+        v["remote_addr"].as_str().unwrap(),
+        v["remote_port"],
+        v["state"].as_str().unwrap_or("-"),
+        v["reason"].as_str().unwrap_or("-"),
+        v["errno"].as_str().unwrap_or("-"),
+        v["netns"],
+    )
+}
+
+/// Asserts that exactly these events arrived, in any order (on loopback the
+/// peer often handles a RST before the sender's tracepoint fires).
+pub fn assert_exact(events: &[Value], expected: &[String]) {
+    let mut got: Vec<String> = events.iter().map(summary).collect();
+    let mut want = expected.to_vec();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "events:\n{events:#?}");
+}
+
+pub fn find<'a>(events: &'a [Value], kind: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|v| v["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {events:#?}"))
+}

@@ -1,0 +1,51 @@
+//! Nothing is lost silently: when the ring buffer overflows, the kernel
+//! counts what it dropped and tcprst reports it, on stdout and stderr.
+
+mod common;
+
+use common::{Netns, Tracer, rsts};
+
+#[test]
+fn overflow_is_counted_and_reported() {
+    const CONNECTS: u64 = 500;
+    let ns = Netns::new();
+    // One page holds a few dozen records.
+    let tracer = Tracer::start(&["--netns", &ns.name, "--buffer-pages", "1"]);
+    // Freeze the reader so the ring buffer fills up.
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
+    for i in 0..CONNECTS {
+        let from = format!("127.0.0.1:{}", 20000 + i);
+        assert!(ns.connect(&from, "127.0.0.1:9").is_err());
+    }
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
+    // The loss report comes within a second of the reader resuming.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{stderr}");
+
+    let shown = rsts(&records).len() as u64;
+    let lost_records: Vec<_> = records.iter().filter(|r| r["kind"] == "lost").collect();
+    assert!(
+        !lost_records.is_empty(),
+        "no lost record; stderr:\n{stderr}"
+    );
+    let lost_sum: u64 = lost_records
+        .iter()
+        .map(|r| r["lost"].as_u64().unwrap())
+        .sum();
+    let lost_total = lost_records.last().unwrap()["lost_total"].as_u64().unwrap();
+    assert_eq!(lost_sum, lost_total);
+    // Every reset is either shown or counted as lost: one sent, one received
+    // per connect.
+    assert_eq!(
+        shown + lost_total,
+        2 * CONNECTS,
+        "shown {shown}, lost {lost_total}"
+    );
+    assert!(shown > 0 && lost_total > 0);
+    assert!(
+        stderr.contains(&format!("({lost_total} in total)"))
+            && stderr.contains(&format!("{shown} events shown, {lost_total} lost")),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,228 @@
+//! `tcprst trace` against real resets, each test in its own network
+//! namespace so that parallel tests never see each other's events.
+
+mod common;
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    time::Duration,
+};
+
+use common::{Netns, Tracer, assert_exact, find};
+
+fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
+    let inode = ns.inode.to_string();
+    let mut args = vec!["--netns", inode.as_str()];
+    args.extend_from_slice(extra);
+    Tracer::start(&args)
+}
+
+fn closed_port(ns: &Netns, from: &str, to: &str) {
+    let err = ns.connect(from, to).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn closed_port_ipv4() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &[]);
+    closed_port(&ns, "127.0.0.1:40001", "127.0.0.1:9");
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    let n = ns.inode;
+    assert_exact(
+        &events,
+        &[
+            // The reply carries the offending SYN's tuple, reversed.
+            format!(
+                "rst_sent 127.0.0.1:9 -> 127.0.0.1:40001 state=- reason=NO_SOCKET errno=- netns={n}"
+            ),
+            format!(
+                "rst_received 127.0.0.1:40001 -> 127.0.0.1:9 state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
+            ),
+        ],
+    );
+    // Sent while the stack handled the SYN: nobody's process to blame.
+    let sent = find(&events, "rst_sent");
+    assert_eq!(sent["context"], "softirq");
+    assert!(sent["pid"].is_null() && sent["comm"].is_null());
+    assert_eq!(sent["family"], "ipv4");
+    assert!(find(&events, "rst_received")["socket_cookie"].is_u64());
+}
+
+#[test]
+fn closed_port_ipv6() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &[]);
+    closed_port(&ns, "[::1]:40001", "[::1]:9");
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    let n = ns.inode;
+    assert_exact(
+        &events,
+        &[
+            format!("rst_sent ::1:9 -> ::1:40001 state=- reason=NO_SOCKET errno=- netns={n}"),
+            format!(
+                "rst_received ::1:40001 -> ::1:9 state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
+            ),
+        ],
+    );
+    assert_eq!(find(&events, "rst_sent")["family"], "ipv6");
+}
+
+/// close() with unread data: the closer aborts the connection.
+fn abort_on_close(ns: &Netns, server: &str, client: &str) {
+    let listener = ns.listen(server);
+    let mut conn = ns.connect(client, server).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    conn.write_all(b"never read").unwrap();
+    // Wait until the data is queued on the server, then close it unread.
+    let mut byte = [0u8; 1];
+    accepted.peek(&mut byte).unwrap();
+    drop(accepted);
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let err = conn.read(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+}
+
+#[test]
+fn close_with_unread_data_ipv4() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &[]);
+    abort_on_close(&ns, "127.0.0.1:5000", "127.0.0.1:40002");
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    let n = ns.inode;
+    assert_exact(
+        &events,
+        &[
+            // __tcp_close() moves to CLOSE before it sends the reset.
+            format!(
+                "rst_sent 127.0.0.1:5000 -> 127.0.0.1:40002 state=CLOSE reason=TCP_ABORT_ON_CLOSE errno=- netns={n}"
+            ),
+            format!(
+                "rst_received 127.0.0.1:40002 -> 127.0.0.1:5000 state=ESTABLISHED reason=- errno=ECONNRESET netns={n}"
+            ),
+        ],
+    );
+    // The closing thread sent it, in process context.
+    let sent = find(&events, "rst_sent");
+    assert_eq!(sent["context"], "process");
+    assert_eq!(sent["pid"], std::process::id());
+    assert_eq!(sent["uid"], 0);
+}
+
+#[test]
+fn close_with_unread_data_ipv6() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &[]);
+    abort_on_close(&ns, "[::1]:5000", "[::1]:40002");
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    let n = ns.inode;
+    assert_exact(
+        &events,
+        &[
+            format!(
+                "rst_sent ::1:5000 -> ::1:40002 state=CLOSE reason=TCP_ABORT_ON_CLOSE errno=- netns={n}"
+            ),
+            format!(
+                "rst_received ::1:40002 -> ::1:5000 state=ESTABLISHED reason=- errno=ECONNRESET netns={n}"
+            ),
+        ],
+    );
+}
+
+#[test]
+fn linger_zero_close_is_an_active_reset() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &[]);
+    let listener = ns.listen("127.0.0.1:5001");
+    let conn = ns.connect("127.0.0.1:40003", "127.0.0.1:5001").unwrap();
+    let (mut accepted, _) = listener.accept().unwrap();
+    socket2::SockRef::from(&conn)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(conn);
+    accepted
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        accepted.read(&mut [0u8; 16]).unwrap_err().kind(),
+        ErrorKind::ConnectionReset
+    );
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    let n = ns.inode;
+    assert_exact(
+        &events,
+        &[
+            // tcp_disconnect() names this reset TCP_STATE (6.12 and later).
+            format!(
+                "rst_sent 127.0.0.1:40003 -> 127.0.0.1:5001 state=CLOSE reason=TCP_STATE errno=- netns={n}"
+            ),
+            format!(
+                "rst_received 127.0.0.1:5001 -> 127.0.0.1:40003 state=ESTABLISHED reason=- errno=ECONNRESET netns={n}"
+            ),
+        ],
+    );
+    assert_eq!(find(&events, "rst_sent")["pid"], std::process::id());
+}
+
+#[test]
+fn port_filter_excludes_other_ports() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &["--port", "5003"]);
+    // First a reset the filter must drop, then one it must keep: when the
+    // second has arrived, the first would have too.
+    closed_port(&ns, "127.0.0.1:40004", "127.0.0.1:5002");
+    closed_port(&ns, "127.0.0.1:40005", "127.0.0.1:5003");
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    let n = ns.inode;
+    assert_exact(
+        &events,
+        &[
+            format!(
+                "rst_sent 127.0.0.1:5003 -> 127.0.0.1:40005 state=- reason=NO_SOCKET errno=- netns={n}"
+            ),
+            format!(
+                "rst_received 127.0.0.1:40005 -> 127.0.0.1:5003 state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
+            ),
+        ],
+    );
+}
+
+#[test]
+fn kind_addr_and_family_filters() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &["--kind", "rst_received", "--addr", "::1", "-6"]);
+    closed_port(&ns, "127.0.0.1:40006", "127.0.0.1:9");
+    closed_port(&ns, "[::1]:40006", "[::1]:9");
+    tracer.wait_for_rsts(1);
+    let events = tracer.stop();
+    let n = ns.inode;
+    assert_exact(
+        &events,
+        &[format!(
+            "rst_received ::1:40006 -> ::1:9 state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
+        )],
+    );
+}
+
+#[test]
+fn netns_filter_excludes_other_namespaces() {
+    let watched = Netns::new();
+    let other = Netns::new();
+    let mut tracer = Tracer::start(&["--netns", &watched.name]);
+    closed_port(&other, "127.0.0.1:40007", "127.0.0.1:9");
+    closed_port(&watched, "127.0.0.1:40008", "127.0.0.1:9");
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["netns"] == watched.inode && e["remote_port"] != 40007)
+    );
+}
