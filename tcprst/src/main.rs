@@ -5,9 +5,12 @@ mod decode;
 mod event;
 mod filter;
 mod layout;
+mod netns;
+mod owner;
 mod privileges;
 mod probes;
 mod sink;
+mod sockdiag;
 mod trace;
 mod tracefs;
 
