@@ -74,6 +74,45 @@ impl ResetFields {
     };
 }
 
+/// Byte offsets in a `sock:inet_sock_set_state` record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateFields {
+    pub skaddr: u32,
+    pub oldstate: u32,
+    pub newstate: u32,
+    pub protocol: u32,
+    pub tuple: TupleFields,
+}
+
+impl StateFields {
+    pub const UNSET: Self = Self {
+        skaddr: ABSENT,
+        oldstate: ABSENT,
+        newstate: ABSENT,
+        protocol: ABSENT,
+        tuple: ResetFields::UNSET.tuple,
+    };
+}
+
+/// Byte offsets of the arguments in `syscalls:sys_enter_shutdown` and
+/// `syscalls:sys_enter_close` records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallFields {
+    pub shutdown_fd: u32,
+    pub shutdown_how: u32,
+    pub close_fd: u32,
+}
+
+impl SyscallFields {
+    pub const UNSET: Self = Self {
+        shutdown_fd: ABSENT,
+        shutdown_how: ABSENT,
+        close_fd: ABSENT,
+    };
+}
+
 /// Kernel struct member offsets, read from the running kernel's BTF.
 /// Chains like `net_ns_inum` are the sum of nested member offsets.
 #[repr(C)]
@@ -91,6 +130,22 @@ pub struct KernelOffsets {
     pub dev_nd_net: u32,
     /// `task_struct.flags`
     pub task_flags: u32,
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`
+    pub fdt_max_fds: u32,
+    /// `fdtable.fd`
+    pub fdt_fd: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `inode.i_mode`
+    pub inode_mode: u32,
+    /// `file.private_data` (the `struct socket *` of a socket file)
+    pub file_private_data: u32,
+    /// `socket.sk`
+    pub socket_sk: u32,
 }
 
 impl KernelOffsets {
@@ -101,6 +156,14 @@ impl KernelOffsets {
         skb_dev: ABSENT,
         dev_nd_net: ABSENT,
         task_flags: ABSENT,
+        task_files: ABSENT,
+        files_fdt: ABSENT,
+        fdt_max_fds: ABSENT,
+        fdt_fd: ABSENT,
+        file_inode: ABSENT,
+        inode_mode: ABSENT,
+        file_private_data: ABSENT,
+        socket_sk: ABSENT,
     };
 }
 
@@ -123,6 +186,7 @@ pub struct KernelFilter {
 pub enum RecordKind {
     RstSent = 1,
     RstReceived = 2,
+    StateChange = 3,
 }
 
 /// Where the kernel was running when it produced a record.
@@ -147,8 +211,30 @@ pub mod rst_flags {
     pub const HAS_NETNS: u8 = 1 << 4;
 }
 
-/// One reset sent or received. The task fields are only filled in
-/// `ExecContext::Process`.
+/// A connection's two ends. IPv4 addresses use the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    pub family: u16,
+    /// Host order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// The current task, filled only outside softirq.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub comm: [u8; 16],
+}
+
+/// One reset sent or received.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RstRecord {
@@ -156,13 +242,10 @@ pub struct RstRecord {
     pub kind: u8,
     /// `ExecContext as u8`.
     pub context: u8,
+    /// `rst_flags::*`.
     pub flags: u8,
     /// `TCP_*` state number (stable across kernels).
     pub state: u8,
-    pub family: u16,
-    pub local_port: u16,
-    pub remote_port: u16,
-    pub _pad: u16,
     /// `enum sk_rst_reason` value; its names are read from the running kernel.
     pub reason: u32,
     /// CLOCK_MONOTONIC nanoseconds.
@@ -170,17 +253,53 @@ pub struct RstRecord {
     pub skaddr: u64,
     pub sock_cookie: u64,
     pub netns: u32,
-    pub tgid: u32,
-    pub tid: u32,
-    pub uid: u32,
-    /// IPv4 addresses use the first four bytes.
-    pub local_addr: [u8; 16],
-    pub remote_addr: [u8; 16],
-    pub comm: [u8; 16],
+    pub _pad: u32,
+    pub tuple: Tuple,
+    pub task: TaskInfo,
+}
+
+/// What made a socket start closing, when a process did.
+pub mod close_op {
+    pub const NONE: u8 = 0;
+    /// `shutdown(2)`; `StateRecord::how` says which direction.
+    pub const SHUTDOWN: u8 = 1;
+    /// The last `close(2)` of the socket: it is orphaned now.
+    pub const CLOSE: u8 = 2;
+    /// The owning process exited: the socket is orphaned now.
+    pub const EXIT: u8 = 3;
+}
+
+/// `StateRecord::flags` bits.
+pub mod state_flags {
+    pub const HAS_NETNS: u8 = 1 << 0;
+}
+
+/// One TCP state transition (`sock:inet_sock_set_state`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateRecord {
+    pub kind: u8,
+    pub context: u8,
+    pub flags: u8,
+    pub old_state: u8,
+    pub new_state: u8,
+    /// `close_op::*`
+    pub op: u8,
+    /// `SHUT_RD` 0, `SHUT_WR` 1, `SHUT_RDWR` 2, for `close_op::SHUTDOWN`.
+    pub how: u8,
+    pub _pad: u8,
+    pub timestamp_ns: u64,
+    pub skaddr: u64,
+    pub netns: u32,
+    /// The descriptor `op` acted on, or -1.
+    pub fd: i32,
+    pub tuple: Tuple,
+    pub task: TaskInfo,
 }
 
 // The loader decodes records by size; a silent layout change must not build.
-const _: () = assert!(core::mem::size_of::<RstRecord>() == 104);
+const _: () = assert!(core::mem::size_of::<RstRecord>() == 112);
+const _: () = assert!(core::mem::size_of::<StateRecord>() == 104);
 
 /// Index of the only slot in the per-CPU `LOST` array.
 pub const LOST_RECORDS: u32 = 0;
@@ -194,12 +313,15 @@ mod user {
     unsafe impl aya::Pod for ResetFields {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for KernelFilter {}
+    unsafe impl aya::Pod for StateFields {}
+    unsafe impl aya::Pod for SyscallFields {}
 
     impl RecordKind {
         pub fn from_u8(v: u8) -> Option<Self> {
             match v {
                 1 => Some(Self::RstSent),
                 2 => Some(Self::RstReceived),
+                3 => Some(Self::StateChange),
                 _ => None,
             }
         }

@@ -4,12 +4,15 @@
 //! between `softirq_entry` and `softirq_exit` (softirqs do not nest on a CPU).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid,
+    },
     macros::{map, raw_tracepoint},
     maps::PerCpuArray,
     programs::RawTracePointContext,
 };
-use tcprst_common::ExecContext;
+use tcprst_common::{ExecContext, TaskInfo};
 
 use crate::kernel::task_is_kthread;
 
@@ -48,4 +51,13 @@ pub fn current_context() -> ExecContext {
         return ExecContext::KernelThread;
     }
     ExecContext::Process
+}
+
+#[inline(always)]
+pub fn fill_task(task: &mut TaskInfo) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    task.tgid = (pid_tgid >> 32) as u32;
+    task.tid = pid_tgid as u32;
+    task.uid = bpf_get_current_uid_gid() as u32;
+    task.comm = bpf_get_current_comm().unwrap_or_default();
 }

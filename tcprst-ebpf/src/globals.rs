@@ -2,12 +2,16 @@
 //! They live in .rodata, so the verifier sees them as constants; the volatile
 //! reads stop the compiler from folding in the placeholders below.
 
-use tcprst_common::{KernelFilter, KernelOffsets, ResetFields};
+use tcprst_common::{KernelFilter, KernelOffsets, ResetFields, StateFields, SyscallFields};
 
 #[unsafe(no_mangle)]
 static SEND_RESET_FIELDS: ResetFields = ResetFields::UNSET;
 #[unsafe(no_mangle)]
 static RECEIVE_RESET_FIELDS: ResetFields = ResetFields::UNSET;
+#[unsafe(no_mangle)]
+static STATE_FIELDS: StateFields = StateFields::UNSET;
+#[unsafe(no_mangle)]
+static SYSCALL_FIELDS: SyscallFields = SyscallFields::UNSET;
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::UNSET;
 #[unsafe(no_mangle)]
@@ -36,4 +40,14 @@ pub fn kernel_offsets() -> KernelOffsets {
 #[inline(always)]
 pub fn filter() -> KernelFilter {
     unsafe { core::ptr::read_volatile(&FILTER) }
+}
+
+#[inline(always)]
+pub fn state_fields() -> StateFields {
+    unsafe { core::ptr::read_volatile(&STATE_FIELDS) }
+}
+
+#[inline(always)]
+pub fn syscall_fields() -> SyscallFields {
+    unsafe { core::ptr::read_volatile(&SYSCALL_FIELDS) }
 }

@@ -9,6 +9,9 @@ mod globals;
 mod kernel;
 mod maps;
 mod reset;
+mod state;
+mod syscalls;
+mod tracepoint;
 
 #[cfg(not(test))]
 #[panic_handler]

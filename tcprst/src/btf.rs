@@ -114,6 +114,14 @@ impl KernelBtf {
                 skb_dev: self.offset_of("sk_buff", &["dev"])?,
                 dev_nd_net: self.offset_of("net_device", &["nd_net", "net"])?,
                 task_flags: self.offset_of("task_struct", &["flags"])?,
+                task_files: self.offset_of("task_struct", &["files"])?,
+                files_fdt: self.offset_of("files_struct", &["fdt"])?,
+                fdt_max_fds: self.offset_of("fdtable", &["max_fds"])?,
+                fdt_fd: self.offset_of("fdtable", &["fd"])?,
+                file_inode: self.offset_of("file", &["f_inode"])?,
+                inode_mode: self.offset_of("inode", &["i_mode"])?,
+                file_private_data: self.offset_of("file", &["private_data"])?,
+                socket_sk: self.offset_of("socket", &["sk"])?,
             })
         };
         offsets().context("reading kernel struct offsets from BTF")

@@ -1,6 +1,6 @@
 //! Command-line interface.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -21,8 +21,21 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Stream every TCP RST this host sends or receives.
+    /// Stream every TCP RST this host sends or receives, and every connection stuck half-closed.
     Trace(TraceArgs),
+    /// List every half-closed or lingering connection now, in every network namespace.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Output format [default: table on a terminal, json otherwise]
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+
+    /// Only this network namespace: a name under /run/netns, a path like /proc/PID/ns/net, or an inode number
+    #[arg(long, value_name = "NAME|PATH|INODE")]
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -31,6 +44,9 @@ pub enum KindArg {
     RstSent,
     #[value(name = "rst_received")]
     RstReceived,
+    /// Stuck and resolved half-closed connections
+    #[value(name = "halfclose")]
+    Halfclose,
 }
 
 #[derive(Debug, Args)]
@@ -75,9 +91,30 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 256, value_parser = parse_buffer_pages)]
     pub buffer_pages: u32,
 
+    /// Report connections half-closed for longer than this
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub stuck_after: Duration,
+
+    /// Report a stuck connection again this often while it stays stuck
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub stuck_repeat: Duration,
+
+    /// Connections tracked at once; the least recently active are dropped first
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// BTF file describing the running kernel [default: /sys/kernel/btf/vmlinux]
     #[arg(long, value_name = "PATH")]
     pub btf: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 30s or 2m: {e}"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(d)
 }
 
 fn parse_buffer_pages(s: &str) -> Result<u32, String> {
@@ -109,6 +146,9 @@ mod tests {
         assert!(parse(&["--port", "70000"]).is_err());
         assert!(parse(&["--buffer-pages", "3"]).is_err());
         assert!(parse(&["--addr", "300.1.1.1"]).is_err());
+        assert!(parse(&["--stuck-after", "soon"]).is_err());
+        assert!(parse(&["--stuck-after", "0s"]).is_err());
         assert!(parse(&["--kind", "rst_sent", "--port", "80", "-o", "json"]).is_ok());
+        assert!(parse(&["--kind", "halfclose", "--stuck-after", "2s"]).is_ok());
     }
 }

@@ -1,15 +1,27 @@
-//! Ring-buffer bytes → `RstEvent`.
+//! Ring-buffer bytes → domain records.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Result, bail};
-use tcprst_common::{AF_INET, AF_INET6, RecordKind, RstRecord, rst_flags};
+use tcprst_common::{
+    AF_INET, AF_INET6, RecordKind, RstRecord, StateRecord, TaskInfo, Tuple, close_op, rst_flags,
+    state_flags,
+};
 
 use crate::{
     clock::WallClock,
-    event::{Errno, ExecContext, RstEvent, RstKind, Task, TcpState},
+    event::{
+        CloseOp, Errno, ExecContext, Initiator, RstEvent, RstKind, ShutHow, StateChange, Task,
+        TcpState,
+    },
     layout::ReasonNames,
 };
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Rst(RstEvent),
+    State(StateChange),
+}
 
 pub struct Decoder {
     reasons: ReasonNames,
@@ -21,60 +33,113 @@ impl Decoder {
         Self { reasons, clock }
     }
 
-    pub fn decode(&self, bytes: &[u8]) -> Result<RstEvent> {
-        let rec = read_record(bytes)?;
-        let kind = match RecordKind::from_u8(rec.kind) {
-            Some(RecordKind::RstSent) => RstKind::Sent,
-            Some(RecordKind::RstReceived) => RstKind::Received,
-            None => bail!("unknown record kind {}", rec.kind),
+    pub fn decode(&self, bytes: &[u8]) -> Result<Record> {
+        let Some(&kind) = bytes.first() else {
+            bail!("empty record");
         };
-        let context = match tcprst_common::ExecContext::from_u8(rec.context) {
-            Some(tcprst_common::ExecContext::Process) => ExecContext::Process,
-            Some(tcprst_common::ExecContext::Softirq) => ExecContext::Softirq,
-            Some(tcprst_common::ExecContext::KernelThread) => ExecContext::KernelThread,
-            None => bail!("unknown execution context {}", rec.context),
-        };
+        match RecordKind::from_u8(kind) {
+            Some(RecordKind::RstSent) => self.rst(read(bytes)?, RstKind::Sent).map(Record::Rst),
+            Some(RecordKind::RstReceived) => {
+                self.rst(read(bytes)?, RstKind::Received).map(Record::Rst)
+            }
+            Some(RecordKind::StateChange) => self.state(read(bytes)?).map(Record::State),
+            None => bail!("unknown record kind {kind}"),
+        }
+    }
+
+    fn rst(&self, rec: RstRecord, kind: RstKind) -> Result<RstEvent> {
+        let context = exec_context(rec.context)?;
         let has = |flag: u8| rec.flags & flag != 0;
         let state = has(rst_flags::HAS_STATE)
             .then(|| TcpState::from_kernel(rec.state))
             .flatten();
-        let task = (context != ExecContext::Softirq).then(|| Task {
-            pid: rec.tgid,
-            tid: rec.tid,
-            comm: comm_str(&rec.comm),
-            uid: rec.uid,
-        });
+        let (local, remote) = endpoints(&rec.tuple);
         Ok(RstEvent {
             time: self.clock.wall_time(rec.timestamp_ns),
             kind,
-            local: socket_addr(rec.family, &rec.local_addr, rec.local_port),
-            remote: socket_addr(rec.family, &rec.remote_addr, rec.remote_port),
+            local,
+            remote,
             state,
             reason: has(rst_flags::HAS_REASON).then(|| self.reasons.name(rec.reason)),
             sock_cookie: (has(rst_flags::HAS_COOKIE) && rec.sock_cookie != 0)
                 .then_some(rec.sock_cookie),
             netns: has(rst_flags::HAS_NETNS).then_some(rec.netns),
             context,
-            task,
+            task: task(context, &rec.task),
             errno: match kind {
                 RstKind::Received => state.and_then(Errno::for_reset_in),
                 RstKind::Sent => None,
             },
         })
     }
+
+    fn state(&self, rec: StateRecord) -> Result<StateChange> {
+        let context = exec_context(rec.context)?;
+        let Some(new) = TcpState::from_kernel(rec.new_state) else {
+            bail!("unknown TCP state {}", rec.new_state);
+        };
+        let task = task(context, &rec.task);
+        let op = match rec.op {
+            close_op::SHUTDOWN => ShutHow::from_kernel(rec.how).map(CloseOp::Shutdown),
+            close_op::CLOSE => Some(CloseOp::Close),
+            close_op::EXIT => Some(CloseOp::Exit),
+            _ => None,
+        };
+        let (local, remote) = endpoints(&rec.tuple);
+        Ok(StateChange {
+            time: self.clock.wall_time(rec.timestamp_ns),
+            local,
+            remote,
+            netns: (rec.flags & state_flags::HAS_NETNS != 0).then_some(rec.netns),
+            old: TcpState::from_kernel(rec.old_state),
+            new,
+            context,
+            initiator: op
+                .zip(task.clone())
+                .map(|(op, task)| Initiator { op, task }),
+            task,
+        })
+    }
 }
 
-fn read_record(bytes: &[u8]) -> Result<RstRecord> {
-    if bytes.len() < size_of::<RstRecord>() {
+/// Copies a record of type `T` out of ring-buffer bytes.
+fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
+    if bytes.len() < size_of::<T>() {
         bail!(
-            "record of {} bytes is shorter than an RstRecord ({})",
+            "record of {} bytes is shorter than a {} ({})",
             bytes.len(),
-            size_of::<RstRecord>()
+            std::any::type_name::<T>(),
+            size_of::<T>()
         );
     }
-    // SAFETY: length checked; RstRecord is integers and byte arrays, valid
-    // for any bit pattern; read_unaligned copes with any alignment.
-    Ok(unsafe { bytes.as_ptr().cast::<RstRecord>().read_unaligned() })
+    // SAFETY: length checked; the record types are integers and byte arrays,
+    // valid for any bit pattern; read_unaligned copes with any alignment.
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+fn exec_context(raw: u8) -> Result<ExecContext> {
+    Ok(match tcprst_common::ExecContext::from_u8(raw) {
+        Some(tcprst_common::ExecContext::Process) => ExecContext::Process,
+        Some(tcprst_common::ExecContext::Softirq) => ExecContext::Softirq,
+        Some(tcprst_common::ExecContext::KernelThread) => ExecContext::KernelThread,
+        None => bail!("unknown execution context {raw}"),
+    })
+}
+
+fn task(context: ExecContext, info: &TaskInfo) -> Option<Task> {
+    (context != ExecContext::Softirq).then(|| Task {
+        pid: info.tgid,
+        tid: info.tid,
+        comm: comm_str(&info.comm),
+        uid: info.uid,
+    })
+}
+
+fn endpoints(t: &Tuple) -> (SocketAddr, SocketAddr) {
+    (
+        socket_addr(t.family, &t.local_addr, t.local_port),
+        socket_addr(t.family, &t.remote_addr, t.remote_port),
+    )
 }
 
 /// IPv4 peers of IPv6 sockets (and old kernels without a family field) show
@@ -102,39 +167,68 @@ fn comm_str(comm: &[u8; 16]) -> String {
 pub(crate) mod tests {
     use super::*;
 
+    const LOOPBACK_V4: [u8; 16] = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    pub fn tuple() -> Tuple {
+        Tuple {
+            family: AF_INET,
+            local_port: 8080,
+            remote_port: 40000,
+            _pad: 0,
+            local_addr: LOOPBACK_V4,
+            remote_addr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    pub fn task_info() -> TaskInfo {
+        TaskInfo {
+            tgid: 42,
+            tid: 43,
+            uid: 1000,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
     pub fn record(kind: RecordKind) -> RstRecord {
         RstRecord {
             kind: kind as u8,
             context: tcprst_common::ExecContext::Process as u8,
             flags: rst_flags::HAS_STATE | rst_flags::HAS_NETNS,
             state: 1,
-            family: AF_INET,
-            local_port: 8080,
-            remote_port: 40000,
-            _pad: 0,
             reason: 0,
             timestamp_ns: 1_000,
             skaddr: 0xffff_8880_0000_1000,
             sock_cookie: 0,
             netns: 4026531840,
-            tgid: 42,
-            tid: 43,
-            uid: 1000,
-            local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            remote_addr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            _pad: 0,
+            tuple: tuple(),
+            task: task_info(),
         }
     }
 
-    pub fn bytes(rec: &RstRecord) -> Vec<u8> {
-        // SAFETY: a plain repr(C) value viewed as bytes for the test.
-        unsafe {
-            std::slice::from_raw_parts(
-                (rec as *const RstRecord).cast::<u8>(),
-                size_of::<RstRecord>(),
-            )
+    pub fn state_record(old: u8, new: u8) -> StateRecord {
+        StateRecord {
+            kind: RecordKind::StateChange as u8,
+            context: tcprst_common::ExecContext::Process as u8,
+            flags: state_flags::HAS_NETNS,
+            old_state: old,
+            new_state: new,
+            op: close_op::NONE,
+            how: 0,
+            _pad: 0,
+            timestamp_ns: 2_000,
+            skaddr: 0xffff_8880_0000_1000,
+            netns: 4026531840,
+            fd: -1,
+            tuple: tuple(),
+            task: task_info(),
         }
-        .to_vec()
+    }
+
+    pub fn bytes<T>(rec: &T) -> Vec<u8> {
+        // SAFETY: a plain repr(C) value viewed as bytes for the test.
+        unsafe { std::slice::from_raw_parts((rec as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
     }
 
     fn decoder() -> Decoder {
@@ -144,13 +238,27 @@ pub(crate) mod tests {
         )
     }
 
+    pub fn rst(bytes: &[u8]) -> RstEvent {
+        match decoder().decode(bytes).unwrap() {
+            Record::Rst(ev) => ev,
+            other => panic!("not a reset: {other:?}"),
+        }
+    }
+
+    fn state(rec: &StateRecord) -> StateChange {
+        match decoder().decode(&bytes(rec)).unwrap() {
+            Record::State(ev) => ev,
+            other => panic!("not a state change: {other:?}"),
+        }
+    }
+
     #[test]
     fn decodes_a_sent_reset_with_reason() {
         let mut rec = record(RecordKind::RstSent);
         rec.flags |= rst_flags::HAS_REASON;
         rec.reason = 11;
         rec.state = 7;
-        let ev = decoder().decode(&bytes(&rec)).unwrap();
+        let ev = rst(&bytes(&rec));
         assert_eq!(ev.kind, RstKind::Sent);
         assert_eq!(ev.local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(ev.remote, "10.1.2.3:40000".parse().unwrap());
@@ -171,11 +279,10 @@ pub(crate) mod tests {
 
     #[test]
     fn received_reset_errno_follows_the_state() {
-        let d = decoder();
         let errno_in = |state: u8| {
             let mut rec = record(RecordKind::RstReceived);
             rec.state = state;
-            d.decode(&bytes(&rec)).unwrap().errno
+            rst(&bytes(&rec)).errno
         };
         assert_eq!(errno_in(2), Some(Errno::ConnRefused));
         assert_eq!(errno_in(8), Some(Errno::Pipe));
@@ -190,7 +297,7 @@ pub(crate) mod tests {
         rec.context = tcprst_common::ExecContext::Softirq as u8;
         rec.flags = rst_flags::NO_SOCKET | rst_flags::HAS_NETNS | rst_flags::HAS_REASON;
         rec.reason = 1;
-        let ev = decoder().decode(&bytes(&rec)).unwrap();
+        let ev = rst(&bytes(&rec));
         assert_eq!(ev.context, ExecContext::Softirq);
         assert_eq!(ev.task, None);
         assert_eq!(ev.state, None);
@@ -199,29 +306,52 @@ pub(crate) mod tests {
 
     #[test]
     fn ipv6_and_v4_mapped_addresses() {
-        let d = decoder();
         let mut rec = record(RecordKind::RstReceived);
-        rec.family = AF_INET6;
-        rec.local_addr = "::1".parse::<Ipv6Addr>().unwrap().octets();
-        rec.remote_addr = "::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap().octets();
-        let ev = d.decode(&bytes(&rec)).unwrap();
+        rec.tuple.family = AF_INET6;
+        rec.tuple.local_addr = "::1".parse::<Ipv6Addr>().unwrap().octets();
+        rec.tuple.remote_addr = "::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap().octets();
+        let ev = rst(&bytes(&rec));
         assert_eq!(ev.local, "[::1]:8080".parse().unwrap());
         assert_eq!(ev.remote, "192.0.2.7:40000".parse().unwrap());
         // Old kernels: no family field at all.
-        rec.family = 0;
-        rec.local_addr = "::ffff:127.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
-        let ev = d.decode(&bytes(&rec)).unwrap();
-        assert_eq!(ev.local, "127.0.0.1:8080".parse().unwrap());
+        rec.tuple.family = 0;
+        rec.tuple.local_addr = "::ffff:127.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        assert_eq!(rst(&bytes(&rec)).local, "127.0.0.1:8080".parse().unwrap());
     }
 
     #[test]
     fn cookie_only_when_the_kernel_gave_one() {
-        let d = decoder();
         let mut rec = record(RecordKind::RstReceived);
         rec.sock_cookie = 77;
-        assert_eq!(d.decode(&bytes(&rec)).unwrap().sock_cookie, None);
+        assert_eq!(rst(&bytes(&rec)).sock_cookie, None);
         rec.flags |= rst_flags::HAS_COOKIE;
-        assert_eq!(d.decode(&bytes(&rec)).unwrap().sock_cookie, Some(77));
+        assert_eq!(rst(&bytes(&rec)).sock_cookie, Some(77));
+    }
+
+    #[test]
+    fn decodes_state_changes_and_who_started_closing() {
+        let mut rec = state_record(1, 4);
+        rec.op = close_op::SHUTDOWN;
+        rec.how = 1;
+        rec.fd = 5;
+        let ev = state(&rec);
+        assert_eq!(
+            (ev.old, ev.new),
+            (Some(TcpState::Established), TcpState::FinWait1)
+        );
+        let initiator = ev.initiator.unwrap();
+        assert_eq!(initiator.op, CloseOp::Shutdown(ShutHow::Write));
+        assert!(!initiator.op.orphans());
+        assert_eq!(initiator.to_string(), "shutdown(SHUT_WR) by curl[42]");
+
+        rec.op = close_op::CLOSE;
+        assert!(state(&rec).initiator.unwrap().op.orphans());
+        rec.op = close_op::NONE;
+        assert_eq!(state(&rec).initiator, None);
+        // Softirq transitions have no task, so no initiator either.
+        rec.op = close_op::EXIT;
+        rec.context = tcprst_common::ExecContext::Softirq as u8;
+        assert_eq!(state(&rec).initiator, None);
     }
 
     #[test]
@@ -229,11 +359,13 @@ pub(crate) mod tests {
         let d = decoder();
         let full = bytes(&record(RecordKind::RstSent));
         assert!(d.decode(&full[..50]).is_err());
+        assert!(d.decode(&[]).is_err());
         let mut bad = record(RecordKind::RstSent);
         bad.kind = 99;
         assert!(d.decode(&bytes(&bad)).is_err());
         let mut bad = record(RecordKind::RstSent);
         bad.context = 0;
         assert!(d.decode(&bytes(&bad)).is_err());
+        assert!(d.decode(&bytes(&state_record(1, 99))).is_err());
     }
 }

@@ -150,8 +150,88 @@ pub struct RstEvent {
     pub errno: Option<Errno>,
 }
 
-impl RstEvent {
-    pub fn is_ipv6(&self) -> bool {
-        self.local.is_ipv6()
+/// The direction `shutdown(2)` closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutHow {
+    Read,
+    Write,
+    Both,
+}
+
+impl ShutHow {
+    pub fn from_kernel(how: u8) -> Option<Self> {
+        match how {
+            0 => Some(Self::Read),
+            1 => Some(Self::Write),
+            2 => Some(Self::Both),
+            _ => None,
+        }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "SHUT_RD",
+            Self::Write => "SHUT_WR",
+            Self::Both => "SHUT_RDWR",
+        }
+    }
+}
+
+/// How a process started closing a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseOp {
+    Shutdown(ShutHow),
+    Close,
+    Exit,
+}
+
+impl CloseOp {
+    /// After close() or exit nothing holds the socket: it is orphaned, and
+    /// the kernel's tcp_fin_timeout bounds FIN_WAIT2. After shutdown() the
+    /// application still holds it and no timer will reap it.
+    pub fn orphans(self) -> bool {
+        !matches!(self, Self::Shutdown(_))
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Self::Shutdown(how) => format!("shutdown({})", how.name()),
+            Self::Close => "close()".to_owned(),
+            Self::Exit => "process exit".to_owned(),
+        }
+    }
+}
+
+/// Who started a socket's close sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Initiator {
+    pub op: CloseOp,
+    pub task: Task,
+}
+
+impl std::fmt::Display for Initiator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} by {}[{}]",
+            self.op.name(),
+            self.task.comm,
+            self.task.pid
+        )
+    }
+}
+
+/// One TCP state transition of one socket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateChange {
+    pub time: SystemTime,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub netns: Option<u32>,
+    pub old: Option<TcpState>,
+    pub new: TcpState,
+    pub context: ExecContext,
+    pub task: Option<Task>,
+    /// Set when a process started closing with this transition.
+    pub initiator: Option<Initiator>,
 }

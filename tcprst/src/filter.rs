@@ -1,12 +1,17 @@
 //! What the user asked to see. Port, netns and pid are checked in the kernel
 //! (no ring-buffer space spent on them); address, command and family here.
 
-use std::{net::IpAddr, os::unix::fs::MetadataExt, path::Path, str::FromStr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt,
+    path::Path,
+    str::FromStr,
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use tcprst_common::KernelFilter;
 
-use crate::event::RstEvent;
+use crate::{event::RstEvent, tracker::ConnKey};
 
 /// An address or a CIDR block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,33 +72,55 @@ pub enum Family {
 }
 
 /// The filters applied after decoding.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EventFilter {
     pub addrs: Vec<AddrMatch>,
     pub comm: Option<String>,
     pub family: Option<Family>,
+    /// Report stuck and resolved half-closes.
+    pub halfclose: bool,
+}
+
+impl Default for EventFilter {
+    fn default() -> Self {
+        Self {
+            addrs: Vec::new(),
+            comm: None,
+            family: None,
+            halfclose: true,
+        }
+    }
 }
 
 impl EventFilter {
-    pub fn matches(&self, ev: &RstEvent) -> bool {
+    fn endpoints_match(&self, local: SocketAddr, remote: SocketAddr) -> bool {
         if !self.addrs.is_empty()
             && !self
                 .addrs
                 .iter()
-                .any(|m| m.contains(ev.local.ip()) || m.contains(ev.remote.ip()))
+                .any(|m| m.contains(local.ip()) || m.contains(remote.ip()))
         {
             return false;
         }
+        match self.family {
+            Some(Family::V4) => !local.is_ipv6(),
+            Some(Family::V6) => local.is_ipv6(),
+            None => true,
+        }
+    }
+
+    pub fn matches(&self, ev: &RstEvent) -> bool {
         if let Some(comm) = &self.comm
             && ev.task.as_ref().is_none_or(|t| &t.comm != comm)
         {
             return false;
         }
-        match self.family {
-            Some(Family::V4) => !ev.is_ipv6(),
-            Some(Family::V6) => ev.is_ipv6(),
-            None => true,
-        }
+        self.endpoints_match(ev.local, ev.remote)
+    }
+
+    /// Stuck and resolved reports: no task to match a command against.
+    pub fn wants_halfclose(&self, key: &ConnKey) -> bool {
+        self.halfclose && self.comm.is_none() && self.endpoints_match(key.local, key.remote)
     }
 }
 
@@ -132,14 +159,11 @@ pub fn kernel_filter(port: Option<u16>, netns: Option<u32>, pid: Option<u32>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::{bytes, record};
-    use crate::{clock::WallClock, decode::Decoder, layout::ReasonNames};
+    use crate::decode::tests::{bytes, record, rst};
     use tcprst_common::RecordKind;
 
     fn event() -> RstEvent {
-        Decoder::new(ReasonNames::default(), WallClock::new())
-            .decode(&bytes(&record(RecordKind::RstSent)))
-            .unwrap()
+        rst(&bytes(&record(RecordKind::RstSent)))
     }
 
     #[test]

@@ -4,15 +4,26 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::{Result, bail};
-use tcprst_common::{ABSENT, ResetFields, TupleFields, tuple_style};
+use tcprst_common::{ABSENT, ResetFields, StateFields, SyscallFields, TupleFields, tuple_style};
 
 use crate::{btf::KernelBtf, tracefs::EventFormat};
 
 /// Size of the `sockaddr_in6`-sized storage 6.10+ uses for `saddr`/`daddr`.
 const SOCKADDR_STORAGE: u32 = 28;
 
-pub fn reset_fields(format: &EventFormat) -> Result<ResetFields> {
-    let offset = |name: &str| format.field(name).map_or(ABSENT, |f| f.offset);
+fn offset(format: &EventFormat, name: &str) -> u32 {
+    format.field(name).map_or(ABSENT, |f| f.offset)
+}
+
+fn require(format: &EventFormat, names: &[&str]) -> Result<()> {
+    match names.iter().find(|n| format.field(n).is_none()) {
+        Some(name) => bail!("the tracepoint has no {name} field; tcprst does not know this layout"),
+        None => Ok(()),
+    }
+}
+
+fn tuple_fields(format: &EventFormat) -> Result<TupleFields> {
+    let offset = |name: &str| offset(format, name);
     let sockaddr_style = format
         .field("saddr")
         .is_some_and(|f| f.size == SOCKADDR_STORAGE);
@@ -39,28 +50,43 @@ pub fn reset_fields(format: &EventFormat) -> Result<ResetFields> {
             daddr_v6: offset("daddr_v6"),
         }
     };
-    let required: &[(&str, u32)] = if sockaddr_style {
-        &[("saddr", tuple.saddr), ("daddr", tuple.daddr)]
+    if sockaddr_style {
+        require(format, &["saddr", "daddr"])?;
     } else {
-        &[
-            ("sport", tuple.sport),
-            ("dport", tuple.dport),
-            ("saddr_v6", tuple.saddr_v6),
-            ("daddr_v6", tuple.daddr_v6),
-        ]
-    };
-    for (name, off) in required {
-        if *off == ABSENT {
-            bail!("the tracepoint has no {name} field; tcprst does not know this layout");
-        }
+        require(format, &["sport", "dport", "saddr_v6", "daddr_v6"])?;
     }
+    Ok(tuple)
+}
+
+pub fn reset_fields(format: &EventFormat) -> Result<ResetFields> {
     Ok(ResetFields {
-        skaddr: offset("skaddr"),
-        skbaddr: offset("skbaddr"),
-        state: offset("state"),
-        reason: offset("reason"),
-        sock_cookie: offset("sock_cookie"),
-        tuple,
+        skaddr: offset(format, "skaddr"),
+        skbaddr: offset(format, "skbaddr"),
+        state: offset(format, "state"),
+        reason: offset(format, "reason"),
+        sock_cookie: offset(format, "sock_cookie"),
+        tuple: tuple_fields(format)?,
+    })
+}
+
+pub fn state_fields(format: &EventFormat) -> Result<StateFields> {
+    require(format, &["skaddr", "oldstate", "newstate"])?;
+    Ok(StateFields {
+        skaddr: offset(format, "skaddr"),
+        oldstate: offset(format, "oldstate"),
+        newstate: offset(format, "newstate"),
+        protocol: offset(format, "protocol"),
+        tuple: tuple_fields(format)?,
+    })
+}
+
+pub fn syscall_fields(shutdown: &EventFormat, close: &EventFormat) -> Result<SyscallFields> {
+    require(shutdown, &["fd", "how"])?;
+    require(close, &["fd"])?;
+    Ok(SyscallFields {
+        shutdown_fd: offset(shutdown, "fd"),
+        shutdown_how: offset(shutdown, "how"),
+        close_fd: offset(close, "fd"),
     })
 }
 
@@ -149,6 +175,33 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("no sport field"), "{err}");
+    }
+
+    #[test]
+    fn state_and_syscall_layouts() {
+        let f = state_fields(&format(include_str!(
+            "../testdata/format-6.18/inet_sock_set_state"
+        )))
+        .unwrap();
+        assert_eq!(
+            (f.skaddr, f.oldstate, f.newstate, f.protocol),
+            (8, 16, 20, 30)
+        );
+        assert_eq!(
+            (f.tuple.sport, f.tuple.family, f.tuple.saddr_v6),
+            (24, 28, 40)
+        );
+        let s = syscall_fields(
+            &format(include_str!("../testdata/format-6.18/sys_enter_shutdown")),
+            &format(include_str!("../testdata/format-6.18/sys_enter_close")),
+        )
+        .unwrap();
+        assert_eq!((s.shutdown_fd, s.shutdown_how, s.close_fd), (16, 24, 16));
+        let err = state_fields(&format(
+            "field:int oldstate;\toffset:16;\tsize:4;\tsigned:1;",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("no skaddr field"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,8 @@ mod btf;
 mod cli;
 mod clock;
 mod decode;
+mod diagnosis;
+mod enrich;
 mod event;
 mod filter;
 mod layout;
@@ -10,9 +12,11 @@ mod owner;
 mod privileges;
 mod probes;
 mod sink;
+mod snapshot;
 mod sockdiag;
 mod trace;
 mod tracefs;
+mod tracker;
 
 use std::{
     io::{IsTerminal as _, Write as _},
@@ -23,7 +27,7 @@ use anyhow::Result;
 use clap::Parser as _;
 
 use crate::{
-    cli::{Cli, Command, KindArg, TraceArgs},
+    cli::{Cli, Command, KindArg, SnapshotArgs, TraceArgs},
     filter::{EventFilter, Family},
     probes::ProbeConfig,
     sink::OutputFormat,
@@ -55,6 +59,33 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Trace(args) => trace_command(args),
+        Command::Snapshot(args) => snapshot_command(args),
+    }
+}
+
+fn default_output(requested: Option<OutputFormat>) -> OutputFormat {
+    requested.unwrap_or(if std::io::stdout().is_terminal() {
+        OutputFormat::Table
+    } else {
+        OutputFormat::Json
+    })
+}
+
+fn snapshot_command(args: SnapshotArgs) -> ExitCode {
+    let netns = match args.netns.as_deref().map(filter::resolve_netns).transpose() {
+        Ok(netns) => netns,
+        Err(e) => return fail(&e, EXIT_UNUSABLE),
+    };
+    if unsafe { libc::geteuid() } != 0 {
+        log::warn!("not root: other namespaces and other users' processes are not visible");
+    }
+    let opts = snapshot::SnapshotOptions {
+        output: default_output(args.output),
+        netns,
+    };
+    match snapshot::run(&opts, &mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, EXIT_FAILED),
     }
 }
 
@@ -91,15 +122,11 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
     if let Some(pid) = args.pid {
         filter::check_pid_exists(pid)?;
     }
-    let output = args.output.unwrap_or(if std::io::stdout().is_terminal() {
-        OutputFormat::Table
-    } else {
-        OutputFormat::Json
-    });
+    let output = default_output(args.output);
     Ok(TraceOptions {
         probes: ProbeConfig {
-            rst_sent: args.kind != Some(KindArg::RstReceived),
-            rst_received: args.kind != Some(KindArg::RstSent),
+            rst_sent: matches!(args.kind, None | Some(KindArg::RstSent)),
+            rst_received: matches!(args.kind, None | Some(KindArg::RstReceived)),
             filter: filter::kernel_filter(args.port, netns, args.pid),
             buffer_pages: args.buffer_pages,
             btf: args.btf,
@@ -112,8 +139,12 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
                 (_, true) => Some(Family::V6),
                 _ => None,
             },
+            halfclose: matches!(args.kind, None | Some(KindArg::Halfclose)),
         },
         output,
+        stuck_after: args.stuck_after,
+        stuck_repeat: args.stuck_repeat,
+        max_connections: args.max_connections as usize,
     })
 }
 

@@ -9,12 +9,15 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{RawTracePoint, TracePoint},
 };
-use tcprst_common::{KernelFilter, KernelOffsets, LOST_RECORDS, ResetFields};
+use tcprst_common::{KernelFilter, KernelOffsets, LOST_RECORDS, SyscallFields};
 
 use crate::{
     btf::{KernelBtf, VMLINUX},
-    layout::{ReasonNames, reset_fields},
-    tracefs::{TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint},
+    layout::{ReasonNames, reset_fields, state_fields, syscall_fields},
+    tracefs::{
+        EventFormat, INET_SOCK_SET_STATE, SYS_ENTER_CLOSE, SYS_ENTER_SHUTDOWN, SYS_EXIT_SHUTDOWN,
+        TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint,
+    },
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcprst"));
@@ -43,8 +46,21 @@ impl Probes {
         let tracefs = Tracefs::find_or_mount()?;
         let send_format = tracefs.event_format(TCP_SEND_RESET)?;
         let receive_format = tracefs.event_format(TCP_RECEIVE_RESET)?;
-        let send_fields = fields_of(TCP_SEND_RESET, &send_format)?;
-        let receive_fields = fields_of(TCP_RECEIVE_RESET, &receive_format)?;
+        let state_format = tracefs.event_format(INET_SOCK_SET_STATE)?;
+        let send_fields = reset_fields(&send_format).with_context(|| TCP_SEND_RESET.to_string())?;
+        let receive_fields =
+            reset_fields(&receive_format).with_context(|| TCP_RECEIVE_RESET.to_string())?;
+        let state_fields =
+            state_fields(&state_format).with_context(|| INET_SOCK_SET_STATE.to_string())?;
+        // Without syscall tracepoints we still track states; only who
+        // started a close is lost.
+        let syscall_fields = match syscall_layout(&tracefs) {
+            Ok(fields) => Some(fields),
+            Err(e) => {
+                log::warn!("{e:#}: shutdown()/close() callers will not be named");
+                None
+            }
+        };
 
         let btf = load_btf(cfg.btf.as_deref())?;
         let offsets = match &btf {
@@ -65,6 +81,12 @@ impl Probes {
         let ebpf = EbpfLoader::new()
             .override_global("SEND_RESET_FIELDS", &send_fields, true)
             .override_global("RECEIVE_RESET_FIELDS", &receive_fields, true)
+            .override_global("STATE_FIELDS", &state_fields, true)
+            .override_global(
+                "SYSCALL_FIELDS",
+                &syscall_fields.unwrap_or(SyscallFields::UNSET),
+                true,
+            )
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("FILTER", &cfg.filter, true)
             .map_max_entries("EVENTS", cfg.buffer_pages * PAGE_SIZE)
@@ -85,6 +107,13 @@ impl Probes {
         if cfg.rst_received {
             probes.attach_tracepoint("tcprst_rst_recv", TCP_RECEIVE_RESET)?;
         }
+        if syscall_fields.is_some() {
+            // Before the state hook, so a close already under way is seen.
+            probes.attach_tracepoint("tcprst_shut_in", SYS_ENTER_SHUTDOWN)?;
+            probes.attach_tracepoint("tcprst_shut_out", SYS_EXIT_SHUTDOWN)?;
+            probes.attach_tracepoint("tcprst_close_in", SYS_ENTER_CLOSE)?;
+        }
+        probes.attach_tracepoint("tcprst_state", INET_SOCK_SET_STATE)?;
         Ok(probes)
     }
 
@@ -132,8 +161,10 @@ impl Probes {
     }
 }
 
-fn fields_of(tp: Tracepoint, format: &crate::tracefs::EventFormat) -> Result<ResetFields> {
-    reset_fields(format).with_context(|| format!("tracepoint {tp}"))
+fn syscall_layout(tracefs: &Tracefs) -> Result<SyscallFields> {
+    let format = |tp: Tracepoint| -> Result<EventFormat> { tracefs.event_format(tp) };
+    format(SYS_EXIT_SHUTDOWN)?;
+    syscall_fields(&format(SYS_ENTER_SHUTDOWN)?, &format(SYS_ENTER_CLOSE)?)
 }
 
 fn load_btf(explicit: Option<&Path>) -> Result<Option<KernelBtf>> {

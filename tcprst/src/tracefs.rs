@@ -152,6 +152,27 @@ pub const TCP_RECEIVE_RESET: Tracepoint = Tracepoint {
     since: "4.15",
 };
 
+pub const INET_SOCK_SET_STATE: Tracepoint = Tracepoint {
+    category: "sock",
+    name: "inet_sock_set_state",
+    since: "4.16",
+};
+pub const SYS_ENTER_SHUTDOWN: Tracepoint = Tracepoint {
+    category: "syscalls",
+    name: "sys_enter_shutdown",
+    since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
+};
+pub const SYS_EXIT_SHUTDOWN: Tracepoint = Tracepoint {
+    category: "syscalls",
+    name: "sys_exit_shutdown",
+    since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
+};
+pub const SYS_ENTER_CLOSE: Tracepoint = Tracepoint {
+    category: "syscalls",
+    name: "sys_enter_close",
+    since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
+};
+
 /// One `field:` line of a format file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {

@@ -17,9 +17,9 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.10.3";
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tool and its tests use: `ip` for network namespaces,
-/// `nft` for rules in them, `setpriv` for the unprivileged-user test, and
-/// bpftrace as the benchmark baseline.
-const APT_PACKAGES: &[&str] = &["iproute2", "nftables", "util-linux", "bpftrace"];
+/// `nft` for rules in them, `setpriv` for the unprivileged-user test, socat
+/// as a real half-closing TCP proxy, and bpftrace as the benchmark baseline.
+const APT_PACKAGES: &[&str] = &["iproute2", "nftables", "util-linux", "socat", "bpftrace"];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]

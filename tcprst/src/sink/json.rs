@@ -4,13 +4,17 @@
 
 use std::{
     io::{self, Write},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
+    time::SystemTime,
 };
 
 use serde::Serialize;
 
-use super::{LossReport, Sink, rfc3339_micros};
-use crate::event::RstEvent;
+use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
+use crate::{
+    event::{CloseOp, Initiator, Task},
+    tracker::Connection,
+};
 
 pub struct JsonSink {
     out: Box<dyn Write>,
@@ -27,15 +31,90 @@ impl JsonSink {
     }
 }
 
+fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
+    now.duration_since(at).unwrap_or_default().as_millis() as u64
+}
+
 #[derive(Serialize)]
-struct RstJson<'a> {
-    time: String,
-    kind: &'static str,
+struct Endpoints {
     family: &'static str,
     local_addr: IpAddr,
     local_port: u16,
     remote_addr: IpAddr,
     remote_port: u16,
+}
+
+impl Endpoints {
+    fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+        Self {
+            family: if local.is_ipv6() { "ipv6" } else { "ipv4" },
+            local_addr: local.ip(),
+            local_port: local.port(),
+            remote_addr: remote.ip(),
+            remote_port: remote.port(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct InitiatorJson<'a> {
+    op: &'static str,
+    how: Option<&'static str>,
+    pid: u32,
+    comm: &'a str,
+    ago_ms: u64,
+}
+
+fn initiator(conn: Option<&Connection>, now: SystemTime) -> Option<InitiatorJson<'_>> {
+    let conn = conn?;
+    let Initiator { op, task } = conn.initiator.as_ref()?;
+    let (op, how) = match op {
+        CloseOp::Shutdown(how) => ("shutdown", Some(how.name())),
+        CloseOp::Close => ("close", None),
+        CloseOp::Exit => ("exit", None),
+    };
+    Some(InitiatorJson {
+        op,
+        how,
+        pid: task.pid,
+        comm: &task.comm,
+        ago_ms: conn.initiated_at.map_or(0, |at| ms_before(at, now)),
+    })
+}
+
+#[derive(Serialize)]
+struct StepJson {
+    state: &'static str,
+    ago_ms: u64,
+    by: Option<String>,
+}
+
+fn history(conn: Option<&Connection>, now: SystemTime) -> Vec<StepJson> {
+    conn.map(|c| {
+        c.history
+            .iter()
+            .map(|step| StepJson {
+                state: step.state.name(),
+                ago_ms: ms_before(step.at, now),
+                by: step.by.as_ref().map(ToString::to_string),
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct ProcessJson<'a> {
+    pid: u32,
+    comm: &'a str,
+}
+
+#[derive(Serialize)]
+struct RstJson<'a> {
+    time: String,
+    kind: &'static str,
+    #[serde(flatten)]
+    endpoints: Endpoints,
     state: Option<&'static str>,
     reason: Option<&'a str>,
     errno: Option<&'static str>,
@@ -46,19 +125,20 @@ struct RstJson<'a> {
     tid: Option<u32>,
     comm: Option<&'a str>,
     uid: Option<u32>,
+    initiator: Option<InitiatorJson<'a>>,
+    history: Vec<StepJson>,
+    diagnosis: Option<&'a str>,
 }
 
 impl<'a> RstJson<'a> {
-    fn new(ev: &'a RstEvent) -> Self {
-        let task = ev.task.as_ref();
+    fn new(report: &'a RstReport) -> Self {
+        let ev = &report.ev;
+        let task: Option<&Task> = ev.task.as_ref();
+        let conn = report.conn.as_ref();
         Self {
             time: rfc3339_micros(ev.time),
             kind: ev.kind.name(),
-            family: if ev.is_ipv6() { "ipv6" } else { "ipv4" },
-            local_addr: ev.local.ip(),
-            local_port: ev.local.port(),
-            remote_addr: ev.remote.ip(),
-            remote_port: ev.remote.port(),
+            endpoints: Endpoints::new(ev.local, ev.remote),
             state: ev.state.map(|s| s.name()),
             reason: ev.reason.as_deref(),
             errno: ev.errno.map(|e| e.name()),
@@ -69,8 +149,50 @@ impl<'a> RstJson<'a> {
             tid: task.map(|t| t.tid),
             comm: task.map(|t| t.comm.as_str()),
             uid: task.map(|t| t.uid),
+            initiator: initiator(conn, ev.time),
+            history: history(conn, ev.time),
+            diagnosis: report.diagnosis.as_deref(),
         }
     }
+}
+
+#[derive(Serialize)]
+struct StuckJson<'a> {
+    time: String,
+    kind: &'static str,
+    #[serde(flatten)]
+    endpoints: Endpoints,
+    netns: Option<u32>,
+    state: &'static str,
+    stuck_for_ms: u64,
+    age_is_lower_bound: bool,
+    waiting_for: &'static str,
+    blame: &'static str,
+    orphaned: Option<bool>,
+    initiator: Option<InitiatorJson<'a>>,
+    owner: Option<ProcessJson<'a>>,
+    our_fin_ago_ms: Option<u64>,
+    peer_fin_ago_ms: Option<u64>,
+    history: Vec<StepJson>,
+    diagnosis: &'a str,
+}
+
+#[derive(Serialize)]
+struct ResolvedJson<'a> {
+    time: String,
+    kind: &'static str,
+    #[serde(flatten)]
+    endpoints: Endpoints,
+    netns: Option<u32>,
+    state: &'static str,
+    now_state: &'static str,
+    stuck_for_ms: u64,
+    initiator: Option<InitiatorJson<'a>>,
+    diagnosis: &'a str,
+}
+
+fn netns(conn: &Connection) -> Option<u32> {
+    (conn.key.netns != 0).then_some(conn.key.netns)
 }
 
 #[derive(Serialize)]
@@ -82,13 +204,53 @@ struct LostJson {
 }
 
 impl Sink for JsonSink {
-    fn rst(&mut self, ev: &RstEvent) -> io::Result<()> {
-        self.line(&RstJson::new(ev))
+    fn rst(&mut self, report: &RstReport) -> io::Result<()> {
+        self.line(&RstJson::new(report))
+    }
+
+    fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
+        let conn = &r.conn;
+        self.line(&StuckJson {
+            time: rfc3339_micros(r.time),
+            kind: "halfclose_stuck",
+            endpoints: Endpoints::new(conn.key.local, conn.key.remote),
+            netns: netns(conn),
+            state: conn.state.name(),
+            stuck_for_ms: ms_before(conn.since, r.time),
+            age_is_lower_bound: !conn.seen_from_start,
+            waiting_for: r.diagnosis.waiting_for.name(),
+            blame: r.diagnosis.blame.name(),
+            orphaned: conn.orphaned,
+            initiator: initiator(Some(conn), r.time),
+            owner: r.owner.as_ref().map(|t| ProcessJson {
+                pid: t.pid,
+                comm: &t.comm,
+            }),
+            our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
+            peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
+            history: history(Some(conn), r.time),
+            diagnosis: &r.diagnosis.text,
+        })
+    }
+
+    fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
+        let conn = &r.resolved.conn;
+        self.line(&ResolvedJson {
+            time: rfc3339_micros(conn.since),
+            kind: "halfclose_resolved",
+            endpoints: Endpoints::new(conn.key.local, conn.key.remote),
+            netns: netns(conn),
+            state: r.resolved.stuck_state.name(),
+            now_state: conn.state.name(),
+            stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
+            initiator: initiator(Some(conn), conn.since),
+            diagnosis: &r.diagnosis,
+        })
     }
 
     fn lost(&mut self, report: &LossReport) -> io::Result<()> {
         self.line(&LostJson {
-            time: rfc3339_micros(std::time::SystemTime::now()),
+            time: rfc3339_micros(SystemTime::now()),
             kind: "lost",
             lost: report.lost,
             lost_total: report.lost_total,
@@ -108,7 +270,14 @@ mod tests {
     };
 
     use super::*;
-    use crate::event::{Errno, ExecContext, RstKind, Task, TcpState};
+    use crate::{
+        diagnosis::{self, Blame, WaitingFor},
+        event::{Errno, ExecContext, RstEvent, RstKind, TcpState},
+        tracker::{
+            Tracker,
+            tests::{change, proxy_half_close, t},
+        },
+    };
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -131,16 +300,13 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn rst_shape() {
-        let buf = Shared::default();
-        let mut sink = JsonSink::new(Box::new(buf.clone()));
-        sink.rst(&RstEvent {
-            time: UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456),
+    fn received(at: SystemTime) -> RstEvent {
+        RstEvent {
+            time: at,
             kind: RstKind::Received,
-            local: "[::1]:5000".parse().unwrap(),
-            remote: "[::1]:40000".parse().unwrap(),
-            state: Some(TcpState::SynSent),
+            local: "10.0.0.1:15001".parse().unwrap(),
+            remote: "10.0.0.2:44410".parse().unwrap(),
+            state: Some(TcpState::FinWait2),
             reason: None,
             sock_cookie: Some(4097),
             netns: Some(4026532000),
@@ -151,10 +317,70 @@ mod tests {
                 comm: "nc".into(),
                 uid: 0,
             }),
-            errno: Some(Errno::ConnRefused),
+            errno: Some(Errno::ConnReset),
+        }
+    }
+
+    /// One record of each kind, from a real tracker sequence.
+    fn every_kind() -> Shared {
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()));
+        let mut tracker = Tracker::new(10);
+        proxy_half_close(&mut tracker);
+        let ev = received(t(15));
+        let ctx = tracker.context_of(&ev);
+        sink.rst(&RstReport {
+            diagnosis: diagnosis::rst(&ev, &ctx),
+            ev,
+            conn: ctx.conn,
         })
         .unwrap();
-        let v = &lines(&buf)[0];
+        let conn = tracker
+            .stuck(t(40), Duration::from_secs(2), Duration::from_secs(60))
+            .remove(0);
+        sink.stuck(&StuckReport {
+            time: t(40),
+            diagnosis: diagnosis::stuck(&conn, t(40), None, Duration::from_secs(60)),
+            owner: Some(Task {
+                pid: 7,
+                tid: 7,
+                comm: "socat".into(),
+                uid: 0,
+            }),
+            conn,
+        })
+        .unwrap();
+        let resolved = tracker
+            .on_state(&change(t(50), TcpState::FinWait2, TcpState::Close, None))
+            .unwrap();
+        sink.resolved(&ResolvedReport {
+            diagnosis: diagnosis::resolved(&resolved),
+            resolved,
+        })
+        .unwrap();
+        sink.lost(&LossReport {
+            lost: 3,
+            lost_total: 10,
+        })
+        .unwrap();
+        buf
+    }
+
+    #[test]
+    fn rst_shape() {
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()));
+        let mut ev = received(UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456));
+        ev.local = "[::1]:5000".parse().unwrap();
+        ev.remote = "[::1]:40000".parse().unwrap();
+        ev.state = Some(TcpState::SynSent);
+        ev.errno = Some(Errno::ConnRefused);
+        sink.rst(&RstReport {
+            ev,
+            conn: None,
+            diagnosis: None,
+        })
+        .unwrap();
         let expected = serde_json::json!({
             "time": "2026-11-18T11:06:40.123456Z",
             "kind": "rst_received",
@@ -168,8 +394,59 @@ mod tests {
             "netns": 4026532000u32,
             "context": "process",
             "pid": 10, "tid": 11, "comm": "nc", "uid": 0,
+            "initiator": null,
+            "history": [],
+            "diagnosis": null,
         });
-        assert_eq!(v, &expected);
+        assert_eq!(lines(&buf)[0], expected);
+    }
+
+    #[test]
+    fn explained_reset_carries_history_and_initiator() {
+        let v = &lines(&every_kind())[0];
+        assert_eq!(
+            v["initiator"],
+            serde_json::json!({"op": "shutdown", "how": "SHUT_WR", "pid": 51435, "comm": "envoy", "ago_ms": 5000})
+        );
+        assert_eq!(
+            v["history"],
+            serde_json::json!([
+                {"state": "ESTABLISHED", "ago_ms": 15000, "by": null},
+                {"state": "FIN_WAIT1", "ago_ms": 5000, "by": "shutdown(SHUT_WR) by envoy[51435]"},
+                {"state": "FIN_WAIT2", "ago_ms": 5000, "by": null},
+            ])
+        );
+        assert!(
+            v["diagnosis"]
+                .as_str()
+                .unwrap()
+                .starts_with("the peer reset a connection we half-closed")
+        );
+    }
+
+    #[test]
+    fn stuck_and_resolved_shapes() {
+        let all = lines(&every_kind());
+        let stuck = &all[1];
+        assert_eq!(stuck["kind"], "halfclose_stuck");
+        assert_eq!(stuck["state"], "FIN_WAIT2");
+        assert_eq!(stuck["stuck_for_ms"], 30_000);
+        assert_eq!(stuck["age_is_lower_bound"], false);
+        assert_eq!(stuck["waiting_for"], WaitingFor::PeerFin.name());
+        assert_eq!(stuck["blame"], Blame::Peer.name());
+        assert_eq!(stuck["orphaned"], false);
+        assert_eq!(
+            stuck["owner"],
+            serde_json::json!({"pid": 7, "comm": "socat"})
+        );
+        assert_eq!(stuck["our_fin_ago_ms"], 30_000);
+        assert!(stuck["peer_fin_ago_ms"].is_null());
+        assert_eq!(stuck["initiator"]["pid"], 51435);
+        let resolved = &all[2];
+        assert_eq!(resolved["kind"], "halfclose_resolved");
+        assert_eq!(resolved["state"], "FIN_WAIT2");
+        assert_eq!(resolved["now_state"], "CLOSE");
+        assert_eq!(resolved["stuck_for_ms"], 40_000);
     }
 
     /// docs/event.schema.json documents exactly the fields we print.
@@ -177,28 +454,8 @@ mod tests {
     fn schema_lists_every_field() {
         let schema: serde_json::Value =
             serde_json::from_str(include_str!("../../../docs/event.schema.json")).unwrap();
-        let buf = Shared::default();
-        let mut sink = JsonSink::new(Box::new(buf.clone()));
-        sink.rst(&RstEvent {
-            time: UNIX_EPOCH,
-            kind: RstKind::Sent,
-            local: "127.0.0.1:1".parse().unwrap(),
-            remote: "127.0.0.1:2".parse().unwrap(),
-            state: None,
-            reason: None,
-            sock_cookie: None,
-            netns: None,
-            context: ExecContext::Softirq,
-            task: None,
-            errno: None,
-        })
-        .unwrap();
-        sink.lost(&LossReport {
-            lost: 1,
-            lost_total: 1,
-        })
-        .unwrap();
-        for (line, def) in lines(&buf).iter().zip(["rst", "lost"]) {
+        let all = lines(&every_kind());
+        for (line, def) in all.iter().zip(["rst", "stuck", "resolved", "lost"]) {
             let mut printed: Vec<&str> = line
                 .as_object()
                 .unwrap()
@@ -221,21 +478,14 @@ mod tests {
             printed.sort();
             required.sort();
             documented.sort();
-            assert_eq!(printed, required);
-            assert_eq!(printed, documented);
+            assert_eq!(printed, required, "{def}");
+            assert_eq!(printed, documented, "{def}");
         }
     }
 
     #[test]
     fn lost_shape() {
-        let buf = Shared::default();
-        let mut sink = JsonSink::new(Box::new(buf.clone()));
-        sink.lost(&LossReport {
-            lost: 3,
-            lost_total: 10,
-        })
-        .unwrap();
-        let v = &lines(&buf)[0];
+        let v = &lines(&every_kind())[3];
         assert_eq!(v["kind"], "lost");
         assert_eq!(v["lost"], 3);
         assert_eq!(v["lost_total"], 10);

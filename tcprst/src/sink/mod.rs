@@ -3,12 +3,44 @@
 mod json;
 mod table;
 
-use std::io::{self, Write};
+use std::{
+    io::{self, Write},
+    time::SystemTime,
+};
 
 pub use json::JsonSink;
 pub use table::TableSink;
 
-use crate::event::RstEvent;
+use crate::{
+    diagnosis::StuckDiagnosis,
+    event::{RstEvent, Task},
+    tracker::{Connection, Resolved},
+};
+
+/// A reset with what the tracker knew about its connection.
+#[derive(Debug, Clone)]
+pub struct RstReport {
+    pub ev: RstEvent,
+    pub conn: Option<Connection>,
+    pub diagnosis: Option<String>,
+}
+
+/// A connection stuck half-closed.
+#[derive(Debug, Clone)]
+pub struct StuckReport {
+    pub time: SystemTime,
+    pub conn: Connection,
+    /// The process holding the socket, where it could be found.
+    pub owner: Option<Task>,
+    pub diagnosis: StuckDiagnosis,
+}
+
+/// A stuck connection that moved on.
+#[derive(Debug, Clone)]
+pub struct ResolvedReport {
+    pub resolved: Resolved,
+    pub diagnosis: String,
+}
 
 /// Ring-buffer losses over one reporting interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +50,9 @@ pub struct LossReport {
 }
 
 pub trait Sink {
-    fn rst(&mut self, ev: &RstEvent) -> io::Result<()>;
+    fn rst(&mut self, report: &RstReport) -> io::Result<()>;
+    fn stuck(&mut self, report: &StuckReport) -> io::Result<()>;
+    fn resolved(&mut self, report: &ResolvedReport) -> io::Result<()>;
     fn lost(&mut self, report: &LossReport) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
 }
@@ -36,6 +70,11 @@ pub fn open(format: OutputFormat, out: Box<dyn Write>) -> Box<dyn Sink> {
     }
 }
 
-fn rfc3339_micros(t: std::time::SystemTime) -> String {
+fn rfc3339_micros(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// `comm[pid]`, the way people name processes.
+pub fn task_label(task: &Task) -> String {
+    format!("{}[{}]", task.comm, task.pid)
 }

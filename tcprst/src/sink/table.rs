@@ -8,7 +8,7 @@ use comfy_table::{
     Attribute, Cell, Color, ColumnConstraint, ContentArrangement, Table, Width, presets,
 };
 
-use super::{LossReport, Sink, rfc3339_micros};
+use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros, task_label};
 use crate::event::{ExecContext, RstEvent, RstKind};
 
 const COLUMNS: [(&str, u16); 8] = [
@@ -58,6 +58,20 @@ impl TableSink {
         }
         Ok(())
     }
+
+    /// The explanation, under the row it explains.
+    fn because(&mut self, text: &str) -> io::Result<()> {
+        writeln!(self.out, "   └─ {text}")
+    }
+}
+
+fn time_of_day(t: std::time::SystemTime) -> String {
+    let time = rfc3339_micros(t);
+    time.get(11..26).unwrap_or(&time).to_owned()
+}
+
+fn netns_cell(netns: Option<u32>) -> Cell {
+    Cell::new(netns.map_or("-".to_owned(), |n| n.to_string()))
 }
 
 fn why(ev: &RstEvent) -> String {
@@ -74,28 +88,66 @@ fn task(ev: &RstEvent) -> String {
     match (&ev.task, ev.context) {
         (_, ExecContext::Softirq) | (None, _) => "(softirq)".to_owned(),
         (Some(t), ExecContext::KernelThread) => format!("[{}]", t.comm),
-        (Some(t), ExecContext::Process) => format!("{}[{}]", t.comm, t.pid),
+        (Some(t), ExecContext::Process) => task_label(t),
     }
 }
 
 impl Sink for TableSink {
-    fn rst(&mut self, ev: &RstEvent) -> io::Result<()> {
-        let time = rfc3339_micros(ev.time);
+    fn rst(&mut self, report: &RstReport) -> io::Result<()> {
+        let ev = &report.ev;
         let (label, color) = match ev.kind {
             RstKind::Sent => ("RST sent", Color::Red),
             RstKind::Received => ("RST recv", Color::Yellow),
         };
-        let cells = vec![
-            Cell::new(time.get(11..26).unwrap_or(&time)),
+        self.row(vec![
+            Cell::new(time_of_day(ev.time)),
             Cell::new(label).fg(color),
-            Cell::new(ev.netns.map_or("-".to_owned(), |n| n.to_string())),
+            netns_cell(ev.netns),
             Cell::new(ev.local),
             Cell::new(ev.remote),
             Cell::new(ev.state.map_or("-", |s| s.name())),
             Cell::new(why(ev)),
             Cell::new(task(ev)),
-        ];
-        self.row(cells)
+        ])?;
+        match &report.diagnosis {
+            Some(text) => self.because(text),
+            None => Ok(()),
+        }
+    }
+
+    fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
+        let conn = &r.conn;
+        let who = match (&conn.initiator, &r.owner) {
+            (Some(i), _) => task_label(&i.task),
+            (None, Some(owner)) => task_label(owner),
+            (None, None) => "-".to_owned(),
+        };
+        self.row(vec![
+            Cell::new(time_of_day(r.time)),
+            Cell::new("STUCK").fg(Color::Magenta),
+            netns_cell((conn.key.netns != 0).then_some(conn.key.netns)),
+            Cell::new(conn.key.local),
+            Cell::new(conn.key.remote),
+            Cell::new(conn.state.name()),
+            Cell::new(format!("waits for {}", r.diagnosis.waiting_for.name())),
+            Cell::new(who),
+        ])?;
+        self.because(&r.diagnosis.text)
+    }
+
+    fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
+        let conn = &r.resolved.conn;
+        self.row(vec![
+            Cell::new(time_of_day(conn.since)),
+            Cell::new("RESOLVED").fg(Color::Green),
+            netns_cell((conn.key.netns != 0).then_some(conn.key.netns)),
+            Cell::new(conn.key.local),
+            Cell::new(conn.key.remote),
+            Cell::new(conn.state.name()),
+            Cell::new(format!("was {}", r.resolved.stuck_state.name())),
+            Cell::new("-"),
+        ])?;
+        self.because(&r.diagnosis)
     }
 
     fn lost(&mut self, _report: &LossReport) -> io::Result<()> {
@@ -131,8 +183,8 @@ mod tests {
         }
     }
 
-    fn event(kind: RstKind, local: &str, task: Option<Task>) -> RstEvent {
-        RstEvent {
+    fn event(kind: RstKind, local: &str, task: Option<Task>) -> RstReport {
+        let ev = RstEvent {
             time: SystemTime::now(),
             kind,
             local: local.parse().unwrap(),
@@ -148,6 +200,11 @@ mod tests {
             },
             task,
             errno: Some(Errno::ConnReset),
+        };
+        RstReport {
+            ev,
+            conn: None,
+            diagnosis: Some("because of a test".into()),
         }
     }
 
@@ -167,7 +224,7 @@ mod tests {
             .unwrap();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 5, "{text}");
         let column_of = |line: &str, needle: &str| line.find(needle).unwrap();
         assert_eq!(
             column_of(lines[0], "REMOTE"),
@@ -175,12 +232,13 @@ mod tests {
         );
         assert_eq!(
             column_of(lines[1], "10.0.0.1:443"),
-            column_of(lines[2], "10.0.0.1:443")
+            column_of(lines[3], "10.0.0.1:443")
         );
         assert_eq!(
             column_of(lines[0], "TASK"),
-            column_of(lines[2], "envoy[4242]")
+            column_of(lines[3], "envoy[4242]")
         );
         assert!(lines[1].contains("(softirq)") && lines[1].contains("ECONNRESET"));
+        assert_eq!(lines[2], "   └─ because of a test");
     }
 }

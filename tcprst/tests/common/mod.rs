@@ -216,6 +216,30 @@ impl Tracer {
         }
     }
 
+    /// Waits up to 20 s for a record `wanted` accepts, and returns it.
+    pub fn wait_for(&mut self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| wanted(v)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if wanted(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "no {what} within 20 s; records:\n{:#?}\nstderr:\n{}",
+                    self.seen,
+                    self.spawned.stderr_text()
+                ),
+            }
+        }
+    }
+
     /// Sends `signal`, waits for the exit, and returns every record seen
     /// and stderr.
     pub fn stop_with(mut self, signal: i32) -> (ExitStatus, Vec<Value>, String) {

@@ -1,0 +1,164 @@
+//! `tcprst snapshot`: every half-closed or lingering connection on the host
+//! right now, in every network namespace, with who holds it and why it is
+//! there.
+
+use std::{
+    io::{self, Write},
+    net::IpAddr,
+    time::SystemTime,
+};
+
+use anyhow::{Context as _, Result};
+use comfy_table::{Attribute, Cell, ContentArrangement, Table, presets};
+use serde::Serialize;
+
+use crate::{
+    diagnosis,
+    enrich::{self, FoundSocket, HALF_CLOSED},
+    event::TcpState,
+    owner::SocketOwners,
+    sink::OutputFormat,
+    tracker::Connection,
+};
+
+pub struct SnapshotOptions {
+    pub output: OutputFormat,
+    pub netns: Option<u32>,
+}
+
+/// One socket in the snapshot, ready to print.
+#[derive(Serialize)]
+struct Row {
+    netns: u32,
+    netns_name: String,
+    family: &'static str,
+    local_addr: IpAddr,
+    local_port: u16,
+    remote_addr: IpAddr,
+    remote_port: u16,
+    state: &'static str,
+    orphaned: bool,
+    owners: Vec<OwnerJson>,
+    uid: u32,
+    inode: u64,
+    timer: Option<String>,
+    diagnosis: String,
+}
+
+#[derive(Serialize)]
+struct OwnerJson {
+    pid: u32,
+    comm: String,
+}
+
+fn lingering_diagnosis(state: TcpState) -> &'static str {
+    match state {
+        TcpState::TimeWait => {
+            "TIME_WAIT: closed cleanly; the kernel keeps it for 60s to absorb late segments"
+        }
+        _ => "",
+    }
+}
+
+fn row(found: &FoundSocket, owners: &SocketOwners, now: SystemTime) -> Row {
+    let s = &found.socket;
+    let owners: Vec<OwnerJson> = owners
+        .owners(s.inode)
+        .iter()
+        .map(|o| OwnerJson {
+            pid: o.pid,
+            comm: o.comm.clone(),
+        })
+        .collect();
+    let orphaned = s.inode == 0;
+    let diagnosis = if HALF_CLOSED.contains(&s.state) {
+        let conn = Connection::found(found.key(), s.state, orphaned, now);
+        let owner = owners.first().map(|o| format!("{}[{}]", o.comm, o.pid));
+        let fin_timeout = enrich::fin_timeout(found.netns.inode);
+        diagnosis::stuck(&conn, now, owner.as_deref(), fin_timeout).text
+    } else {
+        lingering_diagnosis(s.state).to_owned()
+    };
+    Row {
+        netns: found.netns.inode,
+        netns_name: found.netns.name.clone(),
+        family: if s.local.is_ipv6() { "ipv6" } else { "ipv4" },
+        local_addr: s.local.ip(),
+        local_port: s.local.port(),
+        remote_addr: s.remote.ip(),
+        remote_port: s.remote.port(),
+        state: s.state.name(),
+        orphaned,
+        owners,
+        uid: s.uid,
+        inode: s.inode,
+        timer: s.timer.map(|t| t.ss_style()),
+        diagnosis,
+    }
+}
+
+pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
+    let mut states = HALF_CLOSED.to_vec();
+    states.push(TcpState::TimeWait);
+    let found = enrich::find_sockets(&states, opts.netns)?;
+    let owners = SocketOwners::scan();
+    let now = SystemTime::now();
+    let mut rows: Vec<Row> = found.iter().map(|f| row(f, &owners, now)).collect();
+    rows.sort_by(|a, b| {
+        (a.netns_name.as_str(), a.state, a.local_port).cmp(&(
+            b.netns_name.as_str(),
+            b.state,
+            b.local_port,
+        ))
+    });
+    let written = match opts.output {
+        OutputFormat::Json => rows.iter().try_for_each(|r| {
+            serde_json::to_writer(&mut *out, r)?;
+            writeln!(out)
+        }),
+        OutputFormat::Table => write_table(&rows, out),
+    };
+    match written.and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing the snapshot"),
+    }
+}
+
+fn write_table(rows: &[Row], out: &mut dyn Write) -> io::Result<()> {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(
+            [
+                "NETNS",
+                "STATE",
+                "LOCAL",
+                "REMOTE",
+                "OWNER",
+                "TIMER",
+                "DIAGNOSIS",
+            ]
+            .map(|h| Cell::new(h).add_attribute(Attribute::Bold)),
+        );
+    for r in rows {
+        let owner = match (r.owners.first(), r.orphaned) {
+            (Some(o), _) => format!("{}[{}]", o.comm, o.pid),
+            (None, true) => "(orphaned)".to_owned(),
+            (None, false) => "?".to_owned(),
+        };
+        table.add_row(vec![
+            Cell::new(&r.netns_name),
+            Cell::new(r.state),
+            Cell::new(std::net::SocketAddr::new(r.local_addr, r.local_port)),
+            Cell::new(std::net::SocketAddr::new(r.remote_addr, r.remote_port)),
+            Cell::new(owner),
+            Cell::new(r.timer.as_deref().unwrap_or("-")),
+            Cell::new(&r.diagnosis),
+        ]);
+    }
+    for line in table.lines() {
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    writeln!(out, "{} connections", rows.len())
+}

@@ -1,0 +1,334 @@
+//! The half-close bugs tcprst exists for (shared/seeds 000, 002, 003),
+//! reproduced with real sockets and processes in a fresh network namespace.
+
+mod common;
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Shutdown, TcpStream},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Netns, Tracer, run};
+use serde_json::Value;
+
+fn trace(ns: &Netns, extra: &[&str]) -> Tracer {
+    let mut args = vec!["--netns", ns.name.as_str()];
+    args.extend_from_slice(extra);
+    Tracer::start(&args)
+}
+
+fn is(v: &Value, kind: &str, local_port: u16, remote_port: u16) -> bool {
+    v["kind"] == kind && v["local_port"] == local_port && v["remote_port"] == remote_port
+}
+
+fn read_timeout(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.read(buf)
+}
+
+/// Seed 000: the client half-closes and keeps reading; the peer answers
+/// with a reset instead of a FIN (what slirp4netns did).
+#[test]
+fn seed_000_peer_resets_a_half_closed_connection() {
+    let ns = Netns::new();
+    let mut tracer = trace(&ns, &[]);
+    let listener = ns.listen("127.0.0.1:9999");
+    let mut client = ns.connect("127.0.0.1:43108", "127.0.0.1:9999").unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    server.write_all(b"Accepted.. sending pulses").unwrap();
+    let mut buf = [0u8; 64];
+    assert!(read_timeout(&mut client, &mut buf).unwrap() > 0);
+    socket2::SockRef::from(&server)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(server);
+    let err = read_timeout(&mut client, &mut buf).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+
+    let rst = tracer.wait_for("the client's rst_received", |v| {
+        is(v, "rst_received", 43108, 9999)
+    });
+    assert_eq!(rst["state"], "FIN_WAIT2");
+    assert_eq!(rst["errno"], "ECONNRESET");
+    assert_eq!(rst["initiator"]["op"], "shutdown");
+    assert_eq!(rst["initiator"]["how"], "SHUT_WR");
+    assert_eq!(rst["initiator"]["pid"], std::process::id());
+    let diagnosis = rst["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.starts_with(&format!(
+            "the peer reset a connection we half-closed (shutdown(SHUT_WR) by {}[{}],",
+            rst["initiator"]["comm"].as_str().unwrap(),
+            std::process::id()
+        )),
+        "{diagnosis}"
+    );
+    let states: Vec<&str> = rst["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]);
+    tracer.stop();
+}
+
+/// A process in the namespace, killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(ns: &Netns, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "ss", "-Htln"])
+            .arg(format!("sport = :{port}"))
+            .output()
+            .unwrap();
+        if !out.stdout.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Seed 002: a proxy forwards the upstream's FIN with shutdown(SHUT_WR);
+/// the app's FIN back never arrives (conntrack expiry, emulated with nft),
+/// and the proxy's socket sits in FIN_WAIT2 with no timer to reap it.
+#[test]
+fn seed_002_proxy_half_close_stuck_in_fin_wait2() {
+    let ns = Netns::new();
+    let mut tracer = trace(&ns, &["--stuck-after", "2s"]);
+    let upstream = ns.listen("127.0.0.1:7777");
+    // socat half-closes like Envoy's TCP proxy: on EOF from one side it
+    // shuts down writing towards the other and waits (-t) for it to finish.
+    let proxy = Process(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, "socat", "-t", "600"])
+            .args([
+                "TCP-LISTEN:15001,bind=127.0.0.1,reuseaddr",
+                "TCP:127.0.0.1:7777",
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(&ns, 15001);
+    // The app's FIN to the proxy is lost, as after the conntrack entry expired.
+    let nft = |args: &[&str]| {
+        let mut argv = vec!["netns", "exec", ns.name.as_str(), "nft"];
+        argv.extend_from_slice(args);
+        run("ip", &argv);
+    };
+    nft(&["add", "table", "inet", "tcprst_test"]);
+    nft(&["add chain inet tcprst_test out { type filter hook output priority 0; }"]);
+    nft(&[
+        "add rule inet tcprst_test out tcp sport 44410 tcp dport 15001 tcp flags & fin == fin drop",
+    ]);
+
+    let mut app = ns.connect("127.0.0.1:44410", "127.0.0.1:15001").unwrap();
+    let (upstream_conn, _) = upstream.accept().unwrap();
+    drop(upstream_conn); // the upstream service disconnects
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        read_timeout(&mut app, &mut buf).unwrap(),
+        0,
+        "the app sees the FIN"
+    );
+    // The app closes later, as in the incident: its ACK of the proxy's FIN
+    // goes out on its own (delayed ACK) instead of riding on its FIN.
+    thread::sleep(Duration::from_millis(500));
+    drop(app); // its FIN is dropped
+
+    let stuck = tracer.wait_for("the proxy's FIN_WAIT2 stuck report", |v| {
+        is(v, "halfclose_stuck", 15001, 44410)
+    });
+    assert_eq!(stuck["state"], "FIN_WAIT2");
+    assert_eq!(stuck["orphaned"], false);
+    assert_eq!(stuck["waiting_for"], "peer_fin");
+    assert_eq!(stuck["blame"], "peer");
+    assert_eq!(stuck["netns"], ns.inode);
+    assert_eq!(stuck["age_is_lower_bound"], false);
+    assert!(stuck["stuck_for_ms"].as_u64().unwrap() >= 2000);
+    let initiator = &stuck["initiator"];
+    assert_eq!(initiator["op"], "shutdown");
+    assert_eq!(initiator["how"], "SHUT_WR");
+    assert_eq!(initiator["pid"], proxy.0.id());
+    assert_eq!(initiator["comm"], "socat");
+    assert_eq!(stuck["owner"]["pid"], proxy.0.id());
+    let diagnosis = stuck["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.contains(&format!("after shutdown(SHUT_WR) by socat[{}]", proxy.0.id()))
+            && diagnosis.ends_with(
+                "the peer never sent FIN, and no timer will ever reap this socket because it is not orphaned"
+            ),
+        "{diagnosis}"
+    );
+    tracer.stop();
+}
+
+/// Seed 003: the client sends FIN; the server holds its socket and never
+/// sends one. Both sides are stuck, for different reasons.
+#[test]
+fn seed_003_peer_never_sends_fin() {
+    let ns = Netns::new();
+    let mut tracer = trace(&ns, &["--stuck-after", "1s"]);
+    let listener = ns.listen("127.0.0.1:8003");
+    let client = ns.connect("127.0.0.1:45003", "127.0.0.1:8003").unwrap();
+    let (server, _) = listener.accept().unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+
+    let client_side = tracer.wait_for("the client's stuck report", |v| {
+        is(v, "halfclose_stuck", 45003, 8003)
+    });
+    assert_eq!(client_side["state"], "FIN_WAIT2");
+    assert_eq!(client_side["waiting_for"], "peer_fin");
+    assert_eq!(client_side["blame"], "peer");
+    assert!(
+        client_side["diagnosis"]
+            .as_str()
+            .unwrap()
+            .contains("the peer never sent FIN"),
+        "{client_side}"
+    );
+    let server_side = tracer.wait_for("the server's stuck report", |v| {
+        is(v, "halfclose_stuck", 8003, 45003)
+    });
+    assert_eq!(server_side["state"], "CLOSE_WAIT");
+    assert_eq!(server_side["waiting_for"], "local_close");
+    assert_eq!(server_side["blame"], "local_process");
+    assert_eq!(server_side["owner"]["pid"], std::process::id());
+    let diagnosis = server_side["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.ends_with(&format!(
+            "the peer closed, and {}[{}] never closed its socket",
+            server_side["owner"]["comm"].as_str().unwrap(),
+            std::process::id()
+        )),
+        "{diagnosis}"
+    );
+    assert!(server_side["peer_fin_ago_ms"].as_u64().unwrap() >= 1000);
+
+    // The server closes at last: both sides are resolved.
+    drop(server);
+    let resolved = tracer.wait_for("the client's resolution", |v| {
+        is(v, "halfclose_resolved", 45003, 8003)
+    });
+    assert_eq!(resolved["state"], "FIN_WAIT2");
+    assert!(
+        resolved["diagnosis"]
+            .as_str()
+            .unwrap()
+            .ends_with("the peer sent FIN at last"),
+        "{resolved}"
+    );
+    let resolved = tracer.wait_for("the server's resolution", |v| {
+        is(v, "halfclose_resolved", 8003, 45003)
+    });
+    assert_eq!(resolved["state"], "CLOSE_WAIT");
+    assert!(
+        resolved["diagnosis"]
+            .as_str()
+            .unwrap()
+            .ends_with("the application closed its socket"),
+        "{resolved}"
+    );
+    drop(client);
+    tracer.stop();
+}
+
+/// A connection half-closed before tracing starts is found with sock_diag
+/// and tracked, its age a lower bound.
+#[test]
+fn half_closed_before_tracing_is_tracked() {
+    let ns = Netns::new();
+    let listener = ns.listen("127.0.0.1:8004");
+    let client = ns.connect("127.0.0.1:45004", "127.0.0.1:8004").unwrap();
+    let (server, _) = listener.accept().unwrap();
+    drop(client);
+    thread::sleep(Duration::from_millis(100));
+
+    let mut tracer = trace(&ns, &["--stuck-after", "1s"]);
+    let stuck = tracer.wait_for("the server's stuck report", |v| {
+        is(v, "halfclose_stuck", 8004, 45004)
+    });
+    assert_eq!(stuck["state"], "CLOSE_WAIT");
+    assert_eq!(stuck["age_is_lower_bound"], true);
+    assert_eq!(stuck["owner"]["pid"], std::process::id());
+    assert!(
+        stuck["diagnosis"]
+            .as_str()
+            .unwrap()
+            .starts_with("CLOSE_WAIT for at least "),
+        "{stuck}"
+    );
+    drop(server);
+    tracer.stop();
+}
+
+/// `tcprst snapshot` finds a CLOSE_WAIT made before it ran, with its owner.
+#[test]
+fn snapshot_lists_close_wait_with_its_owner() {
+    let ns = Netns::new();
+    let listener = ns.listen("127.0.0.1:8005");
+    let client = ns.connect("127.0.0.1:45005", "127.0.0.1:8005").unwrap();
+    let (server, _) = listener.accept().unwrap();
+    drop(client);
+    thread::sleep(Duration::from_millis(100));
+
+    let out = Command::new(common::TCPRST)
+        .args(["snapshot", "-o", "json", "--netns", &ns.name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let server_row = rows
+        .iter()
+        .find(|r| r["local_port"] == 8005 && r["remote_port"] == 45005)
+        .unwrap_or_else(|| panic!("no CLOSE_WAIT row in {rows:#?}"));
+    assert_eq!(server_row["state"], "CLOSE_WAIT");
+    assert_eq!(server_row["netns"], ns.inode);
+    assert_eq!(server_row["orphaned"], false);
+    assert!(
+        server_row["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["pid"] == std::process::id()),
+        "{server_row}"
+    );
+    assert!(
+        server_row["diagnosis"]
+            .as_str()
+            .unwrap()
+            .starts_with("CLOSE_WAIT: the peer closed, and "),
+        "{server_row}"
+    );
+    // The client closed: its orphaned FIN_WAIT2 lingers too, held by nobody.
+    let client_row = rows
+        .iter()
+        .find(|r| r["local_port"] == 45005)
+        .unwrap_or_else(|| panic!("no client row in {rows:#?}"));
+    assert_eq!(client_row["state"], "FIN_WAIT2");
+    assert_eq!(client_row["orphaned"], true);
+    assert!(client_row["owners"].as_array().unwrap().is_empty());
+    drop(server);
+}
