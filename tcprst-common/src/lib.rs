@@ -208,7 +208,6 @@ pub mod rst_flags {
     pub const HAS_REASON: u8 = 1 << 1;
     pub const HAS_COOKIE: u8 = 1 << 2;
     pub const HAS_STATE: u8 = 1 << 3;
-    pub const HAS_NETNS: u8 = 1 << 4;
 }
 
 /// A connection's two ends. IPv4 addresses use the first four bytes.
@@ -252,6 +251,7 @@ pub struct RstRecord {
     pub timestamp_ns: u64,
     pub skaddr: u64,
     pub sock_cookie: u64,
+    /// Network namespace inode; 0 when unknown (no namespace has inode 0).
     pub netns: u32,
     pub _pad: u32,
     pub tuple: Tuple,
@@ -269,18 +269,13 @@ pub mod close_op {
     pub const EXIT: u8 = 3;
 }
 
-/// `StateRecord::flags` bits.
-pub mod state_flags {
-    pub const HAS_NETNS: u8 = 1 << 0;
-}
-
 /// One TCP state transition (`sock:inet_sock_set_state`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateRecord {
     pub kind: u8,
     pub context: u8,
-    pub flags: u8,
+    pub _pad0: u8,
     pub old_state: u8,
     pub new_state: u8,
     /// `close_op::*`
@@ -290,6 +285,7 @@ pub struct StateRecord {
     pub _pad: u8,
     pub timestamp_ns: u64,
     pub skaddr: u64,
+    /// Network namespace inode; 0 when unknown.
     pub netns: u32,
     /// The descriptor `op` acted on, or -1.
     pub fd: i32,

@@ -39,7 +39,7 @@ pub fn tcprst_sirq_out(_ctx: RawTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-pub fn current_context() -> ExecContext {
+fn current_context() -> ExecContext {
     if IN_SOFTIRQ.get(0).is_some_and(|v| *v != 0) {
         return ExecContext::Softirq;
     }
@@ -53,8 +53,19 @@ pub fn current_context() -> ExecContext {
     ExecContext::Process
 }
 
+/// Where the kernel runs now, with the current task filled in unless that
+/// is softirq (where the task is whoever was interrupted).
 #[inline(always)]
-pub fn fill_task(task: &mut TaskInfo) {
+pub fn origin(task: &mut TaskInfo) -> ExecContext {
+    let context = current_context();
+    if context != ExecContext::Softirq {
+        fill_task(task);
+    }
+    context
+}
+
+#[inline(always)]
+fn fill_task(task: &mut TaskInfo) {
     let pid_tgid = bpf_get_current_pid_tgid();
     task.tgid = (pid_tgid >> 32) as u32;
     task.tid = pid_tgid as u32;

@@ -5,7 +5,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePoi
 use tcprst_common::{ExecContext, RecordKind, RstRecord, rst_flags};
 
 use crate::{
-    context::{current_context, fill_task},
+    context::origin,
     globals::{filter, receive_reset_fields, send_reset_fields},
     kernel::{skb_netns, sock_netns, sock_state},
     maps::emit,
@@ -78,15 +78,9 @@ fn finish(rec: &mut RstRecord, netns: u32) {
     if !tuple_wanted(&rec.tuple, netns) {
         return;
     }
-    if netns != 0 {
-        rec.netns = netns;
-        rec.flags |= rst_flags::HAS_NETNS;
-    }
-    let context = current_context();
+    rec.netns = netns;
+    let context = origin(&mut rec.task);
     rec.context = context as u8;
-    if context != ExecContext::Softirq {
-        fill_task(&mut rec.task);
-    }
     let tgid = filter().tgid;
     if tgid != 0 && (context != ExecContext::Process || rec.task.tgid != tgid) {
         return;

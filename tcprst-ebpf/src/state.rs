@@ -2,10 +2,10 @@
 //! when a process did.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use tcprst_common::{ExecContext, RecordKind, StateRecord, state_flags};
+use tcprst_common::{ExecContext, RecordKind, StateRecord};
 
 use crate::{
-    context::{current_context, fill_task},
+    context::origin,
     globals::state_fields,
     kernel::sock_netns,
     maps::emit,
@@ -53,15 +53,9 @@ pub fn tcprst_state(ctx: TracePointContext) -> u32 {
     if !tuple_wanted(&rec.tuple, netns) {
         return 0;
     }
-    if netns != 0 {
-        rec.netns = netns;
-        rec.flags |= state_flags::HAS_NETNS;
-    }
-    let context = current_context();
+    rec.netns = netns;
+    let context = origin(&mut rec.task);
     rec.context = context as u8;
-    if context != ExecContext::Softirq {
-        fill_task(&mut rec.task);
-    }
     // Only a process starts the close sequence or aborts a connection; a
     // connect() that fails (SYN_SENT → CLOSE) is not a close.
     if context == ExecContext::Process

@@ -5,7 +5,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use anyhow::{Result, bail};
 use tcprst_common::{
     AF_INET, AF_INET6, RecordKind, RstRecord, StateRecord, TaskInfo, Tuple, close_op, rst_flags,
-    state_flags,
 };
 
 use crate::{
@@ -63,7 +62,7 @@ impl Decoder {
             reason: has(rst_flags::HAS_REASON).then(|| self.reasons.name(rec.reason)),
             sock_cookie: (has(rst_flags::HAS_COOKIE) && rec.sock_cookie != 0)
                 .then_some(rec.sock_cookie),
-            netns: has(rst_flags::HAS_NETNS).then_some(rec.netns),
+            netns: known_netns(rec.netns),
             context,
             task: task(context, &rec.task),
             errno: match kind {
@@ -90,7 +89,7 @@ impl Decoder {
             time: self.clock.wall_time(rec.timestamp_ns),
             local,
             remote,
-            netns: (rec.flags & state_flags::HAS_NETNS != 0).then_some(rec.netns),
+            netns: known_netns(rec.netns),
             old: TcpState::from_kernel(rec.old_state),
             new,
             context,
@@ -115,6 +114,10 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
     // SAFETY: length checked; the record types are integers and byte arrays,
     // valid for any bit pattern; read_unaligned copes with any alignment.
     Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+fn known_netns(inode: u32) -> Option<u32> {
+    (inode != 0).then_some(inode)
 }
 
 fn exec_context(raw: u8) -> Result<ExecContext> {
@@ -193,7 +196,7 @@ pub(crate) mod tests {
         RstRecord {
             kind: kind as u8,
             context: tcprst_common::ExecContext::Process as u8,
-            flags: rst_flags::HAS_STATE | rst_flags::HAS_NETNS,
+            flags: rst_flags::HAS_STATE,
             state: 1,
             reason: 0,
             timestamp_ns: 1_000,
@@ -210,7 +213,7 @@ pub(crate) mod tests {
         StateRecord {
             kind: RecordKind::StateChange as u8,
             context: tcprst_common::ExecContext::Process as u8,
-            flags: state_flags::HAS_NETNS,
+            _pad0: 0,
             old_state: old,
             new_state: new,
             op: close_op::NONE,
@@ -266,6 +269,8 @@ pub(crate) mod tests {
         assert_eq!(ev.reason.as_deref(), Some("TCP_ABORT_ON_CLOSE"));
         assert_eq!(ev.errno, None);
         assert_eq!(ev.netns, Some(4026531840));
+        rec.netns = 0;
+        assert_eq!(rst(&bytes(&rec)).netns, None);
         assert_eq!(
             ev.task,
             Some(Task {
@@ -295,7 +300,7 @@ pub(crate) mod tests {
     fn softirq_resets_blame_no_task() {
         let mut rec = record(RecordKind::RstSent);
         rec.context = tcprst_common::ExecContext::Softirq as u8;
-        rec.flags = rst_flags::NO_SOCKET | rst_flags::HAS_NETNS | rst_flags::HAS_REASON;
+        rec.flags = rst_flags::NO_SOCKET | rst_flags::HAS_REASON;
         rec.reason = 1;
         let ev = rst(&bytes(&rec));
         assert_eq!(ev.context, ExecContext::Softirq);

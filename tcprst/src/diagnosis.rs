@@ -270,34 +270,10 @@ pub fn rst(ev: &RstEvent, ctx: &RstContext) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        event::{Errno, ExecContext},
-        tracker::{
-            Tracker,
-            tests::{change, proxy_half_close, t},
-        },
+    use crate::tracker::{
+        Tracker,
+        tests::{change, proxy_half_close, reset, t},
     };
-
-    fn reset(
-        kind: RstKind,
-        at: SystemTime,
-        state: Option<TcpState>,
-        reason: Option<&str>,
-    ) -> RstEvent {
-        RstEvent {
-            time: at,
-            kind,
-            local: "10.0.0.1:15001".parse().unwrap(),
-            remote: "10.0.0.2:44410".parse().unwrap(),
-            state,
-            reason: reason.map(Into::into),
-            sock_cookie: None,
-            netns: Some(4026532000),
-            context: ExecContext::Softirq,
-            task: None,
-            errno: state.and_then(Errno::for_reset_in),
-        }
-    }
 
     #[test]
     fn peer_reset_after_our_half_close() {

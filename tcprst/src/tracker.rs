@@ -309,7 +309,7 @@ impl Tracker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::event::{CloseOp, ExecContext, ShutHow, Task};
+    use crate::event::{CloseOp, Errno, ExecContext, RstKind, ShutHow, Task};
 
     pub fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
@@ -347,6 +347,27 @@ pub(crate) mod tests {
                 op,
                 task: task(51435, "envoy"),
             }),
+        }
+    }
+
+    pub fn reset(
+        kind: RstKind,
+        at: SystemTime,
+        state: Option<TcpState>,
+        reason: Option<&str>,
+    ) -> RstEvent {
+        RstEvent {
+            time: at,
+            kind,
+            local: "10.0.0.1:15001".parse().unwrap(),
+            remote: "10.0.0.2:44410".parse().unwrap(),
+            state,
+            reason: reason.map(Into::into),
+            sock_cookie: None,
+            netns: Some(4026532000),
+            context: ExecContext::Softirq,
+            task: None,
+            errno: state.and_then(Errno::for_reset_in),
         }
     }
 
@@ -443,19 +464,7 @@ pub(crate) mod tests {
         proxy_half_close(&mut tracker);
         tracker.on_state(&change(t(20), FinWait2, Close, None));
         tracker.on_state(&change(t(30), SynRecv, Established, None));
-        let rst = RstEvent {
-            time: t(31),
-            kind: crate::event::RstKind::Received,
-            local: "10.0.0.1:15001".parse().unwrap(),
-            remote: "10.0.0.2:44410".parse().unwrap(),
-            state: Some(Established),
-            reason: None,
-            sock_cookie: None,
-            netns: Some(4026532000),
-            context: ExecContext::Softirq,
-            task: None,
-            errno: None,
-        };
+        let rst = reset(RstKind::Received, t(31), Some(Established), None);
         let ctx = tracker.context_of(&rst);
         let conn = ctx.conn.unwrap();
         assert_eq!(conn.history.len(), 1);
@@ -471,19 +480,7 @@ pub(crate) mod tests {
         tracker.on_state(&change(t(1), Established, FinWait1, Some(CloseOp::Close)));
         tracker.on_state(&change(t(1), FinWait1, FinWait2, None));
         tracker.on_state(&change(t(1), FinWait2, Close, None));
-        let ctx = tracker.context_of(&RstEvent {
-            time: t(9),
-            kind: crate::event::RstKind::Sent,
-            local: "10.0.0.1:15001".parse().unwrap(),
-            remote: "10.0.0.2:44410".parse().unwrap(),
-            state: None,
-            reason: None,
-            sock_cookie: None,
-            netns: Some(4026532000),
-            context: ExecContext::Softirq,
-            task: None,
-            errno: None,
-        });
+        let ctx = tracker.context_of(&reset(RstKind::Sent, t(9), None, Some("NO_SOCKET")));
         let conn = ctx.conn.unwrap();
         assert!(ctx.ended_before);
         assert_eq!(conn.peer_fin_at, None);

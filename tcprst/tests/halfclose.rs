@@ -35,9 +35,7 @@ fn read_timeout(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> 
 fn seed_000_peer_resets_a_half_closed_connection() {
     let ns = Netns::new();
     let mut tracer = trace(&ns, &[]);
-    let listener = ns.listen("127.0.0.1:9999");
-    let mut client = ns.connect("127.0.0.1:43108", "127.0.0.1:9999").unwrap();
-    let (mut server, _) = listener.accept().unwrap();
+    let (mut client, mut server) = ns.pair("127.0.0.1:43108", "127.0.0.1:9999");
     client.shutdown(Shutdown::Write).unwrap();
     server.write_all(b"Accepted.. sending pulses").unwrap();
     let mut buf = [0u8; 64];
@@ -183,9 +181,7 @@ fn seed_002_proxy_half_close_stuck_in_fin_wait2() {
 fn seed_003_peer_never_sends_fin() {
     let ns = Netns::new();
     let mut tracer = trace(&ns, &["--stuck-after", "1s"]);
-    let listener = ns.listen("127.0.0.1:8003");
-    let client = ns.connect("127.0.0.1:45003", "127.0.0.1:8003").unwrap();
-    let (server, _) = listener.accept().unwrap();
+    let (client, server) = ns.pair("127.0.0.1:45003", "127.0.0.1:8003");
     client.shutdown(Shutdown::Write).unwrap();
 
     let client_side = tracer.wait_for("the client's stuck report", |v| {
@@ -252,9 +248,7 @@ fn seed_003_peer_never_sends_fin() {
 #[test]
 fn half_closed_before_tracing_is_tracked() {
     let ns = Netns::new();
-    let listener = ns.listen("127.0.0.1:8004");
-    let client = ns.connect("127.0.0.1:45004", "127.0.0.1:8004").unwrap();
-    let (server, _) = listener.accept().unwrap();
+    let (client, server) = ns.pair("127.0.0.1:45004", "127.0.0.1:8004");
     drop(client);
     thread::sleep(Duration::from_millis(100));
 
@@ -280,9 +274,7 @@ fn half_closed_before_tracing_is_tracked() {
 #[test]
 fn snapshot_lists_close_wait_with_its_owner() {
     let ns = Netns::new();
-    let listener = ns.listen("127.0.0.1:8005");
-    let client = ns.connect("127.0.0.1:45005", "127.0.0.1:8005").unwrap();
-    let (server, _) = listener.accept().unwrap();
+    let (client, server) = ns.pair("127.0.0.1:45005", "127.0.0.1:8005");
     drop(client);
     thread::sleep(Duration::from_millis(100));
 

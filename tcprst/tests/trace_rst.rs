@@ -9,6 +9,7 @@ use std::{
 };
 
 use common::{Netns, Tracer, assert_exact, find};
+use serde_json::Value;
 
 fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
     let inode = ns.inode.to_string();
@@ -22,11 +23,12 @@ fn closed_port(ns: &Netns, from: &str, to: &str) {
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
 }
 
-#[test]
-fn closed_port_ipv4() {
+/// A connect() to a closed port: the stack answers the SYN with a reset,
+/// and the client learns ECONNREFUSED.
+fn closed_port_resets(client: &str, server: &str) -> Vec<Value> {
     let ns = Netns::new();
     let mut tracer = trace_netns(&ns, &[]);
-    closed_port(&ns, "127.0.0.1:40001", "127.0.0.1:9");
+    closed_port(&ns, client, server);
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
     let n = ns.inode;
@@ -34,47 +36,37 @@ fn closed_port_ipv4() {
         &events,
         &[
             // The reply carries the offending SYN's tuple, reversed.
+            format!("rst_sent {server} -> {client} state=- reason=NO_SOCKET errno=- netns={n}"),
             format!(
-                "rst_sent 127.0.0.1:9 -> 127.0.0.1:40001 state=- reason=NO_SOCKET errno=- netns={n}"
-            ),
-            format!(
-                "rst_received 127.0.0.1:40001 -> 127.0.0.1:9 state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
+                "rst_received {client} -> {server} state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
             ),
         ],
     );
+    assert!(find(&events, "rst_received")["socket_cookie"].is_u64());
+    events
+}
+
+#[test]
+fn closed_port_ipv4() {
+    let events = closed_port_resets("127.0.0.1:40001", "127.0.0.1:9");
     // Sent while the stack handled the SYN: nobody's process to blame.
     let sent = find(&events, "rst_sent");
     assert_eq!(sent["context"], "softirq");
     assert!(sent["pid"].is_null() && sent["comm"].is_null());
     assert_eq!(sent["family"], "ipv4");
-    assert!(find(&events, "rst_received")["socket_cookie"].is_u64());
 }
 
 #[test]
 fn closed_port_ipv6() {
-    let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &[]);
-    closed_port(&ns, "[::1]:40001", "[::1]:9");
-    tracer.wait_for_rsts(2);
-    let events = tracer.stop();
-    let n = ns.inode;
-    assert_exact(
-        &events,
-        &[
-            format!("rst_sent ::1:9 -> ::1:40001 state=- reason=NO_SOCKET errno=- netns={n}"),
-            format!(
-                "rst_received ::1:40001 -> ::1:9 state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
-            ),
-        ],
-    );
+    let events = closed_port_resets("[::1]:40001", "[::1]:9");
     assert_eq!(find(&events, "rst_sent")["family"], "ipv6");
 }
 
 /// close() with unread data: the closer aborts the connection.
-fn abort_on_close(ns: &Netns, server: &str, client: &str) {
-    let listener = ns.listen(server);
-    let mut conn = ns.connect(client, server).unwrap();
-    let (accepted, _) = listener.accept().unwrap();
+fn close_with_unread_data(server: &str, client: &str) -> Vec<Value> {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &[]);
+    let (mut conn, accepted) = ns.pair(client, server);
     conn.write_all(b"never read").unwrap();
     // Wait until the data is queued on the server, then close it unread.
     let mut byte = [0u8; 1];
@@ -83,13 +75,6 @@ fn abort_on_close(ns: &Netns, server: &str, client: &str) {
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let err = conn.read(&mut [0u8; 16]).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
-}
-
-#[test]
-fn close_with_unread_data_ipv4() {
-    let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &[]);
-    abort_on_close(&ns, "127.0.0.1:5000", "127.0.0.1:40002");
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
     let n = ns.inode;
@@ -98,10 +83,10 @@ fn close_with_unread_data_ipv4() {
         &[
             // __tcp_close() moves to CLOSE before it sends the reset.
             format!(
-                "rst_sent 127.0.0.1:5000 -> 127.0.0.1:40002 state=CLOSE reason=TCP_ABORT_ON_CLOSE errno=- netns={n}"
+                "rst_sent {server} -> {client} state=CLOSE reason=TCP_ABORT_ON_CLOSE errno=- netns={n}"
             ),
             format!(
-                "rst_received 127.0.0.1:40002 -> 127.0.0.1:5000 state=ESTABLISHED reason=- errno=ECONNRESET netns={n}"
+                "rst_received {client} -> {server} state=ESTABLISHED reason=- errno=ECONNRESET netns={n}"
             ),
         ],
     );
@@ -110,36 +95,24 @@ fn close_with_unread_data_ipv4() {
     assert_eq!(sent["context"], "process");
     assert_eq!(sent["pid"], std::process::id());
     assert_eq!(sent["uid"], 0);
+    events
+}
+
+#[test]
+fn close_with_unread_data_ipv4() {
+    close_with_unread_data("127.0.0.1:5000", "127.0.0.1:40002");
 }
 
 #[test]
 fn close_with_unread_data_ipv6() {
-    let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &[]);
-    abort_on_close(&ns, "[::1]:5000", "[::1]:40002");
-    tracer.wait_for_rsts(2);
-    let events = tracer.stop();
-    let n = ns.inode;
-    assert_exact(
-        &events,
-        &[
-            format!(
-                "rst_sent ::1:5000 -> ::1:40002 state=CLOSE reason=TCP_ABORT_ON_CLOSE errno=- netns={n}"
-            ),
-            format!(
-                "rst_received ::1:40002 -> ::1:5000 state=ESTABLISHED reason=- errno=ECONNRESET netns={n}"
-            ),
-        ],
-    );
+    close_with_unread_data("[::1]:5000", "[::1]:40002");
 }
 
 #[test]
 fn linger_zero_close_is_an_active_reset() {
     let ns = Netns::new();
     let mut tracer = trace_netns(&ns, &[]);
-    let listener = ns.listen("127.0.0.1:5001");
-    let conn = ns.connect("127.0.0.1:40003", "127.0.0.1:5001").unwrap();
-    let (mut accepted, _) = listener.accept().unwrap();
+    let (conn, mut accepted) = ns.pair("127.0.0.1:40003", "127.0.0.1:5001");
     socket2::SockRef::from(&conn)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
@@ -205,7 +178,7 @@ fn kind_addr_and_family_filters() {
     assert_exact(
         &events,
         &[format!(
-            "rst_received ::1:40006 -> ::1:9 state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
+            "rst_received [::1]:40006 -> [::1]:9 state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
         )],
     );
 }

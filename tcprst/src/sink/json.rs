@@ -35,6 +35,27 @@ fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
     now.duration_since(at).unwrap_or_default().as_millis() as u64
 }
 
+/// The fields every connection record starts with.
+#[derive(Serialize)]
+struct Head {
+    time: String,
+    kind: &'static str,
+    #[serde(flatten)]
+    endpoints: Endpoints,
+    netns: Option<u32>,
+}
+
+impl Head {
+    fn new(time: SystemTime, kind: &'static str, conn: &Connection) -> Self {
+        Self {
+            time: rfc3339_micros(time),
+            kind,
+            endpoints: Endpoints::new(conn.key.local, conn.key.remote),
+            netns: (conn.key.netns != 0).then_some(conn.key.netns),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Endpoints {
     family: &'static str,
@@ -158,11 +179,8 @@ impl<'a> RstJson<'a> {
 
 #[derive(Serialize)]
 struct StuckJson<'a> {
-    time: String,
-    kind: &'static str,
     #[serde(flatten)]
-    endpoints: Endpoints,
-    netns: Option<u32>,
+    head: Head,
     state: &'static str,
     stuck_for_ms: u64,
     age_is_lower_bound: bool,
@@ -179,20 +197,13 @@ struct StuckJson<'a> {
 
 #[derive(Serialize)]
 struct ResolvedJson<'a> {
-    time: String,
-    kind: &'static str,
     #[serde(flatten)]
-    endpoints: Endpoints,
-    netns: Option<u32>,
+    head: Head,
     state: &'static str,
     now_state: &'static str,
     stuck_for_ms: u64,
     initiator: Option<InitiatorJson<'a>>,
     diagnosis: &'a str,
-}
-
-fn netns(conn: &Connection) -> Option<u32> {
-    (conn.key.netns != 0).then_some(conn.key.netns)
 }
 
 #[derive(Serialize)]
@@ -211,10 +222,7 @@ impl Sink for JsonSink {
     fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
         let conn = &r.conn;
         self.line(&StuckJson {
-            time: rfc3339_micros(r.time),
-            kind: "halfclose_stuck",
-            endpoints: Endpoints::new(conn.key.local, conn.key.remote),
-            netns: netns(conn),
+            head: Head::new(r.time, "halfclose_stuck", conn),
             state: conn.state.name(),
             stuck_for_ms: ms_before(conn.since, r.time),
             age_is_lower_bound: !conn.seen_from_start,
@@ -236,10 +244,7 @@ impl Sink for JsonSink {
     fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
         let conn = &r.resolved.conn;
         self.line(&ResolvedJson {
-            time: rfc3339_micros(conn.since),
-            kind: "halfclose_resolved",
-            endpoints: Endpoints::new(conn.key.local, conn.key.remote),
-            netns: netns(conn),
+            head: Head::new(conn.since, "halfclose_resolved", conn),
             state: r.resolved.stuck_state.name(),
             now_state: conn.state.name(),
             stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
@@ -264,61 +269,37 @@ impl Sink for JsonSink {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        sync::{Arc, Mutex},
-        time::{Duration, UNIX_EPOCH},
-    };
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
     use crate::{
         diagnosis::{self, Blame, WaitingFor},
         event::{Errno, ExecContext, RstEvent, RstKind, TcpState},
+        sink::testing::Shared,
         tracker::{
             Tracker,
-            tests::{change, proxy_half_close, t},
+            tests::{change, proxy_half_close, reset, t},
         },
     };
 
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     fn lines(buf: &Shared) -> Vec<serde_json::Value> {
-        String::from_utf8(buf.0.lock().unwrap().clone())
-            .unwrap()
+        buf.text()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
 
     fn received(at: SystemTime) -> RstEvent {
-        RstEvent {
-            time: at,
-            kind: RstKind::Received,
-            local: "10.0.0.1:15001".parse().unwrap(),
-            remote: "10.0.0.2:44410".parse().unwrap(),
-            state: Some(TcpState::FinWait2),
-            reason: None,
-            sock_cookie: Some(4097),
-            netns: Some(4026532000),
-            context: ExecContext::Process,
-            task: Some(Task {
-                pid: 10,
-                tid: 11,
-                comm: "nc".into(),
-                uid: 0,
-            }),
-            errno: Some(Errno::ConnReset),
-        }
+        let mut ev = reset(RstKind::Received, at, Some(TcpState::FinWait2), None);
+        ev.sock_cookie = Some(4097);
+        ev.context = ExecContext::Process;
+        ev.task = Some(Task {
+            pid: 10,
+            tid: 11,
+            comm: "nc".into(),
+            uid: 0,
+        });
+        ev
     }
 
     /// One record of each kind, from a real tracker sequence.

@@ -78,3 +78,31 @@ fn rfc3339_micros(t: SystemTime) -> String {
 pub fn task_label(task: &Task) -> String {
     format!("{}[{}]", task.comm, task.pid)
 }
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::{
+        io::{self, Write},
+        sync::{Arc, Mutex},
+    };
+
+    /// A writer the test keeps a handle to after giving it to a sink.
+    #[derive(Clone, Default)]
+    pub struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Shared {
+        pub fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+}

@@ -9,7 +9,10 @@ use comfy_table::{
 };
 
 use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros, task_label};
-use crate::event::{ExecContext, RstEvent, RstKind};
+use crate::{
+    event::{ExecContext, RstEvent, RstKind},
+    tracker::Connection,
+};
 
 const COLUMNS: [(&str, u16); 8] = [
     ("TIME (UTC)", 17),
@@ -57,6 +60,27 @@ impl TableSink {
             writeln!(self.out, "{}", line.trim_end())?;
         }
         Ok(())
+    }
+
+    /// A row about a tracked connection rather than one reset.
+    fn conn_row(
+        &mut self,
+        time: std::time::SystemTime,
+        label: Cell,
+        conn: &Connection,
+        why: String,
+        who: String,
+    ) -> io::Result<()> {
+        self.row(vec![
+            Cell::new(time_of_day(time)),
+            label,
+            netns_cell((conn.key.netns != 0).then_some(conn.key.netns)),
+            Cell::new(conn.key.local),
+            Cell::new(conn.key.remote),
+            Cell::new(conn.state.name()),
+            Cell::new(why),
+            Cell::new(who),
+        ])
     }
 
     /// The explanation, under the row it explains.
@@ -116,37 +140,27 @@ impl Sink for TableSink {
     }
 
     fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
-        let conn = &r.conn;
-        let who = match (&conn.initiator, &r.owner) {
+        let who = match (&r.conn.initiator, &r.owner) {
             (Some(i), _) => task_label(&i.task),
             (None, Some(owner)) => task_label(owner),
             (None, None) => "-".to_owned(),
         };
-        self.row(vec![
-            Cell::new(time_of_day(r.time)),
+        let why = format!("waits for {}", r.diagnosis.waiting_for.name());
+        self.conn_row(
+            r.time,
             Cell::new("STUCK").fg(Color::Magenta),
-            netns_cell((conn.key.netns != 0).then_some(conn.key.netns)),
-            Cell::new(conn.key.local),
-            Cell::new(conn.key.remote),
-            Cell::new(conn.state.name()),
-            Cell::new(format!("waits for {}", r.diagnosis.waiting_for.name())),
-            Cell::new(who),
-        ])?;
+            &r.conn,
+            why,
+            who,
+        )?;
         self.because(&r.diagnosis.text)
     }
 
     fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
         let conn = &r.resolved.conn;
-        self.row(vec![
-            Cell::new(time_of_day(conn.since)),
-            Cell::new("RESOLVED").fg(Color::Green),
-            netns_cell((conn.key.netns != 0).then_some(conn.key.netns)),
-            Cell::new(conn.key.local),
-            Cell::new(conn.key.remote),
-            Cell::new(conn.state.name()),
-            Cell::new(format!("was {}", r.resolved.stuck_state.name())),
-            Cell::new("-"),
-        ])?;
+        let why = format!("was {}", r.resolved.stuck_state.name());
+        let label = Cell::new("RESOLVED").fg(Color::Green);
+        self.conn_row(conn.since, label, conn, why, "-".to_owned())?;
         self.because(&r.diagnosis)
     }
 
@@ -162,26 +176,11 @@ impl Sink for TableSink {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        sync::{Arc, Mutex},
-        time::SystemTime,
-    };
+    use std::time::SystemTime;
 
     use super::*;
     use crate::event::{Errno, Task, TcpState};
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::sink::testing::Shared;
 
     fn event(kind: RstKind, local: &str, task: Option<Task>) -> RstReport {
         let ev = RstEvent {
@@ -222,7 +221,7 @@ mod tests {
         };
         sink.rst(&event(RstKind::Sent, "192.168.100.200:65535", Some(task)))
             .unwrap();
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let text = buf.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "{text}");
         let column_of = |line: &str, needle: &str| line.find(needle).unwrap();

@@ -87,6 +87,16 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// A connected (client, server) pair on exact addresses.
+    pub fn pair(&self, client: &str, server: &str) -> (TcpStream, TcpStream) {
+        let listener = self.listen(server);
+        let client = self.connect(client, server).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -291,15 +301,19 @@ pub fn rsts(records: &[Value]) -> Vec<&Value> {
         .collect()
 }
 
+/// An end of the connection, `[::1]:9` style.
+pub fn endpoint(v: &Value, side: &str) -> SocketAddr {
+    let ip: std::net::IpAddr = v[format!("{side}_addr")].as_str().unwrap().parse().unwrap();
+    SocketAddr::new(ip, v[format!("{side}_port")].as_u64().unwrap() as u16)
+}
+
 /// The fields a test pins down exactly, as one comparable line.
 pub fn summary(v: &Value) -> String {
     format!(
-        "{} {}:{} -> {}:{} state={} reason={} errno={} netns={}",
+        "{} {} -> {} state={} reason={} errno={} netns={}",
         v["kind"].as_str().unwrap(),
-        v["local_addr"].as_str().unwrap(),
-        v["local_port"],
-        v["remote_addr"].as_str().unwrap(),
-        v["remote_port"],
+        endpoint(v, "local"),
+        endpoint(v, "remote"),
         v["state"].as_str().unwrap_or("-"),
         v["reason"].as_str().unwrap_or("-"),
         v["errno"].as_str().unwrap_or("-"),
