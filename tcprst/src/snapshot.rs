@@ -105,10 +105,11 @@ pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
     let now = SystemTime::now();
     let mut rows: Vec<Row> = found.iter().map(|f| row(f, &owners, now)).collect();
     rows.sort_by(|a, b| {
-        (a.netns_name.as_str(), a.state, a.local_port).cmp(&(
-            b.netns_name.as_str(),
+        (&a.netns_name, a.state, a.local_port, a.remote_port).cmp(&(
+            &b.netns_name,
             b.state,
             b.local_port,
+            b.remote_port,
         ))
     });
     let written = match opts.output {
