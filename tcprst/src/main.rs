@@ -6,6 +6,7 @@ mod diagnosis;
 mod enrich;
 mod event;
 mod filter;
+mod k8s;
 mod layout;
 mod netns;
 mod owner;
