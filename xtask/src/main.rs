@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | run | test`.
+//! Developer tasks: `cargo xtask setup | run | test | image`.
 //!
 //! Every task starts with `setup`, which installs only what is missing, so
 //! the README's two commands work on a fresh machine and cost seconds after.
@@ -6,8 +6,9 @@
 use std::{
     env,
     ffi::OsStr,
+    fs,
     os::unix::process::CommandExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -18,8 +19,24 @@ const BPF_LINKER_VERSION: &str = "0.10.3";
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tool and its tests use: `ip` for network namespaces,
 /// `nft` for rules in them, `setpriv` for the unprivileged-user test, socat
-/// as a real half-closing TCP proxy, and bpftrace as the benchmark baseline.
-const APT_PACKAGES: &[&str] = &["iproute2", "nftables", "util-linux", "socat", "bpftrace"];
+/// as a real half-closing TCP proxy, bpftrace as the benchmark baseline, and
+/// Python for kubernetes-validate, which checks deploy/daemonset.yaml.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "util-linux",
+    "socat",
+    "bpftrace",
+    "python3",
+    "python3-venv",
+];
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// Under the workspace's own target/ whatever CARGO_TARGET_DIR says, because
+/// tcprst/tests/deploy.rs looks for it there.
+const VENV: &str = "target/venv";
+/// The image is one static binary, so it runs on any node whatever its libc.
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+const IMAGE_TAG: &str = "tcprst:dev";
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -43,6 +60,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build a static (musl) tcprst and, with podman or buildah, the
+    /// container image tcprst:dev from the Containerfile.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -51,7 +71,7 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             setup()?;
             cargo(&["build", "--release", "--package", "tcprst"])?;
-            let bin = workspace_root()?.join("target/release/tcprst");
+            let bin = target_dir()?.join("release/tcprst");
             let err = as_root(&bin).args(&args).exec();
             Err(err).with_context(|| format!("running {}", bin.display()))
         }
@@ -59,18 +79,100 @@ fn main() -> Result<()> {
             setup()?;
             test(&args)
         }
+        Task::Image => {
+            setup()?;
+            image()
+        }
     }
 }
 
 fn setup() -> Result<()> {
-    ensure_apt_packages()?;
+    ensure_apt_packages(APT_PACKAGES)?;
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_kubernetes_validate()?;
+    Ok(())
+}
+
+fn image() -> Result<()> {
+    // ring, under kube's TLS, compiles C: it needs a C compiler for musl.
+    ensure_apt_packages(&["musl-tools"])?;
+    ensure_rust_target(MUSL_TARGET)?;
+    status(
+        cargo_command()
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "tcprst",
+                "--target",
+                MUSL_TARGET,
+            ])
+            .env(format!("CC_{}", MUSL_TARGET.replace('-', "_")), "musl-gcc"),
+    )?;
+    let bin = target_dir()?.join(MUSL_TARGET).join("release/tcprst");
+    ensure_static(&bin)?;
+    eprintln!("xtask: built {} (static)", bin.display());
+
+    // The build context holds the binary alone, so nothing else of the
+    // workspace is sent to the builder.
+    let context = target_dir()?.join("image");
+    fs::create_dir_all(&context).with_context(|| format!("creating {}", context.display()))?;
+    fs::copy(&bin, context.join("tcprst"))
+        .with_context(|| format!("copying {} into {}", bin.display(), context.display()))?;
+    let containerfile = workspace_root()?.join("Containerfile");
+    let Some(builder) = ["podman", "buildah"].into_iter().find(|b| has_command(b)) else {
+        eprintln!(
+            "xtask: no podman or buildah here, so no image: build it with `docker build -t {IMAGE_TAG} -f {} {}`",
+            containerfile.display(),
+            context.display()
+        );
+        return Ok(());
+    };
+    let mut build = Command::new(builder);
+    build
+        .args(["build", "--tag", IMAGE_TAG, "--file"])
+        .arg(&containerfile)
+        .arg(&context);
+    status(&mut build).with_context(|| {
+        format!(
+            "{builder} could not build the image: if this machine cannot host container storage or user namespaces (some sandboxes cannot), build it elsewhere from the Containerfile and {}",
+            context.display()
+        )
+    })?;
+    eprintln!("xtask: built image {IMAGE_TAG} with {builder}");
+    Ok(())
+}
+
+/// A dynamically linked binary names its loader in a PT_INTERP program
+/// header; a static one, PIE or not, has none.
+fn ensure_static(bin: &Path) -> Result<()> {
+    const PT_INTERP: u64 = 3;
+    let elf = fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
+    // ELF64, little-endian: what the musl target builds.
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        bail!("{} is not a 64-bit little-endian ELF file", bin.display());
+    }
+    let field = |at: u64, len: usize| -> Result<u64> {
+        let bytes = usize::try_from(at)
+            .ok()
+            .and_then(|at| elf.get(at..)?.get(..len))
+            .with_context(|| format!("{} is truncated", bin.display()))?;
+        let mut le = [0; 8];
+        le[..len].copy_from_slice(bytes);
+        Ok(u64::from_le_bytes(le))
+    };
+    let (phoff, phentsize, phnum) = (field(0x20, 8)?, field(0x36, 2)?, field(0x38, 2)?);
+    for i in 0..phnum {
+        if field(phoff + i * phentsize, 4)? == PT_INTERP {
+            bail!("{} is dynamically linked (it has PT_INTERP)", bin.display());
+        }
+    }
     Ok(())
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cmd = cargo_command();
     // The default members: tcprst-ebpf only builds for the bpf target, and
     // tcprst's build script builds it from there.
     cmd.arg("test").args(extra);
@@ -83,8 +185,8 @@ fn test(extra: &[String]) -> Result<()> {
     status(&mut cmd)
 }
 
-fn ensure_apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
@@ -167,8 +269,49 @@ fn ensure_bpf_linker() -> Result<()> {
     ])
 }
 
+fn ensure_rust_target(target: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|l| l == target) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {target} target");
+    status(Command::new("rustup").args(["target", "add", target]))
+}
+
+fn ensure_kubernetes_validate() -> Result<()> {
+    let venv = workspace_root()?.join(VENV);
+    let validator = venv.join("bin/kubernetes-validate");
+    let current = Command::new(&validator)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if current.trim() == KUBERNETES_VALIDATE_VERSION {
+        return Ok(());
+    }
+    eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {VENV}");
+    if !venv.join("bin/python3").exists() {
+        // Debian's interpreter, the one python3-venv completes.
+        status(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+        )?;
+    }
+    status(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
-    status(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(args))
+    status(cargo_command().args(args))
+}
+
+fn cargo_command() -> Command {
+    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
 fn status(cmd: &mut Command) -> Result<()> {
@@ -223,6 +366,14 @@ fn host_triple() -> Result<String> {
         .find_map(|l| l.strip_prefix("host: "))
         .map(str::to_owned)
         .context("rustc -vV printed no host triple")
+}
+
+/// Where cargo puts what it builds, as it decides: CARGO_TARGET_DIR, or target/.
+fn target_dir() -> Result<PathBuf> {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => Ok(workspace_root()?.join("target")),
+    }
 }
 
 fn workspace_root() -> Result<PathBuf> {
