@@ -103,6 +103,8 @@ pub struct SyscallFields {
     pub shutdown_fd: u32,
     pub shutdown_how: u32,
     pub close_fd: u32,
+    /// `ret` of `sys_exit_accept4` and `sys_exit_accept` (the new descriptor).
+    pub accept_ret: u32,
 }
 
 impl SyscallFields {
@@ -110,6 +112,7 @@ impl SyscallFields {
         shutdown_fd: ABSENT,
         shutdown_how: ABSENT,
         close_fd: ABSENT,
+        accept_ret: ABSENT,
     };
 }
 
@@ -146,6 +149,12 @@ pub struct KernelOffsets {
     pub file_private_data: u32,
     /// `socket.sk`
     pub socket_sk: u32,
+    /// `sock.sk_cgrp_data.cgroup`
+    pub sk_cgroup: u32,
+    /// `cgroup.kn`
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`: the cgroup id, which is the cgroup2 directory's inode.
+    pub kn_id: u32,
 }
 
 impl KernelOffsets {
@@ -164,6 +173,9 @@ impl KernelOffsets {
         inode_mode: ABSENT,
         file_private_data: ABSENT,
         socket_sk: ABSENT,
+        sk_cgroup: ABSENT,
+        cgroup_kn: ABSENT,
+        kn_id: ABSENT,
     };
 }
 
@@ -223,6 +235,16 @@ pub struct Tuple {
     pub remote_addr: [u8; 16],
 }
 
+/// The last process that acted on a socket in process context (connect,
+/// accept, shutdown, close): whose socket it is, whatever runs when it resets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketOwner {
+    /// 0 when no process was seen acting on the socket.
+    pub tgid: u32,
+    pub comm: [u8; 16],
+}
+
 /// The current task, filled only outside softirq.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,8 +276,11 @@ pub struct RstRecord {
     /// Network namespace inode; 0 when unknown (no namespace has inode 0).
     pub netns: u32,
     pub _pad: u32,
+    /// The socket's cgroup (v2) id; 0 when unknown.
+    pub cgroup_id: u64,
     pub tuple: Tuple,
     pub task: TaskInfo,
+    pub owner: SocketOwner,
 }
 
 /// What made a socket start closing, when a process did.
@@ -289,13 +314,15 @@ pub struct StateRecord {
     pub netns: u32,
     /// The descriptor `op` acted on, or -1.
     pub fd: i32,
+    /// The socket's cgroup (v2) id; 0 when unknown.
+    pub cgroup_id: u64,
     pub tuple: Tuple,
     pub task: TaskInfo,
 }
 
 // The loader decodes records by size; a silent layout change must not build.
-const _: () = assert!(core::mem::size_of::<RstRecord>() == 112);
-const _: () = assert!(core::mem::size_of::<StateRecord>() == 104);
+const _: () = assert!(core::mem::size_of::<RstRecord>() == 136);
+const _: () = assert!(core::mem::size_of::<StateRecord>() == 112);
 
 /// Index of the only slot in the per-CPU `LOST` array.
 pub const LOST_RECORDS: u32 = 0;

@@ -86,3 +86,25 @@ pub fn fd_sock(task: u64, fd: i32) -> Option<u64> {
         read_at::<u64>(socket, o.socket_sk).filter(|sk| *sk != 0)
     }
 }
+
+/// The id of the cgroup (v2) a full socket was created in; 0 when unknown.
+/// Request and timewait mini-sockets have no cgroup data.
+#[inline(always)]
+pub fn sock_cgroup_id(sk: u64) -> u64 {
+    let o = kernel_offsets();
+    unsafe {
+        read_at::<u64>(sk, o.sk_cgroup)
+            .and_then(|cgroup| read_at::<u64>(cgroup, o.cgroup_kn))
+            .and_then(|kn| read_at::<u64>(kn, o.kn_id))
+            .unwrap_or(0)
+    }
+}
+
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+/// Only full sockets carry a cgroup; `state` tells them apart.
+#[inline(always)]
+pub fn is_full_sock(state: u8) -> bool {
+    state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV
+}

@@ -8,6 +8,7 @@ mod context;
 mod globals;
 mod kernel;
 mod maps;
+mod owner;
 mod reset;
 mod state;
 mod syscalls;

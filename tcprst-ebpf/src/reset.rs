@@ -7,8 +7,9 @@ use tcprst_common::{ExecContext, RecordKind, RstRecord, rst_flags};
 use crate::{
     context::origin,
     globals::{filter, receive_reset_fields, send_reset_fields},
-    kernel::{skb_netns, sock_netns, sock_state},
+    kernel::{is_full_sock, skb_netns, sock_cgroup_id, sock_netns, sock_state},
     maps::emit,
+    owner::owner_of,
     tracepoint::{field, read_tuple, tuple_wanted},
 };
 
@@ -30,6 +31,9 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         if let Some(state) = field::<i32>(&ctx, fields.state) {
             rec.state = state as u8;
             rec.flags |= rst_flags::HAS_STATE;
+            if is_full_sock(rec.state) {
+                rec.cgroup_id = sock_cgroup_id(sk);
+            }
         }
         sock_netns(sk)
     };
@@ -56,6 +60,8 @@ pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
         rec.state = state;
         rec.flags |= rst_flags::HAS_STATE;
     }
+    // tcp_reset() only ever runs on full sockets.
+    rec.cgroup_id = sock_cgroup_id(sk);
     if let Some(cookie) = field::<u64>(&ctx, fields.sock_cookie) {
         rec.sock_cookie = cookie;
         rec.flags |= rst_flags::HAS_COOKIE;
@@ -81,6 +87,11 @@ fn finish(rec: &mut RstRecord, netns: u32) {
     rec.netns = netns;
     let context = origin(&mut rec.task);
     rec.context = context as u8;
+    if rec.skaddr != 0
+        && let Some(owner) = owner_of(rec.skaddr)
+    {
+        rec.owner = owner;
+    }
     let tgid = filter().tgid;
     if tgid != 0 && (context != ExecContext::Process || rec.task.tgid != tgid) {
         return;

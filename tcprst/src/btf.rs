@@ -122,6 +122,9 @@ impl KernelBtf {
                 inode_mode: self.offset_of("inode", &["i_mode"])?,
                 file_private_data: self.offset_of("file", &["private_data"])?,
                 socket_sk: self.offset_of("socket", &["sk"])?,
+                sk_cgroup: self.offset_of("sock", &["sk_cgrp_data", "cgroup"])?,
+                cgroup_kn: self.offset_of("cgroup", &["kn"])?,
+                kn_id: self.offset_of("kernfs_node", &["id"])?,
             })
         };
         offsets().context("reading kernel struct offsets from BTF")

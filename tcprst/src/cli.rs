@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{filter::AddrMatch, sink::OutputFormat};
+use crate::{filter::AddrMatch, metrics::MetricsAddr, sink::OutputFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Stream every TCP RST this host sends or receives, and every connection stuck half-closed.
-    Trace(TraceArgs),
+    Trace(Box<TraceArgs>),
     /// List every half-closed or lingering connection now, in every network namespace.
     Snapshot(SnapshotArgs),
 }
@@ -75,6 +75,22 @@ pub struct TraceArgs {
     #[arg(long, value_name = "NAME|PATH|INODE")]
     pub netns: Option<String>,
 
+    /// Only sockets of this container: an id (or its prefix) or a Kubernetes container name
+    #[arg(long)]
+    pub container: Option<String>,
+
+    /// Only sockets of this pod, by name or UID
+    #[arg(long)]
+    pub pod: Option<String>,
+
+    /// Only sockets of pods in this Kubernetes namespace
+    #[arg(long)]
+    pub namespace: Option<String>,
+
+    /// Only sockets whose cgroup path contains this
+    #[arg(long)]
+    pub cgroup: Option<String>,
+
     /// Only this kind of event
     #[arg(long, value_enum)]
     pub kind: Option<KindArg>,
@@ -102,6 +118,22 @@ pub struct TraceArgs {
     /// Connections tracked at once; the least recently active are dropped first
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// Watch this node's pods through this kubeconfig (in a pod, the in-cluster config is used)
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Pod labels events carry
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "app,app.kubernetes.io/name,app.kubernetes.io/instance"
+    )]
+    pub pod_labels: Vec<String>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics; a bare port binds 127.0.0.1
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<MetricsAddr>,
 
     /// BTF file describing the running kernel [default: /sys/kernel/btf/vmlinux]
     #[arg(long, value_name = "PATH")]
@@ -150,5 +182,17 @@ mod tests {
         assert!(parse(&["--stuck-after", "0s"]).is_err());
         assert!(parse(&["--kind", "rst_sent", "--port", "80", "-o", "json"]).is_ok());
         assert!(parse(&["--kind", "halfclose", "--stuck-after", "2s"]).is_ok());
+        assert!(parse(&["--metrics-addr", "not-an-address"]).is_err());
+        assert!(
+            parse(&[
+                "--metrics-addr",
+                "9090",
+                "--pod",
+                "web-1",
+                "--namespace",
+                "shop"
+            ])
+            .is_ok()
+        );
     }
 }

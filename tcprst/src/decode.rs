@@ -10,8 +10,8 @@ use tcprst_common::{
 use crate::{
     clock::WallClock,
     event::{
-        CloseOp, Errno, ExecContext, Initiator, RstEvent, RstKind, ShutHow, StateChange, Task,
-        TcpState,
+        CloseOp, Errno, ExecContext, Initiator, Process, RstEvent, RstKind, ShutHow, StateChange,
+        Task, TcpState,
     },
     layout::ReasonNames,
 };
@@ -69,6 +69,11 @@ impl Decoder {
                 RstKind::Received => state.and_then(Errno::for_reset_in),
                 RstKind::Sent => None,
             },
+            cgroup_id: nonzero(rec.cgroup_id),
+            owner: (rec.owner.tgid != 0).then(|| Process {
+                pid: rec.owner.tgid,
+                comm: comm_str(&rec.owner.comm),
+            }),
         })
     }
 
@@ -97,6 +102,7 @@ impl Decoder {
                 .zip(task.clone())
                 .map(|(op, task)| Initiator { op, task }),
             task,
+            cgroup_id: nonzero(rec.cgroup_id),
         })
     }
 }
@@ -118,6 +124,10 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T> {
 
 fn known_netns(inode: u32) -> Option<u32> {
     (inode != 0).then_some(inode)
+}
+
+fn nonzero(id: u64) -> Option<u64> {
+    (id != 0).then_some(id)
 }
 
 fn exec_context(raw: u8) -> Result<ExecContext> {
@@ -169,6 +179,7 @@ fn comm_str(comm: &[u8; 16]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use tcprst_common::SocketOwner;
 
     const LOOPBACK_V4: [u8; 16] = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
@@ -204,8 +215,13 @@ pub(crate) mod tests {
             sock_cookie: 0,
             netns: 4026531840,
             _pad: 0,
+            cgroup_id: 0,
             tuple: tuple(),
             task: task_info(),
+            owner: SocketOwner {
+                tgid: 0,
+                comm: [0; 16],
+            },
         }
     }
 
@@ -223,6 +239,7 @@ pub(crate) mod tests {
             skaddr: 0xffff_8880_0000_1000,
             netns: 4026531840,
             fd: -1,
+            cgroup_id: 0,
             tuple: tuple(),
             task: task_info(),
         }
@@ -322,6 +339,31 @@ pub(crate) mod tests {
         rec.tuple.family = 0;
         rec.tuple.local_addr = "::ffff:127.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
         assert_eq!(rst(&bytes(&rec)).local, "127.0.0.1:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn socket_cgroup_and_owner_are_not_the_current_task() {
+        let mut rec = record(RecordKind::RstReceived);
+        rec.context = tcprst_common::ExecContext::Softirq as u8;
+        assert_eq!(
+            (rst(&bytes(&rec)).cgroup_id, rst(&bytes(&rec)).owner),
+            (None, None)
+        );
+        rec.cgroup_id = 9001;
+        rec.owner = SocketOwner {
+            tgid: 77,
+            comm: *b"envoy\0\0\0\0\0\0\0\0\0\0\0",
+        };
+        let ev = rst(&bytes(&rec));
+        assert_eq!(ev.task, None);
+        assert_eq!(ev.cgroup_id, Some(9001));
+        assert_eq!(
+            ev.owner,
+            Some(Process {
+                pid: 77,
+                comm: "envoy".into()
+            })
+        );
     }
 
     #[test]

@@ -2,16 +2,23 @@
 //! holds its socket, the namespace's FIN timeout, and the half-closed
 //! connections that existed before tracing started.
 
-use std::{fs, time::Duration};
+use std::{
+    collections::HashMap,
+    fs,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 
 use crate::{
-    event::{Task, TcpState},
+    cgroup::{CgroupInfo, CgroupResolver, parse_path},
+    event::{Process, TcpState},
+    k8s::{PodIndex, PodMeta},
     netns::{NetnsHandle, all_namespaces, in_netns},
     owner::SocketOwners,
     sockdiag::{DiagSocket, dump_tcp},
-    tracker::{ConnKey, is_half_closed},
+    tracker::ConnKey,
 };
 
 pub const HALF_CLOSED: [TcpState; 5] = [
@@ -31,7 +38,7 @@ fn namespace(netns: u32) -> Option<NetnsHandle> {
 
 /// One process holding the socket of `key` in `state`, found with sock_diag
 /// (tuple → socket inode) and /proc (inode → process).
-pub fn socket_owner(key: &ConnKey, state: TcpState) -> Option<Task> {
+pub fn socket_owner(key: &ConnKey, state: TcpState) -> Option<Process> {
     let ns = namespace(key.netns)?;
     let sockets = in_netns(&ns, || dump_tcp(&[state])).ok()?.ok()?;
     let inode = sockets
@@ -41,11 +48,9 @@ pub fn socket_owner(key: &ConnKey, state: TcpState) -> Option<Task> {
         .filter(|inode| *inode != 0)?;
     let owners = SocketOwners::scan();
     let owner = owners.owners(inode).first()?;
-    Some(Task {
+    Some(Process {
         pid: owner.pid,
-        tid: owner.pid,
         comm: owner.comm.clone(),
-        uid: 0,
     })
 }
 
@@ -98,9 +103,143 @@ pub fn find_sockets(states: &[TcpState], only: Option<u32>) -> Result<Vec<FoundS
     Ok(found)
 }
 
-/// The half-closed connections open before tracing started.
-pub fn existing_half_closed(only: Option<u32>) -> Result<Vec<FoundSocket>> {
-    let mut found = find_sockets(&HALF_CLOSED, only)?;
-    found.retain(|f| is_half_closed(f.socket.state));
-    Ok(found)
+/// Every connection open before tracing started: the half-closed ones are
+/// tracked from then on, and all of them give owners for sockets that no
+/// process touches while tcprst watches.
+pub fn existing_connections(only: Option<u32>) -> Result<Vec<FoundSocket>> {
+    use TcpState::*;
+    find_sockets(
+        &[
+            Established,
+            SynSent,
+            SynRecv,
+            FinWait1,
+            FinWait2,
+            CloseWait,
+            LastAck,
+            Closing,
+        ],
+        only,
+    )
+}
+
+/// Who a socket belongs to, as far as this host can tell.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attribution {
+    pub netns_name: Option<String>,
+    pub cgroup_id: Option<u64>,
+    pub cgroup: Option<Arc<CgroupInfo>>,
+    pub pod: Option<PodMeta>,
+    pub container_name: Option<String>,
+    /// The last process seen acting on the socket (not the task running
+    /// when the event happened).
+    pub owner: Option<Process>,
+}
+
+/// Namespace names are re-read at most this often when one is unknown.
+const NETNS_RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Enricher {
+    cgroups: CgroupResolver,
+    pods: Option<PodIndex>,
+    /// The pod labels events carry; pods can have many.
+    pod_labels: Vec<String>,
+    netns_names: HashMap<u32, String>,
+    netns_scanned_at: Option<Instant>,
+    owners_at_start: HashMap<ConnKey, Process>,
+}
+
+impl Enricher {
+    pub fn new(cgroups: CgroupResolver, pods: Option<PodIndex>, pod_labels: Vec<String>) -> Self {
+        Self {
+            cgroups,
+            pods,
+            pod_labels,
+            netns_names: HashMap::new(),
+            netns_scanned_at: None,
+            owners_at_start: HashMap::new(),
+        }
+    }
+
+    /// Remembers who held the sockets that existed at startup.
+    pub fn remember_owners(&mut self, found: &[FoundSocket], owners: &SocketOwners) {
+        for f in found {
+            if let Some(o) = owners.owners(f.socket.inode).first() {
+                let owner = Process {
+                    pid: o.pid,
+                    comm: o.comm.clone(),
+                };
+                self.owners_at_start.insert(f.key(), owner);
+            }
+        }
+    }
+
+    pub fn attribute(
+        &mut self,
+        key: &ConnKey,
+        cgroup_id: Option<u64>,
+        owner: Option<Process>,
+    ) -> Attribution {
+        let cgroup = cgroup_id.and_then(|id| self.cgroups.resolve(id));
+        let pod = cgroup
+            .as_ref()
+            .and_then(|c| Some((self.pods.as_ref()?, c.pod_uid.as_deref()?)))
+            .and_then(|(pods, uid)| pods.get(uid))
+            .map(|mut pod| {
+                pod.labels.retain(|k, _| self.pod_labels.contains(k));
+                pod
+            });
+        let container_name = cgroup.as_ref().and_then(|c| {
+            self.pods
+                .as_ref()?
+                .container_name(c.pod_uid.as_deref()?, c.container_id.as_deref()?)
+        });
+        Attribution {
+            netns_name: self.netns_name(key.netns),
+            cgroup_id,
+            cgroup,
+            pod,
+            container_name,
+            owner: owner.or_else(|| self.owners_at_start.get(key).cloned()),
+        }
+    }
+
+    fn netns_name(&mut self, inode: u32) -> Option<String> {
+        if inode == 0 {
+            return None;
+        }
+        if !self.netns_names.contains_key(&inode)
+            && self
+                .netns_scanned_at
+                .is_none_or(|at| at.elapsed() >= NETNS_RESCAN_EVERY)
+        {
+            self.netns_scanned_at = Some(Instant::now());
+            for ns in all_namespaces() {
+                let name = namespace_label(&ns);
+                self.netns_names.entry(ns.inode).or_insert(name);
+            }
+        }
+        self.netns_names.get(&inode).cloned()
+    }
+}
+
+/// "host", a /run/netns name, a container ("docker:0e7859b44b4e") when the
+/// namespace is only known through a process in a container, or "pid:N".
+fn namespace_label(ns: &NetnsHandle) -> String {
+    let Some(pid) = ns.name.strip_prefix("pid:") else {
+        return ns.name.clone();
+    };
+    let container = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|text| {
+            let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+            let info = parse_path(path);
+            let id = info.container_id?;
+            Some(format!(
+                "{}:{}",
+                info.runtime.unwrap_or("container"),
+                &id[..12]
+            ))
+        });
+    container.unwrap_or_else(|| ns.name.clone())
 }

@@ -148,6 +148,17 @@ pub struct RstEvent {
     pub task: Option<Task>,
     /// For received resets: what the application's next call returns.
     pub errno: Option<Errno>,
+    /// The cgroup (v2) the socket was created in.
+    pub cgroup_id: Option<u64>,
+    /// The last process seen acting on the socket, whatever runs now.
+    pub owner: Option<Process>,
+}
+
+/// A process, by pid and command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
 }
 
 /// The direction `shutdown(2)` closed.
@@ -234,4 +245,5 @@ pub struct StateChange {
     pub task: Option<Task>,
     /// Set when a process started closing with this transition.
     pub initiator: Option<Initiator>,
+    pub cgroup_id: Option<u64>,
 }

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use tcprst_common::KernelFilter;
 
-use crate::{event::RstEvent, tracker::ConnKey};
+use crate::{enrich::Attribution, event::RstEvent, tracker::ConnKey};
 
 /// An address or a CIDR block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,14 @@ pub struct EventFilter {
     pub family: Option<Family>,
     /// Report stuck and resolved half-closes.
     pub halfclose: bool,
+    /// A container id (or its prefix) or Kubernetes container name.
+    pub container: Option<String>,
+    /// A pod name or UID.
+    pub pod: Option<String>,
+    /// A Kubernetes namespace.
+    pub namespace: Option<String>,
+    /// Part of a cgroup path.
+    pub cgroup: Option<String>,
 }
 
 impl Default for EventFilter {
@@ -88,6 +96,10 @@ impl Default for EventFilter {
             comm: None,
             family: None,
             halfclose: true,
+            container: None,
+            pod: None,
+            namespace: None,
+            cgroup: None,
         }
     }
 }
@@ -119,8 +131,41 @@ impl EventFilter {
     }
 
     /// Stuck and resolved reports: no task to match a command against.
-    pub fn wants_halfclose(&self, key: &ConnKey) -> bool {
-        self.halfclose && self.comm.is_none() && self.endpoints_match(key.local, key.remote)
+    pub fn wants_halfclose(&self, key: &ConnKey, who: &Attribution) -> bool {
+        self.halfclose
+            && self.comm.is_none()
+            && self.endpoints_match(key.local, key.remote)
+            && self.wants_owner(who)
+    }
+
+    /// The container, pod, namespace and cgroup filters.
+    pub fn wants_owner(&self, who: &Attribution) -> bool {
+        let cgroup = who.cgroup.as_deref();
+        let pod = who.pod.as_ref();
+        let matches = |wanted: &Option<String>, found: &[Option<&str>]| {
+            wanted
+                .as_deref()
+                .is_none_or(|w| found.iter().flatten().any(|f| *f == w))
+        };
+        let container_ok = self.container.as_deref().is_none_or(|w| {
+            cgroup
+                .and_then(|c| c.container_id.as_deref())
+                .is_some_and(|id| id.starts_with(w))
+                || who.container_name.as_deref() == Some(w)
+        });
+        container_ok
+            && matches(
+                &self.pod,
+                &[
+                    pod.map(|p| p.name.as_str()),
+                    cgroup.and_then(|c| c.pod_uid.as_deref()),
+                ],
+            )
+            && matches(&self.namespace, &[pod.map(|p| p.namespace.as_str())])
+            && self
+                .cgroup
+                .as_deref()
+                .is_none_or(|w| cgroup.is_some_and(|c| c.path.contains(w)))
     }
 }
 

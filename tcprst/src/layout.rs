@@ -80,13 +80,22 @@ pub fn state_fields(format: &EventFormat) -> Result<StateFields> {
     })
 }
 
-pub fn syscall_fields(shutdown: &EventFormat, close: &EventFormat) -> Result<SyscallFields> {
+/// The syscall records tcprst reads: `sys_enter_shutdown`, `sys_enter_close`
+/// and `sys_exit_accept4` (whose `ret` sits where `sys_exit_accept`'s does:
+/// every syscall exit record has the same layout).
+pub fn syscall_fields(
+    shutdown: &EventFormat,
+    close: &EventFormat,
+    accept_exit: &EventFormat,
+) -> Result<SyscallFields> {
     require(shutdown, &["fd", "how"])?;
     require(close, &["fd"])?;
+    require(accept_exit, &["ret"])?;
     Ok(SyscallFields {
         shutdown_fd: offset(shutdown, "fd"),
         shutdown_how: offset(shutdown, "how"),
         close_fd: offset(close, "fd"),
+        accept_ret: offset(accept_exit, "ret"),
     })
 }
 
@@ -194,9 +203,13 @@ mod tests {
         let s = syscall_fields(
             &format(include_str!("../testdata/format-6.18/sys_enter_shutdown")),
             &format(include_str!("../testdata/format-6.18/sys_enter_close")),
+            &format(include_str!("../testdata/format-6.18/sys_exit_accept4")),
         )
         .unwrap();
-        assert_eq!((s.shutdown_fd, s.shutdown_how, s.close_fd), (16, 24, 16));
+        assert_eq!(
+            (s.shutdown_fd, s.shutdown_how, s.close_fd, s.accept_ret),
+            (16, 24, 16, 16)
+        );
         let err = state_fields(&format(
             "field:int oldstate;\toffset:16;\tsize:4;\tsigned:1;",
         ))

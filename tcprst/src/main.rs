@@ -1,4 +1,5 @@
 mod btf;
+mod cgroup;
 mod cli;
 mod clock;
 mod decode;
@@ -8,6 +9,8 @@ mod event;
 mod filter;
 mod k8s;
 mod layout;
+mod metrics;
+mod mountinfo;
 mod netns;
 mod owner;
 mod privileges;
@@ -59,7 +62,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Trace(args) => trace_command(args),
+        Command::Trace(args) => trace_command(*args),
         Command::Snapshot(args) => snapshot_command(args),
     }
 }
@@ -141,11 +144,18 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
                 _ => None,
             },
             halfclose: matches!(args.kind, None | Some(KindArg::Halfclose)),
+            container: args.container,
+            pod: args.pod,
+            namespace: args.namespace,
+            cgroup: args.cgroup,
         },
         output,
         stuck_after: args.stuck_after,
         stuck_repeat: args.stuck_repeat,
         max_connections: args.max_connections as usize,
+        kubeconfig: args.kubeconfig,
+        pod_labels: args.pod_labels,
+        metrics_addr: args.metrics_addr,
     })
 }
 
@@ -159,6 +169,9 @@ fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
 fn init_logging() {
     env_logger::Builder::new()
         .filter_level(log::LevelFilter::Info)
+        // kube logs every failed retry as an error; k8s.rs reports an
+        // unreachable API once instead. TCPRST_LOG can still turn it on.
+        .filter_module("kube", log::LevelFilter::Off)
         .parse_env("TCPRST_LOG")
         .format(|buf, record| match record.level() {
             log::Level::Info => writeln!(buf, "tcprst: {}", record.args()),

@@ -15,8 +15,9 @@ use crate::{
     btf::{KernelBtf, VMLINUX},
     layout::{ReasonNames, reset_fields, state_fields, syscall_fields},
     tracefs::{
-        EventFormat, INET_SOCK_SET_STATE, SYS_ENTER_CLOSE, SYS_ENTER_SHUTDOWN, SYS_EXIT_SHUTDOWN,
-        TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint,
+        EventFormat, INET_SOCK_SET_STATE, SYS_ENTER_CLOSE, SYS_ENTER_SHUTDOWN, SYS_EXIT_ACCEPT,
+        SYS_EXIT_ACCEPT4, SYS_EXIT_SHUTDOWN, TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs,
+        Tracepoint,
     },
 };
 
@@ -112,6 +113,8 @@ impl Probes {
             probes.attach_tracepoint("tcprst_shut_in", SYS_ENTER_SHUTDOWN)?;
             probes.attach_tracepoint("tcprst_shut_out", SYS_EXIT_SHUTDOWN)?;
             probes.attach_tracepoint("tcprst_close_in", SYS_ENTER_CLOSE)?;
+            probes.attach_tracepoint("tcprst_accepted", SYS_EXIT_ACCEPT4)?;
+            probes.attach_tracepoint("tcprst_accepted", SYS_EXIT_ACCEPT)?;
         }
         probes.attach_tracepoint("tcprst_state", INET_SOCK_SET_STATE)?;
         Ok(probes)
@@ -123,8 +126,11 @@ impl Probes {
             .program_mut(program)
             .ok_or_else(|| anyhow!("program {program} missing from the object"))?
             .try_into()?;
-        prog.load()
-            .with_context(|| format!("loading {program} for {tp}"))?;
+        // One program may serve several tracepoints (accept and accept4).
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("loading {program} for {tp}"))?;
+        }
         prog.attach(tp.category, tp.name)
             .with_context(|| format!("attaching to tracepoint {tp}"))?;
         self.attached.push(tp.to_string());
@@ -142,6 +148,19 @@ impl Probes {
             .with_context(|| format!("attaching to raw tracepoint {tp}"))?;
         self.attached.push(format!("raw_tp:{tp}"));
         Ok(())
+    }
+
+    /// Attached programs per attach tier, for the metrics.
+    pub fn attached_by_tier(&self) -> [(&'static str, usize); 2] {
+        let raw = self
+            .attached
+            .iter()
+            .filter(|a| a.starts_with("raw_tp:"))
+            .count();
+        [
+            ("raw_tracepoint", raw),
+            ("tracepoint", self.attached.len() - raw),
+        ]
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
@@ -164,7 +183,12 @@ impl Probes {
 fn syscall_layout(tracefs: &Tracefs) -> Result<SyscallFields> {
     let format = |tp: Tracepoint| -> Result<EventFormat> { tracefs.event_format(tp) };
     format(SYS_EXIT_SHUTDOWN)?;
-    syscall_fields(&format(SYS_ENTER_SHUTDOWN)?, &format(SYS_ENTER_CLOSE)?)
+    format(SYS_EXIT_ACCEPT)?;
+    syscall_fields(
+        &format(SYS_ENTER_SHUTDOWN)?,
+        &format(SYS_ENTER_CLOSE)?,
+        &format(SYS_EXIT_ACCEPT4)?,
+    )
 }
 
 fn load_btf(explicit: Option<&Path>) -> Result<Option<KernelBtf>> {

@@ -3,6 +3,8 @@
 
 use std::{
     io::{self, BufWriter},
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -15,13 +17,18 @@ use tokio::{
 };
 
 use crate::{
+    cgroup::CgroupResolver,
     clock::WallClock,
     decode::{Decoder, Record},
-    diagnosis, enrich,
+    diagnosis,
+    enrich::{self, Enricher},
     filter::EventFilter,
+    k8s::{self, PodIndex},
+    metrics::{self, Metrics, MetricsAddr},
+    owner::SocketOwners,
     probes::{LostCounter, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, ResolvedReport, RstReport, Sink, StuckReport},
-    tracker::Tracker,
+    tracker::{ConnKey, Tracker, is_half_closed},
 };
 
 /// Records handled per wake-up before signals and the loss report get a turn.
@@ -34,6 +41,10 @@ pub struct TraceOptions {
     pub stuck_after: Duration,
     pub stuck_repeat: Duration,
     pub max_connections: usize,
+    pub kubeconfig: Option<PathBuf>,
+    /// Pod labels to report, by key.
+    pub pod_labels: Vec<String>,
+    pub metrics_addr: Option<MetricsAddr>,
 }
 
 #[derive(Default)]
@@ -48,8 +59,10 @@ struct Counts {
 struct Pipeline<'a> {
     decoder: Decoder,
     tracker: Tracker,
+    enricher: Enricher,
     filter: &'a EventFilter,
     sink: Box<dyn Sink>,
+    metrics: Arc<Metrics>,
     counts: Counts,
 }
 
@@ -58,9 +71,14 @@ impl Pipeline<'_> {
         self.counts.read += 1;
         match self.decoder.decode(bytes) {
             Ok(Record::State(change)) => {
-                if let Some(resolved) = self.tracker.on_state(&change)
-                    && self.filter.wants_halfclose(&resolved.conn.key)
-                {
+                let Some(resolved) = self.tracker.on_state(&change) else {
+                    return Ok(());
+                };
+                let conn = &resolved.conn;
+                let attribution =
+                    self.enricher
+                        .attribute(&conn.key, conn.cgroup_id, conn.owner.clone());
+                if self.filter.wants_halfclose(&conn.key, &attribution) {
                     let diagnosis = diagnosis::resolved(&resolved);
                     self.sink.resolved(&ResolvedReport {
                         resolved,
@@ -71,11 +89,27 @@ impl Pipeline<'_> {
             }
             Ok(Record::Rst(ev)) if self.filter.matches(&ev) => {
                 let ctx = self.tracker.context_of(&ev);
+                let known = ctx.conn.as_ref();
+                let key = ConnKey::new(ev.netns, ev.local, ev.remote);
+                let owner = ev.owner.clone().or_else(|| known?.owner.clone());
+                let cgroup_id = ev.cgroup_id.or_else(|| known?.cgroup_id);
+                let attribution = self.enricher.attribute(&key, cgroup_id, owner);
+                if !self.filter.wants_owner(&attribution) {
+                    return Ok(());
+                }
+                let pod = attribution.pod.as_ref();
+                self.metrics.reset(
+                    ev.kind == crate::event::RstKind::Sent,
+                    ev.reason.as_deref(),
+                    pod.map(|p| p.namespace.as_str()),
+                    pod.map(|p| p.name.as_str()),
+                );
                 let diagnosis = diagnosis::rst(&ev, &ctx);
                 self.sink.rst(&RstReport {
                     ev,
                     conn: ctx.conn,
                     diagnosis,
+                    attribution,
                 })?;
                 self.counts.shown += 1;
             }
@@ -104,21 +138,24 @@ impl Pipeline<'_> {
     fn report_stuck(&mut self, opts: &TraceOptions) -> io::Result<()> {
         let now = SystemTime::now();
         for conn in self.tracker.stuck(now, opts.stuck_after, opts.stuck_repeat) {
-            if !self.filter.wants_halfclose(&conn.key) {
+            // Who holds the socket now, which may not be who last touched it.
+            let owner = enrich::socket_owner(&conn.key, conn.state).or(conn.owner.clone());
+            let attribution = self.enricher.attribute(&conn.key, conn.cgroup_id, owner);
+            if !self.filter.wants_halfclose(&conn.key, &attribution) {
                 continue;
             }
-            let owner = enrich::socket_owner(&conn.key, conn.state);
-            let label = owner.as_ref().map(sink::task_label);
+            let label = attribution.owner.as_ref().map(|o| o.label());
             let fin_timeout = enrich::fin_timeout(conn.key.netns);
             let diagnosis = diagnosis::stuck(&conn, now, label.as_deref(), fin_timeout);
             self.sink.stuck(&StuckReport {
                 time: now,
                 conn,
-                owner,
+                attribution,
                 diagnosis,
             })?;
             self.counts.shown += 1;
         }
+        self.metrics.set_stuck(&self.tracker.stuck_counts());
         self.sink.flush()
     }
 
@@ -141,6 +178,7 @@ impl Pipeline<'_> {
                 report.lost_total
             );
             self.counts.lost_reported = total;
+            self.metrics.lost(report.lost);
             self.sink.lost(&report)?;
             self.sink.flush()?;
         }
@@ -160,15 +198,26 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(io::Error::from)
         .context("polling the ring buffer")?;
+    let metrics = Arc::new(Metrics::new());
+    for (tier, n) in probes.attached_by_tier() {
+        metrics.programs_attached(tier, n);
+    }
+    if let Some(MetricsAddr(addr)) = opts.metrics_addr {
+        metrics::serve(addr, metrics.clone()).await?;
+    }
+    let node = k8s::node_name();
+    let pods = start_pod_watcher(&opts, &node).await;
     let stdout = BufWriter::with_capacity(64 * 1024, io::stdout());
     let mut pipeline = Pipeline {
         decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::new()),
         tracker: Tracker::new(opts.max_connections),
+        enricher: Enricher::new(CgroupResolver::new(), pods, opts.pod_labels.clone()),
         filter: &opts.filter,
-        sink: sink::open(opts.output, Box::new(stdout)),
+        sink: sink::open(opts.output, Box::new(stdout), node),
+        metrics,
         counts: Counts::default(),
     };
-    seed_existing(&mut pipeline.tracker, &opts);
+    seed_existing(&mut pipeline, &opts);
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = interval(Duration::from_secs(1));
@@ -226,22 +275,46 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     Ok(())
 }
 
-/// Half-closed connections that predate tracing are tracked from now on,
-/// their ages reported as lower bounds.
-fn seed_existing(tracker: &mut Tracker, opts: &TraceOptions) {
+/// Connections that predate tracing: the half-closed ones are tracked from
+/// now on, their ages reported as lower bounds, and every one's owner is
+/// remembered for sockets no process touches while we watch.
+fn seed_existing(pipeline: &mut Pipeline, opts: &TraceOptions) {
     let only = (opts.probes.filter.netns != 0).then_some(opts.probes.filter.netns);
     let port = opts.probes.filter.port;
-    match enrich::existing_half_closed(only) {
-        Ok(found) => {
-            let now = SystemTime::now();
-            for f in found {
-                let s = &f.socket;
-                if port != 0 && s.local.port() != port && s.remote.port() != port {
-                    continue;
-                }
-                tracker.seed(f.key(), s.state, s.inode == 0, now);
-            }
+    let found = match enrich::existing_connections(only) {
+        Ok(found) => found,
+        Err(e) => {
+            log::warn!("could not list existing connections: {e:#}");
+            return;
         }
-        Err(e) => log::warn!("could not list existing half-closed connections: {e:#}"),
+    };
+    let now = SystemTime::now();
+    for f in &found {
+        let s = &f.socket;
+        let wanted = port == 0 || s.local.port() == port || s.remote.port() == port;
+        if wanted && is_half_closed(s.state) {
+            pipeline.tracker.seed(f.key(), s.state, s.inode == 0, now);
+        }
+    }
+    pipeline
+        .enricher
+        .remember_owners(&found, &SocketOwners::scan());
+}
+
+/// On Kubernetes (or with --kubeconfig), a background watch of this node's
+/// pods; without the API, events keep the ids their cgroups carry.
+async fn start_pod_watcher(opts: &TraceOptions, node: &str) -> Option<PodIndex> {
+    match k8s::client_config(opts.kubeconfig.as_deref()).await {
+        Ok(Some(config)) => {
+            let index = PodIndex::default();
+            tokio::spawn(k8s::watch_pods(config, node.to_owned(), index.clone()));
+            log::info!("watching the pods of node {node}");
+            Some(index)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            log::warn!("no Kubernetes client: {e:#}; events keep cgroup-derived ids");
+            None
+        }
     }
 }

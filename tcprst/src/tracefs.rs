@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+use crate::mountinfo::mount_point;
+
 const DEFAULT_MOUNT: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
@@ -27,7 +29,7 @@ impl Tracefs {
     pub fn find_or_mount() -> Result<Self> {
         let mountinfo =
             fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-        if let Some(root) = tracefs_mount_point(&mountinfo) {
+        if let Some(root) = mount_point(&mountinfo, "tracefs") {
             return Ok(Self { root });
         }
         if Path::new(DEBUGFS_TRACING).join("events").is_dir() {
@@ -67,42 +69,6 @@ impl Tracefs {
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
-}
-
-fn tracefs_mount_point(mountinfo: &str) -> Option<PathBuf> {
-    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "tracefs" {
-            return None;
-        }
-        let mount_point = left.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_mountinfo(mount_point)))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        let code = rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match code {
-            Some(c) => {
-                out.push(c as char);
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 fn mount_tracefs(at: &Path) -> Result<()> {
@@ -170,6 +136,17 @@ pub const SYS_EXIT_SHUTDOWN: Tracepoint = Tracepoint {
 pub const SYS_ENTER_CLOSE: Tracepoint = Tracepoint {
     category: "syscalls",
     name: "sys_enter_close",
+    since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
+};
+
+pub const SYS_EXIT_ACCEPT4: Tracepoint = Tracepoint {
+    category: "syscalls",
+    name: "sys_exit_accept4",
+    since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
+};
+pub const SYS_EXIT_ACCEPT: Tracepoint = Tracepoint {
+    category: "syscalls",
+    name: "sys_exit_accept",
     since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
 };
 
@@ -382,20 +359,6 @@ mod tests {
     fn rejects_a_file_without_fields() {
         assert!(EventFormat::parse("name: x\nID: 1\nprint fmt: \"\"\n").is_err());
         assert!(EventFormat::parse("field:int x;\toffset:zz;\tsize:4;").is_err());
-    }
-
-    #[test]
-    fn finds_tracefs_in_mountinfo() {
-        let mountinfo = "22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw\n\
-                         42 23 0:13 / /sys/kernel/my\\040tracing rw,relatime - tracefs nodev rw\n";
-        assert_eq!(
-            tracefs_mount_point(mountinfo),
-            Some(PathBuf::from("/sys/kernel/my tracing"))
-        );
-        assert_eq!(
-            tracefs_mount_point("22 1 0:21 / /sys rw - sysfs sysfs rw\n"),
-            None
-        );
     }
 
     #[test]

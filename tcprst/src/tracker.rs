@@ -16,7 +16,7 @@ use std::{
 
 use lru::LruCache;
 
-use crate::event::{Initiator, RstEvent, StateChange, TcpState};
+use crate::event::{ExecContext, Initiator, Process, RstEvent, StateChange, TcpState};
 
 /// Transitions kept per connection.
 const HISTORY: usize = 12;
@@ -72,6 +72,10 @@ pub struct Connection {
     pub ended_at: Option<SystemTime>,
     /// When a stuck report about the current state last went out.
     pub stuck_reported_at: Option<SystemTime>,
+    /// The cgroup (v2) the socket was created in.
+    pub cgroup_id: Option<u64>,
+    /// The last process seen changing the connection's state.
+    pub owner: Option<Process>,
 }
 
 impl Connection {
@@ -96,6 +100,8 @@ impl Connection {
             peer_fin_at: None,
             ended_at: None,
             stuck_reported_at: None,
+            cgroup_id: None,
+            owner: None,
         }
     }
 
@@ -111,6 +117,15 @@ impl Connection {
         let from = self.state;
         self.state = ev.new;
         self.since = ev.time;
+        self.cgroup_id = ev.cgroup_id.or(self.cgroup_id);
+        if ev.context == ExecContext::Process
+            && let Some(task) = &ev.task
+        {
+            self.owner = Some(Process {
+                pid: task.pid,
+                comm: task.comm.clone(),
+            });
+        }
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
@@ -281,6 +296,24 @@ impl Tracker {
         due
     }
 
+    /// How many connections are stuck now (reported and not yet moved on),
+    /// per half-closed state.
+    pub fn stuck_counts(&self) -> Vec<(TcpState, usize)> {
+        use TcpState::*;
+        [FinWait1, FinWait2, CloseWait, LastAck, Closing]
+            .into_iter()
+            .map(|state| {
+                let n = self
+                    .half_closed
+                    .iter()
+                    .filter_map(|key| self.live.peek(key))
+                    .filter(|c| c.state == state && c.stuck_reported_at.is_some())
+                    .count();
+                (state, n)
+            })
+            .collect()
+    }
+
     fn generation(&mut self) -> u64 {
         self.next_generation += 1;
         self.next_generation - 1
@@ -309,7 +342,7 @@ impl Tracker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::event::{CloseOp, Errno, ExecContext, RstKind, ShutHow, Task};
+    use crate::event::{CloseOp, Errno, RstKind, ShutHow, Task};
 
     pub fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
@@ -347,6 +380,7 @@ pub(crate) mod tests {
                 op,
                 task: task(51435, "envoy"),
             }),
+            cgroup_id: None,
         }
     }
 
@@ -368,6 +402,8 @@ pub(crate) mod tests {
             context: ExecContext::Softirq,
             task: None,
             errno: state.and_then(Errno::for_reset_in),
+            cgroup_id: None,
+            owner: None,
         }
     }
 

@@ -12,23 +12,26 @@ use serde::Serialize;
 
 use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
 use crate::{
+    enrich::Attribution,
     event::{CloseOp, Initiator, Task},
     tracker::Connection,
 };
 
 pub struct JsonSink {
     out: Box<dyn Write>,
+    /// Every record names the node, for logs shipped off a cluster.
+    node: String,
 }
 
 impl JsonSink {
-    pub fn new(out: Box<dyn Write>) -> Self {
-        Self { out }
+    pub fn new(out: Box<dyn Write>, node: String) -> Self {
+        Self { out, node }
     }
+}
 
-    fn line(&mut self, value: &impl Serialize) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, value)?;
-        self.out.write_all(b"\n")
-    }
+fn line(out: &mut dyn Write, value: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value)?;
+    out.write_all(b"\n")
 }
 
 fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
@@ -131,6 +134,75 @@ struct ProcessJson<'a> {
 }
 
 #[derive(Serialize)]
+struct CgroupJson<'a> {
+    id: u64,
+    path: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ContainerJson<'a> {
+    runtime: Option<&'static str>,
+    id: &'a str,
+    name: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct PodJson<'a> {
+    uid: &'a str,
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+    qos: Option<&'static str>,
+    labels: Option<&'a std::collections::BTreeMap<String, String>>,
+}
+
+/// Whose socket it is: namespace, cgroup, container, pod, service, owner.
+#[derive(Serialize)]
+struct WhoJson<'a> {
+    node: &'a str,
+    netns_name: Option<&'a str>,
+    cgroup: Option<CgroupJson<'a>>,
+    container: Option<ContainerJson<'a>>,
+    pod: Option<PodJson<'a>>,
+    service: Option<&'a str>,
+    owner: Option<ProcessJson<'a>>,
+}
+
+impl<'a> WhoJson<'a> {
+    fn new(node: &'a str, a: &'a Attribution) -> Self {
+        let cgroup = a.cgroup.as_deref();
+        Self {
+            node,
+            netns_name: a.netns_name.as_deref(),
+            cgroup: a.cgroup_id.map(|id| CgroupJson {
+                id,
+                path: cgroup.map(|c| c.path.as_str()),
+            }),
+            container: cgroup.and_then(|c| {
+                Some(ContainerJson {
+                    runtime: c.runtime,
+                    id: c.container_id.as_deref()?,
+                    name: a.container_name.as_deref(),
+                })
+            }),
+            pod: cgroup.and_then(|c| {
+                Some(PodJson {
+                    uid: c.pod_uid.as_deref()?,
+                    namespace: a.pod.as_ref().map(|p| p.namespace.as_str()),
+                    name: a.pod.as_ref().map(|p| p.name.as_str()),
+                    qos: c.qos,
+                    labels: a.pod.as_ref().map(|p| &p.labels),
+                })
+            }),
+            service: cgroup.and_then(|c| c.service.as_deref()),
+            owner: a.owner.as_ref().map(|o| ProcessJson {
+                pid: o.pid,
+                comm: &o.comm,
+            }),
+        }
+    }
+}
+
+#[derive(Serialize)]
 struct RstJson<'a> {
     time: String,
     kind: &'static str,
@@ -149,10 +221,12 @@ struct RstJson<'a> {
     initiator: Option<InitiatorJson<'a>>,
     history: Vec<StepJson>,
     diagnosis: Option<&'a str>,
+    #[serde(flatten)]
+    who: WhoJson<'a>,
 }
 
 impl<'a> RstJson<'a> {
-    fn new(report: &'a RstReport) -> Self {
+    fn new(report: &'a RstReport, node: &'a str) -> Self {
         let ev = &report.ev;
         let task: Option<&Task> = ev.task.as_ref();
         let conn = report.conn.as_ref();
@@ -173,6 +247,7 @@ impl<'a> RstJson<'a> {
             initiator: initiator(conn, ev.time),
             history: history(conn, ev.time),
             diagnosis: report.diagnosis.as_deref(),
+            who: WhoJson::new(node, &report.attribution),
         }
     }
 }
@@ -188,11 +263,12 @@ struct StuckJson<'a> {
     blame: &'static str,
     orphaned: Option<bool>,
     initiator: Option<InitiatorJson<'a>>,
-    owner: Option<ProcessJson<'a>>,
     our_fin_ago_ms: Option<u64>,
     peer_fin_ago_ms: Option<u64>,
     history: Vec<StepJson>,
     diagnosis: &'a str,
+    #[serde(flatten)]
+    who: WhoJson<'a>,
 }
 
 #[derive(Serialize)]
@@ -204,62 +280,72 @@ struct ResolvedJson<'a> {
     stuck_for_ms: u64,
     initiator: Option<InitiatorJson<'a>>,
     diagnosis: &'a str,
+    node: &'a str,
 }
 
 #[derive(Serialize)]
-struct LostJson {
+struct LostJson<'a> {
     time: String,
     kind: &'static str,
     lost: u64,
     lost_total: u64,
+    node: &'a str,
 }
 
 impl Sink for JsonSink {
     fn rst(&mut self, report: &RstReport) -> io::Result<()> {
-        self.line(&RstJson::new(report))
+        line(&mut self.out, &RstJson::new(report, &self.node))
     }
 
     fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
         let conn = &r.conn;
-        self.line(&StuckJson {
-            head: Head::new(r.time, "halfclose_stuck", conn),
-            state: conn.state.name(),
-            stuck_for_ms: ms_before(conn.since, r.time),
-            age_is_lower_bound: !conn.seen_from_start,
-            waiting_for: r.diagnosis.waiting_for.name(),
-            blame: r.diagnosis.blame.name(),
-            orphaned: conn.orphaned,
-            initiator: initiator(Some(conn), r.time),
-            owner: r.owner.as_ref().map(|t| ProcessJson {
-                pid: t.pid,
-                comm: &t.comm,
-            }),
-            our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
-            peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
-            history: history(Some(conn), r.time),
-            diagnosis: &r.diagnosis.text,
-        })
+        line(
+            &mut self.out,
+            &StuckJson {
+                head: Head::new(r.time, "halfclose_stuck", conn),
+                state: conn.state.name(),
+                stuck_for_ms: ms_before(conn.since, r.time),
+                age_is_lower_bound: !conn.seen_from_start,
+                waiting_for: r.diagnosis.waiting_for.name(),
+                blame: r.diagnosis.blame.name(),
+                orphaned: conn.orphaned,
+                initiator: initiator(Some(conn), r.time),
+                our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
+                peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
+                history: history(Some(conn), r.time),
+                diagnosis: &r.diagnosis.text,
+                who: WhoJson::new(&self.node, &r.attribution),
+            },
+        )
     }
 
     fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
         let conn = &r.resolved.conn;
-        self.line(&ResolvedJson {
-            head: Head::new(conn.since, "halfclose_resolved", conn),
-            state: r.resolved.stuck_state.name(),
-            now_state: conn.state.name(),
-            stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
-            initiator: initiator(Some(conn), conn.since),
-            diagnosis: &r.diagnosis,
-        })
+        line(
+            &mut self.out,
+            &ResolvedJson {
+                head: Head::new(conn.since, "halfclose_resolved", conn),
+                state: r.resolved.stuck_state.name(),
+                now_state: conn.state.name(),
+                stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
+                initiator: initiator(Some(conn), conn.since),
+                diagnosis: &r.diagnosis,
+                node: &self.node,
+            },
+        )
     }
 
     fn lost(&mut self, report: &LossReport) -> io::Result<()> {
-        self.line(&LostJson {
-            time: rfc3339_micros(SystemTime::now()),
-            kind: "lost",
-            lost: report.lost,
-            lost_total: report.lost_total,
-        })
+        line(
+            &mut self.out,
+            &LostJson {
+                time: rfc3339_micros(SystemTime::now()),
+                kind: "lost",
+                lost: report.lost,
+                lost_total: report.lost_total,
+                node: &self.node,
+            },
+        )
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -302,10 +388,38 @@ mod tests {
         ev
     }
 
+    const CONTAINER: &str = "0e7859b44b4e93d620108bda2c5103614fd6ff83a2798742f0ddd3fa3db3b3b7";
+    const POD: &str = "2e7a1c5d-8f0b-4c3a-9d6e-1f2a3b4c5d6e";
+
+    /// A socket of container "web" in pod shop/web-1, owned by envoy.
+    fn attribution() -> Attribution {
+        let path = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CONTAINER}.scope",
+            POD.replace('-', "_")
+        );
+        Attribution {
+            netns_name: Some("cri-containerd:0e7859b44b4e".into()),
+            cgroup_id: Some(8812),
+            cgroup: Some(std::sync::Arc::new(crate::cgroup::parse_path(&path))),
+            pod: Some(crate::k8s::PodMeta {
+                namespace: "shop".into(),
+                name: "web-1".into(),
+                uid: POD.into(),
+                labels: [("app".to_owned(), "web".to_owned())].into(),
+                containers: [(CONTAINER.to_owned(), "web".to_owned())].into(),
+            }),
+            container_name: Some("web".into()),
+            owner: Some(crate::event::Process {
+                pid: 7,
+                comm: "envoy".into(),
+            }),
+        }
+    }
+
     /// One record of each kind, from a real tracker sequence.
     fn every_kind() -> Shared {
         let buf = Shared::default();
-        let mut sink = JsonSink::new(Box::new(buf.clone()));
+        let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
         let mut tracker = Tracker::new(10);
         proxy_half_close(&mut tracker);
         let ev = received(t(15));
@@ -314,6 +428,7 @@ mod tests {
             diagnosis: diagnosis::rst(&ev, &ctx),
             ev,
             conn: ctx.conn,
+            attribution: attribution(),
         })
         .unwrap();
         let conn = tracker
@@ -322,12 +437,13 @@ mod tests {
         sink.stuck(&StuckReport {
             time: t(40),
             diagnosis: diagnosis::stuck(&conn, t(40), None, Duration::from_secs(60)),
-            owner: Some(Task {
-                pid: 7,
-                tid: 7,
-                comm: "socat".into(),
-                uid: 0,
-            }),
+            attribution: Attribution {
+                owner: Some(crate::event::Process {
+                    pid: 7,
+                    comm: "socat".into(),
+                }),
+                ..Attribution::default()
+            },
             conn,
         })
         .unwrap();
@@ -350,7 +466,7 @@ mod tests {
     #[test]
     fn rst_shape() {
         let buf = Shared::default();
-        let mut sink = JsonSink::new(Box::new(buf.clone()));
+        let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
         let mut ev = received(UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456));
         ev.local = "[::1]:5000".parse().unwrap();
         ev.remote = "[::1]:40000".parse().unwrap();
@@ -360,6 +476,7 @@ mod tests {
             ev,
             conn: None,
             diagnosis: None,
+            attribution: Attribution::default(),
         })
         .unwrap();
         let expected = serde_json::json!({
@@ -378,8 +495,33 @@ mod tests {
             "initiator": null,
             "history": [],
             "diagnosis": null,
+            "node": "node-a",
+            "netns_name": null,
+            "cgroup": null,
+            "container": null,
+            "pod": null,
+            "service": null,
+            "owner": null,
         });
         assert_eq!(lines(&buf)[0], expected);
+    }
+
+    #[test]
+    fn reset_names_the_container_pod_and_owner() {
+        let v = &lines(&every_kind())[0];
+        assert_eq!(v["node"], "node-a");
+        assert_eq!(v["netns_name"], "cri-containerd:0e7859b44b4e");
+        assert_eq!(v["cgroup"]["id"], 8812);
+        assert!(v["cgroup"]["path"].as_str().unwrap().ends_with(".scope"));
+        assert_eq!(
+            v["container"],
+            serde_json::json!({"runtime": "containerd", "id": CONTAINER, "name": "web"})
+        );
+        assert_eq!(
+            v["pod"],
+            serde_json::json!({"uid": POD, "namespace": "shop", "name": "web-1", "qos": "burstable", "labels": {"app": "web"}})
+        );
+        assert_eq!(v["owner"], serde_json::json!({"pid": 7, "comm": "envoy"}));
     }
 
     #[test]

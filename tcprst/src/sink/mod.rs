@@ -13,7 +13,8 @@ pub use table::TableSink;
 
 use crate::{
     diagnosis::StuckDiagnosis,
-    event::{RstEvent, Task},
+    enrich::Attribution,
+    event::{Process, RstEvent, Task},
     tracker::{Connection, Resolved},
 };
 
@@ -23,6 +24,7 @@ pub struct RstReport {
     pub ev: RstEvent,
     pub conn: Option<Connection>,
     pub diagnosis: Option<String>,
+    pub attribution: Attribution,
 }
 
 /// A connection stuck half-closed.
@@ -30,8 +32,8 @@ pub struct RstReport {
 pub struct StuckReport {
     pub time: SystemTime,
     pub conn: Connection,
-    /// The process holding the socket, where it could be found.
-    pub owner: Option<Task>,
+    /// Its `owner` is a process holding the socket now, where one was found.
+    pub attribution: Attribution,
     pub diagnosis: StuckDiagnosis,
 }
 
@@ -63,10 +65,10 @@ pub enum OutputFormat {
     Json,
 }
 
-pub fn open(format: OutputFormat, out: Box<dyn Write>) -> Box<dyn Sink> {
+pub fn open(format: OutputFormat, out: Box<dyn Write>, node: String) -> Box<dyn Sink> {
     match format {
         OutputFormat::Table => Box::new(TableSink::new(out)),
-        OutputFormat::Json => Box::new(JsonSink::new(out)),
+        OutputFormat::Json => Box::new(JsonSink::new(out, node)),
     }
 }
 
@@ -76,7 +78,17 @@ fn rfc3339_micros(t: SystemTime) -> String {
 
 /// `comm[pid]`, the way people name processes.
 pub fn task_label(task: &Task) -> String {
-    format!("{}[{}]", task.comm, task.pid)
+    process_label(task.pid, &task.comm)
+}
+
+pub fn process_label(pid: u32, comm: &str) -> String {
+    format!("{comm}[{pid}]")
+}
+
+impl Process {
+    pub fn label(&self) -> String {
+        process_label(self.pid, &self.comm)
+    }
 }
 
 #[cfg(test)]

@@ -10,11 +10,12 @@ use comfy_table::{
 
 use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros, task_label};
 use crate::{
+    enrich::Attribution,
     event::{ExecContext, RstEvent, RstKind},
     tracker::Connection,
 };
 
-const COLUMNS: [(&str, u16); 8] = [
+const COLUMNS: [(&str, u16); 9] = [
     ("TIME (UTC)", 17),
     ("EVENT", 10),
     ("NETNS", 12),
@@ -23,6 +24,7 @@ const COLUMNS: [(&str, u16); 8] = [
     ("STATE", 13),
     ("WHY", 26),
     ("TASK", 24),
+    ("WHOSE", 30),
 ];
 
 pub struct TableSink {
@@ -68,8 +70,7 @@ impl TableSink {
         time: std::time::SystemTime,
         label: Cell,
         conn: &Connection,
-        why: String,
-        who: String,
+        [why, who, whose]: [String; 3],
     ) -> io::Result<()> {
         self.row(vec![
             Cell::new(time_of_day(time)),
@@ -80,6 +81,7 @@ impl TableSink {
             Cell::new(conn.state.name()),
             Cell::new(why),
             Cell::new(who),
+            Cell::new(whose),
         ])
     }
 
@@ -96,6 +98,26 @@ fn time_of_day(t: std::time::SystemTime) -> String {
 
 fn netns_cell(netns: Option<u32>) -> Cell {
     Cell::new(netns.map_or("-".to_owned(), |n| n.to_string()))
+}
+
+/// Whose socket it is: the pod, else the container, else the host service,
+/// else the process that owns it.
+fn whose(a: &Attribution) -> String {
+    if let Some(pod) = &a.pod {
+        return match &a.container_name {
+            Some(c) => format!("pod {}/{} {c}", pod.namespace, pod.name),
+            None => format!("pod {}/{}", pod.namespace, pod.name),
+        };
+    }
+    if let Some(c) = a.cgroup.as_deref() {
+        if let Some(id) = &c.container_id {
+            return format!("{}:{}", c.runtime.unwrap_or("container"), &id[..12]);
+        }
+        if let Some(service) = &c.service {
+            return format!("{service}.service");
+        }
+    }
+    a.owner.as_ref().map_or("-".to_owned(), |o| o.label())
 }
 
 fn why(ev: &RstEvent) -> String {
@@ -132,6 +154,7 @@ impl Sink for TableSink {
             Cell::new(ev.state.map_or("-", |s| s.name())),
             Cell::new(why(ev)),
             Cell::new(task(ev)),
+            Cell::new(whose(&report.attribution)),
         ])?;
         match &report.diagnosis {
             Some(text) => self.because(text),
@@ -140,19 +163,14 @@ impl Sink for TableSink {
     }
 
     fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
-        let who = match (&r.conn.initiator, &r.owner) {
+        let who = match (&r.conn.initiator, &r.attribution.owner) {
             (Some(i), _) => task_label(&i.task),
-            (None, Some(owner)) => task_label(owner),
+            (None, Some(owner)) => owner.label(),
             (None, None) => "-".to_owned(),
         };
         let why = format!("waits for {}", r.diagnosis.waiting_for.name());
-        self.conn_row(
-            r.time,
-            Cell::new("STUCK").fg(Color::Magenta),
-            &r.conn,
-            why,
-            who,
-        )?;
+        let label = Cell::new("STUCK").fg(Color::Magenta);
+        self.conn_row(r.time, label, &r.conn, [why, who, whose(&r.attribution)])?;
         self.because(&r.diagnosis.text)
     }
 
@@ -160,7 +178,12 @@ impl Sink for TableSink {
         let conn = &r.resolved.conn;
         let why = format!("was {}", r.resolved.stuck_state.name());
         let label = Cell::new("RESOLVED").fg(Color::Green);
-        self.conn_row(conn.since, label, conn, why, "-".to_owned())?;
+        self.conn_row(
+            conn.since,
+            label,
+            conn,
+            [why, "-".to_owned(), "-".to_owned()],
+        )?;
         self.because(&r.diagnosis)
     }
 
@@ -199,11 +222,14 @@ mod tests {
             },
             task,
             errno: Some(Errno::ConnReset),
+            cgroup_id: None,
+            owner: None,
         };
         RstReport {
             ev,
             conn: None,
             diagnosis: Some("because of a test".into()),
+            attribution: Attribution::default(),
         }
     }
 

@@ -200,6 +200,10 @@ impl Tracer {
         self.spawned.child.id()
     }
 
+    pub fn stderr_text(&self) -> String {
+        self.spawned.stderr_text()
+    }
+
     /// Waits until `n` RST events have arrived (or 10 s), then a little
     /// longer so that any unexpected extra event shows up too.
     pub fn wait_for_rsts(&mut self, n: usize) {

@@ -1,0 +1,58 @@
+//! Whose socket it is: the last process that acted on it in process
+//! context. A reset or a state change often runs in softirq, where the
+//! current task is unrelated; this map remembers the owner until then.
+//! Sends are not hooked: they are the hottest path, and the process that
+//! connected or accepted a socket is almost always the one sending on it.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_task,
+    macros::{map, tracepoint},
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+use tcprst_common::{SocketOwner, TaskInfo};
+
+use crate::{globals::syscall_fields, kernel::fd_sock, tracepoint::field};
+
+/// struct sock * → owner.
+#[map]
+static OWNERS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+pub fn note_owner(sk: u64, task: &TaskInfo) {
+    let owner = SocketOwner {
+        tgid: task.tgid,
+        comm: task.comm,
+    };
+    let _ = OWNERS.insert(&sk, &owner, 0);
+}
+
+/// A new server-side connection: until accept() nobody owns it, and the
+/// pointer may be a freed socket's whose owner must not carry over.
+#[inline(always)]
+pub fn forget_owner(sk: u64) {
+    let _ = OWNERS.remove(&sk);
+}
+
+#[inline(always)]
+pub fn owner_of(sk: u64) -> Option<SocketOwner> {
+    unsafe { OWNERS.get(&sk) }.copied()
+}
+
+/// accept() and accept4() return the new socket's descriptor.
+#[tracepoint]
+pub fn tcprst_accepted(ctx: TracePointContext) -> u32 {
+    let Some(fd) = field::<i64>(&ctx, syscall_fields().accept_ret) else {
+        return 0;
+    };
+    if fd < 0 {
+        return 0;
+    }
+    if let Some(sk) = fd_sock(unsafe { bpf_get_current_task() }, fd as i32) {
+        // SAFETY: TaskInfo is plain integers and bytes.
+        let mut task: TaskInfo = unsafe { core::mem::zeroed() };
+        crate::context::fill_task(&mut task);
+        note_owner(sk, &task);
+    }
+    0
+}

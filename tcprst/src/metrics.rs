@@ -1,0 +1,234 @@
+//! Prometheus metrics on `--metrics-addr`: what a dashboard or an alert
+//! needs, where the NDJSON stream is for reading incidents.
+
+use std::{convert::Infallible, net::SocketAddr, str::FromStr, sync::Arc};
+
+use anyhow::{Context as _, Result, anyhow};
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::CONTENT_TYPE,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::event::TcpState;
+
+/// Where to serve: `IP:PORT`, or a bare `PORT` (or `:PORT`) on 127.0.0.1 so
+/// nothing is exposed beyond the host unless asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub SocketAddr);
+
+impl FromStr for MetricsAddr {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if let Ok(addr) = s.parse() {
+            return Ok(Self(addr));
+        }
+        let port: u16 = s
+            .trim_start_matches(':')
+            .parse()
+            .map_err(|_| anyhow!("{s:?} is not IP:PORT or a port"))?;
+        Ok(Self(SocketAddr::from(([127, 0, 0, 1], port))))
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RstLabels {
+    direction: &'static str,
+    reason: String,
+    namespace: String,
+    pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    tier: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    rsts: Family<RstLabels, Counter>,
+    stuck: Family<StateLabels, Gauge>,
+    lost: Counter,
+    programs: Family<TierLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tcprst");
+        let rsts = Family::<RstLabels, Counter>::default();
+        registry.register(
+            "resets",
+            "TCP resets sent and received, by kernel reason and Kubernetes namespace and pod",
+            rsts.clone(),
+        );
+        let stuck = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "halfclose_stuck",
+            "Connections half-closed longer than --stuck-after, by TCP state",
+            stuck.clone(),
+        );
+        let lost = Counter::default();
+        registry.register(
+            "lost_events",
+            "Events the kernel dropped because the ring buffer was full",
+            lost.clone(),
+        );
+        let programs = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "programs_attached",
+            "eBPF programs attached, by attach tier",
+            programs.clone(),
+        );
+        Self {
+            registry,
+            rsts,
+            stuck,
+            lost,
+            programs,
+        }
+    }
+
+    pub fn reset(
+        &self,
+        sent: bool,
+        reason: Option<&str>,
+        namespace: Option<&str>,
+        pod: Option<&str>,
+    ) {
+        self.rsts
+            .get_or_create(&RstLabels {
+                direction: if sent { "sent" } else { "received" },
+                reason: reason.unwrap_or("").to_owned(),
+                namespace: namespace.unwrap_or("").to_owned(),
+                pod: pod.unwrap_or("").to_owned(),
+            })
+            .inc();
+    }
+
+    /// The current number of stuck connections in each half-closed state.
+    pub fn set_stuck(&self, counts: &[(TcpState, usize)]) {
+        for (state, count) in counts {
+            self.stuck
+                .get_or_create(&StateLabels {
+                    state: state.name(),
+                })
+                .set(*count as i64);
+        }
+    }
+
+    pub fn lost(&self, n: u64) {
+        self.lost.inc_by(n);
+    }
+
+    pub fn programs_attached(&self, tier: &'static str, n: usize) {
+        self.programs
+            .get_or_create(&TierLabels { tier })
+            .set(n as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Binds now, so a bad or busy address fails before tracing starts, and
+/// returns the task that serves `/metrics`.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    log::info!("metrics on http://{}/metrics", listener.local_addr()?);
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| answer(req, metrics.clone()));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }))
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    metrics: Arc<Metrics>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = if req.uri().path() == "/metrics" {
+        Response::builder()
+            .header(
+                CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::from(metrics.encode()))
+    } else {
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::from("try /metrics\n"))
+    };
+    Ok(response.expect("static response parts are valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_default_to_loopback() {
+        let parse = |s: &str| s.parse::<MetricsAddr>().map(|a| a.0.to_string());
+        assert_eq!(parse("9090").unwrap(), "127.0.0.1:9090");
+        assert_eq!(parse(":9090").unwrap(), "127.0.0.1:9090");
+        assert_eq!(parse("0.0.0.0:9090").unwrap(), "0.0.0.0:9090");
+        assert_eq!(parse("[::]:9090").unwrap(), "[::]:9090");
+        assert!(parse("localhost").is_err());
+        assert!(parse("1.2.3.4").is_err());
+    }
+
+    #[test]
+    fn encodes_counters_with_labels() {
+        let m = Metrics::new();
+        m.reset(true, Some("NO_SOCKET"), None, None);
+        m.reset(true, Some("NO_SOCKET"), None, None);
+        m.reset(false, None, Some("shop"), Some("web-1"));
+        m.set_stuck(&[(TcpState::FinWait2, 3)]);
+        m.lost(7);
+        m.programs_attached("tracepoint", 5);
+        let text = m.encode();
+        for line in [
+            r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",namespace="",pod=""} 2"#,
+            r#"tcprst_resets_total{direction="received",reason="",namespace="shop",pod="web-1"} 1"#,
+            r#"tcprst_halfclose_stuck{state="FIN_WAIT2"} 3"#,
+            "tcprst_lost_events_total 7",
+            r#"tcprst_programs_attached{tier="tracepoint"} 5"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

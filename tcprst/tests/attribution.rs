@@ -1,0 +1,207 @@
+//! Whose socket reset: real cgroup v2 directories named exactly as each
+//! container runtime names them, a process in each inside its own network
+//! namespace, and a reset its socket sends from softirq (a keepalive
+//! timeout), where the running task has nothing to do with it.
+
+mod common;
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::{Netns, Tracer, require_root, run};
+use serde_json::Value;
+
+const ID: &str = "5f3a9c1e2b4d6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708";
+const POD: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+
+fn cgroup2_root() -> PathBuf {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+        })
+        .expect("no cgroup2 mounted")
+}
+
+/// A cgroup directory tree for one fake container, removed when dropped.
+struct Cgroup {
+    top: PathBuf,
+    leaf: PathBuf,
+    /// As the kernel and tcprst see it: relative to the cgroup2 root.
+    path: String,
+}
+
+impl Cgroup {
+    fn new(test: &str, runtime_path: &str) -> Self {
+        require_root();
+        let root = cgroup2_root();
+        let top_name = format!("tcprst-test-{}-{test}", std::process::id());
+        let path = format!("/{top_name}/{runtime_path}");
+        let leaf = root.join(path.trim_start_matches('/'));
+        fs::create_dir_all(&leaf).unwrap();
+        Self {
+            top: root.join(top_name),
+            leaf,
+            path,
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Leaves first: cgroup directories only go away empty.
+        let mut dir = self.leaf.clone();
+        while dir.starts_with(&self.top) {
+            let _ = fs::remove_dir(&dir);
+            dir.pop();
+        }
+    }
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A socat client that joins `cgroup` before it execs (so its socket is
+/// created there), connects from 127.0.0.1:`port`+1 and keeps the
+/// connection alive with one-second keepalive probes.
+fn container_client(ns: &Netns, cgroup: &Cgroup, port: u16) -> Process {
+    let script = format!(
+        "echo $$ > {procs} && exec ip netns exec {ns} socat -u \
+         TCP:127.0.0.1:{port},bind=127.0.0.1:{client},keepalive,keepidle=1,keepintvl=1,keepcnt=1 STDOUT",
+        procs = cgroup.leaf.join("cgroup.procs").display(),
+        ns = ns.name,
+        client = port + 1,
+    );
+    Process(
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // It reports the reset we are causing.
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The client's keepalive probes go unanswered, so its keepalive timer
+/// (softirq) resets the connection.
+fn keepalive_reset(test: &str, runtime_path: &str) -> (Value, Netns, Cgroup, u32) {
+    let ns = Netns::new();
+    let cgroup = Cgroup::new(test, runtime_path);
+    let mut tracer = Tracer::start(&["--netns", &ns.name, "--kind", "rst_sent"]);
+    let listener = ns.listen("127.0.0.1:8080");
+    let client = container_client(&ns, &cgroup, 8080);
+    let (_server, _) = listener.accept().unwrap();
+    // Everything to the client is lost from now on, probe answers too.
+    let nft = |rule: &str| run("ip", &["netns", "exec", &ns.name, "nft", rule]);
+    nft("add table inet tcprst_test");
+    nft("add chain inet tcprst_test in { type filter hook input priority 0; }");
+    nft("add rule inet tcprst_test in tcp dport 8081 drop");
+    let reset = tracer.wait_for("the keepalive reset", |v| {
+        v["kind"] == "rst_sent" && v["local_port"] == 8081
+    });
+    let pid = client.0.id();
+    tracer.stop();
+    drop(client);
+    (reset, ns, cgroup, pid)
+}
+
+/// What every runtime's reset must show.
+fn assert_container_reset(reset: &Value, ns: &Netns, cgroup: &Cgroup, pid: u32) {
+    assert_eq!(reset["reason"], "TCP_KEEPALIVE_TIMEOUT", "{reset:#}");
+    assert_eq!(reset["context"], "softirq");
+    assert!(reset["pid"].is_null(), "softirq blames no task: {reset:#}");
+    assert_eq!(reset["netns"], ns.inode);
+    assert_eq!(reset["netns_name"], ns.name.as_str());
+    assert_eq!(reset["cgroup"]["path"], cgroup.path.as_str());
+    assert_eq!(reset["container"]["id"], ID);
+    assert_eq!(reset["owner"]["pid"], pid, "the socket's owner: {reset:#}");
+    assert_eq!(reset["owner"]["comm"], "socat");
+    assert!(!reset["node"].as_str().unwrap().is_empty());
+}
+
+#[test]
+fn docker_container() {
+    let (reset, ns, cgroup, pid) =
+        keepalive_reset("docker", &format!("system.slice/docker-{ID}.scope"));
+    assert_container_reset(&reset, &ns, &cgroup, pid);
+    assert_eq!(reset["container"]["runtime"], "docker");
+    assert!(reset["pod"].is_null());
+}
+
+#[test]
+fn containerd_container_in_a_burstable_pod() {
+    let uid = POD.replace('-', "_");
+    let (reset, ns, cgroup, pid) = keepalive_reset(
+        "containerd",
+        &format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{ID}.scope"
+        ),
+    );
+    assert_container_reset(&reset, &ns, &cgroup, pid);
+    assert_eq!(reset["container"]["runtime"], "containerd");
+    assert_eq!(reset["pod"]["uid"], POD);
+    assert_eq!(reset["pod"]["qos"], "burstable");
+}
+
+#[test]
+fn crio_container_in_a_besteffort_pod() {
+    let uid = POD.replace('-', "_");
+    let (reset, ns, cgroup, pid) = keepalive_reset(
+        "crio",
+        &format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice/crio-{ID}.scope"
+        ),
+    );
+    assert_container_reset(&reset, &ns, &cgroup, pid);
+    assert_eq!(reset["container"]["runtime"], "cri-o");
+    assert_eq!(reset["pod"]["qos"], "besteffort");
+}
+
+#[test]
+fn podman_container() {
+    let (reset, ns, cgroup, pid) =
+        keepalive_reset("podman", &format!("machine.slice/libpod-{ID}.scope"));
+    assert_container_reset(&reset, &ns, &cgroup, pid);
+    assert_eq!(reset["container"]["runtime"], "podman");
+}
+
+#[test]
+fn container_filter_keeps_only_its_sockets() {
+    let ns = Netns::new();
+    let cgroup = Cgroup::new("filter", &format!("system.slice/docker-{ID}.scope"));
+    let mut tracer = Tracer::start(&["--netns", &ns.name, "--container", &ID[..12]]);
+    // A reset from the test process (no container), then one from the container.
+    let _ = ns.connect("127.0.0.1:40100", "127.0.0.1:9");
+    let listener = ns.listen("127.0.0.1:8080");
+    let client = container_client(&ns, &cgroup, 8080);
+    let (server, _) = listener.accept().unwrap();
+    socket2::SockRef::from(&server)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(server);
+    let received = tracer.wait_for("the container's rst_received", |v| {
+        v["kind"] == "rst_received" && v["local_port"] == 8081
+    });
+    assert_eq!(received["container"]["id"], ID);
+    drop(client);
+    let events = tracer.stop();
+    assert!(
+        events.iter().all(|e| e["container"]["id"] == ID),
+        "only the container's events: {events:#?}"
+    );
+}
