@@ -27,7 +27,7 @@ use crate::{
     metrics::{self, Metrics, MetricsAddr},
     owner::SocketOwners,
     probes::{LostCounter, ProbeConfig, Probes},
-    sink::{self, LossReport, OutputFormat, ResolvedReport, RstReport, Sink, StuckReport},
+    sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
     tracker::{ConnKey, Tracker, is_half_closed},
 };
 
@@ -105,11 +105,18 @@ impl Pipeline<'_> {
                     pod.map(|p| p.name.as_str()),
                 );
                 let diagnosis = diagnosis::rst(&ev, &ctx);
+                let peer = self.tracker.peer_of(&key).map(|p| Peer {
+                    netns: (p.key.netns != 0).then_some(p.key.netns),
+                    attribution: self
+                        .enricher
+                        .attribute(&p.key, p.cgroup_id, p.owner.clone()),
+                });
                 self.sink.rst(&RstReport {
                     ev,
                     conn: ctx.conn,
                     diagnosis,
                     attribution,
+                    peer,
                 })?;
                 self.counts.shown += 1;
             }

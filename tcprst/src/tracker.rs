@@ -8,7 +8,7 @@
 //! connections reusing a tuple get distinct generations and never merge.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     num::NonZeroUsize,
     time::{Duration, SystemTime},
@@ -179,6 +179,9 @@ pub struct Tracker {
     live: LruCache<ConnKey, Connection>,
     /// Recently ended connections, for resets that arrive after the end.
     ended: LruCache<ConnKey, Connection>,
+    /// (local, remote) → namespace, to find a connection's other end when it
+    /// lives in another namespace on this host (a pod across a veth).
+    by_ends: HashMap<(SocketAddr, SocketAddr), u32>,
     half_closed: HashSet<ConnKey>,
     next_generation: u64,
     pub evicted: u64,
@@ -191,6 +194,7 @@ impl Tracker {
         Self {
             live: LruCache::new(cap),
             ended: LruCache::new(ended_cap),
+            by_ends: HashMap::new(),
             half_closed: HashSet::new(),
             next_generation: 1,
             evicted: 0,
@@ -275,6 +279,27 @@ impl Tracker {
         }
     }
 
+    /// The other end of a connection, when this host has it too: over
+    /// loopback in the same namespace, or in another namespace.
+    pub fn peer_of(&self, key: &ConnKey) -> Option<Connection> {
+        let (local, remote) = (key.remote, key.local);
+        let same_netns = ConnKey {
+            netns: key.netns,
+            local,
+            remote,
+        };
+        let other_netns = self.by_ends.get(&(local, remote)).map(|&netns| ConnKey {
+            netns,
+            local,
+            remote,
+        });
+        [Some(same_netns), other_netns]
+            .into_iter()
+            .flatten()
+            .find_map(|k| self.live.peek(&k).or_else(|| self.ended.peek(&k)))
+            .cloned()
+    }
+
     /// Half-closed connections stuck for at least `after`, reported again
     /// every `repeat` while they stay so.
     pub fn stuck(&mut self, now: SystemTime, after: Duration, repeat: Duration) -> Vec<Connection> {
@@ -324,18 +349,36 @@ impl Tracker {
         if is_half_closed(conn.state) {
             self.half_closed.insert(key);
         }
-        if let Some((evicted_key, _)) = self.live.push(key, conn)
-            && evicted_key != key
+        self.by_ends.insert((key.local, key.remote), key.netns);
+        if let Some((evicted, _)) = self.live.push(key, conn)
+            && evicted != key
         {
-            self.half_closed.remove(&evicted_key);
+            self.half_closed.remove(&evicted);
+            self.forget_ends(&evicted);
             self.evicted += 1;
         }
     }
 
     fn end(&mut self, mut conn: Connection, at: SystemTime) {
-        self.half_closed.remove(&conn.key);
+        let key = conn.key;
+        self.half_closed.remove(&key);
         conn.ended_at = Some(at);
-        self.ended.put(conn.key, conn);
+        if let Some((evicted, _)) = self.ended.push(key, conn)
+            && evicted != key
+        {
+            self.forget_ends(&evicted);
+        }
+    }
+
+    /// Drops the index entry of a connection no longer tracked anywhere.
+    fn forget_ends(&mut self, key: &ConnKey) {
+        let ends = (key.local, key.remote);
+        if self.by_ends.get(&ends) == Some(&key.netns)
+            && !self.live.contains(key)
+            && !self.ended.contains(key)
+        {
+            self.by_ends.remove(&ends);
+        }
     }
 }
 
@@ -538,6 +581,36 @@ pub(crate) mod tests {
         tracker.seed(key, TcpState::FinWait2, true, t(0));
         let stuck = tracker.stuck(t(200), Duration::from_secs(30), Duration::from_secs(60));
         assert_eq!(stuck.len(), 2);
+    }
+
+    #[test]
+    fn finds_the_other_end_in_any_namespace() {
+        use TcpState::*;
+        let mut tracker = Tracker::new(100);
+        let mut client = change(t(0), SynSent, Established, None);
+        (client.local, client.remote) = (client.remote, client.local);
+        client.netns = Some(1);
+        tracker.on_state(&client);
+        tracker.on_state(&change(t(0), SynRecv, Established, None));
+        let server = ConnKey::new(
+            Some(4026532000),
+            "10.0.0.1:15001".parse().unwrap(),
+            "10.0.0.2:44410".parse().unwrap(),
+        );
+        let peer = tracker.peer_of(&server).unwrap();
+        assert_eq!(peer.key.netns, 1);
+        assert_eq!(peer.key.local, server.remote);
+        // It stays findable for a while after it ends.
+        let mut end = client.clone();
+        (end.old, end.new) = (Some(Established), Close);
+        tracker.on_state(&end);
+        assert_eq!(tracker.peer_of(&server).unwrap().key.netns, 1);
+        let nobody = ConnKey::new(
+            Some(1),
+            "10.9.9.9:1".parse().unwrap(),
+            "10.9.9.8:2".parse().unwrap(),
+        );
+        assert!(tracker.peer_of(&nobody).is_none());
     }
 
     #[test]

@@ -8,11 +8,11 @@ mod common;
 use std::{
     fs,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use common::{Netns, Tracer, require_root, run};
+use common::{Netns, Process, Tracer, require_root, run};
 use serde_json::Value;
 
 const ID: &str = "5f3a9c1e2b4d6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708";
@@ -65,22 +65,17 @@ impl Drop for Cgroup {
     }
 }
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A socat client that joins `cgroup` before it execs (so its socket is
 /// created there), connects from 127.0.0.1:`port`+1 and keeps the
 /// connection alive with one-second keepalive probes.
 fn container_client(ns: &Netns, cgroup: &Cgroup, port: u16) -> Process {
+    container_client_to(ns, cgroup, "127.0.0.1", "127.0.0.1", port)
+}
+
+fn container_client_to(ns: &Netns, cgroup: &Cgroup, from: &str, to: &str, port: u16) -> Process {
     let script = format!(
         "echo $$ > {procs} && exec ip netns exec {ns} socat -u \
-         TCP:127.0.0.1:{port},bind=127.0.0.1:{client},keepalive,keepidle=1,keepintvl=1,keepcnt=1 STDOUT",
+         TCP:{to}:{port},bind={from}:{client},keepalive,keepidle=1,keepintvl=1,keepcnt=1 STDOUT",
         procs = cgroup.leaf.join("cgroup.procs").display(),
         ns = ns.name,
         client = port + 1,
@@ -204,4 +199,45 @@ fn container_filter_keeps_only_its_sockets() {
         events.iter().all(|e| e["container"]["id"] == ID),
         "only the container's events: {events:#?}"
     );
+}
+
+/// Both ends on this host, in different namespaces (a container talking to
+/// a server across a veth): each reset names its own socket's owner and the
+/// other end's.
+#[test]
+fn both_ends_are_attributed() {
+    let container_ns = Netns::new();
+    let server_ns = Netns::new();
+    container_ns.link(&server_ns);
+    let cgroup = Cgroup::new("peer", &format!("system.slice/docker-{ID}.scope"));
+    // Both namespaces are watched; the port keeps other tests out.
+    let mut tracer = Tracer::start(&["--port", "8095"]);
+    let listener = server_ns.listen("10.213.0.2:8095");
+    let client = container_client_to(&container_ns, &cgroup, "10.213.0.1", "10.213.0.2", 8095);
+    let (server, _) = listener.accept().unwrap();
+    socket2::SockRef::from(&server)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(server);
+
+    let sent = tracer.wait_for("the server's rst_sent", |v| {
+        v["kind"] == "rst_sent" && v["local_port"] == 8095
+    });
+    assert_eq!(sent["netns"], server_ns.inode);
+    assert_eq!(sent["owner"]["pid"], std::process::id());
+    assert!(sent["container"].is_null());
+    let peer = &sent["peer"];
+    assert_eq!(peer["netns"], container_ns.inode, "{sent:#}");
+    assert_eq!(peer["container"]["id"], ID);
+    assert_eq!(peer["owner"]["pid"], client.0.id());
+
+    let received = tracer.wait_for("the container's rst_received", |v| {
+        v["kind"] == "rst_received" && v["local_port"] == 8096
+    });
+    assert_eq!(received["container"]["id"], ID);
+    assert_eq!(received["owner"]["pid"], client.0.id());
+    assert_eq!(received["peer"]["netns"], server_ns.inode, "{received:#}");
+    assert_eq!(received["peer"]["owner"]["pid"], std::process::id());
+    drop(client);
+    tracer.stop();
 }

@@ -6,12 +6,12 @@ mod common;
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Shutdown, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use common::{Netns, Tracer, run};
+use common::{Netns, Process, Tracer, run};
 use serde_json::Value;
 
 fn trace(ns: &Netns, extra: &[&str]) -> Tracer {
@@ -72,16 +72,6 @@ fn seed_000_peer_resets_a_half_closed_connection() {
         .collect();
     assert_eq!(states, ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]);
     tracer.stop();
-}
-
-/// A process in the namespace, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn wait_listening(ns: &Netns, port: u16) {

@@ -10,7 +10,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
+use super::{LossReport, Peer, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
 use crate::{
     enrich::Attribution,
     event::{CloseOp, Initiator, Task},
@@ -158,7 +158,6 @@ struct PodJson<'a> {
 /// Whose socket it is: namespace, cgroup, container, pod, service, owner.
 #[derive(Serialize)]
 struct WhoJson<'a> {
-    node: &'a str,
     netns_name: Option<&'a str>,
     cgroup: Option<CgroupJson<'a>>,
     container: Option<ContainerJson<'a>>,
@@ -167,11 +166,17 @@ struct WhoJson<'a> {
     owner: Option<ProcessJson<'a>>,
 }
 
+#[derive(Serialize)]
+struct PeerJson<'a> {
+    netns: Option<u32>,
+    #[serde(flatten)]
+    who: WhoJson<'a>,
+}
+
 impl<'a> WhoJson<'a> {
-    fn new(node: &'a str, a: &'a Attribution) -> Self {
+    fn new(a: &'a Attribution) -> Self {
         let cgroup = a.cgroup.as_deref();
         Self {
-            node,
             netns_name: a.netns_name.as_deref(),
             cgroup: a.cgroup_id.map(|id| CgroupJson {
                 id,
@@ -221,8 +226,10 @@ struct RstJson<'a> {
     initiator: Option<InitiatorJson<'a>>,
     history: Vec<StepJson>,
     diagnosis: Option<&'a str>,
+    node: &'a str,
     #[serde(flatten)]
     who: WhoJson<'a>,
+    peer: Option<PeerJson<'a>>,
 }
 
 impl<'a> RstJson<'a> {
@@ -247,7 +254,12 @@ impl<'a> RstJson<'a> {
             initiator: initiator(conn, ev.time),
             history: history(conn, ev.time),
             diagnosis: report.diagnosis.as_deref(),
-            who: WhoJson::new(node, &report.attribution),
+            node,
+            who: WhoJson::new(&report.attribution),
+            peer: report.peer.as_ref().map(|p| PeerJson {
+                netns: p.netns,
+                who: WhoJson::new(&p.attribution),
+            }),
         }
     }
 }
@@ -267,6 +279,7 @@ struct StuckJson<'a> {
     peer_fin_ago_ms: Option<u64>,
     history: Vec<StepJson>,
     diagnosis: &'a str,
+    node: &'a str,
     #[serde(flatten)]
     who: WhoJson<'a>,
 }
@@ -314,7 +327,8 @@ impl Sink for JsonSink {
                 peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
                 history: history(Some(conn), r.time),
                 diagnosis: &r.diagnosis.text,
-                who: WhoJson::new(&self.node, &r.attribution),
+                node: &self.node,
+                who: WhoJson::new(&r.attribution),
             },
         )
     }
@@ -429,6 +443,17 @@ mod tests {
             ev,
             conn: ctx.conn,
             attribution: attribution(),
+            peer: Some(Peer {
+                netns: Some(4026532999),
+                attribution: Attribution {
+                    netns_name: Some("host".into()),
+                    owner: Some(crate::event::Process {
+                        pid: 99,
+                        comm: "curl".into(),
+                    }),
+                    ..Attribution::default()
+                },
+            }),
         })
         .unwrap();
         let conn = tracker
@@ -477,6 +502,7 @@ mod tests {
             conn: None,
             diagnosis: None,
             attribution: Attribution::default(),
+            peer: None,
         })
         .unwrap();
         let expected = serde_json::json!({
@@ -502,6 +528,7 @@ mod tests {
             "pod": null,
             "service": null,
             "owner": null,
+            "peer": null,
         });
         assert_eq!(lines(&buf)[0], expected);
     }
@@ -522,6 +549,13 @@ mod tests {
             serde_json::json!({"uid": POD, "namespace": "shop", "name": "web-1", "qos": "burstable", "labels": {"app": "web"}})
         );
         assert_eq!(v["owner"], serde_json::json!({"pid": 7, "comm": "envoy"}));
+        assert_eq!(
+            v["peer"],
+            serde_json::json!({
+                "netns": 4026532999u32, "netns_name": "host", "cgroup": null, "container": null,
+                "pod": null, "service": null, "owner": {"pid": 99, "comm": "curl"},
+            })
+        );
     }
 
     #[test]

@@ -25,6 +25,14 @@ pub struct RstReport {
     pub conn: Option<Connection>,
     pub diagnosis: Option<String>,
     pub attribution: Attribution,
+    /// The connection's other end, when it is on this host too.
+    pub peer: Option<Peer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub netns: Option<u32>,
+    pub attribution: Attribution,
 }
 
 /// A connection stuck half-closed.

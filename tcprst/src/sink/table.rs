@@ -230,6 +230,7 @@ mod tests {
             conn: None,
             diagnosis: Some("because of a test".into()),
             attribution: Attribution::default(),
+            peer: None,
         }
     }
 

@@ -88,6 +88,25 @@ impl Netns {
 }
 
 impl Netns {
+    /// Links two namespaces with a veth pair: `self` gets 10.213.0.1/24 and
+    /// `other` 10.213.0.2/24, addresses that exist only inside them.
+    pub fn link(&self, other: &Netns) {
+        let n = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
+        let (a, b) = (
+            format!("trA{}x{n}", std::process::id()),
+            format!("trB{}x{n}", std::process::id()),
+        );
+        run(
+            "ip",
+            &["link", "add", &a, "type", "veth", "peer", "name", &b],
+        );
+        for (dev, ns, addr) in [(&a, self, "10.213.0.1/24"), (&b, other, "10.213.0.2/24")] {
+            run("ip", &["link", "set", dev, "netns", &ns.name]);
+            run("ip", &["-n", &ns.name, "addr", "add", addr, "dev", dev]);
+            run("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+        }
+    }
+
     /// A connected (client, server) pair on exact addresses.
     pub fn pair(&self, client: &str, server: &str) -> (TcpStream, TcpStream) {
         let listener = self.listen(server);
@@ -102,6 +121,16 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// A child process, killed when dropped.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
