@@ -10,7 +10,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{LossReport, Peer, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
+use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
 use crate::{
     enrich::Attribution,
     event::{CloseOp, Initiator, Task},
@@ -375,7 +375,7 @@ mod tests {
     use crate::{
         diagnosis::{self, Blame, WaitingFor},
         event::{Errno, ExecContext, RstEvent, RstKind, TcpState},
-        sink::testing::Shared,
+        sink::{Peer, testing::Shared},
         tracker::{
             Tracker,
             tests::{change, proxy_half_close, reset, t},
