@@ -275,7 +275,8 @@ pub struct RstRecord {
     pub sock_cookie: u64,
     /// Network namespace inode; 0 when unknown (no namespace has inode 0).
     pub netns: u32,
-    pub _pad: u32,
+    /// Kernel stack in the `STACKS` map; negative when none was taken.
+    pub stack_id: i32,
     /// The socket's cgroup (v2) id; 0 when unknown.
     pub cgroup_id: u64,
     pub tuple: Tuple,

@@ -10,6 +10,7 @@ mod kernel;
 mod maps;
 mod owner;
 mod reset;
+mod stack;
 mod state;
 mod syscalls;
 mod tracepoint;

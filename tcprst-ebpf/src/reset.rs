@@ -10,6 +10,7 @@ use crate::{
     kernel::{is_full_sock, skb_netns, sock_cgroup_id, sock_netns, sock_state},
     maps::emit,
     owner::owner_of,
+    stack::stack_id,
     tracepoint::{field, read_tuple, tuple_wanted},
 };
 
@@ -41,7 +42,7 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         rec.reason = reason;
         rec.flags |= rst_flags::HAS_REASON;
     }
-    finish(&mut rec, netns);
+    finish(&ctx, &mut rec, netns);
     0
 }
 
@@ -66,7 +67,7 @@ pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
         rec.sock_cookie = cookie;
         rec.flags |= rst_flags::HAS_COOKIE;
     }
-    finish(&mut rec, sock_netns(sk));
+    finish(&ctx, &mut rec, sock_netns(sk));
     0
 }
 
@@ -80,7 +81,7 @@ fn blank(kind: RecordKind) -> RstRecord {
 
 /// Applies the kernel-side filters, adds who was running, and emits.
 #[inline(always)]
-fn finish(rec: &mut RstRecord, netns: u32) {
+fn finish(ctx: &TracePointContext, rec: &mut RstRecord, netns: u32) {
     if !tuple_wanted(&rec.tuple, netns) {
         return;
     }
@@ -96,6 +97,7 @@ fn finish(rec: &mut RstRecord, netns: u32) {
     if tgid != 0 && (context != ExecContext::Process || rec.task.tgid != tgid) {
         return;
     }
+    rec.stack_id = stack_id(ctx);
     rec.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     emit(rec);
 }

@@ -131,6 +131,10 @@ pub struct TraceArgs {
     )]
     pub pod_labels: Vec<String>,
 
+    /// Print each reset's whole kernel stack, not just the calling function
+    #[arg(long)]
+    pub stack: bool,
+
     /// Serve Prometheus metrics at http://ADDR/metrics; a bare port binds 127.0.0.1
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<MetricsAddr>,

@@ -74,6 +74,7 @@ impl Decoder {
                 pid: rec.owner.tgid,
                 comm: comm_str(&rec.owner.comm),
             }),
+            stack_id: u32::try_from(rec.stack_id).ok(),
         })
     }
 
@@ -214,7 +215,7 @@ pub(crate) mod tests {
             skaddr: 0xffff_8880_0000_1000,
             sock_cookie: 0,
             netns: 4026531840,
-            _pad: 0,
+            stack_id: -1,
             cgroup_id: 0,
             tuple: tuple(),
             task: task_info(),

@@ -152,6 +152,8 @@ pub struct RstEvent {
     pub cgroup_id: Option<u64>,
     /// The last process seen acting on the socket, whatever runs now.
     pub owner: Option<Process>,
+    /// The kernel stack in the `STACKS` map.
+    pub stack_id: Option<u32>,
 }
 
 /// A process, by pid and command.

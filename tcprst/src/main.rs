@@ -18,6 +18,7 @@ mod probes;
 mod sink;
 mod snapshot;
 mod sockdiag;
+mod stacks;
 mod trace;
 mod tracefs;
 mod tracker;
@@ -156,6 +157,7 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
         kubeconfig: args.kubeconfig,
         pod_labels: args.pod_labels,
         metrics_addr: args.metrics_addr,
+        show_stacks: args.stack,
     })
 }
 

@@ -46,6 +46,7 @@ impl FromStr for MetricsAddr {
 struct RstLabels {
     direction: &'static str,
     reason: String,
+    caller: String,
     namespace: String,
     pod: String,
 }
@@ -74,7 +75,7 @@ impl Metrics {
         let rsts = Family::<RstLabels, Counter>::default();
         registry.register(
             "resets",
-            "TCP resets sent and received, by kernel reason and Kubernetes namespace and pod",
+            "TCP resets sent and received, by kernel reason, calling kernel function, and Kubernetes namespace and pod",
             rsts.clone(),
         );
         let stuck = Family::<StateLabels, Gauge>::default();
@@ -108,6 +109,7 @@ impl Metrics {
         &self,
         sent: bool,
         reason: Option<&str>,
+        caller: Option<&str>,
         namespace: Option<&str>,
         pod: Option<&str>,
     ) {
@@ -115,6 +117,7 @@ impl Metrics {
             .get_or_create(&RstLabels {
                 direction: if sent { "sent" } else { "received" },
                 reason: reason.unwrap_or("").to_owned(),
+                caller: caller.unwrap_or("").to_owned(),
                 namespace: namespace.unwrap_or("").to_owned(),
                 pod: pod.unwrap_or("").to_owned(),
             })
@@ -210,16 +213,16 @@ mod tests {
     #[test]
     fn encodes_counters_with_labels() {
         let m = Metrics::new();
-        m.reset(true, Some("NO_SOCKET"), None, None);
-        m.reset(true, Some("NO_SOCKET"), None, None);
-        m.reset(false, None, Some("shop"), Some("web-1"));
+        m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None);
+        m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None);
+        m.reset(false, None, None, Some("shop"), Some("web-1"));
         m.set_stuck(&[(TcpState::FinWait2, 3)]);
         m.lost(7);
         m.programs_attached("tracepoint", 5);
         let text = m.encode();
         for line in [
-            r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",namespace="",pod=""} 2"#,
-            r#"tcprst_resets_total{direction="received",reason="",namespace="shop",pod="web-1"} 1"#,
+            r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="",pod=""} 2"#,
+            r#"tcprst_resets_total{direction="received",reason="",caller="",namespace="shop",pod="web-1"} 1"#,
             r#"tcprst_halfclose_stuck{state="FIN_WAIT2"} 3"#,
             "tcprst_lost_events_total 7",
             r#"tcprst_programs_attached{tier="tracepoint"} 5"#,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{RawTracePoint, TracePoint},
 };
 use tcprst_common::{KernelFilter, KernelOffsets, LOST_RECORDS, SyscallFields};
@@ -169,6 +169,14 @@ impl Probes {
             .take_map("EVENTS")
             .ok_or_else(|| anyhow!("EVENTS map missing from the object"))?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("STACKS")
+            .ok_or_else(|| anyhow!("STACKS map missing from the object"))?;
+        Ok(StackTraceMap::try_from(map)?)
     }
 
     pub fn take_lost_counter(&mut self) -> Result<LostCounter> {

@@ -28,6 +28,7 @@ use crate::{
     owner::SocketOwners,
     probes::{LostCounter, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
+    stacks::{Kallsyms, Stacks},
     tracker::{ConnKey, Tracker, is_half_closed},
 };
 
@@ -45,6 +46,8 @@ pub struct TraceOptions {
     /// Pod labels to report, by key.
     pub pod_labels: Vec<String>,
     pub metrics_addr: Option<MetricsAddr>,
+    /// Print whole kernel stacks, not just the caller.
+    pub show_stacks: bool,
 }
 
 #[derive(Default)]
@@ -60,6 +63,8 @@ struct Pipeline<'a> {
     decoder: Decoder,
     tracker: Tracker,
     enricher: Enricher,
+    stacks: Option<Stacks>,
+    show_stacks: bool,
     filter: &'a EventFilter,
     sink: Box<dyn Sink>,
     metrics: Arc<Metrics>,
@@ -97,10 +102,13 @@ impl Pipeline<'_> {
                 if !self.filter.wants_owner(&attribution) {
                     return Ok(());
                 }
+                let stack = ev.stack_id.and_then(|id| self.stacks.as_mut()?.get(id));
+                let caller = stack.as_ref().and_then(|s| s.caller.clone());
                 let pod = attribution.pod.as_ref();
                 self.metrics.reset(
                     ev.kind == crate::event::RstKind::Sent,
                     ev.reason.as_deref(),
+                    caller.as_deref(),
                     pod.map(|p| p.namespace.as_str()),
                     pod.map(|p| p.name.as_str()),
                 );
@@ -117,6 +125,8 @@ impl Pipeline<'_> {
                     diagnosis,
                     attribution,
                     peer,
+                    caller,
+                    stack: stack.filter(|_| self.show_stacks).map(|s| s.frames),
                 })?;
                 self.counts.shown += 1;
             }
@@ -201,6 +211,10 @@ pub fn start(opts: &TraceOptions) -> Result<Probes> {
 pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let ring = probes.take_ring()?;
     let lost = probes.take_lost_counter()?;
+    let stacks = match Kallsyms::load() {
+        Some(kallsyms) => Some(Stacks::new(probes.take_stacks()?, kallsyms)),
+        None => None,
+    };
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(io::Error::from)
@@ -219,6 +233,8 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::new()),
         tracker: Tracker::new(opts.max_connections),
         enricher: Enricher::new(CgroupResolver::new(), pods, opts.pod_labels.clone()),
+        stacks,
+        show_stacks: opts.show_stacks,
         filter: &opts.filter,
         sink: sink::open(opts.output, Box::new(stdout), node),
         metrics,

@@ -447,6 +447,7 @@ pub(crate) mod tests {
             errno: state.and_then(Errno::for_reset_in),
             cgroup_id: None,
             owner: None,
+            stack_id: None,
         }
     }
 

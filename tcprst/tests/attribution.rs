@@ -118,6 +118,7 @@ fn keepalive_reset(test: &str, runtime_path: &str) -> (Value, Netns, Cgroup, u32
 /// What every runtime's reset must show.
 fn assert_container_reset(reset: &Value, ns: &Netns, cgroup: &Cgroup, pid: u32) {
     assert_eq!(reset["reason"], "TCP_KEEPALIVE_TIMEOUT", "{reset:#}");
+    assert_eq!(reset["caller"], "tcp_keepalive_timer");
     assert_eq!(reset["context"], "softirq");
     assert!(reset["pid"].is_null(), "softirq blames no task: {reset:#}");
     assert_eq!(reset["netns"], ns.inode);

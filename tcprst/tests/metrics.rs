@@ -72,7 +72,11 @@ fn metrics_count_resets_programs_and_losses() {
     });
 
     let m = scrape(&addr);
-    let sent = [("direction", "sent"), ("reason", "NO_SOCKET")];
+    let sent = [
+        ("direction", "sent"),
+        ("reason", "NO_SOCKET"),
+        ("caller", "tcp_v4_rcv"),
+    ];
     assert_eq!(value(&m, "tcprst_resets_total", &sent), Some(2.0));
     assert_eq!(
         value(&m, "tcprst_resets_total", &[("direction", "received")]),

@@ -43,6 +43,12 @@ fn closed_port_resets(client: &str, server: &str) -> Vec<Value> {
         ],
     );
     assert!(find(&events, "rst_received")["socket_cookie"].is_u64());
+    let stack_of = if server.starts_with('[') {
+        "tcp_v6_rcv"
+    } else {
+        "tcp_v4_rcv"
+    };
+    assert_eq!(find(&events, "rst_sent")["caller"], stack_of);
     events
 }
 
@@ -92,6 +98,7 @@ fn close_with_unread_data(server: &str, client: &str) -> Vec<Value> {
     );
     // The closing thread sent it, in process context.
     let sent = find(&events, "rst_sent");
+    assert_eq!(sent["caller"], "tcp_close");
     assert_eq!(sent["context"], "process");
     assert_eq!(sent["pid"], std::process::id());
     assert_eq!(sent["uid"], 0);
@@ -139,7 +146,9 @@ fn linger_zero_close_is_an_active_reset() {
             ),
         ],
     );
-    assert_eq!(find(&events, "rst_sent")["pid"], std::process::id());
+    let sent = find(&events, "rst_sent");
+    assert_eq!(sent["pid"], std::process::id());
+    assert_eq!(sent["caller"], "tcp_disconnect");
 }
 
 #[test]

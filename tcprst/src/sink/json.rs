@@ -226,6 +226,8 @@ struct RstJson<'a> {
     initiator: Option<InitiatorJson<'a>>,
     history: Vec<StepJson>,
     diagnosis: Option<&'a str>,
+    caller: Option<&'a str>,
+    stack: Option<Vec<&'a str>>,
     node: &'a str,
     #[serde(flatten)]
     who: WhoJson<'a>,
@@ -254,6 +256,11 @@ impl<'a> RstJson<'a> {
             initiator: initiator(conn, ev.time),
             history: history(conn, ev.time),
             diagnosis: report.diagnosis.as_deref(),
+            caller: report.caller.as_deref(),
+            stack: report
+                .stack
+                .as_ref()
+                .map(|s| s.iter().map(|f| &**f).collect()),
             node,
             who: WhoJson::new(&report.attribution),
             peer: report.peer.as_ref().map(|p| PeerJson {
@@ -454,6 +461,12 @@ mod tests {
                     ..Attribution::default()
                 },
             }),
+            caller: Some("tcp_v4_rcv".into()),
+            stack: Some(
+                ["tcp_v4_send_reset", "tcp_v4_rcv"]
+                    .map(std::sync::Arc::from)
+                    .into(),
+            ),
         })
         .unwrap();
         let conn = tracker
@@ -503,6 +516,8 @@ mod tests {
             diagnosis: None,
             attribution: Attribution::default(),
             peer: None,
+            caller: None,
+            stack: None,
         })
         .unwrap();
         let expected = serde_json::json!({
@@ -529,6 +544,8 @@ mod tests {
             "service": null,
             "owner": null,
             "peer": null,
+            "caller": null,
+            "stack": null,
         });
         assert_eq!(lines(&buf)[0], expected);
     }
@@ -549,6 +566,11 @@ mod tests {
             serde_json::json!({"uid": POD, "namespace": "shop", "name": "web-1", "qos": "burstable", "labels": {"app": "web"}})
         );
         assert_eq!(v["owner"], serde_json::json!({"pid": 7, "comm": "envoy"}));
+        assert_eq!(v["caller"], "tcp_v4_rcv");
+        assert_eq!(
+            v["stack"],
+            serde_json::json!(["tcp_v4_send_reset", "tcp_v4_rcv"])
+        );
         assert_eq!(
             v["peer"],
             serde_json::json!({

@@ -5,6 +5,7 @@ mod table;
 
 use std::{
     io::{self, Write},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -27,6 +28,10 @@ pub struct RstReport {
     pub attribution: Attribution,
     /// The connection's other end, when it is on this host too.
     pub peer: Option<Peer>,
+    /// The kernel function that decided to reset.
+    pub caller: Option<Arc<str>>,
+    /// The whole kernel stack, innermost first, when asked for (--stack).
+    pub stack: Option<Arc<[Arc<str>]>>,
 }
 
 #[derive(Debug, Clone)]

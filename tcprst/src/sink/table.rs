@@ -22,7 +22,7 @@ const COLUMNS: [(&str, u16); 9] = [
     ("LOCAL", 24),
     ("REMOTE", 24),
     ("STATE", 13),
-    ("WHY", 26),
+    ("WHY", 34),
     ("TASK", 24),
     ("WHOSE", 30),
 ];
@@ -120,9 +120,16 @@ fn whose(a: &Attribution) -> String {
     a.owner.as_ref().map_or("-".to_owned(), |o| o.label())
 }
 
-fn why(ev: &RstEvent) -> String {
+fn why(report: &RstReport) -> String {
+    let ev = &report.ev;
     match ev.kind {
-        RstKind::Sent => ev.reason.as_deref().unwrap_or("-").to_owned(),
+        RstKind::Sent => {
+            let reason = ev.reason.as_deref().unwrap_or("-");
+            match &report.caller {
+                Some(caller) => format!("{reason} in {caller}"),
+                None => reason.to_owned(),
+            }
+        }
         RstKind::Received => ev
             .errno
             .map_or("ignored (socket closed)", |e| e.name())
@@ -152,10 +159,14 @@ impl Sink for TableSink {
             Cell::new(ev.local),
             Cell::new(ev.remote),
             Cell::new(ev.state.map_or("-", |s| s.name())),
-            Cell::new(why(ev)),
+            Cell::new(why(report)),
             Cell::new(task(ev)),
             Cell::new(whose(&report.attribution)),
         ])?;
+        if let Some(stack) = &report.stack {
+            let frames: Vec<&str> = stack.iter().map(|f| &**f).collect();
+            writeln!(self.out, "   stack: {}", frames.join(" ← "))?;
+        }
         match &report.diagnosis {
             Some(text) => self.because(text),
             None => Ok(()),
@@ -224,6 +235,7 @@ mod tests {
             errno: Some(Errno::ConnReset),
             cgroup_id: None,
             owner: None,
+            stack_id: None,
         };
         RstReport {
             ev,
@@ -231,6 +243,8 @@ mod tests {
             diagnosis: Some("because of a test".into()),
             attribution: Attribution::default(),
             peer: None,
+            caller: None,
+            stack: None,
         }
     }
 

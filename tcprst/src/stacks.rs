@@ -1,0 +1,189 @@
+//! Which kernel function decided to reset: kernel stacks from the `STACKS`
+//! map, symbolized with /proc/kallsyms.
+
+use std::{collections::HashMap, fs, sync::Arc};
+
+use aya::maps::{MapData, StackTraceMap};
+
+/// Kernel text symbols, sorted by address.
+pub struct Kallsyms {
+    symbols: Vec<(u64, Arc<str>)>,
+}
+
+impl Kallsyms {
+    /// None when the addresses are hidden (kptr_restrict, or no CAP_SYSLOG).
+    pub fn load() -> Option<Self> {
+        let text = fs::read_to_string("/proc/kallsyms").ok()?;
+        let syms = Self::parse(&text);
+        if syms.symbols.is_empty() {
+            log::warn!(
+                "/proc/kallsyms shows no addresses (kernel.kptr_restrict): reset callers will be unknown"
+            );
+            return None;
+        }
+        Some(syms)
+    }
+
+    pub fn parse(text: &str) -> Self {
+        let mut symbols: Vec<(u64, Arc<str>)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut parts = line.split_whitespace();
+                let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
+                let kind = parts.next()?;
+                let name = parts.next()?;
+                let text_symbol = matches!(kind, "t" | "T" | "w" | "W");
+                (addr != 0 && text_symbol).then(|| (addr, Arc::from(name)))
+            })
+            .collect();
+        symbols.sort_by_key(|(addr, _)| *addr);
+        Self { symbols }
+    }
+
+    /// The function containing `addr`.
+    pub fn symbol(&self, addr: u64) -> Option<&Arc<str>> {
+        let i = self.symbols.partition_point(|(start, _)| *start <= addr);
+        i.checked_sub(1).map(|i| &self.symbols[i].1)
+    }
+}
+
+/// Functions that send or take the reset, and the tracing machinery above
+/// them: the caller is the first frame that is neither.
+const NOT_CALLERS: [&str; 9] = [
+    "tcp_v4_send_reset",
+    "tcp_v6_send_reset",
+    "tcp_send_active_reset",
+    "tcp_reset",
+    "tcp_done_with_error",
+    "nf_send_reset",
+    "nf_send_reset6",
+    "trace_call_bpf",
+    "bpf_get_stackid",
+];
+
+const MACHINERY_PREFIXES: [&str; 5] = ["perf_", "bpf_", "__bpf_", "__traceiter_", "trace_event_"];
+
+/// `__tcp_close` and `tcp_close.cold` are tcp_close to a reader.
+fn plain(name: &str) -> &str {
+    let name = name.split('.').next().unwrap_or(name);
+    name.trim_start_matches('_')
+}
+
+/// The first meaningful frame, innermost first.
+pub fn caller<'a>(frames: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    frames
+        .into_iter()
+        .filter(|f| !MACHINERY_PREFIXES.iter().any(|p| f.starts_with(p)))
+        .map(plain)
+        .find(|f| !NOT_CALLERS.contains(f))
+}
+
+/// One symbolized stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stack {
+    pub caller: Option<Arc<str>>,
+    /// Innermost first.
+    pub frames: Arc<[Arc<str>]>,
+}
+
+/// Symbolizes stack ids once each: without BPF_F_REUSE_STACKID an id keeps
+/// naming the same stack.
+pub struct Stacks {
+    map: StackTraceMap<MapData>,
+    kallsyms: Kallsyms,
+    cache: HashMap<u32, Stack>,
+}
+
+impl Stacks {
+    pub fn new(map: StackTraceMap<MapData>, kallsyms: Kallsyms) -> Self {
+        Self {
+            map,
+            kallsyms,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub fn get(&mut self, stack_id: u32) -> Option<Stack> {
+        if let Some(stack) = self.cache.get(&stack_id) {
+            return Some(stack.clone());
+        }
+        let trace = self.map.get(&stack_id, 0).ok()?;
+        let frames: Arc<[Arc<str>]> = trace
+            .frames()
+            .iter()
+            .filter_map(|f| self.kallsyms.symbol(f.ip).cloned())
+            .collect();
+        let stack = Stack {
+            caller: caller(frames.iter().map(|f| &**f)).map(Arc::from),
+            frames,
+        };
+        self.cache.insert(stack_id, stack.clone());
+        Some(stack)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KALLSYMS: &str = include_str!("../testdata/kallsyms-excerpt-6.18.txt");
+    /// bpf_get_stackid from tcp:tcp_send_reset for a connect() to a closed
+    /// port, as bpftrace symbolized it on this kernel.
+    const CLOSED_PORT: &str = include_str!("../testdata/stack-closed-port-6.18.txt");
+
+    fn names(stack: &str) -> Vec<&str> {
+        stack
+            .lines()
+            .map(|l| l.split('+').next().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn symbolizes_addresses_inside_functions() {
+        let k = Kallsyms::parse(KALLSYMS);
+        let (addr, name) = KALLSYMS
+            .lines()
+            .find_map(|l| {
+                let mut p = l.split_whitespace();
+                let addr = u64::from_str_radix(p.next()?, 16).ok()?;
+                Some((addr, p.nth(1)?.to_owned()))
+            })
+            .unwrap();
+        assert_eq!(k.symbol(addr).map(|s| &**s), Some(name.as_str()));
+        assert_eq!(k.symbol(addr + 3).map(|s| &**s), Some(name.as_str()));
+        assert!(k.symbol(0x1000).is_none());
+    }
+
+    #[test]
+    fn hidden_addresses_give_no_symbols() {
+        let hidden = "0000000000000000 T tcp_close\n0000000000000000 t __tcp_close\n";
+        assert!(Kallsyms::parse(hidden).symbols.is_empty());
+        let data = "ffffffff82000000 D some_variable\n";
+        assert!(Kallsyms::parse(data).symbols.is_empty());
+    }
+
+    #[test]
+    fn closed_port_reset_comes_from_tcp_v4_rcv() {
+        assert_eq!(caller(names(CLOSED_PORT)), Some("tcp_v4_rcv"));
+    }
+
+    #[test]
+    fn callers_skip_machinery_and_normalise_names() {
+        let close = [
+            "perf_trace_run_bpf_submit",
+            "tcp_send_active_reset",
+            "__tcp_close",
+            "tcp_close",
+        ];
+        assert_eq!(caller(close), Some("tcp_close"));
+        let linger = ["tcp_send_active_reset", "tcp_disconnect", "__tcp_close"];
+        assert_eq!(caller(linger), Some("tcp_disconnect"));
+        let keepalive = [
+            "tcp_send_active_reset",
+            "tcp_keepalive_timer.cold",
+            "call_timer_fn",
+        ];
+        assert_eq!(caller(keepalive), Some("tcp_keepalive_timer"));
+        assert_eq!(caller(["tcp_v4_send_reset"]), None);
+    }
+}
