@@ -121,7 +121,8 @@ pub struct CgroupResolver {
 }
 
 impl CgroupResolver {
-    pub fn new() -> Self {
+    /// Uses the cgroup2 mount of this host.
+    pub fn discover() -> Self {
         let root = fs::read_to_string("/proc/self/mountinfo")
             .ok()
             .and_then(|m| mount_point(&m, "cgroup2"));

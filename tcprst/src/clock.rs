@@ -21,14 +21,15 @@ fn now_ns(clock: libc::clockid_t) -> i128 {
 }
 
 impl WallClock {
-    pub fn new() -> Self {
+    /// The offset as of now.
+    pub fn now() -> Self {
         Self {
             offset_ns: now_ns(libc::CLOCK_REALTIME) - now_ns(libc::CLOCK_MONOTONIC),
         }
     }
 
     pub fn refresh(&mut self) {
-        *self = Self::new();
+        *self = Self::now();
     }
 
     pub fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
@@ -43,7 +44,7 @@ mod tests {
 
     #[test]
     fn maps_now_to_now() {
-        let clock = WallClock::new();
+        let clock = WallClock::now();
         let wall = clock.wall_time(now_ns(libc::CLOCK_MONOTONIC) as u64);
         let skew = SystemTime::now()
             .duration_since(wall)

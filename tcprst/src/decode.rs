@@ -255,7 +255,7 @@ pub(crate) mod tests {
     fn decoder() -> Decoder {
         Decoder::new(
             ReasonNames::from_pairs([(1, "NO_SOCKET".into()), (11, "TCP_ABORT_ON_CLOSE".into())]),
-            WallClock::new(),
+            WallClock::now(),
         )
     }
 

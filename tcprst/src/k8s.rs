@@ -122,6 +122,10 @@ impl PodIndex {
         self.read().len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     // A panic elsewhere cannot leave the map half-updated (every write is a single insert,
     // remove or swap), so a poisoned lock is still safe to use.
     fn read(&self) -> RwLockReadGuard<'_, Pods> {
@@ -229,7 +233,7 @@ pub async fn watch_pods(config: kube::Config, node: String, index: PodIndex) {
                 index.apply(event, &mut relist);
                 // A node always runs some pods (tcprst's own, kube-proxy, the CNI's), so none
                 // means the name is wrong, typically a hostname that is not the node name.
-                if listed && !std::mem::replace(&mut checked_node, true) && index.len() == 0 {
+                if listed && !std::mem::replace(&mut checked_node, true) && index.is_empty() {
                     log::warn!(
                         "Kubernetes lists no pods on node {node}; set NODE_NAME if that is not this node"
                     );

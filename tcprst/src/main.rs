@@ -1,28 +1,3 @@
-mod btf;
-mod cgroup;
-mod cli;
-mod clock;
-mod decode;
-mod diagnosis;
-mod enrich;
-mod event;
-mod filter;
-mod k8s;
-mod layout;
-mod metrics;
-mod mountinfo;
-mod netns;
-mod owner;
-mod privileges;
-mod probes;
-mod sink;
-mod snapshot;
-mod sockdiag;
-mod stacks;
-mod trace;
-mod tracefs;
-mod tracker;
-
 use std::{
     io::{IsTerminal as _, Write as _},
     process::ExitCode,
@@ -31,11 +6,13 @@ use std::{
 use anyhow::Result;
 use clap::Parser as _;
 
-use crate::{
+use tcprst::{
     cli::{Cli, Command, KindArg, SnapshotArgs, TraceArgs},
-    filter::{EventFilter, Family},
+    filter::{self, EventFilter, Family},
+    privileges,
     probes::ProbeConfig,
     sink::OutputFormat,
+    snapshot, trace,
     trace::TraceOptions,
 };
 

@@ -69,8 +69,8 @@ pub struct Metrics {
     programs: Family<TierLabels, Gauge>,
 }
 
-impl Metrics {
-    pub fn new() -> Self {
+impl Default for Metrics {
+    fn default() -> Self {
         let mut registry = Registry::with_prefix("tcprst");
         let rsts = Family::<RstLabels, Counter>::default();
         registry.register(
@@ -104,7 +104,9 @@ impl Metrics {
             programs,
         }
     }
+}
 
+impl Metrics {
     pub fn reset(
         &self,
         sent: bool,
@@ -212,7 +214,7 @@ mod tests {
 
     #[test]
     fn encodes_counters_with_labels() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None);
         m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None);
         m.reset(false, None, None, Some("shop"), Some("web-1"));

@@ -110,7 +110,7 @@ pub mod testing {
     pub struct TestNetns(pub NetnsHandle);
 
     impl TestNetns {
-        pub fn new() -> Self {
+        pub fn create() -> Self {
             static NEXT: AtomicU32 = AtomicU32::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let name = format!("tcprst-ut-{}-{n}", std::process::id());
@@ -155,7 +155,7 @@ mod tests {
 
     #[test]
     fn lists_host_first_then_each_namespace_once() {
-        let netns = TestNetns::new();
+        let netns = TestNetns::create();
         let all = all_namespaces();
 
         match fs::metadata(HOST) {
@@ -174,7 +174,7 @@ mod tests {
 
     #[test]
     fn runs_closure_inside_namespace_only() {
-        let netns = TestNetns::new();
+        let netns = TestNetns::create();
         let before = own_netns_inode();
 
         let inside = in_netns(&netns.0, own_netns_inode).unwrap();

@@ -285,7 +285,7 @@ mod tests {
     }
 
     fn dumps_close_wait(listen: IpAddr, connect: IpAddr) {
-        let netns = TestNetns::new();
+        let netns = TestNetns::create();
         let (server, client_local, client_peer) =
             in_netns(&netns.0, || close_wait(listen, connect)).unwrap();
 
@@ -337,7 +337,7 @@ mod tests {
     /// a timewait socket at once; sock_diag still reports it as FIN_WAIT2.
     #[test]
     fn orphaned_client_has_no_inode_and_a_timewait_timer() {
-        let netns = TestNetns::new();
+        let netns = TestNetns::create();
         let localhost = Ipv4Addr::LOCALHOST.into();
         let (_server, client_local, client_peer) =
             in_netns(&netns.0, || close_wait(localhost, localhost)).unwrap();
@@ -372,7 +372,7 @@ mod tests {
 
     #[test]
     fn keepalive_timer_matches_ss() {
-        let netns = TestNetns::new();
+        let netns = TestNetns::create();
         let localhost = Ipv4Addr::LOCALHOST.into();
         let (server, ..) = in_netns(&netns.0, || close_wait(localhost, localhost)).unwrap();
         let idle = Duration::from_secs(600);

@@ -219,7 +219,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(io::Error::from)
         .context("polling the ring buffer")?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::default());
     for (tier, n) in probes.attached_by_tier() {
         metrics.programs_attached(tier, n);
     }
@@ -230,9 +230,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let pods = start_pod_watcher(&opts, &node).await;
     let stdout = BufWriter::with_capacity(64 * 1024, io::stdout());
     let mut pipeline = Pipeline {
-        decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::new()),
+        decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::now()),
         tracker: Tracker::new(opts.max_connections),
-        enricher: Enricher::new(CgroupResolver::new(), pods, opts.pod_labels.clone()),
+        enricher: Enricher::new(CgroupResolver::discover(), pods, opts.pod_labels.clone()),
         stacks,
         show_stacks: opts.show_stacks,
         filter: &opts.filter,

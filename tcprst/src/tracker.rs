@@ -202,7 +202,7 @@ impl Tracker {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.live.len()
     }
 

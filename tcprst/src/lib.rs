@@ -1,0 +1,31 @@
+//! tcprst: explains TCP resets and half-close trouble with eBPF.
+//!
+//! Data flows one way: kernel programs (tcprst-ebpf) → ring buffer →
+//! `decode` → `tracker` and `diagnosis` → `enrich` → `sink`s. `trace` runs
+//! that loop; `probes` with `tracefs`, `btf` and `layout` load the programs
+//! with the running kernel's layouts. The binary is only the command line.
+
+pub mod btf;
+pub mod cgroup;
+pub mod cli;
+pub mod clock;
+pub mod decode;
+pub mod diagnosis;
+pub mod enrich;
+pub mod event;
+pub mod filter;
+pub mod k8s;
+pub mod layout;
+pub mod metrics;
+pub mod mountinfo;
+pub mod netns;
+pub mod owner;
+pub mod privileges;
+pub mod probes;
+pub mod sink;
+pub mod snapshot;
+pub mod sockdiag;
+pub mod stacks;
+pub mod trace;
+pub mod tracefs;
+pub mod tracker;
