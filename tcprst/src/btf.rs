@@ -21,6 +21,11 @@ impl KernelBtf {
         Ok(Self { btf })
     }
 
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let btf = Btf::from_bytes(bytes).map_err(|e| anyhow!("not usable BTF: {e}"))?;
+        Ok(Self { btf })
+    }
+
     /// Byte offset of `path` (member names, outermost first) inside
     /// `struct <root>`, looking through anonymous structs and unions and
     /// through typedefs, as C's `offsetof(struct root, a.b.c)` does.

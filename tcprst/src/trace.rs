@@ -58,8 +58,46 @@ struct Counts {
     lost_reported: u64,
 }
 
+/// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
+/// DIR verbatim: real inputs for the decoder's fuzz corpus and bug reports.
+struct RecordDump {
+    dir: PathBuf,
+    left: u32,
+}
+
+impl RecordDump {
+    const MAX: u32 = 64;
+
+    fn from_env() -> Option<Self> {
+        let dir = PathBuf::from(std::env::var_os("TCPRST_DUMP_RECORDS")?);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            log::warn!("not dumping records to {}: {e}", dir.display());
+            return None;
+        }
+        Some(Self {
+            dir,
+            left: Self::MAX,
+        })
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        if self.left == 0 {
+            return;
+        }
+        self.left -= 1;
+        let path = self
+            .dir
+            .join(format!("record-{:02}", Self::MAX - self.left));
+        if let Err(e) = std::fs::write(&path, bytes) {
+            log::warn!("dumping a record to {}: {e}", path.display());
+            self.left = 0;
+        }
+    }
+}
+
 /// Everything a record passes through after the ring buffer.
 struct Pipeline<'a> {
+    dump: Option<RecordDump>,
     decoder: Decoder,
     tracker: Tracker,
     enricher: Enricher,
@@ -74,6 +112,9 @@ struct Pipeline<'a> {
 impl Pipeline<'_> {
     fn record(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.counts.read += 1;
+        if let Some(dump) = &mut self.dump {
+            dump.keep(bytes);
+        }
         match self.decoder.decode(bytes) {
             Ok(Record::State(change)) => {
                 let Some(resolved) = self.tracker.on_state(&change) else {
@@ -230,6 +271,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let pods = start_pod_watcher(&opts, &node).await;
     let stdout = BufWriter::with_capacity(64 * 1024, io::stdout());
     let mut pipeline = Pipeline {
+        dump: RecordDump::from_env(),
         decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::now()),
         tracker: Tracker::new(opts.max_connections),
         enricher: Enricher::new(CgroupResolver::discover(), pods, opts.pod_labels.clone()),

@@ -96,3 +96,34 @@ fn unprivileged_user() {
     assert_eq!(code, 2);
     assert!(err.contains("missing CAP_BPF and CAP_PERFMON"), "{err}");
 }
+
+/// No tracefs, and no CAP_SYS_ADMIN to mount it: a private mount namespace
+/// with tracefs (and debugfs) unmounted, and the capability dropped.
+#[test]
+fn tracefs_unmountable() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("tcprst-notracefs-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("tcprst");
+    fs::copy(TCPRST, &bin).unwrap();
+    let script = format!(
+        "for m in $(awk '$3 == \"tracefs\" || $3 == \"debugfs\" {{print $2}}' /proc/mounts | sort -r); do umount -l \"$m\"; done; \
+         exec setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {} trace",
+        bin.display()
+    );
+    let (code, err) = check(Command::new("unshare").args([
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("tracefs is not mounted and mounting it at /sys/kernel/tracing failed"),
+        "{err}"
+    );
+}

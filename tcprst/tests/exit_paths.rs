@@ -9,7 +9,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Spawned, Tracer, wait_timeout};
+use std::sync::Mutex;
+
+use common::{Netns, Spawned, TCPRST, Tracer, wait_timeout};
+
+/// Tests here compare the kernel's program lists; one at a time, so each
+/// can tell its own tcprst's programs from another test's.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// BPF program ids held by a process's file descriptors (programs, links,
 /// perf events).
@@ -70,6 +76,7 @@ fn assert_unloaded(ids: &BTreeSet<u32>) {
 }
 
 fn stops_cleanly_on(signal: i32) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::new();
     let tracer = Tracer::start(&["--netns", &ns.name]);
     let ids = programs_of(tracer.pid());
@@ -91,6 +98,7 @@ fn sigint_exits_0_and_unloads() {
 
 #[test]
 fn closed_stdout_exits_0_and_unloads() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::new();
     let mut spawned = Spawned::start(&["--netns", &ns.name]);
     let ids = programs_of(spawned.child.id());
@@ -104,4 +112,63 @@ fn closed_stdout_exits_0_and_unloads() {
         spawned.stderr_text()
     );
     assert_unloaded(&ids);
+}
+
+/// Nothing is pinned, so even a crash (here SIGKILL, which no cleanup code
+/// sees) releases every program: so does a panic, which exits with 101.
+#[test]
+fn sigkill_leaves_nothing_loaded() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = Netns::new();
+    let tracer = Tracer::start(&["--netns", &ns.name]);
+    let ids = programs_of(tracer.pid());
+    let (status, _, _) = tracer.stop_with(libc::SIGKILL);
+    assert_eq!(status.code(), None, "killed, not exited");
+    assert_unloaded(&ids);
+}
+
+fn newest_program_id() -> u32 {
+    loaded_programs()
+        .into_iter()
+        .map(|(id, _)| id)
+        .max()
+        .unwrap_or(0)
+}
+
+/// An error after the programs are attached (the metrics port is taken)
+/// is one line, exit 1, and detaches everything.
+#[test]
+fn error_after_attach_unloads() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let before = newest_program_id();
+    let out = std::process::Command::new(TCPRST)
+        .args(["trace", "-o", "json", "--metrics-addr", &addr])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("tcprst: error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains(&format!("serving metrics on {addr}")),
+        "{stderr}"
+    );
+    // Its programs had been loaded (ids above `before`) and are gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<_> = loaded_programs()
+            .into_iter()
+            .filter(|(id, name)| *id > before && name.starts_with("tcprst_"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still loaded: {left:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
 }
