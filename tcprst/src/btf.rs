@@ -10,18 +10,47 @@ use tcprst_common::KernelOffsets;
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
+/// btf-rs trusts the header: offsets that overflow panic, and a string
+/// section past the end of the data loops forever. Check it first.
+fn check_header(bytes: &[u8]) -> Result<()> {
+    const HEADER: usize = 24;
+    if bytes.len() < HEADER {
+        bail!("{} bytes is too short for a BTF header", bytes.len());
+    }
+    let u16_at = |at: usize| [bytes[at], bytes[at + 1]];
+    let from = match u16_at(0) {
+        [0x9f, 0xeb] => u32::from_le_bytes,
+        [0xeb, 0x9f] => u32::from_be_bytes,
+        _ => bail!("no BTF magic"),
+    };
+    let u32_at = |at: usize| from([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let [hdr_len, type_off, type_len, str_off, str_len] =
+        [4, 8, 12, 16, 20].map(|at| u64::from(u32_at(at)));
+    if (hdr_len as usize) < HEADER {
+        bail!("BTF header length {hdr_len} is shorter than a header");
+    }
+    for (what, off, len) in [("type", type_off, type_len), ("string", str_off, str_len)] {
+        // u64 arithmetic cannot overflow on u32 operands.
+        if hdr_len + off + len > bytes.len() as u64 {
+            bail!("the BTF {what} section runs past the end of the data");
+        }
+    }
+    Ok(())
+}
+
 pub struct KernelBtf {
     btf: Btf,
 }
 
 impl KernelBtf {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let btf = Btf::from_file(path)
-            .map_err(|e| anyhow!("{} is not a usable BTF file: {e}", path.display()))?;
-        Ok(Self { btf })
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_bytes(&bytes)
+            .map_err(|e| anyhow!("{} is not a usable BTF file: {e}", path.display()))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        check_header(bytes)?;
         let btf = Btf::from_bytes(bytes).map_err(|e| anyhow!("not usable BTF: {e}"))?;
         Ok(Self { btf })
     }
@@ -195,6 +224,28 @@ mod tests {
                 .iter()
                 .any(|(_, n)| n == "SKB_DROP_REASON_NOT_SPECIFIED")
         );
+    }
+
+    /// Found by the btf_offsets fuzz target: header offsets that overflow.
+    #[test]
+    fn rejects_headers_pointing_past_the_data() {
+        let crash = include_bytes!("../testdata/btf-crash-header-overflow");
+        let err = KernelBtf::from_bytes(crash).err().unwrap();
+        assert!(err.to_string().contains("runs past the end"), "{err}");
+        let mut short = include_bytes!("../../fuzz/seeds/btf_offsets/tcprst-ebpf.btf").to_vec();
+        short.truncate(100);
+        assert!(KernelBtf::from_bytes(&short).is_err());
+        assert!(KernelBtf::from_bytes(&[0x9f, 0xeb, 1]).is_err());
+    }
+
+    #[test]
+    fn parses_a_real_object_btf() {
+        let btf = KernelBtf::from_bytes(include_bytes!(
+            "../../fuzz/seeds/btf_offsets/tcprst-ebpf.btf"
+        ))
+        .unwrap();
+        // The filter global is described in the eBPF object's own BTF.
+        assert_eq!(btf.offset_of("KernelFilter", &["port"]).unwrap(), 8);
     }
 
     #[test]
