@@ -163,28 +163,28 @@ impl Probes {
         ]
     }
 
-    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+    /// Takes a map out of the object, typed, for userspace to own.
+    fn take<T>(&mut self, name: &str) -> Result<T>
+    where
+        T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
         let map = self
             .ebpf
-            .take_map("EVENTS")
-            .ok_or_else(|| anyhow!("EVENTS map missing from the object"))?;
-        Ok(RingBuf::try_from(map)?)
+            .take_map(name)
+            .ok_or_else(|| anyhow!("{name} map missing from the object"))?;
+        Ok(T::try_from(map)?)
+    }
+
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+        self.take("EVENTS")
     }
 
     pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>> {
-        let map = self
-            .ebpf
-            .take_map("STACKS")
-            .ok_or_else(|| anyhow!("STACKS map missing from the object"))?;
-        Ok(StackTraceMap::try_from(map)?)
+        self.take("STACKS")
     }
 
     pub fn take_lost_counter(&mut self) -> Result<LostCounter> {
-        let map = self
-            .ebpf
-            .take_map("LOST")
-            .ok_or_else(|| anyhow!("LOST map missing from the object"))?;
-        Ok(LostCounter(PerCpuArray::try_from(map)?))
+        Ok(LostCounter(self.take("LOST")?))
     }
 }
 
