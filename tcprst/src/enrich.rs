@@ -32,40 +32,70 @@ pub const HALF_CLOSED: [TcpState; 5] = [
 /// The kernel default, for when the namespace's sysctl cannot be read.
 const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn namespace(netns: u32) -> Option<NetnsHandle> {
-    all_namespaces().into_iter().find(|ns| ns.inode == netns)
+/// Facts about sockets right now, each gathered at most once: one /proc
+/// scan, one sock_diag dump per namespace and state, one sysctl read per
+/// namespace. Make one per round of stuck reports, or per snapshot, so a
+/// burst of stuck connections costs one scan, not one each.
+#[derive(Default)]
+pub struct Lookup {
+    namespaces: Option<Vec<NetnsHandle>>,
+    owners: Option<SocketOwners>,
+    dumps: HashMap<(u32, TcpState), Vec<DiagSocket>>,
+    fin_timeouts: HashMap<u32, Duration>,
 }
 
-/// One process holding the socket of `key` in `state`, found with sock_diag
-/// (tuple → socket inode) and /proc (inode → process).
-pub fn socket_owner(key: &ConnKey, state: TcpState) -> Option<Process> {
-    let ns = namespace(key.netns)?;
-    let sockets = in_netns(&ns, || dump_tcp(&[state])).ok()?.ok()?;
-    let inode = sockets
-        .iter()
-        .find(|s| s.local == key.local && s.remote == key.remote)
-        .map(|s| s.inode)
-        .filter(|inode| *inode != 0)?;
-    let owners = SocketOwners::scan();
-    let owner = owners.owners(inode).first()?;
-    Some(Process {
-        pid: owner.pid,
-        comm: owner.comm.clone(),
-    })
-}
+impl Lookup {
+    fn namespace(&mut self, netns: u32) -> Option<&NetnsHandle> {
+        self.namespaces
+            .get_or_insert_with(all_namespaces)
+            .iter()
+            .find(|ns| ns.inode == netns)
+    }
 
-/// net.ipv4.tcp_fin_timeout of a namespace (it is per namespace).
-pub fn fin_timeout(netns: u32) -> Duration {
-    let read = || -> Option<Duration> {
-        let ns = namespace(netns)?;
-        let text = in_netns(&ns, || {
-            fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+    pub fn owners(&mut self) -> &SocketOwners {
+        self.owners.get_or_insert_with(SocketOwners::scan)
+    }
+
+    /// One process holding the socket of `key` in `state`, found with
+    /// sock_diag (tuple → socket inode) and /proc (inode → process).
+    pub fn socket_owner(&mut self, key: &ConnKey, state: TcpState) -> Option<Process> {
+        if !self.dumps.contains_key(&(key.netns, state)) {
+            let ns = self.namespace(key.netns)?.clone();
+            let sockets = in_netns(&ns, || dump_tcp(&[state])).ok()?.ok()?;
+            self.dumps.insert((key.netns, state), sockets);
+        }
+        let inode = self.dumps[&(key.netns, state)]
+            .iter()
+            .find(|s| s.local == key.local && s.remote == key.remote)
+            .map(|s| s.inode)
+            .filter(|inode| *inode != 0)?;
+        let owner = self.owners().owners(inode).first()?;
+        Some(Process {
+            pid: owner.pid,
+            comm: owner.comm.clone(),
         })
-        .ok()?
-        .ok()?;
-        Some(Duration::from_secs(text.trim().parse().ok()?))
-    };
-    read().unwrap_or(DEFAULT_FIN_TIMEOUT)
+    }
+
+    /// net.ipv4.tcp_fin_timeout of a namespace (it is per namespace).
+    pub fn fin_timeout(&mut self, netns: u32) -> Duration {
+        if let Some(timeout) = self.fin_timeouts.get(&netns) {
+            return *timeout;
+        }
+        let read = |ns: &NetnsHandle| -> Option<Duration> {
+            let text = in_netns(ns, || {
+                fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
+            })
+            .ok()?
+            .ok()?;
+            Some(Duration::from_secs(text.trim().parse().ok()?))
+        };
+        let timeout = self
+            .namespace(netns)
+            .and_then(read)
+            .unwrap_or(DEFAULT_FIN_TIMEOUT);
+        self.fin_timeouts.insert(netns, timeout);
+        timeout
+    }
 }
 
 /// A socket found by sock_diag, with the namespace it lives in.

@@ -18,7 +18,7 @@ impl RstKind {
 }
 
 /// TCP states; their numbers (`include/net/tcp_states.h`) never changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TcpState {
     Established = 1,
     SynSent,

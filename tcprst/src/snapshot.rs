@@ -14,9 +14,8 @@ use serde::Serialize;
 
 use crate::{
     diagnosis,
-    enrich::{self, FoundSocket, HALF_CLOSED},
+    enrich::{self, FoundSocket, HALF_CLOSED, Lookup},
     event::TcpState,
-    owner::SocketOwners,
     sink::OutputFormat,
     tracker::Connection,
 };
@@ -60,9 +59,10 @@ fn lingering_diagnosis(state: TcpState) -> &'static str {
     }
 }
 
-fn row(found: &FoundSocket, owners: &SocketOwners, now: SystemTime) -> Row {
+fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
     let s = &found.socket;
-    let owners: Vec<OwnerJson> = owners
+    let owners: Vec<OwnerJson> = lookup
+        .owners()
         .owners(s.inode)
         .iter()
         .map(|o| OwnerJson {
@@ -74,7 +74,7 @@ fn row(found: &FoundSocket, owners: &SocketOwners, now: SystemTime) -> Row {
     let diagnosis = if HALF_CLOSED.contains(&s.state) {
         let conn = Connection::found(found.key(), s.state, orphaned, now);
         let owner = owners.first().map(|o| format!("{}[{}]", o.comm, o.pid));
-        let fin_timeout = enrich::fin_timeout(found.netns.inode);
+        let fin_timeout = lookup.fin_timeout(found.netns.inode);
         diagnosis::stuck(&conn, now, owner.as_deref(), fin_timeout).text
     } else {
         lingering_diagnosis(s.state).to_owned()
@@ -101,9 +101,9 @@ pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
     let mut states = HALF_CLOSED.to_vec();
     states.push(TcpState::TimeWait);
     let found = enrich::find_sockets(&states, opts.netns)?;
-    let owners = SocketOwners::scan();
+    let mut lookup = Lookup::default();
     let now = SystemTime::now();
-    let mut rows: Vec<Row> = found.iter().map(|f| row(f, &owners, now)).collect();
+    let mut rows: Vec<Row> = found.iter().map(|f| row(f, &mut lookup, now)).collect();
     rows.sort_by(|a, b| {
         (&a.netns_name, a.state, a.local_port, a.remote_port).cmp(&(
             &b.netns_name,

@@ -195,15 +195,18 @@ impl Pipeline<'_> {
 
     fn report_stuck(&mut self, opts: &TraceOptions) -> io::Result<()> {
         let now = SystemTime::now();
+        let mut lookup = enrich::Lookup::default();
         for conn in self.tracker.stuck(now, opts.stuck_after, opts.stuck_repeat) {
             // Who holds the socket now, which may not be who last touched it.
-            let owner = enrich::socket_owner(&conn.key, conn.state).or(conn.owner.clone());
+            let owner = lookup
+                .socket_owner(&conn.key, conn.state)
+                .or(conn.owner.clone());
             let attribution = self.enricher.attribute(&conn.key, conn.cgroup_id, owner);
             if !self.filter.wants_halfclose(&conn.key, &attribution) {
                 continue;
             }
             let label = attribution.owner.as_ref().map(|o| o.label());
-            let fin_timeout = enrich::fin_timeout(conn.key.netns);
+            let fin_timeout = lookup.fin_timeout(conn.key.netns);
             let diagnosis = diagnosis::stuck(&conn, now, label.as_deref(), fin_timeout);
             self.sink.stuck(&StuckReport {
                 time: now,
