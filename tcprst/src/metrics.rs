@@ -67,6 +67,8 @@ pub struct Metrics {
     stuck: Family<StateLabels, Gauge>,
     lost: Counter,
     programs: Family<TierLabels, Gauge>,
+    tracked: Gauge,
+    evicted: Gauge,
 }
 
 impl Default for Metrics {
@@ -96,12 +98,26 @@ impl Default for Metrics {
             "eBPF programs attached, by attach tier",
             programs.clone(),
         );
+        let tracked = Gauge::default();
+        registry.register(
+            "tracked_connections",
+            "Connections the tracker follows now (bounded by --max-connections)",
+            tracked.clone(),
+        );
+        let evicted = Gauge::default();
+        registry.register(
+            "tracker_evictions",
+            "Connections dropped from tracking, least recently active first, since start",
+            evicted.clone(),
+        );
         Self {
             registry,
             rsts,
             stuck,
             lost,
             programs,
+            tracked,
+            evicted,
         }
     }
 }
@@ -135,6 +151,11 @@ impl Metrics {
                 })
                 .set(*count as i64);
         }
+    }
+
+    pub fn tracker(&self, tracked: usize, evicted: u64) {
+        self.tracked.set(tracked as i64);
+        self.evicted.set(evicted as i64);
     }
 
     pub fn lost(&self, n: u64) {
@@ -221,6 +242,7 @@ mod tests {
         m.set_stuck(&[(TcpState::FinWait2, 3)]);
         m.lost(7);
         m.programs_attached("tracepoint", 5);
+        m.tracker(42, 2);
         let text = m.encode();
         for line in [
             r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="",pod=""} 2"#,
@@ -228,6 +250,8 @@ mod tests {
             r#"tcprst_halfclose_stuck{state="FIN_WAIT2"} 3"#,
             "tcprst_lost_events_total 7",
             r#"tcprst_programs_attached{tier="tracepoint"} 5"#,
+            "tcprst_tracked_connections 42",
+            "tcprst_tracker_evictions 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -217,6 +217,8 @@ impl Pipeline<'_> {
             self.counts.shown += 1;
         }
         self.metrics.set_stuck(&self.tracker.stuck_counts());
+        self.metrics
+            .tracker(self.tracker.tracked(), self.tracker.evicted);
         self.sink.flush()
     }
 

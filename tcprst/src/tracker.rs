@@ -201,8 +201,8 @@ impl Tracker {
         }
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    /// Connections followed now.
+    pub fn tracked(&self) -> usize {
         self.live.len()
     }
 
@@ -519,7 +519,7 @@ pub(crate) mod tests {
         assert_eq!(resolved.stuck_state, TcpState::FinWait2);
         assert_eq!(resolved.stuck_for, Duration::from_secs(40));
         assert_eq!(resolved.conn.peer_fin_at, Some(t(50)));
-        assert_eq!(tracker.len(), 0);
+        assert_eq!(tracker.tracked(), 0);
         assert!(
             tracker
                 .stuck(t(200), Duration::from_secs(30), Duration::from_secs(60))
@@ -622,7 +622,7 @@ pub(crate) mod tests {
             ev.local.set_port(port);
             tracker.on_state(&ev);
         }
-        assert_eq!(tracker.len(), 2);
+        assert_eq!(tracker.tracked(), 2);
         assert_eq!(tracker.evicted, 1);
     }
 }
