@@ -13,6 +13,6 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = format.symbolic_values("reason");
     let _ = layout::reset_fields(&format);
-    let _ = layout::state_fields(&format);
+    let _ = layout::state_fields(&format, &format);
     let _ = layout::syscall_fields(&format, &format, &format);
 });

@@ -83,6 +83,8 @@ pub struct StateFields {
     pub newstate: u32,
     pub protocol: u32,
     pub tuple: TupleFields,
+    /// `skaddr` in a `tcp:tcp_destroy_sock` record: the socket's end.
+    pub destroy_skaddr: u32,
 }
 
 impl StateFields {
@@ -92,6 +94,7 @@ impl StateFields {
         newstate: ABSENT,
         protocol: ABSENT,
         tuple: ResetFields::UNSET.tuple,
+        destroy_skaddr: ABSENT,
     };
 }
 

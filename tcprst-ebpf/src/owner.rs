@@ -12,7 +12,11 @@ use aya_ebpf::{
 };
 use tcprst_common::{SocketOwner, TaskInfo};
 
-use crate::{globals::syscall_fields, kernel::fd_sock, tracepoint::field};
+use crate::{
+    globals::{state_fields, syscall_fields},
+    kernel::fd_sock,
+    tracepoint::field,
+};
 
 /// struct sock * → owner.
 #[map]
@@ -27,11 +31,15 @@ pub fn note_owner(sk: u64, task: &TaskInfo) {
     let _ = OWNERS.insert(&sk, &owner, 0);
 }
 
-/// A new server-side connection: until accept() nobody owns it, and the
-/// pointer may be a freed socket's whose owner must not carry over.
-#[inline(always)]
-pub fn forget_owner(sk: u64) {
-    let _ = OWNERS.remove(&sk);
+/// The kernel frees the socket: forget its owner, so the map holds live
+/// sockets only (no LRU evictions on the hot path) and a reused pointer
+/// never inherits an owner.
+#[tracepoint]
+pub fn tcprst_destroy(ctx: TracePointContext) -> u32 {
+    if let Some(sk) = field::<u64>(&ctx, state_fields().destroy_skaddr) {
+        let _ = OWNERS.remove(&sk);
+    }
+    0
 }
 
 #[inline(always)]

@@ -9,15 +9,13 @@ use crate::{
     globals::state_fields,
     kernel::{sock_cgroup_id, sock_netns},
     maps::emit,
-    owner::{forget_owner, note_owner},
+    owner::note_owner,
     syscalls::take_close_op,
     tracepoint::{field, read_tuple, tuple_wanted},
 };
 
 const IPPROTO_TCP: u16 = 6;
-const TCP_ESTABLISHED: u8 = 1;
 const TCP_SYN_SENT: u8 = 2;
-const TCP_SYN_RECV: u8 = 3;
 const TCP_FIN_WAIT1: u8 = 4;
 const TCP_CLOSE: u8 = 7;
 const TCP_LAST_ACK: u8 = 9;
@@ -63,8 +61,6 @@ pub fn tcprst_state(ctx: TracePointContext) -> u32 {
     if context == ExecContext::Process {
         // connect(), shutdown() and close() all change state in the caller.
         note_owner(sk, &rec.task);
-    } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-        forget_owner(sk);
     }
     // Only a process starts the close sequence or aborts a connection; a
     // connect() that fails (SYN_SENT → CLOSE) is not a close.

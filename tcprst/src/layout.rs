@@ -69,14 +69,17 @@ pub fn reset_fields(format: &EventFormat) -> Result<ResetFields> {
     })
 }
 
-pub fn state_fields(format: &EventFormat) -> Result<StateFields> {
+/// From `sock:inet_sock_set_state` and `tcp:tcp_destroy_sock`.
+pub fn state_fields(format: &EventFormat, destroy: &EventFormat) -> Result<StateFields> {
     require(format, &["skaddr", "oldstate", "newstate"])?;
+    require(destroy, &["skaddr"])?;
     Ok(StateFields {
         skaddr: offset(format, "skaddr"),
         oldstate: offset(format, "oldstate"),
         newstate: offset(format, "newstate"),
         protocol: offset(format, "protocol"),
         tuple: tuple_fields(format)?,
+        destroy_skaddr: offset(destroy, "skaddr"),
     })
 }
 
@@ -188,10 +191,12 @@ mod tests {
 
     #[test]
     fn state_and_syscall_layouts() {
-        let f = state_fields(&format(include_str!(
-            "../testdata/format-6.18/inet_sock_set_state"
-        )))
+        let f = state_fields(
+            &format(include_str!("../testdata/format-6.18/inet_sock_set_state")),
+            &format(include_str!("../testdata/format-6.18/tcp_destroy_sock")),
+        )
         .unwrap();
+        assert_eq!(f.destroy_skaddr, 8);
         assert_eq!(
             (f.skaddr, f.oldstate, f.newstate, f.protocol),
             (8, 16, 20, 30)
@@ -210,10 +215,8 @@ mod tests {
             (s.shutdown_fd, s.shutdown_how, s.close_fd, s.accept_ret),
             (16, 24, 16, 16)
         );
-        let err = state_fields(&format(
-            "field:int oldstate;\toffset:16;\tsize:4;\tsigned:1;",
-        ))
-        .unwrap_err();
+        let no_skaddr = format("field:int oldstate;\toffset:16;\tsize:4;\tsigned:1;");
+        let err = state_fields(&no_skaddr, &no_skaddr).unwrap_err();
         assert!(err.to_string().contains("no skaddr field"), "{err}");
     }
 

@@ -16,8 +16,8 @@ use crate::{
     layout::{ReasonNames, reset_fields, state_fields, syscall_fields},
     tracefs::{
         EventFormat, INET_SOCK_SET_STATE, SYS_ENTER_CLOSE, SYS_ENTER_SHUTDOWN, SYS_EXIT_ACCEPT,
-        SYS_EXIT_ACCEPT4, SYS_EXIT_SHUTDOWN, TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs,
-        Tracepoint,
+        SYS_EXIT_ACCEPT4, SYS_EXIT_SHUTDOWN, TCP_DESTROY_SOCK, TCP_RECEIVE_RESET, TCP_SEND_RESET,
+        Tracefs, Tracepoint,
     },
 };
 
@@ -48,11 +48,12 @@ impl Probes {
         let send_format = tracefs.event_format(TCP_SEND_RESET)?;
         let receive_format = tracefs.event_format(TCP_RECEIVE_RESET)?;
         let state_format = tracefs.event_format(INET_SOCK_SET_STATE)?;
+        let destroy_format = tracefs.event_format(TCP_DESTROY_SOCK)?;
         let send_fields = reset_fields(&send_format).with_context(|| TCP_SEND_RESET.to_string())?;
         let receive_fields =
             reset_fields(&receive_format).with_context(|| TCP_RECEIVE_RESET.to_string())?;
-        let state_fields =
-            state_fields(&state_format).with_context(|| INET_SOCK_SET_STATE.to_string())?;
+        let state_fields = state_fields(&state_format, &destroy_format)
+            .with_context(|| INET_SOCK_SET_STATE.to_string())?;
         // Without syscall tracepoints we still track states; only who
         // started a close is lost.
         let syscall_fields = match syscall_layout(&tracefs) {
@@ -117,6 +118,7 @@ impl Probes {
             probes.attach_tracepoint("tcprst_accepted", SYS_EXIT_ACCEPT)?;
         }
         probes.attach_tracepoint("tcprst_state", INET_SOCK_SET_STATE)?;
+        probes.attach_tracepoint("tcprst_destroy", TCP_DESTROY_SOCK)?;
         Ok(probes)
     }
 

@@ -118,6 +118,11 @@ pub const TCP_RECEIVE_RESET: Tracepoint = Tracepoint {
     since: "4.15",
 };
 
+pub const TCP_DESTROY_SOCK: Tracepoint = Tracepoint {
+    category: "tcp",
+    name: "tcp_destroy_sock",
+    since: "4.15",
+};
 pub const INET_SOCK_SET_STATE: Tracepoint = Tracepoint {
     category: "sock",
     name: "inet_sock_set_state",
