@@ -1,7 +1,10 @@
-//! Developer tasks: `cargo xtask setup | run | test | image`.
+//! Developer tasks: `cargo xtask setup | run | test | image | bench`.
 //!
 //! Every task starts with `setup`, which installs only what is missing, so
 //! the README's two commands work on a fresh machine and cost seconds after.
+
+mod bench;
+mod fuzz;
 
 use std::{
     env,
@@ -63,6 +66,15 @@ enum Task {
     /// Set up, build a static (musl) tcprst and, with podman or buildah, the
     /// container image tcprst:dev from the Containerfile.
     Image,
+    /// Set up, build (release) and benchmark tracing cost against no tracer
+    /// and bpftrace; prints tables and writes target/bench/summary.json.
+    Bench(bench::Options),
+    /// Set up and run every fuzz target for a bounded time (cargo-fuzz, nightly).
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -82,6 +94,12 @@ fn main() -> Result<()> {
         Task::Image => {
             setup()?;
             image()
+        }
+        // Sets up and builds itself: it may re-run as root.
+        Task::Bench(opts) => bench::main(&opts),
+        Task::Fuzz { seconds } => {
+            setup()?;
+            fuzz::run(seconds)
         }
     }
 }

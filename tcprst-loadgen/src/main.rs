@@ -1,0 +1,253 @@
+//! Bounded TCP load on loopback for `cargo xtask bench`.
+//!
+//! `rst` makes nonblocking connects to a closed port, each answered by a
+//! reset; `churn` runs whole connections (connect, send, shutdown, close)
+//! against its own server. Both stop by themselves after `--seconds` or a
+//! count, refuse any address that is not loopback, and print one JSON line
+//! with what they achieved. Run them inside a network namespace
+//! (`ip netns exec NS tcprst-loadgen …`): the bench does.
+
+mod churn;
+mod pace;
+mod storm;
+
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+/// Upper bound on `--seconds`, so a typo cannot start an hour of load.
+const MAX_SECONDS: f64 = 600.0;
+
+#[derive(Parser)]
+#[command(
+    name = "tcprst-loadgen",
+    about = "Bounded loopback TCP load for cargo xtask bench"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Nonblocking connects to a closed port: one reset sent and one received each.
+    Rst(RstArgs),
+    /// Whole connections against our own server: connect, send, shutdown(SHUT_WR), read EOF, close.
+    Churn(ChurnArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Stop issuing after this many seconds
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Worker threads [default: one per CPU]
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Stop after this many connections in total
+    #[arg(long, default_value_t = 10_000_000)]
+    max: u64,
+}
+
+#[derive(Args)]
+pub struct RstArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Connects per second across all threads; 0 means as fast as possible
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// A loopback address and port nothing listens on
+    #[arg(long, default_value = "127.0.0.1:9")]
+    target: SocketAddr,
+}
+
+#[derive(Args)]
+pub struct ChurnArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Loopback address and port for our server
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    server: SocketAddr,
+    /// Clients bind to this many source addresses in 127.1.0.0/16, in turn, so
+    /// that many more distinct connections exist than one address has ports
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=65000))]
+    sources: u16,
+    /// Bytes each client sends before shutdown(SHUT_WR)
+    #[arg(long, default_value_t = 64)]
+    bytes: usize,
+}
+
+/// What one run achieved; the bench parses this line.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub mode: &'static str,
+    pub threads: usize,
+    /// Connections per second asked for; 0 when unpaced.
+    pub target_rate: f64,
+    pub elapsed_s: f64,
+    pub attempts: u64,
+    /// Connects refused by a reset (rst), or whole connections (churn).
+    pub completed: u64,
+    pub errors: u64,
+    /// Still in flight when the drain time ran out.
+    pub unfinished: u64,
+    pub per_s: f64,
+    /// churn: distinct client (address, port) pairs, i.e. distinct connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distinct_connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+}
+
+/// One worker's counts, summed into the `Summary`.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub attempts: u64,
+    pub completed: u64,
+    pub errors: u64,
+    pub unfinished: u64,
+    pub first_error: Option<String>,
+}
+
+impl Tally {
+    pub fn error(&mut self, what: &str, e: &std::io::Error) {
+        self.errors += 1;
+        self.first_error
+            .get_or_insert_with(|| format!("{what}: {e}"));
+    }
+
+    fn add(&mut self, other: Tally) {
+        self.attempts += other.attempts;
+        self.completed += other.completed;
+        self.errors += other.errors;
+        self.unfinished += other.unfinished;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+/// The limits every worker obeys.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub deadline: Instant,
+    /// This worker's share of `--max`.
+    pub max: u64,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(summary) => {
+            println!("{}", serde_json::to_string(&summary).expect("plain data"));
+            if summary.completed == 0 {
+                eprintln!(
+                    "tcprst-loadgen: nothing completed: {}",
+                    summary.first_error.as_deref().unwrap_or("no error seen")
+                );
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tcprst-loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<Summary> {
+    match cli.mode {
+        Mode::Rst(args) => {
+            ensure_loopback(args.target)?;
+            let threads = threads(&args.common);
+            let per_thread = (args.rate > 0.0).then(|| args.rate / threads as f64);
+            let mut summary = spawn_workers(&args.common, threads, |bounds| {
+                let tally = storm::worker(args.target, per_thread, bounds);
+                (tally, None)
+            })?;
+            summary.mode = "rst";
+            summary.target_rate = args.rate;
+            Ok(summary)
+        }
+        Mode::Churn(args) => {
+            ensure_loopback(args.server)?;
+            churn::run(&args)
+        }
+    }
+}
+
+fn threads(common: &Common) -> usize {
+    common
+        .threads
+        .unwrap_or_else(|| thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
+fn bounds(common: &Common, threads: usize) -> Result<Bounds> {
+    if !(common.seconds > 0.0 && common.seconds <= MAX_SECONDS) {
+        bail!("--seconds must be between 0 and {MAX_SECONDS}");
+    }
+    Ok(Bounds {
+        deadline: Instant::now() + Duration::from_secs_f64(common.seconds),
+        max: common.max.div_ceil(threads as u64),
+    })
+}
+
+/// Runs `work` on `threads` threads under the same bounds and sums what they
+/// did. Each worker may also return the distinct connections it made.
+fn spawn_workers<F>(common: &Common, threads: usize, work: F) -> Result<Summary>
+where
+    F: Fn(Bounds) -> (Tally, Option<Vec<u64>>) + Sync,
+{
+    let bounds = bounds(common, threads)?;
+    let start = Instant::now();
+    let results: Vec<_> = thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| work(bounds))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker panicked"))
+            .collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut total = Tally::default();
+    let mut distinct: Option<std::collections::HashSet<u64>> = None;
+    for (tally, seen) in results {
+        total.add(tally);
+        if let Some(seen) = seen {
+            distinct.get_or_insert_default().extend(seen);
+        }
+    }
+    Ok(Summary {
+        threads,
+        elapsed_s: elapsed,
+        attempts: total.attempts,
+        completed: total.completed,
+        errors: total.errors,
+        unfinished: total.unfinished,
+        per_s: total.completed as f64 / elapsed,
+        distinct_connections: distinct.map(|d| d.len() as u64),
+        first_error: total.first_error,
+        ..Summary::default()
+    })
+}
+
+/// Load must never leave the machine, whatever the caller passes.
+fn ensure_loopback(addr: SocketAddr) -> Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!("{addr} is not a loopback address; this generator only loads loopback");
+    }
+    Ok(())
+}
+
+/// Sleeps of a few microseconds must not round up to the default 50 µs
+/// timer slack, or pacing undershoots at high rates.
+pub fn tight_timer_slack() {
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+}
