@@ -5,7 +5,7 @@ use std::{fs, process::Command};
 
 use anyhow::{Result, bail};
 
-use super::{NIGHTLY, cargo, status, workspace_root};
+use super::{NIGHTLY, ensure_cargo_install, status, workspace_root};
 
 /// The parsers of untrusted or kernel-dependent input, one target each.
 const TARGETS: [&str; 5] = [
@@ -18,27 +18,12 @@ const TARGETS: [&str; 5] = [
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-fn ensure_cargo_fuzz() -> Result<()> {
-    let current = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if current.contains(CARGO_FUZZ_VERSION) {
-        return Ok(());
-    }
-    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
-    cargo(&[
-        "install",
-        "cargo-fuzz",
-        "--version",
-        CARGO_FUZZ_VERSION,
-        "--locked",
-    ])
-}
-
 pub fn run(seconds: u32) -> Result<()> {
-    ensure_cargo_fuzz()?;
+    ensure_cargo_install(
+        Command::new("cargo").args(["fuzz", "--version"]),
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+    )?;
     let root = workspace_root()?;
     let mut crashed = Vec::new();
     for target in TARGETS {

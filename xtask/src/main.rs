@@ -269,22 +269,25 @@ fn ensure_nightly_rust_src() -> Result<()> {
 }
 
 fn ensure_bpf_linker() -> Result<()> {
-    let current = Command::new("bpf-linker")
-        .arg("--version")
+    ensure_cargo_install(
+        Command::new("bpf-linker").arg("--version"),
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+    )
+}
+
+/// Installs `krate` at `version` with cargo unless `check`'s output already
+/// names that version.
+fn ensure_cargo_install(check: &mut Command, krate: &str, version: &str) -> Result<()> {
+    let current = check
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    if current.contains(BPF_LINKER_VERSION) {
+    if current.contains(version) {
         return Ok(());
     }
-    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION}");
-    cargo(&[
-        "install",
-        "bpf-linker",
-        "--version",
-        BPF_LINKER_VERSION,
-        "--locked",
-    ])
+    eprintln!("xtask: installing {krate} {version}");
+    cargo(&["install", krate, "--version", version, "--locked"])
 }
 
 fn ensure_rust_target(target: &str) -> Result<()> {
