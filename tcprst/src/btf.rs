@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
-use tcprst_common::KernelOffsets;
+use tcprst_common::{ABSENT, KernelOffsets};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -137,31 +137,60 @@ impl KernelBtf {
             .collect()
     }
 
-    /// Every offset the kernel programs read.
-    pub fn kernel_offsets(&self) -> Result<KernelOffsets> {
-        let offsets = || -> Result<KernelOffsets> {
-            Ok(KernelOffsets {
-                sk_state: self.offset_of("sock_common", &["skc_state"])?,
-                sk_net: self.offset_of("sock_common", &["skc_net", "net"])?,
-                net_ns_inum: self.offset_of("net", &["ns"])?
-                    + self.offset_of("ns_common", &["inum"])?,
-                skb_dev: self.offset_of("sk_buff", &["dev"])?,
-                dev_nd_net: self.offset_of("net_device", &["nd_net", "net"])?,
-                task_flags: self.offset_of("task_struct", &["flags"])?,
-                task_files: self.offset_of("task_struct", &["files"])?,
-                files_fdt: self.offset_of("files_struct", &["fdt"])?,
-                fdt_max_fds: self.offset_of("fdtable", &["max_fds"])?,
-                fdt_fd: self.offset_of("fdtable", &["fd"])?,
-                file_inode: self.offset_of("file", &["f_inode"])?,
-                inode_mode: self.offset_of("inode", &["i_mode"])?,
-                file_private_data: self.offset_of("file", &["private_data"])?,
-                socket_sk: self.offset_of("socket", &["sk"])?,
-                sk_cgroup: self.offset_of("sock", &["sk_cgrp_data", "cgroup"])?,
-                cgroup_kn: self.offset_of("cgroup", &["kn"])?,
-                kn_id: self.offset_of("kernfs_node", &["id"])?,
+    /// Every offset the kernel programs read, and what this kernel's BTF
+    /// cannot support. Only the socket's namespace and state are required:
+    /// older kernels lack some members (sock_cgroup_data had no cgroup
+    /// pointer before 5.15, kernfs_node.id was no u64 before 5.5), and the
+    /// programs skip what needs an ABSENT offset rather than refuse to run.
+    pub fn kernel_offsets(&self) -> Result<(KernelOffsets, Vec<&'static str>)> {
+        let sum = |parts: &[(&str, &[&str])]| -> Result<u32> {
+            parts
+                .iter()
+                .map(|(root, path)| self.offset_of(root, path))
+                .sum()
+        };
+        let required = || -> Result<[u32; 3]> {
+            Ok([
+                sum(&[("sock_common", &["skc_state"])])?,
+                sum(&[("sock_common", &["skc_net", "net"])])?,
+                sum(&[("net", &["ns"]), ("ns_common", &["inum"])])?,
+            ])
+        };
+        let [sk_state, sk_net, net_ns_inum] =
+            required().context("reading kernel struct offsets from BTF")?;
+        let mut lost = Vec::new();
+        let mut optional = |feature: &'static str, parts: &[(&str, &[&str])]| {
+            sum(parts).unwrap_or_else(|_| {
+                if !lost.contains(&feature) {
+                    lost.push(feature);
+                }
+                ABSENT
             })
         };
-        offsets().context("reading kernel struct offsets from BTF")
+        const NO_SOCKET_NETNS: &str = "the namespace of resets sent with no socket";
+        const CONTEXT: &str = "kernel-thread and process-exit detection";
+        const FD_WALK: &str = "close() initiators and accept() owners";
+        const CGROUP: &str = "container and pod attribution";
+        let offsets = KernelOffsets {
+            sk_state,
+            sk_net,
+            net_ns_inum,
+            skb_dev: optional(NO_SOCKET_NETNS, &[("sk_buff", &["dev"])]),
+            dev_nd_net: optional(NO_SOCKET_NETNS, &[("net_device", &["nd_net", "net"])]),
+            task_flags: optional(CONTEXT, &[("task_struct", &["flags"])]),
+            task_files: optional(FD_WALK, &[("task_struct", &["files"])]),
+            files_fdt: optional(FD_WALK, &[("files_struct", &["fdt"])]),
+            fdt_max_fds: optional(FD_WALK, &[("fdtable", &["max_fds"])]),
+            fdt_fd: optional(FD_WALK, &[("fdtable", &["fd"])]),
+            file_inode: optional(FD_WALK, &[("file", &["f_inode"])]),
+            inode_mode: optional(FD_WALK, &[("inode", &["i_mode"])]),
+            file_private_data: optional(FD_WALK, &[("file", &["private_data"])]),
+            socket_sk: optional(FD_WALK, &[("socket", &["sk"])]),
+            sk_cgroup: optional(CGROUP, &[("sock", &["sk_cgrp_data", "cgroup"])]),
+            cgroup_kn: optional(CGROUP, &[("cgroup", &["kn"])]),
+            kn_id: optional(CGROUP, &[("kernfs_node", &["id"])]),
+        };
+        Ok((offsets, lost))
     }
 }
 
@@ -213,6 +242,30 @@ mod tests {
             "struct sock_common has no member skc_net.nope"
         );
         assert!(btf.offset_of("no_such_struct_tcprst", &["x"]).is_err());
+    }
+
+    #[test]
+    fn this_kernel_has_every_offset() {
+        let Some(btf) = vmlinux() else { return };
+        let (offsets, lost) = btf.kernel_offsets().unwrap();
+        assert!(lost.is_empty(), "{lost:?}");
+        assert_ne!(offsets.kn_id, ABSENT);
+    }
+
+    /// Without the socket's namespace and state there is nothing to run.
+    #[test]
+    fn missing_required_members_are_an_error() {
+        // The eBPF object's own BTF has none of the kernel's structs.
+        let btf = KernelBtf::from_bytes(include_bytes!(
+            "../../fuzz/seeds/btf_offsets/tcprst-ebpf.btf"
+        ))
+        .unwrap();
+        let err = btf.kernel_offsets().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("reading kernel struct offsets from BTF"),
+            "{err}"
+        );
     }
 
     #[test]

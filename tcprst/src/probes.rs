@@ -66,7 +66,13 @@ impl Probes {
 
         let btf = load_btf(cfg.btf.as_deref())?;
         let offsets = match &btf {
-            Some(btf) => btf.kernel_offsets()?,
+            Some(btf) => {
+                let (offsets, lost) = btf.kernel_offsets()?;
+                for feature in lost {
+                    log::warn!("this kernel's BTF lacks what {feature} needs: unavailable");
+                }
+                offsets
+            }
             None => {
                 if cfg.filter.netns != 0 {
                     bail!("--netns needs kernel BTF ({VMLINUX}, or --btf PATH)");
