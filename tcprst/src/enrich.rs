@@ -9,8 +9,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
-
 use crate::{
     cgroup::{CgroupInfo, CgroupResolver, parse_path},
     event::{Process, TcpState},
@@ -116,7 +114,7 @@ impl FoundSocket {
 
 /// Every socket in `states` in every visible namespace (or only `only`).
 /// Namespaces that vanish or refuse are skipped: processes come and go.
-pub fn find_sockets(states: &[TcpState], only: Option<u32>) -> Result<Vec<FoundSocket>> {
+pub fn find_sockets(states: &[TcpState], only: Option<u32>) -> Vec<FoundSocket> {
     let mut found = Vec::new();
     for ns in all_namespaces() {
         if only.is_some_and(|inode| inode != ns.inode) {
@@ -130,13 +128,13 @@ pub fn find_sockets(states: &[TcpState], only: Option<u32>) -> Result<Vec<FoundS
             Ok(Err(e)) | Err(e) => log::debug!("sock_diag in {}: {e:#}", ns.name),
         }
     }
-    Ok(found)
+    found
 }
 
 /// Every connection open before tracing started: the half-closed ones are
 /// tracked from then on, and all of them give owners for sockets that no
 /// process touches while tcprst watches.
-pub fn existing_connections(only: Option<u32>) -> Result<Vec<FoundSocket>> {
+pub fn existing_connections(only: Option<u32>) -> Vec<FoundSocket> {
     use TcpState::*;
     find_sockets(
         &[

@@ -351,13 +351,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
 fn seed_existing(pipeline: &mut Pipeline, opts: &TraceOptions) {
     let only = (opts.probes.filter.netns != 0).then_some(opts.probes.filter.netns);
     let port = opts.probes.filter.port;
-    let found = match enrich::existing_connections(only) {
-        Ok(found) => found,
-        Err(e) => {
-            log::warn!("could not list existing connections: {e:#}");
-            return;
-        }
-    };
+    let found = enrich::existing_connections(only);
     let now = SystemTime::now();
     for f in &found {
         let s = &f.socket;
