@@ -158,6 +158,27 @@ pub struct KernelOffsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id`: the cgroup id, which is the cgroup2 directory's inode.
     pub kn_id: u32,
+    // The rest serve the function tiers, which read the tuple themselves.
+    /// `sock_common.skc_family`
+    pub skc_family: u32,
+    /// `sock_common.skc_daddr`
+    pub skc_daddr: u32,
+    /// `sock_common.skc_rcv_saddr`
+    pub skc_rcv_saddr: u32,
+    /// `sock_common.skc_dport` (network order)
+    pub skc_dport: u32,
+    /// `sock_common.skc_num` (the local port, host order)
+    pub skc_num: u32,
+    /// `sock_common.skc_v6_daddr`
+    pub skc_v6_daddr: u32,
+    /// `sock_common.skc_v6_rcv_saddr`
+    pub skc_v6_rcv_saddr: u32,
+    /// `sk_buff.head`
+    pub skb_head: u32,
+    /// `sk_buff.network_header` (a u16 offset from `head`)
+    pub skb_network_header: u32,
+    /// `sk_buff.transport_header` (a u16 offset from `head`)
+    pub skb_transport_header: u32,
 }
 
 impl KernelOffsets {
@@ -179,6 +200,89 @@ impl KernelOffsets {
         sk_cgroup: ABSENT,
         cgroup_kn: ABSENT,
         kn_id: ABSENT,
+        skc_family: ABSENT,
+        skc_daddr: ABSENT,
+        skc_rcv_saddr: ABSENT,
+        skc_dport: ABSENT,
+        skc_num: ABSENT,
+        skc_v6_daddr: ABSENT,
+        skc_v6_rcv_saddr: ABSENT,
+        skb_head: ABSENT,
+        skb_network_header: ABSENT,
+        skb_transport_header: ABSENT,
+    };
+}
+
+/// The kernel hooks that see resets. Records carry one, so userspace can say
+/// where a reset was seen and de-duplicate nothing by guesswork.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResetHook {
+    /// `tcp:tcp_send_reset`
+    SendResetTracepoint = 1,
+    /// `tcp:tcp_receive_reset`
+    ReceiveResetTracepoint = 2,
+    /// `tcp_send_active_reset()`: resets a socket decided to send.
+    ActiveReset = 3,
+    /// `tcp_v4_send_reset()`: replies to IPv4 segments.
+    V4SendReset = 4,
+    /// `tcp_v6_send_reset()`
+    V6SendReset = 5,
+    /// `nf_send_reset()`: netfilter REJECT with tcp-reset, IPv4.
+    NfSendReset = 6,
+    /// `nf_send_reset6()`
+    NfSendReset6 = 7,
+}
+
+/// Kernel functions that send resets, in `FUNCTION_ARGS` order.
+pub const FUNCTION_HOOKS: [ResetHook; 5] = [
+    ResetHook::ActiveReset,
+    ResetHook::V4SendReset,
+    ResetHook::V6SendReset,
+    ResetHook::NfSendReset,
+    ResetHook::NfSendReset6,
+];
+
+impl ResetHook {
+    /// Bit in `TRACEPOINT_COVERED`: resets of this function are reported by
+    /// its function-tier program, so the tracepoint program skips them.
+    pub const fn covered_bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+/// How a program is attached, from the most to the least capable.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttachTier {
+    Tracepoint = 1,
+    Kprobe = 2,
+    Fentry = 3,
+}
+
+/// Argument positions (0-based) of a reset function, read from its BTF
+/// prototype because they moved when 6.10 added `reason`; `ABSENT` where the
+/// function has no such argument.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionArgs {
+    pub sk: u32,
+    /// The segment being answered (`skb`, or `oldskb` for netfilter).
+    pub skb: u32,
+    pub reason: u32,
+    /// `struct net *` (netfilter)
+    pub net: u32,
+    /// The netfilter hook number (netfilter)
+    pub hook: u32,
+}
+
+impl FunctionArgs {
+    pub const UNSET: Self = Self {
+        sk: ABSENT,
+        skb: ABSENT,
+        reason: ABSENT,
+        net: ABSENT,
+        hook: ABSENT,
     };
 }
 
@@ -223,6 +327,8 @@ pub mod rst_flags {
     pub const HAS_REASON: u8 = 1 << 1;
     pub const HAS_COOKIE: u8 = 1 << 2;
     pub const HAS_STATE: u8 = 1 << 3;
+    /// `nf_hook` is meaningful.
+    pub const HAS_NF_HOOK: u8 = 1 << 4;
 }
 
 /// A connection's two ends. IPv4 addresses use the first four bytes.
@@ -285,6 +391,13 @@ pub struct RstRecord {
     pub tuple: Tuple,
     pub task: TaskInfo,
     pub owner: SocketOwner,
+    /// `ResetHook as u8`: which hook saw it.
+    pub hook: u8,
+    /// `AttachTier as u8`: how that hook was attached.
+    pub tier: u8,
+    /// The netfilter hook number (`NF_INET_*`) for netfilter resets.
+    pub nf_hook: u8,
+    pub _pad: [u8; 5],
 }
 
 /// What made a socket start closing, when a process did.
@@ -325,7 +438,7 @@ pub struct StateRecord {
 }
 
 // The loader decodes records by size; a silent layout change must not build.
-const _: () = assert!(core::mem::size_of::<RstRecord>() == 136);
+const _: () = assert!(core::mem::size_of::<RstRecord>() == 144);
 const _: () = assert!(core::mem::size_of::<StateRecord>() == 112);
 
 /// Index of the only slot in the per-CPU `LOST` array.
@@ -342,6 +455,7 @@ mod user {
     unsafe impl aya::Pod for KernelFilter {}
     unsafe impl aya::Pod for StateFields {}
     unsafe impl aya::Pod for SyscallFields {}
+    unsafe impl aya::Pod for FunctionArgs {}
 
     impl RecordKind {
         pub fn from_u8(v: u8) -> Option<Self> {
@@ -351,6 +465,30 @@ mod user {
                 3 => Some(Self::StateChange),
                 _ => None,
             }
+        }
+    }
+
+    impl ResetHook {
+        pub fn from_u8(v: u8) -> Option<Self> {
+            [
+                Self::SendResetTracepoint,
+                Self::ReceiveResetTracepoint,
+                Self::ActiveReset,
+                Self::V4SendReset,
+                Self::V6SendReset,
+                Self::NfSendReset,
+                Self::NfSendReset6,
+            ]
+            .into_iter()
+            .find(|h| *h as u8 == v)
+        }
+    }
+
+    impl AttachTier {
+        pub fn from_u8(v: u8) -> Option<Self> {
+            [Self::Tracepoint, Self::Kprobe, Self::Fentry]
+                .into_iter()
+                .find(|t| *t as u8 == v)
         }
     }
 

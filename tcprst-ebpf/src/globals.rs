@@ -2,7 +2,10 @@
 //! They live in .rodata, so the verifier sees them as constants; the volatile
 //! reads stop the compiler from folding in the placeholders below.
 
-use tcprst_common::{KernelFilter, KernelOffsets, ResetFields, StateFields, SyscallFields};
+use tcprst_common::{
+    FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetFields, StateFields,
+    SyscallFields,
+};
 
 #[unsafe(no_mangle)]
 static SEND_RESET_FIELDS: ResetFields = ResetFields::UNSET;
@@ -14,6 +17,9 @@ static STATE_FIELDS: StateFields = StateFields::UNSET;
 static SYSCALL_FIELDS: SyscallFields = SyscallFields::UNSET;
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::UNSET;
+#[unsafe(no_mangle)]
+static FUNCTION_ARGS: [FunctionArgs; FUNCTION_HOOKS.len()] =
+    [FunctionArgs::UNSET; FUNCTION_HOOKS.len()];
 #[unsafe(no_mangle)]
 static FILTER: KernelFilter = KernelFilter {
     netns: 0,
@@ -50,4 +56,9 @@ pub fn state_fields() -> StateFields {
 #[inline(always)]
 pub fn syscall_fields() -> SyscallFields {
     unsafe { core::ptr::read_volatile(&SYSCALL_FIELDS) }
+}
+
+#[inline(always)]
+pub fn function_args(index: usize) -> FunctionArgs {
+    unsafe { core::ptr::read_volatile(&FUNCTION_ARGS[index]) }
 }

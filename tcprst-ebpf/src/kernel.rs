@@ -1,7 +1,7 @@
 //! Reads of kernel memory at offsets the loader measured from BTF.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use tcprst_common::ABSENT;
+use tcprst_common::{ABSENT, AF_INET, AF_INET6, Tuple};
 
 use crate::globals::kernel_offsets;
 
@@ -18,7 +18,7 @@ unsafe fn read_at<T>(base: u64, offset: u32) -> Option<T> {
 // a None, which the verifier rejects as an uninitialised register.
 
 #[inline(always)]
-fn netns_of_net(net: u64) -> u32 {
+pub fn netns_of_net(net: u64) -> u32 {
     unsafe { read_at::<u32>(net, kernel_offsets().net_ns_inum) }.unwrap_or(0)
 }
 
@@ -107,4 +107,90 @@ const TCP_NEW_SYN_RECV: u8 = 12;
 #[inline(always)]
 pub fn is_full_sock(state: u8) -> bool {
     state != TCP_TIME_WAIT && state != TCP_NEW_SYN_RECV
+}
+
+#[inline(always)]
+pub fn copy_v4(dst: &mut [u8; 16], src: [u8; 4]) {
+    dst[0] = src[0];
+    dst[1] = src[1];
+    dst[2] = src[2];
+    dst[3] = src[3];
+}
+
+/// A socket's own tuple, from its `sock_common` (full, request or timewait).
+#[inline(always)]
+pub fn sock_tuple(sk: u64, out: &mut Tuple) -> Option<()> {
+    let o = kernel_offsets();
+    unsafe {
+        out.family = read_at::<u16>(sk, o.skc_family)?;
+        out.local_port = read_at::<u16>(sk, o.skc_num)?;
+        out.remote_port = u16::from_be(read_at::<u16>(sk, o.skc_dport)?);
+        if out.family == AF_INET {
+            copy_v4(&mut out.local_addr, read_at(sk, o.skc_rcv_saddr)?);
+            copy_v4(&mut out.remote_addr, read_at(sk, o.skc_daddr)?);
+        } else {
+            out.local_addr = read_at(sk, o.skc_v6_rcv_saddr)?;
+            out.remote_addr = read_at(sk, o.skc_v6_daddr)?;
+        }
+    }
+    Some(())
+}
+
+/// Where a segment's IP header starts, and its version (4 or 6).
+#[inline(always)]
+fn network_header(skb: u64) -> Option<(u64, u8)> {
+    let o = kernel_offsets();
+    unsafe {
+        let head = read_at::<u64>(skb, o.skb_head)?;
+        let ip = head + u64::from(read_at::<u16>(skb, o.skb_network_header)?);
+        Some((ip, read_at::<u8>(ip, 0)? >> 4))
+    }
+}
+
+/// The IP version of a segment: tells which of tcp_v4_send_reset and
+/// tcp_v6_send_reset answers it, whatever the family of the socket.
+#[inline(always)]
+pub fn segment_ip_version(skb: u64) -> u8 {
+    network_header(skb).map_or(0, |(_, version)| version)
+}
+
+const TCP_FLAGS_OFFSET: u32 = 13;
+pub const TCP_FLAG_RST: u8 = 0x04;
+const IPV6_HEADER_LEN: u64 = 40;
+const NO_HEADER: u16 = 0xffff;
+
+/// The tuple of the reset that answers a segment (our end is the segment's
+/// destination), and the segment's TCP flags.
+#[inline(always)]
+pub fn reply_tuple(skb: u64, out: &mut Tuple) -> Option<u8> {
+    let (ip, version) = network_header(skb)?;
+    let tcp = unsafe {
+        if version == 4 {
+            out.family = AF_INET;
+            copy_v4(&mut out.remote_addr, read_at(ip, 12)?);
+            copy_v4(&mut out.local_addr, read_at(ip, 16)?);
+            // IHL, not transport_header: netfilter hooks may run before
+            // the stack sets it.
+            ip + u64::from(read_at::<u8>(ip, 0)? & 0x0f) * 4
+        } else if version == 6 {
+            out.family = AF_INET6;
+            out.remote_addr = read_at(ip, 8)?;
+            out.local_addr = read_at(ip, 24)?;
+            // Extension headers are only skipped through transport_header.
+            let o = kernel_offsets();
+            let head = read_at::<u64>(skb, o.skb_head)?;
+            let th = read_at::<u16>(skb, o.skb_transport_header)?;
+            if th != NO_HEADER && head + u64::from(th) > ip {
+                head + u64::from(th)
+            } else {
+                ip + IPV6_HEADER_LEN
+            }
+        } else {
+            return None;
+        }
+    };
+    let ports = unsafe { read_at::<[u8; 4]>(tcp, 0)? };
+    out.remote_port = u16::from_be_bytes([ports[0], ports[1]]);
+    out.local_port = u16::from_be_bytes([ports[2], ports[3]]);
+    unsafe { read_at::<u8>(tcp, TCP_FLAGS_OFFSET) }
 }

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod context;
+mod function;
 mod globals;
 mod kernel;
 mod maps;

@@ -3,6 +3,8 @@
 use aya_ebpf::programs::TracePointContext;
 use tcprst_common::{ABSENT, AF_INET, Tuple, TupleFields, tuple_style};
 
+use crate::kernel::copy_v4;
+
 #[inline(always)]
 pub fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     if offset == ABSENT {
@@ -43,14 +45,6 @@ pub fn read_tuple(ctx: &TracePointContext, t: &TupleFields, out: &mut Tuple) -> 
         }
     }
     Some(())
-}
-
-#[inline(always)]
-fn copy_v4(dst: &mut [u8; 16], src: [u8; 4]) {
-    dst[0] = src[0];
-    dst[1] = src[1];
-    dst[2] = src[2];
-    dst[3] = src[3];
 }
 
 /// The kernel-side filters every connection record passes: port and netns.

@@ -9,6 +9,9 @@ use btf_rs::{Btf, Type};
 use tcprst_common::{ABSENT, KernelOffsets};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+/// The feature `kernel_offsets` reports lost when the function tiers'
+/// members are missing.
+pub const FUNCTION_TIERS: &str = "the kprobe and fentry tiers";
 
 /// btf-rs trusts the header: offsets that overflow panic, and a string
 /// section past the end of the data loops forever. Check it first.
@@ -125,6 +128,34 @@ impl KernelBtf {
         Ok(None)
     }
 
+    /// A kernel module's BTF, which only adds to the kernel's (split BTF).
+    pub fn module(&self, path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        check_header(&bytes)?;
+        let btf = Btf::from_split_bytes(&bytes, &self.btf)
+            .map_err(|e| anyhow!("{} is not a usable module BTF file: {e}", path.display()))?;
+        Ok(Self { btf })
+    }
+
+    /// The parameter names of function `name`, in order.
+    pub fn function_params(&self, name: &str) -> Result<Vec<String>> {
+        let func = self
+            .btf
+            .resolve_types_by_name(name)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|t| matches!(t, Type::Func(_)))
+            .ok_or_else(|| anyhow!("no function {name} in BTF"))?;
+        let Type::FuncProto(proto) = self.chained(&func)? else {
+            bail!("function {name} has no prototype in BTF");
+        };
+        proto
+            .parameters
+            .iter()
+            .map(|p| self.btf.resolve_name(p))
+            .collect()
+    }
+
     /// The name → value pairs of `enum <name>`.
     pub fn enum_values(&self, name: &str) -> Result<Vec<(u64, String)>> {
         let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
@@ -189,6 +220,16 @@ impl KernelBtf {
             sk_cgroup: optional(CGROUP, &[("sock", &["sk_cgrp_data", "cgroup"])]),
             cgroup_kn: optional(CGROUP, &[("cgroup", &["kn"])]),
             kn_id: optional(CGROUP, &[("kernfs_node", &["id"])]),
+            skc_family: optional(FUNCTION_TIERS, &[("sock_common", &["skc_family"])]),
+            skc_daddr: optional(FUNCTION_TIERS, &[("sock_common", &["skc_daddr"])]),
+            skc_rcv_saddr: optional(FUNCTION_TIERS, &[("sock_common", &["skc_rcv_saddr"])]),
+            skc_dport: optional(FUNCTION_TIERS, &[("sock_common", &["skc_dport"])]),
+            skc_num: optional(FUNCTION_TIERS, &[("sock_common", &["skc_num"])]),
+            skc_v6_daddr: optional(FUNCTION_TIERS, &[("sock_common", &["skc_v6_daddr"])]),
+            skc_v6_rcv_saddr: optional(FUNCTION_TIERS, &[("sock_common", &["skc_v6_rcv_saddr"])]),
+            skb_head: optional(FUNCTION_TIERS, &[("sk_buff", &["head"])]),
+            skb_network_header: optional(FUNCTION_TIERS, &[("sk_buff", &["network_header"])]),
+            skb_transport_header: optional(FUNCTION_TIERS, &[("sk_buff", &["transport_header"])]),
         };
         Ok((offsets, lost))
     }

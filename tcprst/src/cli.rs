@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{filter::AddrMatch, metrics::MetricsAddr, sink::OutputFormat};
+use crate::{attach::AttachSpec, filter::AddrMatch, metrics::MetricsAddr, sink::OutputFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +25,34 @@ pub enum Command {
     Trace(Box<TraceArgs>),
     /// List every half-closed or lingering connection now, in every network namespace.
     Snapshot(SnapshotArgs),
+    /// Check what this kernel lets tcprst do: BTF, tracefs, program types, each hook's tier, privileges.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Output format [default: table on a terminal, json otherwise]
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+}
+
+/// How to reach the kernel's reset functions.
+#[derive(Debug, Args)]
+pub struct KernelArgs {
+    /// How to hook the functions that send resets: auto (fentry, else kprobe, else the
+    /// tcp:tcp_send_reset tracepoint), one tier for all, or FUNCTION=TIER for one (repeatable)
+    #[arg(
+        long = "attach",
+        value_name = "auto|fentry|kprobe|tracepoint|FUNCTION=TIER"
+    )]
+    pub attach: Vec<AttachSpec>,
+
+    /// BTF file describing the running kernel [default: /sys/kernel/btf/vmlinux]
+    #[arg(long, value_name = "PATH")]
+    pub btf: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -139,9 +167,8 @@ pub struct TraceArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<MetricsAddr>,
 
-    /// BTF file describing the running kernel [default: /sys/kernel/btf/vmlinux]
-    #[arg(long, value_name = "PATH")]
-    pub btf: Option<PathBuf>,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -183,6 +210,8 @@ mod tests {
         assert!(parse(&["--buffer-pages", "3"]).is_err());
         assert!(parse(&["--addr", "300.1.1.1"]).is_err());
         assert!(parse(&["--stuck-after", "soon"]).is_err());
+        assert!(parse(&["--attach", "uprobe"]).is_err());
+        assert!(parse(&["--attach", "tcp_v4_send_reset=kprobe", "--attach", "auto"]).is_ok());
         assert!(parse(&["--stuck-after", "0s"]).is_err());
         assert!(parse(&["--kind", "rst_sent", "--port", "80", "-o", "json"]).is_ok());
         assert!(parse(&["--kind", "halfclose", "--stuck-after", "2s"]).is_ok());

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use tcprst_common::{
     AF_INET, AF_INET6, RecordKind, RstRecord, StateRecord, TaskInfo, Tuple, close_op, rst_flags,
 };
@@ -10,8 +10,8 @@ use tcprst_common::{
 use crate::{
     clock::WallClock,
     event::{
-        CloseOp, Errno, ExecContext, Initiator, Process, RstEvent, RstKind, ShutHow, StateChange,
-        Task, TcpState,
+        AttachTier, CloseOp, Errno, ExecContext, Initiator, NfHook, Process, ResetHook, RstEvent,
+        RstKind, ShutHow, StateChange, Task, TcpState,
     },
     layout::ReasonNames,
 };
@@ -75,6 +75,13 @@ impl Decoder {
                 comm: comm_str(&rec.owner.comm),
             }),
             stack_id: u32::try_from(rec.stack_id).ok(),
+            hook: ResetHook::from_u8(rec.hook)
+                .ok_or_else(|| anyhow!("unknown reset hook {}", rec.hook))?,
+            tier: AttachTier::from_u8(rec.tier)
+                .ok_or_else(|| anyhow!("unknown attach tier {}", rec.tier))?,
+            nf_hook: has(rst_flags::HAS_NF_HOOK)
+                .then(|| NfHook::from_kernel(rec.nf_hook))
+                .flatten(),
         })
     }
 
@@ -223,6 +230,13 @@ pub(crate) mod tests {
                 tgid: 0,
                 comm: [0; 16],
             },
+            hook: match kind {
+                RecordKind::RstReceived => ResetHook::ReceiveResetTracepoint,
+                _ => ResetHook::SendResetTracepoint,
+            } as u8,
+            tier: AttachTier::Tracepoint as u8,
+            nf_hook: 0,
+            _pad: [0; 5],
         }
     }
 

@@ -2,6 +2,8 @@
 
 use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
+pub use tcprst_common::{AttachTier, ResetHook};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RstKind {
     Sent,
@@ -154,6 +156,44 @@ pub struct RstEvent {
     pub owner: Option<Process>,
     /// The kernel stack in the `STACKS` map.
     pub stack_id: Option<u32>,
+    /// Which hook saw it, attached how.
+    pub hook: ResetHook,
+    pub tier: AttachTier,
+    /// For netfilter resets: the hook the rejecting rule ran in.
+    pub nf_hook: Option<NfHook>,
+}
+
+/// Netfilter hooks (`enum nf_inet_hooks`, UAPI: stable numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NfHook {
+    PreRouting,
+    Input,
+    Forward,
+    Output,
+    PostRouting,
+}
+
+impl NfHook {
+    pub fn from_kernel(value: u8) -> Option<Self> {
+        Some(match value {
+            0 => Self::PreRouting,
+            1 => Self::Input,
+            2 => Self::Forward,
+            3 => Self::Output,
+            4 => Self::PostRouting,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PreRouting => "PREROUTING",
+            Self::Input => "INPUT",
+            Self::Forward => "FORWARD",
+            Self::Output => "OUTPUT",
+            Self::PostRouting => "POSTROUTING",
+        }
+    }
 }
 
 /// A process, by pid and command.

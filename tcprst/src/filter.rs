@@ -11,7 +11,11 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use tcprst_common::KernelFilter;
 
-use crate::{enrich::Attribution, event::RstEvent, tracker::ConnKey};
+use crate::{
+    enrich::Attribution,
+    event::{RstEvent, RstKind},
+    tracker::ConnKey,
+};
 
 /// An address or a CIDR block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +83,9 @@ pub struct EventFilter {
     pub family: Option<Family>,
     /// Report stuck and resolved half-closes.
     pub halfclose: bool,
+    /// Report resets sent (they are traced anyway when received ones are,
+    /// to tell where those came from).
+    pub rst_sent: bool,
     /// A container id (or its prefix) or Kubernetes container name.
     pub container: Option<String>,
     /// A pod name or UID.
@@ -96,6 +103,7 @@ impl Default for EventFilter {
             comm: None,
             family: None,
             halfclose: true,
+            rst_sent: true,
             container: None,
             pod: None,
             namespace: None,
@@ -122,6 +130,9 @@ impl EventFilter {
     }
 
     pub fn matches(&self, ev: &RstEvent) -> bool {
+        if ev.kind == RstKind::Sent && !self.rst_sent {
+            return false;
+        }
         if let Some(comm) = &self.comm
             && ev.task.as_ref().is_none_or(|t| &t.comm != comm)
         {

@@ -5,12 +5,14 @@
 //! that loop; `probes` with `tracefs`, `btf` and `layout` load the programs
 //! with the running kernel's layouts. The binary is only the command line.
 
+pub mod attach;
 pub mod btf;
 pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod decode;
 pub mod diagnosis;
+pub mod doctor;
 pub mod enrich;
 pub mod event;
 pub mod filter;
@@ -19,6 +21,7 @@ pub mod layout;
 pub mod metrics;
 pub mod mountinfo;
 pub mod netns;
+pub mod origin;
 pub mod owner;
 pub mod privileges;
 pub mod probes;

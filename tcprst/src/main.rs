@@ -7,7 +7,9 @@ use anyhow::Result;
 use clap::Parser as _;
 
 use tcprst::{
-    cli::{Cli, Command, KindArg, SnapshotArgs, TraceArgs},
+    attach::AttachRequest,
+    cli::{Cli, Command, DoctorArgs, KindArg, SnapshotArgs, TraceArgs},
+    doctor,
     filter::{self, EventFilter, Family},
     privileges,
     probes::ProbeConfig,
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Trace(args) => trace_command(*args),
         Command::Snapshot(args) => snapshot_command(args),
+        Command::Doctor(args) => doctor_command(args),
     }
 }
 
@@ -68,6 +71,19 @@ fn snapshot_command(args: SnapshotArgs) -> ExitCode {
     match snapshot::run(&opts, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, EXIT_FAILED),
+    }
+}
+
+fn doctor_command(args: DoctorArgs) -> ExitCode {
+    let report = doctor::examine(&args.kernel.btf, &AttachRequest::new(&args.kernel.attach));
+    let output = default_output(args.output);
+    if let Err(e) = report.write(output, &mut std::io::stdout().lock()) {
+        return fail(&e, EXIT_FAILED);
+    }
+    if report.can_trace() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_UNUSABLE)
     }
 }
 
@@ -107,11 +123,14 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
     let output = default_output(args.output);
     Ok(TraceOptions {
         probes: ProbeConfig {
-            rst_sent: matches!(args.kind, None | Some(KindArg::RstSent)),
+            // Received resets are explained by the sent ones they match.
+            rst_sent: args.kind != Some(KindArg::Halfclose),
             rst_received: matches!(args.kind, None | Some(KindArg::RstReceived)),
             filter: filter::kernel_filter(args.port, netns, args.pid),
             buffer_pages: args.buffer_pages,
-            btf: args.btf,
+            btf: args.kernel.btf,
+            attach: AttachRequest::new(&args.kernel.attach),
+            probe_every_tier: false,
         },
         filter: EventFilter {
             addrs: args.addrs,
@@ -122,6 +141,7 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
                 _ => None,
             },
             halfclose: matches!(args.kind, None | Some(KindArg::Halfclose)),
+            rst_sent: matches!(args.kind, None | Some(KindArg::RstSent)),
             container: args.container,
             pod: args.pod,
             namespace: args.namespace,

@@ -5,14 +5,21 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
-    programs::{RawTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader, Endianness,
+    maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
 };
-use tcprst_common::{KernelFilter, KernelOffsets, LOST_RECORDS, SyscallFields};
+use tcprst_common::{
+    ABSENT, AttachTier, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, LOST_RECORDS,
+    ResetHook, SyscallFields,
+};
 
 use crate::{
-    btf::{KernelBtf, VMLINUX},
+    attach::{
+        AttachRequest, FunctionSite, HookPlan, RESET_FUNCTIONS, ResetFunction, function_args,
+        tier_name,
+    },
+    btf::{FUNCTION_TIERS, KernelBtf, VMLINUX},
     layout::{ReasonNames, reset_fields, state_fields, syscall_fields},
     tracefs::{
         EventFormat, INET_SOCK_SET_STATE, SYS_ENTER_CLOSE, SYS_ENTER_SHUTDOWN, SYS_EXIT_ACCEPT,
@@ -34,13 +41,25 @@ pub struct ProbeConfig {
     pub buffer_pages: u32,
     /// An explicit BTF file; otherwise the running kernel's.
     pub btf: Option<PathBuf>,
+    pub attach: AttachRequest,
+    /// Try every tier of every function, not just until one works: what
+    /// `doctor` reports. The programs are not meant to run for long then.
+    pub probe_every_tier: bool,
 }
 
 pub struct Probes {
     ebpf: Ebpf,
     pub reasons: ReasonNames,
-    pub attached: Vec<String>,
+    /// (tier, what) of every attached program.
+    pub attached: Vec<(&'static str, String)>,
+    /// How each reset function is watched; empty when resets sent are not.
+    pub plans: Vec<HookPlan>,
+    /// What this kernel cannot show, one sentence each.
+    pub limitations: Vec<String>,
 }
+
+const RAW_TRACEPOINT: &str = "raw_tracepoint";
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 
 impl Probes {
     pub fn load(cfg: &ProbeConfig) -> Result<Self> {
@@ -56,34 +75,73 @@ impl Probes {
             .with_context(|| INET_SOCK_SET_STATE.to_string())?;
         // Without syscall tracepoints we still track states; only who
         // started a close is lost.
+        let mut limitations = Vec::new();
+        let mut limit = |what: String| {
+            log::warn!("{what}");
+            limitations.push(what);
+        };
         let syscall_fields = match syscall_layout(&tracefs) {
             Ok(fields) => Some(fields),
             Err(e) => {
-                log::warn!("{e:#}: shutdown()/close() callers will not be named");
+                limit(format!(
+                    "{e:#}: shutdown()/close() callers will not be named"
+                ));
                 None
             }
         };
+        if send_fields.reason == ABSENT {
+            limit(format!(
+                "{TCP_SEND_RESET} has no reason field (Linux 6.10+): no reset reasons"
+            ));
+        }
+        if receive_fields.sock_cookie == ABSENT {
+            limit(format!(
+                "{TCP_RECEIVE_RESET} has no sock_cookie field: no socket cookies"
+            ));
+        }
 
         let btf = load_btf(cfg.btf.as_deref())?;
+        let mut function_tiers = Ok(());
         let offsets = match &btf {
             Some(btf) => {
                 let (offsets, lost) = btf.kernel_offsets()?;
                 for feature in lost {
-                    log::warn!("this kernel's BTF lacks what {feature} needs: unavailable");
+                    if feature == FUNCTION_TIERS {
+                        function_tiers =
+                            Err(format!("this kernel's BTF lacks what {feature} need"));
+                    } else {
+                        limit(format!(
+                            "this kernel's BTF lacks what {feature} needs: unavailable"
+                        ));
+                    }
                 }
                 offsets
             }
             None => {
+                function_tiers = Err("no kernel BTF to read function prototypes from".to_owned());
                 if cfg.filter.netns != 0 {
                     bail!("--netns needs kernel BTF ({VMLINUX}, or --btf PATH)");
                 }
-                log::warn!(
-                    "no kernel BTF at {VMLINUX}: netns and the state of received resets will be unknown (pass --btf PATH)"
-                );
+                limit(format!(
+                    "no kernel BTF at {VMLINUX}: netns and the state of received resets will be unknown, and only the tracepoint tier can run (pass --btf PATH)"
+                ));
                 KernelOffsets::UNSET
             }
         };
         let reasons = ReasonNames::load(&send_format, btf.as_ref());
+        let functions = if cfg.rst_sent {
+            locate_functions(btf.as_ref(), function_tiers)
+        } else {
+            Vec::new()
+        };
+        let mut args = [FunctionArgs::UNSET; FUNCTION_HOOKS.len()];
+        for (slot, found) in args.iter_mut().zip(&functions) {
+            if let Ok(found) = found {
+                *slot = found.args;
+            }
+        }
+        // Parsed again by aya only if fentry is tried; ours is no longer needed.
+        drop(btf);
 
         raise_memlock_limit();
         let ebpf = EbpfLoader::new()
@@ -97,6 +155,7 @@ impl Probes {
             )
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("FILTER", &cfg.filter, true)
+            .override_global("FUNCTION_ARGS", &args, true)
             .map_max_entries("EVENTS", cfg.buffer_pages * PAGE_SIZE)
             .load(OBJECT)
             .context("loading the eBPF object")?;
@@ -105,12 +164,14 @@ impl Probes {
             ebpf,
             reasons,
             attached: Vec::new(),
+            plans: Vec::new(),
+            limitations,
         };
         // Context tracking first, so the first reset is already attributed.
         probes.attach_raw("tcprst_sirq_in", "softirq_entry")?;
         probes.attach_raw("tcprst_sirq_out", "softirq_exit")?;
         if cfg.rst_sent {
-            probes.attach_tracepoint("tcprst_rst_sent", TCP_SEND_RESET)?;
+            probes.attach_reset_functions(cfg, &functions, send_fields.reason == ABSENT)?;
         }
         if cfg.rst_received {
             probes.attach_tracepoint("tcprst_rst_recv", TCP_RECEIVE_RESET)?;
@@ -141,7 +202,174 @@ impl Probes {
         }
         prog.attach(tp.category, tp.name)
             .with_context(|| format!("attaching to tracepoint {tp}"))?;
-        self.attached.push(tp.to_string());
+        self.attached
+            .push((tier_name(AttachTier::Tracepoint), tp.to_string()));
+        Ok(())
+    }
+
+    /// Runs the attach plan of every reset-sending function, then attaches
+    /// `tcp:tcp_send_reset` for those left to it, telling its program which
+    /// functions report for themselves.
+    fn attach_reset_functions(
+        &mut self,
+        cfg: &ProbeConfig,
+        functions: &[Result<LocatedFunction, String>],
+        pre_6_10_tracepoint: bool,
+    ) -> Result<()> {
+        let mut fentry_btf = None;
+        for (f, located) in RESET_FUNCTIONS.iter().zip(functions) {
+            let mut plan = HookPlan {
+                function: f,
+                tier: None,
+                passed_over: Vec::new(),
+                also_works: Vec::new(),
+            };
+            for tier in cfg.attach.candidates(f) {
+                let outcome = match (tier, located) {
+                    (AttachTier::Tracepoint, _) => Ok(()),
+                    (_, Err(why)) => Err(why.clone()),
+                    (AttachTier::Fentry, Ok(located)) => {
+                        self.attach_fentry(f, located, cfg.btf.as_deref(), &mut fentry_btf)
+                    }
+                    (AttachTier::Kprobe, Ok(_)) => self.attach_kprobe(f),
+                };
+                match outcome {
+                    Ok(()) if plan.tier.is_some() => plan.also_works.push(tier),
+                    Ok(()) => plan.tier = Some(tier),
+                    Err(why) if plan.tier.is_none() => plan.passed_over.push((tier, why)),
+                    Err(why) => log::debug!("{}: {}: {why}", f.function, tier_name(tier)),
+                }
+                if plan.tier.is_some() && !cfg.probe_every_tier {
+                    break;
+                }
+            }
+            log::info!("hook {}: {plan}", f.function);
+            self.plans.push(plan);
+        }
+        let by_function = |tier: &Option<AttachTier>| {
+            matches!(tier, Some(AttachTier::Fentry | AttachTier::Kprobe))
+        };
+        let covered = self
+            .plans
+            .iter()
+            .filter(|p| p.function.has_tracepoint && by_function(&p.tier))
+            .fold(0, |bits, p| bits | p.function.hook.covered_bit());
+        let mut covered_map: Array<MapData, u32> = self.take("TRACEPOINT_COVERED")?;
+        covered_map
+            .set(0, covered, 0)
+            .context("writing TRACEPOINT_COVERED")?;
+        let tracepoint = Some(AttachTier::Tracepoint);
+        if self
+            .plans
+            .iter()
+            .any(|p| p.tier == tracepoint || p.also_works.contains(&AttachTier::Tracepoint))
+        {
+            self.attach_tracepoint("tcprst_rst_sent", TCP_SEND_RESET)?;
+        }
+        self.note_plan_limitations(pre_6_10_tracepoint);
+        if !self
+            .plans
+            .iter()
+            .any(|p| p.function.has_tracepoint && p.tier.is_some())
+        {
+            bail!("no hook for the resets TCP sends could be attached (see the hook lines above)");
+        }
+        Ok(())
+    }
+
+    fn note_plan_limitations(&mut self, pre_6_10_tracepoint: bool) {
+        let tier_of = |hook: ResetHook| {
+            self.plans
+                .iter()
+                .find(|p| p.function.hook == hook)
+                .and_then(|p| p.tier)
+        };
+        let mut notes = Vec::new();
+        let replies = [ResetHook::V4SendReset, ResetHook::V6SendReset];
+        if pre_6_10_tracepoint
+            && replies
+                .iter()
+                .any(|h| tier_of(*h) == Some(AttachTier::Tracepoint))
+        {
+            notes.push(format!(
+                "resets sent without a full socket (closed ports, TIME_WAIT) are invisible: before Linux 6.10 {TCP_SEND_RESET} skips them, and no kprobe or fentry tier attached"
+            ));
+        }
+        let netfilter = [ResetHook::NfSendReset, ResetHook::NfSendReset6];
+        if netfilter.iter().any(|h| tier_of(*h).is_none()) {
+            notes.push("netfilter REJECT resets are not seen where they are sent; a received reset no local socket sent is marked as such".to_owned());
+        }
+        for note in notes {
+            log::warn!("{note}");
+            self.limitations.push(note);
+        }
+    }
+
+    fn attach_kprobe(&mut self, f: &ResetFunction) -> Result<(), String> {
+        let prog: &mut KProbe = self
+            .ebpf
+            .program_mut(f.kprobe_program)
+            .ok_or("its kprobe program is missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load()
+            .map_err(|e| format!("the verifier rejected it: {}", verifier_summary(&e)))?;
+        if !Path::new(KPROBE_PMU).exists() {
+            return Err(
+                "loads and verifies, but this kernel has no kprobes (CONFIG_KPROBES is off)".into(),
+            );
+        }
+        prog.attach(f.function, 0).map_err(|e| {
+            format!(
+                "loads and verifies, but attaching failed: {}",
+                first_line(&e)
+            )
+        })?;
+        self.attached
+            .push((tier_name(AttachTier::Kprobe), f.function.to_owned()));
+        Ok(())
+    }
+
+    fn attach_fentry(
+        &mut self,
+        f: &ResetFunction,
+        located: &LocatedFunction,
+        btf_path: Option<&Path>,
+        btf: &mut Option<Result<Btf, String>>,
+    ) -> Result<(), String> {
+        if let Some(module) = &located.module {
+            return Err(format!(
+                "it is in module {module}, and this loader cannot attach fentry to module BTF"
+            ));
+        }
+        let btf = btf
+            .get_or_insert_with(|| {
+                match btf_path {
+                    Some(path) => Btf::parse_file(path, Endianness::default()),
+                    None => Btf::from_sys_fs(),
+                }
+                .map_err(|e| format!("reading BTF: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let prog: &mut FEntry = self
+            .ebpf
+            .program_mut(f.fentry_program)
+            .ok_or("its fentry program is missing from the object")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load(f.function, btf).map_err(|e| {
+            let why = verifier_summary(&e);
+            if why.contains("Operation not permitted") {
+                format!("the kernel refused to load it ({why}; kernel lockdown?)")
+            } else {
+                format!("loading failed: {why}")
+            }
+        })?;
+        prog.attach()
+            .map_err(|e| format!("attaching failed: {}", first_line(&e)))?;
+        self.attached
+            .push((tier_name(AttachTier::Fentry), f.function.to_owned()));
         Ok(())
     }
 
@@ -154,21 +382,21 @@ impl Probes {
         prog.load().with_context(|| format!("loading {program}"))?;
         prog.attach(tp)
             .with_context(|| format!("attaching to raw tracepoint {tp}"))?;
-        self.attached.push(format!("raw_tp:{tp}"));
+        self.attached.push((RAW_TRACEPOINT, tp.to_owned()));
         Ok(())
     }
 
     /// Attached programs per attach tier, for the metrics.
-    pub fn attached_by_tier(&self) -> [(&'static str, usize); 2] {
-        let raw = self
-            .attached
-            .iter()
-            .filter(|a| a.starts_with("raw_tp:"))
-            .count();
+    pub fn attached_by_tier(&self) -> Vec<(&'static str, usize)> {
         [
-            ("raw_tracepoint", raw),
-            ("tracepoint", self.attached.len() - raw),
+            RAW_TRACEPOINT,
+            tier_name(AttachTier::Tracepoint),
+            tier_name(AttachTier::Kprobe),
+            tier_name(AttachTier::Fentry),
         ]
+        .into_iter()
+        .map(|tier| (tier, self.attached.iter().filter(|a| a.0 == tier).count()))
+        .collect()
     }
 
     /// Takes a map out of the object, typed, for userspace to own.
@@ -194,6 +422,96 @@ impl Probes {
     pub fn take_lost_counter(&mut self) -> Result<LostCounter> {
         Ok(LostCounter(self.take("LOST")?))
     }
+}
+
+/// A reset function found in this kernel, with its argument positions.
+struct LocatedFunction {
+    module: Option<String>,
+    args: FunctionArgs,
+}
+
+/// Where each of `RESET_FUNCTIONS` is and how to read its arguments, or why
+/// no function tier can serve it.
+fn locate_functions(
+    btf: Option<&KernelBtf>,
+    function_tiers: Result<(), String>,
+) -> Vec<Result<LocatedFunction, String>> {
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    RESET_FUNCTIONS
+        .iter()
+        .map(|f| {
+            function_tiers.clone()?;
+            let btf = btf.ok_or("no kernel BTF")?;
+            let module = match FunctionSite::find(&kallsyms, f.function) {
+                FunctionSite::Missing if f.has_tracepoint => {
+                    return Err(format!("{} is not in this kernel", f.function));
+                }
+                FunctionSite::Missing => {
+                    return Err(format!(
+                        "{} is not in this kernel (nf_reject_ipv4/6 load with the first reject rule; restart tcprst after adding one)",
+                        f.function
+                    ));
+                }
+                FunctionSite::Vmlinux => None,
+                FunctionSite::Module(module) => Some(module),
+            };
+            let params = match &module {
+                None => btf.function_params(f.function),
+                Some(module) => {
+                    let path = Path::new(MODULE_BTF_DIR).join(module);
+                    btf.module(&path)
+                        .and_then(|m| m.function_params(f.function))
+                }
+            }
+            .map_err(|e| format!("no prototype in BTF: {e}"))?;
+            let args = function_args(f.hook, &params).ok_or_else(|| {
+                format!("unexpected prototype {}({})", f.function, params.join(", "))
+            })?;
+            Ok(LocatedFunction { module, args })
+        })
+        .collect()
+}
+
+const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
+
+/// An error and its causes on one line.
+fn first_line(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text = format!("{text}: {inner}");
+        source = inner.source();
+    }
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// A load failure in one line: the errno, and the verifier's last word
+/// (the line that says what it refused), with the whole log at debug level.
+fn verifier_summary(e: &aya::programs::ProgramError) -> String {
+    if let aya::programs::ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = e
+    {
+        let log = verifier_log.to_string();
+        log::debug!("verifier log:\n{log}");
+        let refusal = log
+            .lines()
+            .rev()
+            .find(|l| {
+                let l = l.trim();
+                !l.is_empty()
+                    && !l.starts_with("verification time")
+                    && !l.starts_with("stack depth")
+                    && !l.starts_with("processed ")
+            })
+            .map(str::trim);
+        return match refusal {
+            Some(refusal) => format!("{io_error}: {refusal}"),
+            None => io_error.to_string(),
+        };
+    }
+    first_line(e)
 }
 
 fn syscall_layout(tracefs: &Tracefs) -> Result<SyscallFields> {

@@ -5,7 +5,7 @@ use std::{
     io::{self, BufWriter},
     path::PathBuf,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
@@ -22,9 +22,11 @@ use crate::{
     decode::{Decoder, Record},
     diagnosis,
     enrich::{self, Enricher},
+    event::{ResetHook, RstKind},
     filter::EventFilter,
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr},
+    origin::{self, Origin, Origins},
     owner::SocketOwners,
     probes::{LostCounter, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
@@ -107,6 +109,9 @@ struct Pipeline<'a> {
     sink: Box<dyn Sink>,
     metrics: Arc<Metrics>,
     counts: Counts,
+    /// None when kernel-side filters hide the sends that would explain
+    /// received resets.
+    origins: Option<Origins<RstReport>>,
 }
 
 impl Pipeline<'_> {
@@ -133,7 +138,17 @@ impl Pipeline<'_> {
                     self.counts.shown += 1;
                 }
             }
-            Ok(Record::Rst(ev)) if self.filter.matches(&ev) => {
+            Ok(Record::Rst(ev)) => {
+                if ev.kind == RstKind::Sent
+                    && let Some(origins) = &mut self.origins
+                {
+                    for explained in origins.sent(&ev) {
+                        self.emit_rst(explained)?;
+                    }
+                }
+                if !self.filter.matches(&ev) {
+                    return Ok(());
+                }
                 let ctx = self.tracker.context_of(&ev);
                 let known = ctx.conn.as_ref();
                 let key = ConnKey::new(ev.netns, ev.local, ev.remote);
@@ -147,7 +162,7 @@ impl Pipeline<'_> {
                 let caller = stack.as_ref().and_then(|s| s.caller.clone());
                 let pod = attribution.pod.as_ref();
                 self.metrics.reset(
-                    ev.kind == crate::event::RstKind::Sent,
+                    ev.kind == RstKind::Sent,
                     ev.reason.as_deref(),
                     caller.as_deref(),
                     pod.map(|p| p.namespace.as_str()),
@@ -160,7 +175,7 @@ impl Pipeline<'_> {
                         .enricher
                         .attribute(&p.key, p.cgroup_id, p.owner.clone()),
                 });
-                self.sink.rst(&RstReport {
+                let report = RstReport {
                     ev,
                     conn: ctx.conn,
                     diagnosis,
@@ -168,10 +183,21 @@ impl Pipeline<'_> {
                     peer,
                     caller,
                     stack: stack.filter(|_| self.show_stacks).map(|s| s.frames),
-                })?;
-                self.counts.shown += 1;
+                    origin: None,
+                };
+                match &mut self.origins {
+                    Some(origins) if report.ev.kind == RstKind::Received => {
+                        let ev = report.ev.clone();
+                        if let Some(explained) = origins.received(&ev, report, Instant::now()) {
+                            self.emit_rst(explained)?;
+                        }
+                    }
+                    _ => {
+                        self.sink.rst(&report)?;
+                        self.counts.shown += 1;
+                    }
+                }
             }
-            Ok(Record::Rst(_)) => {}
             Err(e) => {
                 if self.counts.undecodable == 0 {
                     log::warn!("undecodable record: {e}");
@@ -180,6 +206,30 @@ impl Pipeline<'_> {
             }
         }
         Ok(())
+    }
+
+    fn emit_rst(&mut self, (mut report, origin): (RstReport, Origin)) -> io::Result<()> {
+        report.origin = Some(origin);
+        self.sink.rst(&report)?;
+        self.counts.shown += 1;
+        Ok(())
+    }
+
+    /// Received resets whose wait for an explaining send is over; all of
+    /// them when tracing stops.
+    fn release_origins(&mut self, all: bool) -> io::Result<()> {
+        let Some(origins) = &mut self.origins else {
+            return Ok(());
+        };
+        let released = if all {
+            origins.flush()
+        } else {
+            origins.expired(Instant::now())
+        };
+        for explained in released {
+            self.emit_rst(explained)?;
+        }
+        self.sink.flush()
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<usize> {
@@ -286,16 +336,24 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         sink: sink::open(opts.output, Box::new(stdout), node),
         metrics,
         counts: Counts::default(),
+        origins: origins_for(&probes, &opts),
     };
     seed_existing(&mut pipeline, &opts);
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut origin_tick = interval(origin::HOLD / 2);
+    origin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     log::info!(
         "tracing RSTs and half-closes ({}); Ctrl-C to stop",
-        probes.attached.join(", ")
+        probes
+            .attached
+            .iter()
+            .map(|(tier, what)| format!("{what} ({tier})"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     let outcome: io::Result<()> = async {
@@ -309,6 +367,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                     pipeline.report_losses(&lost)?;
                     pipeline.report_stuck(&opts)?;
                 }
+                _ = origin_tick.tick() => pipeline.release_origins(false)?,
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     if pipeline.drain(guard.get_inner_mut())? < DRAIN_BATCH {
@@ -323,6 +382,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let outcome = outcome.and_then(|()| {
         // What was already in the ring when we were told to stop.
         while pipeline.drain(ring.get_mut())? == DRAIN_BATCH {}
+        pipeline.release_origins(true)?;
         pipeline.report_losses(&lost)?;
         pipeline.sink.flush()
     });
@@ -343,6 +403,24 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         pipeline.tracker.evicted
     );
     Ok(())
+}
+
+/// Received resets are explained by the sends this host makes, unless
+/// those are not all traced: the in-kernel netns and pid filters drop sends
+/// made elsewhere (the other end of a veth, or softirq).
+fn origins_for(probes: &Probes, opts: &TraceOptions) -> Option<Origins<RstReport>> {
+    let filter = &opts.probes.filter;
+    if !opts.probes.rst_sent || filter.netns != 0 || filter.tgid != 0 {
+        return None;
+    }
+    let netfilter = [ResetHook::NfSendReset, ResetHook::NfSendReset6];
+    let netfilter_watched = netfilter.iter().all(|hook| {
+        probes
+            .plans
+            .iter()
+            .any(|p| p.function.hook == *hook && p.tier.is_some())
+    });
+    Some(Origins::new(netfilter_watched))
 }
 
 /// Connections that predate tracing: the half-closed ones are tracked from

@@ -44,6 +44,10 @@ impl Tracefs {
         })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     #[cfg(test)]
     pub fn at(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }

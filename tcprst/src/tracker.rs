@@ -385,7 +385,7 @@ impl Tracker {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::event::{CloseOp, Errno, RstKind, ShutHow, Task};
+    use crate::event::{AttachTier, CloseOp, Errno, ResetHook, RstKind, ShutHow, Task};
 
     pub fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
@@ -448,6 +448,12 @@ pub(crate) mod tests {
             cgroup_id: None,
             owner: None,
             stack_id: None,
+            hook: match kind {
+                RstKind::Sent => ResetHook::SendResetTracepoint,
+                RstKind::Received => ResetHook::ReceiveResetTracepoint,
+            },
+            tier: AttachTier::Tracepoint,
+            nf_hook: None,
         }
     }
 

@@ -12,8 +12,10 @@ use serde::Serialize;
 
 use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
 use crate::{
+    attach::{hook_name, tier_name},
     enrich::Attribution,
-    event::{CloseOp, Initiator, Task},
+    event::{CloseOp, Initiator, NfHook, Task},
+    origin::Origin,
     tracker::Connection,
 };
 
@@ -228,6 +230,10 @@ struct RstJson<'a> {
     diagnosis: Option<&'a str>,
     caller: Option<&'a str>,
     stack: Option<Vec<&'a str>>,
+    hook: &'static str,
+    tier: &'static str,
+    nf_hook: Option<&'static str>,
+    origin: Option<String>,
     node: &'a str,
     #[serde(flatten)]
     who: WhoJson<'a>,
@@ -261,6 +267,10 @@ impl<'a> RstJson<'a> {
                 .stack
                 .as_ref()
                 .map(|s| s.iter().map(|f| &**f).collect()),
+            hook: hook_name(ev.hook),
+            tier: tier_name(ev.tier),
+            nf_hook: ev.nf_hook.map(NfHook::name),
+            origin: report.origin.as_ref().map(Origin::describe),
             node,
             who: WhoJson::new(&report.attribution),
             peer: report.peer.as_ref().map(|p| PeerJson {
@@ -467,6 +477,7 @@ mod tests {
                     .map(std::sync::Arc::from)
                     .into(),
             ),
+            origin: Some(Origin::LocalTcp),
         })
         .unwrap();
         let conn = tracker
@@ -518,6 +529,9 @@ mod tests {
             peer: None,
             caller: None,
             stack: None,
+            origin: Some(Origin::NotLocal {
+                netfilter_watched: false,
+            }),
         })
         .unwrap();
         let expected = serde_json::json!({
@@ -546,6 +560,10 @@ mod tests {
             "peer": null,
             "caller": null,
             "stack": null,
+            "hook": "tcp:tcp_receive_reset",
+            "tier": "tracepoint",
+            "nf_hook": null,
+            "origin": "not a local TCP socket (netfilter, middlebox or userspace stack)",
         });
         assert_eq!(lines(&buf)[0], expected);
     }

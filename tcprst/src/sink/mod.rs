@@ -16,6 +16,7 @@ use crate::{
     diagnosis::StuckDiagnosis,
     enrich::Attribution,
     event::{Process, RstEvent, Task},
+    origin::Origin,
     tracker::{Connection, Resolved},
 };
 
@@ -32,6 +33,8 @@ pub struct RstReport {
     pub caller: Option<Arc<str>>,
     /// The whole kernel stack, innermost first, when asked for (--stack).
     pub stack: Option<Arc<[Arc<str>]>>,
+    /// For received resets: who sent it, as far as this host can tell.
+    pub origin: Option<Origin>,
 }
 
 #[derive(Debug, Clone)]

@@ -167,8 +167,22 @@ impl Sink for TableSink {
             let frames: Vec<&str> = stack.iter().map(|f| &**f).collect();
             writeln!(self.out, "   stack: {}", frames.join(" ← "))?;
         }
-        match &report.diagnosis {
-            Some(text) => self.because(text),
+        let origin = report
+            .origin
+            .as_ref()
+            .map(|o| format!("sent by {}", o.describe()));
+        let netfilter = ev.nf_hook.map(|hook| {
+            format!(
+                "a netfilter reject rule answered the segment in {}",
+                hook.name()
+            )
+        });
+        match [report.diagnosis.clone(), origin, netfilter]
+            .into_iter()
+            .flatten()
+            .reduce(|a, b| format!("{a}; {b}"))
+        {
+            Some(text) => self.because(&text),
             None => Ok(()),
         }
     }
@@ -213,7 +227,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::event::{Errno, Task, TcpState};
+    use crate::event::{AttachTier, Errno, ResetHook, Task, TcpState};
     use crate::sink::testing::Shared;
 
     fn event(kind: RstKind, local: &str, task: Option<Task>) -> RstReport {
@@ -236,6 +250,12 @@ mod tests {
             cgroup_id: None,
             owner: None,
             stack_id: None,
+            hook: match kind {
+                RstKind::Sent => ResetHook::SendResetTracepoint,
+                RstKind::Received => ResetHook::ReceiveResetTracepoint,
+            },
+            tier: AttachTier::Tracepoint,
+            nf_hook: None,
         };
         RstReport {
             ev,
@@ -245,6 +265,7 @@ mod tests {
             peer: None,
             caller: None,
             stack: None,
+            origin: None,
         }
     }
 

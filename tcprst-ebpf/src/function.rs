@@ -1,0 +1,143 @@
+//! The functions that send resets, hooked directly: tcp_send_active_reset,
+//! tcp_v4/v6_send_reset and netfilter's nf_send_reset/nf_send_reset6.
+//! Before 6.10 the `tcp:tcp_send_reset` tracepoint misses every reset sent
+//! without a full socket (closed ports, TIME_WAIT), and netfilter's REJECT
+//! has no tracepoint at all. Each function has an fentry and a kprobe
+//! program; the loader attaches the best one the kernel allows and tells the
+//! tracepoint program to skip what these report.
+
+use core::ptr::addr_of;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_probe_read_kernel, generated::bpf_get_func_arg},
+    macros::{fentry, kprobe},
+    programs::{FEntryContext, ProbeContext, tracing::StackIdContext},
+};
+use tcprst_common::{ABSENT, AttachTier, FUNCTION_HOOKS, RecordKind, ResetHook, rst_flags};
+
+use crate::{
+    globals::function_args,
+    kernel::{
+        TCP_FLAG_RST, is_full_sock, netns_of_net, reply_tuple, skb_netns, sock_cgroup_id,
+        sock_netns, sock_state, sock_tuple,
+    },
+    reset::{blank, finish},
+};
+
+/// Reads argument `n` of the hooked function; 0 when it cannot.
+trait FunctionArgs: StackIdContext {
+    fn arg_u64(&self, n: u32) -> u64;
+}
+
+impl FunctionArgs for ProbeContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: u32) -> u64 {
+        // Through a helper: the verifier refuses a load from the context at
+        // a computed offset, which is what LLVM makes of a match on `n`.
+        let regs = self.regs;
+        #[cfg(bpf_target_arch = "x86_64")]
+        let reg = unsafe {
+            match n {
+                0 => addr_of!((*regs).rdi),
+                1 => addr_of!((*regs).rsi),
+                2 => addr_of!((*regs).rdx),
+                3 => addr_of!((*regs).rcx),
+                4 => addr_of!((*regs).r8),
+                _ => return 0,
+            }
+        };
+        #[cfg(bpf_target_arch = "aarch64")]
+        let reg = match n {
+            0..=7 => unsafe { addr_of!((*regs).regs[n as usize]) },
+            _ => return 0,
+        };
+        unsafe { bpf_probe_read_kernel(reg) }.map_or(0, |v| v as u64)
+    }
+}
+
+impl FunctionArgs for FEntryContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: u32) -> u64 {
+        // bpf_get_func_arg (5.17+) takes the index at run time, which the
+        // prototype-dependent positions need.
+        let mut value = 0u64;
+        let ret = unsafe { bpf_get_func_arg(self.as_ptr(), n, &mut value) };
+        if ret == 0 { value } else { 0 }
+    }
+}
+
+#[inline(always)]
+fn arg_at(ctx: &impl FunctionArgs, n: u32) -> Option<u64> {
+    (n != ABSENT).then(|| ctx.arg_u64(n))
+}
+
+#[inline(always)]
+fn report(ctx: &impl FunctionArgs, hook: ResetHook, tier: AttachTier) {
+    let Some(index) = FUNCTION_HOOKS.iter().position(|h| *h == hook) else {
+        return;
+    };
+    let args = function_args(index);
+    let sk = arg_at(ctx, args.sk).unwrap_or(0);
+    let skb = arg_at(ctx, args.skb).unwrap_or(0);
+    let mut rec = blank(RecordKind::RstSent, hook);
+    rec.tier = tier as u8;
+    if skb != 0 {
+        // An answer to a segment: the kernel never answers a reset, and
+        // returns before sending anything when asked to.
+        match reply_tuple(skb, &mut rec.tuple) {
+            Some(flags) if flags & TCP_FLAG_RST == 0 => {}
+            _ => return,
+        }
+    } else if sock_tuple(sk, &mut rec.tuple).is_none() {
+        return;
+    }
+    rec.skaddr = sk;
+    if sk == 0 {
+        rec.flags |= rst_flags::NO_SOCKET;
+    } else if let Some(state) = sock_state(sk) {
+        rec.state = state;
+        rec.flags |= rst_flags::HAS_STATE;
+        if is_full_sock(state) {
+            rec.cgroup_id = sock_cgroup_id(sk);
+        }
+    }
+    if let Some(reason) = arg_at(ctx, args.reason) {
+        rec.reason = reason as u32;
+        rec.flags |= rst_flags::HAS_REASON;
+    }
+    if let Some(nf_hook) = arg_at(ctx, args.hook) {
+        rec.nf_hook = nf_hook as u8;
+        rec.flags |= rst_flags::HAS_NF_HOOK;
+    }
+    let netns = match arg_at(ctx, args.net) {
+        Some(net) => netns_of_net(net),
+        None if sk != 0 => sock_netns(sk),
+        None => skb_netns(skb),
+    };
+    finish(ctx, &mut rec, netns);
+}
+
+macro_rules! reset_function_programs {
+    ($($function:literal: $hook:ident => $kprobe:ident, $fentry:ident;)+) => {$(
+        #[kprobe]
+        pub fn $kprobe(ctx: ProbeContext) -> u32 {
+            report(&ctx, ResetHook::$hook, AttachTier::Kprobe);
+            0
+        }
+
+        #[fentry(function = $function)]
+        pub fn $fentry(ctx: FEntryContext) -> u32 {
+            report(&ctx, ResetHook::$hook, AttachTier::Fentry);
+            0
+        }
+    )+};
+}
+
+reset_function_programs! {
+    "tcp_send_active_reset": ActiveReset => tcprst_kp_active_reset, tcprst_fe_active_reset;
+    "tcp_v4_send_reset": V4SendReset => tcprst_kp_v4_send_reset, tcprst_fe_v4_send_reset;
+    "tcp_v6_send_reset": V6SendReset => tcprst_kp_v6_send_reset, tcprst_fe_v6_send_reset;
+    "nf_send_reset": NfSendReset => tcprst_kp_nf_send_reset, tcprst_fe_nf_send_reset;
+    "nf_send_reset6": NfSendReset6 => tcprst_kp_nf_send_reset6, tcprst_fe_nf_send_reset6;
+}
