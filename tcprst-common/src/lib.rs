@@ -444,6 +444,15 @@ const _: () = assert!(core::mem::size_of::<StateRecord>() == 112);
 /// Index of the only slot in the per-CPU `LOST` array.
 pub const LOST_RECORDS: u32 = 0;
 
+/// Slots of the per-CPU `OWNER_COUNTS` array. An LRU map evicts silently;
+/// what was added, less what was removed, less what is still there, is
+/// what it evicted.
+pub mod owner_counts {
+    pub const ADDED: u32 = 0;
+    pub const REMOVED: u32 = 1;
+    pub const SLOTS: u32 = 2;
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -456,6 +465,7 @@ mod user {
     unsafe impl aya::Pod for StateFields {}
     unsafe impl aya::Pod for SyscallFields {}
     unsafe impl aya::Pod for FunctionArgs {}
+    unsafe impl aya::Pod for SocketOwner {}
 
     impl RecordKind {
         pub fn from_u8(v: u8) -> Option<Self> {

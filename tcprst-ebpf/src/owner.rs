@@ -5,12 +5,13 @@
 //! connected or accepted a socket is almost always the one sending on it.
 
 use aya_ebpf::{
+    bindings::{BPF_EXIST, BPF_NOEXIST},
     helpers::bpf_get_current_task,
     macros::{map, tracepoint},
-    maps::LruHashMap,
+    maps::{LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
-use tcprst_common::{SocketOwner, TaskInfo};
+use tcprst_common::{SocketOwner, TaskInfo, owner_counts};
 
 use crate::{
     globals::{state_fields, syscall_fields},
@@ -22,13 +23,28 @@ use crate::{
 #[map]
 static OWNERS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entries(65536, 0);
 
+#[map]
+static OWNER_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(owner_counts::SLOTS, 0);
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(n) = OWNER_COUNTS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race with us.
+        unsafe { *n += 1 };
+    }
+}
+
 #[inline(always)]
 pub fn note_owner(sk: u64, task: &TaskInfo) {
     let owner = SocketOwner {
         tgid: task.tgid,
         comm: task.comm,
     };
-    let _ = OWNERS.insert(&sk, &owner, 0);
+    if OWNERS.insert(&sk, &owner, BPF_NOEXIST as u64).is_ok() {
+        count(owner_counts::ADDED);
+    } else {
+        let _ = OWNERS.insert(&sk, &owner, BPF_EXIST as u64);
+    }
 }
 
 /// The kernel frees the socket: forget its owner, so the map holds live
@@ -37,7 +53,9 @@ pub fn note_owner(sk: u64, task: &TaskInfo) {
 #[tracepoint]
 pub fn tcprst_destroy(ctx: TracePointContext) -> u32 {
     if let Some(sk) = field::<u64>(&ctx, state_fields().destroy_skaddr) {
-        let _ = OWNERS.remove(&sk);
+        if OWNERS.remove(&sk).is_ok() {
+            count(owner_counts::REMOVED);
+        }
     }
     0
 }

@@ -143,6 +143,10 @@ pub struct TraceArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub stuck_repeat: Duration,
 
+    /// Socket owners the kernel remembers at once (an LRU map; evictions are counted and reported)
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_socket_owners: u32,
+
     /// Connections tracked at once; the least recently active are dropped first
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{Array, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{FEntry, KProbe, RawTracePoint, TracePoint},
 };
 use tcprst_common::{
     ABSENT, AttachTier, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, LOST_RECORDS,
-    ResetHook, SyscallFields,
+    ResetHook, SocketOwner, SyscallFields, owner_counts,
 };
 
 use crate::{
@@ -39,6 +39,7 @@ pub struct ProbeConfig {
     pub rst_received: bool,
     pub filter: KernelFilter,
     pub buffer_pages: u32,
+    pub max_socket_owners: u32,
     /// An explicit BTF file; otherwise the running kernel's.
     pub btf: Option<PathBuf>,
     pub attach: AttachRequest,
@@ -157,6 +158,7 @@ impl Probes {
             .override_global("FILTER", &cfg.filter, true)
             .override_global("FUNCTION_ARGS", &args, true)
             .map_max_entries("EVENTS", cfg.buffer_pages * PAGE_SIZE)
+            .map_max_entries("OWNERS", cfg.max_socket_owners)
             .load(OBJECT)
             .context("loading the eBPF object")?;
 
@@ -422,6 +424,13 @@ impl Probes {
     pub fn take_lost_counter(&mut self) -> Result<LostCounter> {
         Ok(LostCounter(self.take("LOST")?))
     }
+
+    pub fn take_owner_census(&mut self) -> Result<OwnerCensus> {
+        Ok(OwnerCensus {
+            owners: self.take("OWNERS")?,
+            counts: self.take("OWNER_COUNTS")?,
+        })
+    }
 }
 
 /// A reset function found in this kernel, with its argument positions.
@@ -544,6 +553,24 @@ fn raise_memlock_limit() {
             "could not lift RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// The socket-owner LRU map: how full it is, and how many owners it
+/// evicted to make room (each one a socket whose owner may go unnamed).
+pub struct OwnerCensus {
+    owners: HashMap<MapData, u64, SocketOwner>,
+    counts: PerCpuArray<MapData, u64>,
+}
+
+impl OwnerCensus {
+    /// (entries now, evicted since start). Walks the map: call it rarely.
+    pub fn count(&self) -> Result<(u64, u64)> {
+        let sum = |slot| -> Result<u64> { Ok(self.counts.get(&slot, 0)?.iter().sum()) };
+        let added = sum(owner_counts::ADDED)?;
+        let removed = sum(owner_counts::REMOVED)?;
+        let live = self.owners.keys().filter(Result::is_ok).count() as u64;
+        Ok((live, added.saturating_sub(removed).saturating_sub(live)))
     }
 }
 

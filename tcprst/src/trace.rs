@@ -28,7 +28,7 @@ use crate::{
     metrics::{self, Metrics, MetricsAddr},
     origin::{self, Origin, Origins},
     owner::SocketOwners,
-    probes::{LostCounter, ProbeConfig, Probes},
+    probes::{LostCounter, OwnerCensus, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
     stacks::{Kallsyms, Stacks},
     tracker::{ConnKey, Tracker, is_half_closed},
@@ -36,6 +36,8 @@ use crate::{
 
 /// Records handled per wake-up before signals and the loss report get a turn.
 const DRAIN_BATCH: usize = 4096;
+/// Counting the owner map walks it; a full one holds 65536 entries.
+const OWNER_CENSUS_EVERY: Duration = Duration::from_secs(10);
 
 pub struct TraceOptions {
     pub probes: ProbeConfig,
@@ -58,6 +60,7 @@ struct Counts {
     shown: u64,
     undecodable: u64,
     lost_reported: u64,
+    owners_evicted: u64,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -272,6 +275,24 @@ impl Pipeline<'_> {
         self.sink.flush()
     }
 
+    fn report_owner_census(&mut self, census: &OwnerCensus) {
+        let (live, evicted) = match census.count() {
+            Ok(counts) => counts,
+            Err(e) => {
+                log::warn!("reading the socket-owner map: {e}");
+                return;
+            }
+        };
+        if evicted > self.counts.owners_evicted {
+            log::warn!(
+                "the kernel's socket-owner map was full: {} owners evicted ({evicted} in total); resets on those sockets may name no owner",
+                evicted - self.counts.owners_evicted
+            );
+            self.counts.owners_evicted = evicted;
+        }
+        self.metrics.owner_map(live, evicted);
+    }
+
     fn report_losses(&mut self, lost: &LostCounter) -> io::Result<()> {
         let total = match lost.total() {
             Ok(total) => total,
@@ -307,6 +328,7 @@ pub fn start(opts: &TraceOptions) -> Result<Probes> {
 pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let ring = probes.take_ring()?;
     let lost = probes.take_lost_counter()?;
+    let owners = probes.take_owner_census()?;
     let stacks = match Kallsyms::load() {
         Some(kallsyms) => Some(Stacks::new(probes.take_stacks()?, kallsyms)),
         None => None,
@@ -343,6 +365,8 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut census_tick = interval(OWNER_CENSUS_EVERY);
+    census_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut origin_tick = interval(origin::HOLD / 2);
     origin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -368,6 +392,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                     pipeline.report_stuck(&opts)?;
                 }
                 _ = origin_tick.tick() => pipeline.release_origins(false)?,
+                _ = census_tick.tick() => pipeline.report_owner_census(&owners),
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     if pipeline.drain(guard.get_inner_mut())? < DRAIN_BATCH {
@@ -392,15 +417,17 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
         Err(e) => return Err(e).context("writing events"),
     }
+    pipeline.report_owner_census(&owners);
     drop(probes);
     let counts = &pipeline.counts;
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} connections evicted from tracking",
+        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} connections evicted from tracking, {} socket owners evicted in the kernel",
         counts.read,
         counts.shown,
         lost.total().unwrap_or(counts.lost_reported),
         counts.undecodable,
-        pipeline.tracker.evicted
+        pipeline.tracker.evicted,
+        counts.owners_evicted
     );
     Ok(())
 }
