@@ -167,8 +167,10 @@ pub struct KernelOffsets {
     pub skc_rcv_saddr: u32,
     /// `sock_common.skc_dport` (network order)
     pub skc_dport: u32,
-    /// `sock_common.skc_num` (the local port, host order)
-    pub skc_num: u32,
+    /// `inet_sock.inet_sport` (the local port, network order). Not
+    /// `skc_num`: closing unhashes the socket and zeroes it before
+    /// tcp_send_active_reset runs, unless the port was bound explicitly.
+    pub inet_sport: u32,
     /// `sock_common.skc_v6_daddr`
     pub skc_v6_daddr: u32,
     /// `sock_common.skc_v6_rcv_saddr`
@@ -204,7 +206,7 @@ impl KernelOffsets {
         skc_daddr: ABSENT,
         skc_rcv_saddr: ABSENT,
         skc_dport: ABSENT,
-        skc_num: ABSENT,
+        inet_sport: ABSENT,
         skc_v6_daddr: ABSENT,
         skc_v6_rcv_saddr: ABSENT,
         skb_head: ABSENT,

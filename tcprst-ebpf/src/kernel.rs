@@ -123,7 +123,7 @@ pub fn sock_tuple(sk: u64, out: &mut Tuple) -> Option<()> {
     let o = kernel_offsets();
     unsafe {
         out.family = read_at::<u16>(sk, o.skc_family)?;
-        out.local_port = read_at::<u16>(sk, o.skc_num)?;
+        out.local_port = u16::from_be(read_at::<u16>(sk, o.inet_sport)?);
         out.remote_port = u16::from_be(read_at::<u16>(sk, o.skc_dport)?);
         if out.family == AF_INET {
             copy_v4(&mut out.local_addr, read_at(sk, o.skc_rcv_saddr)?);

@@ -224,7 +224,7 @@ impl KernelBtf {
             skc_daddr: optional(FUNCTION_TIERS, &[("sock_common", &["skc_daddr"])]),
             skc_rcv_saddr: optional(FUNCTION_TIERS, &[("sock_common", &["skc_rcv_saddr"])]),
             skc_dport: optional(FUNCTION_TIERS, &[("sock_common", &["skc_dport"])]),
-            skc_num: optional(FUNCTION_TIERS, &[("sock_common", &["skc_num"])]),
+            inet_sport: optional(FUNCTION_TIERS, &[("inet_sock", &["inet_sport"])]),
             skc_v6_daddr: optional(FUNCTION_TIERS, &[("sock_common", &["skc_v6_daddr"])]),
             skc_v6_rcv_saddr: optional(FUNCTION_TIERS, &[("sock_common", &["skc_v6_rcv_saddr"])]),
             skb_head: optional(FUNCTION_TIERS, &[("sk_buff", &["head"])]),

@@ -57,6 +57,9 @@ pub struct Probes {
     pub plans: Vec<HookPlan>,
     /// What this kernel cannot show, one sentence each.
     pub limitations: Vec<String>,
+    /// Whether resets sent without a full socket go unseen (the tracepoint
+    /// before 6.10, with no function tier for them).
+    pub misses_socketless_resets: bool,
 }
 
 const RAW_TRACEPOINT: &str = "raw_tracepoint";
@@ -168,6 +171,7 @@ impl Probes {
             attached: Vec::new(),
             plans: Vec::new(),
             limitations,
+            misses_socketless_resets: false,
         };
         // Context tracking first, so the first reset is already attributed.
         probes.attach_raw("tcprst_sirq_in", "softirq_entry")?;
@@ -288,11 +292,11 @@ impl Probes {
         };
         let mut notes = Vec::new();
         let replies = [ResetHook::V4SendReset, ResetHook::V6SendReset];
-        if pre_6_10_tracepoint
+        let misses_socketless = pre_6_10_tracepoint
             && replies
                 .iter()
-                .any(|h| tier_of(*h) == Some(AttachTier::Tracepoint))
-        {
+                .any(|h| tier_of(*h) == Some(AttachTier::Tracepoint));
+        if misses_socketless {
             notes.push(format!(
                 "resets sent without a full socket (closed ports, TIME_WAIT) are invisible: before Linux 6.10 {TCP_SEND_RESET} skips them, and no kprobe or fentry tier attached"
             ));
@@ -305,6 +309,7 @@ impl Probes {
             log::warn!("{note}");
             self.limitations.push(note);
         }
+        self.misses_socketless_resets = misses_socketless;
     }
 
     fn attach_kprobe(&mut self, f: &ResetFunction) -> Result<(), String> {

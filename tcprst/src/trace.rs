@@ -434,10 +434,15 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
 
 /// Received resets are explained by the sends this host makes, unless
 /// those are not all traced: the in-kernel netns and pid filters drop sends
-/// made elsewhere (the other end of a veth, or softirq).
+/// made elsewhere (the other end of a veth, or softirq), and before 6.10 the
+/// tracepoint alone misses every reset sent without a socket.
 fn origins_for(probes: &Probes, opts: &TraceOptions) -> Option<Origins<RstReport>> {
     let filter = &opts.probes.filter;
-    if !opts.probes.rst_sent || filter.netns != 0 || filter.tgid != 0 {
+    if !opts.probes.rst_sent
+        || filter.netns != 0
+        || filter.tgid != 0
+        || probes.misses_socketless_resets
+    {
         return None;
     }
     let netfilter = [ResetHook::NfSendReset, ResetHook::NfSendReset6];
