@@ -1,14 +1,17 @@
-//! Bounded TCP load on loopback for `cargo xtask bench`.
+//! Bounded TCP load on loopback for `cargo xtask bench`, and single resets
+//! for `cargo xtask vm-test`.
 //!
 //! `rst` makes nonblocking connects to a closed port, each answered by a
 //! reset; `churn` runs whole connections (connect, send, shutdown, close)
 //! against its own server. Both stop by themselves after `--seconds` or a
 //! count, refuse any address that is not loopback, and print one JSON line
 //! with what they achieved. Run them inside a network namespace
-//! (`ip netns exec NS tcprst-loadgen …`): the bench does.
+//! (`ip netns exec NS tcprst-loadgen …`): the bench does. `scenario` makes
+//! one reset of a named kind on loopback and prints the connection it used.
 
 mod churn;
 mod pace;
+mod scenario;
 mod storm;
 
 use std::{
@@ -28,7 +31,7 @@ const MAX_SECONDS: f64 = 600.0;
 #[derive(Parser)]
 #[command(
     name = "tcprst-loadgen",
-    about = "Bounded loopback TCP load for cargo xtask bench"
+    about = "Bounded loopback TCP load for cargo xtask bench, and single resets for cargo xtask vm-test"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,6 +44,8 @@ enum Mode {
     Rst(RstArgs),
     /// Whole connections against our own server: connect, send, shutdown(SHUT_WR), read EOF, close.
     Churn(ChurnArgs),
+    /// One reset of a known kind on loopback; fails unless the socket saw the error it causes.
+    Scenario(scenario::ScenarioArgs),
 }
 
 #[derive(Args)]
@@ -143,7 +148,22 @@ pub struct Bounds {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    match Cli::parse().mode {
+        Mode::Rst(args) => report(rst(&args)),
+        Mode::Churn(args) => report(ensure_loopback(args.server).and_then(|()| churn::run(&args))),
+        Mode::Scenario(args) => match scenario::run(&args) {
+            Ok(outcome) => {
+                println!("{}", serde_json::to_string(&outcome).expect("plain data"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+/// Prints a load run's summary; a run in which nothing completed failed.
+fn report(run: Result<Summary>) -> ExitCode {
+    match run {
         Ok(summary) => {
             println!("{}", serde_json::to_string(&summary).expect("plain data"));
             if summary.completed == 0 {
@@ -155,32 +175,26 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("tcprst-loadgen: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
     }
 }
 
-fn run(cli: Cli) -> Result<Summary> {
-    match cli.mode {
-        Mode::Rst(args) => {
-            ensure_loopback(args.target)?;
-            let threads = threads(&args.common);
-            let per_thread = (args.rate > 0.0).then(|| args.rate / threads as f64);
-            let mut summary = spawn_workers(&args.common, threads, |bounds| {
-                let tally = storm::worker(args.target, per_thread, bounds);
-                (tally, None)
-            })?;
-            summary.mode = "rst";
-            summary.target_rate = args.rate;
-            Ok(summary)
-        }
-        Mode::Churn(args) => {
-            ensure_loopback(args.server)?;
-            churn::run(&args)
-        }
-    }
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("tcprst-loadgen: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn rst(args: &RstArgs) -> Result<Summary> {
+    ensure_loopback(args.target)?;
+    let threads = threads(&args.common);
+    let per_thread = (args.rate > 0.0).then(|| args.rate / threads as f64);
+    let mut summary = spawn_workers(&args.common, threads, |bounds| {
+        let tally = storm::worker(args.target, per_thread, bounds);
+        (tally, None)
+    })?;
+    summary.mode = "rst";
+    summary.target_rate = args.rate;
+    Ok(summary)
 }
 
 fn threads(common: &Common) -> usize {

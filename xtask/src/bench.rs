@@ -165,8 +165,10 @@ fn probes_of(script: &str) -> Vec<String> {
         .collect()
 }
 
-pub fn main(opts: &Options) -> Result<()> {
-    if !opts.prepared {
+/// Sets up and builds (as the user), then continues as root: re-runs this
+/// xtask through sudo with `--prepared` unless root already.
+fn prepare_as_root(prepared: bool) -> Result<()> {
+    if !prepared {
         setup()?;
         // Names the programs whose run times benchmark 3 reads.
         ensure_apt_packages(&["bpftool"])?;
@@ -187,11 +189,16 @@ pub fn main(opts: &Options) -> Result<()> {
             .args(env::args_os().skip(1))
             .arg("--prepared")
             .exec();
-        return Err(err).context("re-running the bench as root through sudo");
+        return Err(err).context("re-running as root through sudo");
     }
     catch_interrupts();
+    Ok(())
+}
+
+pub fn main(opts: &Options) -> Result<()> {
+    prepare_as_root(opts.prepared)?;
     let plan = if opts.quick { QUICK } else { FULL };
-    let ctx = Ctx::prepare(opts)?;
+    let ctx = Ctx::prepare(opts.keep_output)?;
     let foreign = ctx.foreign_tracing_programs()?;
     if !foreign.is_empty() {
         eprintln!(
@@ -1114,7 +1121,10 @@ impl Running {
         self.settle()?;
         let (vm_hwm_kib, vm_rss_kib) = proc_memory(self.proc.pid())?;
         let progs = ctx.prog_stats(self.proc.pid())?;
-        let live_tracked = self.metrics_port.map(scrape_tracked).transpose()?;
+        let live_tracked = self
+            .metrics_port
+            .map(|port| scrape_metric(port, "tcprst_tracked_connections"))
+            .transpose()?;
         let insisted = self.stop()?;
         let ticks = proc_cpu_ticks(self.proc.pid()).unwrap_or(ticks_before);
         let status = self.proc.wait(Duration::from_secs(5))?;
@@ -1586,7 +1596,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn prepare(opts: &Options) -> Result<Self> {
+    fn prepare(keep_output: bool) -> Result<Self> {
         let release = target_dir()?.join("release");
         let (tcprst, loadgen) = (release.join("tcprst"), release.join("tcprst-loadgen"));
         for bin in [&tcprst, &loadgen] {
@@ -1621,7 +1631,7 @@ impl Ctx {
             loadgen,
             out_dir,
             runs_dir,
-            keep_output: opts.keep_output,
+            keep_output,
             run_count: Default::default(),
             ours: Default::default(),
         })
@@ -1931,6 +1941,164 @@ fn check_interrupted() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
+// Soak: tcprst under alternating load for minutes; its memory must level off
+
+#[derive(clap::Args, Debug)]
+pub struct SoakOptions {
+    /// How long to run the load
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// Set when re-run as root: setup and build are already done
+    #[arg(long, hide = true)]
+    prepared: bool,
+}
+
+/// Seconds of each load between two samples.
+const SOAK_SEGMENT_S: f64 = 5.0;
+/// Paced so the output (thrown away) is not the bottleneck being measured.
+const SOAK_RST_RATE: u32 = 2000;
+/// Samples before this share of the run are warm-up.
+const SOAK_WARMUP: f64 = 0.25;
+/// Growth after warm-up beyond both of these is a leak.
+const SOAK_MAX_GROWTH: f64 = 0.10;
+const SOAK_MAX_GROWTH_KIB: u64 = 4096;
+
+#[derive(Debug, Clone, Serialize)]
+struct SoakSample {
+    at_s: f64,
+    load: &'static str,
+    connections: u64,
+    rss_kib: u64,
+    tracked_connections: u64,
+    socket_owners: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct SoakSummary {
+    minutes: f64,
+    samples: Vec<SoakSample>,
+    /// Median RSS of the samples right after warm-up, and of the last quarter.
+    settled_rss_kib: u64,
+    final_rss_kib: u64,
+    flat: bool,
+}
+
+/// `cargo xtask soak`: churn and RST storms in turn against `tcprst trace
+/// -o json` (output discarded) for `--minutes`, sampling its RSS and how
+/// full its connection tracker and the kernel's owner map are. Fails when
+/// RSS keeps growing after warm-up.
+pub fn soak(opts: &SoakOptions) -> Result<()> {
+    prepare_as_root(opts.prepared)?;
+    let ctx = Ctx::prepare(false)?;
+    let ns = Netns::create("soak")?;
+    let port = free_loopback_port()?;
+    let err = ctx.path("soak", "err");
+    let mut cmd = Command::new(&ctx.tcprst);
+    cmd.args(["trace", "-o", "json", "--netns", &ns.name, "--metrics-addr"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(create(&err)?);
+    let mut tcprst = Proc::spawn(&mut cmd, "tcprst")?;
+    wait_for_marker(&tcprst, &err, "tcprst: tracing")?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(opts.minutes * 60.0);
+    let mut samples = Vec::new();
+    let loads = [
+        ("churn", Load::churn(SOAK_SEGMENT_S, None)),
+        ("rst", Load::rst(SOAK_RST_RATE, SOAK_SEGMENT_S)),
+    ];
+    for (i, (name, load)) in loads.iter().cycle().enumerate() {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let result = run_load(&ctx, &ns, load, &ctx.path("soak", &format!("load{i}.json")))?;
+        if tcprst.exited() {
+            bail!("tcprst exited during the soak: {}", last_line(&err));
+        }
+        let sample = SoakSample {
+            at_s: started.elapsed().as_secs_f64(),
+            load: name,
+            connections: result.completed,
+            rss_kib: proc_memory(tcprst.pid())?.1,
+            tracked_connections: scrape_metric(port, "tcprst_tracked_connections")?,
+            socket_owners: scrape_metric(port, "tcprst_socket_owners")?,
+        };
+        eprintln!(
+            "soak: {:>5.0}s {:<5} {:>7} connections  rss {:>6} KiB  tracked {:>6}  owners {:>6}",
+            sample.at_s,
+            sample.load,
+            sample.connections,
+            sample.rss_kib,
+            sample.tracked_connections,
+            sample.socket_owners
+        );
+        samples.push(sample);
+    }
+    tcprst.signal(libc::SIGINT);
+    let status = tcprst.wait(Duration::from_secs(30))?;
+    if !status.success() {
+        bail!(
+            "tcprst failed at the end of the soak ({status}): {}",
+            last_line(&err)
+        );
+    }
+    let summary = soak_summary(opts.minutes, samples)?;
+    let path = ctx.out_dir.join("soak.json");
+    fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "soak: RSS {} KiB after warm-up, {} KiB at the end: {}; samples in {}",
+        summary.settled_rss_kib,
+        summary.final_rss_kib,
+        if summary.flat {
+            "flat"
+        } else {
+            "STILL GROWING"
+        },
+        path.display()
+    );
+    if !summary.flat {
+        bail!("tcprst's memory kept growing after warm-up");
+    }
+    Ok(())
+}
+
+fn wait_for_marker(proc: &Proc, log: &Path, marker: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(log).is_ok_and(|s| s.contains(marker)) {
+        check_interrupted()?;
+        if proc.exited() || Instant::now() > deadline {
+            bail!("{} did not start: {}", proc.what, last_line(log));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn soak_summary(minutes: f64, samples: Vec<SoakSample>) -> Result<SoakSummary> {
+    let rss: Vec<u64> = samples.iter().map(|s| s.rss_kib).collect();
+    let warm = ((rss.len() as f64 * SOAK_WARMUP).ceil() as usize).max(1);
+    let quarter = (rss.len() / 4).max(1);
+    if rss.len() < warm + quarter {
+        bail!("only {} samples: soak for longer", rss.len());
+    }
+    let median_of =
+        |part: &[u64]| median(part.iter().map(|&v| v as f64).collect()).unwrap_or(0.0) as u64;
+    let settled = median_of(&rss[warm..warm + quarter]);
+    let last = median_of(&rss[rss.len() - quarter..]);
+    let growth = last.saturating_sub(settled);
+    let flat = growth <= SOAK_MAX_GROWTH_KIB || (growth as f64) <= settled as f64 * SOAK_MAX_GROWTH;
+    Ok(SoakSummary {
+        minutes,
+        samples,
+        settled_rss_kib: settled,
+        final_rss_kib: last,
+        flat,
+    })
+}
+
+// ---------------------------------------------------------------------------
 // /proc and small helpers
 
 fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
@@ -1973,8 +2141,8 @@ fn proc_memory(pid: u32) -> Result<(u64, u64)> {
     Ok((kib("VmHWM:")?, kib("VmRSS:")?))
 }
 
-/// `tcprst_tracked_connections` from tcprst's metrics on host loopback.
-fn scrape_tracked(port: u16) -> Result<u64> {
+/// One unlabelled metric from tcprst's metrics on host loopback.
+fn scrape_metric(port: u16, name: &str) -> Result<u64> {
     use std::io::{Read as _, Write as _};
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))
         .with_context(|| format!("connecting to tcprst's metrics on 127.0.0.1:{port}"))?;
@@ -1984,9 +2152,9 @@ fn scrape_tracked(port: u16) -> Result<u64> {
     conn.read_to_string(&mut body)
         .context("reading tcprst's metrics")?;
     body.lines()
-        .find_map(|l| l.strip_prefix("tcprst_tracked_connections "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .context("tcprst's metrics have no tcprst_tracked_connections")
+        .with_context(|| format!("tcprst's metrics have no {name}"))
 }
 
 /// bpftrace's memlock complaint, said plainly; other warnings as they are.

@@ -1,10 +1,11 @@
-//! Developer tasks: `cargo xtask setup | run | test | image | bench`.
+//! Developer tasks: `cargo xtask setup | run | test | vm-test | image | bench | fuzz`.
 //!
 //! Every task starts with `setup`, which installs only what is missing, so
 //! the README's two commands work on a fresh machine and cost seconds after.
 
 mod bench;
 mod fuzz;
+mod vm;
 
 use std::{
     env,
@@ -57,18 +58,25 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up and run every test, including the root integration tests.
+    /// Set up and run every test, including the root integration tests, then
+    /// vm-test and a one-minute soak.
     Test {
         /// Extra arguments for `cargo test`
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up and run the reset scenarios under every attach tier on
+    /// several kernels, each booted under qemu.
+    VmTest,
     /// Set up, build a static (musl) tcprst and, with podman or buildah, the
     /// container image tcprst:dev from the Containerfile.
     Image,
     /// Set up, build (release) and benchmark tracing cost against no tracer
     /// and bpftrace; prints tables and writes target/bench/summary.json.
     Bench(bench::Options),
+    /// Set up, build (release) and run churn and RST storms against tcprst for
+    /// --minutes, sampling its RSS; fails if it keeps growing after warm-up.
+    Soak(bench::SoakOptions),
     /// Set up and run every fuzz target for a bounded time (cargo-fuzz, nightly).
     Fuzz {
         /// Seconds per target
@@ -89,7 +97,15 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             setup()?;
-            test(&args)
+            test(&args)?;
+            vm::test()?;
+            // A minute of soak: enough to catch a leak that grows per event.
+            let exe = env::current_exe().context("finding the xtask binary")?;
+            status(Command::new(exe).args(["soak", "--minutes", "1"]))
+        }
+        Task::VmTest => {
+            setup()?;
+            vm::test()
         }
         Task::Image => {
             setup()?;
@@ -97,6 +113,7 @@ fn main() -> Result<()> {
         }
         // Sets up and builds itself: it may re-run as root.
         Task::Bench(opts) => bench::main(&opts),
+        Task::Soak(opts) => bench::soak(&opts),
         Task::Fuzz { seconds } => {
             setup()?;
             fuzz::run(seconds)
@@ -113,23 +130,7 @@ fn setup() -> Result<()> {
 }
 
 fn image() -> Result<()> {
-    // ring, under kube's TLS, compiles C: it needs a C compiler for musl.
-    ensure_apt_packages(&["musl-tools"])?;
-    ensure_rust_target(MUSL_TARGET)?;
-    status(
-        cargo_command()
-            .args([
-                "build",
-                "--release",
-                "--package",
-                "tcprst",
-                "--target",
-                MUSL_TARGET,
-            ])
-            .env(format!("CC_{}", MUSL_TARGET.replace('-', "_")), "musl-gcc"),
-    )?;
-    let bin = target_dir()?.join(MUSL_TARGET).join("release/tcprst");
-    ensure_static(&bin)?;
+    let bin = build_static(&["tcprst"])?.join("tcprst");
     eprintln!("xtask: built {} (static)", bin.display());
 
     // The build context holds the binary alone, so nothing else of the
@@ -160,6 +161,25 @@ fn image() -> Result<()> {
     })?;
     eprintln!("xtask: built image {IMAGE_TAG} with {builder}");
     Ok(())
+}
+
+/// Builds `packages` (release, static, musl) and returns the directory
+/// holding their binaries, each named as its package.
+fn build_static(packages: &[&str]) -> Result<PathBuf> {
+    // ring, under kube's TLS, compiles C: it needs a C compiler for musl.
+    ensure_apt_packages(&["musl-tools"])?;
+    ensure_rust_target(MUSL_TARGET)?;
+    let mut build = cargo_command();
+    build.args(["build", "--release", "--target", MUSL_TARGET]);
+    for package in packages {
+        build.args(["--package", package]);
+    }
+    status(build.env(format!("CC_{}", MUSL_TARGET.replace('-', "_")), "musl-gcc"))?;
+    let dir = target_dir()?.join(MUSL_TARGET).join("release");
+    for package in packages {
+        ensure_static(&dir.join(package))?;
+    }
+    Ok(dir)
 }
 
 /// A dynamically linked binary names its loader in a PT_INTERP program
