@@ -8,6 +8,11 @@
 
 use core::ptr::addr_of;
 
+// The argument registers below are x86-64's (rdi, rsi, rdx, rcx, r8), the
+// only architecture this has run on.
+#[cfg(not(bpf_target_arch = "x86_64"))]
+compile_error!("kprobe argument registers are only mapped for x86_64");
+
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_probe_read_kernel, generated::bpf_get_func_arg},
@@ -26,17 +31,16 @@ use crate::{
 };
 
 /// Reads argument `n` of the hooked function; 0 when it cannot.
-trait FunctionArgs: StackIdContext {
+trait ArgReader: StackIdContext {
     fn arg_u64(&self, n: u32) -> u64;
 }
 
-impl FunctionArgs for ProbeContext {
+impl ArgReader for ProbeContext {
     #[inline(always)]
     fn arg_u64(&self, n: u32) -> u64 {
         // Through a helper: the verifier refuses a load from the context at
         // a computed offset, which is what LLVM makes of a match on `n`.
         let regs = self.regs;
-        #[cfg(bpf_target_arch = "x86_64")]
         let reg = unsafe {
             match n {
                 0 => addr_of!((*regs).rdi),
@@ -47,16 +51,11 @@ impl FunctionArgs for ProbeContext {
                 _ => return 0,
             }
         };
-        #[cfg(bpf_target_arch = "aarch64")]
-        let reg = match n {
-            0..=7 => unsafe { addr_of!((*regs).regs[n as usize]) },
-            _ => return 0,
-        };
         unsafe { bpf_probe_read_kernel(reg) }.map_or(0, |v| v as u64)
     }
 }
 
-impl FunctionArgs for FEntryContext {
+impl ArgReader for FEntryContext {
     #[inline(always)]
     fn arg_u64(&self, n: u32) -> u64 {
         // bpf_get_func_arg (5.17+) takes the index at run time, which the
@@ -68,12 +67,12 @@ impl FunctionArgs for FEntryContext {
 }
 
 #[inline(always)]
-fn arg_at(ctx: &impl FunctionArgs, n: u32) -> Option<u64> {
+fn arg_at(ctx: &impl ArgReader, n: u32) -> Option<u64> {
     (n != ABSENT).then(|| ctx.arg_u64(n))
 }
 
 #[inline(always)]
-fn report(ctx: &impl FunctionArgs, hook: ResetHook, tier: AttachTier) {
+fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier) {
     let Some(index) = FUNCTION_HOOKS.iter().position(|h| *h == hook) else {
         return;
     };
