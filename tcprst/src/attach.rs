@@ -207,8 +207,10 @@ pub fn function_args(hook: ResetHook, params: &[String]) -> Option<FunctionArgs>
     };
     let complete = match hook {
         ResetHook::ActiveReset => args.sk != ABSENT,
-        ResetHook::V4SendReset | ResetHook::V6SendReset => args.skb != ABSENT,
-        ResetHook::NfSendReset | ResetHook::NfSendReset6 => args.skb != ABSENT,
+        ResetHook::V4SendReset
+        | ResetHook::V6SendReset
+        | ResetHook::NfSendReset
+        | ResetHook::NfSendReset6 => args.skb != ABSENT,
         ResetHook::SendResetTracepoint | ResetHook::ReceiveResetTracepoint => false,
     };
     complete.then_some(args)

@@ -58,6 +58,22 @@ impl Origin {
 /// (local, remote) as the receiving end sees them.
 type Ends = (SocketAddr, SocketAddr);
 
+/// What matching needs of a received reset, so its report can move in.
+#[derive(Debug, Clone, Copy)]
+pub struct Receipt {
+    ends: Ends,
+    time: SystemTime,
+}
+
+impl Receipt {
+    pub fn of(ev: &RstEvent) -> Self {
+        Self {
+            ends: (ev.local, ev.remote),
+            time: ev.time,
+        }
+    }
+}
+
 /// Matches received resets with the sends that explain them; `T` is the
 /// prepared report that waits meanwhile.
 pub struct Origins<T> {
@@ -104,12 +120,12 @@ impl<T> Origins<T> {
 
     /// A received reset: explained now, or held until its send arrives or
     /// `HOLD` passes.
-    pub fn received(&mut self, ev: &RstEvent, report: T, now: Instant) -> Option<(T, Origin)> {
-        let ends = (ev.local, ev.remote);
+    pub fn received(&mut self, receipt: Receipt, report: T, now: Instant) -> Option<(T, Origin)> {
+        let Receipt { ends, time: at } = receipt;
         while self
             .sent
             .front()
-            .is_some_and(|(time, ..)| !close_in_time(*time, ev.time) && *time < ev.time)
+            .is_some_and(|(time, ..)| !close_in_time(*time, at) && *time < at)
         {
             self.sent.pop_front();
         }
@@ -117,11 +133,11 @@ impl<T> Origins<T> {
             .sent
             .iter()
             .rev()
-            .find(|(time, sent_ends, _)| *sent_ends == ends && close_in_time(*time, ev.time));
+            .find(|(time, sent_ends, _)| *sent_ends == ends && close_in_time(*time, at));
         match known {
             Some((.., origin)) => Some((report, origin.clone())),
             None => {
-                self.held.push_back((now, ev.time, ends, report));
+                self.held.push_back((now, at, ends, report));
                 None
             }
         }
@@ -183,7 +199,7 @@ mod tests {
         assert!(origins.sent(&sent_to(&rx, t(10))).is_empty());
         let now = Instant::now();
         assert_eq!(
-            origins.received(&rx, "report", now),
+            origins.received(Receipt::of(&rx), "report", now),
             Some(("report", Origin::LocalTcp))
         );
     }
@@ -193,7 +209,7 @@ mod tests {
         let mut origins = Origins::new(false);
         let rx = received(t(10));
         let now = Instant::now();
-        assert_eq!(origins.received(&rx, "report", now), None);
+        assert_eq!(origins.received(Receipt::of(&rx), "report", now), None);
         assert!(origins.expired(now).is_empty());
         let mut nf = sent_to(&rx, t(10));
         nf.hook = ResetHook::NfSendReset;
@@ -215,7 +231,7 @@ mod tests {
         other.local = "10.9.9.9:1".parse().unwrap();
         origins.sent(&other);
         origins.sent(&sent_to(&rx, t(2)));
-        assert_eq!(origins.received(&rx, "report", now), None);
+        assert_eq!(origins.received(Receipt::of(&rx), "report", now), None);
         let out = origins.expired(now + HOLD);
         assert_eq!(out.len(), 1);
         assert_eq!(
@@ -227,8 +243,8 @@ mod tests {
     #[test]
     fn stopping_releases_what_waits() {
         let mut origins = Origins::new(true);
-        origins.received(&received(t(1)), 1, Instant::now());
-        origins.received(&received(t(2)), 2, Instant::now());
+        origins.received(Receipt::of(&received(t(1))), 1, Instant::now());
+        origins.received(Receipt::of(&received(t(2))), 2, Instant::now());
         let out = origins.flush();
         assert_eq!(out.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [1, 2]);
         assert!(out[0].1.describe().contains("or netfilter rule"));

@@ -326,12 +326,8 @@ impl Probes {
                 "loads and verifies, but this kernel has no kprobes (CONFIG_KPROBES is off)".into(),
             );
         }
-        prog.attach(f.function, 0).map_err(|e| {
-            format!(
-                "loads and verifies, but attaching failed: {}",
-                first_line(&e)
-            )
-        })?;
+        prog.attach(f.function, 0)
+            .map_err(|e| format!("loads and verifies, but attaching failed: {}", one_line(&e)))?;
         self.attached
             .push((tier_name(AttachTier::Kprobe), f.function.to_owned()));
         Ok(())
@@ -374,7 +370,7 @@ impl Probes {
             }
         })?;
         prog.attach()
-            .map_err(|e| format!("attaching failed: {}", first_line(&e)))?;
+            .map_err(|e| format!("attaching failed: {}", one_line(&e)))?;
         self.attached
             .push((tier_name(AttachTier::Fentry), f.function.to_owned()));
         Ok(())
@@ -489,7 +485,7 @@ fn locate_functions(
 const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
 
 /// An error and its causes on one line.
-fn first_line(e: &dyn std::error::Error) -> String {
+fn one_line(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -525,7 +521,7 @@ fn verifier_summary(e: &aya::programs::ProgramError) -> String {
             None => io_error.to_string(),
         };
     }
-    first_line(e)
+    one_line(e)
 }
 
 fn syscall_layout(tracefs: &Tracefs) -> Result<SyscallFields> {

@@ -26,7 +26,7 @@ use crate::{
     filter::EventFilter,
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr},
-    origin::{self, Origin, Origins},
+    origin::{self, Origin, Origins, Receipt},
     owner::SocketOwners,
     probes::{LostCounter, OwnerCensus, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
@@ -190,8 +190,8 @@ impl Pipeline<'_> {
                 };
                 match &mut self.origins {
                     Some(origins) if report.ev.kind == RstKind::Received => {
-                        let ev = report.ev.clone();
-                        if let Some(explained) = origins.received(&ev, report, Instant::now()) {
+                        let receipt = Receipt::of(&report.ev);
+                        if let Some(explained) = origins.received(receipt, report, Instant::now()) {
                             self.emit_rst(explained)?;
                         }
                     }

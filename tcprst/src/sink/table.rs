@@ -227,36 +227,19 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::event::{AttachTier, Errno, ResetHook, Task, TcpState};
+    use crate::event::{Task, TcpState};
     use crate::sink::testing::Shared;
+    use crate::tracker::tests::reset;
 
     fn event(kind: RstKind, local: &str, task: Option<Task>) -> RstReport {
-        let ev = RstEvent {
-            time: SystemTime::now(),
-            kind,
-            local: local.parse().unwrap(),
-            remote: "10.0.0.1:443".parse().unwrap(),
-            state: Some(TcpState::Established),
-            reason: None,
-            sock_cookie: None,
-            netns: Some(4026531840),
-            context: if task.is_some() {
-                ExecContext::Process
-            } else {
-                ExecContext::Softirq
-            },
-            task,
-            errno: Some(Errno::ConnReset),
-            cgroup_id: None,
-            owner: None,
-            stack_id: None,
-            hook: match kind {
-                RstKind::Sent => ResetHook::SendResetTracepoint,
-                RstKind::Received => ResetHook::ReceiveResetTracepoint,
-            },
-            tier: AttachTier::Tracepoint,
-            nf_hook: None,
-        };
+        let mut ev = reset(kind, SystemTime::now(), Some(TcpState::Established), None);
+        ev.local = local.parse().unwrap();
+        ev.remote = "10.0.0.1:443".parse().unwrap();
+        ev.netns = Some(4026531840);
+        if task.is_some() {
+            ev.context = ExecContext::Process;
+        }
+        ev.task = task;
         RstReport {
             ev,
             conn: None,
