@@ -74,51 +74,6 @@ impl ResetFields {
     };
 }
 
-/// Byte offsets in a `sock:inet_sock_set_state` record.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StateFields {
-    pub skaddr: u32,
-    pub oldstate: u32,
-    pub newstate: u32,
-    pub protocol: u32,
-    pub tuple: TupleFields,
-    /// `skaddr` in a `tcp:tcp_destroy_sock` record: the socket's end.
-    pub destroy_skaddr: u32,
-}
-
-impl StateFields {
-    pub const UNSET: Self = Self {
-        skaddr: ABSENT,
-        oldstate: ABSENT,
-        newstate: ABSENT,
-        protocol: ABSENT,
-        tuple: ResetFields::UNSET.tuple,
-        destroy_skaddr: ABSENT,
-    };
-}
-
-/// Byte offsets of the arguments in `syscalls:sys_enter_shutdown` and
-/// `syscalls:sys_enter_close` records.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SyscallFields {
-    pub shutdown_fd: u32,
-    pub shutdown_how: u32,
-    pub close_fd: u32,
-    /// `ret` of `sys_exit_accept4` and `sys_exit_accept` (the new descriptor).
-    pub accept_ret: u32,
-}
-
-impl SyscallFields {
-    pub const UNSET: Self = Self {
-        shutdown_fd: ABSENT,
-        shutdown_how: ABSENT,
-        close_fd: ABSENT,
-        accept_ret: ABSENT,
-    };
-}
-
 /// Kernel struct member offsets, read from the running kernel's BTF.
 /// Chains like `net_ns_inum` are the sum of nested member offsets.
 #[repr(C)]
@@ -136,22 +91,6 @@ pub struct KernelOffsets {
     pub dev_nd_net: u32,
     /// `task_struct.flags`
     pub task_flags: u32,
-    /// `task_struct.files`
-    pub task_files: u32,
-    /// `files_struct.fdt`
-    pub files_fdt: u32,
-    /// `fdtable.max_fds`
-    pub fdt_max_fds: u32,
-    /// `fdtable.fd`
-    pub fdt_fd: u32,
-    /// `file.f_inode`
-    pub file_inode: u32,
-    /// `inode.i_mode`
-    pub inode_mode: u32,
-    /// `file.private_data` (the `struct socket *` of a socket file)
-    pub file_private_data: u32,
-    /// `socket.sk`
-    pub socket_sk: u32,
     /// `sock.sk_cgrp_data.cgroup`
     pub sk_cgroup: u32,
     /// `cgroup.kn`
@@ -181,6 +120,16 @@ pub struct KernelOffsets {
     pub skb_network_header: u32,
     /// `sk_buff.transport_header` (a u16 offset from `head`)
     pub skb_transport_header: u32,
+    // What a full socket itself records about its close, read at reset time.
+    /// `sock.sk_shutdown` (a u8 of `SEND_SHUTDOWN`/`RCV_SHUTDOWN` bits)
+    pub sk_shutdown: u32,
+    /// `sock.sk_socket`: NULL once the last descriptor is closed (orphaned)
+    pub sk_socket: u32,
+    /// From a `struct socket *` to its inode number:
+    /// `socket_alloc.vfs_inode` + `inode.i_ino`
+    pub socket_ino: u32,
+    /// `sock.sk_protocol` (a u16; `ABSENT` where it is a bitfield)
+    pub sk_protocol: u32,
 }
 
 impl KernelOffsets {
@@ -191,14 +140,6 @@ impl KernelOffsets {
         skb_dev: ABSENT,
         dev_nd_net: ABSENT,
         task_flags: ABSENT,
-        task_files: ABSENT,
-        files_fdt: ABSENT,
-        fdt_max_fds: ABSENT,
-        fdt_fd: ABSENT,
-        file_inode: ABSENT,
-        inode_mode: ABSENT,
-        file_private_data: ABSENT,
-        socket_sk: ABSENT,
         sk_cgroup: ABSENT,
         cgroup_kn: ABSENT,
         kn_id: ABSENT,
@@ -212,6 +153,10 @@ impl KernelOffsets {
         skb_head: ABSENT,
         skb_network_header: ABSENT,
         skb_transport_header: ABSENT,
+        sk_shutdown: ABSENT,
+        sk_socket: ABSENT,
+        socket_ino: ABSENT,
+        sk_protocol: ABSENT,
     };
 }
 
@@ -307,7 +252,6 @@ pub struct KernelFilter {
 pub enum RecordKind {
     RstSent = 1,
     RstReceived = 2,
-    StateChange = 3,
 }
 
 /// Where the kernel was running when it produced a record.
@@ -331,6 +275,20 @@ pub mod rst_flags {
     pub const HAS_STATE: u8 = 1 << 3;
     /// `nf_hook` is meaningful.
     pub const HAS_NF_HOOK: u8 = 1 << 4;
+    /// `shutdown` and `inode` were read from a full socket.
+    pub const HAS_SOCKET_FACTS: u8 = 1 << 5;
+    /// The socket has no descriptor left (`sk_socket` is NULL): orphaned.
+    pub const ORPHANED: u8 = 1 << 6;
+    /// A `CloseMark` follows the record (`MarkedRstRecord`).
+    pub const HAS_MARK: u8 = 1 << 7;
+}
+
+/// `sock.sk_shutdown` bits.
+pub mod shutdown_bits {
+    /// The peer's FIN arrived, or the application shut down reading.
+    pub const RCV_SHUTDOWN: u8 = 1;
+    /// We sent FIN: `shutdown(SHUT_WR)` or `close()`.
+    pub const SEND_SHUTDOWN: u8 = 2;
 }
 
 /// A connection's two ends. IPv4 addresses use the first four bytes.
@@ -344,16 +302,6 @@ pub struct Tuple {
     pub _pad: u16,
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
-}
-
-/// The last process that acted on a socket in process context (connect,
-/// accept, shutdown, close): whose socket it is, whatever runs when it resets.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SocketOwner {
-    /// 0 when no process was seen acting on the socket.
-    pub tgid: u32,
-    pub comm: [u8; 16],
 }
 
 /// The current task, filled only outside softirq.
@@ -390,22 +338,72 @@ pub struct RstRecord {
     pub stack_id: i32,
     /// The socket's cgroup (v2) id; 0 when unknown.
     pub cgroup_id: u64,
+    /// The socket's inode, which names the process holding it
+    /// (`/proc/*/fd`); 0 when orphaned or not a full socket.
+    pub inode: u64,
     pub tuple: Tuple,
     pub task: TaskInfo,
-    pub owner: SocketOwner,
     /// `ResetHook as u8`: which hook saw it.
     pub hook: u8,
     /// `AttachTier as u8`: how that hook was attached.
     pub tier: u8,
     /// The netfilter hook number (`NF_INET_*`) for netfilter resets.
     pub nf_hook: u8,
-    pub _pad: [u8; 5],
+    /// `sock.sk_shutdown` (`shutdown_bits`), with `HAS_SOCKET_FACTS`.
+    pub shutdown: u8,
+}
+
+/// Steps a `CloseMark` keeps.
+pub const MARK_STEPS: usize = 6;
+
+/// What a socket's own storage (`BPF_MAP_TYPE_SK_STORAGE`, freed with the
+/// socket) remembers of its close: who started it and how, and the state
+/// changes since. By default it is created only when a process shuts down
+/// or closes a connection, so a connection nobody half-closes costs nothing;
+/// with `--history` every state change of every socket is kept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseMark {
+    /// CLOCK_MONOTONIC ns of `op`; 0 when no process acted.
+    pub op_at_ns: u64,
+    pub tgid: u32,
+    /// `close_op::*`
+    pub op: u8,
+    /// `SHUT_RD` 0, `SHUT_WR` 1, `SHUT_RDWR` 2, for `close_op::SHUTDOWN`.
+    pub how: u8,
+    /// The state before `step_state[0]`.
+    pub first_state: u8,
+    /// Valid entries in the step arrays.
+    pub steps: u8,
+    pub comm: [u8; 16],
+    pub step_state: [u8; 8],
+    /// CLOCK_MONOTONIC ns of each step.
+    pub step_at_ns: [u64; MARK_STEPS],
+}
+
+/// A reset whose socket had a `CloseMark`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkedRstRecord {
+    pub rst: RstRecord,
+    pub mark: CloseMark,
+}
+
+/// How the close-mark program behaves, set by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkSettings {
+    /// `--history`: keep every state change of every socket.
+    pub every_transition: u8,
+    /// `tcp:tcp_send_reset` has a `reason` argument (Linux 6.10+).
+    pub send_reset_has_reason: u8,
+    pub _pad: [u8; 2],
 }
 
 /// What made a socket start closing, when a process did.
 pub mod close_op {
     pub const NONE: u8 = 0;
-    /// `shutdown(2)`; `StateRecord::how` says which direction.
+    /// `shutdown(2)`; `CloseMark::how` says which direction.
     pub const SHUTDOWN: u8 = 1;
     /// The last `close(2)` of the socket: it is orphaned now.
     pub const CLOSE: u8 = 2;
@@ -413,47 +411,12 @@ pub mod close_op {
     pub const EXIT: u8 = 3;
 }
 
-/// One TCP state transition (`sock:inet_sock_set_state`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StateRecord {
-    pub kind: u8,
-    pub context: u8,
-    pub _pad0: u8,
-    pub old_state: u8,
-    pub new_state: u8,
-    /// `close_op::*`
-    pub op: u8,
-    /// `SHUT_RD` 0, `SHUT_WR` 1, `SHUT_RDWR` 2, for `close_op::SHUTDOWN`.
-    pub how: u8,
-    pub _pad: u8,
-    pub timestamp_ns: u64,
-    pub skaddr: u64,
-    /// Network namespace inode; 0 when unknown.
-    pub netns: u32,
-    /// The descriptor `op` acted on, or -1.
-    pub fd: i32,
-    /// The socket's cgroup (v2) id; 0 when unknown.
-    pub cgroup_id: u64,
-    pub tuple: Tuple,
-    pub task: TaskInfo,
-}
-
 // The loader decodes records by size; a silent layout change must not build.
-const _: () = assert!(core::mem::size_of::<RstRecord>() == 144);
-const _: () = assert!(core::mem::size_of::<StateRecord>() == 112);
+const _: () = assert!(core::mem::size_of::<RstRecord>() == 128);
+const _: () = assert!(core::mem::size_of::<CloseMark>() == 88);
 
 /// Index of the only slot in the per-CPU `LOST` array.
 pub const LOST_RECORDS: u32 = 0;
-
-/// Slots of the per-CPU `OWNER_COUNTS` array. An LRU map evicts silently;
-/// what was added, less what was removed, less what is still there, is
-/// what it evicted.
-pub mod owner_counts {
-    pub const ADDED: u32 = 0;
-    pub const REMOVED: u32 = 1;
-    pub const SLOTS: u32 = 2;
-}
 
 #[cfg(feature = "user")]
 mod user {
@@ -464,17 +427,15 @@ mod user {
     unsafe impl aya::Pod for ResetFields {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for KernelFilter {}
-    unsafe impl aya::Pod for StateFields {}
-    unsafe impl aya::Pod for SyscallFields {}
+    unsafe impl aya::Pod for MarkSettings {}
     unsafe impl aya::Pod for FunctionArgs {}
-    unsafe impl aya::Pod for SocketOwner {}
+    unsafe impl aya::Pod for CloseMark {}
 
     impl RecordKind {
         pub fn from_u8(v: u8) -> Option<Self> {
             match v {
                 1 => Some(Self::RstSent),
                 2 => Some(Self::RstReceived),
-                3 => Some(Self::StateChange),
                 _ => None,
             }
         }

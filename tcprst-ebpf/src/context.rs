@@ -65,7 +65,7 @@ pub fn origin(task: &mut TaskInfo) -> ExecContext {
 }
 
 #[inline(always)]
-pub fn fill_task(task: &mut TaskInfo) {
+fn fill_task(task: &mut TaskInfo) {
     let pid_tgid = bpf_get_current_pid_tgid();
     task.tgid = (pid_tgid >> 32) as u32;
     task.tid = pid_tgid as u32;

@@ -17,22 +17,31 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_probe_read_kernel, generated::bpf_get_func_arg},
     macros::{fentry, kprobe},
-    programs::{FEntryContext, ProbeContext, tracing::StackIdContext},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, tracing::StackIdContext},
 };
-use tcprst_common::{ABSENT, AttachTier, FUNCTION_HOOKS, RecordKind, ResetHook, rst_flags};
+use tcprst_common::{
+    ABSENT, AttachTier, CloseMark, FUNCTION_HOOKS, FunctionArgs, RecordKind, ResetHook, rst_flags,
+};
 
 use crate::{
+    closing::mark_of,
     globals::function_args,
     kernel::{
         TCP_FLAG_RST, is_full_sock, netns_of_net, reply_tuple, skb_netns, sock_cgroup_id,
-        sock_netns, sock_state, sock_tuple,
+        sock_netns, sock_state, sock_tuple, socket_facts,
     },
     reset::{blank, finish},
 };
 
-/// Reads argument `n` of the hooked function; 0 when it cannot.
-trait ArgReader: StackIdContext {
+/// Reads argument `n` of the hooked function or tracepoint; 0 when it cannot.
+pub trait ArgReader: StackIdContext {
     fn arg_u64(&self, n: u32) -> u64;
+
+    /// The close mark of the socket in argument 0, where this program type
+    /// may read socket storage with a typed socket pointer.
+    fn mark(&self) -> Option<CloseMark> {
+        None
+    }
 }
 
 impl ArgReader for ProbeContext {
@@ -66,17 +75,39 @@ impl ArgReader for FEntryContext {
     }
 }
 
+impl ArgReader for BtfTracePointContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: u32) -> u64 {
+        // Through a helper, for the same reason as kprobes: the index is a
+        // run-time value, and the result is a plain number either way.
+        let slot = self.as_ptr().cast::<u64>().wrapping_add(n as usize);
+        // SAFETY: reads one slot of the tracepoint's argument array.
+        unsafe { bpf_probe_read_kernel(slot) }.unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn mark(&self) -> Option<CloseMark> {
+        // Both reset tracepoints pass the socket first.
+        mark_of(self.arg(0))
+    }
+}
+
 #[inline(always)]
 fn arg_at(ctx: &impl ArgReader, n: u32) -> Option<u64> {
     (n != ABSENT).then(|| ctx.arg_u64(n))
 }
 
 #[inline(always)]
-fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier) {
-    let Some(index) = FUNCTION_HOOKS.iter().position(|h| *h == hook) else {
-        return;
-    };
-    let args = function_args(index);
+fn report_function(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier) {
+    if let Some(index) = FUNCTION_HOOKS.iter().position(|h| *h == hook) {
+        report(ctx, hook, tier, function_args(index));
+    }
+}
+
+/// Reports a reset from the arguments of the function (or tracepoint)
+/// that sends it, at the positions `args` gives.
+#[inline(always)]
+pub fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier, args: FunctionArgs) {
     let sk = arg_at(ctx, args.sk).unwrap_or(0);
     let skb = arg_at(ctx, args.skb).unwrap_or(0);
     let mut rec = blank(RecordKind::RstSent, hook);
@@ -99,6 +130,7 @@ fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier) {
         rec.flags |= rst_flags::HAS_STATE;
         if is_full_sock(state) {
             rec.cgroup_id = sock_cgroup_id(sk);
+            socket_facts(sk, &mut rec);
         }
     }
     if let Some(reason) = arg_at(ctx, args.reason) {
@@ -114,20 +146,21 @@ fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier) {
         None if sk != 0 => sock_netns(sk),
         None => skb_netns(skb),
     };
-    finish(ctx, &mut rec, netns);
+    let mark = if sk != 0 { ctx.mark() } else { None };
+    finish(ctx, &mut rec, netns, mark.as_ref());
 }
 
 macro_rules! reset_function_programs {
     ($($function:literal: $hook:ident => $kprobe:ident, $fentry:ident;)+) => {$(
         #[kprobe]
         pub fn $kprobe(ctx: ProbeContext) -> u32 {
-            report(&ctx, ResetHook::$hook, AttachTier::Kprobe);
+            report_function(&ctx, ResetHook::$hook, AttachTier::Kprobe);
             0
         }
 
         #[fentry(function = $function)]
         pub fn $fentry(ctx: FEntryContext) -> u32 {
-            report(&ctx, ResetHook::$hook, AttachTier::Fentry);
+            report_function(&ctx, ResetHook::$hook, AttachTier::Fentry);
             0
         }
     )+};

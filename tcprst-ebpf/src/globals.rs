@@ -3,18 +3,13 @@
 //! reads stop the compiler from folding in the placeholders below.
 
 use tcprst_common::{
-    FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetFields, StateFields,
-    SyscallFields,
+    FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, MarkSettings, ResetFields,
 };
 
 #[unsafe(no_mangle)]
 static SEND_RESET_FIELDS: ResetFields = ResetFields::UNSET;
 #[unsafe(no_mangle)]
 static RECEIVE_RESET_FIELDS: ResetFields = ResetFields::UNSET;
-#[unsafe(no_mangle)]
-static STATE_FIELDS: StateFields = StateFields::UNSET;
-#[unsafe(no_mangle)]
-static SYSCALL_FIELDS: SyscallFields = SyscallFields::UNSET;
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: KernelOffsets = KernelOffsets::UNSET;
 #[unsafe(no_mangle)]
@@ -27,38 +22,34 @@ static FILTER: KernelFilter = KernelFilter {
     port: 0,
     _pad: 0,
 };
+#[unsafe(no_mangle)]
+static MARK_SETTINGS: MarkSettings = MarkSettings {
+    every_transition: 0,
+    send_reset_has_reason: 0,
+    _pad: [0; 2],
+};
 
-#[inline(always)]
-pub fn send_reset_fields() -> ResetFields {
-    unsafe { core::ptr::read_volatile(&SEND_RESET_FIELDS) }
+/// Reads a loader-written global.
+macro_rules! global_reader {
+    ($($name:ident: $ty:ty = $global:ident;)+) => {$(
+        #[inline(always)]
+        pub fn $name() -> $ty {
+            // SAFETY: a plain-data static; volatile so the loader's value is read.
+            unsafe { core::ptr::read_volatile(&$global) }
+        }
+    )+};
 }
 
-#[inline(always)]
-pub fn receive_reset_fields() -> ResetFields {
-    unsafe { core::ptr::read_volatile(&RECEIVE_RESET_FIELDS) }
-}
-
-#[inline(always)]
-pub fn kernel_offsets() -> KernelOffsets {
-    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
-}
-
-#[inline(always)]
-pub fn filter() -> KernelFilter {
-    unsafe { core::ptr::read_volatile(&FILTER) }
-}
-
-#[inline(always)]
-pub fn state_fields() -> StateFields {
-    unsafe { core::ptr::read_volatile(&STATE_FIELDS) }
-}
-
-#[inline(always)]
-pub fn syscall_fields() -> SyscallFields {
-    unsafe { core::ptr::read_volatile(&SYSCALL_FIELDS) }
+global_reader! {
+    send_reset_fields: ResetFields = SEND_RESET_FIELDS;
+    receive_reset_fields: ResetFields = RECEIVE_RESET_FIELDS;
+    kernel_offsets: KernelOffsets = KERNEL_OFFSETS;
+    filter: KernelFilter = FILTER;
+    mark_settings: MarkSettings = MARK_SETTINGS;
 }
 
 #[inline(always)]
 pub fn function_args(index: usize) -> FunctionArgs {
+    // SAFETY: a plain-data static; volatile so the loader's value is read.
     unsafe { core::ptr::read_volatile(&FUNCTION_ARGS[index]) }
 }

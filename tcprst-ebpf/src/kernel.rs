@@ -1,7 +1,7 @@
 //! Reads of kernel memory at offsets the loader measured from BTF.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use tcprst_common::{ABSENT, AF_INET, AF_INET6, Tuple};
+use tcprst_common::{ABSENT, AF_INET, AF_INET6, RstRecord, Tuple, rst_flags};
 
 use crate::globals::kernel_offsets;
 
@@ -59,31 +59,31 @@ pub fn task_is_exiting(task: u64) -> bool {
         .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
-const S_IFMT: u16 = 0o170000;
-const S_IFSOCK: u16 = 0o140000;
-
-/// The `struct sock *` behind descriptor `fd` of `task`, if it is a socket:
-/// task->files->fdt->fd[fd]->private_data->sk.
+/// `sock.sk_protocol`; None where the loader found no plain member.
 #[inline(always)]
-pub fn fd_sock(task: u64, fd: i32) -> Option<u64> {
+pub fn sock_protocol(sk: u64) -> Option<u16> {
+    // SAFETY: a checked kernel read.
+    unsafe { read_at::<u16>(sk, kernel_offsets().sk_protocol) }
+}
+
+/// What a full socket records about its own close: `sk_shutdown`, and its
+/// inode unless it is orphaned (no `struct socket` left). Request and
+/// timewait mini-sockets have neither.
+#[inline(always)]
+pub fn socket_facts(sk: u64, rec: &mut RstRecord) {
     let o = kernel_offsets();
-    if fd < 0 {
-        return None;
-    }
+    // SAFETY: checked kernel reads.
     unsafe {
-        let files = read_at::<u64>(task, o.task_files)?;
-        let fdt = read_at::<u64>(files, o.files_fdt)?;
-        if fd as u32 >= read_at::<u32>(fdt, o.fdt_max_fds)? {
-            return None;
+        let Some(shutdown) = read_at::<u8>(sk, o.sk_shutdown) else {
+            return;
+        };
+        rec.shutdown = shutdown;
+        rec.flags |= rst_flags::HAS_SOCKET_FACTS;
+        match read_at::<u64>(sk, o.sk_socket) {
+            Some(0) => rec.flags |= rst_flags::ORPHANED,
+            Some(socket) => rec.inode = read_at::<u64>(socket, o.socket_ino).unwrap_or(0),
+            None => {}
         }
-        let fds = read_at::<u64>(fdt, o.fdt_fd)?;
-        let file = read_at::<u64>(fds, fd as u32 * 8)?;
-        let inode = read_at::<u64>(file, o.file_inode)?;
-        if read_at::<u16>(inode, o.inode_mode)? & S_IFMT != S_IFSOCK {
-            return None;
-        }
-        let socket = read_at::<u64>(file, o.file_private_data)?;
-        read_at::<u64>(socket, o.socket_sk).filter(|sk| *sk != 0)
     }
 }
 

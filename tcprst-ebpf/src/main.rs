@@ -4,16 +4,14 @@
 #![no_std]
 #![no_main]
 
+mod closing;
 mod context;
 mod function;
 mod globals;
 mod kernel;
 mod maps;
-mod owner;
 mod reset;
 mod stack;
-mod state;
-mod syscalls;
 mod tracepoint;
 
 #[cfg(not(test))]

@@ -2,6 +2,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
+use tcprst_common::{CloseMark, MarkedRstRecord, RstRecord};
 
 /// Every record for the loader. The loader resizes it (`--buffer-pages`).
 #[map]
@@ -22,13 +23,36 @@ pub fn tracepoint_covered() -> u32 {
     TRACEPOINT_COVERED.get(0).copied().unwrap_or(0)
 }
 
+#[inline(always)]
+fn count_lost() {
+    if let Some(lost) = LOST.get_ptr_mut(tcprst_common::LOST_RECORDS) {
+        // SAFETY: a per-CPU slot: no other CPU writes it.
+        unsafe { *lost += 1 };
+    }
+}
+
 /// Emits `record`, or counts it as lost.
 #[inline(always)]
-pub fn emit<T>(record: &T) {
-    if EVENTS.output::<T>(record, 0).is_err()
-        && let Some(lost) = LOST.get_ptr_mut(tcprst_common::LOST_RECORDS)
-    {
-        // Per-CPU slot: no other writer can race with us.
-        unsafe { *lost += 1 };
+pub fn emit(record: &RstRecord) {
+    if EVENTS.output::<RstRecord>(record, 0).is_err() {
+        count_lost();
+    }
+}
+
+/// Emits a reset with its socket's close mark, written in place: the pair
+/// is too large to assemble on the BPF stack beside the record.
+#[inline(always)]
+pub fn emit_marked(record: &RstRecord, mark: &CloseMark) {
+    match EVENTS.reserve::<MarkedRstRecord>(0) {
+        Some(mut entry) => {
+            let slot = entry.as_mut_ptr();
+            // SAFETY: `slot` is the reserved, writable ring-buffer space.
+            unsafe {
+                (*slot).rst = *record;
+                (*slot).mark = *mark;
+            }
+            entry.submit(0);
+        }
+        None => count_lost(),
     }
 }

@@ -1,19 +1,27 @@
 //! `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`: every RST this host's
-//! TCP stack sends or receives.
+//! TCP stack sends or receives. Where the kernel allows (tp_btf with socket
+//! storage), the tp_btf programs serve these tracepoints and add the
+//! socket's `CloseMark`; elsewhere the classic tracepoint programs do.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
-    macros::tracepoint,
-    programs::{TracePointContext, tracing::StackIdContext},
+    helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
-use tcprst_common::{AttachTier, ExecContext, RecordKind, ResetHook, RstRecord, rst_flags};
+use tcprst_common::{
+    ABSENT, AttachTier, CloseMark, ExecContext, FunctionArgs, RecordKind,
+    ResetHook, RstRecord, rst_flags,
+};
 
 use crate::{
     context::origin,
-    globals::{filter, receive_reset_fields, send_reset_fields},
-    kernel::{is_full_sock, segment_ip_version, skb_netns, sock_cgroup_id, sock_netns, sock_state},
-    maps::{emit, tracepoint_covered},
-    owner::owner_of,
+    function::{ArgReader, report},
+    globals::{filter, mark_settings, receive_reset_fields, send_reset_fields},
+    kernel::{
+        is_full_sock, segment_ip_version, skb_netns, sock_cgroup_id, sock_netns, sock_state,
+        sock_tuple, socket_facts,
+    },
+    maps::{emit, emit_marked, tracepoint_covered},
     stack::stack_id,
     tracepoint::{field, read_tuple, tuple_wanted},
 };
@@ -42,6 +50,7 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
             rec.flags |= rst_flags::HAS_STATE;
             if is_full_sock(rec.state) {
                 rec.cgroup_id = sock_cgroup_id(sk);
+                socket_facts(sk, &mut rec);
             }
         }
         sock_netns(sk)
@@ -50,7 +59,7 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         rec.reason = reason;
         rec.flags |= rst_flags::HAS_REASON;
     }
-    finish(&ctx, &mut rec, netns);
+    finish(&ctx, &mut rec, netns, None);
     0
 }
 
@@ -62,6 +71,55 @@ pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let sk = field::<u64>(&ctx, fields.skaddr).unwrap_or(0);
+    if let Some(cookie) = field::<u64>(&ctx, fields.sock_cookie) {
+        rec.sock_cookie = cookie;
+        rec.flags |= rst_flags::HAS_COOKIE;
+    }
+    received(&ctx, sk, &mut rec, None);
+    0
+}
+
+/// `tcp:tcp_send_reset` as tp_btf: (sk, skb[, reason]). Its arguments are
+/// the reset functions' own, so the function tiers' reader serves it.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcprst_rst_sent_btf(ctx: BtfTracePointContext) -> i32 {
+    let skb = ctx.arg_u64(1);
+    if reported_by_function(skb) {
+        return 0;
+    }
+    let args = FunctionArgs {
+        sk: 0,
+        skb: 1,
+        reason: if mark_settings().send_reset_has_reason != 0 {
+            2
+        } else {
+            ABSENT
+        },
+        net: ABSENT,
+        hook: ABSENT,
+    };
+    report(&ctx, ResetHook::SendResetTracepoint, AttachTier::Tracepoint, args);
+    0
+}
+
+/// `tcp:tcp_receive_reset` as tp_btf: (sk).
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcprst_rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk = ctx.arg_u64(0);
+    let mut rec = blank(RecordKind::RstReceived, ResetHook::ReceiveResetTracepoint);
+    if sock_tuple(sk, &mut rec.tuple).is_none() {
+        return 0;
+    }
+    // SAFETY: the typed socket argument, as the helper requires.
+    rec.sock_cookie = unsafe { bpf_get_socket_cookie(ctx.arg(0)) };
+    rec.flags |= rst_flags::HAS_COOKIE;
+    received(&ctx, sk, &mut rec, ctx.mark().as_ref());
+    0
+}
+
+/// A reset arrived on `sk`, a full socket: tcp_reset() only ever runs on one.
+#[inline(always)]
+fn received(ctx: &impl StackIdContext, sk: u64, rec: &mut RstRecord, mark: Option<&CloseMark>) {
     rec.skaddr = sk;
     // The tracepoint fires before tcp_reset() changes the state, so this is
     // the state the application was in when the RST hit it.
@@ -69,14 +127,9 @@ pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
         rec.state = state;
         rec.flags |= rst_flags::HAS_STATE;
     }
-    // tcp_reset() only ever runs on full sockets.
     rec.cgroup_id = sock_cgroup_id(sk);
-    if let Some(cookie) = field::<u64>(&ctx, fields.sock_cookie) {
-        rec.sock_cookie = cookie;
-        rec.flags |= rst_flags::HAS_COOKIE;
-    }
-    finish(&ctx, &mut rec, sock_netns(sk));
-    0
+    socket_facts(sk, rec);
+    finish(ctx, rec, sock_netns(sk), mark);
 }
 
 /// Whether the function this tracepoint fires in has its own program
@@ -106,25 +159,33 @@ pub fn blank(kind: RecordKind, hook: ResetHook) -> RstRecord {
     rec
 }
 
-/// Applies the kernel-side filters, adds who was running, and emits.
+/// Applies the kernel-side filters, adds who was running, and emits, with
+/// the socket's close mark when there is one.
 #[inline(always)]
-pub fn finish(ctx: &impl StackIdContext, rec: &mut RstRecord, netns: u32) {
+pub fn finish(
+    ctx: &impl StackIdContext,
+    rec: &mut RstRecord,
+    netns: u32,
+    mark: Option<&CloseMark>,
+) {
     if !tuple_wanted(&rec.tuple, netns) {
         return;
     }
     rec.netns = netns;
     let context = origin(&mut rec.task);
     rec.context = context as u8;
-    if rec.skaddr != 0
-        && let Some(owner) = owner_of(rec.skaddr)
-    {
-        rec.owner = owner;
-    }
     let tgid = filter().tgid;
     if tgid != 0 && (context != ExecContext::Process || rec.task.tgid != tgid) {
         return;
     }
     rec.stack_id = stack_id(ctx);
+    // SAFETY: reads the monotonic clock.
     rec.timestamp_ns = unsafe { bpf_ktime_get_ns() };
-    emit(rec);
+    match mark {
+        Some(mark) => {
+            rec.flags |= rst_flags::HAS_MARK;
+            emit_marked(rec, mark);
+        }
+        None => emit(rec),
+    }
 }

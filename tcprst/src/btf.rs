@@ -200,7 +200,8 @@ impl KernelBtf {
         };
         const NO_SOCKET_NETNS: &str = "the namespace of resets sent with no socket";
         const CONTEXT: &str = "kernel-thread and process-exit detection";
-        const FD_WALK: &str = "close() initiators and accept() owners";
+        const SOCKET_FACTS: &str =
+            "what a reset's socket says of its close (half-closed, orphaned, its process)";
         const CGROUP: &str = "container and pod attribution";
         let offsets = KernelOffsets {
             sk_state,
@@ -209,14 +210,6 @@ impl KernelBtf {
             skb_dev: optional(NO_SOCKET_NETNS, &[("sk_buff", &["dev"])]),
             dev_nd_net: optional(NO_SOCKET_NETNS, &[("net_device", &["nd_net", "net"])]),
             task_flags: optional(CONTEXT, &[("task_struct", &["flags"])]),
-            task_files: optional(FD_WALK, &[("task_struct", &["files"])]),
-            files_fdt: optional(FD_WALK, &[("files_struct", &["fdt"])]),
-            fdt_max_fds: optional(FD_WALK, &[("fdtable", &["max_fds"])]),
-            fdt_fd: optional(FD_WALK, &[("fdtable", &["fd"])]),
-            file_inode: optional(FD_WALK, &[("file", &["f_inode"])]),
-            inode_mode: optional(FD_WALK, &[("inode", &["i_mode"])]),
-            file_private_data: optional(FD_WALK, &[("file", &["private_data"])]),
-            socket_sk: optional(FD_WALK, &[("socket", &["sk"])]),
             sk_cgroup: optional(CGROUP, &[("sock", &["sk_cgrp_data", "cgroup"])]),
             cgroup_kn: optional(CGROUP, &[("cgroup", &["kn"])]),
             kn_id: optional(CGROUP, &[("kernfs_node", &["id"])]),
@@ -230,6 +223,15 @@ impl KernelBtf {
             skb_head: optional(FUNCTION_TIERS, &[("sk_buff", &["head"])]),
             skb_network_header: optional(FUNCTION_TIERS, &[("sk_buff", &["network_header"])]),
             skb_transport_header: optional(FUNCTION_TIERS, &[("sk_buff", &["transport_header"])]),
+            sk_shutdown: optional(SOCKET_FACTS, &[("sock", &["sk_shutdown"])]),
+            sk_socket: optional(SOCKET_FACTS, &[("sock", &["sk_socket"])]),
+            socket_ino: optional(
+                SOCKET_FACTS,
+                &[("socket_alloc", &["vfs_inode"]), ("inode", &["i_ino"])],
+            ),
+            // A bitfield before 5.6; the close-mark program then skips the
+            // protocol check (SCTP never enters the states it marks).
+            sk_protocol: self.offset_of("sock", &["sk_protocol"]).unwrap_or(ABSENT),
         };
         Ok((offsets, lost))
     }

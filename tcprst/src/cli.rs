@@ -143,11 +143,12 @@ pub struct TraceArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub stuck_repeat: Duration,
 
-    /// Socket owners the kernel remembers at once (an LRU map; evictions are counted and reported)
-    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_socket_owners: u32,
+    /// Keep every state change of every socket in the kernel, so each reset carries its
+    /// connection's steps from the start; costs a socket-storage entry per socket
+    #[arg(long)]
+    pub history: bool,
 
-    /// Connections tracked at once; the least recently active are dropped first
+    /// Half-closed connections tracked at once; beyond it the newest are counted, not tracked
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 

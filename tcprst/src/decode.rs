@@ -4,23 +4,18 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Result, anyhow, bail};
 use tcprst_common::{
-    AF_INET, AF_INET6, RecordKind, RstRecord, StateRecord, TaskInfo, Tuple, close_op, rst_flags,
+    AF_INET, AF_INET6, CloseMark, MARK_STEPS, MarkedRstRecord, RecordKind, RstRecord, TaskInfo,
+    Tuple, close_op, rst_flags, shutdown_bits,
 };
 
 use crate::{
     clock::WallClock,
     event::{
-        AttachTier, CloseOp, Errno, ExecContext, Initiator, NfHook, Process, ResetHook, RstEvent,
-        RstKind, ShutHow, StateChange, Task, TcpState,
+        AttachTier, CloseHistory, CloseOp, Errno, ExecContext, Initiator, NfHook, ResetHook,
+        RstEvent, RstKind, ShutHow, SocketFacts, Task, TcpState,
     },
     layout::ReasonNames,
 };
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Record {
-    Rst(RstEvent),
-    State(StateChange),
-}
 
 pub struct Decoder {
     reasons: ReasonNames,
@@ -32,21 +27,53 @@ impl Decoder {
         Self { reasons, clock }
     }
 
-    pub fn decode(&self, bytes: &[u8]) -> Result<Record> {
+    pub fn decode(&self, bytes: &[u8]) -> Result<RstEvent> {
         let Some(&kind) = bytes.first() else {
             bail!("empty record");
         };
-        match RecordKind::from_u8(kind) {
-            Some(RecordKind::RstSent) => self.rst(read(bytes)?, RstKind::Sent).map(Record::Rst),
-            Some(RecordKind::RstReceived) => {
-                self.rst(read(bytes)?, RstKind::Received).map(Record::Rst)
-            }
-            Some(RecordKind::StateChange) => self.state(read(bytes)?).map(Record::State),
+        let kind = match RecordKind::from_u8(kind) {
+            Some(RecordKind::RstSent) => RstKind::Sent,
+            Some(RecordKind::RstReceived) => RstKind::Received,
             None => bail!("unknown record kind {kind}"),
+        };
+        let rec: RstRecord = read(bytes)?;
+        let mark = if rec.flags & rst_flags::HAS_MARK != 0 {
+            Some(read::<MarkedRstRecord>(bytes)?.mark)
+        } else {
+            None
+        };
+        self.rst(rec, mark.as_ref(), kind)
+    }
+
+    /// A close mark's steps, on the wall clock.
+    pub fn history(&self, mark: &CloseMark) -> CloseHistory {
+        let task = Task {
+            pid: mark.tgid,
+            tid: mark.tgid,
+            comm: comm_str(&mark.comm),
+            uid: 0,
+        };
+        let op = match mark.op {
+            close_op::SHUTDOWN => ShutHow::from_kernel(mark.how).map(CloseOp::Shutdown),
+            close_op::CLOSE => Some(CloseOp::Close),
+            close_op::EXIT => Some(CloseOp::Exit),
+            _ => None,
+        };
+        let steps = usize::from(mark.steps).min(MARK_STEPS);
+        CloseHistory {
+            initiator: op.map(|op| Initiator { op, task }),
+            initiated_at: (mark.op_at_ns != 0).then(|| self.clock.wall_time(mark.op_at_ns)),
+            first_state: TcpState::from_kernel(mark.first_state),
+            steps: (0..steps)
+                .filter_map(|i| {
+                    let state = TcpState::from_kernel(mark.step_state[i])?;
+                    Some((state, self.clock.wall_time(mark.step_at_ns[i])))
+                })
+                .collect(),
         }
     }
 
-    fn rst(&self, rec: RstRecord, kind: RstKind) -> Result<RstEvent> {
+    fn rst(&self, rec: RstRecord, mark: Option<&CloseMark>, kind: RstKind) -> Result<RstEvent> {
         let context = exec_context(rec.context)?;
         let has = |flag: u8| rec.flags & flag != 0;
         let state = has(rst_flags::HAS_STATE)
@@ -70,10 +97,13 @@ impl Decoder {
                 RstKind::Sent => None,
             },
             cgroup_id: nonzero(rec.cgroup_id),
-            owner: (rec.owner.tgid != 0).then(|| Process {
-                pid: rec.owner.tgid,
-                comm: comm_str(&rec.owner.comm),
+            socket: has(rst_flags::HAS_SOCKET_FACTS).then(|| SocketFacts {
+                sent_fin: rec.shutdown & shutdown_bits::SEND_SHUTDOWN != 0,
+                rcv_shutdown: rec.shutdown & shutdown_bits::RCV_SHUTDOWN != 0,
+                orphaned: has(rst_flags::ORPHANED),
+                inode: nonzero(rec.inode),
             }),
+            history: mark.map(|m| self.history(m)),
             stack_id: u32::try_from(rec.stack_id).ok(),
             hook: ResetHook::from_u8(rec.hook)
                 .ok_or_else(|| anyhow!("unknown reset hook {}", rec.hook))?,
@@ -85,34 +115,6 @@ impl Decoder {
         })
     }
 
-    fn state(&self, rec: StateRecord) -> Result<StateChange> {
-        let context = exec_context(rec.context)?;
-        let Some(new) = TcpState::from_kernel(rec.new_state) else {
-            bail!("unknown TCP state {}", rec.new_state);
-        };
-        let task = task(context, &rec.task);
-        let op = match rec.op {
-            close_op::SHUTDOWN => ShutHow::from_kernel(rec.how).map(CloseOp::Shutdown),
-            close_op::CLOSE => Some(CloseOp::Close),
-            close_op::EXIT => Some(CloseOp::Exit),
-            _ => None,
-        };
-        let (local, remote) = endpoints(&rec.tuple);
-        Ok(StateChange {
-            time: self.clock.wall_time(rec.timestamp_ns),
-            local,
-            remote,
-            netns: known_netns(rec.netns),
-            old: TcpState::from_kernel(rec.old_state),
-            new,
-            context,
-            initiator: op
-                .zip(task.clone())
-                .map(|(op, task)| Initiator { op, task }),
-            task,
-            cgroup_id: nonzero(rec.cgroup_id),
-        })
-    }
 }
 
 /// Copies a record of type `T` out of ring-buffer bytes.
@@ -187,7 +189,6 @@ fn comm_str(comm: &[u8; 16]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use tcprst_common::SocketOwner;
 
     const LOOPBACK_V4: [u8; 16] = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
@@ -224,39 +225,16 @@ pub(crate) mod tests {
             netns: 4026531840,
             stack_id: -1,
             cgroup_id: 0,
+            inode: 0,
             tuple: tuple(),
             task: task_info(),
-            owner: SocketOwner {
-                tgid: 0,
-                comm: [0; 16],
-            },
             hook: match kind {
                 RecordKind::RstReceived => ResetHook::ReceiveResetTracepoint,
                 _ => ResetHook::SendResetTracepoint,
             } as u8,
             tier: AttachTier::Tracepoint as u8,
             nf_hook: 0,
-            _pad: [0; 5],
-        }
-    }
-
-    pub fn state_record(old: u8, new: u8) -> StateRecord {
-        StateRecord {
-            kind: RecordKind::StateChange as u8,
-            context: tcprst_common::ExecContext::Process as u8,
-            _pad0: 0,
-            old_state: old,
-            new_state: new,
-            op: close_op::NONE,
-            how: 0,
-            _pad: 0,
-            timestamp_ns: 2_000,
-            skaddr: 0xffff_8880_0000_1000,
-            netns: 4026531840,
-            fd: -1,
-            cgroup_id: 0,
-            tuple: tuple(),
-            task: task_info(),
+            shutdown: 0,
         }
     }
 
@@ -274,17 +252,7 @@ pub(crate) mod tests {
     }
 
     pub fn rst(bytes: &[u8]) -> RstEvent {
-        match decoder().decode(bytes).unwrap() {
-            Record::Rst(ev) => ev,
-            other => panic!("not a reset: {other:?}"),
-        }
-    }
-
-    fn state(rec: &StateRecord) -> StateChange {
-        match decoder().decode(&bytes(rec)).unwrap() {
-            Record::State(ev) => ev,
-            other => panic!("not a state change: {other:?}"),
-        }
+        decoder().decode(bytes).unwrap()
     }
 
     #[test]
@@ -357,28 +325,32 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn socket_cgroup_and_owner_are_not_the_current_task() {
+    fn socket_facts_come_from_the_socket_not_the_current_task() {
         let mut rec = record(RecordKind::RstReceived);
         rec.context = tcprst_common::ExecContext::Softirq as u8;
-        assert_eq!(
-            (rst(&bytes(&rec)).cgroup_id, rst(&bytes(&rec)).owner),
-            (None, None)
-        );
+        let ev = rst(&bytes(&rec));
+        assert_eq!((ev.cgroup_id, ev.socket), (None, None));
         rec.cgroup_id = 9001;
-        rec.owner = SocketOwner {
-            tgid: 77,
-            comm: *b"envoy\0\0\0\0\0\0\0\0\0\0\0",
-        };
+        rec.flags |= rst_flags::HAS_SOCKET_FACTS;
+        rec.shutdown = shutdown_bits::SEND_SHUTDOWN;
+        rec.inode = 31337;
         let ev = rst(&bytes(&rec));
         assert_eq!(ev.task, None);
         assert_eq!(ev.cgroup_id, Some(9001));
         assert_eq!(
-            ev.owner,
-            Some(Process {
-                pid: 77,
-                comm: "envoy".into()
+            ev.socket,
+            Some(SocketFacts {
+                sent_fin: true,
+                rcv_shutdown: false,
+                orphaned: false,
+                inode: Some(31337),
             })
         );
+        rec.flags |= rst_flags::ORPHANED;
+        rec.inode = 0;
+        rec.shutdown = shutdown_bits::SEND_SHUTDOWN | shutdown_bits::RCV_SHUTDOWN;
+        let facts = rst(&bytes(&rec)).socket.unwrap();
+        assert!(facts.orphaned && facts.rcv_shutdown && facts.inode.is_none());
     }
 
     #[test]
@@ -390,30 +362,48 @@ pub(crate) mod tests {
         assert_eq!(rst(&bytes(&rec)).sock_cookie, Some(77));
     }
 
+    pub fn mark(op: u8, how: u8, steps: &[(u8, u64)]) -> CloseMark {
+        let mut mark = CloseMark {
+            op_at_ns: if op == close_op::NONE { 0 } else { 1_000 },
+            tgid: 51435,
+            op,
+            how,
+            first_state: 1,
+            steps: steps.len() as u8,
+            comm: *b"envoy\0\0\0\0\0\0\0\0\0\0\0",
+            step_state: [0; 8],
+            step_at_ns: [0; MARK_STEPS],
+        };
+        for (i, (state, at)) in steps.iter().enumerate() {
+            mark.step_state[i] = *state;
+            mark.step_at_ns[i] = *at;
+        }
+        mark
+    }
+
     #[test]
-    fn decodes_state_changes_and_who_started_closing() {
-        let mut rec = state_record(1, 4);
-        rec.op = close_op::SHUTDOWN;
-        rec.how = 1;
-        rec.fd = 5;
-        let ev = state(&rec);
-        assert_eq!(
-            (ev.old, ev.new),
-            (Some(TcpState::Established), TcpState::FinWait1)
-        );
-        let initiator = ev.initiator.unwrap();
+    fn decodes_the_close_mark_after_a_reset() {
+        let mut rec = record(RecordKind::RstReceived);
+        rec.flags |= rst_flags::HAS_MARK;
+        let marked = MarkedRstRecord {
+            rst: rec,
+            mark: mark(close_op::SHUTDOWN, 1, &[(4, 1_000), (5, 2_000)]),
+        };
+        let ev = rst(&bytes(&marked));
+        let history = ev.history.unwrap();
+        let initiator = history.initiator.unwrap();
         assert_eq!(initiator.op, CloseOp::Shutdown(ShutHow::Write));
         assert!(!initiator.op.orphans());
-        assert_eq!(initiator.to_string(), "shutdown(SHUT_WR) by curl[42]");
-
-        rec.op = close_op::CLOSE;
-        assert!(state(&rec).initiator.unwrap().op.orphans());
-        rec.op = close_op::NONE;
-        assert_eq!(state(&rec).initiator, None);
-        // Softirq transitions have no task, so no initiator either.
-        rec.op = close_op::EXIT;
-        rec.context = tcprst_common::ExecContext::Softirq as u8;
-        assert_eq!(state(&rec).initiator, None);
+        assert_eq!(initiator.to_string(), "shutdown(SHUT_WR) by envoy[51435]");
+        assert_eq!(history.first_state, Some(TcpState::Established));
+        let states: Vec<_> = history.steps.iter().map(|(s, _)| *s).collect();
+        assert_eq!(states, [TcpState::FinWait1, TcpState::FinWait2]);
+        assert!(history.steps[0].1 < history.steps[1].1);
+        // A flagged record too short to hold its mark is refused, not misread.
+        assert!(decoder().decode(&bytes(&rec)).is_err());
+        // A mark no process made (softirq transitions under --history).
+        let quiet = decoder().history(&mark(close_op::NONE, 0, &[(8, 5)]));
+        assert_eq!((quiet.initiator, quiet.initiated_at), (None, None));
     }
 
     #[test]
@@ -428,6 +418,5 @@ pub(crate) mod tests {
         let mut bad = record(RecordKind::RstSent);
         bad.context = 0;
         assert!(d.decode(&bytes(&bad)).is_err());
-        assert!(d.decode(&bytes(&state_record(1, 99))).is_err());
     }
 }

@@ -7,10 +7,6 @@ use crate::{
     tracker::{Connection, Resolved, RstContext},
 };
 
-/// A late segment more than this long after the connection ended is no
-/// longer blamed on that connection.
-const LATE_SEGMENT_WINDOW: Duration = Duration::from_secs(120);
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitingFor {
     /// The ACK of our FIN.
@@ -163,16 +159,24 @@ pub fn resolved(r: &Resolved) -> String {
     )
 }
 
-/// Why a reset happened, where the history or the kernel says.
+/// Why a reset happened, where the socket, its close mark or the kernel
+/// says.
 pub fn rst(ev: &RstEvent, ctx: &RstContext) -> Option<String> {
     let conn = ctx.conn.as_ref();
     let initiator = conn.and_then(|c| c.initiator.as_ref().zip(c.initiated_at));
     let ago = |at: SystemTime| short(since(at, ev.time));
     let reason = ev.reason.as_deref();
+    if ctx.ended_before {
+        return Some(format!(
+            "late segment: the peer sent to a connection that had closed (TIME_WAIT on {}); its socket is gone",
+            ev.local
+        ));
+    }
     match ev.kind {
         RstKind::Received => {
-            match (ev.state, initiator) {
-                (Some(TcpState::FinWait1 | TcpState::FinWait2), Some((i, at)))
+            let half_closed = matches!(ev.state, Some(TcpState::FinWait1 | TcpState::FinWait2));
+            match (half_closed, initiator) {
+                (true, Some((i, at)))
                     if matches!(i.op, CloseOp::Shutdown(ShutHow::Write | ShutHow::Both)) =>
                 {
                     return Some(format!(
@@ -181,11 +185,20 @@ pub fn rst(ev: &RstEvent, ctx: &RstContext) -> Option<String> {
                         ago(at)
                     ));
                 }
-                (Some(TcpState::FinWait1 | TcpState::FinWait2), Some((i, at))) => {
+                (true, Some((i, at))) => {
                     return Some(format!(
                         "the peer reset the connection after our {i} ({} ago) instead of finishing the close",
                         ago(at)
                     ));
+                }
+                // No mark on this kernel: the socket still says we sent FIN
+                // while a process holds it, which only shutdown() does.
+                (true, None) if ev.socket.is_some_and(|s| s.sent_fin && !s.orphaned) => {
+                    return Some(
+                        "the peer reset a connection we half-closed with shutdown() instead of sending FIN; \
+                         a proxy, middlebox or userspace stack (slirp4netns-like) may turn the FIN exchange into a reset"
+                            .to_owned(),
+                    );
                 }
                 _ => {}
             }
@@ -221,26 +234,10 @@ pub fn rst(ev: &RstEvent, ctx: &RstContext) -> Option<String> {
                 ),
                 None => "data arrived on a socket the application had closed".to_owned(),
             }),
-            "NO_SOCKET" => Some(match conn.filter(|_| ctx.ended_before) {
-                Some(c)
-                    if c.ended_at
-                        .is_some_and(|end| since(end, ev.time) < LATE_SEGMENT_WINDOW) =>
-                {
-                    let closed = ago(c.ended_at.expect("checked"));
-                    let by = c
-                        .initiator
-                        .as_ref()
-                        .map(|i| format!(" after {i}"))
-                        .unwrap_or_default();
-                    format!(
-                        "late segment: the peer sent to a connection that closed {closed} ago{by}; its socket is gone"
-                    )
-                }
-                _ => format!(
-                    "a segment for {} where no socket exists: nothing listens there, or the connection is long gone",
-                    ev.local
-                ),
-            }),
+            "NO_SOCKET" => Some(format!(
+                "a segment for {} where no socket exists: nothing listens there, or the connection is long gone",
+                ev.local
+            )),
             "TCP_ABORT_ON_CLOSE" => Some(format!(
                 "{} with unread data: the application closed before reading everything the peer sent",
                 ev.task.as_ref().map_or("close()".to_owned(), |t| format!(
@@ -270,117 +267,93 @@ pub fn rst(ev: &RstEvent, ctx: &RstContext) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::{
-        Tracker,
-        tests::{change, proxy_half_close, reset, t},
+    use crate::{
+        testing::{facts, key, mark, proxy_half_close, reset, scanned, t},
+        tracker::Tracker,
     };
+
+    fn explain(ev: &RstEvent) -> Option<String> {
+        rst(ev, &RstContext::of(ev))
+    }
 
     #[test]
     fn peer_reset_after_our_half_close() {
-        let mut tracker = Tracker::new(10);
-        proxy_half_close(&mut tracker);
-        let ev = reset(RstKind::Received, t(15), Some(TcpState::FinWait2), None);
-        let text = rst(&ev, &tracker.context_of(&ev)).unwrap();
+        let mut ev = reset(RstKind::Received, t(15), Some(TcpState::FinWait2), None);
+        ev.socket = Some(facts(true, false));
+        ev.history = Some(proxy_half_close());
+        let text = explain(&ev).unwrap();
         assert!(
             text.starts_with(
                 "the peer reset a connection we half-closed (shutdown(SHUT_WR) by envoy[51435], 5.0s ago) instead of sending FIN"
             ),
             "{text}"
         );
+        // Without a mark, the socket alone still tells a shutdown().
+        ev.history = None;
+        assert!(
+            explain(&ev)
+                .unwrap()
+                .starts_with("the peer reset a connection we half-closed with shutdown()")
+        );
+        // An orphaned socket was closed, not shut down: no such claim.
+        ev.socket = Some(facts(true, true));
+        assert_eq!(explain(&ev), None);
     }
 
     #[test]
     fn data_after_close() {
-        let mut tracker = Tracker::new(10);
-        tracker.on_state(&change(
-            t(0),
-            TcpState::SynSent,
-            TcpState::Established,
-            None,
-        ));
-        tracker.on_state(&change(
-            t(3),
-            TcpState::Established,
-            TcpState::FinWait1,
-            Some(CloseOp::Close),
-        ));
-        tracker.on_state(&change(t(4), TcpState::FinWait1, TcpState::Close, None));
-        let ev = reset(
+        let mut ev = reset(
             RstKind::Sent,
             t(4),
             Some(TcpState::Close),
             Some("TCP_ABORT_ON_DATA"),
         );
-        let text = rst(&ev, &tracker.context_of(&ev)).unwrap();
+        ev.socket = Some(facts(true, true));
+        ev.history = Some(mark(
+            CloseOp::Close,
+            t(3),
+            &[(TcpState::FinWait1, t(3)), (TcpState::FinWait2, t(3))],
+        ));
         assert!(
-            text.starts_with("data arrived after close() by envoy[51435] (1.0s ago)"),
-            "{text}"
+            explain(&ev)
+                .unwrap()
+                .starts_with("data arrived after close() by envoy[51435] (1.0s ago)")
+        );
+        ev.history = None;
+        assert_eq!(
+            explain(&ev).unwrap(),
+            "data arrived on a socket the application had closed"
         );
     }
 
     #[test]
     fn reset_in_close_wait_means_epipe() {
-        let mut tracker = Tracker::new(10);
-        tracker.on_state(&change(
-            t(0),
-            TcpState::SynRecv,
-            TcpState::Established,
-            None,
-        ));
-        tracker.on_state(&change(
-            t(2),
-            TcpState::Established,
-            TcpState::CloseWait,
-            None,
-        ));
         let ev = reset(RstKind::Received, t(9), Some(TcpState::CloseWait), None);
-        let text = rst(&ev, &tracker.context_of(&ev)).unwrap();
         assert_eq!(
-            text,
-            "the peer sent FIN 7.0s ago and then reset while we had not closed: the application's next write fails with EPIPE"
+            explain(&ev).unwrap(),
+            "the peer sent FIN and then reset while we had not closed: the application's next write fails with EPIPE"
         );
     }
 
     #[test]
-    fn late_segment_after_close_versus_nothing_known() {
-        let mut tracker = Tracker::new(10);
-        tracker.on_state(&change(
-            t(0),
-            TcpState::SynRecv,
-            TcpState::Established,
-            None,
-        ));
-        tracker.on_state(&change(
-            t(1),
-            TcpState::Established,
-            TcpState::FinWait1,
-            Some(CloseOp::Close),
-        ));
-        tracker.on_state(&change(t(2), TcpState::FinWait1, TcpState::Close, None));
-        let late = reset(RstKind::Sent, t(30), None, Some("NO_SOCKET"));
+    fn late_segment_versus_no_socket() {
+        let late = reset(RstKind::Sent, t(30), Some(TcpState::TimeWait), None);
         assert_eq!(
-            rst(&late, &tracker.context_of(&late)).unwrap(),
-            "late segment: the peer sent to a connection that closed 28s ago after close() by envoy[51435]; its socket is gone"
+            explain(&late).unwrap(),
+            "late segment: the peer sent to a connection that had closed (TIME_WAIT on 10.0.0.1:15001); its socket is gone"
         );
-        let too_late = reset(RstKind::Sent, t(500), None, Some("NO_SOCKET"));
-        assert!(
-            rst(&too_late, &tracker.context_of(&too_late))
-                .unwrap()
-                .contains("where no socket exists")
-        );
-        let mut unknown = late.clone();
-        unknown.remote.set_port(1);
-        assert!(
-            rst(&unknown, &Tracker::new(1).context_of(&unknown))
-                .unwrap()
-                .contains("where no socket exists")
-        );
+        let none = reset(RstKind::Sent, t(30), None, Some("NO_SOCKET"));
+        assert!(explain(&none).unwrap().contains("where no socket exists"));
     }
 
     #[test]
     fn stuck_texts_name_the_waiting_side() {
         let mut tracker = Tracker::new(10);
-        proxy_half_close(&mut tracker);
+        tracker.scan(t(0), Vec::new());
+        tracker.scan(
+            t(11),
+            vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)],
+        );
         let conn = &tracker.stuck(t(40), Duration::from_secs(2), Duration::from_secs(60))[0];
         let d = stuck(conn, t(40), None, Duration::from_secs(60));
         assert_eq!((d.waiting_for, d.blame), (WaitingFor::PeerFin, Blame::Peer));
@@ -391,18 +364,8 @@ mod tests {
         );
 
         let mut tracker = Tracker::new(10);
-        tracker.on_state(&change(
-            t(0),
-            TcpState::SynRecv,
-            TcpState::Established,
-            None,
-        ));
-        tracker.on_state(&change(
-            t(0),
-            TcpState::Established,
-            TcpState::CloseWait,
-            None,
-        ));
+        tracker.scan(t(0), Vec::new());
+        tracker.scan(t(0), vec![scanned(TcpState::CloseWait, None, false)]);
         let conn = &tracker.stuck(t(300), Duration::from_secs(2), Duration::from_secs(60))[0];
         let d = stuck(conn, t(300), Some("nc[1234]"), Duration::from_secs(60));
         assert_eq!(
@@ -416,14 +379,9 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_ages_are_lower_bounds() {
+    fn ages_found_at_the_first_scan_are_lower_bounds() {
         let mut tracker = Tracker::new(10);
-        let key = crate::tracker::ConnKey::new(
-            None,
-            "[::1]:1".parse().unwrap(),
-            "[::1]:2".parse().unwrap(),
-        );
-        tracker.seed(key, TcpState::FinWait2, true, t(0));
+        tracker.scan(t(0), vec![scanned(TcpState::FinWait2, None, true)]);
         let conn = &tracker.stuck(t(5), Duration::from_secs(2), Duration::from_secs(60))[0];
         let d = stuck(conn, t(5), None, Duration::from_secs(60));
         assert_eq!(
@@ -435,16 +393,7 @@ mod tests {
 
     #[test]
     fn a_fresh_snapshot_has_no_age() {
-        let conn = Connection::found(
-            crate::tracker::ConnKey::new(
-                None,
-                "[::1]:1".parse().unwrap(),
-                "[::1]:2".parse().unwrap(),
-            ),
-            TcpState::CloseWait,
-            false,
-            t(0),
-        );
+        let conn = Connection::found(key(), TcpState::CloseWait, false, t(0));
         let d = stuck(&conn, t(0), Some("nc[7]"), Duration::from_secs(60));
         assert_eq!(
             d.text,
@@ -455,13 +404,15 @@ mod tests {
     #[test]
     fn resolution_says_what_happened() {
         let mut tracker = Tracker::new(10);
-        proxy_half_close(&mut tracker);
+        tracker.scan(t(0), Vec::new());
+        tracker.scan(
+            t(11),
+            vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)],
+        );
         tracker.stuck(t(40), Duration::from_secs(30), Duration::from_secs(60));
-        let r = tracker
-            .on_state(&change(t(50), TcpState::FinWait2, TcpState::Close, None))
-            .unwrap();
+        let r = &tracker.scan(t(50), Vec::new())[0];
         assert_eq!(
-            resolved(&r),
+            resolved(r),
             "FIN_WAIT2 resolved after 40s: the peer sent FIN at last"
         );
     }

@@ -73,7 +73,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         rst_received: true,
         filter: KernelFilter::default(),
         buffer_pages: 1,
-        max_socket_owners: 1,
+        history: false,
         btf: btf.clone(),
         attach: attach.clone(),
         probe_every_tier: true,

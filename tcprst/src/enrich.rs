@@ -15,7 +15,7 @@ use crate::{
     k8s::{PodIndex, PodMeta},
     netns::{NetnsHandle, all_namespaces, in_netns},
     owner::SocketOwners,
-    sockdiag::{DiagSocket, dump_tcp},
+    sockdiag::{DiagSocket, DumpExtras, dump_tcp_with},
     tracker::ConnKey,
 };
 
@@ -38,7 +38,6 @@ const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Lookup {
     namespaces: Option<Vec<NetnsHandle>>,
     owners: Option<SocketOwners>,
-    dumps: HashMap<(u32, TcpState), Vec<DiagSocket>>,
     fin_timeouts: HashMap<u32, Duration>,
 }
 
@@ -54,24 +53,9 @@ impl Lookup {
         self.owners.get_or_insert_with(SocketOwners::scan)
     }
 
-    /// One process holding the socket of `key` in `state`, found with
-    /// sock_diag (tuple → socket inode) and /proc (inode → process).
-    pub fn socket_owner(&mut self, key: &ConnKey, state: TcpState) -> Option<Process> {
-        if !self.dumps.contains_key(&(key.netns, state)) {
-            let ns = self.namespace(key.netns)?.clone();
-            let sockets = in_netns(&ns, || dump_tcp(&[state])).ok()?.ok()?;
-            self.dumps.insert((key.netns, state), sockets);
-        }
-        let inode = self.dumps[&(key.netns, state)]
-            .iter()
-            .find(|s| s.local == key.local && s.remote == key.remote)
-            .map(|s| s.inode)
-            .filter(|inode| *inode != 0)?;
-        let owner = self.owners().owners(inode).first()?;
-        Some(Process {
-            pid: owner.pid,
-            comm: owner.comm.clone(),
-        })
+    /// One process holding socket `inode`, from one /proc scan.
+    pub fn socket_owner(&mut self, inode: u64) -> Option<Process> {
+        self.owners().owner(inode)
     }
 
     /// net.ipv4.tcp_fin_timeout of a namespace (it is per namespace).
@@ -115,12 +99,21 @@ impl FoundSocket {
 /// Every socket in `states` in every visible namespace (or only `only`).
 /// Namespaces that vanish or refuse are skipped: processes come and go.
 pub fn find_sockets(states: &[TcpState], only: Option<u32>) -> Vec<FoundSocket> {
+    find_sockets_with(states, only, DumpExtras::default())
+}
+
+/// `find_sockets`, each socket with what `extras` asks the kernel to add.
+pub fn find_sockets_with(
+    states: &[TcpState],
+    only: Option<u32>,
+    extras: DumpExtras,
+) -> Vec<FoundSocket> {
     let mut found = Vec::new();
     for ns in all_namespaces() {
         if only.is_some_and(|inode| inode != ns.inode) {
             continue;
         }
-        match in_netns(&ns, || dump_tcp(states)) {
+        match in_netns(&ns, || dump_tcp_with(states, extras)) {
             Ok(Ok(sockets)) => found.extend(sockets.into_iter().map(|socket| FoundSocket {
                 netns: ns.clone(),
                 socket,
@@ -131,24 +124,41 @@ pub fn find_sockets(states: &[TcpState], only: Option<u32>) -> Vec<FoundSocket> 
     found
 }
 
-/// Every connection open before tracing started: the half-closed ones are
-/// tracked from then on, and all of them give owners for sockets that no
-/// process touches while tcprst watches.
-pub fn existing_connections(only: Option<u32>) -> Vec<FoundSocket> {
-    use TcpState::*;
-    find_sockets(
-        &[
-            Established,
-            SynSent,
-            SynRecv,
-            FinWait1,
-            FinWait2,
-            CloseWait,
-            LastAck,
-            Closing,
-        ],
-        only,
-    )
+/// Socket owners looked up when an event names a socket inode: one /proc
+/// scan answers every inode of a burst, and a miss rescans at most every
+/// `OWNER_RESCAN_EVERY`, so a reset storm costs a few scans a second, not
+/// one per reset. Memory is one scan's worth, whatever the connection rate.
+pub struct OwnerCache {
+    owners: SocketOwners,
+    scanned_at: Option<Instant>,
+}
+
+const OWNER_RESCAN_EVERY: Duration = Duration::from_millis(100);
+
+impl Default for OwnerCache {
+    fn default() -> Self {
+        Self {
+            owners: SocketOwners::default(),
+            scanned_at: None,
+        }
+    }
+}
+
+impl OwnerCache {
+    pub fn owner(&mut self, inode: u64) -> Option<Process> {
+        if let Some(owner) = self.owners.owner(inode) {
+            return Some(owner);
+        }
+        if self
+            .scanned_at
+            .is_some_and(|at| at.elapsed() < OWNER_RESCAN_EVERY)
+        {
+            return None;
+        }
+        self.owners = SocketOwners::scan();
+        self.scanned_at = Some(Instant::now());
+        self.owners.owner(inode)
+    }
 }
 
 /// Who a socket belongs to, as far as this host can tell.
@@ -159,8 +169,8 @@ pub struct Attribution {
     pub cgroup: Option<Arc<CgroupInfo>>,
     pub pod: Option<PodMeta>,
     pub container_name: Option<String>,
-    /// The last process seen acting on the socket (not the task running
-    /// when the event happened).
+    /// The process holding the socket (not the task running when the
+    /// event happened).
     pub owner: Option<Process>,
 }
 
@@ -174,7 +184,6 @@ pub struct Enricher {
     pod_labels: Vec<String>,
     netns_names: HashMap<u32, String>,
     netns_scanned_at: Option<Instant>,
-    owners_at_start: HashMap<ConnKey, Process>,
 }
 
 impl Enricher {
@@ -185,20 +194,6 @@ impl Enricher {
             pod_labels,
             netns_names: HashMap::new(),
             netns_scanned_at: None,
-            owners_at_start: HashMap::new(),
-        }
-    }
-
-    /// Remembers who held the sockets that existed at startup.
-    pub fn remember_owners(&mut self, found: &[FoundSocket], owners: &SocketOwners) {
-        for f in found {
-            if let Some(o) = owners.owners(f.socket.inode).first() {
-                let owner = Process {
-                    pid: o.pid,
-                    comm: o.comm.clone(),
-                };
-                self.owners_at_start.insert(f.key(), owner);
-            }
         }
     }
 
@@ -228,7 +223,7 @@ impl Enricher {
             cgroup,
             pod,
             container_name,
-            owner: owner.or_else(|| self.owners_at_start.get(key).cloned()),
+            owner,
         }
     }
 

@@ -152,8 +152,11 @@ pub struct RstEvent {
     pub errno: Option<Errno>,
     /// The cgroup (v2) the socket was created in.
     pub cgroup_id: Option<u64>,
-    /// The last process seen acting on the socket, whatever runs now.
-    pub owner: Option<Process>,
+    /// What the socket said of itself; None for mini-sockets (TIME_WAIT,
+    /// request) and replies sent with no socket.
+    pub socket: Option<SocketFacts>,
+    /// The socket's close mark, where the kernel keeps them.
+    pub history: Option<CloseHistory>,
     /// The kernel stack in the `STACKS` map.
     pub stack_id: Option<u32>,
     /// Which hook saw it, attached how.
@@ -274,18 +277,33 @@ impl std::fmt::Display for Initiator {
     }
 }
 
-/// One TCP state transition of one socket.
+/// What a socket's close mark says: who started its close, and the state
+/// changes since (every one with `--history`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct StateChange {
-    pub time: SystemTime,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub netns: Option<u32>,
-    pub old: Option<TcpState>,
-    pub new: TcpState,
-    pub context: ExecContext,
-    pub task: Option<Task>,
-    /// Set when a process started closing with this transition.
+pub struct CloseHistory {
     pub initiator: Option<Initiator>,
-    pub cgroup_id: Option<u64>,
+    pub initiated_at: Option<SystemTime>,
+    /// The state before the first step, whose start the mark does not know.
+    pub first_state: Option<TcpState>,
+    pub steps: Vec<(TcpState, SystemTime)>,
+}
+
+impl CloseHistory {
+    /// When the socket entered `state`, if the mark saw it.
+    pub fn entered(&self, state: TcpState) -> Option<SystemTime> {
+        self.steps.iter().rev().find(|(s, _)| *s == state).map(|(_, at)| *at)
+    }
+}
+
+/// What the socket itself said about its close when the reset came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFacts {
+    /// We sent FIN (`SEND_SHUTDOWN`).
+    pub sent_fin: bool,
+    /// The peer's FIN arrived, or reading was shut down (`RCV_SHUTDOWN`).
+    pub rcv_shutdown: bool,
+    /// No descriptor holds the socket any more.
+    pub orphaned: bool,
+    /// The socket's inode, when a process holds it.
+    pub inode: Option<u64>,
 }

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::{Result, bail};
-use tcprst_common::{ABSENT, ResetFields, StateFields, SyscallFields, TupleFields, tuple_style};
+use tcprst_common::{ABSENT, ResetFields, TupleFields, tuple_style};
 
 use crate::{btf::KernelBtf, tracefs::EventFormat};
 
@@ -66,39 +66,6 @@ pub fn reset_fields(format: &EventFormat) -> Result<ResetFields> {
         reason: offset(format, "reason"),
         sock_cookie: offset(format, "sock_cookie"),
         tuple: tuple_fields(format)?,
-    })
-}
-
-/// From `sock:inet_sock_set_state` and `tcp:tcp_destroy_sock`.
-pub fn state_fields(format: &EventFormat, destroy: &EventFormat) -> Result<StateFields> {
-    require(format, &["skaddr", "oldstate", "newstate"])?;
-    require(destroy, &["skaddr"])?;
-    Ok(StateFields {
-        skaddr: offset(format, "skaddr"),
-        oldstate: offset(format, "oldstate"),
-        newstate: offset(format, "newstate"),
-        protocol: offset(format, "protocol"),
-        tuple: tuple_fields(format)?,
-        destroy_skaddr: offset(destroy, "skaddr"),
-    })
-}
-
-/// The syscall records tcprst reads: `sys_enter_shutdown`, `sys_enter_close`
-/// and `sys_exit_accept4` (whose `ret` sits where `sys_exit_accept`'s does:
-/// every syscall exit record has the same layout).
-pub fn syscall_fields(
-    shutdown: &EventFormat,
-    close: &EventFormat,
-    accept_exit: &EventFormat,
-) -> Result<SyscallFields> {
-    require(shutdown, &["fd", "how"])?;
-    require(close, &["fd"])?;
-    require(accept_exit, &["ret"])?;
-    Ok(SyscallFields {
-        shutdown_fd: offset(shutdown, "fd"),
-        shutdown_how: offset(shutdown, "how"),
-        close_fd: offset(close, "fd"),
-        accept_ret: offset(accept_exit, "ret"),
     })
 }
 
@@ -187,37 +154,6 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("no sport field"), "{err}");
-    }
-
-    #[test]
-    fn state_and_syscall_layouts() {
-        let f = state_fields(
-            &format(include_str!("../testdata/format-6.18/inet_sock_set_state")),
-            &format(include_str!("../testdata/format-6.18/tcp_destroy_sock")),
-        )
-        .unwrap();
-        assert_eq!(f.destroy_skaddr, 8);
-        assert_eq!(
-            (f.skaddr, f.oldstate, f.newstate, f.protocol),
-            (8, 16, 20, 30)
-        );
-        assert_eq!(
-            (f.tuple.sport, f.tuple.family, f.tuple.saddr_v6),
-            (24, 28, 40)
-        );
-        let s = syscall_fields(
-            &format(include_str!("../testdata/format-6.18/sys_enter_shutdown")),
-            &format(include_str!("../testdata/format-6.18/sys_enter_close")),
-            &format(include_str!("../testdata/format-6.18/sys_exit_accept4")),
-        )
-        .unwrap();
-        assert_eq!(
-            (s.shutdown_fd, s.shutdown_how, s.close_fd, s.accept_ret),
-            (16, 24, 16, 16)
-        );
-        let no_skaddr = format("field:int oldstate;\toffset:16;\tsize:4;\tsigned:1;");
-        let err = state_fields(&no_skaddr, &no_skaddr).unwrap_err();
-        assert!(err.to_string().contains("no skaddr field"), "{err}");
     }
 
     #[test]

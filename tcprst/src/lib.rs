@@ -1,7 +1,7 @@
 //! tcprst: explains TCP resets and half-close trouble with eBPF.
 //!
 //! Data flows one way: kernel programs (tcprst-ebpf) → ring buffer →
-//! `decode` → `tracker` and `diagnosis` → `enrich` → `sink`s. `trace` runs
+//! `decode` → `diagnosis` (and the `tracker` of half-closed sockets, fed by sock_diag scans) → `enrich` → `sink`s. `trace` runs
 //! that loop; `probes` with `tracefs`, `btf` and `layout` load the programs
 //! with the running kernel's layouts. The binary is only the command line.
 
@@ -29,6 +29,8 @@ pub mod sink;
 pub mod snapshot;
 pub mod sockdiag;
 pub mod stacks;
+#[cfg(test)]
+mod testing;
 pub mod trace;
 pub mod tracefs;
 pub mod tracker;

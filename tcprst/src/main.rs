@@ -128,7 +128,7 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
             rst_received: matches!(args.kind, None | Some(KindArg::RstReceived)),
             filter: filter::kernel_filter(args.port, netns, args.pid),
             buffer_pages: args.buffer_pages,
-            max_socket_owners: args.max_socket_owners,
+            history: args.history,
             btf: args.kernel.btf,
             attach: AttachRequest::new(&args.kernel.attach),
             probe_every_tier: false,

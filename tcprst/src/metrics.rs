@@ -69,8 +69,6 @@ pub struct Metrics {
     programs: Family<TierLabels, Gauge>,
     tracked: Gauge,
     evicted: Gauge,
-    owners: Gauge,
-    owners_evicted: Gauge,
 }
 
 impl Default for Metrics {
@@ -103,26 +101,14 @@ impl Default for Metrics {
         let tracked = Gauge::default();
         registry.register(
             "tracked_connections",
-            "Connections the tracker follows now (bounded by --max-connections)",
+            "Half-closed connections the last scan found and tcprst follows (bounded by --max-connections)",
             tracked.clone(),
         );
         let evicted = Gauge::default();
         registry.register(
-            "tracker_evictions",
-            "Connections dropped from tracking, least recently active first, since start",
+            "untracked_connections",
+            "Half-closed connections the last scans left untracked because --max-connections was reached, since start",
             evicted.clone(),
-        );
-        let owners = Gauge::default();
-        registry.register(
-            "socket_owners",
-            "Sockets whose owner the kernel-side LRU map remembers now",
-            owners.clone(),
-        );
-        let owners_evicted = Gauge::default();
-        registry.register(
-            "socket_owner_evictions",
-            "Socket owners the kernel-side LRU map evicted to make room, since start",
-            owners_evicted.clone(),
         );
         Self {
             registry,
@@ -132,8 +118,6 @@ impl Default for Metrics {
             programs,
             tracked,
             evicted,
-            owners,
-            owners_evicted,
         }
     }
 }
@@ -169,14 +153,9 @@ impl Metrics {
         }
     }
 
-    pub fn tracker(&self, tracked: usize, evicted: u64) {
+    pub fn tracker(&self, tracked: usize, untracked: u64) {
         self.tracked.set(tracked as i64);
-        self.evicted.set(evicted as i64);
-    }
-
-    pub fn owner_map(&self, live: u64, evicted: u64) {
-        self.owners.set(live as i64);
-        self.owners_evicted.set(evicted as i64);
+        self.evicted.set(untracked as i64);
     }
 
     pub fn lost(&self, n: u64) {
@@ -264,7 +243,6 @@ mod tests {
         m.lost(7);
         m.programs_attached("tracepoint", 5);
         m.tracker(42, 2);
-        m.owner_map(10, 3);
         let text = m.encode();
         for line in [
             r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="",pod=""} 2"#,
@@ -273,8 +251,7 @@ mod tests {
             "tcprst_lost_events_total 7",
             r#"tcprst_programs_attached{tier="tracepoint"} 5"#,
             "tcprst_tracked_connections 42",
-            "tcprst_tracker_evictions 2",
-            "tcprst_socket_owner_evictions 3",
+            "tcprst_untracked_connections 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

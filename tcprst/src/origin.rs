@@ -75,14 +75,19 @@ impl Receipt {
 }
 
 /// Matches received resets with the sends that explain them; `T` is the
-/// prepared report that waits meanwhile.
-pub struct Origins<T> {
-    sent: VecDeque<(SystemTime, Ends, Origin)>,
+/// prepared report that waits meanwhile, `S` what a send tells about its
+/// socket (the receipt's peer on this host).
+pub struct Origins<T, S> {
+    sent: VecDeque<(SystemTime, Ends, Origin, S)>,
     held: VecDeque<(Instant, SystemTime, Ends, T)>,
     netfilter_watched: bool,
 }
 
-impl<T> Origins<T> {
+/// A received reset's report, where it came from, and what its sender
+/// told, when this host sent it.
+pub type Explained<T, S> = (T, Origin, Option<S>);
+
+impl<T, S: Clone> Origins<T, S> {
     pub fn new(netfilter_watched: bool) -> Self {
         Self {
             sent: VecDeque::new(),
@@ -93,7 +98,7 @@ impl<T> Origins<T> {
 
     /// Remembers a reset this host sent; returns the held received resets
     /// it explains.
-    pub fn sent(&mut self, ev: &RstEvent) -> Vec<(T, Origin)> {
+    pub fn sent(&mut self, ev: &RstEvent, sender: S) -> Vec<Explained<T, S>> {
         let origin = match ev.hook {
             ResetHook::NfSendReset | ResetHook::NfSendReset6 => Origin::LocalNetfilter(ev.nf_hook),
             _ => Origin::LocalTcp,
@@ -106,7 +111,7 @@ impl<T> Origins<T> {
             let (_, time, held_ends, _) = &self.held[i];
             if *held_ends == ends && close_in_time(*time, ev.time) {
                 let (.., report) = self.held.remove(i).expect("index in range");
-                explained.push((report, origin.clone()));
+                explained.push((report, origin.clone(), Some(sender.clone())));
             } else {
                 i += 1;
             }
@@ -114,13 +119,13 @@ impl<T> Origins<T> {
         if self.sent.len() == MAX_SENT {
             self.sent.pop_front();
         }
-        self.sent.push_back((ev.time, ends, origin));
+        self.sent.push_back((ev.time, ends, origin, sender));
         explained
     }
 
     /// A received reset: explained now, or held until its send arrives or
     /// `HOLD` passes.
-    pub fn received(&mut self, receipt: Receipt, report: T, now: Instant) -> Option<(T, Origin)> {
+    pub fn received(&mut self, receipt: Receipt, report: T, now: Instant) -> Option<Explained<T, S>> {
         let Receipt { ends, time: at } = receipt;
         while self
             .sent
@@ -133,9 +138,9 @@ impl<T> Origins<T> {
             .sent
             .iter()
             .rev()
-            .find(|(time, sent_ends, _)| *sent_ends == ends && close_in_time(*time, at));
+            .find(|(time, sent_ends, ..)| *sent_ends == ends && close_in_time(*time, at));
         match known {
-            Some((.., origin)) => Some((report, origin.clone())),
+            Some((_, _, origin, sender)) => Some((report, origin.clone(), Some(sender.clone()))),
             None => {
                 self.held.push_back((now, at, ends, report));
                 None
@@ -144,7 +149,7 @@ impl<T> Origins<T> {
     }
 
     /// Received resets that waited `HOLD` for a send that never came.
-    pub fn expired(&mut self, now: Instant) -> Vec<(T, Origin)> {
+    pub fn expired(&mut self, now: Instant) -> Vec<Explained<T, S>> {
         let mut out = Vec::new();
         while self
             .held
@@ -157,13 +162,14 @@ impl<T> Origins<T> {
                 Origin::NotLocal {
                     netfilter_watched: self.netfilter_watched,
                 },
+                None,
             ));
         }
         out
     }
 
     /// Everything still waiting, when tracing stops: nothing is dropped.
-    pub fn flush(&mut self) -> Vec<(T, Origin)> {
+    pub fn flush(&mut self) -> Vec<Explained<T, S>> {
         self.expired(Instant::now() + HOLD)
     }
 }
@@ -178,7 +184,7 @@ mod tests {
     use super::*;
     use crate::{
         event::{RstKind, TcpState},
-        tracker::tests::{reset, t},
+        testing::{reset, t},
     };
 
     fn sent_to(received: &RstEvent, at: SystemTime) -> RstEvent {
@@ -196,11 +202,11 @@ mod tests {
     fn a_send_seen_first_explains_the_receipt_at_once() {
         let mut origins = Origins::new(false);
         let rx = received(t(10));
-        assert!(origins.sent(&sent_to(&rx, t(10))).is_empty());
+        assert!(origins.sent(&sent_to(&rx, t(10)), "sender").is_empty());
         let now = Instant::now();
         assert_eq!(
             origins.received(Receipt::of(&rx), "report", now),
-            Some(("report", Origin::LocalTcp))
+            Some(("report", Origin::LocalTcp, Some("sender")))
         );
     }
 
@@ -215,8 +221,12 @@ mod tests {
         nf.hook = ResetHook::NfSendReset;
         nf.nf_hook = Some(NfHook::Input);
         assert_eq!(
-            origins.sent(&nf),
-            [("report", Origin::LocalNetfilter(Some(NfHook::Input)))]
+            origins.sent(&nf, "nft"),
+            [(
+                "report",
+                Origin::LocalNetfilter(Some(NfHook::Input)),
+                Some("nft")
+            )]
         );
         assert!(origins.expired(now + HOLD).is_empty());
     }
@@ -229,11 +239,12 @@ mod tests {
         // A send for another connection, and one long before, explain nothing.
         let mut other = sent_to(&rx, t(10));
         other.local = "10.9.9.9:1".parse().unwrap();
-        origins.sent(&other);
-        origins.sent(&sent_to(&rx, t(2)));
+        origins.sent(&other, "other");
+        origins.sent(&sent_to(&rx, t(2)), "long before");
         assert_eq!(origins.received(Receipt::of(&rx), "report", now), None);
         let out = origins.expired(now + HOLD);
         assert_eq!(out.len(), 1);
+        assert_eq!(out[0].2, None);
         assert_eq!(
             out[0].1.describe(),
             "not a local TCP socket (netfilter, middlebox or userspace stack)"
@@ -242,11 +253,11 @@ mod tests {
 
     #[test]
     fn stopping_releases_what_waits() {
-        let mut origins = Origins::new(true);
+        let mut origins: Origins<_, ()> = Origins::new(true);
         origins.received(Receipt::of(&received(t(1))), 1, Instant::now());
         origins.received(Receipt::of(&received(t(2))), 2, Instant::now());
         let out = origins.flush();
-        assert_eq!(out.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(out.iter().map(|(r, ..)| *r).collect::<Vec<_>>(), [1, 2]);
         assert!(out[0].1.describe().contains("or netfilter rule"));
     }
 }

@@ -3,6 +3,8 @@
 
 use std::{collections::HashMap, fs, path::Path};
 
+use crate::event::Process;
+
 /// A process holding a descriptor for a socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
@@ -65,6 +67,14 @@ impl SocketOwners {
     /// sockets (inode 0) and for sockets opened after the scan.
     pub fn owners(&self, inode: u64) -> &[Owner] {
         self.by_inode.get(&inode).map_or(&[], Vec::as_slice)
+    }
+
+    /// One process holding socket `inode`: the lowest pid.
+    pub fn owner(&self, inode: u64) -> Option<Process> {
+        self.owners(inode).first().map(|o| Process {
+            pid: o.pid,
+            comm: o.comm.clone(),
+        })
     }
 }
 

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
-    programs::{FEntry, KProbe, RawTracePoint, TracePoint},
+    maps::{Array, Map, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint, TracePoint},
 };
 use tcprst_common::{
     ABSENT, AttachTier, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, LOST_RECORDS,
-    ResetHook, SocketOwner, SyscallFields, owner_counts,
+    MarkSettings, ResetHook,
 };
 
 use crate::{
@@ -20,12 +20,8 @@ use crate::{
         tier_name,
     },
     btf::{FUNCTION_TIERS, KernelBtf, VMLINUX},
-    layout::{ReasonNames, reset_fields, state_fields, syscall_fields},
-    tracefs::{
-        EventFormat, INET_SOCK_SET_STATE, SYS_ENTER_CLOSE, SYS_ENTER_SHUTDOWN, SYS_EXIT_ACCEPT,
-        SYS_EXIT_ACCEPT4, SYS_EXIT_SHUTDOWN, TCP_DESTROY_SOCK, TCP_RECEIVE_RESET, TCP_SEND_RESET,
-        Tracefs, Tracepoint,
-    },
+    layout::{ReasonNames, reset_fields},
+    tracefs::{INET_SOCK_SET_STATE, TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint},
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcprst"));
@@ -39,7 +35,8 @@ pub struct ProbeConfig {
     pub rst_received: bool,
     pub filter: KernelFilter,
     pub buffer_pages: u32,
-    pub max_socket_owners: u32,
+    /// `--history`: keep every state change of every socket in the kernel.
+    pub history: bool,
     /// An explicit BTF file; otherwise the running kernel's.
     pub btf: Option<PathBuf>,
     pub attach: AttachRequest,
@@ -60,9 +57,13 @@ pub struct Probes {
     /// Whether resets sent without a full socket go unseen (the tracepoint
     /// before 6.10, with no function tier for them).
     pub misses_socketless_resets: bool,
+    /// Close marks (who shut down or closed a socket, and its steps since),
+    /// or why this kernel cannot keep them.
+    pub marks: Result<(), String>,
 }
 
 const RAW_TRACEPOINT: &str = "raw_tracepoint";
+const TP_BTF: &str = "tp_btf";
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 
 impl Probes {
@@ -70,28 +71,13 @@ impl Probes {
         let tracefs = Tracefs::find_or_mount()?;
         let send_format = tracefs.event_format(TCP_SEND_RESET)?;
         let receive_format = tracefs.event_format(TCP_RECEIVE_RESET)?;
-        let state_format = tracefs.event_format(INET_SOCK_SET_STATE)?;
-        let destroy_format = tracefs.event_format(TCP_DESTROY_SOCK)?;
         let send_fields = reset_fields(&send_format).with_context(|| TCP_SEND_RESET.to_string())?;
         let receive_fields =
             reset_fields(&receive_format).with_context(|| TCP_RECEIVE_RESET.to_string())?;
-        let state_fields = state_fields(&state_format, &destroy_format)
-            .with_context(|| INET_SOCK_SET_STATE.to_string())?;
-        // Without syscall tracepoints we still track states; only who
-        // started a close is lost.
         let mut limitations = Vec::new();
         let mut limit = |what: String| {
             log::warn!("{what}");
             limitations.push(what);
-        };
-        let syscall_fields = match syscall_layout(&tracefs) {
-            Ok(fields) => Some(fields),
-            Err(e) => {
-                limit(format!(
-                    "{e:#}: shutdown()/close() callers will not be named"
-                ));
-                None
-            }
         };
         if send_fields.reason == ABSENT {
             limit(format!(
@@ -144,24 +130,24 @@ impl Probes {
                 *slot = found.args;
             }
         }
-        // Parsed again by aya only if fentry is tried; ours is no longer needed.
+        // aya parses it again for tp_btf and fentry; ours is no longer needed.
         drop(btf);
+
+        let mark_settings = MarkSettings {
+            every_transition: cfg.history.into(),
+            send_reset_has_reason: (send_fields.reason != ABSENT).into(),
+            _pad: [0; 2],
+        };
 
         raise_memlock_limit();
         let ebpf = EbpfLoader::new()
             .override_global("SEND_RESET_FIELDS", &send_fields, true)
             .override_global("RECEIVE_RESET_FIELDS", &receive_fields, true)
-            .override_global("STATE_FIELDS", &state_fields, true)
-            .override_global(
-                "SYSCALL_FIELDS",
-                &syscall_fields.unwrap_or(SyscallFields::UNSET),
-                true,
-            )
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("FILTER", &cfg.filter, true)
             .override_global("FUNCTION_ARGS", &args, true)
+            .override_global("MARK_SETTINGS", &mark_settings, true)
             .map_max_entries("EVENTS", cfg.buffer_pages * PAGE_SIZE)
-            .map_max_entries("OWNERS", cfg.max_socket_owners)
             .load(OBJECT)
             .context("loading the eBPF object")?;
 
@@ -172,26 +158,36 @@ impl Probes {
             plans: Vec::new(),
             limitations,
             misses_socketless_resets: false,
+            marks: Err("not tried".to_owned()),
         };
         // Context tracking first, so the first reset is already attributed.
         probes.attach_raw("tcprst_sirq_in", "softirq_entry")?;
         probes.attach_raw("tcprst_sirq_out", "softirq_exit")?;
+        // Marks before the reset programs that read them.
+        let mut vmlinux = None;
+        probes.marks = probes
+            .attach_btf_tracepoint("tcprst_close_mark", INET_SOCK_SET_STATE, cfg, &mut vmlinux)
+            .map_err(|why| format!("who shut down or closed a socket, and when, is unknown: {why}"));
+        if let Err(why) = &probes.marks {
+            log::warn!("{why}");
+            probes.limitations.push(why.clone());
+        }
         if cfg.rst_sent {
-            probes.attach_reset_functions(cfg, &functions, send_fields.reason == ABSENT)?;
+            probes.attach_reset_functions(
+                cfg,
+                &functions,
+                send_fields.reason == ABSENT,
+                &mut vmlinux,
+            )?;
         }
         if cfg.rst_received {
-            probes.attach_tracepoint("tcprst_rst_recv", TCP_RECEIVE_RESET)?;
+            probes.attach_reset_tracepoint(
+                "tcprst_rst_recv",
+                TCP_RECEIVE_RESET,
+                cfg,
+                &mut vmlinux,
+            )?;
         }
-        if syscall_fields.is_some() {
-            // Before the state hook, so a close already under way is seen.
-            probes.attach_tracepoint("tcprst_shut_in", SYS_ENTER_SHUTDOWN)?;
-            probes.attach_tracepoint("tcprst_shut_out", SYS_EXIT_SHUTDOWN)?;
-            probes.attach_tracepoint("tcprst_close_in", SYS_ENTER_CLOSE)?;
-            probes.attach_tracepoint("tcprst_accepted", SYS_EXIT_ACCEPT4)?;
-            probes.attach_tracepoint("tcprst_accepted", SYS_EXIT_ACCEPT)?;
-        }
-        probes.attach_tracepoint("tcprst_state", INET_SOCK_SET_STATE)?;
-        probes.attach_tracepoint("tcprst_destroy", TCP_DESTROY_SOCK)?;
         Ok(probes)
     }
 
@@ -201,16 +197,58 @@ impl Probes {
             .program_mut(program)
             .ok_or_else(|| anyhow!("program {program} missing from the object"))?
             .try_into()?;
-        // One program may serve several tracepoints (accept and accept4).
-        if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("loading {program} for {tp}"))?;
-        }
+        prog.load()
+            .with_context(|| format!("loading {program} for {tp}"))?;
         prog.attach(tp.category, tp.name)
             .with_context(|| format!("attaching to tracepoint {tp}"))?;
         self.attached
             .push((tier_name(AttachTier::Tracepoint), tp.to_string()));
         Ok(())
+    }
+
+    /// Attaches `program` to `tp` as tp_btf, which may read socket storage.
+    fn attach_btf_tracepoint(
+        &mut self,
+        program: &str,
+        tp: Tracepoint,
+        cfg: &ProbeConfig,
+        vmlinux: &mut Option<Result<Btf, String>>,
+    ) -> Result<(), String> {
+        let btf = aya_btf(cfg.btf.as_deref(), vmlinux)?;
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("program {program} missing from the object"))?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load(tp.name, btf)
+            .map_err(|e| format!("tp_btf {tp} did not load: {}", verifier_summary(&e)))?;
+        prog.attach()
+            .map_err(|e| format!("tp_btf {tp} did not attach: {}", one_line(&e)))?;
+        self.attached.push((TP_BTF, tp.to_string()));
+        Ok(())
+    }
+
+    /// A reset tracepoint: its tp_btf program, which adds close marks, where
+    /// marks work; the classic program otherwise.
+    fn attach_reset_tracepoint(
+        &mut self,
+        program: &str,
+        tp: Tracepoint,
+        cfg: &ProbeConfig,
+        vmlinux: &mut Option<Result<Btf, String>>,
+    ) -> Result<()> {
+        if self.marks.is_ok() {
+            match self.attach_btf_tracepoint(&format!("{program}_btf"), tp, cfg, vmlinux) {
+                Ok(()) => return Ok(()),
+                Err(why) => {
+                    let note = format!("resets on {tp} carry no close marks: {why}");
+                    log::warn!("{note}");
+                    self.limitations.push(note);
+                }
+            }
+        }
+        self.attach_tracepoint(program, tp)
     }
 
     /// Runs the attach plan of every reset-sending function, then attaches
@@ -221,8 +259,8 @@ impl Probes {
         cfg: &ProbeConfig,
         functions: &[Result<LocatedFunction, String>],
         pre_6_10_tracepoint: bool,
+        vmlinux: &mut Option<Result<Btf, String>>,
     ) -> Result<()> {
-        let mut fentry_btf = None;
         for (f, located) in RESET_FUNCTIONS.iter().zip(functions) {
             let mut plan = HookPlan {
                 function: f,
@@ -235,7 +273,7 @@ impl Probes {
                     (AttachTier::Tracepoint, _) => Ok(()),
                     (_, Err(why)) => Err(why.clone()),
                     (AttachTier::Fentry, Ok(located)) => {
-                        self.attach_fentry(f, located, cfg.btf.as_deref(), &mut fentry_btf)
+                        self.attach_fentry(f, located, cfg.btf.as_deref(), vmlinux)
                     }
                     (AttachTier::Kprobe, Ok(_)) => self.attach_kprobe(f),
                 };
@@ -270,7 +308,7 @@ impl Probes {
             .iter()
             .any(|p| p.tier == tracepoint || p.also_works.contains(&AttachTier::Tracepoint))
         {
-            self.attach_tracepoint("tcprst_rst_sent", TCP_SEND_RESET)?;
+            self.attach_reset_tracepoint("tcprst_rst_sent", TCP_SEND_RESET, cfg, vmlinux)?;
         }
         self.note_plan_limitations(pre_6_10_tracepoint);
         if !self
@@ -345,16 +383,7 @@ impl Probes {
                 "it is in module {module}, and this loader cannot attach fentry to module BTF"
             ));
         }
-        let btf = btf
-            .get_or_insert_with(|| {
-                match btf_path {
-                    Some(path) => Btf::parse_file(path, Endianness::default()),
-                    None => Btf::from_sys_fs(),
-                }
-                .map_err(|e| format!("reading BTF: {e}"))
-            })
-            .as_ref()
-            .map_err(Clone::clone)?;
+        let btf = aya_btf(btf_path, btf)?;
         let prog: &mut FEntry = self
             .ebpf
             .program_mut(f.fentry_program)
@@ -393,6 +422,7 @@ impl Probes {
     pub fn attached_by_tier(&self) -> Vec<(&'static str, usize)> {
         [
             RAW_TRACEPOINT,
+            TP_BTF,
             tier_name(AttachTier::Tracepoint),
             tier_name(AttachTier::Kprobe),
             tier_name(AttachTier::Fentry),
@@ -426,11 +456,14 @@ impl Probes {
         Ok(LostCounter(self.take("LOST")?))
     }
 
-    pub fn take_owner_census(&mut self) -> Result<OwnerCensus> {
-        Ok(OwnerCensus {
-            owners: self.take("OWNERS")?,
-            counts: self.take("OWNER_COUNTS")?,
-        })
+    /// The close-mark map, which sock_diag dumps beside each socket; None
+    /// where marks are unavailable.
+    pub fn take_marks(&mut self) -> Option<MapData> {
+        self.marks.as_ref().ok()?;
+        match self.ebpf.take_map("MARKS")? {
+            Map::SkStorage(data) => Some(data),
+            _ => None,
+        }
     }
 }
 
@@ -524,15 +557,22 @@ fn verifier_summary(e: &aya::programs::ProgramError) -> String {
     one_line(e)
 }
 
-fn syscall_layout(tracefs: &Tracefs) -> Result<SyscallFields> {
-    let format = |tp: Tracepoint| -> Result<EventFormat> { tracefs.event_format(tp) };
-    format(SYS_EXIT_SHUTDOWN)?;
-    format(SYS_EXIT_ACCEPT)?;
-    syscall_fields(
-        &format(SYS_ENTER_SHUTDOWN)?,
-        &format(SYS_ENTER_CLOSE)?,
-        &format(SYS_EXIT_ACCEPT4)?,
-    )
+/// aya's parse of the kernel BTF, made once and only when a program
+/// attached by BTF (tp_btf or fentry) needs it.
+fn aya_btf<'a>(
+    explicit: Option<&Path>,
+    parsed: &'a mut Option<Result<Btf, String>>,
+) -> Result<&'a Btf, String> {
+    parsed
+        .get_or_insert_with(|| {
+            match explicit {
+                Some(path) => Btf::parse_file(path, Endianness::default()),
+                None => Btf::from_sys_fs(),
+            }
+            .map_err(|e| format!("reading BTF: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 fn load_btf(explicit: Option<&Path>) -> Result<Option<KernelBtf>> {
@@ -554,24 +594,6 @@ fn raise_memlock_limit() {
             "could not lift RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()
         );
-    }
-}
-
-/// The socket-owner LRU map: how full it is, and how many owners it
-/// evicted to make room (each one a socket whose owner may go unnamed).
-pub struct OwnerCensus {
-    owners: HashMap<MapData, u64, SocketOwner>,
-    counts: PerCpuArray<MapData, u64>,
-}
-
-impl OwnerCensus {
-    /// (entries now, evicted since start). Walks the map: call it rarely.
-    pub fn count(&self) -> Result<(u64, u64)> {
-        let sum = |slot| -> Result<u64> { Ok(self.counts.get(&slot, 0)?.iter().sum()) };
-        let added = sum(owner_counts::ADDED)?;
-        let removed = sum(owner_counts::REMOVED)?;
-        let live = self.owners.keys().filter(Result::is_ok).count() as u64;
-        Ok((live, added.saturating_sub(removed).saturating_sub(live)))
     }
 }
 

@@ -1,7 +1,7 @@
 //! TCP sockets as the kernel's sock_diag netlink interface (what `ss` uses)
 //! lists them, with the timer each one has pending.
 
-use std::{mem::size_of, net::SocketAddr, time::Duration};
+use std::{mem::size_of, net::SocketAddr, os::fd::RawFd, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use netlink_packet_core::{
@@ -13,6 +13,8 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, SocketIdBuffer, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+
+use tcprst_common::CloseMark;
 
 use crate::event::TcpState;
 
@@ -27,6 +29,70 @@ pub struct DiagSocket {
     pub uid: u32,
     pub cookie: u64,
     pub timer: Option<Timer>,
+    /// `sk_shutdown` (`INET_DIAG_SHUTDOWN`).
+    pub shutdown: Option<u8>,
+    /// The socket's cgroup v2 id (`INET_DIAG_CGROUP_ID`, 5.7+).
+    pub cgroup_id: Option<u64>,
+    /// The socket's close mark, when the dump asked for the map's storage.
+    pub mark: Option<CloseMark>,
+}
+
+/// What a dump asks the kernel to add to each socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DumpExtras {
+    /// The close-mark map (`BPF_MAP_TYPE_SK_STORAGE`) whose value for each
+    /// socket the kernel should add (`INET_DIAG_REQ_SK_BPF_STORAGES`).
+    pub marks_fd: Option<RawFd>,
+}
+
+// Request and reply attributes (linux/inet_diag.h, linux/sock_diag.h).
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const INET_DIAG_SHUTDOWN: u16 = 8;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+/// `struct inet_diag_msg`, before the attributes.
+const INET_DIAG_MSG_LEN: usize = 72;
+
+/// Netlink attributes in `bytes`: (type, payload), padding skipped.
+fn attributes(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_ne_bytes(bytes.get(..2)?.try_into().ok()?));
+        let kind = u16::from_ne_bytes(bytes.get(2..4)?.try_into().ok()?) & NLA_TYPE_MASK;
+        let payload = bytes.get(4..len)?;
+        bytes = bytes.get(len.next_multiple_of(4)..).unwrap_or_default();
+        Some((kind, payload))
+    })
+}
+
+/// One netlink attribute, padded to four bytes.
+fn attribute(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 4 + payload.len();
+    let mut out = Vec::with_capacity(len.next_multiple_of(4));
+    out.extend_from_slice(&(len as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out.resize(len.next_multiple_of(4), 0);
+    out
+}
+
+/// The close mark among a socket's dumped BPF storages.
+fn mark_in(storages: &[u8]) -> Option<CloseMark> {
+    attributes(storages)
+        .filter(|(kind, _)| *kind == SK_DIAG_BPF_STORAGE)
+        .flat_map(|(_, storage)| attributes(storage))
+        .find(|(kind, value)| {
+            *kind == SK_DIAG_BPF_STORAGE_MAP_VALUE && value.len() >= size_of::<CloseMark>()
+        })
+        .map(|(_, value)| {
+            // SAFETY: length checked; CloseMark is integers and byte arrays,
+            // valid for any bit pattern; read_unaligned copes with alignment.
+            unsafe { value.as_ptr().cast::<CloseMark>().read_unaligned() }
+        })
 }
 
 /// The timer a socket has pending, by `idiag_timer`.
@@ -113,6 +179,11 @@ fn ss_duration(ms: u128) -> String {
 /// Every IPv4 and IPv6 TCP socket in one of `states`, in the calling thread's
 /// network namespace (see `netns::in_netns`).
 pub fn dump_tcp(states: &[TcpState]) -> Result<Vec<DiagSocket>> {
+    dump_tcp_with(states, DumpExtras::default())
+}
+
+/// `dump_tcp`, with what `extras` asks the kernel to add.
+pub fn dump_tcp_with(states: &[TcpState], extras: DumpExtras) -> Result<Vec<DiagSocket>> {
     let states = states
         .iter()
         .fold(0, |mask, &state| mask | 1 << state as u32);
@@ -120,14 +191,18 @@ pub fn dump_tcp(states: &[TcpState]) -> Result<Vec<DiagSocket>> {
     let mut sockets = Vec::new();
     for family in [AF_INET, AF_INET6] {
         socket
-            .send_to(&dump_request(family, states), &NetlinkAddr::new(0, 0), 0)
+            .send_to(
+                &dump_request(family, states, extras),
+                &NetlinkAddr::new(0, 0),
+                0,
+            )
             .context("sending the sock_diag dump request")?;
         receive_dump(&socket, &mut sockets)?;
     }
     Ok(sockets)
 }
 
-fn dump_request(family: u8, states: u32) -> Vec<u8> {
+fn dump_request(family: u8, states: u32, extras: DumpExtras) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let request = InetRequest {
@@ -146,6 +221,16 @@ fn dump_request(family: u8, states: u32) -> Vec<u8> {
     message.finalize();
     let mut buf = vec![0; message.buffer_len()];
     message.serialize(&mut buf);
+    if let Some(fd) = extras.marks_fd {
+        let map = attribute(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, &(fd as u32).to_ne_bytes());
+        buf.extend(attribute(
+            INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED,
+            &map,
+        ));
+        // nlmsg_len covers the attributes too.
+        let len = buf.len() as u32;
+        buf[..4].copy_from_slice(&len.to_ne_bytes());
+    }
     buf
 }
 
@@ -193,7 +278,28 @@ impl DiagSocket {
             uid: header.uid,
             cookie: cookie(id.cookie),
             timer: Timer::from_inet_diag_msg(raw),
-        })
+            shutdown: None,
+            cgroup_id: None,
+            mark: None,
+        }
+        .with_attributes(raw.get(INET_DIAG_MSG_LEN..).unwrap_or_default()))
+    }
+
+    fn with_attributes(mut self, attrs: &[u8]) -> Self {
+        for (kind, payload) in attributes(attrs) {
+            match kind {
+                INET_DIAG_SHUTDOWN => self.shutdown = payload.first().copied(),
+                INET_DIAG_CGROUP_ID => {
+                    self.cgroup_id = payload
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_ne_bytes)
+                }
+                INET_DIAG_SK_BPF_STORAGES => self.mark = mark_in(payload),
+                _ => {}
+            }
+        }
+        self
     }
 }
 
@@ -221,6 +327,60 @@ mod tests {
         netns::{in_netns, testing::TestNetns},
         owner::SocketOwners,
     };
+
+    /// The reply attributes as the kernel nests them: the mark's value
+    /// inside a storage inside INET_DIAG_SK_BPF_STORAGES, padding between.
+    #[test]
+    fn reads_shutdown_cgroup_and_the_close_mark() {
+        let mark = CloseMark {
+            op_at_ns: 5,
+            tgid: 7,
+            op: 1,
+            how: 1,
+            first_state: 1,
+            steps: 1,
+            comm: *b"socat\0\0\0\0\0\0\0\0\0\0\0",
+            step_state: [4, 0, 0, 0, 0, 0, 0, 0],
+            step_at_ns: [5, 0, 0, 0, 0, 0],
+        };
+        // SAFETY: a plain repr(C) value viewed as bytes for the test.
+        let value = unsafe {
+            std::slice::from_raw_parts((&raw const mark).cast::<u8>(), size_of::<CloseMark>())
+        };
+        let storage = [
+            attribute(2, &42u32.to_ne_bytes()), // SK_DIAG_BPF_STORAGE_MAP_ID
+            attribute(1, &[]),                  // SK_DIAG_BPF_STORAGE_PAD
+            attribute(SK_DIAG_BPF_STORAGE_MAP_VALUE, value),
+        ]
+        .concat();
+        let storages = attribute(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &storage);
+        let attrs = [
+            attribute(INET_DIAG_SHUTDOWN, &[2]),
+            attribute(INET_DIAG_CGROUP_ID, &9001u64.to_ne_bytes()),
+            attribute(INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED, &storages),
+        ]
+        .concat();
+        let socket = DiagSocket {
+            local: "127.0.0.1:1".parse().unwrap(),
+            remote: "127.0.0.1:2".parse().unwrap(),
+            state: TcpState::FinWait2,
+            inode: 1,
+            uid: 0,
+            cookie: 0,
+            timer: None,
+            shutdown: None,
+            cgroup_id: None,
+            mark: None,
+        }
+        .with_attributes(&attrs);
+        assert_eq!(socket.shutdown, Some(2));
+        assert_eq!(socket.cgroup_id, Some(9001));
+        assert_eq!(socket.mark, Some(mark));
+        // A truncated value is no mark.
+        let short = attribute(SK_DIAG_BPF_STORAGE_MAP_VALUE, &value[..10]);
+        let storages = attribute(SK_DIAG_BPF_STORAGE, &short);
+        assert_eq!(mark_in(&storages), None);
+    }
 
     #[test]
     fn formats_timers_like_ss() {
@@ -304,8 +464,13 @@ mod tests {
             uid: unsafe { libc::geteuid() },
             cookie: SockRef::from(&server).cookie().unwrap(),
             timer: None,
+            // The peer's FIN arrived: RCV_SHUTDOWN.
+            shutdown: Some(1),
+            cgroup_id: found.cgroup_id,
+            mark: None,
         };
         assert_eq!(*found, expected);
+        assert!(found.cgroup_id.is_some_and(|id| id != 0), "{found:?}");
         assert_ne!(found.inode, 0);
         let owners = SocketOwners::scan();
         assert!(

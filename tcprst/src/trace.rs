@@ -1,8 +1,9 @@
-//! `tcprst trace`: the event loop from ring buffer through the connection
-//! tracker to the sink.
+//! `tcprst trace`: the event loop from the ring buffer to the sink, and the
+//! periodic scan for stuck half-closed connections.
 
 use std::{
     io::{self, BufWriter},
+    os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -13,31 +14,31 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
-    time::{MissedTickBehavior, interval},
+    time::{MissedTickBehavior, interval, interval_at},
 };
 
 use crate::{
     cgroup::CgroupResolver,
     clock::WallClock,
-    decode::{Decoder, Record},
+    decode::Decoder,
     diagnosis,
-    enrich::{self, Enricher},
-    event::{ResetHook, RstKind},
+    enrich::{self, Enricher, HALF_CLOSED, OwnerCache},
+    event::{ExecContext, Process, ResetHook, RstEvent, RstKind},
     filter::EventFilter,
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr},
     origin::{self, Origin, Origins, Receipt},
-    owner::SocketOwners,
-    probes::{LostCounter, OwnerCensus, ProbeConfig, Probes},
+    probes::{LostCounter, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
+    sockdiag::DumpExtras,
     stacks::{Kallsyms, Stacks},
-    tracker::{ConnKey, Tracker, is_half_closed},
+    tracker::{ConnKey, Resolved, RstContext, ScannedSocket, Tracker},
 };
 
 /// Records handled per wake-up before signals and the loss report get a turn.
 const DRAIN_BATCH: usize = 4096;
-/// Counting the owner map walks it; a full one holds 65536 entries.
-const OWNER_CENSUS_EVERY: Duration = Duration::from_secs(10);
+/// The longest wait between two scans for stuck half-closed connections.
+const MAX_SCAN_EVERY: Duration = Duration::from_secs(5);
 
 pub struct TraceOptions {
     pub probes: ProbeConfig,
@@ -60,7 +61,6 @@ struct Counts {
     shown: u64,
     undecodable: u64,
     lost_reported: u64,
-    owners_evicted: u64,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -106,6 +106,7 @@ struct Pipeline<'a> {
     decoder: Decoder,
     tracker: Tracker,
     enricher: Enricher,
+    owners: OwnerCache,
     stacks: Option<Stacks>,
     show_stacks: bool,
     filter: &'a EventFilter,
@@ -114,7 +115,10 @@ struct Pipeline<'a> {
     counts: Counts,
     /// None when kernel-side filters hide the sends that would explain
     /// received resets.
-    origins: Option<Origins<RstReport>>,
+    origins: Option<Origins<RstReport, Peer>>,
+    /// The close-mark map sock_diag dumps beside each socket; None where the
+    /// kernel keeps no marks. Held here so its descriptor stays open.
+    marks: Option<MapData>,
 }
 
 impl Pipeline<'_> {
@@ -124,100 +128,131 @@ impl Pipeline<'_> {
             dump.keep(bytes);
         }
         match self.decoder.decode(bytes) {
-            Ok(Record::State(change)) => {
-                let Some(resolved) = self.tracker.on_state(&change) else {
-                    return Ok(());
-                };
-                let conn = &resolved.conn;
-                let attribution =
-                    self.enricher
-                        .attribute(&conn.key, conn.cgroup_id, conn.owner.clone());
-                if self.filter.wants_halfclose(&conn.key, &attribution) {
-                    let diagnosis = diagnosis::resolved(&resolved);
-                    self.sink.resolved(&ResolvedReport {
-                        resolved,
-                        diagnosis,
-                    })?;
-                    self.counts.shown += 1;
-                }
-            }
-            Ok(Record::Rst(ev)) => {
-                if ev.kind == RstKind::Sent
-                    && let Some(origins) = &mut self.origins
-                {
-                    for explained in origins.sent(&ev) {
-                        self.emit_rst(explained)?;
-                    }
-                }
-                if !self.filter.matches(&ev) {
-                    return Ok(());
-                }
-                let ctx = self.tracker.context_of(&ev);
-                let known = ctx.conn.as_ref();
-                let key = ConnKey::new(ev.netns, ev.local, ev.remote);
-                let owner = ev.owner.clone().or_else(|| known?.owner.clone());
-                let cgroup_id = ev.cgroup_id.or_else(|| known?.cgroup_id);
-                let attribution = self.enricher.attribute(&key, cgroup_id, owner);
-                if !self.filter.wants_owner(&attribution) {
-                    return Ok(());
-                }
-                let stack = ev.stack_id.and_then(|id| self.stacks.as_mut()?.get(id));
-                let caller = stack.as_ref().and_then(|s| s.caller.clone());
-                let pod = attribution.pod.as_ref();
-                self.metrics.reset(
-                    ev.kind == RstKind::Sent,
-                    ev.reason.as_deref(),
-                    caller.as_deref(),
-                    pod.map(|p| p.namespace.as_str()),
-                    pod.map(|p| p.name.as_str()),
-                );
-                let diagnosis = diagnosis::rst(&ev, &ctx);
-                let peer = self.tracker.peer_of(&key).map(|p| Peer {
-                    netns: (p.key.netns != 0).then_some(p.key.netns),
-                    attribution: self
-                        .enricher
-                        .attribute(&p.key, p.cgroup_id, p.owner.clone()),
-                });
-                let report = RstReport {
-                    ev,
-                    conn: ctx.conn,
-                    diagnosis,
-                    attribution,
-                    peer,
-                    caller,
-                    stack: stack.filter(|_| self.show_stacks).map(|s| s.frames),
-                    origin: None,
-                };
-                match &mut self.origins {
-                    Some(origins) if report.ev.kind == RstKind::Received => {
-                        let receipt = Receipt::of(&report.ev);
-                        if let Some(explained) = origins.received(receipt, report, Instant::now()) {
-                            self.emit_rst(explained)?;
-                        }
-                    }
-                    _ => {
-                        self.sink.rst(&report)?;
-                        self.counts.shown += 1;
-                    }
-                }
-            }
+            Ok(ev) => self.rst(ev),
             Err(e) => {
                 if self.counts.undecodable == 0 {
                     log::warn!("undecodable record: {e}");
                 }
                 self.counts.undecodable += 1;
+                Ok(())
             }
+        }
+    }
+
+    /// The process holding the reset's socket: found by the socket's inode,
+    /// else the task that reset it in process context (a close() that has
+    /// already dropped the descriptor).
+    fn owner_of(&mut self, ev: &RstEvent) -> Option<Process> {
+        ev.socket
+            .and_then(|s| s.inode)
+            .and_then(|inode| self.owners.owner(inode))
+            .or_else(|| {
+                let task = ev.task.as_ref().filter(|_| ev.context == ExecContext::Process)?;
+                Some(Process {
+                    pid: task.pid,
+                    comm: task.comm.clone(),
+                })
+            })
+    }
+
+    fn rst(&mut self, ev: RstEvent) -> io::Result<()> {
+        let key = ConnKey::new(ev.netns, ev.local, ev.remote);
+        if ev.kind == RstKind::Received
+            && let Some(resolved) = self.tracker.reset(&key, ev.time)
+        {
+            self.emit_resolved(resolved)?;
+        }
+        let owner = self.owner_of(&ev);
+        let attribution = self.enricher.attribute(&key, ev.cgroup_id, owner);
+        let wanted = self.filter.matches(&ev) && self.filter.wants_owner(&attribution);
+        if !wanted && (ev.kind == RstKind::Received || self.origins.is_none()) {
+            return Ok(());
+        }
+        let stack = ev.stack_id.and_then(|id| self.stacks.as_mut()?.get(id));
+        let caller = stack.as_ref().and_then(|s| s.caller.clone());
+        let ctx = RstContext::of(&ev);
+        let diagnosis = diagnosis::rst(&ev, &ctx);
+        let mut report = RstReport {
+            ev,
+            conn: ctx.conn,
+            diagnosis,
+            attribution,
+            peer: None,
+            caller,
+            stack: stack.filter(|_| self.show_stacks).map(|s| s.frames),
+            origin: None,
+        };
+        let explained = match &mut self.origins {
+            Some(origins) if report.ev.kind == RstKind::Sent => {
+                let sender = Peer {
+                    netns: report.ev.netns,
+                    attribution: report.attribution.clone(),
+                };
+                origins.sent(&report.ev, sender)
+            }
+            Some(origins) => {
+                let receipt = Receipt::of(&report.ev);
+                return match origins.received(receipt, report, Instant::now()) {
+                    Some(explained) => self.emit_rst(explained),
+                    None => Ok(()),
+                };
+            }
+            None => Vec::new(),
+        };
+        // Receipts this send explains: their sockets are its peer.
+        report.peer = explained.first().map(|(receipt, ..)| Peer {
+            netns: receipt.ev.netns,
+            attribution: receipt.attribution.clone(),
+        });
+        if wanted {
+            self.count_reset(&report);
+            self.sink.rst(&report)?;
+            self.counts.shown += 1;
+        }
+        for receipt in explained {
+            self.emit_rst(receipt)?;
         }
         Ok(())
     }
 
-    fn emit_rst(&mut self, (mut report, origin): (RstReport, Origin)) -> io::Result<()> {
+    fn count_reset(&self, report: &RstReport) {
+        let pod = report.attribution.pod.as_ref();
+        self.metrics.reset(
+            report.ev.kind == RstKind::Sent,
+            report.ev.reason.as_deref(),
+            report.caller.as_deref(),
+            pod.map(|p| p.namespace.as_str()),
+            pod.map(|p| p.name.as_str()),
+        );
+    }
+
+    fn emit_resolved(&mut self, resolved: Resolved) -> io::Result<()> {
+        let conn = &resolved.conn;
+        let attribution = self.enricher.attribute(&conn.key, conn.cgroup_id, None);
+        if self.filter.wants_halfclose(&conn.key, &attribution) {
+            let diagnosis = diagnosis::resolved(&resolved);
+            self.sink.resolved(&ResolvedReport {
+                resolved,
+                diagnosis,
+            })?;
+            self.counts.shown += 1;
+        }
+        Ok(())
+    }
+
+    /// A received reset, with where it came from and, when this host sent
+    /// it, the sending socket as its peer.
+    fn emit_rst(
+        &mut self,
+        (mut report, origin, sender): (RstReport, Origin, Option<Peer>),
+    ) -> io::Result<()> {
         report.origin = Some(origin);
+        report.peer = sender;
+        self.count_reset(&report);
         self.sink.rst(&report)?;
         self.counts.shown += 1;
         Ok(())
     }
-
     /// Received resets whose wait for an explaining send is over; all of
     /// them when tracing stops.
     fn release_origins(&mut self, all: bool) -> io::Result<()> {
@@ -246,14 +281,34 @@ impl Pipeline<'_> {
         Ok(n)
     }
 
-    fn report_stuck(&mut self, opts: &TraceOptions) -> io::Result<()> {
+    /// Scans every namespace for half-closed sockets (with their close
+    /// marks), resolves those that moved on, and reports the stuck ones.
+    fn scan_half_closed(&mut self, opts: &TraceOptions) -> io::Result<()> {
         let now = SystemTime::now();
+        let only = (opts.probes.filter.netns != 0).then_some(opts.probes.filter.netns);
+        let port = opts.probes.filter.port;
+        let extras = DumpExtras {
+            marks_fd: self.marks.as_ref().map(|m| m.fd().as_fd().as_raw_fd()),
+        };
+        let sockets = enrich::find_sockets_with(&HALF_CLOSED, only, extras)
+            .into_iter()
+            .filter(|f| port == 0 || f.socket.local.port() == port || f.socket.remote.port() == port)
+            .map(|f| ScannedSocket {
+                key: f.key(),
+                state: f.socket.state,
+                orphaned: f.socket.inode == 0,
+                inode: (f.socket.inode != 0).then_some(f.socket.inode),
+                cgroup_id: f.socket.cgroup_id.filter(|id| *id != 0),
+                history: f.socket.mark.map(|m| self.decoder.history(&m)),
+            })
+            .collect();
+        for resolved in self.tracker.scan(now, sockets) {
+            self.emit_resolved(resolved)?;
+        }
         let mut lookup = enrich::Lookup::default();
         for conn in self.tracker.stuck(now, opts.stuck_after, opts.stuck_repeat) {
-            // Who holds the socket now, which may not be who last touched it.
-            let owner = lookup
-                .socket_owner(&conn.key, conn.state)
-                .or(conn.owner.clone());
+            // Who holds the socket now, which may not be who started closing it.
+            let owner = conn.inode.and_then(|inode| lookup.socket_owner(inode));
             let attribution = self.enricher.attribute(&conn.key, conn.cgroup_id, owner);
             if !self.filter.wants_halfclose(&conn.key, &attribution) {
                 continue;
@@ -271,26 +326,8 @@ impl Pipeline<'_> {
         }
         self.metrics.set_stuck(&self.tracker.stuck_counts());
         self.metrics
-            .tracker(self.tracker.tracked(), self.tracker.evicted);
+            .tracker(self.tracker.tracked(), self.tracker.untracked);
         self.sink.flush()
-    }
-
-    fn report_owner_census(&mut self, census: &OwnerCensus) {
-        let (live, evicted) = match census.count() {
-            Ok(counts) => counts,
-            Err(e) => {
-                log::warn!("reading the socket-owner map: {e}");
-                return;
-            }
-        };
-        if evicted > self.counts.owners_evicted {
-            log::warn!(
-                "the kernel's socket-owner map was full: {} owners evicted ({evicted} in total); resets on those sockets may name no owner",
-                evicted - self.counts.owners_evicted
-            );
-            self.counts.owners_evicted = evicted;
-        }
-        self.metrics.owner_map(live, evicted);
     }
 
     fn report_losses(&mut self, lost: &LostCounter) -> io::Result<()> {
@@ -328,7 +365,7 @@ pub fn start(opts: &TraceOptions) -> Result<Probes> {
 pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let ring = probes.take_ring()?;
     let lost = probes.take_lost_counter()?;
-    let owners = probes.take_owner_census()?;
+    let marks = probes.take_marks();
     let stacks = match Kallsyms::load() {
         Some(kallsyms) => Some(Stacks::new(probes.take_stacks()?, kallsyms)),
         None => None,
@@ -352,6 +389,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::now()),
         tracker: Tracker::new(opts.max_connections),
         enricher: Enricher::new(CgroupResolver::discover(), pods, opts.pod_labels.clone()),
+        owners: OwnerCache::default(),
         stacks,
         show_stacks: opts.show_stacks,
         filter: &opts.filter,
@@ -359,14 +397,18 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         metrics,
         counts: Counts::default(),
         origins: origins_for(&probes, &opts),
+        marks,
     };
-    seed_existing(&mut pipeline, &opts);
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut census_tick = interval(OWNER_CENSUS_EVERY);
-    census_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first scan, before tracing is announced, finds what was already
+    // half-closed: only those ages are lower bounds.
+    pipeline.scan_half_closed(&opts)?;
+    let scan_every = (opts.stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY);
+    let mut scan_tick = interval_at(tokio::time::Instant::now() + scan_every, scan_every);
+    scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut origin_tick = interval(origin::HOLD / 2);
     origin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -389,10 +431,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                 _ = tick.tick() => {
                     pipeline.decoder.clock.refresh();
                     pipeline.report_losses(&lost)?;
-                    pipeline.report_stuck(&opts)?;
                 }
+                _ = scan_tick.tick() => pipeline.scan_half_closed(&opts)?,
                 _ = origin_tick.tick() => pipeline.release_origins(false)?,
-                _ = census_tick.tick() => pipeline.report_owner_census(&owners),
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     if pipeline.drain(guard.get_inner_mut())? < DRAIN_BATCH {
@@ -417,17 +458,15 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
         Err(e) => return Err(e).context("writing events"),
     }
-    pipeline.report_owner_census(&owners);
     drop(probes);
     let counts = &pipeline.counts;
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} connections evicted from tracking, {} socket owners evicted in the kernel",
+        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked",
         counts.read,
         counts.shown,
         lost.total().unwrap_or(counts.lost_reported),
         counts.undecodable,
-        pipeline.tracker.evicted,
-        counts.owners_evicted
+        pipeline.tracker.untracked,
     );
     Ok(())
 }
@@ -436,7 +475,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
 /// those are not all traced: the in-kernel netns and pid filters drop sends
 /// made elsewhere (the other end of a veth, or softirq), and before 6.10 the
 /// tracepoint alone misses every reset sent without a socket.
-fn origins_for(probes: &Probes, opts: &TraceOptions) -> Option<Origins<RstReport>> {
+fn origins_for(probes: &Probes, opts: &TraceOptions) -> Option<Origins<RstReport, Peer>> {
     let filter = &opts.probes.filter;
     if !opts.probes.rst_sent
         || filter.netns != 0
@@ -453,26 +492,6 @@ fn origins_for(probes: &Probes, opts: &TraceOptions) -> Option<Origins<RstReport
             .any(|p| p.function.hook == *hook && p.tier.is_some())
     });
     Some(Origins::new(netfilter_watched))
-}
-
-/// Connections that predate tracing: the half-closed ones are tracked from
-/// now on, their ages reported as lower bounds, and every one's owner is
-/// remembered for sockets no process touches while we watch.
-fn seed_existing(pipeline: &mut Pipeline, opts: &TraceOptions) {
-    let only = (opts.probes.filter.netns != 0).then_some(opts.probes.filter.netns);
-    let port = opts.probes.filter.port;
-    let found = enrich::existing_connections(only);
-    let now = SystemTime::now();
-    for f in &found {
-        let s = &f.socket;
-        let wanted = port == 0 || s.local.port() == port || s.remote.port() == port;
-        if wanted && is_half_closed(s.state) {
-            pipeline.tracker.seed(f.key(), s.state, s.inode == 0, now);
-        }
-    }
-    pipeline
-        .enricher
-        .remember_owners(&found, &SocketOwners::scan());
 }
 
 /// On Kubernetes (or with --kubeconfig), a background watch of this node's

@@ -122,32 +122,11 @@ pub const TCP_RECEIVE_RESET: Tracepoint = Tracepoint {
     since: "4.15",
 };
 
-pub const TCP_DESTROY_SOCK: Tracepoint = Tracepoint {
-    category: "tcp",
-    name: "tcp_destroy_sock",
-    since: "4.15",
-};
 pub const INET_SOCK_SET_STATE: Tracepoint = Tracepoint {
     category: "sock",
     name: "inet_sock_set_state",
     since: "4.16",
 };
-/// Syscall tracepoints exist only with CONFIG_FTRACE_SYSCALLS.
-const fn syscall(name: &'static str) -> Tracepoint {
-    Tracepoint {
-        category: "syscalls",
-        name,
-        since: "2.6.33 with CONFIG_FTRACE_SYSCALLS",
-    }
-}
-
-pub const SYS_ENTER_SHUTDOWN: Tracepoint = syscall("sys_enter_shutdown");
-pub const SYS_EXIT_SHUTDOWN: Tracepoint = syscall("sys_exit_shutdown");
-pub const SYS_ENTER_CLOSE: Tracepoint = syscall("sys_enter_close");
-
-pub const SYS_EXIT_ACCEPT4: Tracepoint = syscall("sys_exit_accept4");
-pub const SYS_EXIT_ACCEPT: Tracepoint = syscall("sys_exit_accept");
-
 /// One `field:` line of a format file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {

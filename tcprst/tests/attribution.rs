@@ -65,27 +65,36 @@ impl Drop for Cgroup {
     }
 }
 
-/// A socat client that joins `cgroup` before it execs (so its socket is
-/// created there), connects from 127.0.0.1:`port`+1 and keeps the
-/// connection alive with one-second keepalive probes.
+/// A client that joins `cgroup` before it execs (so its socket is created
+/// there), connects from 127.0.0.1:`port`+1, keeps the connection alive with
+/// one-second keepalive probes, and holds its socket after the reset: tcprst
+/// names a socket's owner from the process holding it when it looks.
 fn container_client(ns: &Netns, cgroup: &Cgroup, port: u16) -> Process {
     container_client_to(ns, cgroup, "127.0.0.1", "127.0.0.1", port)
 }
 
 fn container_client_to(ns: &Netns, cgroup: &Cgroup, from: &str, to: &str, port: u16) -> Process {
+    let client = format!(
+        "import socket, time\n\
+         s = socket.socket()\n\
+         s.bind(('{from}', {port} + 1))\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)\n\
+         for opt in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT):\n    \
+             s.setsockopt(socket.IPPROTO_TCP, opt, 1)\n\
+         s.connect(('{to}', {port}))\n\
+         try:\n    s.recv(1)\nexcept OSError:\n    pass\n\
+         time.sleep(600)\n"
+    );
     let script = format!(
-        "echo $$ > {procs} && exec ip netns exec {ns} socat -u \
-         TCP:{to}:{port},bind={from}:{client},keepalive,keepidle=1,keepintvl=1,keepcnt=1 STDOUT",
+        "echo $$ > {procs} && exec ip netns exec {ns} python3 -c \"$0\"",
         procs = cgroup.leaf.join("cgroup.procs").display(),
         ns = ns.name,
-        client = port + 1,
     );
     Process(
         Command::new("sh")
-            .args(["-c", &script])
+            .args(["-c", &script, &client])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            // It reports the reset we are causing.
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
@@ -126,7 +135,7 @@ fn assert_container_reset(reset: &Value, ns: &Netns, cgroup: &Cgroup, pid: u32) 
     assert_eq!(reset["cgroup"]["path"], cgroup.path.as_str());
     assert_eq!(reset["container"]["id"], ID);
     assert_eq!(reset["owner"]["pid"], pid, "the socket's owner: {reset:#}");
-    assert_eq!(reset["owner"]["comm"], "socat");
+    assert_eq!(reset["owner"]["comm"], "python3");
     assert!(!reset["node"].as_str().unwrap().is_empty());
 }
 

@@ -105,17 +105,11 @@ const TARGET_RSS_MIB: f64 = 64.0;
 /// an empty bpftrace program on the same tracepoints; bpftrace 0.17 has no
 /// raw tracepoints, so the softirq floor is the plain `irq:` tracepoint.
 const TCPRST_PROGRAMS: &[(&str, &[&str])] = &[
+    // tp_btf where the kernel allows; the classic tracepoint programs
+    // otherwise (bpftool names programs by their first 15 characters).
     ("tcprst_rst_sent", &["tcp:tcp_send_reset"]),
     ("tcprst_rst_recv", &["tcp:tcp_receive_reset"]),
-    ("tcprst_state", &["sock:inet_sock_set_state"]),
-    ("tcprst_shut_in", &["syscalls:sys_enter_shutdown"]),
-    ("tcprst_shut_out", &["syscalls:sys_exit_shutdown"]),
-    ("tcprst_close_in", &["syscalls:sys_enter_close"]),
-    (
-        "tcprst_accepted",
-        &["syscalls:sys_exit_accept4", "syscalls:sys_exit_accept"],
-    ),
-    ("tcprst_destroy", &["tcp:tcp_destroy_sock"]),
+    ("tcprst_close_ma", &["sock:inet_sock_set_state"]),
     ("tcprst_sirq_in", &["irq:softirq_entry"]),
     ("tcprst_sirq_out", &["irq:softirq_exit"]),
 ];
@@ -1970,7 +1964,8 @@ struct SoakSample {
     connections: u64,
     rss_kib: u64,
     tracked_connections: u64,
-    socket_owners: u64,
+    /// Half-closed connections past --max-connections.
+    untracked: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -2022,16 +2017,16 @@ pub fn soak(opts: &SoakOptions) -> Result<()> {
             connections: result.completed,
             rss_kib: proc_memory(tcprst.pid())?.1,
             tracked_connections: scrape_metric(port, "tcprst_tracked_connections")?,
-            socket_owners: scrape_metric(port, "tcprst_socket_owners")?,
+            untracked: scrape_metric(port, "tcprst_untracked_connections")?,
         };
         eprintln!(
-            "soak: {:>5.0}s {:<5} {:>7} connections  rss {:>6} KiB  tracked {:>6}  owners {:>6}",
+            "soak: {:>5.0}s {:<5} {:>7} connections  rss {:>6} KiB  tracked {:>6}  untracked {:>6}",
             sample.at_s,
             sample.load,
             sample.connections,
             sample.rss_kib,
             sample.tracked_connections,
-            sample.socket_owners
+            sample.untracked
         );
         samples.push(sample);
     }

@@ -111,7 +111,8 @@ fn initiator(conn: Option<&Connection>, now: SystemTime) -> Option<InitiatorJson
 #[derive(Serialize)]
 struct StepJson {
     state: &'static str,
-    ago_ms: u64,
+    /// None for the state a close mark found, whose start it did not see.
+    ago_ms: Option<u64>,
     by: Option<String>,
 }
 
@@ -121,7 +122,7 @@ fn history(conn: Option<&Connection>, now: SystemTime) -> Vec<StepJson> {
             .iter()
             .map(|step| StepJson {
                 state: step.state.name(),
-                ago_ms: ms_before(step.at, now),
+                ago_ms: step.at.map(|at| ms_before(at, now)),
                 by: step.by.as_ref().map(ToString::to_string),
             })
             .collect()
@@ -393,10 +394,8 @@ mod tests {
         diagnosis::{self, Blame, WaitingFor},
         event::{Errno, ExecContext, RstEvent, RstKind, TcpState},
         sink::{Peer, testing::Shared},
-        tracker::{
-            Tracker,
-            tests::{change, proxy_half_close, reset, t},
-        },
+        testing::{facts, proxy_half_close, reset, scanned, t},
+        tracker::{RstContext, Tracker},
     };
 
     fn lines(buf: &Shared) -> Vec<serde_json::Value> {
@@ -408,6 +407,8 @@ mod tests {
 
     fn received(at: SystemTime) -> RstEvent {
         let mut ev = reset(RstKind::Received, at, Some(TcpState::FinWait2), None);
+        ev.socket = Some(facts(true, false));
+        ev.history = Some(proxy_half_close());
         ev.sock_cookie = Some(4097);
         ev.context = ExecContext::Process;
         ev.task = Some(Task {
@@ -452,9 +453,13 @@ mod tests {
         let buf = Shared::default();
         let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
         let mut tracker = Tracker::new(10);
-        proxy_half_close(&mut tracker);
+        tracker.scan(t(0), Vec::new());
+        tracker.scan(
+            t(11),
+            vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)],
+        );
         let ev = received(t(15));
-        let ctx = tracker.context_of(&ev);
+        let ctx = RstContext::of(&ev);
         sink.rst(&RstReport {
             diagnosis: diagnosis::rst(&ev, &ctx),
             ev,
@@ -496,9 +501,7 @@ mod tests {
             conn,
         })
         .unwrap();
-        let resolved = tracker
-            .on_state(&change(t(50), TcpState::FinWait2, TcpState::Close, None))
-            .unwrap();
+        let resolved = tracker.scan(t(50), Vec::new()).remove(0);
         sink.resolved(&ResolvedReport {
             diagnosis: diagnosis::resolved(&resolved),
             resolved,
@@ -608,7 +611,8 @@ mod tests {
         assert_eq!(
             v["history"],
             serde_json::json!([
-                {"state": "ESTABLISHED", "ago_ms": 15000, "by": null},
+                // The mark began at the shutdown: when ESTABLISHED began is unknown.
+                {"state": "ESTABLISHED", "ago_ms": null, "by": null},
                 {"state": "FIN_WAIT1", "ago_ms": 5000, "by": "shutdown(SHUT_WR) by envoy[51435]"},
                 {"state": "FIN_WAIT2", "ago_ms": 5000, "by": null},
             ])

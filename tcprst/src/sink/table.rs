@@ -229,7 +229,7 @@ mod tests {
     use super::*;
     use crate::event::{Task, TcpState};
     use crate::sink::testing::Shared;
-    use crate::tracker::tests::reset;
+    use crate::testing::reset;
 
     fn event(kind: RstKind, local: &str, task: Option<Task>) -> RstReport {
         let mut ev = reset(kind, SystemTime::now(), Some(TcpState::Established), None);

@@ -1,0 +1,159 @@
+//! Who started closing a socket, and its steps since: a `CloseMark` in the
+//! socket's own storage, freed with the socket, so nothing leaks and a
+//! reused `struct sock` never inherits an old mark.
+//!
+//! One tp_btf program on `inet_sock_set_state` returns at its first compare
+//! for every state change but the few a close goes through. A mark is
+//! created only when a process shuts down or closes a connection (or exits
+//! holding it); with `--history` (`MarkSettings::every_transition`) every
+//! state change of every socket is kept instead. The reset programs read the
+//! mark at reset time, and userspace reads it through sock_diag
+//! (`INET_DIAG_REQ_SK_BPF_STORAGES`) when it scans for stuck sockets.
+
+use aya_ebpf::{
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, pt_regs},
+    btf_maps::SkStorage,
+    helpers::{
+        bpf_get_current_task, bpf_ktime_get_ns,
+        generated::{bpf_get_current_task_btf, bpf_sk_storage_get, bpf_task_pt_regs},
+    },
+    macros::{btf_map, btf_tracepoint},
+    programs::BtfTracePointContext,
+};
+use tcprst_common::{CloseMark, ExecContext, MARK_STEPS, TaskInfo, close_op};
+
+use crate::{
+    context::origin,
+    globals::mark_settings,
+    kernel::{sock_protocol, task_is_exiting},
+};
+
+#[btf_map]
+static MARKS: SkStorage<CloseMark> = SkStorage::new();
+
+/// The map as helpers take it: the definition's address, which the loader
+/// relocates to the map (aya-ebpf keeps its own `as_ptr` private).
+#[inline(always)]
+fn marks() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&MARKS).cast_mut().cast()
+}
+
+const IPPROTO_TCP: u16 = 6;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_FIN_WAIT2: i32 = 5;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_LISTEN: i32 = 10;
+const TCP_CLOSING: i32 = 11;
+
+// x86-64 system call numbers, as `orig_ax` holds them.
+const SYS_CLOSE: u64 = 3;
+const SYS_SHUTDOWN: u64 = 48;
+const SYS_CLOSE_RANGE: u64 = 436;
+
+/// The mark of `sk`, if it has one. `sk` must come straight from a tp_btf
+/// argument: the helper only takes a pointer the verifier knows is a socket.
+#[inline(always)]
+pub fn mark_of(sk: *mut core::ffi::c_void) -> Option<CloseMark> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a lookup without F_CREATE; the helper checks `sk` itself.
+    let mark = unsafe { bpf_sk_storage_get(marks(), sk, core::ptr::null_mut(), 0) };
+    // SAFETY: a non-NULL result points at this socket's CloseMark.
+    (!mark.is_null()).then(|| unsafe { *mark.cast::<CloseMark>() })
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
+    // (const struct sock *sk, const int oldstate, const int newstate)
+    let new: i32 = ctx.arg(2);
+    let every = mark_settings().every_transition != 0;
+    let starts_close = new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK;
+    let follows_close = new == TCP_FIN_WAIT2 || new == TCP_CLOSING;
+    if !(starts_close || follows_close || every) {
+        return 0;
+    }
+    let old: i32 = ctx.arg(1);
+    if old == TCP_LISTEN || new == TCP_LISTEN {
+        return 0;
+    }
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    // SCTP shares the tracepoint; MPTCP's subflows are TCP sockets.
+    if sock_protocol(sk as u64).is_some_and(|p| p != IPPROTO_TCP) {
+        return 0;
+    }
+    let mut task: TaskInfo = TaskInfo {
+        tgid: 0,
+        tid: 0,
+        uid: 0,
+        comm: [0; 16],
+    };
+    let op = if starts_close {
+        closing_op(&mut task)
+    } else {
+        None
+    };
+    let create = every || op.is_some();
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    // SAFETY: `sk` is the tracepoint's typed socket; a NULL value pointer
+    // makes F_CREATE start from zeroes.
+    let mark = unsafe { bpf_sk_storage_get(marks(), sk, core::ptr::null_mut(), flags) };
+    if mark.is_null() {
+        return 0;
+    }
+    // SAFETY: the helper returned this socket's CloseMark, which lives as
+    // long as the socket; concurrent writers only race on advisory fields.
+    let mark = unsafe { &mut *mark.cast::<CloseMark>() };
+    // SAFETY: reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if mark.steps == 0 {
+        mark.first_state = old as u8;
+    }
+    if let Some((op, how)) = op
+        && mark.op == close_op::NONE
+    {
+        mark.op = op;
+        mark.how = how;
+        mark.op_at_ns = now;
+        mark.tgid = task.tgid;
+        mark.comm = task.comm;
+    }
+    // A later close() after shutdown() keeps the first op and its caller:
+    // the socket itself says it is orphaned now.
+    let i = (mark.steps as usize).min(MARK_STEPS - 1);
+    mark.step_state[i] = new as u8;
+    mark.step_at_ns[i] = now;
+    if (mark.steps as usize) < MARK_STEPS {
+        mark.steps += 1;
+    }
+    0
+}
+
+/// The close a process is doing now: shutdown() (and how), close(), or its
+/// exit; None when no process is acting (softirq, kernel threads) or it
+/// does something else.
+#[inline(always)]
+fn closing_op(task: &mut TaskInfo) -> Option<(u8, u8)> {
+    if origin(task) != ExecContext::Process {
+        return None;
+    }
+    // SAFETY: the current task's saved user registers; the verifier types
+    // the result as `struct pt_regs *`, so the loads below are checked.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    if regs.is_null() {
+        return None;
+    }
+    // SAFETY: checked non-NULL, and typed by the verifier as above.
+    let (nr, how) = unsafe { ((*regs).orig_rax, (*regs).rsi) };
+    match nr {
+        SYS_SHUTDOWN => Some((close_op::SHUTDOWN, how as u8)),
+        SYS_CLOSE | SYS_CLOSE_RANGE => Some((close_op::CLOSE, 0)),
+        // SAFETY: bpf_get_current_task returns the current task's address.
+        _ if task_is_exiting(unsafe { bpf_get_current_task() }) => Some((close_op::EXIT, 0)),
+        _ => None,
+    }
+}

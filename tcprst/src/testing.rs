@@ -1,0 +1,108 @@
+//! Fixtures the unit tests of several modules share.
+
+use std::time::{Duration, SystemTime};
+
+use crate::{
+    event::{
+        AttachTier, CloseHistory, CloseOp, Errno, ExecContext, Initiator, ResetHook, RstEvent,
+        RstKind, ShutHow, SocketFacts, Task, TcpState,
+    },
+    tracker::{ConnKey, ScannedSocket},
+};
+
+pub fn t(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+}
+
+pub fn task(pid: u32, comm: &str) -> Task {
+    Task {
+        pid,
+        tid: pid,
+        comm: comm.into(),
+        uid: 0,
+    }
+}
+
+pub fn key() -> ConnKey {
+    ConnKey::new(
+        Some(4026532000),
+        "10.0.0.1:15001".parse().unwrap(),
+        "10.0.0.2:44410".parse().unwrap(),
+    )
+}
+
+pub fn reset(
+    kind: RstKind,
+    at: SystemTime,
+    state: Option<TcpState>,
+    reason: Option<&str>,
+) -> RstEvent {
+    let key = key();
+    RstEvent {
+        time: at,
+        kind,
+        local: key.local,
+        remote: key.remote,
+        state,
+        reason: reason.map(Into::into),
+        sock_cookie: None,
+        netns: Some(key.netns),
+        context: ExecContext::Softirq,
+        task: None,
+        errno: state.and_then(Errno::for_reset_in),
+        cgroup_id: None,
+        socket: None,
+        history: None,
+        stack_id: None,
+        hook: match kind {
+            RstKind::Sent => ResetHook::SendResetTracepoint,
+            RstKind::Received => ResetHook::ReceiveResetTracepoint,
+        },
+        tier: AttachTier::Tracepoint,
+        nf_hook: None,
+    }
+}
+
+/// The socket as it says itself: held by a process, or orphaned.
+pub fn facts(sent_fin: bool, orphaned: bool) -> SocketFacts {
+    SocketFacts {
+        sent_fin,
+        rcv_shutdown: false,
+        orphaned,
+        inode: (!orphaned).then_some(4242),
+    }
+}
+
+/// The close mark envoy[51435] leaves by `op` at `at`, then `steps`.
+pub fn mark(op: CloseOp, at: SystemTime, steps: &[(TcpState, SystemTime)]) -> CloseHistory {
+    CloseHistory {
+        initiator: Some(Initiator {
+            op,
+            task: task(51435, "envoy"),
+        }),
+        initiated_at: Some(at),
+        first_state: Some(TcpState::Established),
+        steps: steps.to_vec(),
+    }
+}
+
+/// The seed 002 proxy socket's mark: shutdown(SHUT_WR) at t(10), FIN_WAIT2
+/// right after.
+pub fn proxy_half_close() -> CloseHistory {
+    mark(
+        CloseOp::Shutdown(ShutHow::Write),
+        t(10),
+        &[(TcpState::FinWait1, t(10)), (TcpState::FinWait2, t(10))],
+    )
+}
+
+pub fn scanned(state: TcpState, history: Option<CloseHistory>, orphaned: bool) -> ScannedSocket {
+    ScannedSocket {
+        key: key(),
+        state,
+        orphaned,
+        inode: (!orphaned).then_some(4242),
+        cgroup_id: None,
+        history,
+    }
+}
