@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use tcprst_common::{
-    ABSENT, AttachTier, CloseMark, ExecContext, FunctionArgs, RecordKind,
-    ResetHook, RstRecord, rst_flags,
+    ABSENT, AttachTier, CloseMark, ExecContext, FunctionArgs, RecordKind, ResetHook, RstRecord,
+    rst_flags,
 };
 
 use crate::{
@@ -98,7 +98,12 @@ pub fn tcprst_rst_sent_btf(ctx: BtfTracePointContext) -> i32 {
         net: ABSENT,
         hook: ABSENT,
     };
-    report(&ctx, ResetHook::SendResetTracepoint, AttachTier::Tracepoint, args);
+    report(
+        &ctx,
+        ResetHook::SendResetTracepoint,
+        AttachTier::Tracepoint,
+        args,
+    );
     0
 }
 

@@ -114,7 +114,6 @@ impl Decoder {
                 .flatten(),
         })
     }
-
 }
 
 /// Copies a record of type `T` out of ring-buffer bytes.

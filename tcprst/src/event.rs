@@ -291,7 +291,11 @@ pub struct CloseHistory {
 impl CloseHistory {
     /// When the socket entered `state`, if the mark saw it.
     pub fn entered(&self, state: TcpState) -> Option<SystemTime> {
-        self.steps.iter().rev().find(|(s, _)| *s == state).map(|(_, at)| *at)
+        self.steps
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == state)
+            .map(|(_, at)| *at)
     }
 }
 

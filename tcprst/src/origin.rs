@@ -125,7 +125,12 @@ impl<T, S: Clone> Origins<T, S> {
 
     /// A received reset: explained now, or held until its send arrives or
     /// `HOLD` passes.
-    pub fn received(&mut self, receipt: Receipt, report: T, now: Instant) -> Option<Explained<T, S>> {
+    pub fn received(
+        &mut self,
+        receipt: Receipt,
+        report: T,
+        now: Instant,
+    ) -> Option<Explained<T, S>> {
         let Receipt { ends, time: at } = receipt;
         while self
             .sent

@@ -167,7 +167,9 @@ impl Probes {
         let mut vmlinux = None;
         probes.marks = probes
             .attach_btf_tracepoint("tcprst_close_mark", INET_SOCK_SET_STATE, cfg, &mut vmlinux)
-            .map_err(|why| format!("who shut down or closed a socket, and when, is unknown: {why}"));
+            .map_err(|why| {
+                format!("who shut down or closed a socket, and when, is unknown: {why}")
+            });
         if let Err(why) = &probes.marks {
             log::warn!("{why}");
             probes.limitations.push(why.clone());

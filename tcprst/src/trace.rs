@@ -147,7 +147,10 @@ impl Pipeline<'_> {
             .and_then(|s| s.inode)
             .and_then(|inode| self.owners.owner(inode))
             .or_else(|| {
-                let task = ev.task.as_ref().filter(|_| ev.context == ExecContext::Process)?;
+                let task = ev
+                    .task
+                    .as_ref()
+                    .filter(|_| ev.context == ExecContext::Process)?;
                 Some(Process {
                     pid: task.pid,
                     comm: task.comm.clone(),
@@ -292,7 +295,9 @@ impl Pipeline<'_> {
         };
         let sockets = enrich::find_sockets_with(&HALF_CLOSED, only, extras)
             .into_iter()
-            .filter(|f| port == 0 || f.socket.local.port() == port || f.socket.remote.port() == port)
+            .filter(|f| {
+                port == 0 || f.socket.local.port() == port || f.socket.remote.port() == port
+            })
             .map(|f| ScannedSocket {
                 key: f.key(),
                 state: f.socket.state,

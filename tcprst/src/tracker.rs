@@ -108,11 +108,16 @@ impl Connection {
                 by: None,
             })
             .into_iter()
-            .chain(mark.steps.iter().enumerate().map(|(i, (state, at))| Step {
-                at: Some(*at),
-                state: *state,
-                // The op happened with the first step the mark recorded.
-                by: mark.initiator.clone().filter(|_| i == 0 && mark.initiated_at.is_some()),
+            .chain(mark.steps.iter().enumerate().map(|(i, (state, at))| {
+                Step {
+                    at: Some(*at),
+                    state: *state,
+                    // The op happened with the first step the mark recorded.
+                    by: mark
+                        .initiator
+                        .clone()
+                        .filter(|_| i == 0 && mark.initiated_at.is_some()),
+                }
             }))
             .collect();
         for (state, at) in &mark.steps {
@@ -150,16 +155,19 @@ pub struct RstContext {
 impl RstContext {
     pub fn of(ev: &RstEvent) -> Self {
         let key = ConnKey::new(ev.netns, ev.local, ev.remote);
-        let conn = ev.state.filter(|_| ev.socket.is_some() || ev.history.is_some()).map(|state| {
-            let mut conn = Connection::found(key, state, false, ev.time);
-            conn.orphaned = ev.socket.map(|s| s.orphaned);
-            conn.cgroup_id = ev.cgroup_id;
-            conn.inode = ev.socket.and_then(|s| s.inode);
-            if let Some(history) = &ev.history {
-                conn.learn(history);
-            }
-            conn
-        });
+        let conn = ev
+            .state
+            .filter(|_| ev.socket.is_some() || ev.history.is_some())
+            .map(|state| {
+                let mut conn = Connection::found(key, state, false, ev.time);
+                conn.orphaned = ev.socket.map(|s| s.orphaned);
+                conn.cgroup_id = ev.cgroup_id;
+                conn.inode = ev.socket.and_then(|s| s.inode);
+                if let Some(history) = &ev.history {
+                    conn.learn(history);
+                }
+                conn
+            });
         Self {
             conn,
             ended_before: ev.state == Some(TcpState::TimeWait),
@@ -378,7 +386,10 @@ mod tests {
     fn a_held_fin_wait2_gone_from_the_table_got_the_peers_fin() {
         let mut tracker = Tracker::new(100);
         tracker.scan(t(0), Vec::new());
-        tracker.scan(t(11), vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)]);
+        tracker.scan(
+            t(11),
+            vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)],
+        );
         tracker.stuck(t(40), AFTER, REPEAT);
         let [resolved] = tracker.scan(t(50), Vec::new()).try_into().unwrap();
         assert_eq!(resolved.stuck_state, TcpState::FinWait2);
@@ -391,9 +402,15 @@ mod tests {
     fn a_reset_resolves_without_a_peer_fin() {
         let mut tracker = Tracker::new(100);
         tracker.scan(t(0), Vec::new());
-        tracker.scan(t(11), vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)]);
+        tracker.scan(
+            t(11),
+            vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)],
+        );
         assert_eq!(tracker.reset(&key(), t(20)), None, "not reported yet");
-        tracker.scan(t(21), vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)]);
+        tracker.scan(
+            t(21),
+            vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)],
+        );
         tracker.stuck(t(40), AFTER, REPEAT);
         let resolved = tracker.reset(&key(), t(45)).unwrap();
         assert_eq!(resolved.conn.state, TcpState::Close);
@@ -468,7 +485,12 @@ mod tests {
         assert_eq!(conn.inode, Some(4242));
         assert_eq!(conn.initiated_at, Some(t(10)));
         assert_eq!(conn.history.len(), 3);
-        let late = reset(RstKind::Sent, t(15), Some(TcpState::TimeWait), Some("NO_SOCKET"));
+        let late = reset(
+            RstKind::Sent,
+            t(15),
+            Some(TcpState::TimeWait),
+            Some("NO_SOCKET"),
+        );
         assert!(RstContext::of(&late).ended_before);
     }
 }

@@ -11,17 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Process, Tracer, run};
+use common::{Netns, Process, Tracer, is, run};
 use serde_json::Value;
 
 fn trace(ns: &Netns, extra: &[&str]) -> Tracer {
     let mut args = vec!["--netns", ns.name.as_str()];
     args.extend_from_slice(extra);
     Tracer::start(&args)
-}
-
-fn is(v: &Value, kind: &str, local_port: u16, remote_port: u16) -> bool {
-    v["kind"] == kind && v["local_port"] == local_port && v["remote_port"] == remote_port
 }
 
 fn read_timeout(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {

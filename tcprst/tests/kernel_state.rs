@@ -12,8 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Netns, Tracer};
-use serde_json::Value;
+use common::{Netns, Tracer, is, records_read};
 use socket2::{Domain, Socket, Type};
 
 /// Connections that each end well: the client sends, shuts down writing,
@@ -43,20 +42,6 @@ fn churn(ns: &Netns, port: u16, connections: u32) {
         }
     });
     server.join().unwrap();
-}
-
-/// N in the exit summary's "stopped: N records read".
-fn records_read(stderr: &str) -> u64 {
-    stderr
-        .split("stopped: ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no totals in {stderr}"))
-}
-
-fn is(v: &Value, kind: &str, local_port: u16, remote_port: u16) -> bool {
-    v["kind"] == kind && v["local_port"] == local_port && v["remote_port"] == remote_port
 }
 
 #[test]

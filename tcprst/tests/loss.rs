@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::{net::TcpStream, time::Duration};
-
-use common::{Netns, Tracer, rsts};
+use common::{Netns, Tracer, records_read, rsts};
 
 #[test]
 fn overflow_is_counted_and_reported() {
@@ -39,12 +37,7 @@ fn overflow_is_counted_and_reported() {
     assert_eq!(lost_sum, lost_total);
     // Every record is either read or counted as lost. Each connect makes
     // two: the RST sent and the RST received (state changes make none).
-    let read: u64 = stderr
-        .split("stopped: ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no totals in {stderr}"));
+    let read = records_read(&stderr);
     assert_eq!(
         read + lost_total,
         2 * CONNECTS,

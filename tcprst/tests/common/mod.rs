@@ -327,6 +327,21 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+/// N in the exit summary's "stopped: N records read, …".
+pub fn records_read(stderr: &str) -> u64 {
+    stderr
+        .split("stopped: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no totals in {stderr}"))
+}
+
+/// A record of `kind` for the connection with these local and remote ports.
+pub fn is(v: &Value, kind: &str, local_port: u16, remote_port: u16) -> bool {
+    v["kind"] == kind && v["local_port"] == local_port && v["remote_port"] == remote_port
+}
+
 pub fn rsts(records: &[Value]) -> Vec<&Value> {
     records
         .iter()
