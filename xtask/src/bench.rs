@@ -105,11 +105,12 @@ const TARGET_RSS_MIB: f64 = 64.0;
 /// an empty bpftrace program on the same tracepoints; bpftrace 0.17 has no
 /// raw tracepoints, so the softirq floor is the plain `irq:` tracepoint.
 const TCPRST_PROGRAMS: &[(&str, &[&str])] = &[
-    // tp_btf where the kernel allows; the classic tracepoint programs
-    // otherwise (bpftool names programs by their first 15 characters).
+    // tp_btf where the kernel allows; the classic tracepoint programs otherwise.
+    ("tcprst_rst_sent_btf", &["tcp:tcp_send_reset"]),
+    ("tcprst_rst_recv_btf", &["tcp:tcp_receive_reset"]),
     ("tcprst_rst_sent", &["tcp:tcp_send_reset"]),
     ("tcprst_rst_recv", &["tcp:tcp_receive_reset"]),
-    ("tcprst_close_ma", &["sock:inet_sock_set_state"]),
+    ("tcprst_close_mark", &["sock:inet_sock_set_state"]),
     ("tcprst_sirq_in", &["irq:softirq_entry"]),
     ("tcprst_sirq_out", &["irq:softirq_exit"]),
 ];
