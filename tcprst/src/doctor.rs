@@ -29,6 +29,8 @@ pub struct DoctorReport {
     /// Why tracing cannot start, if it cannot.
     load_error: Option<String>,
     hooks: Vec<HookPlan>,
+    /// Whether close marks work: who shut down or closed a socket, and when.
+    close_marks: Result<(), String>,
     limitations: Vec<String>,
 }
 
@@ -62,6 +64,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         privileges: privileges.clone(),
         load_error: None,
         hooks: Vec::new(),
+        close_marks: Err("not tried: tracing cannot start".to_owned()),
         limitations: Vec::new(),
     };
     if let Err(why) = privileges {
@@ -81,6 +84,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
     match Probes::load(&cfg) {
         Ok(probes) => {
             report.hooks = probes.plans.clone();
+            report.close_marks = probes.marks.clone();
             report.limitations = probes.limitations.clone();
         }
         Err(e) => report.load_error = Some(format!("{e:#}")),
@@ -169,6 +173,10 @@ impl DoctorReport {
                 "tracepoint": self.tier_works(AttachTier::Tracepoint),
             },
             "hooks": self.hooks.iter().map(Self::hook_json).collect::<Vec<_>>(),
+            "close_marks": match &self.close_marks {
+                Ok(()) => json!(true),
+                Err(why) => json!({ "error": why }),
+            },
             "privileges": match &self.privileges {
                 Ok(()) => json!(true),
                 Err(why) => json!({ "error": why }),
@@ -206,6 +214,13 @@ impl DoctorReport {
             }
             rows.push((format!("hook {}", plan.function.function), v));
         }
+        rows.push((
+            "close marks".to_owned(),
+            match &self.close_marks {
+                Ok(()) => "yes: tp_btf on sock:inet_sock_set_state, in socket storage".to_owned(),
+                Err(why) => format!("no: {why}"),
+            },
+        ));
         rows.push((
             "privileges".to_owned(),
             match &self.privileges {

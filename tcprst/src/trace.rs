@@ -139,23 +139,21 @@ impl Pipeline<'_> {
         }
     }
 
-    /// The process holding the reset's socket: found by the socket's inode,
-    /// else the task that reset it in process context (a close() that has
-    /// already dropped the descriptor).
+    /// Whose socket it is: in process context the task acting on it (its
+    /// own close() or connect(), or the backlog it releases), which costs
+    /// nothing and is right even after close() dropped the descriptor;
+    /// otherwise the process holding the socket's inode, from /proc.
     fn owner_of(&mut self, ev: &RstEvent) -> Option<Process> {
-        ev.socket
-            .and_then(|s| s.inode)
-            .and_then(|inode| self.owners.owner(inode))
-            .or_else(|| {
-                let task = ev
-                    .task
-                    .as_ref()
-                    .filter(|_| ev.context == ExecContext::Process)?;
-                Some(Process {
-                    pid: task.pid,
-                    comm: task.comm.clone(),
-                })
-            })
+        if ev.context == ExecContext::Process
+            && let Some(task) = &ev.task
+        {
+            return Some(Process {
+                pid: task.pid,
+                comm: task.comm.clone(),
+            });
+        }
+        let inode = ev.socket?.inode?;
+        self.owners.owner(inode)
     }
 
     fn rst(&mut self, ev: RstEvent) -> io::Result<()> {

@@ -41,6 +41,8 @@ fn doctor_checks_every_hook_at_every_tier() {
     assert_eq!(report["btf"], true);
     assert_eq!(report["tracefs"], true);
     assert_eq!(report["tiers"]["tracepoint"], true);
+    // This kernel has tp_btf, socket storage for it and bpf_task_pt_regs.
+    assert_eq!(report["close_marks"], true, "{report:#}");
     let hooks = report["hooks"].as_array().unwrap();
     let names: Vec<&str> = hooks.iter().map(|h| h["hook"].as_str().unwrap()).collect();
     assert_eq!(names, FUNCTIONS);

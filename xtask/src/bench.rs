@@ -456,9 +456,13 @@ fn kernel_cost(ctx: &Ctx, plan: &Plan) -> Result<KernelCost> {
         Load::rst(20_000, plan.cost_secs),
         Load::churn(plan.cost_secs, None),
     ];
+    // One empty program per tracepoint: the tp_btf and classic variants of
+    // a reset program share theirs.
     let floor_script: String = TCPRST_PROGRAMS
         .iter()
         .flat_map(|(_, tps)| tps.iter())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .map(|tp| format!("tracepoint:{tp} {{}}\n"))
         .collect();
     let ours = measure(ctx, &Tracer::tcprst(&[]), &loads)?;
