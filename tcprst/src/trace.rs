@@ -22,7 +22,7 @@ use crate::{
     clock::WallClock,
     decode::Decoder,
     diagnosis,
-    enrich::{self, Enricher, HALF_CLOSED, OwnerCache},
+    enrich::{self, Attribution, Enricher, HALF_CLOSED, OwnerCache},
     event::{ExecContext, Process, ResetHook, RstEvent, RstKind},
     filter::EventFilter,
     k8s::{self, PodIndex},
@@ -166,53 +166,65 @@ impl Pipeline<'_> {
         let owner = self.owner_of(&ev);
         let attribution = self.enricher.attribute(&key, ev.cgroup_id, owner);
         let wanted = self.filter.matches(&ev) && self.filter.wants_owner(&attribution);
-        if !wanted && (ev.kind == RstKind::Received || self.origins.is_none()) {
-            return Ok(());
-        }
-        let stack = ev.stack_id.and_then(|id| self.stacks.as_mut()?.get(id));
-        let caller = stack.as_ref().and_then(|s| s.caller.clone());
-        let ctx = RstContext::of(&ev);
-        let diagnosis = diagnosis::rst(&ev, &ctx);
-        let mut report = RstReport {
-            ev,
-            conn: ctx.conn,
-            diagnosis,
-            attribution,
-            peer: None,
-            caller,
-            stack: stack.filter(|_| self.show_stacks).map(|s| s.frames),
-            origin: None,
-        };
+        // A send explains the receipts waiting for it, wanted or not; they
+        // are its peer, and it is theirs.
         let explained = match &mut self.origins {
-            Some(origins) if report.ev.kind == RstKind::Sent => {
+            Some(origins) if ev.kind == RstKind::Sent => {
                 let sender = Peer {
-                    netns: report.ev.netns,
-                    attribution: report.attribution.clone(),
+                    netns: ev.netns,
+                    attribution: attribution.clone(),
                 };
-                origins.sent(&report.ev, sender)
+                origins.sent(&ev, sender)
             }
-            Some(origins) => {
-                let receipt = Receipt::of(&report.ev);
-                return match origins.received(receipt, report, Instant::now()) {
-                    Some(explained) => self.emit_rst(explained),
-                    None => Ok(()),
-                };
-            }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
-        // Receipts this send explains: their sockets are its peer.
-        report.peer = explained.first().map(|(receipt, ..)| Peer {
-            netns: receipt.ev.netns,
-            attribution: receipt.attribution.clone(),
-        });
         if wanted {
-            self.count_reset(&report);
-            self.sink.rst(&report)?;
-            self.counts.shown += 1;
+            let peer = explained.first().map(|(receipt, ..)| Peer {
+                netns: receipt.ev.netns,
+                attribution: receipt.attribution.clone(),
+            });
+            self.report_rst(ev, attribution, peer)?;
         }
         for receipt in explained {
             self.emit_rst(receipt)?;
         }
+        Ok(())
+    }
+
+    /// Explains a wanted reset and writes it; a received one first waits in
+    /// `origins` for the send that explains it.
+    fn report_rst(
+        &mut self,
+        ev: RstEvent,
+        attribution: Attribution,
+        peer: Option<Peer>,
+    ) -> io::Result<()> {
+        let stack = ev.stack_id.and_then(|id| self.stacks.as_mut()?.get(id));
+        let caller = stack.as_ref().and_then(|s| s.caller.clone());
+        let ctx = RstContext::of(&ev);
+        let diagnosis = diagnosis::rst(&ev, &ctx);
+        let report = RstReport {
+            ev,
+            conn: ctx.conn,
+            diagnosis,
+            attribution,
+            peer,
+            caller,
+            stack: stack.filter(|_| self.show_stacks).map(|s| s.frames),
+            origin: None,
+        };
+        if report.ev.kind == RstKind::Received
+            && let Some(origins) = &mut self.origins
+        {
+            let receipt = Receipt::of(&report.ev);
+            return match origins.received(receipt, report, Instant::now()) {
+                Some(explained) => self.emit_rst(explained),
+                None => Ok(()),
+            };
+        }
+        self.count_reset(&report);
+        self.sink.rst(&report)?;
+        self.counts.shown += 1;
         Ok(())
     }
 

@@ -880,7 +880,7 @@ fn judge(guest: &Guest, sections: &HashMap<&str, String>) -> Vec<Row> {
             )];
         }
     };
-    plans()
+    let mut rows: Vec<Row> = plans()
         .iter()
         .map(|plan| {
             let verdict = match plan
@@ -892,7 +892,28 @@ fn judge(guest: &Guest, sections: &HashMap<&str, String>) -> Vec<Row> {
             };
             row(plan.name, verdict)
         })
-        .collect()
+        .collect();
+    rows.push(row("close-marks", judge_close_marks(&doctor, version)));
+    rows
+}
+
+/// Close marks need tp_btf with socket storage (5.11) and bpf_task_pt_regs
+/// (5.15): a kernel that has both must keep them, an older one must say why
+/// not. Either way tracing ran, which the plans above check.
+fn judge_close_marks(doctor: &Value, version: (u32, u32)) -> Verdict {
+    let expected = version >= (5, 15);
+    let marks = &doctor["close_marks"];
+    match (expected, marks.as_bool()) {
+        (true, Some(true)) => Verdict::Pass(Vec::new()),
+        (false, None) if marks["error"].is_string() => Verdict::Pass(vec![format!(
+            "fallback: {}",
+            marks["error"].as_str().unwrap_or("")
+        )]),
+        _ => Verdict::Fail(vec![format!(
+            "close marks expected {}, doctor says {marks}",
+            if expected { "to work" } else { "to be refused" }
+        )]),
+    }
 }
 
 /// Why the doctor found `tier` failing, hook by hook, each reason once.
@@ -1273,6 +1294,32 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn close_marks_must_match_the_kernel() {
+        let works = json!({"close_marks": true});
+        let refused = json!({"close_marks": {"error": "unknown func bpf_sk_storage_get#107"}});
+        assert!(matches!(
+            judge_close_marks(&works, (6, 1)),
+            Verdict::Pass(_)
+        ));
+        assert!(matches!(
+            judge_close_marks(&refused, (5, 10)),
+            Verdict::Pass(_)
+        ));
+        assert!(matches!(
+            judge_close_marks(&refused, (6, 12)),
+            Verdict::Fail(_)
+        ));
+        assert!(matches!(
+            judge_close_marks(&works, (5, 10)),
+            Verdict::Fail(_)
+        ));
+        assert!(matches!(
+            judge_close_marks(&json!({}), (6, 12)),
+            Verdict::Fail(_)
+        ));
+    }
 
     #[test]
     fn modules_load_after_their_dependencies() {
