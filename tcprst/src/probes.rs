@@ -130,8 +130,16 @@ impl Probes {
                 *slot = found.args;
             }
         }
-        // aya parses it again for tp_btf and fentry; ours is no longer needed.
+        // aya needs its own parse, for the loader and for tp_btf and fentry;
+        // ours is no longer needed. Handing its memory back first keeps the
+        // two parses from adding up in the peak RSS.
         drop(btf);
+        release_freed_memory();
+        let vmlinux = match cfg.btf.as_deref() {
+            Some(path) => Btf::parse_file(path, Endianness::default()),
+            None => Btf::from_sys_fs(),
+        }
+        .map_err(|e| format!("reading BTF: {e}"));
 
         let mark_settings = MarkSettings {
             every_transition: cfg.history.into(),
@@ -141,6 +149,8 @@ impl Probes {
 
         raise_memlock_limit();
         let ebpf = EbpfLoader::new()
+            // One parse of the kernel BTF serves the loader and every attach.
+            .btf(vmlinux.as_ref().ok())
             .override_global("SEND_RESET_FIELDS", &send_fields, true)
             .override_global("RECEIVE_RESET_FIELDS", &receive_fields, true)
             .override_global("KERNEL_OFFSETS", &offsets, true)
@@ -164,9 +174,8 @@ impl Probes {
         probes.attach_raw("tcprst_sirq_in", "softirq_entry")?;
         probes.attach_raw("tcprst_sirq_out", "softirq_exit")?;
         // Marks before the reset programs that read them.
-        let mut vmlinux = None;
         probes.marks = probes
-            .attach_btf_tracepoint("tcprst_close_mark", INET_SOCK_SET_STATE, cfg, &mut vmlinux)
+            .attach_btf_tracepoint("tcprst_close_mark", INET_SOCK_SET_STATE, &vmlinux)
             .map_err(|why| {
                 format!("who shut down or closed a socket, and when, is unknown: {why}")
             });
@@ -179,16 +188,11 @@ impl Probes {
                 cfg,
                 &functions,
                 send_fields.reason == ABSENT,
-                &mut vmlinux,
+                &vmlinux,
             )?;
         }
         if cfg.rst_received {
-            probes.attach_reset_tracepoint(
-                "tcprst_rst_recv",
-                TCP_RECEIVE_RESET,
-                cfg,
-                &mut vmlinux,
-            )?;
+            probes.attach_reset_tracepoint("tcprst_rst_recv", TCP_RECEIVE_RESET, &vmlinux)?;
         }
         Ok(probes)
     }
@@ -213,10 +217,9 @@ impl Probes {
         &mut self,
         program: &str,
         tp: Tracepoint,
-        cfg: &ProbeConfig,
-        vmlinux: &mut Option<Result<Btf, String>>,
+        vmlinux: &Result<Btf, String>,
     ) -> Result<(), String> {
-        let btf = aya_btf(cfg.btf.as_deref(), vmlinux)?;
+        let btf = vmlinux.as_ref().map_err(Clone::clone)?;
         let prog: &mut BtfTracePoint = self
             .ebpf
             .program_mut(program)
@@ -237,11 +240,10 @@ impl Probes {
         &mut self,
         program: &str,
         tp: Tracepoint,
-        cfg: &ProbeConfig,
-        vmlinux: &mut Option<Result<Btf, String>>,
+        vmlinux: &Result<Btf, String>,
     ) -> Result<()> {
         if self.marks.is_ok() {
-            match self.attach_btf_tracepoint(&format!("{program}_btf"), tp, cfg, vmlinux) {
+            match self.attach_btf_tracepoint(&format!("{program}_btf"), tp, vmlinux) {
                 Ok(()) => return Ok(()),
                 Err(why) => {
                     let note = format!("resets on {tp} carry no close marks: {why}");
@@ -261,7 +263,7 @@ impl Probes {
         cfg: &ProbeConfig,
         functions: &[Result<LocatedFunction, String>],
         pre_6_10_tracepoint: bool,
-        vmlinux: &mut Option<Result<Btf, String>>,
+        vmlinux: &Result<Btf, String>,
     ) -> Result<()> {
         for (f, located) in RESET_FUNCTIONS.iter().zip(functions) {
             let mut plan = HookPlan {
@@ -274,9 +276,7 @@ impl Probes {
                 let outcome = match (tier, located) {
                     (AttachTier::Tracepoint, _) => Ok(()),
                     (_, Err(why)) => Err(why.clone()),
-                    (AttachTier::Fentry, Ok(located)) => {
-                        self.attach_fentry(f, located, cfg.btf.as_deref(), vmlinux)
-                    }
+                    (AttachTier::Fentry, Ok(located)) => self.attach_fentry(f, located, vmlinux),
                     (AttachTier::Kprobe, Ok(_)) => self.attach_kprobe(f),
                 };
                 match outcome {
@@ -310,7 +310,7 @@ impl Probes {
             .iter()
             .any(|p| p.tier == tracepoint || p.also_works.contains(&AttachTier::Tracepoint))
         {
-            self.attach_reset_tracepoint("tcprst_rst_sent", TCP_SEND_RESET, cfg, vmlinux)?;
+            self.attach_reset_tracepoint("tcprst_rst_sent", TCP_SEND_RESET, vmlinux)?;
         }
         self.note_plan_limitations(pre_6_10_tracepoint);
         if !self
@@ -377,15 +377,14 @@ impl Probes {
         &mut self,
         f: &ResetFunction,
         located: &LocatedFunction,
-        btf_path: Option<&Path>,
-        btf: &mut Option<Result<Btf, String>>,
+        vmlinux: &Result<Btf, String>,
     ) -> Result<(), String> {
         if let Some(module) = &located.module {
             return Err(format!(
                 "it is in module {module}, and this loader cannot attach fentry to module BTF"
             ));
         }
-        let btf = aya_btf(btf_path, btf)?;
+        let btf = vmlinux.as_ref().map_err(Clone::clone)?;
         let prog: &mut FEntry = self
             .ebpf
             .program_mut(f.fentry_program)
@@ -559,22 +558,15 @@ fn verifier_summary(e: &aya::programs::ProgramError) -> String {
     one_line(e)
 }
 
-/// aya's parse of the kernel BTF, made once and only when a program
-/// attached by BTF (tp_btf or fentry) needs it.
-fn aya_btf<'a>(
-    explicit: Option<&Path>,
-    parsed: &'a mut Option<Result<Btf, String>>,
-) -> Result<&'a Btf, String> {
-    parsed
-        .get_or_insert_with(|| {
-            match explicit {
-                Some(path) => Btf::parse_file(path, Endianness::default()),
-                None => Btf::from_sys_fs(),
-            }
-            .map_err(|e| format!("reading BTF: {e}"))
-        })
-        .as_ref()
-        .map_err(Clone::clone)
+/// Returns freed heap pages to the kernel, so a large structure just
+/// dropped does not stay in RSS (glibc keeps them otherwise; musl's
+/// allocator unmaps them itself).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn load_btf(explicit: Option<&Path>) -> Result<Option<KernelBtf>> {
