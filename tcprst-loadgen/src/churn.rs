@@ -17,7 +17,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::{Bounds, ChurnArgs, Summary, Tally, spawn_workers, threads};
+use crate::{
+    Bounds, ChurnArgs, Summary, Tally, pace::Pacer, spawn_workers, threads, tight_timer_slack,
+};
 
 /// No read or write may block longer than this: a lost peer ends one
 /// connection with an error, not the run.
@@ -70,9 +72,16 @@ fn client(
     next_source: &AtomicU64,
     bounds: Bounds,
 ) -> (Tally, Option<Vec<u64>>) {
+    tight_timer_slack();
     let mut tally = Tally::default();
     let mut seen = HashSet::new();
+    // Paced runs measure what each connection costs when the machine is not
+    // saturated; unpaced ones, how many connections it manages.
+    let pacer = Pacer::new(bounds.per_sec);
     while Instant::now() < bounds.deadline && tally.attempts < bounds.max {
+        if let Some(due) = pacer.next_at(tally.attempts) {
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         tally.attempts += 1;
         let source = (args.sources > 0).then(|| {
             let i = next_source.fetch_add(1, Ordering::Relaxed) % u64::from(args.sources);

@@ -59,15 +59,15 @@ struct Common {
     /// Stop after this many connections in total
     #[arg(long, default_value_t = 10_000_000)]
     max: u64,
+    /// Connections per second across all threads; 0 means as fast as possible
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
 }
 
 #[derive(Args)]
 pub struct RstArgs {
     #[command(flatten)]
     common: Common,
-    /// Connects per second across all threads; 0 means as fast as possible
-    #[arg(long, default_value_t = 0.0)]
-    rate: f64,
     /// A loopback address and port nothing listens on
     #[arg(long, default_value = "127.0.0.1:9")]
     target: SocketAddr,
@@ -145,6 +145,8 @@ pub struct Bounds {
     pub deadline: Instant,
     /// This worker's share of `--max`.
     pub max: u64,
+    /// This worker's share of `--rate`; None when unpaced.
+    pub per_sec: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -187,13 +189,11 @@ fn fail(e: &anyhow::Error) -> ExitCode {
 fn rst(args: &RstArgs) -> Result<Summary> {
     ensure_loopback(args.target)?;
     let threads = threads(&args.common);
-    let per_thread = (args.rate > 0.0).then(|| args.rate / threads as f64);
     let mut summary = spawn_workers(&args.common, threads, |bounds| {
-        let tally = storm::worker(args.target, per_thread, bounds);
+        let tally = storm::worker(args.target, bounds);
         (tally, None)
     })?;
     summary.mode = "rst";
-    summary.target_rate = args.rate;
     Ok(summary)
 }
 
@@ -208,9 +208,13 @@ fn bounds(common: &Common, threads: usize) -> Result<Bounds> {
     if !(common.seconds > 0.0 && common.seconds <= MAX_SECONDS) {
         bail!("--seconds must be between 0 and {MAX_SECONDS}");
     }
+    if !(common.rate >= 0.0 && common.rate.is_finite()) {
+        bail!("--rate must be 0 (unpaced) or a positive number");
+    }
     Ok(Bounds {
         deadline: Instant::now() + Duration::from_secs_f64(common.seconds),
         max: common.max.div_ceil(threads as u64),
+        per_sec: (common.rate > 0.0).then(|| common.rate / threads as f64),
     })
 }
 
@@ -248,6 +252,7 @@ where
         per_s: total.completed as f64 / elapsed,
         distinct_connections: distinct.map(|d| d.len() as u64),
         first_error: total.first_error,
+        target_rate: common.rate,
         ..Summary::default()
     })
 }

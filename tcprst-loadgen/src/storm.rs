@@ -21,7 +21,7 @@ const WINDOW: usize = 256;
 /// How long connects still in flight at the deadline may take to finish.
 const DRAIN: Duration = Duration::from_secs(2);
 
-pub fn worker(target: SocketAddr, per_sec: Option<f64>, bounds: Bounds) -> Tally {
+pub fn worker(target: SocketAddr, bounds: Bounds) -> Tally {
     tight_timer_slack();
     let mut tally = Tally::default();
     let mut epoll = match Epoll::new() {
@@ -32,7 +32,7 @@ pub fn worker(target: SocketAddr, per_sec: Option<f64>, bounds: Bounds) -> Tally
         }
     };
     let target = SockAddr::from(target);
-    let pacer = Pacer::new(per_sec);
+    let pacer = Pacer::new(bounds.per_sec);
     let mut inflight: HashMap<RawFd, Socket> = HashMap::with_capacity(WINDOW);
     loop {
         let now = Instant::now();

@@ -50,13 +50,15 @@ struct Plan {
     /// Paced connects/s for the storm; the unpaced maximum always runs too.
     storm_rates: &'static [u32],
     storm_secs: f64,
-    /// Repetitions of the throughput comparisons, interleaved, for a median.
+    /// Repetitions of the storm's unpaced comparison, interleaved, for a median.
     reps: usize,
+    /// Repetitions of the unpaced churn comparison, interleaved.
+    churn_reps: usize,
     churn_secs: f64,
+    /// Seconds of churn paced at `PACED_CHURN_RATE`, for CPU per connection.
+    paced_secs: f64,
     cost_secs: f64,
-    /// `--max-connections` for the RSS run: tcprst keeps a quarter of it
-    /// as recently ended connections, which is where churned ones go.
-    rss_max_connections: u32,
+    /// Connections churned through for the memory run.
     rss_connections: u64,
     rss_secs: f64,
 }
@@ -65,29 +67,29 @@ const FULL: Plan = Plan {
     storm_rates: &[10_000, 25_000, 50_000, 100_000],
     storm_secs: 3.0,
     reps: 3,
+    churn_reps: 5,
     churn_secs: 4.0,
+    paced_secs: 4.0,
     cost_secs: 2.0,
-    // Holds 1,048,576 ended connections: the 1M point is measured.
-    rss_max_connections: 4 << 20,
-    // Some client ports are reused (TIME_WAIT reuse): room for that.
-    rss_connections: 560_000,
-    rss_secs: 90.0,
+    rss_connections: 1 << 20,
+    rss_secs: 150.0,
 };
 
 const QUICK: Plan = Plan {
     storm_rates: &[25_000],
     storm_secs: 2.0,
     reps: 1,
+    churn_reps: 1,
     churn_secs: 2.0,
+    paced_secs: 2.0,
     cost_secs: 1.0,
-    rss_max_connections: 1 << 18,
     rss_connections: 40_000,
     rss_secs: 20.0,
 };
 
-/// tcprst's default `--max-connections`.
-const DEFAULT_MAX_CONNECTIONS: u64 = 65_536;
-const ONE_MILLION: u64 = 1 << 20;
+/// Connections/s for the paced churn: well below what the machine manages,
+/// so CPU per connection is measured, not throughput.
+const PACED_CHURN_RATE: u32 = 10_000;
 /// Client source addresses for churn: far more distinct connections than
 /// one address has ports, so every connection is a new one to the tracker.
 const CHURN_SOURCES: &str = "256";
@@ -99,7 +101,9 @@ const TARGET_STORM_RATIO: f64 = 0.90;
 const TARGET_VS_BPFTRACE: f64 = 2.0;
 const TARGET_CHURN_RATIO: f64 = 0.97;
 const TARGET_COST_RATIO: f64 = 1.5;
-const TARGET_RSS_MIB: f64 = 64.0;
+const TARGET_RSS_MIB: f64 = 40.0;
+/// System-wide CPU a tracer may add per churned connection at the paced rate.
+const TARGET_PACED_US_PER_CONNECTION: f64 = 2.0;
 
 /// tcprst's programs and the tracepoints each is attached to. The floor is
 /// an empty bpftrace program on the same tracepoints; bpftrace 0.17 has no
@@ -364,7 +368,14 @@ fn storm_table(rows: &[Row]) -> Table {
 struct Churn {
     rows: Vec<Row>,
     ratio_tcprst: f64,
+    ratio_history: f64,
     ratio_bpftrace: f64,
+    /// tcprst's lowest and highest ratio over the repetitions.
+    spread_tcprst: (f64, f64),
+    /// The same connections paced at PACED_CHURN_RATE, each tracer once.
+    paced: Vec<Row>,
+    /// System-wide busy CPU each tracer adds per connection at that rate, µs.
+    paced_us_per_connection: Vec<(String, f64)>,
     verdicts: Vec<Verdict>,
 }
 
@@ -372,24 +383,59 @@ fn churn(ctx: &Ctx, plan: &Plan) -> Result<Churn> {
     let tracers = [
         Tracer::None,
         Tracer::tcprst(&[]),
+        Tracer::tcprst_history(),
         Tracer::bpftrace(&bpftrace_churn_script()),
     ];
     let mut rows = Vec::new();
-    for rep in 0..plan.reps {
+    for rep in 0..plan.churn_reps {
         rows.extend(each_tracer(ctx, "churn", &tracers, 0, rep, || {
             Load::churn(plan.churn_secs, None)
         })?);
     }
-    let (tcprst, bpftrace) = (
-        median_ratio(&rows, "tcprst", 0),
-        median_ratio(&rows, "bpftrace", 0),
+    let ratio = |t: &str| median_ratio(&rows, t, 0);
+    let (tcprst, history, bpftrace) = (
+        ratio("tcprst"),
+        ratio("tcprst --history"),
+        ratio("bpftrace"),
     );
+    let per_rep: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.tracer == "tcprst")
+        .filter_map(|r| r.vs_none(&rows))
+        .collect();
+    let spread = (
+        per_rep.iter().copied().fold(f64::INFINITY, f64::min),
+        per_rep.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
+    let paced = each_tracer(ctx, "churn-paced", &tracers, PACED_CHURN_RATE, 0, || {
+        Load::churn_paced(PACED_CHURN_RATE, plan.paced_secs, None)
+    })?;
+    let busy_per_connection = |r: &Row| r.system_busy_s / r.completed.max(1) as f64 * 1e6;
+    let baseline = paced
+        .iter()
+        .find(|r| r.tracer == "none")
+        .map(busy_per_connection)
+        .context("no paced run without a tracer")?;
+    let paced_us_per_connection: Vec<(String, f64)> = paced
+        .iter()
+        .filter(|r| r.tracer != "none")
+        .map(|r| (r.tracer.clone(), busy_per_connection(r) - baseline))
+        .collect();
+    let tcprst_us = paced_us_per_connection
+        .iter()
+        .find(|(t, _)| t == "tcprst")
+        .map_or(f64::NAN, |(_, us)| *us);
     let verdicts = vec![
         Verdict::at_least("churn: tcprst throughput ratio", tcprst, TARGET_CHURN_RATIO),
         Verdict::at_least(
             "churn: tcprst ratio / bpftrace ratio",
             tcprst / bpftrace,
             1.0,
+        ),
+        Verdict::at_most(
+            &format!("churn: tcprst system CPU µs per connection at {PACED_CHURN_RATE}/s"),
+            tcprst_us,
+            TARGET_PACED_US_PER_CONNECTION,
         ),
     ];
     let mut t = Table::new(&[
@@ -417,10 +463,38 @@ fn churn(ctx: &Ctx, plan: &Plan) -> Result<Churn> {
         ]);
     }
     print_section("Connection churn", &t);
+    let mut t = Table::new(&[
+        "tracer",
+        "connections/s",
+        "system busy CPU s",
+        "busy µs/connection",
+        "added µs/connection",
+    ]);
+    for r in &paced {
+        let added = paced_us_per_connection
+            .iter()
+            .find(|(tracer, _)| *tracer == r.tracer)
+            .map(|(_, us)| *us);
+        t.row(vec![
+            r.tracer.clone(),
+            format!("{:.0}", r.per_s),
+            format!("{:.2}", r.system_busy_s),
+            format!("{:.2}", busy_per_connection(r)),
+            opt(added, |v| format!("{v:.2}")),
+        ]);
+    }
+    print_section(
+        &format!("Connection churn paced at {PACED_CHURN_RATE}/s"),
+        &t,
+    );
     Ok(Churn {
         rows,
         ratio_tcprst: tcprst,
+        ratio_history: history,
         ratio_bpftrace: bpftrace,
+        spread_tcprst: spread,
+        paced,
+        paced_us_per_connection,
         verdicts,
     })
 }
@@ -431,6 +505,9 @@ fn churn(ctx: &Ctx, plan: &Plan) -> Result<Churn> {
 #[derive(Serialize)]
 struct KernelCost {
     programs: Vec<ProgramCost>,
+    /// The same loads with `--history`: the close-mark program then keeps
+    /// every state change of every socket.
+    programs_history: Vec<ProgramCost>,
     /// All of tcprst's program time over what empty programs would have
     /// taken for the same runs.
     weighted_ratio: Option<f64>,
@@ -466,6 +543,7 @@ fn kernel_cost(ctx: &Ctx, plan: &Plan) -> Result<KernelCost> {
         .map(|tp| format!("tracepoint:{tp} {{}}\n"))
         .collect();
     let ours = measure(ctx, &Tracer::tcprst(&[]), &loads)?;
+    let history = measure(ctx, &Tracer::tcprst_history(), &loads)?;
     let floor = measure(ctx, &Tracer::bpftrace(&floor_script), &loads)?;
     let printf = measure(ctx, &Tracer::bpftrace(&bpftrace_churn_script()), &loads)?;
     let progs = |s: &Sample| {
@@ -475,6 +553,7 @@ fn kernel_cost(ctx: &Ctx, plan: &Plan) -> Result<KernelCost> {
             .unwrap_or_default()
     };
     let programs = program_costs(&progs(&ours), &progs(&floor), &progs(&printf));
+    let programs_history = program_costs(&progs(&history), &progs(&floor), &progs(&printf));
     if programs.is_empty() {
         bail!(
             "no tcprst program ran with kernel.bpf_stats_enabled=1: cannot measure kernel-side cost"
@@ -509,6 +588,23 @@ fn kernel_cost(ctx: &Ctx, plan: &Plan) -> Result<KernelCost> {
             TARGET_COST_RATIO,
         ));
     }
+    print_section(
+        "Kernel-side cost per program run",
+        &program_table(&programs),
+    );
+    print_section(
+        "Kernel-side cost per program run, with --history",
+        &program_table(&programs_history),
+    );
+    Ok(KernelCost {
+        programs,
+        programs_history,
+        weighted_ratio,
+        verdicts,
+    })
+}
+
+fn program_table(programs: &[ProgramCost]) -> Table {
     let mut t = Table::new(&[
         "program",
         "tracepoint(s)",
@@ -518,7 +614,7 @@ fn kernel_cost(ctx: &Ctx, plan: &Plan) -> Result<KernelCost> {
         "ratio",
         "bpftrace printf ns/run",
     ]);
-    for p in &programs {
+    for p in programs {
         t.row(vec![
             p.program.clone(),
             p.tracepoints.join(" + "),
@@ -529,12 +625,7 @@ fn kernel_cost(ctx: &Ctx, plan: &Plan) -> Result<KernelCost> {
             opt(p.bpftrace_printf_ns_per_run, |v| format!("{v:.0}")),
         ]);
     }
-    print_section("Kernel-side cost per program run", &t);
-    Ok(KernelCost {
-        programs,
-        weighted_ratio,
-        verdicts,
-    })
+    t
 }
 
 /// Each tcprst program that ran, next to the empty and the printing
@@ -588,10 +679,6 @@ struct Userspace {
     /// Records/s one core could decode and encode at the median cost.
     records_per_core_s: Option<f64>,
     memory: Vec<MemoryPoint>,
-    /// Peak RSS at 1,048,576 tracked connections: measured, or extrapolated.
-    hwm_mib_at_1m: f64,
-    hwm_at_1m_measured: bool,
-    bytes_per_connection: Option<f64>,
     verdicts: Vec<Verdict>,
 }
 
@@ -609,19 +696,15 @@ struct RecordCost {
 #[derive(Serialize)]
 struct MemoryPoint {
     run: String,
-    max_connections: u64,
-    distinct_connections: u64,
-    /// Both ends of each distinct connection are on this host, and tcprst
-    /// keeps up to max_connections/4 ended ones; plus the live ones.
-    tracked: u64,
-    /// Live (not ended) connections, from tcprst's metrics when scraped.
-    live: Option<u64>,
+    /// Connections the generator completed while tcprst traced.
+    connections: u64,
+    /// Half-closed connections tcprst followed at the end, when scraped.
+    tracked: Option<u64>,
     /// VmRSS once attached, before the load.
     idle_rss_mib: f64,
-    vm_hwm_mib: f64,
     vm_rss_mib: f64,
-    /// (VmRSS − idle VmRSS) / tracked.
-    bytes_per_connection: f64,
+    /// Peak RSS, startup included.
+    vm_hwm_mib: f64,
     lost: u64,
 }
 
@@ -630,39 +713,28 @@ fn userspace(ctx: &Ctx, plan: &Plan, storm: &Storm, churn: &Churn) -> Result<Use
     let median_us = median(costs.iter().map(|c| c.us_per_record).collect());
     let memory = memory_points(ctx, plan, churn)?;
     let big = memory.last().context("no memory point")?;
-    // Measured when the dedicated churn filled a million entries; otherwise
-    // its idle RSS plus its per-connection cost, and never below the peak
-    // it already reached (startup included).
-    let measured = big.tracked >= ONE_MILLION;
-    let at_1m = if measured {
-        big.vm_hwm_mib
-    } else {
-        let grown = big.idle_rss_mib + big.bytes_per_connection * ONE_MILLION as f64 / MIB;
-        grown.max(big.vm_hwm_mib)
-    };
-    let verdicts = vec![Verdict::at_most(
-        if measured {
-            "memory: tcprst VmHWM MiB at 1M tracked connections (measured)"
-        } else {
-            "memory: tcprst VmHWM MiB at 1M tracked connections (extrapolated)"
-        },
-        at_1m,
-        TARGET_RSS_MIB,
-    )];
+    let verdicts = vec![
+        Verdict::at_most(
+            &format!(
+                "memory: tcprst peak RSS MiB (startup included) over {} churned connections, 0 lost",
+                big.connections
+            ),
+            big.vm_hwm_mib,
+            TARGET_RSS_MIB,
+        )
+        .and(big.lost == 0, format!("{} lost", big.lost)),
+    ];
     print_section(
         "Userspace cost per record (tcprst, from the storm runs)",
         &cost_table(&costs),
     );
     print_section(
-        "tcprst memory with many tracked connections",
+        "tcprst memory under connection churn",
         &memory_table(&memory),
     );
     Ok(Userspace {
         us_per_record: costs,
         records_per_core_s: median_us.map(|us| 1e6 / us),
-        hwm_mib_at_1m: at_1m,
-        hwm_at_1m_measured: measured,
-        bytes_per_connection: Some(big.bytes_per_connection),
         memory,
         verdicts,
     })
@@ -714,8 +786,8 @@ fn cost_table(costs: &[RecordCost]) -> Table {
     t
 }
 
-/// The last churn run with tcprst's defaults, then a dedicated churn with
-/// room for many more connections.
+/// The last churn run with tcprst's defaults, then a dedicated churn of
+/// `rss_connections` connections: RSS must not grow with them.
 fn memory_points(ctx: &Ctx, plan: &Plan, churn: &Churn) -> Result<Vec<MemoryPoint>> {
     let defaults = churn
         .rows
@@ -723,49 +795,30 @@ fn memory_points(ctx: &Ctx, plan: &Plan, churn: &Churn) -> Result<Vec<MemoryPoin
         .rev()
         .find(|r| r.tracer == "tcprst")
         .context("no tcprst churn run to read memory from")?;
-    let cap = plan.rss_max_connections.to_string();
     let load = Load::churn(plan.rss_secs, Some(plan.rss_connections));
-    // The metrics say how many connections are still live (not ended).
     let metrics = format!("127.0.0.1:{}", free_loopback_port()?);
-    let tracer = Tracer::tcprst(&["--max-connections", &cap, "--metrics-addr", &metrics]);
+    let tracer = Tracer::tcprst(&["--metrics-addr", &metrics]);
     let dedicated = Row::new("memory", &tracer, 0, 0, measure(ctx, &tracer, &[load])?);
     Ok(vec![
-        MemoryPoint::from_row("churn (defaults)", DEFAULT_MAX_CONNECTIONS, defaults)?,
-        MemoryPoint::from_row(
-            "dedicated churn",
-            u64::from(plan.rss_max_connections),
-            &dedicated,
-        )?,
+        MemoryPoint::from_row("churn (defaults)", defaults)?,
+        MemoryPoint::from_row("dedicated churn", &dedicated)?,
     ])
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
 
 impl MemoryPoint {
-    fn from_row(run: &str, max_connections: u64, row: &Row) -> Result<Self> {
-        let distinct = row
-            .distinct_connections
-            .context("the churn generator did not count its connections")?;
-        let kib = |v: Option<u64>, what: &str| -> Result<f64> {
-            Ok(v.with_context(|| format!("no {what} for tcprst"))? as f64 * 1024.0)
+    fn from_row(run: &str, row: &Row) -> Result<Self> {
+        let mib = |v: Option<u64>, what: &str| -> Result<f64> {
+            Ok(v.with_context(|| format!("no {what} for tcprst"))? as f64 * 1024.0 / MIB)
         };
-        let (idle, rss) = (
-            kib(row.idle_rss_kib, "idle VmRSS")?,
-            kib(row.vm_rss_kib, "VmRSS")?,
-        );
-        // Ended ones, plus what the metrics say is live (0 when not asked:
-        // only lost state changes keep a churned connection live).
-        let tracked = (2 * distinct).min(max_connections / 4) + row.live_tracked.unwrap_or(0);
         Ok(Self {
             run: run.into(),
-            max_connections,
-            distinct_connections: distinct,
-            tracked,
-            live: row.live_tracked,
-            idle_rss_mib: idle / MIB,
-            vm_hwm_mib: kib(row.vm_hwm_kib, "VmHWM")? / MIB,
-            vm_rss_mib: rss / MIB,
-            bytes_per_connection: (rss - idle).max(0.0) / tracked.max(1) as f64,
+            connections: row.completed,
+            tracked: row.tracked_half_closed,
+            idle_rss_mib: mib(row.idle_rss_kib, "idle VmRSS")?,
+            vm_rss_mib: mib(row.vm_rss_kib, "VmRSS")?,
+            vm_hwm_mib: mib(row.vm_hwm_kib, "VmHWM")?,
             lost: row.lost.unwrap_or(0),
         })
     }
@@ -774,27 +827,21 @@ impl MemoryPoint {
 fn memory_table(points: &[MemoryPoint]) -> Table {
     let mut t = Table::new(&[
         "run",
-        "--max-connections",
-        "distinct connections",
-        "tracked (ended + live)",
-        "of which live",
+        "connections churned",
+        "half-closed tracked at the end",
         "idle VmRSS MiB",
         "VmRSS MiB",
         "VmHWM MiB",
-        "bytes/connection",
         "lost records",
     ]);
     for p in points {
         t.row(vec![
             p.run.clone(),
-            p.max_connections.to_string(),
-            p.distinct_connections.to_string(),
-            p.tracked.to_string(),
-            opt(p.live, |v| v.to_string()),
+            p.connections.to_string(),
+            opt(p.tracked, |v| v.to_string()),
             format!("{:.1}", p.idle_rss_mib),
             format!("{:.1}", p.vm_rss_mib),
             format!("{:.1}", p.vm_hwm_mib),
-            format!("{:.0}", p.bytes_per_connection),
             p.lost.to_string(),
         ]);
     }
@@ -807,13 +854,27 @@ fn memory_table(points: &[MemoryPoint]) -> Table {
 /// A tracer, or none (the baseline).
 enum Tracer {
     None,
-    Tcprst(Vec<String>),
+    Tcprst {
+        label: &'static str,
+        args: Vec<String>,
+    },
     Bpftrace(String),
 }
 
 impl Tracer {
     fn tcprst(extra: &[&str]) -> Self {
-        Self::Tcprst(extra.iter().map(|s| s.to_string()).collect())
+        Self::Tcprst {
+            label: "tcprst",
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// tcprst keeping every state change of every socket in the kernel.
+    fn tcprst_history() -> Self {
+        Self::Tcprst {
+            label: "tcprst --history",
+            args: vec!["--history".into()],
+        }
     }
 
     fn bpftrace(script: &str) -> Self {
@@ -822,7 +883,7 @@ impl Tracer {
 
     /// The port of `--metrics-addr 127.0.0.1:PORT`, if given.
     fn metrics_port(&self) -> Option<u16> {
-        let Self::Tcprst(args) = self else {
+        let Self::Tcprst { args, .. } = self else {
             return None;
         };
         let at = args.iter().position(|a| a == "--metrics-addr")?;
@@ -832,7 +893,7 @@ impl Tracer {
     fn label(&self) -> &'static str {
         match self {
             Self::None => "none",
-            Self::Tcprst(_) => "tcprst",
+            Self::Tcprst { label, .. } => label,
             Self::Bpftrace(_) => "bpftrace",
         }
     }
@@ -840,10 +901,10 @@ impl Tracer {
     fn command(&self, ctx: &Ctx, ns: &Netns, out: &Path) -> Option<Command> {
         match self {
             Self::None => None,
-            Self::Tcprst(extra) => {
+            Self::Tcprst { args, .. } => {
                 let mut cmd = Command::new(&ctx.tcprst);
                 cmd.args(["trace", "-o", "json", "--netns", &ns.name])
-                    .args(extra);
+                    .args(args);
                 Some(cmd)
             }
             Self::Bpftrace(script) => {
@@ -883,12 +944,18 @@ impl Load {
         }
     }
 
-    /// Whole connections for `secs`, or until `max` of them.
+    /// Whole connections for `secs`, or until `max` of them, unpaced.
     fn churn(secs: f64, max: Option<u64>) -> Self {
+        Self::churn_paced(0, secs, max)
+    }
+
+    /// Whole connections at `rate` per second (0: unpaced).
+    fn churn_paced(rate: u32, secs: f64, max: Option<u64>) -> Self {
         let mut args: Vec<String> = ["churn", "--sources", CHURN_SOURCES, "--seconds"]
             .map(String::from)
             .into();
         args.push(secs.to_string());
+        args.extend(["--rate".into(), rate.to_string()]);
         if let Some(max) = max {
             args.extend(["--max".into(), max.to_string()]);
         }
@@ -913,6 +980,8 @@ struct Sample {
     foreign: Vec<String>,
     loads: Vec<LoadResult>,
     load_s: f64,
+    /// Busy CPU seconds of the whole machine (every CPU) during the loads.
+    system_busy_s: f64,
     tracer: Option<TracerNumbers>,
 }
 
@@ -931,8 +1000,8 @@ struct TracerNumbers {
     vm_hwm_kib: u64,
     vm_rss_kib: u64,
     idle_rss_kib: u64,
-    /// tcprst_tracked_connections: connections it follows that have not ended.
-    live_tracked: Option<u64>,
+    /// tcprst_tracked_connections: half-closed connections it follows.
+    tracked_half_closed: Option<u64>,
     hooks: Vec<String>,
     progs: Vec<ProgStat>,
     warnings: Vec<String>,
@@ -978,6 +1047,7 @@ fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Sample> {
         None => None,
     };
     let ticks = running.as_ref().map(Running::cpu_ticks).transpose()?;
+    let busy_before = system_busy_ticks()?;
     let start = Instant::now();
     let results = loads
         .iter()
@@ -985,6 +1055,7 @@ fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Sample> {
         .map(|(i, load)| run_load(ctx, &ns, load, &ctx.path(&run, &format!("load{i}.json"))))
         .collect::<Result<Vec<_>>>()?;
     let load_s = start.elapsed().as_secs_f64();
+    let system_busy_s = (system_busy_ticks()? - busy_before) as f64 / clock_ticks_per_s();
     let tracer = match running {
         Some(running) => Some(running.finish(ticks.unwrap_or(0), load_s, ctx)?),
         None => None,
@@ -993,6 +1064,7 @@ fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Sample> {
         foreign,
         loads: results,
         load_s,
+        system_busy_s,
         tracer,
     })
 }
@@ -1056,7 +1128,7 @@ impl Running {
         let err_file = create(&err)?;
         // bpftrace writes events itself (-o); tcprst writes them to stdout.
         let (kind, stdout) = match tracer {
-            Tracer::Tcprst(_) => (Kind::Tcprst, create(&out)?),
+            Tracer::Tcprst { .. } => (Kind::Tcprst, create(&out)?),
             _ => (Kind::Bpftrace, err_file.try_clone()?),
         };
         cmd.stdin(Stdio::null()).stdout(stdout).stderr(err_file);
@@ -1120,7 +1192,7 @@ impl Running {
         self.settle()?;
         let (vm_hwm_kib, vm_rss_kib) = proc_memory(self.proc.pid())?;
         let progs = ctx.prog_stats(self.proc.pid())?;
-        let live_tracked = self
+        let tracked_half_closed = self
             .metrics_port
             .map(|port| scrape_metric(port, "tcprst_tracked_connections"))
             .transpose()?;
@@ -1165,7 +1237,7 @@ impl Running {
             vm_hwm_kib,
             vm_rss_kib,
             idle_rss_kib: self.idle_rss_kib,
-            live_tracked,
+            tracked_half_closed,
             hooks,
             progs,
             warnings,
@@ -1273,6 +1345,7 @@ struct Row {
     completed: u64,
     load_errors: u64,
     load_s: f64,
+    system_busy_s: f64,
     distinct_connections: Option<u64>,
     events: Option<u64>,
     rst_events: Option<u64>,
@@ -1283,7 +1356,7 @@ struct Row {
     vm_hwm_kib: Option<u64>,
     vm_rss_kib: Option<u64>,
     idle_rss_kib: Option<u64>,
-    live_tracked: Option<u64>,
+    tracked_half_closed: Option<u64>,
     #[serde(skip)]
     hooks: Vec<String>,
     warnings: Vec<String>,
@@ -1312,6 +1385,7 @@ impl Row {
             completed,
             load_errors: s.loads.iter().map(|l| l.errors).sum(),
             load_s: s.load_s,
+            system_busy_s: s.system_busy_s,
             distinct_connections: s.loads.iter().map(|l| l.distinct_connections).sum(),
             events: t.map(|t| t.events),
             rst_events: t.map(|t| t.rst_events),
@@ -1322,7 +1396,7 @@ impl Row {
             vm_hwm_kib: t.map(|t| t.vm_hwm_kib),
             vm_rss_kib: t.map(|t| t.vm_rss_kib),
             idle_rss_kib: t.map(|t| t.idle_rss_kib),
-            live_tracked: t.and_then(|t| t.live_tracked),
+            tracked_half_closed: t.and_then(|t| t.tracked_half_closed),
             hooks: t.map(|t| t.hooks.clone()).unwrap_or_default(),
             warnings,
             foreign_programs: s.foreign,
@@ -1555,7 +1629,7 @@ impl Summary {
         format!(
             "\n## Targets ({} on {} CPUs, {}, tcprst {})\n\n{}\nRST storm, unpaced: tcprst {:.3}×, bpftrace {:.3}× of the generator's throughput without a tracer; \
              bpftrace costs {:.2}× the throughput tcprst costs. Highest rate with zero loss: tcprst {}, bpftrace {}.\n\
-             Churn: tcprst {:.3}×, bpftrace {:.3}×.\n\
+             Churn: tcprst {:.3}× (spread {:.3}–{:.3}), tcprst --history {:.3}×, bpftrace {:.3}×; system CPU added per connection at {PACED_CHURN_RATE}/s: {}.\n\
              tcprst hooks: {}\nbpftrace hooks: storm {}; churn {}\n{}",
             self.machine.kernel,
             self.machine.cpus,
@@ -1568,7 +1642,16 @@ impl Summary {
             zero(s.zero_loss_rate_tcprst),
             zero(s.zero_loss_rate_bpftrace),
             self.churn.ratio_tcprst,
+            self.churn.spread_tcprst.0,
+            self.churn.spread_tcprst.1,
+            self.churn.ratio_history,
             self.churn.ratio_bpftrace,
+            self.churn
+                .paced_us_per_connection
+                .iter()
+                .map(|(t, us)| format!("{t} {us:.2} µs"))
+                .collect::<Vec<_>>()
+                .join(", "),
             self.hooks.tcprst.join(", "),
             self.hooks.bpftrace_storm.join(", "),
             self.hooks.bpftrace_churn.join(", "),
@@ -2113,6 +2196,25 @@ fn proc_state(pid: u32) -> Option<char> {
 }
 
 /// utime + stime (fields 14 and 15 of /proc/PID/stat), every thread's.
+/// Busy ticks of every CPU together, from the first line of /proc/stat:
+/// user, nice, system, irq, softirq and steal (not idle or iowait).
+fn system_busy_ticks() -> Result<u64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("parsing /proc/stat")?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = fields[..] else {
+        bail!("/proc/stat's cpu line has {} fields", fields.len());
+    };
+    Ok(user + nice + system + irq + softirq + steal)
+}
+
 fn proc_cpu_ticks(pid: u32) -> Result<u64> {
     let f = proc_stat_fields(pid).with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Counted from field 3 (state), which is f[0].
