@@ -69,7 +69,7 @@ const FULL: Plan = Plan {
     reps: 3,
     churn_reps: 5,
     churn_secs: 4.0,
-    paced_secs: 4.0,
+    paced_secs: 5.0,
     cost_secs: 2.0,
     rss_connections: 1 << 20,
     rss_secs: 150.0,
@@ -372,9 +372,11 @@ struct Churn {
     ratio_bpftrace: f64,
     /// tcprst's lowest and highest ratio over the repetitions.
     spread_tcprst: (f64, f64),
-    /// The same connections paced at PACED_CHURN_RATE, each tracer once.
+    /// The same connections paced at PACED_CHURN_RATE, interleaved like
+    /// the unpaced ones.
     paced: Vec<Row>,
-    /// System-wide busy CPU each tracer adds per connection at that rate, µs.
+    /// System-wide busy CPU each tracer adds per connection at that rate,
+    /// µs: the median over the repetitions of (tracer − none).
     paced_us_per_connection: Vec<(String, f64)>,
     verdicts: Vec<Verdict>,
 }
@@ -407,19 +409,33 @@ fn churn(ctx: &Ctx, plan: &Plan) -> Result<Churn> {
         per_rep.iter().copied().fold(f64::INFINITY, f64::min),
         per_rep.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     );
-    let paced = each_tracer(ctx, "churn-paced", &tracers, PACED_CHURN_RATE, 0, || {
-        Load::churn_paced(PACED_CHURN_RATE, plan.paced_secs, None)
-    })?;
+    let mut paced = Vec::new();
+    for rep in 0..plan.churn_reps {
+        paced.extend(each_tracer(
+            ctx,
+            "churn-paced",
+            &tracers,
+            PACED_CHURN_RATE,
+            rep,
+            || Load::churn_paced(PACED_CHURN_RATE, plan.paced_secs, None),
+        )?);
+    }
     let busy_per_connection = |r: &Row| r.system_busy_s / r.completed.max(1) as f64 * 1e6;
-    let baseline = paced
+    // Against the no-tracer run of the same repetition, so drift cancels.
+    let added = |r: &Row| {
+        let base = paced
+            .iter()
+            .find(|b| b.tracer == "none" && b.rep == r.rep)?;
+        Some(busy_per_connection(r) - busy_per_connection(base))
+    };
+    let paced_us_per_connection: Vec<(String, f64)> = tracers
         .iter()
-        .find(|r| r.tracer == "none")
-        .map(busy_per_connection)
-        .context("no paced run without a tracer")?;
-    let paced_us_per_connection: Vec<(String, f64)> = paced
-        .iter()
-        .filter(|r| r.tracer != "none")
-        .map(|r| (r.tracer.clone(), busy_per_connection(r) - baseline))
+        .map(Tracer::label)
+        .filter(|t| *t != "none")
+        .filter_map(|t| {
+            let each = paced.iter().filter(|r| r.tracer == t).filter_map(added);
+            Some((t.to_owned(), median(each.collect())?))
+        })
         .collect();
     let tcprst_us = paced_us_per_connection
         .iter()
@@ -465,22 +481,20 @@ fn churn(ctx: &Ctx, plan: &Plan) -> Result<Churn> {
     print_section("Connection churn", &t);
     let mut t = Table::new(&[
         "tracer",
+        "rep",
         "connections/s",
         "system busy CPU s",
         "busy µs/connection",
         "added µs/connection",
     ]);
     for r in &paced {
-        let added = paced_us_per_connection
-            .iter()
-            .find(|(tracer, _)| *tracer == r.tracer)
-            .map(|(_, us)| *us);
         t.row(vec![
             r.tracer.clone(),
+            (r.rep + 1).to_string(),
             format!("{:.0}", r.per_s),
             format!("{:.2}", r.system_busy_s),
             format!("{:.2}", busy_per_connection(r)),
-            opt(added, |v| format!("{v:.2}")),
+            opt(added(r), |v| format!("{v:.2}")),
         ]);
     }
     print_section(
@@ -1047,15 +1061,15 @@ fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Sample> {
         None => None,
     };
     let ticks = running.as_ref().map(Running::cpu_ticks).transpose()?;
-    let busy_before = system_busy_ticks()?;
+    let idle_before = system_idle_s()?;
     let start = Instant::now();
     let results = loads
         .iter()
         .enumerate()
         .map(|(i, load)| run_load(ctx, &ns, load, &ctx.path(&run, &format!("load{i}.json"))))
         .collect::<Result<Vec<_>>>()?;
+    let system_busy_s = system_busy_s(start, idle_before)?;
     let load_s = start.elapsed().as_secs_f64();
-    let system_busy_s = (system_busy_ticks()? - busy_before) as f64 / clock_ticks_per_s();
     let tracer = match running {
         Some(running) => Some(running.finish(ticks.unwrap_or(0), load_s, ctx)?),
         None => None,
@@ -2196,9 +2210,12 @@ fn proc_state(pid: u32) -> Option<char> {
 }
 
 /// utime + stime (fields 14 and 15 of /proc/PID/stat), every thread's.
-/// Busy ticks of every CPU together, from the first line of /proc/stat:
-/// user, nice, system, irq, softirq and steal (not idle or iowait).
-fn system_busy_ticks() -> Result<u64> {
+/// Idle seconds of every CPU together (idle and iowait), from the first
+/// line of /proc/stat. Under NO_HZ the kernel measures idle time with its
+/// clock when a CPU sleeps, while user and system time are sampled at each
+/// tick, which a load paced by timers can alias badly: busy time is taken
+/// as wall time minus idle time.
+fn system_idle_s() -> Result<f64> {
     let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let fields: Vec<u64> = stat
         .lines()
@@ -2209,10 +2226,17 @@ fn system_busy_ticks() -> Result<u64> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .context("parsing /proc/stat")?;
-    let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = fields[..] else {
+    let [_user, _nice, _system, idle, iowait, ..] = fields[..] else {
         bail!("/proc/stat's cpu line has {} fields", fields.len());
     };
-    Ok(user + nice + system + irq + softirq + steal)
+    Ok((idle + iowait) as f64 / clock_ticks_per_s())
+}
+
+/// Busy CPU seconds of the whole machine since `idle_before` was read at
+/// `since`.
+fn system_busy_s(since: Instant, idle_before: f64) -> Result<f64> {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    Ok(since.elapsed().as_secs_f64() * cpus - (system_idle_s()? - idle_before))
 }
 
 fn proc_cpu_ticks(pid: u32) -> Result<u64> {
