@@ -334,7 +334,8 @@ pub struct RstRecord {
     pub sock_cookie: u64,
     /// Network namespace inode; 0 when unknown (no namespace has inode 0).
     pub netns: u32,
-    /// Kernel stack in the `STACKS` map; negative when none was taken.
+    /// The whole kernel stack in the `STACKS` map, with `--stack`;
+    /// negative when none was taken.
     pub stack_id: i32,
     /// The socket's cgroup (v2) id; 0 when unknown.
     pub cgroup_id: u64,
@@ -351,7 +352,14 @@ pub struct RstRecord {
     pub nf_hook: u8,
     /// `sock.sk_shutdown` (`shutdown_bits`), with `HAS_SOCKET_FACTS`.
     pub shutdown: u8,
+    /// The innermost kernel frames, zero past the last one taken: enough to
+    /// name the caller past the tracing machinery, and all the kernel
+    /// unwinds (a whole stack per reset cost microseconds).
+    pub frames: [u64; CALLER_FRAMES],
 }
+
+/// Kernel frames a reset record carries.
+pub const CALLER_FRAMES: usize = 8;
 
 /// Steps a `CloseMark` keeps.
 pub const MARK_STEPS: usize = 6;
@@ -389,15 +397,17 @@ pub struct MarkedRstRecord {
     pub mark: CloseMark,
 }
 
-/// How the close-mark program behaves, set by the loader.
+/// What the loader tells the programs beyond layouts and filters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MarkSettings {
+pub struct Settings {
     /// `--history`: keep every state change of every socket.
     pub every_transition: u8,
     /// `tcp:tcp_send_reset` has a `reason` argument (Linux 6.10+).
     pub send_reset_has_reason: u8,
-    pub _pad: [u8; 2],
+    /// `--stack`: also store each reset's whole stack in `STACKS`.
+    pub whole_stacks: u8,
+    pub _pad: u8,
 }
 
 /// What made a socket start closing, when a process did.
@@ -412,11 +422,24 @@ pub mod close_op {
 }
 
 // The loader decodes records by size; a silent layout change must not build.
-const _: () = assert!(core::mem::size_of::<RstRecord>() == 128);
+const _: () = assert!(core::mem::size_of::<RstRecord>() == 192);
 const _: () = assert!(core::mem::size_of::<CloseMark>() == 88);
 
-/// Index of the only slot in the per-CPU `LOST` array.
-pub const LOST_RECORDS: u32 = 0;
+/// Slots of the per-CPU `COUNTERS` array: what the programs could not do,
+/// so none of it goes unseen.
+pub mod counters {
+    /// Records that did not fit in the ring buffer.
+    pub const LOST_RECORDS: u32 = 0;
+    /// Resets whose caller frames could not be taken.
+    pub const STACK_FAILURES: u32 = 1;
+    pub const SLOTS: u32 = 2;
+
+    /// Where a program counts `counter`: one slot per context, so a softirq
+    /// never interleaves with a process-context update of the same slot.
+    pub const fn slot(counter: u32, softirq: bool) -> u32 {
+        counter * 2 + softirq as u32
+    }
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -427,7 +450,7 @@ mod user {
     unsafe impl aya::Pod for ResetFields {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for KernelFilter {}
-    unsafe impl aya::Pod for MarkSettings {}
+    unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FunctionArgs {}
     unsafe impl aya::Pod for CloseMark {}
 

@@ -5,7 +5,7 @@
 //! One tp_btf program on `inet_sock_set_state` returns at its first compare
 //! for every state change but the few a close goes through. A mark is
 //! created only when a process shuts down or closes a connection (or exits
-//! holding it); with `--history` (`MarkSettings::every_transition`) every
+//! holding it); with `--history` (`Settings::every_transition`) every
 //! state change of every socket is kept instead. The reset programs read the
 //! mark at reset time, and userspace reads it through sock_diag
 //! (`INET_DIAG_REQ_SK_BPF_STORAGES`) when it scans for stuck sockets.
@@ -24,7 +24,7 @@ use tcprst_common::{CloseMark, ExecContext, MARK_STEPS, TaskInfo, close_op};
 
 use crate::{
     context::origin,
-    globals::mark_settings,
+    globals::settings,
     kernel::{sock_protocol, task_is_exiting},
 };
 
@@ -67,7 +67,7 @@ pub fn mark_of(sk: *mut core::ffi::c_void) -> Option<CloseMark> {
 pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     // (const struct sock *sk, const int oldstate, const int newstate)
     let new: i32 = ctx.arg(2);
-    let every = mark_settings().every_transition != 0;
+    let every = settings().every_transition != 0;
     let starts_close = new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK;
     let follows_close = new == TCP_FIN_WAIT2 || new == TCP_CLOSING;
     if !(starts_close || follows_close || every) {

@@ -38,9 +38,15 @@ pub fn tcprst_sirq_out(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Whether this CPU is between softirq_entry and softirq_exit.
+#[inline(always)]
+pub fn in_softirq() -> bool {
+    IN_SOFTIRQ.get(0).is_some_and(|v| *v != 0)
+}
+
 #[inline(always)]
 fn current_context() -> ExecContext {
-    if IN_SOFTIRQ.get(0).is_some_and(|v| *v != 0) {
+    if in_softirq() {
         return ExecContext::Softirq;
     }
     // pid 0 is the idle task: only interrupts run "in" it.

@@ -3,7 +3,7 @@
 //! reads stop the compiler from folding in the placeholders below.
 
 use tcprst_common::{
-    FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, MarkSettings, ResetFields,
+    FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetFields, Settings,
 };
 
 #[unsafe(no_mangle)]
@@ -23,10 +23,11 @@ static FILTER: KernelFilter = KernelFilter {
     _pad: 0,
 };
 #[unsafe(no_mangle)]
-static MARK_SETTINGS: MarkSettings = MarkSettings {
+static SETTINGS: Settings = Settings {
     every_transition: 0,
     send_reset_has_reason: 0,
-    _pad: [0; 2],
+    whole_stacks: 0,
+    _pad: 0,
 };
 
 /// Reads a loader-written global.
@@ -45,7 +46,7 @@ global_reader! {
     receive_reset_fields: ResetFields = RECEIVE_RESET_FIELDS;
     kernel_offsets: KernelOffsets = KERNEL_OFFSETS;
     filter: KernelFilter = FILTER;
-    mark_settings: MarkSettings = MARK_SETTINGS;
+    settings: Settings = SETTINGS;
 }
 
 #[inline(always)]

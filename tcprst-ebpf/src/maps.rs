@@ -2,15 +2,18 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
-use tcprst_common::{CloseMark, MarkedRstRecord, RstRecord};
+use tcprst_common::{CloseMark, MarkedRstRecord, RstRecord, counters};
+
+use crate::context::in_softirq;
 
 /// Every record for the loader. The loader resizes it (`--buffer-pages`).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 4096, 0);
 
-/// Records that did not fit in `EVENTS`, per CPU, so none is lost silently.
+/// What the programs could not do (`counters::*`), so none of it is lost
+/// silently: per CPU, and per context on it (`counters::slot`).
 #[map]
-pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::SLOTS * 2, 0);
 
 /// `ResetHook::covered_bit`s of the reset functions whose own programs are
 /// attached. A map, not a global: the loader learns which attach only after
@@ -23,12 +26,20 @@ pub fn tracepoint_covered() -> u32 {
     TRACEPOINT_COVERED.get(0).copied().unwrap_or(0)
 }
 
+/// Adds one to `counter`. A softirq can interrupt a process-context program
+/// on the same CPU mid-update, and the bpf target has no atomic add in
+/// Rust's core, so each context has its own slot: softirqs do not nest.
+#[inline(always)]
+pub fn count(counter: u32) {
+    if let Some(n) = COUNTERS.get_ptr_mut(counters::slot(counter, in_softirq())) {
+        // SAFETY: this CPU's slot for this context: nothing else writes it now.
+        unsafe { *n += 1 };
+    }
+}
+
 #[inline(always)]
 fn count_lost() {
-    if let Some(lost) = LOST.get_ptr_mut(tcprst_common::LOST_RECORDS) {
-        // SAFETY: a per-CPU slot: no other CPU writes it.
-        unsafe { *lost += 1 };
-    }
+    count(counters::LOST_RECORDS);
 }
 
 /// Emits `record`, or counts it as lost.

@@ -16,13 +16,13 @@ use tcprst_common::{
 use crate::{
     context::origin,
     function::{ArgReader, report},
-    globals::{filter, mark_settings, receive_reset_fields, send_reset_fields},
+    globals::{filter, receive_reset_fields, send_reset_fields, settings},
     kernel::{
         is_full_sock, segment_ip_version, skb_netns, sock_cgroup_id, sock_netns, sock_state,
         sock_tuple, socket_facts,
     },
     maps::{emit, emit_marked, tracepoint_covered},
-    stack::stack_id,
+    stack::{caller_frames, stack_id},
     tracepoint::{field, read_tuple, tuple_wanted},
 };
 
@@ -90,7 +90,7 @@ pub fn tcprst_rst_sent_btf(ctx: BtfTracePointContext) -> i32 {
     let args = FunctionArgs {
         sk: 0,
         skb: 1,
-        reason: if mark_settings().send_reset_has_reason != 0 {
+        reason: if settings().send_reset_has_reason != 0 {
             2
         } else {
             ABSENT
@@ -184,6 +184,7 @@ pub fn finish(
         return;
     }
     rec.stack_id = stack_id(ctx);
+    caller_frames(ctx, &mut rec.frames);
     // SAFETY: reads the monotonic clock.
     rec.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     match mark {

@@ -104,6 +104,7 @@ impl Decoder {
                 inode: nonzero(rec.inode),
             }),
             history: mark.map(|m| self.history(m)),
+            frames: rec.frames,
             stack_id: u32::try_from(rec.stack_id).ok(),
             hook: ResetHook::from_u8(rec.hook)
                 .ok_or_else(|| anyhow!("unknown reset hook {}", rec.hook))?,
@@ -234,6 +235,7 @@ pub(crate) mod tests {
             tier: AttachTier::Tracepoint as u8,
             nf_hook: 0,
             shutdown: 0,
+            frames: [0; tcprst_common::CALLER_FRAMES],
         }
     }
 

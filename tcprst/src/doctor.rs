@@ -77,6 +77,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         filter: KernelFilter::default(),
         buffer_pages: 1,
         history: false,
+        whole_stacks: false,
         btf: btf.clone(),
         attach: attach.clone(),
         probe_every_tier: true,

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
-pub use tcprst_common::{AttachTier, ResetHook};
+pub use tcprst_common::{AttachTier, CALLER_FRAMES, ResetHook};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RstKind {
@@ -157,7 +157,9 @@ pub struct RstEvent {
     pub socket: Option<SocketFacts>,
     /// The socket's close mark, where the kernel keeps them.
     pub history: Option<CloseHistory>,
-    /// The kernel stack in the `STACKS` map.
+    /// The innermost kernel frames, zero past the last one taken.
+    pub frames: [u64; CALLER_FRAMES],
+    /// The whole kernel stack in the `STACKS` map, with `--stack`.
     pub stack_id: Option<u32>,
     /// Which hook saw it, attached how.
     pub hook: ResetHook,

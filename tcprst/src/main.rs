@@ -129,6 +129,7 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
             filter: filter::kernel_filter(args.port, netns, args.pid),
             buffer_pages: args.buffer_pages,
             history: args.history,
+            whole_stacks: args.stack,
             btf: args.kernel.btf,
             attach: AttachRequest::new(&args.kernel.attach),
             probe_every_tier: false,
@@ -155,7 +156,6 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
         kubeconfig: args.kubeconfig,
         pod_labels: args.pod_labels,
         metrics_addr: args.metrics_addr,
-        show_stacks: args.stack,
     })
 }
 

@@ -66,6 +66,7 @@ pub struct Metrics {
     rsts: Family<RstLabels, Counter>,
     stuck: Family<StateLabels, Gauge>,
     lost: Counter,
+    stack_failures: Counter,
     programs: Family<TierLabels, Gauge>,
     tracked: Gauge,
     evicted: Gauge,
@@ -92,6 +93,12 @@ impl Default for Metrics {
             "Events the kernel dropped because the ring buffer was full",
             lost.clone(),
         );
+        let stack_failures = Counter::default();
+        registry.register(
+            "stack_capture_failures",
+            "Resets whose calling kernel function could not be read from the stack (their caller is null)",
+            stack_failures.clone(),
+        );
         let programs = Family::<TierLabels, Gauge>::default();
         registry.register(
             "programs_attached",
@@ -115,6 +122,7 @@ impl Default for Metrics {
             rsts,
             stuck,
             lost,
+            stack_failures,
             programs,
             tracked,
             evicted,
@@ -160,6 +168,10 @@ impl Metrics {
 
     pub fn lost(&self, n: u64) {
         self.lost.inc_by(n);
+    }
+
+    pub fn stack_failures(&self, n: u64) {
+        self.stack_failures.inc_by(n);
     }
 
     pub fn programs_attached(&self, tier: &'static str, n: usize) {
@@ -241,6 +253,7 @@ mod tests {
         m.reset(false, None, None, Some("shop"), Some("web-1"));
         m.set_stuck(&[(TcpState::FinWait2, 3)]);
         m.lost(7);
+        m.stack_failures(2);
         m.programs_attached("tracepoint", 5);
         m.tracker(42, 2);
         let text = m.encode();
@@ -249,6 +262,7 @@ mod tests {
             r#"tcprst_resets_total{direction="received",reason="",caller="",namespace="shop",pod="web-1"} 1"#,
             r#"tcprst_halfclose_stuck{state="FIN_WAIT2"} 3"#,
             "tcprst_lost_events_total 7",
+            "tcprst_stack_capture_failures_total 2",
             r#"tcprst_programs_attached{tier="tracepoint"} 5"#,
             "tcprst_tracked_connections 42",
             "tcprst_untracked_connections 2",

@@ -10,8 +10,8 @@ use aya::{
     programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint, TracePoint},
 };
 use tcprst_common::{
-    ABSENT, AttachTier, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, LOST_RECORDS,
-    MarkSettings, ResetHook,
+    ABSENT, AttachTier, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetHook,
+    Settings, counters,
 };
 
 use crate::{
@@ -37,6 +37,8 @@ pub struct ProbeConfig {
     pub buffer_pages: u32,
     /// `--history`: keep every state change of every socket in the kernel.
     pub history: bool,
+    /// `--stack`: keep each reset's whole kernel stack too.
+    pub whole_stacks: bool,
     /// An explicit BTF file; otherwise the running kernel's.
     pub btf: Option<PathBuf>,
     pub attach: AttachRequest,
@@ -141,10 +143,11 @@ impl Probes {
         }
         .map_err(|e| format!("reading BTF: {e}"));
 
-        let mark_settings = MarkSettings {
+        let settings = Settings {
             every_transition: cfg.history.into(),
             send_reset_has_reason: (send_fields.reason != ABSENT).into(),
-            _pad: [0; 2],
+            whole_stacks: cfg.whole_stacks.into(),
+            _pad: 0,
         };
 
         raise_memlock_limit();
@@ -156,8 +159,10 @@ impl Probes {
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .override_global("FILTER", &cfg.filter, true)
             .override_global("FUNCTION_ARGS", &args, true)
-            .override_global("MARK_SETTINGS", &mark_settings, true)
+            .override_global("SETTINGS", &settings, true)
             .map_max_entries("EVENTS", cfg.buffer_pages * PAGE_SIZE)
+            // Whole stacks only with --stack: a full map holds ~2 MB.
+            .map_max_entries("STACKS", if cfg.whole_stacks { 2048 } else { 1 })
             .load(OBJECT)
             .context("loading the eBPF object")?;
 
@@ -453,8 +458,8 @@ impl Probes {
         self.take("STACKS")
     }
 
-    pub fn take_lost_counter(&mut self) -> Result<LostCounter> {
-        Ok(LostCounter(self.take("LOST")?))
+    pub fn take_counters(&mut self) -> Result<Counters> {
+        Ok(Counters(self.take("COUNTERS")?))
     }
 
     /// The close-mark map, which sock_diag dumps beside each socket; None
@@ -591,11 +596,29 @@ fn raise_memlock_limit() {
     }
 }
 
-/// The kernel's per-CPU count of records that found the ring buffer full.
-pub struct LostCounter(PerCpuArray<MapData, u64>);
+/// What the programs could not do, counted per CPU and per context.
+pub struct Counters(PerCpuArray<MapData, u64>);
 
-impl LostCounter {
-    pub fn total(&self) -> Result<u64> {
-        Ok(self.0.get(&LOST_RECORDS, 0)?.iter().sum())
+impl Counters {
+    fn total(&self, counter: u32) -> Result<u64> {
+        let mut total = 0;
+        for softirq in [false, true] {
+            total += self
+                .0
+                .get(&counters::slot(counter, softirq), 0)?
+                .iter()
+                .sum::<u64>();
+        }
+        Ok(total)
+    }
+
+    /// Records that found the ring buffer full.
+    pub fn lost(&self) -> Result<u64> {
+        self.total(counters::LOST_RECORDS)
+    }
+
+    /// Resets whose caller frames the kernel could not unwind.
+    pub fn stack_failures(&self) -> Result<u64> {
+        self.total(counters::STACK_FAILURES)
     }
 }

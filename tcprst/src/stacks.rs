@@ -1,4 +1,5 @@
-//! Which kernel function decided to reset: kernel stacks from the `STACKS`
+//! Which kernel function decided to reset: the innermost kernel frames each
+//! reset record carries, and with `--stack` whole stacks from the `STACKS`
 //! map, symbolized with /proc/kallsyms.
 
 use std::{collections::HashMap, fs, sync::Arc};
@@ -86,28 +87,51 @@ pub struct Stack {
     pub frames: Arc<[Arc<str>]>,
 }
 
-/// Symbolizes stack ids once each: without BPF_F_REUSE_STACKID an id keeps
-/// naming the same stack.
+/// Symbolizes frames, each address once (kernel text is finite), and whole
+/// stacks once per id: without BPF_F_REUSE_STACKID an id keeps naming the
+/// same stack.
 pub struct Stacks {
-    map: StackTraceMap<MapData>,
+    /// Whole stacks, with `--stack`.
+    map: Option<StackTraceMap<MapData>>,
     kallsyms: Kallsyms,
-    cache: HashMap<u32, Stack>,
+    symbols: HashMap<u64, Option<Arc<str>>>,
+    whole: HashMap<u32, Stack>,
 }
 
 impl Stacks {
-    pub fn new(map: StackTraceMap<MapData>, kallsyms: Kallsyms) -> Self {
+    pub fn new(map: Option<StackTraceMap<MapData>>, kallsyms: Kallsyms) -> Self {
         Self {
             map,
             kallsyms,
-            cache: HashMap::new(),
+            symbols: HashMap::new(),
+            whole: HashMap::new(),
         }
     }
 
-    pub fn get(&mut self, stack_id: u32) -> Option<Stack> {
-        if let Some(stack) = self.cache.get(&stack_id) {
+    fn symbol(&mut self, ip: u64) -> Option<Arc<str>> {
+        let kallsyms = &self.kallsyms;
+        self.symbols
+            .entry(ip)
+            .or_insert_with(|| kallsyms.symbol(ip).cloned())
+            .clone()
+    }
+
+    /// The caller named by a record's innermost frames (zero past the last).
+    pub fn caller(&mut self, frames: &[u64]) -> Option<Arc<str>> {
+        let names: Vec<Arc<str>> = frames
+            .iter()
+            .take_while(|ip| **ip != 0)
+            .filter_map(|ip| self.symbol(*ip))
+            .collect();
+        caller(names.iter().map(|f| &**f)).map(Arc::from)
+    }
+
+    /// A whole stack, taken with `--stack`.
+    pub fn whole(&mut self, stack_id: u32) -> Option<Stack> {
+        if let Some(stack) = self.whole.get(&stack_id) {
             return Some(stack.clone());
         }
-        let trace = self.map.get(&stack_id, 0).ok()?;
+        let trace = self.map.as_ref()?.get(&stack_id, 0).ok()?;
         let frames: Arc<[Arc<str>]> = trace
             .frames()
             .iter()
@@ -117,7 +141,7 @@ impl Stacks {
             caller: caller(frames.iter().map(|f| &**f)).map(Arc::from),
             frames,
         };
-        self.cache.insert(stack_id, stack.clone());
+        self.whole.insert(stack_id, stack.clone());
         Some(stack)
     }
 }
@@ -160,6 +184,30 @@ mod tests {
         assert!(Kallsyms::parse(hidden).symbols.is_empty());
         let data = "ffffffff82000000 D some_variable\n";
         assert!(Kallsyms::parse(data).symbols.is_empty());
+    }
+
+    /// A record's frames: addresses inside the excerpt's functions, zero
+    /// past the last one taken.
+    #[test]
+    fn names_the_caller_from_a_records_frames() {
+        let k = Kallsyms::parse(KALLSYMS);
+        let at = |name: &str| {
+            let (start, _) = k.symbols.iter().find(|(_, n)| &**n == name).unwrap();
+            start + 4
+        };
+        let mut stacks = Stacks::new(None, Kallsyms::parse(KALLSYMS));
+        let mut frames = [0u64; 8];
+        for (slot, name) in
+            frames
+                .iter_mut()
+                .zip(["tcp_v4_send_reset", "tcp_v4_rcv", "ip_protocol_deliver_rcu"])
+        {
+            *slot = at(name);
+        }
+        assert_eq!(stacks.caller(&frames).as_deref(), Some("tcp_v4_rcv"));
+        assert_eq!(stacks.caller(&[0; 8]), None);
+        // No whole stacks without --stack.
+        assert_eq!(stacks.whole(3), None);
     }
 
     #[test]

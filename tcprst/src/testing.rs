@@ -53,6 +53,7 @@ pub fn reset(
         cgroup_id: None,
         socket: None,
         history: None,
+        frames: [0; crate::event::CALLER_FRAMES],
         stack_id: None,
         hook: match kind {
             RstKind::Sent => ResetHook::SendResetTracepoint,

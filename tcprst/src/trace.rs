@@ -28,7 +28,7 @@ use crate::{
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr},
     origin::{self, Origin, Origins, Receipt},
-    probes::{LostCounter, ProbeConfig, Probes},
+    probes::{Counters, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
     sockdiag::DumpExtras,
     stacks::{Kallsyms, Stacks},
@@ -51,8 +51,6 @@ pub struct TraceOptions {
     /// Pod labels to report, by key.
     pub pod_labels: Vec<String>,
     pub metrics_addr: Option<MetricsAddr>,
-    /// Print whole kernel stacks, not just the caller.
-    pub show_stacks: bool,
 }
 
 #[derive(Default)]
@@ -61,6 +59,7 @@ struct Counts {
     shown: u64,
     undecodable: u64,
     lost_reported: u64,
+    stack_failures_reported: u64,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -108,7 +107,6 @@ struct Pipeline<'a> {
     enricher: Enricher,
     owners: OwnerCache,
     stacks: Option<Stacks>,
-    show_stacks: bool,
     filter: &'a EventFilter,
     sink: Box<dyn Sink>,
     metrics: Arc<Metrics>,
@@ -199,8 +197,13 @@ impl Pipeline<'_> {
         attribution: Attribution,
         peer: Option<Peer>,
     ) -> io::Result<()> {
-        let stack = ev.stack_id.and_then(|id| self.stacks.as_mut()?.get(id));
-        let caller = stack.as_ref().and_then(|s| s.caller.clone());
+        let (caller, stack) = match &mut self.stacks {
+            Some(stacks) => (
+                stacks.caller(&ev.frames),
+                ev.stack_id.and_then(|id| stacks.whole(id)),
+            ),
+            None => (None, None),
+        };
         let ctx = RstContext::of(&ev);
         let diagnosis = diagnosis::rst(&ev, &ctx);
         let report = RstReport {
@@ -210,7 +213,7 @@ impl Pipeline<'_> {
             attribution,
             peer,
             caller,
-            stack: stack.filter(|_| self.show_stacks).map(|s| s.frames),
+            stack: stack.map(|s| s.frames),
             origin: None,
         };
         if report.ev.kind == RstKind::Received
@@ -345,8 +348,24 @@ impl Pipeline<'_> {
         self.sink.flush()
     }
 
-    fn report_losses(&mut self, lost: &LostCounter) -> io::Result<()> {
-        let total = match lost.total() {
+    /// What the programs could not do since the last report: records the
+    /// ring buffer had no room for, and resets with no readable stack.
+    fn report_counters(&mut self, counters: &Counters) -> io::Result<()> {
+        match counters.stack_failures() {
+            Ok(total) if total > self.counts.stack_failures_reported => {
+                if self.counts.stack_failures_reported == 0 {
+                    log::warn!(
+                        "the kernel could not unwind the stack of {total} resets: their caller is null (counted in the exit summary and metrics)"
+                    );
+                }
+                self.metrics
+                    .stack_failures(total - self.counts.stack_failures_reported);
+                self.counts.stack_failures_reported = total;
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("reading the stack-failure counter: {e}"),
+        }
+        let total = match counters.lost() {
             Ok(total) => total,
             Err(e) => {
                 log::warn!("reading the lost-record counter: {e}");
@@ -379,10 +398,17 @@ pub fn start(opts: &TraceOptions) -> Result<Probes> {
 
 pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let ring = probes.take_ring()?;
-    let lost = probes.take_lost_counter()?;
+    let counters = probes.take_counters()?;
     let marks = probes.take_marks();
     let stacks = match Kallsyms::load() {
-        Some(kallsyms) => Some(Stacks::new(probes.take_stacks()?, kallsyms)),
+        Some(kallsyms) => {
+            let whole = opts
+                .probes
+                .whole_stacks
+                .then(|| probes.take_stacks())
+                .transpose()?;
+            Some(Stacks::new(whole, kallsyms))
+        }
         None => None,
     };
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it.
@@ -406,7 +432,6 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         enricher: Enricher::new(CgroupResolver::discover(), pods, opts.pod_labels.clone()),
         owners: OwnerCache::default(),
         stacks,
-        show_stacks: opts.show_stacks,
         filter: &opts.filter,
         sink: sink::open(opts.output, Box::new(stdout), node),
         metrics,
@@ -445,7 +470,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                 _ = sigterm.recv() => return Ok(()),
                 _ = tick.tick() => {
                     pipeline.decoder.clock.refresh();
-                    pipeline.report_losses(&lost)?;
+                    pipeline.report_counters(&counters)?;
                 }
                 _ = scan_tick.tick() => pipeline.scan_half_closed(&opts)?,
                 _ = origin_tick.tick() => pipeline.release_origins(false)?,
@@ -464,7 +489,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         // What was already in the ring when we were told to stop.
         while pipeline.drain(ring.get_mut())? == DRAIN_BATCH {}
         pipeline.release_origins(true)?;
-        pipeline.report_losses(&lost)?;
+        pipeline.report_counters(&counters)?;
         pipeline.sink.flush()
     });
     match outcome {
@@ -476,12 +501,15 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     drop(probes);
     let counts = &pipeline.counts;
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked",
+        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack",
         counts.read,
         counts.shown,
-        lost.total().unwrap_or(counts.lost_reported),
+        counters.lost().unwrap_or(counts.lost_reported),
         counts.undecodable,
         pipeline.tracker.untracked,
+        counters
+            .stack_failures()
+            .unwrap_or(counts.stack_failures_reported),
     );
     Ok(())
 }

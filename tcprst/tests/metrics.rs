@@ -101,6 +101,11 @@ fn metrics_count_resets_programs_and_losses() {
         Some(2.0)
     );
     assert_eq!(value(&m, "tcprst_lost_events_total", &[]), Some(0.0));
+    // Every reset's caller frames were read.
+    assert_eq!(
+        value(&m, "tcprst_stack_capture_failures_total", &[]),
+        Some(0.0)
+    );
     assert_eq!(
         value(&m, "tcprst_halfclose_stuck", &[("state", "FIN_WAIT2")]),
         Some(1.0)

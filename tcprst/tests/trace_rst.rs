@@ -62,6 +62,33 @@ fn closed_port_ipv4() {
     assert_eq!(sent["family"], "ipv4");
 }
 
+/// Callers come from the few frames each record carries; `--stack` adds
+/// the whole stack, innermost first, which the caller is part of.
+#[test]
+fn whole_stacks_only_with_the_stack_flag() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &["--stack"]);
+    closed_port(&ns, "127.0.0.1:40003", "127.0.0.1:9");
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    let sent = find(&events, "rst_sent");
+    assert_eq!(sent["caller"], "tcp_v4_rcv");
+    let frames: Vec<&str> = sent["stack"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no stack: {sent:#}"))
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    let send = frames.iter().position(|f| *f == "tcp_v4_send_reset");
+    let rcv = frames.iter().position(|f| *f == "tcp_v4_rcv");
+    assert!(
+        matches!((send, rcv), (Some(s), Some(r)) if s < r),
+        "{frames:?}"
+    );
+    let events = closed_port_resets("127.0.0.1:40004", "127.0.0.1:9");
+    assert!(find(&events, "rst_sent")["stack"].is_null());
+}
+
 #[test]
 fn closed_port_ipv6() {
     let events = closed_port_resets("[::1]:40001", "[::1]:9");
