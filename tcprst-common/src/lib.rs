@@ -408,6 +408,9 @@ pub struct Settings {
     /// `--stack`: also store each reset's whole stack in `STACKS`.
     pub whole_stacks: u8,
     pub _pad: u8,
+    /// Records wake the reader only once this many bytes wait in the ring
+    /// buffer; the reader also drains on a short timer.
+    pub wakeup_bytes: u32,
 }
 
 /// What made a socket start closing, when a process did.

@@ -28,6 +28,7 @@ static SETTINGS: Settings = Settings {
     send_reset_has_reason: 0,
     whole_stacks: 0,
     _pad: 0,
+    wakeup_bytes: 0,
 };
 
 /// Reads a loader-written global.

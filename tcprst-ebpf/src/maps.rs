@@ -1,10 +1,11 @@
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
 use tcprst_common::{CloseMark, MarkedRstRecord, RstRecord, counters};
 
-use crate::context::in_softirq;
+use crate::{context::in_softirq, globals::settings};
 
 /// Every record for the loader. The loader resizes it (`--buffer-pages`).
 #[map]
@@ -42,10 +43,24 @@ fn count_lost() {
     count(counters::LOST_RECORDS);
 }
 
+/// Waking the reader for every record costs more than the record (an
+/// irq_work, an interrupt in a VM): wake it only once a batch waits. The
+/// reader drains on a timer too, so a lone record is not held for long.
+#[inline(always)]
+fn wakeup_flags(size: usize) -> u64 {
+    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + size as u64;
+    if waiting >= u64::from(settings().wakeup_bytes) {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
+
 /// Emits `record`, or counts it as lost.
 #[inline(always)]
 pub fn emit(record: &RstRecord) {
-    if EVENTS.output::<RstRecord>(record, 0).is_err() {
+    let flags = wakeup_flags(core::mem::size_of::<RstRecord>());
+    if EVENTS.output::<RstRecord>(record, flags).is_err() {
         count_lost();
     }
 }
@@ -62,7 +77,7 @@ pub fn emit_marked(record: &RstRecord, mark: &CloseMark) {
                 (*slot).rst = *record;
                 (*slot).mark = *mark;
             }
-            entry.submit(0);
+            entry.submit(wakeup_flags(core::mem::size_of::<MarkedRstRecord>()));
         }
         None => count_lost(),
     }

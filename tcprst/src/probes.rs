@@ -148,6 +148,8 @@ impl Probes {
             send_reset_has_reason: (send_fields.reason != ABSENT).into(),
             whole_stacks: cfg.whole_stacks.into(),
             _pad: 0,
+            // A quarter of the buffer: room left while the reader wakes.
+            wakeup_bytes: cfg.buffer_pages * PAGE_SIZE / 4,
         };
 
         raise_memlock_limit();

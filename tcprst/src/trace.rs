@@ -37,6 +37,9 @@ use crate::{
 
 /// Records handled per wake-up before signals and the loss report get a turn.
 const DRAIN_BATCH: usize = 4096;
+/// The programs wake the reader only for a batch of records; a lone record
+/// waits at most this long.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// The longest wait between two scans for stuck half-closed connections.
 const MAX_SCAN_EVERY: Duration = Duration::from_secs(5);
 
@@ -451,6 +454,8 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut origin_tick = interval(origin::HOLD / 2);
     origin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut drain_tick = interval(DRAIN_EVERY);
+    drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     log::info!(
         "tracing RSTs and half-closes ({}); Ctrl-C to stop",
@@ -474,6 +479,10 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                 }
                 _ = scan_tick.tick() => pipeline.scan_half_closed(&opts)?,
                 _ = origin_tick.tick() => pipeline.release_origins(false)?,
+                // Records below the wake-up batch are read here.
+                _ = drain_tick.tick() => {
+                    pipeline.drain(ring.get_mut())?;
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     if pipeline.drain(guard.get_inner_mut())? < DRAIN_BATCH {
