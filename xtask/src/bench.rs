@@ -719,6 +719,8 @@ struct MemoryPoint {
     vm_rss_mib: f64,
     /// Peak RSS, startup included.
     vm_hwm_mib: f64,
+    /// Kernel memory of tcprst's BPF maps.
+    map_mib: f64,
     lost: u64,
 }
 
@@ -833,6 +835,7 @@ impl MemoryPoint {
             idle_rss_mib: mib(row.idle_rss_kib, "idle VmRSS")?,
             vm_rss_mib: mib(row.vm_rss_kib, "VmRSS")?,
             vm_hwm_mib: mib(row.vm_hwm_kib, "VmHWM")?,
+            map_mib: mib(row.map_kib, "BPF map memory")?,
             lost: row.lost.unwrap_or(0),
         })
     }
@@ -846,6 +849,7 @@ fn memory_table(points: &[MemoryPoint]) -> Table {
         "idle VmRSS MiB",
         "VmRSS MiB",
         "VmHWM MiB",
+        "BPF maps MiB",
         "lost records",
     ]);
     for p in points {
@@ -856,6 +860,7 @@ fn memory_table(points: &[MemoryPoint]) -> Table {
             format!("{:.1}", p.idle_rss_mib),
             format!("{:.1}", p.vm_rss_mib),
             format!("{:.1}", p.vm_hwm_mib),
+            format!("{:.1}", p.map_mib),
             p.lost.to_string(),
         ]);
     }
@@ -1014,6 +1019,8 @@ struct TracerNumbers {
     vm_hwm_kib: u64,
     vm_rss_kib: u64,
     idle_rss_kib: u64,
+    /// Kernel memory of its BPF maps.
+    map_kib: u64,
     /// tcprst_tracked_connections: half-closed connections it follows.
     tracked_half_closed: Option<u64>,
     hooks: Vec<String>,
@@ -1206,6 +1213,7 @@ impl Running {
         self.settle()?;
         let (vm_hwm_kib, vm_rss_kib) = proc_memory(self.proc.pid())?;
         let progs = ctx.prog_stats(self.proc.pid())?;
+        let map_kib = ctx.map_kib(self.proc.pid())?;
         let tracked_half_closed = self
             .metrics_port
             .map(|port| scrape_metric(port, "tcprst_tracked_connections"))
@@ -1251,6 +1259,7 @@ impl Running {
             vm_hwm_kib,
             vm_rss_kib,
             idle_rss_kib: self.idle_rss_kib,
+            map_kib,
             tracked_half_closed,
             hooks,
             progs,
@@ -1370,6 +1379,7 @@ struct Row {
     vm_hwm_kib: Option<u64>,
     vm_rss_kib: Option<u64>,
     idle_rss_kib: Option<u64>,
+    map_kib: Option<u64>,
     tracked_half_closed: Option<u64>,
     #[serde(skip)]
     hooks: Vec<String>,
@@ -1410,6 +1420,7 @@ impl Row {
             vm_hwm_kib: t.map(|t| t.vm_hwm_kib),
             vm_rss_kib: t.map(|t| t.vm_rss_kib),
             idle_rss_kib: t.map(|t| t.idle_rss_kib),
+            map_kib: t.map(|t| t.map_kib),
             tracked_half_closed: t.and_then(|t| t.tracked_half_closed),
             hooks: t.map(|t| t.hooks.clone()).unwrap_or_default(),
             warnings,
@@ -1745,6 +1756,39 @@ impl Ctx {
 
     /// run_time_ns and run_cnt of every BPF program `pid` holds, from its
     /// fdinfo; names from bpftool, since fdinfo has none.
+    /// What the kernel charges for the BPF maps `pid` holds (`memlock` in
+    /// each map's fdinfo), KiB. Socket storage entries are charged to their
+    /// sockets, not here: with tcprst they exist only for sockets a process
+    /// closed, or every socket with --history.
+    fn map_kib(&self, pid: u32) -> Result<u64> {
+        let mut seen = Vec::new();
+        let mut bytes = 0;
+        let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+            .with_context(|| format!("listing /proc/{pid}/fd"))?;
+        for fd in fds.flatten() {
+            if !fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf-map") {
+                continue;
+            }
+            let info = fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            let field = |k: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let (Some(id), Some(memlock)) = (field("map_id"), field("memlock"))
+                && !seen.contains(&id)
+            {
+                seen.push(id);
+                bytes += memlock;
+            }
+        }
+        Ok(bytes / 1024)
+    }
+
     fn prog_stats(&self, pid: u32) -> Result<Vec<ProgStat>> {
         let mut progs: Vec<ProgStat> = Vec::new();
         let fds = fs::read_dir(format!("/proc/{pid}/fd"))
