@@ -1237,7 +1237,8 @@ impl Running {
         let final_lost = stopped.and_then(|s| nth_number_before(s, "lost"));
         let hooks = stderr
             .lines()
-            .find_map(|l| l.split("half-closes (").nth(1)?.split(')').next())
+            // "… half-closes (hook (tier), hook (tier)); Ctrl-C to stop"
+            .find_map(|l| Some(l.split_once("half-closes (")?.1.rsplit_once("); ")?.0))
             .map(|h| h.split(", ").map(str::to_owned).collect())
             .unwrap_or_default();
         let warnings = stderr
