@@ -411,7 +411,72 @@ pub struct Settings {
     /// Records wake the reader only once this many bytes wait in the ring
     /// buffer; the reader also drains on a short timer.
     pub wakeup_bytes: u32,
+    /// `--detail-per-sec`: resets of one `RstKey` that get their own record
+    /// per tally period; the rest are only counted. 0: every reset.
+    pub detail_per_period: u32,
 }
+
+/// What makes two resets "the same" for counting in the kernel: the
+/// connection's addresses and its service port, the namespace, and what
+/// the kernel decided. The other port, the higher of the two, is the
+/// client's ephemeral one, which a storm varies on every connection: it is
+/// zeroed in the key and sampled in the tally. (Keeping "the remote port
+/// out" would not do: for a client's received resets the ephemeral port is
+/// the local one.) The caller is not in the key: finding it is the
+/// unwinding that counting saves, and within one (hook, reason, state) it
+/// hardly ever differs; each key's detailed records still show theirs. No
+/// implicit padding: the kernel hashes every byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RstKey {
+    /// The higher of the two ports is 0.
+    pub ends: Tuple,
+    pub netns: u32,
+    pub reason: u32,
+    /// `RecordKind as u8`.
+    pub kind: u8,
+    /// `ResetHook as u8`.
+    pub hook: u8,
+    /// The socket's `TCP_*` state; 0 with no socket.
+    pub state: u8,
+    /// `rst_flags::NO_SOCKET`, `HAS_REASON` and `HAS_STATE` of the record.
+    pub flags: u8,
+}
+
+/// Ephemeral ports an `RstTally` keeps as a sample.
+pub const TALLY_PORTS: usize = 4;
+
+/// One key's resets in one tally period: the first `detail_per_period` got
+/// their own record, the rest are counted here. Userspace turns each
+/// tally with `counted > 0` into one aggregate record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RstTally {
+    /// Resets that got their own record (may pass the budget by the few
+    /// that raced on other CPUs).
+    pub detailed: u32,
+    pub _pad: u32,
+    /// Resets only counted here.
+    pub counted: u64,
+    /// CLOCK_MONOTONIC ns of the first and the last counted reset.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The first distinct ports of counted resets on the side the key
+    /// zeroed; 0 is unused.
+    pub ports: [u16; TALLY_PORTS],
+    /// The key's last detailed record: the attribution (process, cgroup,
+    /// caller) the aggregate reports.
+    pub sample: RstRecord,
+}
+
+/// Two tally maps take turns, one period each: the programs count into the
+/// one `TALLY_TURN` (a one-entry array) names, while userspace empties the
+/// other, which no program has written for a whole period, so draining it
+/// races nothing.
+pub const TALLY_MAPS: [&str; 2] = ["TALLIES_A", "TALLIES_B"];
+pub const TALLY_TURN: &str = "TALLY_TURN";
+/// Keys each tally map holds; past that, resets get their own record.
+pub const TALLY_KEYS: u32 = 2048;
 
 /// What made a socket start closing, when a process did.
 pub mod close_op {
@@ -427,6 +492,7 @@ pub mod close_op {
 // The loader decodes records by size; a silent layout change must not build.
 const _: () = assert!(core::mem::size_of::<RstRecord>() == 192);
 const _: () = assert!(core::mem::size_of::<CloseMark>() == 88);
+const _: () = assert!(core::mem::size_of::<RstKey>() == 52);
 
 /// Slots of the per-CPU `COUNTERS` array: what the programs could not do,
 /// so none of it goes unseen.
@@ -435,7 +501,10 @@ pub mod counters {
     pub const LOST_RECORDS: u32 = 0;
     /// Resets whose caller frames could not be taken.
     pub const STACK_FAILURES: u32 = 1;
-    pub const SLOTS: u32 = 2;
+    /// Resets that got their own record past their key's budget because
+    /// the tally map was full: nothing is lost, but the storm costs more.
+    pub const TALLY_FULL: u32 = 2;
+    pub const SLOTS: u32 = 3;
 
     /// Where a program counts `counter`: one slot per context, so a softirq
     /// never interleaves with a process-context update of the same slot.
@@ -456,6 +525,8 @@ mod user {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FunctionArgs {}
     unsafe impl aya::Pod for CloseMark {}
+    unsafe impl aya::Pod for RstKey {}
+    unsafe impl aya::Pod for RstTally {}
 
     impl RecordKind {
         pub fn from_u8(v: u8) -> Option<Self> {

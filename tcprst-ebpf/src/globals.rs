@@ -29,6 +29,7 @@ static SETTINGS: Settings = Settings {
     whole_stacks: 0,
     _pad: 0,
     wakeup_bytes: 0,
+    detail_per_period: 0,
 };
 
 /// Reads a loader-written global.

@@ -3,6 +3,9 @@
 //! `globals`, and the offset-driven readers in `kernel`.
 #![no_std]
 #![no_main]
+// Atomic adds: the bpf target's core has no atomic types.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod closing;
 mod context;
@@ -12,6 +15,7 @@ mod kernel;
 mod maps;
 mod reset;
 mod stack;
+mod tally;
 mod tracepoint;
 
 #[cfg(not(test))]

@@ -23,6 +23,7 @@ use crate::{
     },
     maps::{emit, emit_marked, tracepoint_covered},
     stack::{caller_frames, stack_id},
+    tally::{Budget, tally},
     tracepoint::{field, read_tuple, tuple_wanted},
 };
 
@@ -164,8 +165,9 @@ pub fn blank(kind: RecordKind, hook: ResetHook) -> RstRecord {
     rec
 }
 
-/// Applies the kernel-side filters, adds who was running, and emits, with
-/// the socket's close mark when there is one.
+/// Applies the kernel-side filters, charges the reset to its key's budget,
+/// and, unless it was only counted, adds who was running and the caller and
+/// emits, with the socket's close mark when there is one.
 #[inline(always)]
 pub fn finish(
     ctx: &impl StackIdContext,
@@ -177,16 +179,31 @@ pub fn finish(
         return;
     }
     rec.netns = netns;
-    let context = origin(&mut rec.task);
-    rec.context = context as u8;
     let tgid = filter().tgid;
-    if tgid != 0 && (context != ExecContext::Process || rec.task.tgid != tgid) {
-        return;
+    if tgid != 0 {
+        // The pid filter needs the task before the reset may count.
+        let context = origin(&mut rec.task);
+        rec.context = context as u8;
+        if context != ExecContext::Process || rec.task.tgid != tgid {
+            return;
+        }
+    }
+    let sample = match tally(rec) {
+        Budget::Counted => return,
+        Budget::Detailed(tally) => Some(tally),
+        Budget::Untallied => None,
+    };
+    if tgid == 0 {
+        rec.context = origin(&mut rec.task) as u8;
     }
     rec.stack_id = stack_id(ctx);
     caller_frames(ctx, &mut rec.frames);
     // SAFETY: reads the monotonic clock.
     rec.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    if let Some(tally) = sample {
+        // SAFETY: `tally` points at this key's live map value (see `tally`).
+        unsafe { (*tally).sample = *rec };
+    }
     match mark {
         Some(mark) => {
             rec.flags |= rst_flags::HAS_MARK;

@@ -168,6 +168,12 @@ pub struct TraceArgs {
     #[arg(long)]
     pub stack: bool,
 
+    /// Resets a second that get their own record, per kind, ends (remote port aside), reason,
+    /// hook and state; the kernel only counts the rest, reported once a second as one aggregate
+    /// record per key. 0: a record for every reset
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub detail_per_sec: u32,
+
     /// Serve Prometheus metrics at http://ADDR/metrics; a bare port binds 127.0.0.1
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<MetricsAddr>,

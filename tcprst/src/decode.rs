@@ -4,15 +4,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Result, anyhow, bail};
 use tcprst_common::{
-    AF_INET, AF_INET6, CloseMark, MARK_STEPS, MarkedRstRecord, RecordKind, RstRecord, TaskInfo,
-    Tuple, close_op, rst_flags, shutdown_bits,
+    AF_INET, AF_INET6, CloseMark, MARK_STEPS, MarkedRstRecord, RecordKind, RstKey, RstRecord,
+    RstTally, TaskInfo, Tuple, close_op, rst_flags, shutdown_bits,
 };
 
 use crate::{
     clock::WallClock,
     event::{
-        AttachTier, CloseHistory, CloseOp, Errno, ExecContext, Initiator, NfHook, ResetHook,
-        RstEvent, RstKind, ShutHow, SocketFacts, Task, TcpState,
+        Aggregate, AttachTier, CALLER_FRAMES, CloseHistory, CloseOp, Errno, ExecContext, Initiator,
+        NfHook, ResetHook, RstEvent, RstKind, ShutHow, SocketFacts, Task, TcpState,
     },
     layout::ReasonNames,
 };
@@ -113,7 +113,46 @@ impl Decoder {
             nf_hook: has(rst_flags::HAS_NF_HOOK)
                 .then(|| NfHook::from_kernel(rec.nf_hook))
                 .flatten(),
+            aggregate: None,
         })
+    }
+
+    /// One kernel tally as an event standing for its counted resets: the
+    /// key's ends and verdict, with the attribution of its last detailed
+    /// record. What belonged to that one socket (cookie, inode, close mark,
+    /// whole stack) is left out.
+    pub fn aggregate(&self, key: &RstKey, tally: &RstTally) -> Result<RstEvent> {
+        let mut rec = tally.sample;
+        if rec.kind == 0 {
+            // The detailed record that should have left its sample was still
+            // being written when the period ended: report the key alone.
+            rec.context = tcprst_common::ExecContext::Softirq as u8;
+            rec.tier = tcprst_common::AttachTier::Tracepoint as u8;
+            rec.cgroup_id = 0;
+            rec.frames = [0; CALLER_FRAMES];
+        }
+        rec.kind = key.kind;
+        rec.hook = key.hook;
+        rec.state = key.state;
+        rec.reason = key.reason;
+        rec.netns = key.netns;
+        rec.tuple = key.ends;
+        rec.flags = key.flags | (rec.flags & rst_flags::HAS_NF_HOOK);
+        rec.stack_id = -1;
+        let kind = match RecordKind::from_u8(key.kind) {
+            Some(RecordKind::RstSent) => RstKind::Sent,
+            Some(RecordKind::RstReceived) => RstKind::Received,
+            None => bail!("unknown record kind {} in a tally", key.kind),
+        };
+        let mut ev = self.rst(rec, None, kind)?;
+        ev.time = self.clock.wall_time(tally.last_ns);
+        ev.aggregate = Some(Aggregate {
+            count: tally.counted,
+            first: self.clock.wall_time(tally.first_ns),
+            last: ev.time,
+            ports: tally.ports.iter().copied().filter(|p| *p != 0).collect(),
+        });
+        Ok(ev)
     }
 }
 
@@ -254,6 +293,73 @@ pub(crate) mod tests {
 
     pub fn rst(bytes: &[u8]) -> RstEvent {
         decoder().decode(bytes).unwrap()
+    }
+
+    fn tally_of(sample: RstRecord) -> (RstKey, RstTally) {
+        let mut ends = tuple();
+        ends.remote_port = 0;
+        let key = RstKey {
+            ends,
+            netns: 4026531840,
+            reason: 1,
+            kind: RecordKind::RstSent as u8,
+            hook: ResetHook::SendResetTracepoint as u8,
+            state: 0,
+            flags: rst_flags::NO_SOCKET | rst_flags::HAS_REASON,
+        };
+        let tally = RstTally {
+            detailed: 20,
+            _pad: 0,
+            counted: 48211,
+            first_ns: 2_000,
+            last_ns: 1_000_002_000,
+            ports: [40001, 40002, 0, 0],
+            sample,
+        };
+        (key, tally)
+    }
+
+    #[test]
+    fn a_tally_becomes_one_event_with_its_sample_attribution() {
+        let mut sample = record(RecordKind::RstSent);
+        sample.cgroup_id = 77;
+        sample.sock_cookie = 5;
+        sample.flags |= rst_flags::HAS_COOKIE | rst_flags::HAS_SOCKET_FACTS;
+        sample.frames[0] = 0xffff_ffff_8100_0000;
+        let (key, tally) = tally_of(sample);
+        let ev = decoder().aggregate(&key, &tally).unwrap();
+        assert_eq!(ev.kind, RstKind::Sent);
+        assert_eq!(ev.resets(), 48211);
+        let agg = ev.aggregate.as_ref().unwrap();
+        assert_eq!(agg.ports, [40001, 40002]);
+        assert_eq!(
+            agg.last.duration_since(agg.first).unwrap(),
+            std::time::Duration::from_secs(1)
+        );
+        assert_eq!(ev.time, agg.last);
+        // The key's verdict and ends, without the ephemeral port.
+        assert_eq!(ev.reason.as_deref(), Some("NO_SOCKET"));
+        assert_eq!(ev.state, None);
+        assert_eq!(ev.remote, "10.1.2.3:0".parse().unwrap());
+        // The sample's attribution; nothing of its one socket.
+        assert_eq!(ev.cgroup_id, Some(77));
+        assert_eq!(ev.task.as_ref().unwrap().comm, "curl");
+        assert_eq!(ev.frames[0], 0xffff_ffff_8100_0000);
+        assert_eq!(ev.sock_cookie, None);
+        assert_eq!(ev.socket, None);
+        assert_eq!(ev.stack_id, None);
+    }
+
+    #[test]
+    fn a_tally_without_a_sample_still_reports_its_count() {
+        // SAFETY: RstRecord is plain integers and byte arrays.
+        let blank: RstRecord = unsafe { std::mem::zeroed() };
+        let (key, tally) = tally_of(blank);
+        let ev = decoder().aggregate(&key, &tally).unwrap();
+        assert_eq!(ev.resets(), 48211);
+        assert_eq!(ev.context, ExecContext::Softirq);
+        assert_eq!(ev.task, None);
+        assert_eq!(ev.local, "127.0.0.1:8080".parse().unwrap());
     }
 
     #[test]

@@ -78,6 +78,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         buffer_pages: 1,
         history: false,
         whole_stacks: false,
+        detail_per_sec: 0,
         btf: btf.clone(),
         attach: attach.clone(),
         probe_every_tier: true,

@@ -128,21 +128,13 @@ pub fn find_sockets_with(
 /// scan answers every inode of a burst, and a miss rescans at most every
 /// `OWNER_RESCAN_EVERY`, so a reset storm costs a few scans a second, not
 /// one per reset. Memory is one scan's worth, whatever the connection rate.
+#[derive(Default)]
 pub struct OwnerCache {
     owners: SocketOwners,
     scanned_at: Option<Instant>,
 }
 
 const OWNER_RESCAN_EVERY: Duration = Duration::from_millis(100);
-
-impl Default for OwnerCache {
-    fn default() -> Self {
-        Self {
-            owners: SocketOwners::default(),
-            scanned_at: None,
-        }
-    }
-}
 
 impl OwnerCache {
     pub fn owner(&mut self, inode: u64) -> Option<Process> {

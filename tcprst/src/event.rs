@@ -17,6 +17,27 @@ impl RstKind {
             Self::Received => "rst_received",
         }
     }
+
+    /// The kind of a record that stands for many resets.
+    pub fn aggregate_name(self) -> &'static str {
+        match self {
+            Self::Sent => "rst_sent_aggregate",
+            Self::Received => "rst_received_aggregate",
+        }
+    }
+}
+
+/// Resets the kernel only counted, past their key's `--detail-per-sec`
+/// budget: one event stands for all of them, with the attribution of the
+/// key's last detailed record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    pub count: u64,
+    pub first: SystemTime,
+    pub last: SystemTime,
+    /// The first few distinct ports of the side whose port is 0 in
+    /// `local`/`remote` (the clients' ephemeral ports), as a sample.
+    pub ports: Vec<u16>,
 }
 
 /// TCP states; their numbers (`include/net/tcp_states.h`) never changed.
@@ -166,6 +187,15 @@ pub struct RstEvent {
     pub tier: AttachTier,
     /// For netfilter resets: the hook the rejecting rule ran in.
     pub nf_hook: Option<NfHook>,
+    /// Set when this event stands for `count` resets of one key.
+    pub aggregate: Option<Aggregate>,
+}
+
+impl RstEvent {
+    /// How many resets this event stands for.
+    pub fn resets(&self) -> u64 {
+        self.aggregate.as_ref().map_or(1, |a| a.count)
+    }
 }
 
 /// Netfilter hooks (`enum nf_inet_hooks`, UAPI: stable numbers).

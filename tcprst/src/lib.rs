@@ -29,6 +29,7 @@ pub mod sink;
 pub mod snapshot;
 pub mod sockdiag;
 pub mod stacks;
+pub mod tallies;
 #[cfg(test)]
 mod testing;
 pub mod trace;

@@ -130,6 +130,7 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
             buffer_pages: args.buffer_pages,
             history: args.history,
             whole_stacks: args.stack,
+            detail_per_sec: args.detail_per_sec,
             btf: args.kernel.btf,
             attach: AttachRequest::new(&args.kernel.attach),
             probe_every_tier: false,

@@ -138,6 +138,7 @@ impl Metrics {
         caller: Option<&str>,
         namespace: Option<&str>,
         pod: Option<&str>,
+        resets: u64,
     ) {
         self.rsts
             .get_or_create(&RstLabels {
@@ -147,7 +148,7 @@ impl Metrics {
                 namespace: namespace.unwrap_or("").to_owned(),
                 pod: pod.unwrap_or("").to_owned(),
             })
-            .inc();
+            .inc_by(resets);
     }
 
     /// The current number of stuck connections in each half-closed state.
@@ -248,9 +249,17 @@ mod tests {
     #[test]
     fn encodes_counters_with_labels() {
         let m = Metrics::default();
-        m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None);
-        m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None);
-        m.reset(false, None, None, Some("shop"), Some("web-1"));
+        m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None, 1);
+        // An aggregate event counts every reset it stands for.
+        m.reset(
+            true,
+            Some("NO_SOCKET"),
+            Some("tcp_v4_rcv"),
+            None,
+            None,
+            48211,
+        );
+        m.reset(false, None, None, Some("shop"), Some("web-1"), 1);
         m.set_stuck(&[(TcpState::FinWait2, 3)]);
         m.lost(7);
         m.stack_failures(2);
@@ -258,7 +267,7 @@ mod tests {
         m.tracker(42, 2);
         let text = m.encode();
         for line in [
-            r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="",pod=""} 2"#,
+            r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="",pod=""} 48212"#,
             r#"tcprst_resets_total{direction="received",reason="",caller="",namespace="shop",pod="web-1"} 1"#,
             r#"tcprst_halfclose_stuck{state="FIN_WAIT2"} 3"#,
             "tcprst_lost_events_total 7",

@@ -11,7 +11,7 @@ use aya::{
 };
 use tcprst_common::{
     ABSENT, AttachTier, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetHook,
-    Settings, counters,
+    Settings, TALLY_MAPS, TALLY_TURN, counters,
 };
 
 use crate::{
@@ -21,6 +21,7 @@ use crate::{
     },
     btf::{FUNCTION_TIERS, KernelBtf, VMLINUX},
     layout::{ReasonNames, reset_fields},
+    tallies::Tallies,
     tracefs::{INET_SOCK_SET_STATE, TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint},
 };
 
@@ -39,6 +40,9 @@ pub struct ProbeConfig {
     pub history: bool,
     /// `--stack`: keep each reset's whole kernel stack too.
     pub whole_stacks: bool,
+    /// `--detail-per-sec`: records per reset key per second; the kernel
+    /// only counts the rest. 0: a record for every reset.
+    pub detail_per_sec: u32,
     /// An explicit BTF file; otherwise the running kernel's.
     pub btf: Option<PathBuf>,
     pub attach: AttachRequest,
@@ -150,6 +154,8 @@ impl Probes {
             _pad: 0,
             // A quarter of the buffer: room left while the reader wakes.
             wakeup_bytes: cfg.buffer_pages * PAGE_SIZE / 4,
+            // The tally period is a second (`Tallies::PERIOD`).
+            detail_per_period: cfg.detail_per_sec,
         };
 
         raise_memlock_limit();
@@ -464,6 +470,14 @@ impl Probes {
         Ok(Counters(self.take("COUNTERS")?))
     }
 
+    pub fn take_tallies(&mut self) -> Result<Tallies> {
+        let [a, b] = TALLY_MAPS;
+        Ok(Tallies::new(
+            [self.take(a)?, self.take(b)?],
+            self.take(TALLY_TURN)?,
+        ))
+    }
+
     /// The close-mark map, which sock_diag dumps beside each socket; None
     /// where marks are unavailable.
     pub fn take_marks(&mut self) -> Option<MapData> {
@@ -622,5 +636,11 @@ impl Counters {
     /// Resets whose caller frames the kernel could not unwind.
     pub fn stack_failures(&self) -> Result<u64> {
         self.total(counters::STACK_FAILURES)
+    }
+
+    /// Resets past their key's budget that still got their own record
+    /// because the tally map was full.
+    pub fn tally_full(&self) -> Result<u64> {
+        self.total(counters::TALLY_FULL)
     }
 }

@@ -61,6 +61,7 @@ pub fn reset(
         },
         tier: AttachTier::Tracepoint,
         nf_hook: None,
+        aggregate: None,
     }
 }
 

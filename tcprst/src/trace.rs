@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
+use tcprst_common::{RstKey, RstTally};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -32,6 +33,7 @@ use crate::{
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
     sockdiag::DumpExtras,
     stacks::{Kallsyms, Stacks},
+    tallies::Tallies,
     tracker::{ConnKey, Resolved, RstContext, ScannedSocket, Tracker},
 };
 
@@ -63,6 +65,9 @@ struct Counts {
     undecodable: u64,
     lost_reported: u64,
     stack_failures_reported: u64,
+    /// Resets the kernel only counted, and the aggregate events for them.
+    counted: u64,
+    aggregates: u64,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -242,7 +247,49 @@ impl Pipeline<'_> {
             report.caller.as_deref(),
             pod.map(|p| p.namespace.as_str()),
             pod.map(|p| p.name.as_str()),
+            report.ev.resets(),
         );
+    }
+
+    /// The resets the kernel only counted, one aggregate event per key.
+    /// They skip origin matching: a count has no single send to pair with,
+    /// and the key's detailed records were matched already.
+    fn aggregates(&mut self, tallies: Vec<(RstKey, RstTally)>) -> io::Result<()> {
+        for (key, tally) in tallies {
+            let ev = match self.decoder.aggregate(&key, &tally) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    // Not silent: the count goes into the exit summary.
+                    log::warn!("undecodable reset tally of {} resets: {e}", tally.counted);
+                    self.counts.undecodable += 1;
+                    continue;
+                }
+            };
+            self.counts.counted += tally.counted;
+            let conn = ConnKey::new(ev.netns, ev.local, ev.remote);
+            let owner = self.owner_of(&ev);
+            let attribution = self.enricher.attribute(&conn, ev.cgroup_id, owner);
+            if !(self.filter.matches(&ev) && self.filter.wants_owner(&attribution)) {
+                continue;
+            }
+            let caller = self.stacks.as_mut().and_then(|s| s.caller(&ev.frames));
+            let ctx = RstContext::of(&ev);
+            let report = RstReport {
+                diagnosis: diagnosis::rst(&ev, &ctx),
+                ev,
+                conn: ctx.conn,
+                attribution,
+                peer: None,
+                caller,
+                stack: None,
+                origin: None,
+            };
+            self.count_reset(&report);
+            self.sink.rst(&report)?;
+            self.counts.shown += 1;
+            self.counts.aggregates += 1;
+        }
+        self.sink.flush()
     }
 
     fn emit_resolved(&mut self, resolved: Resolved) -> io::Result<()> {
@@ -402,6 +449,7 @@ pub fn start(opts: &TraceOptions) -> Result<Probes> {
 pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let ring = probes.take_ring()?;
     let counters = probes.take_counters()?;
+    let mut tallies = probes.take_tallies()?;
     let marks = probes.take_marks();
     let stacks = match Kallsyms::load() {
         Some(kallsyms) => {
@@ -456,6 +504,12 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     origin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut drain_tick = interval(DRAIN_EVERY);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut tally_tick = interval_at(
+        tokio::time::Instant::now() + Tallies::PERIOD,
+        Tallies::PERIOD,
+    );
+    // A late turn only makes one period longer; none is skipped.
+    tally_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     log::info!(
         "tracing RSTs and half-closes ({}); Ctrl-C to stop",
@@ -479,6 +533,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                 }
                 _ = scan_tick.tick() => pipeline.scan_half_closed(&opts)?,
                 _ = origin_tick.tick() => pipeline.release_origins(false)?,
+                _ = tally_tick.tick() => pipeline.aggregates(read_tallies(tallies.turn()))?,
                 // Records below the wake-up batch are read here.
                 _ = drain_tick.tick() => {
                     pipeline.drain(ring.get_mut())?;
@@ -498,6 +553,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         // What was already in the ring when we were told to stop.
         while pipeline.drain(ring.get_mut())? == DRAIN_BATCH {}
         pipeline.release_origins(true)?;
+        pipeline.aggregates(read_tallies(tallies.finish()))?;
         pipeline.report_counters(&counters)?;
         pipeline.sink.flush()
     });
@@ -510,7 +566,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     drop(probes);
     let counts = &pipeline.counts;
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack",
+        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
@@ -519,8 +575,20 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         counters
             .stack_failures()
             .unwrap_or(counts.stack_failures_reported),
+        counts.counted,
+        counts.aggregates,
+        counters.tally_full().unwrap_or(0),
     );
     Ok(())
+}
+
+/// The tallies a turn read; a map that cannot be read is reported, and
+/// tracing goes on with the records it has.
+fn read_tallies(turned: Result<Vec<(RstKey, RstTally)>>) -> Vec<(RstKey, RstTally)> {
+    turned.unwrap_or_else(|e| {
+        log::warn!("{e:#}: the resets counted in the kernel this second are not reported");
+        Vec::new()
+    })
 }
 
 /// Received resets are explained by the sends this host makes, unless

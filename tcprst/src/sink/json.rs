@@ -211,9 +211,18 @@ impl<'a> WhoJson<'a> {
 }
 
 #[derive(Serialize)]
+struct AggregateJson<'a> {
+    first_time: String,
+    ports: &'a [u16],
+}
+
+#[derive(Serialize)]
 struct RstJson<'a> {
     time: String,
     kind: &'static str,
+    /// The resets this record stands for: 1, or an aggregate's count.
+    count: u64,
+    aggregate: Option<AggregateJson<'a>>,
     #[serde(flatten)]
     endpoints: Endpoints,
     state: Option<&'static str>,
@@ -248,7 +257,15 @@ impl<'a> RstJson<'a> {
         let conn = report.conn.as_ref();
         Self {
             time: rfc3339_micros(ev.time),
-            kind: ev.kind.name(),
+            kind: match ev.aggregate {
+                Some(_) => ev.kind.aggregate_name(),
+                None => ev.kind.name(),
+            },
+            count: ev.resets(),
+            aggregate: ev.aggregate.as_ref().map(|a| AggregateJson {
+                first_time: rfc3339_micros(a.first),
+                ports: &a.ports,
+            }),
             endpoints: Endpoints::new(ev.local, ev.remote),
             state: ev.state.map(|s| s.name()),
             reason: ev.reason.as_deref(),
@@ -540,6 +557,8 @@ mod tests {
         let expected = serde_json::json!({
             "time": "2026-11-18T11:06:40.123456Z",
             "kind": "rst_received",
+            "count": 1,
+            "aggregate": null,
             "family": "ipv6",
             "local_addr": "::1", "local_port": 5000,
             "remote_addr": "::1", "remote_port": 40000,
@@ -569,6 +588,46 @@ mod tests {
             "origin": "not a local TCP socket (netfilter, middlebox or userspace stack)",
         });
         assert_eq!(lines(&buf)[0], expected);
+    }
+
+    #[test]
+    fn aggregate_shape() {
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
+        let last = UNIX_EPOCH + Duration::from_micros(1_795_000_001_000_000);
+        let mut ev = reset(RstKind::Sent, last, None, Some("NO_SOCKET"));
+        ev.remote = "127.0.0.1:0".parse().unwrap();
+        ev.aggregate = Some(crate::event::Aggregate {
+            count: 48211,
+            first: UNIX_EPOCH + Duration::from_micros(1_795_000_000_000_000),
+            last,
+            ports: vec![40001, 40002],
+        });
+        sink.rst(&RstReport {
+            ev,
+            conn: None,
+            diagnosis: None,
+            attribution: Attribution::default(),
+            peer: None,
+            caller: Some("tcp_v4_rcv".into()),
+            stack: None,
+            origin: None,
+        })
+        .unwrap();
+        let v = &lines(&buf)[0];
+        assert_eq!(v["kind"], "rst_sent_aggregate");
+        assert_eq!(v["count"], 48211);
+        assert_eq!(v["time"], "2026-11-18T11:06:41.000000Z");
+        assert_eq!(
+            v["aggregate"],
+            serde_json::json!({
+                "first_time": "2026-11-18T11:06:40.000000Z",
+                "ports": [40001, 40002],
+            })
+        );
+        assert_eq!(v["remote_port"], 0);
+        assert_eq!(v["reason"], "NO_SOCKET");
+        assert_eq!(v["caller"], "tcp_v4_rcv");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use comfy_table::{
 };
 
 use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros, task_label};
+use tcprst_common::TALLY_PORTS;
+
 use crate::{
     enrich::Attribution,
     event::{ExecContext, RstEvent, RstKind},
@@ -17,7 +19,7 @@ use crate::{
 
 const COLUMNS: [(&str, u16); 9] = [
     ("TIME (UTC)", 17),
-    ("EVENT", 10),
+    ("EVENT", 16),
     ("NETNS", 12),
     ("LOCAL", 24),
     ("REMOTE", 24),
@@ -91,6 +93,28 @@ impl TableSink {
     }
 }
 
+/// An aggregate's ends have port 0 where the clients' ports varied.
+fn endpoint(addr: std::net::SocketAddr) -> String {
+    match addr {
+        _ if addr.port() != 0 => addr.to_string(),
+        std::net::SocketAddr::V4(a) => format!("{}:*", a.ip()),
+        std::net::SocketAddr::V6(a) => format!("[{}]:*", a.ip()),
+    }
+}
+
+/// 48211 → "48,211".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn time_of_day(t: std::time::SystemTime) -> String {
     let time = rfc3339_micros(t);
     time.get(11..26).unwrap_or(&time).to_owned()
@@ -152,12 +176,16 @@ impl Sink for TableSink {
             RstKind::Sent => ("RST sent", Color::Red),
             RstKind::Received => ("RST recv", Color::Yellow),
         };
+        let label = match &ev.aggregate {
+            Some(a) => format!("{label} ×{}", thousands(a.count)),
+            None => label.to_owned(),
+        };
         self.row(vec![
             Cell::new(time_of_day(ev.time)),
             Cell::new(label).fg(color),
             netns_cell(ev.netns),
-            Cell::new(ev.local),
-            Cell::new(ev.remote),
+            Cell::new(endpoint(ev.local)),
+            Cell::new(endpoint(ev.remote)),
             Cell::new(ev.state.map_or("-", |s| s.name())),
             Cell::new(why(report)),
             Cell::new(task(ev)),
@@ -177,7 +205,22 @@ impl Sink for TableSink {
                 hook.name()
             )
         });
-        match [report.diagnosis.clone(), origin, netfilter]
+        let counted = ev.aggregate.as_ref().map(|a| {
+            let span = a.last.duration_since(a.first).unwrap_or_default();
+            let ports: Vec<String> = a.ports.iter().map(u16::to_string).collect();
+            format!(
+                "{} more resets like this in {:.1}s, only counted (ports {}{})",
+                thousands(a.count),
+                span.as_secs_f64(),
+                ports.join(", "),
+                if ports.len() == TALLY_PORTS {
+                    ", …"
+                } else {
+                    ""
+                }
+            )
+        });
+        match [counted, report.diagnosis.clone(), origin, netfilter]
             .into_iter()
             .flatten()
             .reduce(|a, b| format!("{a}; {b}"))
@@ -284,5 +327,40 @@ mod tests {
         );
         assert!(lines[1].contains("(softirq)") && lines[1].contains("ECONNRESET"));
         assert_eq!(lines[2], "   └─ because of a test");
+    }
+
+    #[test]
+    fn an_aggregate_row_shows_its_count_and_a_port_sample() {
+        let buf = Shared::default();
+        let mut sink = TableSink::new(Box::new(buf.clone()));
+        let mut report = event(RstKind::Sent, "127.0.0.1:9", None);
+        let last = report.ev.time;
+        report.ev.remote = "127.0.0.1:0".parse().unwrap();
+        report.ev.aggregate = Some(crate::event::Aggregate {
+            count: 48211,
+            first: last - std::time::Duration::from_millis(1000),
+            last,
+            ports: vec![40001, 40002, 40003, 40004],
+        });
+        sink.rst(&report).unwrap();
+        let text = buf.text();
+        assert!(text.contains("RST sent"), "{text}");
+        assert!(text.contains("×48,211"), "{text}");
+        assert!(text.contains("127.0.0.1:*"), "{text}");
+        assert!(
+            text.contains(
+                "└─ 48,211 more resets like this in 1.0s, only counted (ports 40001, 40002, 40003, 40004, …); because of a test"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(48211), "48,211");
+        assert_eq!(thousands(1234567), "1,234,567");
     }
 }

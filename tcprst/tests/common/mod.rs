@@ -233,11 +233,12 @@ impl Tracer {
         self.spawned.stderr_text()
     }
 
-    /// Waits until `n` RST events have arrived (or 10 s), then a little
-    /// longer so that any unexpected extra event shows up too.
-    pub fn wait_for_rsts(&mut self, n: usize) {
+    /// Waits until records for `n` resets have arrived (or 10 s), counting
+    /// what aggregate records stand for, then a little longer so that any
+    /// unexpected extra record shows up too.
+    pub fn wait_for_rsts(&mut self, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while rsts(&self.seen).len() < n {
+        while resets(&self.seen) < n {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(v) => self.seen.push(v),
@@ -347,6 +348,16 @@ pub fn rsts(records: &[Value]) -> Vec<&Value> {
         .iter()
         .filter(|v| matches!(v["kind"].as_str(), Some("rst_sent" | "rst_received")))
         .collect()
+}
+
+/// The resets these records stand for: one per rst_sent and rst_received,
+/// `count` per aggregate record.
+pub fn resets(records: &[Value]) -> u64 {
+    records
+        .iter()
+        .filter(|v| v["kind"].as_str().is_some_and(|k| k.starts_with("rst_")))
+        .map(|v| v["count"].as_u64().unwrap())
+        .sum()
 }
 
 /// An end of the connection, `[::1]:9` style.

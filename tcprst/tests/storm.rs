@@ -1,0 +1,162 @@
+//! Reset storms: the kernel counts resets past each key's budget, and the
+//! detailed and aggregate records still add up to every reset, exactly.
+//! The generator is connects to a closed port in a fresh namespace, which
+//! counts its own refusals: each is one reset sent and one received, all of
+//! one key per direction (the clients' ports are what the key leaves out).
+
+mod common;
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use common::{Netns, Tracer, records_read};
+use serde_json::Value;
+
+const CLOSED_PORT: &str = "127.0.0.1:9";
+
+fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
+    let inode = ns.inode.to_string();
+    let mut args = vec!["--netns", inode.as_str()];
+    args.extend_from_slice(extra);
+    Tracer::start(&args)
+}
+
+/// Connects to the closed port from two threads for `seconds`; returns how
+/// many were refused, i.e. how many resets each direction saw.
+fn storm(ns: &Netns, seconds: f64) -> u64 {
+    let target: SocketAddr = CLOSED_PORT.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    ns.enter(|| {
+                        let mut refused = 0u64;
+                        while Instant::now() < deadline {
+                            match TcpStream::connect(target) {
+                                Err(e) if e.kind() == ErrorKind::ConnectionRefused => refused += 1,
+                                other => panic!("a connect to a closed port gave {other:?}"),
+                            }
+                        }
+                        refused
+                    })
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    })
+}
+
+fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    records.iter().filter(|v| v["kind"] == kind).collect()
+}
+
+fn count_of(records: &[&Value]) -> u64 {
+    records.iter().map(|v| v["count"].as_u64().unwrap()).sum()
+}
+
+/// The "N lost" of the exit summary.
+fn lost(stderr: &str) -> u64 {
+    let summary = stderr.split("stopped: ").nth(1).unwrap();
+    let before = summary.split(" lost").next().unwrap();
+    before.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn every_reset_is_counted_exactly_in_a_storm() {
+    let ns = Netns::new();
+    let tracer = trace_netns(&ns, &[]);
+    let refused = storm(&ns, 2.0);
+    assert!(refused > 1000, "only {refused} connects in 2 s");
+    // The last tallies are read as tracing stops.
+    let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(lost(&stderr), 0, "{stderr}");
+    for kind in ["rst_sent", "rst_received"] {
+        let detailed = of_kind(&records, kind);
+        let aggregates = of_kind(&records, &format!("{kind}_aggregate"));
+        assert_eq!(
+            count_of(&detailed) + count_of(&aggregates),
+            refused,
+            "{kind}: {} detailed, aggregates {:?}; stderr:\n{stderr}",
+            detailed.len(),
+            aggregates
+                .iter()
+                .map(|v| v["count"].clone())
+                .collect::<Vec<_>>()
+        );
+        assert!(!aggregates.is_empty(), "{kind}: no aggregate records");
+        for aggregate in aggregates {
+            // What the key keeps: the service end; the clients' ports vary.
+            let (service, client) = match kind {
+                "rst_sent" => ("local", "remote"),
+                _ => ("remote", "local"),
+            };
+            assert_eq!(aggregate[format!("{service}_port")], 9, "{aggregate:#}");
+            assert_eq!(aggregate[format!("{client}_port")], 0, "{aggregate:#}");
+            let ports = aggregate["aggregate"]["ports"].as_array().unwrap();
+            assert!(!ports.is_empty(), "{aggregate:#}");
+        }
+    }
+    // The detailed records are the only ones the ring buffer carried.
+    let detailed =
+        (of_kind(&records, "rst_sent").len() + of_kind(&records, "rst_received").len()) as u64;
+    assert_eq!(records_read(&stderr), detailed, "{stderr}");
+}
+
+#[test]
+fn a_key_gets_its_budget_of_detailed_records_a_second() {
+    let ns = Netns::new();
+    let tracer = trace_netns(&ns, &["--detail-per-sec", "5"]);
+    let refused = storm(&ns, 2.0);
+    let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{stderr}");
+    for kind in ["rst_sent", "rst_received"] {
+        let detailed = of_kind(&records, kind).len() as u64;
+        // Two seconds overlap at most three tally periods of 5 each.
+        assert!(
+            (5..=15).contains(&detailed),
+            "{kind}: {detailed} detailed records"
+        );
+        let aggregates = of_kind(&records, &format!("{kind}_aggregate"));
+        assert_eq!(count_of(&aggregates), refused - detailed, "{kind}");
+    }
+}
+
+#[test]
+fn every_reset_gets_a_record_with_no_budget() {
+    let ns = Netns::new();
+    // Room for every record, so the count is about budgets, not loss.
+    let tracer = trace_netns(&ns, &["--detail-per-sec", "0", "--buffer-pages", "4096"]);
+    let refused = storm(&ns, 0.5);
+    let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{stderr}");
+    assert_eq!(lost(&stderr), 0, "raise the buffer for this test: {stderr}");
+    assert!(!records.iter().any(|v| v["aggregate"].is_object()));
+    assert_eq!(of_kind(&records, "rst_sent").len() as u64, refused);
+    assert_eq!(of_kind(&records, "rst_received").len() as u64, refused);
+}
+
+/// Once a storm's tallies are all reported its key's budget has started
+/// again, and the programs wake the reader only for a batch of records: a
+/// lone reset must still show up at once, from the reader's drain timer.
+#[test]
+fn a_lone_reset_after_a_storm_is_shown_promptly() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &[]);
+    let refused = storm(&ns, 1.0);
+    tracer.wait_for_rsts(2 * refused);
+    let sent_at = Instant::now();
+    let err = ns.connect("127.0.0.1:40005", CLOSED_PORT).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    tracer.wait_for("the lone reset", |v| {
+        v["kind"] == "rst_received" && v["local_port"] == 40005
+    });
+    let waited = sent_at.elapsed();
+    // The drain timer runs every 50 ms: a second is a wide margin.
+    assert!(waited < Duration::from_secs(1), "shown after {waited:?}");
+    tracer.stop();
+}
