@@ -27,7 +27,7 @@ use crate::{
     filter::EventFilter,
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr},
-    origin::{self, Origin, Origins, Receipt},
+    origin::{Origin, Origins, Receipt},
     probes::{Counters, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
     sockdiag::DumpExtras,
@@ -272,30 +272,37 @@ impl Pipeline<'_> {
         self.counts.shown += 1;
         Ok(())
     }
-    /// Received resets whose wait for an explaining send is over; all of
-    /// them when tracing stops.
-    fn release_origins(&mut self, all: bool) -> io::Result<()> {
-        let Some(origins) = &mut self.origins else {
-            return Ok(());
+
+    /// Received resets no send can explain any more; `read_all_before` is
+    /// when a drain that read the ring buffer empty began.
+    fn release_origins(&mut self, read_all_before: Option<Instant>) -> io::Result<()> {
+        let released = match &mut self.origins {
+            Some(origins) => origins.expired(read_all_before),
+            None => Vec::new(),
         };
-        let released = if all {
-            origins.flush()
-        } else {
-            origins.expired(Instant::now())
+        released.into_iter().try_for_each(|e| self.emit_rst(e))
+    }
+
+    /// Every received reset still waiting, when tracing stops.
+    fn flush_origins(&mut self) -> io::Result<()> {
+        let released = match &mut self.origins {
+            Some(origins) => origins.flush(),
+            None => Vec::new(),
         };
-        for explained in released {
-            self.emit_rst(explained)?;
-        }
-        self.sink.flush()
+        released.into_iter().try_for_each(|e| self.emit_rst(e))
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<usize> {
+        // Once the ring is read empty, all the kernel wrote before this was read.
+        let began = Instant::now();
         let mut n = 0;
         while n < DRAIN_BATCH {
             let Some(item) = ring.next() else { break };
             n += 1;
             self.record(&item)?;
         }
+        let emptied = n < DRAIN_BATCH;
+        self.release_origins(emptied.then_some(began))?;
         self.sink.flush()?;
         Ok(n)
     }
@@ -452,8 +459,6 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let scan_every = (opts.stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY);
     let mut scan_tick = interval_at(tokio::time::Instant::now() + scan_every, scan_every);
     scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut origin_tick = interval(origin::HOLD / 2);
-    origin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut drain_tick = interval(DRAIN_EVERY);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -478,8 +483,8 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                     pipeline.report_counters(&counters)?;
                 }
                 _ = scan_tick.tick() => pipeline.scan_half_closed(&opts)?,
-                _ = origin_tick.tick() => pipeline.release_origins(false)?,
-                // Records below the wake-up batch are read here.
+                // Records below the wake-up batch are read here, and a lone
+                // received reset decided once the ring is read empty.
                 _ = drain_tick.tick() => {
                     pipeline.drain(ring.get_mut())?;
                 }
@@ -497,7 +502,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let outcome = outcome.and_then(|()| {
         // What was already in the ring when we were told to stop.
         while pipeline.drain(ring.get_mut())? == DRAIN_BATCH {}
-        pipeline.release_origins(true)?;
+        pipeline.flush_origins()?;
         pipeline.report_counters(&counters)?;
         pipeline.sink.flush()
     });
