@@ -89,6 +89,18 @@ impl Receipt {
     }
 }
 
+/// What matching could not do, for the exit summary and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OriginStats {
+    /// Sends forgotten while still inside their match window because
+    /// `MAX_SENT` newer ones were remembered: a receipt only one of them
+    /// explains, read after that, is reported as not local.
+    pub sends_overflowed: u64,
+    /// Received resets no send explained before their wait ended, reported
+    /// as not local.
+    pub receipts_unmatched: u64,
+}
+
 struct Sent<S> {
     kernel_time: Duration,
     origin: Origin,
@@ -125,6 +137,7 @@ pub struct Origins<T, S> {
     /// The newest kernel time read: how far the records have moved on.
     newest: Duration,
     netfilter_watched: bool,
+    stats: OriginStats,
 }
 
 /// A received reset's report, where it came from, and what its sender
@@ -141,7 +154,12 @@ impl<T, S: Clone> Origins<T, S> {
             held_by_ends: HashMap::new(),
             newest: Duration::ZERO,
             netfilter_watched,
+            stats: OriginStats::default(),
         }
+    }
+
+    pub fn stats(&self) -> OriginStats {
+        self.stats
     }
 
     /// Remembers a reset this host sent; returns the held received resets
@@ -175,6 +193,7 @@ impl<T, S: Clone> Origins<T, S> {
         if self.sent_order.len() == MAX_SENT {
             // Sends out of every receipt's window went in `moved_to`.
             self.forget_oldest_send();
+            self.stats.sends_overflowed += 1;
         }
         self.sent.entry(ends).or_default().push_back(Sent {
             kernel_time: ev.kernel_time,
@@ -240,7 +259,7 @@ impl<T, S: Clone> Origins<T, S> {
             if decided {
                 let held = slot.expect("decided only when waiting");
                 self.unhold(held.ends, number);
-                out.push((held.report, self.not_local(), None));
+                out.push(self.not_local(held.report));
             }
         }
         out
@@ -250,18 +269,19 @@ impl<T, S: Clone> Origins<T, S> {
     pub fn flush(&mut self) -> Vec<Explained<T, S>> {
         self.held_by_ends.clear();
         self.held_before += self.held.len() as u64;
-        let origin = self.not_local();
-        self.held
-            .drain(..)
-            .flatten()
-            .map(|held| (held.report, origin.clone(), None))
+        let waiting: Vec<_> = self.held.drain(..).flatten().collect();
+        waiting
+            .into_iter()
+            .map(|held| self.not_local(held.report))
             .collect()
     }
 
-    fn not_local(&self) -> Origin {
-        Origin::NotLocal {
+    fn not_local(&mut self, report: T) -> Explained<T, S> {
+        self.stats.receipts_unmatched += 1;
+        let origin = Origin::NotLocal {
             netfilter_watched: self.netfilter_watched,
-        }
+        };
+        (report, origin, None)
     }
 
     /// Removes the oldest waiting receipt of `ends`, number `number`.
@@ -373,6 +393,7 @@ mod tests {
             )]
         );
         assert!(origins.expired(Some(now + ms(200))).is_empty());
+        assert_eq!(origins.stats(), OriginStats::default());
     }
 
     #[test]
@@ -396,6 +417,7 @@ mod tests {
             out[0].1.describe(),
             "not a local TCP socket (netfilter, middlebox or userspace stack)"
         );
+        assert_eq!(origins.stats().receipts_unmatched, 1);
     }
 
     #[test]
@@ -452,6 +474,7 @@ mod tests {
         assert!(origins.expired(Some(resumed)).is_empty());
         let out = origins.expired(Some(resumed + ms(200)));
         assert_eq!(out.iter().map(|(n, ..)| *n).collect::<Vec<_>>(), [9]);
+        assert_eq!(origins.stats().receipts_unmatched, 1);
     }
 
     /// 100k resets in one second of kernel time, each send and receipt
@@ -492,6 +515,52 @@ mod tests {
                 .iter()
                 .all(|(n, origin, sender)| *origin == Origin::LocalTcp && *sender == Some(*n))
         );
+        assert_eq!(origins.stats().receipts_unmatched, 0);
+    }
+
+    #[test]
+    fn sends_beyond_the_limit_within_the_window_are_counted() {
+        let mut origins = Origins::new(false);
+        let read_at = Instant::now();
+        let receipts: Vec<_> = (0..5000)
+            .map(|n| received_on(n, t(10) + Duration::from_micros(u64::from(n))))
+            .collect();
+        for rx in &receipts {
+            origins.sent(&sent_to(rx, rx.time), "sender");
+        }
+        // 4096 sends are remembered, the 904 oldest forgotten.
+        assert_eq!(origins.stats().sends_overflowed, 904);
+        assert!(
+            origins
+                .received(Receipt::of(&receipts[904]), 904, read_at)
+                .is_some()
+        );
+        assert_eq!(
+            origins.received(Receipt::of(&receipts[903]), 903, read_at),
+            None
+        );
+        let out = origins.expired(Some(read_at + ms(200)));
+        assert_eq!(out.iter().map(|(n, ..)| *n).collect::<Vec<_>>(), [903]);
+        assert_eq!(origins.stats().receipts_unmatched, 1);
+    }
+
+    #[test]
+    fn sends_out_of_the_window_are_forgotten_without_counting() {
+        let mut origins = Origins::new(false);
+        let read_at = Instant::now();
+        // Five seconds of sends, a millisecond apart.
+        let receipts: Vec<_> = (0..5000)
+            .map(|n| received_on(n, t(10) + ms(u64::from(n))))
+            .collect();
+        for rx in &receipts {
+            origins.sent(&sent_to(rx, rx.time), "sender");
+        }
+        assert_eq!(origins.stats().sends_overflowed, 0);
+        assert!(
+            origins
+                .received(Receipt::of(&receipts[4000]), 4000, read_at)
+                .is_some()
+        );
     }
 
     #[test]
@@ -520,5 +589,6 @@ mod tests {
         let out = origins.flush();
         assert_eq!(out.iter().map(|(r, ..)| *r).collect::<Vec<_>>(), [1, 2]);
         assert!(out[0].1.describe().contains("or netfilter rule"));
+        assert_eq!(origins.stats().receipts_unmatched, 2);
     }
 }
