@@ -1,6 +1,9 @@
 //! Ring-buffer bytes → domain records.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::{Result, anyhow, bail};
 use tcprst_common::{
@@ -82,6 +85,7 @@ impl Decoder {
         let (local, remote) = endpoints(&rec.tuple);
         Ok(RstEvent {
             time: self.clock.wall_time(rec.timestamp_ns),
+            kernel_time: Duration::from_nanos(rec.timestamp_ns),
             kind,
             local,
             remote,
@@ -146,6 +150,7 @@ impl Decoder {
         };
         let mut ev = self.rst(rec, None, kind)?;
         ev.time = self.clock.wall_time(tally.last_ns);
+        ev.kernel_time = Duration::from_nanos(tally.last_ns);
         ev.aggregate = Some(Aggregate {
             count: tally.counted,
             first: self.clock.wall_time(tally.first_ns),

@@ -1,6 +1,10 @@
 //! What tcprst reports, independent of how the kernel encoded it.
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 pub use tcprst_common::{AttachTier, CALLER_FRAMES, ResetHook};
 
@@ -156,6 +160,9 @@ pub struct Task {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RstEvent {
     pub time: SystemTime,
+    /// When the kernel stamped it, on its monotonic clock: unlike `time`,
+    /// never stepped, so it orders records and measures between them.
+    pub kernel_time: Duration,
     pub kind: RstKind,
     /// This host's end; for a reset sent with no socket, the addressee of
     /// the offending segment.

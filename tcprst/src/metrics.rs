@@ -70,6 +70,20 @@ pub struct Metrics {
     programs: Family<TierLabels, Gauge>,
     tracked: Gauge,
     evicted: Gauge,
+    undecodable: Counter,
+    sends_forgotten: Counter,
+    receipts_unmatched: Counter,
+    tally_full: Counter,
+}
+
+/// Totals since start of what tcprst could not do or decide; the metrics
+/// advance to them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Shortfalls {
+    pub undecodable: u64,
+    pub sends_forgotten: u64,
+    pub receipts_unmatched: u64,
+    pub tally_full: u64,
 }
 
 impl Default for Metrics {
@@ -117,6 +131,27 @@ impl Default for Metrics {
             "Half-closed connections the last scans left untracked because --max-connections was reached, since start",
             evicted.clone(),
         );
+        let mut counter = |name: &str, help: &str| {
+            let counter = Counter::default();
+            registry.register(name, help, counter.clone());
+            counter
+        };
+        let undecodable = counter(
+            "undecodable_records",
+            "Ring-buffer records or kernel tallies tcprst could not decode (a version mismatch or a bug)",
+        );
+        let sends_forgotten = counter(
+            "origin_sends_forgotten",
+            "Resets sent that origin matching forgot within their match window, to stay bounded in a storm: a receipt only they explain is reported as not local",
+        );
+        let receipts_unmatched = counter(
+            "origin_receipts_unmatched",
+            "Received resets no reset sent on this host explained (reported as from another host, a middlebox or a userspace stack)",
+        );
+        let tally_full = counter(
+            "tally_full_resets",
+            "Resets past their key's --detail-per-sec budget that still got their own record because the kernel's tally map was full",
+        );
         Self {
             registry,
             rsts,
@@ -126,6 +161,10 @@ impl Default for Metrics {
             programs,
             tracked,
             evicted,
+            undecodable,
+            sends_forgotten,
+            receipts_unmatched,
+            tally_full,
         }
     }
 }
@@ -173,6 +212,17 @@ impl Metrics {
 
     pub fn stack_failures(&self, n: u64) {
         self.stack_failures.inc_by(n);
+    }
+
+    pub fn shortfalls(&self, totals: &Shortfalls) {
+        for (counter, total) in [
+            (&self.undecodable, totals.undecodable),
+            (&self.sends_forgotten, totals.sends_forgotten),
+            (&self.receipts_unmatched, totals.receipts_unmatched),
+            (&self.tally_full, totals.tally_full),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     pub fn programs_attached(&self, tier: &'static str, n: usize) {
@@ -265,6 +315,15 @@ mod tests {
         m.stack_failures(2);
         m.programs_attached("tracepoint", 5);
         m.tracker(42, 2);
+        let mut shortfalls = Shortfalls {
+            undecodable: 1,
+            sends_forgotten: 2,
+            receipts_unmatched: 3,
+            tally_full: 4,
+        };
+        m.shortfalls(&shortfalls);
+        shortfalls.tally_full = 6;
+        m.shortfalls(&shortfalls);
         let text = m.encode();
         for line in [
             r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="",pod=""} 48212"#,
@@ -275,6 +334,10 @@ mod tests {
             r#"tcprst_programs_attached{tier="tracepoint"} 5"#,
             "tcprst_tracked_connections 42",
             "tcprst_untracked_connections 2",
+            "tcprst_undecodable_records_total 1",
+            "tcprst_origin_sends_forgotten_total 2",
+            "tcprst_origin_receipts_unmatched_total 3",
+            "tcprst_tally_full_resets_total 6",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -40,6 +40,8 @@ pub fn reset(
     let key = key();
     RstEvent {
         time: at,
+        // The wall clock never stepped.
+        kernel_time: at.duration_since(SystemTime::UNIX_EPOCH).unwrap(),
         kind,
         local: key.local,
         remote: key.remote,

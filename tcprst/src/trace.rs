@@ -27,8 +27,8 @@ use crate::{
     event::{ExecContext, Process, ResetHook, RstEvent, RstKind},
     filter::EventFilter,
     k8s::{self, PodIndex},
-    metrics::{self, Metrics, MetricsAddr},
-    origin::{self, Origin, Origins, Receipt},
+    metrics::{self, Metrics, MetricsAddr, Shortfalls},
+    origin::{Origin, Origins, Receipt},
     probes::{Counters, ProbeConfig, Probes},
     sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
     sockdiag::DumpExtras,
@@ -319,30 +319,37 @@ impl Pipeline<'_> {
         self.counts.shown += 1;
         Ok(())
     }
-    /// Received resets whose wait for an explaining send is over; all of
-    /// them when tracing stops.
-    fn release_origins(&mut self, all: bool) -> io::Result<()> {
-        let Some(origins) = &mut self.origins else {
-            return Ok(());
+
+    /// Received resets no send can explain any more; `read_all_before` is
+    /// when a drain that read the ring buffer empty began.
+    fn release_origins(&mut self, read_all_before: Option<Instant>) -> io::Result<()> {
+        let released = match &mut self.origins {
+            Some(origins) => origins.expired(read_all_before),
+            None => Vec::new(),
         };
-        let released = if all {
-            origins.flush()
-        } else {
-            origins.expired(Instant::now())
+        released.into_iter().try_for_each(|e| self.emit_rst(e))
+    }
+
+    /// Every received reset still waiting, when tracing stops.
+    fn flush_origins(&mut self) -> io::Result<()> {
+        let released = match &mut self.origins {
+            Some(origins) => origins.flush(),
+            None => Vec::new(),
         };
-        for explained in released {
-            self.emit_rst(explained)?;
-        }
-        self.sink.flush()
+        released.into_iter().try_for_each(|e| self.emit_rst(e))
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<usize> {
+        // Once the ring is read empty, all the kernel wrote before this was read.
+        let began = Instant::now();
         let mut n = 0;
         while n < DRAIN_BATCH {
             let Some(item) = ring.next() else { break };
             n += 1;
             self.record(&item)?;
         }
+        let emptied = n < DRAIN_BATCH;
+        self.release_origins(emptied.then_some(began))?;
         self.sink.flush()?;
         Ok(n)
     }
@@ -398,9 +405,25 @@ impl Pipeline<'_> {
         self.sink.flush()
     }
 
+    /// What tcprst could not do or decide, since start.
+    fn shortfalls(&self, counters: &Counters) -> Shortfalls {
+        let origins = self
+            .origins
+            .as_ref()
+            .map(Origins::stats)
+            .unwrap_or_default();
+        Shortfalls {
+            undecodable: self.counts.undecodable,
+            sends_forgotten: origins.sends_overflowed,
+            receipts_unmatched: origins.receipts_unmatched,
+            tally_full: counters.tally_full().unwrap_or(0),
+        }
+    }
+
     /// What the programs could not do since the last report: records the
     /// ring buffer had no room for, and resets with no readable stack.
     fn report_counters(&mut self, counters: &Counters) -> io::Result<()> {
+        self.metrics.shortfalls(&self.shortfalls(counters));
         match counters.stack_failures() {
             Ok(total) if total > self.counts.stack_failures_reported => {
                 if self.counts.stack_failures_reported == 0 {
@@ -500,8 +523,6 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let scan_every = (opts.stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY);
     let mut scan_tick = interval_at(tokio::time::Instant::now() + scan_every, scan_every);
     scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut origin_tick = interval(origin::HOLD / 2);
-    origin_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut drain_tick = interval(DRAIN_EVERY);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut tally_tick = interval_at(
@@ -532,9 +553,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                     pipeline.report_counters(&counters)?;
                 }
                 _ = scan_tick.tick() => pipeline.scan_half_closed(&opts)?,
-                _ = origin_tick.tick() => pipeline.release_origins(false)?,
                 _ = tally_tick.tick() => pipeline.aggregates(read_tallies(tallies.turn()))?,
-                // Records below the wake-up batch are read here.
+                // Records below the wake-up batch are read here, and a lone
+                // received reset decided once the ring is read empty.
                 _ = drain_tick.tick() => {
                     pipeline.drain(ring.get_mut())?;
                 }
@@ -552,7 +573,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let outcome = outcome.and_then(|()| {
         // What was already in the ring when we were told to stop.
         while pipeline.drain(ring.get_mut())? == DRAIN_BATCH {}
-        pipeline.release_origins(true)?;
+        pipeline.flush_origins()?;
         pipeline.aggregates(read_tallies(tallies.finish()))?;
         pipeline.report_counters(&counters)?;
         pipeline.sink.flush()
@@ -565,8 +586,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     }
     drop(probes);
     let counts = &pipeline.counts;
+    let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full",
+        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
@@ -577,7 +599,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
             .unwrap_or(counts.stack_failures_reported),
         counts.counted,
         counts.aggregates,
-        counters.tally_full().unwrap_or(0),
+        shortfalls.tally_full,
+        shortfalls.receipts_unmatched,
+        shortfalls.sends_forgotten,
     );
     Ok(())
 }
