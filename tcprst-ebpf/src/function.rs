@@ -27,10 +27,9 @@ use crate::{
     closing::mark_of,
     globals::function_args,
     kernel::{
-        TCP_FLAG_RST, is_full_sock, netns_of_net, reply_tuple, skb_netns, sock_cgroup_id,
-        sock_netns, sock_state, sock_tuple, socket_facts,
+        TCP_FLAG_RST, netns_of_net, reply_tuple, skb_netns, sock_netns, sock_state, sock_tuple,
     },
-    reset::{blank, finish},
+    reset::{blank, finish, sock_details},
 };
 
 /// Reads argument `n` of the hooked function or tracepoint; 0 when it cannot.
@@ -128,10 +127,6 @@ pub fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier, args: Fun
     } else if let Some(state) = sock_state(sk) {
         rec.state = state;
         rec.flags |= rst_flags::HAS_STATE;
-        if is_full_sock(state) {
-            rec.cgroup_id = sock_cgroup_id(sk);
-            socket_facts(sk, &mut rec);
-        }
     }
     if let Some(reason) = arg_at(ctx, args.reason) {
         rec.reason = reason as u32;
@@ -146,8 +141,10 @@ pub fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier, args: Fun
         None if sk != 0 => sock_netns(sk),
         None => skb_netns(skb),
     };
-    let mark = if sk != 0 { ctx.mark() } else { None };
-    finish(ctx, &mut rec, netns, mark.as_ref());
+    finish(ctx, &mut rec, netns, |rec| {
+        sock_details(sk, rec);
+        if sk != 0 { ctx.mark() } else { None }
+    });
 }
 
 macro_rules! reset_function_programs {

@@ -49,10 +49,6 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         if let Some(state) = field::<i32>(&ctx, fields.state) {
             rec.state = state as u8;
             rec.flags |= rst_flags::HAS_STATE;
-            if is_full_sock(rec.state) {
-                rec.cgroup_id = sock_cgroup_id(sk);
-                socket_facts(sk, &mut rec);
-            }
         }
         sock_netns(sk)
     };
@@ -60,7 +56,10 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         rec.reason = reason;
         rec.flags |= rst_flags::HAS_REASON;
     }
-    finish(&ctx, &mut rec, netns, None);
+    finish(&ctx, &mut rec, netns, |rec| {
+        sock_details(sk, rec);
+        None
+    });
     0
 }
 
@@ -76,7 +75,7 @@ pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
         rec.sock_cookie = cookie;
         rec.flags |= rst_flags::HAS_COOKIE;
     }
-    received(&ctx, sk, &mut rec, None);
+    received(&ctx, sk, &mut rec, |_| None);
     0
 }
 
@@ -119,13 +118,18 @@ pub fn tcprst_rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: the typed socket argument, as the helper requires.
     rec.sock_cookie = unsafe { bpf_get_socket_cookie(ctx.arg(0)) };
     rec.flags |= rst_flags::HAS_COOKIE;
-    received(&ctx, sk, &mut rec, ctx.mark().as_ref());
+    received(&ctx, sk, &mut rec, |_| ctx.mark());
     0
 }
 
 /// A reset arrived on `sk`, a full socket: tcp_reset() only ever runs on one.
 #[inline(always)]
-fn received(ctx: &impl StackIdContext, sk: u64, rec: &mut RstRecord, mark: Option<&CloseMark>) {
+fn received(
+    ctx: &impl StackIdContext,
+    sk: u64,
+    rec: &mut RstRecord,
+    mark: impl FnOnce(&RstRecord) -> Option<CloseMark>,
+) {
     rec.skaddr = sk;
     // The tracepoint fires before tcp_reset() changes the state, so this is
     // the state the application was in when the RST hit it.
@@ -133,9 +137,21 @@ fn received(ctx: &impl StackIdContext, sk: u64, rec: &mut RstRecord, mark: Optio
         rec.state = state;
         rec.flags |= rst_flags::HAS_STATE;
     }
-    rec.cgroup_id = sock_cgroup_id(sk);
-    socket_facts(sk, rec);
-    finish(ctx, rec, sock_netns(sk), mark);
+    finish(ctx, rec, sock_netns(sk), |rec| {
+        rec.cgroup_id = sock_cgroup_id(sk);
+        socket_facts(sk, rec);
+        mark(rec)
+    });
+}
+
+/// What a full socket says of itself, for a reset that gets its own record:
+/// its cgroup, and its shutdown bits, orphan state and inode.
+#[inline(always)]
+pub fn sock_details(sk: u64, rec: &mut RstRecord) {
+    if sk != 0 && rec.flags & rst_flags::HAS_STATE != 0 && is_full_sock(rec.state) {
+        rec.cgroup_id = sock_cgroup_id(sk);
+        socket_facts(sk, rec);
+    }
 }
 
 /// Whether the function this tracepoint fires in has its own program
@@ -165,15 +181,16 @@ pub fn blank(kind: RecordKind, hook: ResetHook) -> RstRecord {
     rec
 }
 
-/// Applies the kernel-side filters, charges the reset to its key's budget,
-/// and, unless it was only counted, adds who was running and the caller and
-/// emits, with the socket's close mark when there is one.
+/// Applies the kernel-side filters and charges the reset to its key's
+/// budget. Only a reset that gets its own record pays for the rest: its
+/// `details` (what the socket says, and its close mark), who was running,
+/// and the caller; it is emitted with the mark when there is one.
 #[inline(always)]
 pub fn finish(
     ctx: &impl StackIdContext,
     rec: &mut RstRecord,
     netns: u32,
-    mark: Option<&CloseMark>,
+    details: impl FnOnce(&mut RstRecord) -> Option<CloseMark>,
 ) {
     if !tuple_wanted(&rec.tuple, netns) {
         return;
@@ -196,6 +213,7 @@ pub fn finish(
     if tgid == 0 {
         rec.context = origin(&mut rec.task) as u8;
     }
+    let mark = details(rec);
     rec.stack_id = stack_id(ctx);
     caller_frames(ctx, &mut rec.frames);
     // SAFETY: reads the monotonic clock.
@@ -207,7 +225,7 @@ pub fn finish(
     match mark {
         Some(mark) => {
             rec.flags |= rst_flags::HAS_MARK;
-            emit_marked(rec, mark);
+            emit_marked(rec, &mark);
         }
         None => emit(rec),
     }
