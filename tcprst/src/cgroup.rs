@@ -153,8 +153,12 @@ impl CgroupResolver {
         self.by_id.get(&id).cloned()
     }
 
+    /// Rebuilds the map from the tree as it is now, keeping what it already
+    /// parsed: cgroups that went away leave with the scan, so the map is
+    /// bounded by the live tree, however many containers came and went.
     fn scan(&mut self, root: &Path) {
         self.scanned_at = Some(Instant::now());
+        let mut known = std::mem::take(&mut self.by_id);
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
             let Ok(meta) = fs::metadata(&dir) else {
@@ -162,9 +166,11 @@ impl CgroupResolver {
             };
             let relative = dir.strip_prefix(root).unwrap_or(&dir);
             let path = format!("/{}", relative.display());
-            self.by_id
-                .entry(meta.ino())
-                .or_insert_with(|| Arc::new(parse_path(&path)));
+            let info = known
+                .remove(&meta.ino())
+                .filter(|info| info.path == path)
+                .unwrap_or_else(|| Arc::new(parse_path(&path)));
+            self.by_id.insert(meta.ino(), info);
             let Ok(entries) = fs::read_dir(&dir) else {
                 continue;
             };
@@ -283,6 +289,26 @@ mod tests {
         assert_eq!(info.path, format!("/system.slice/docker-{ID}.scope"));
         assert_eq!(info.runtime, Some("docker"));
         assert!(resolver.resolve(u64::MAX).is_none());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_rescan_forgets_cgroups_that_went_away() {
+        let root = std::env::temp_dir().join(format!("tcprst-cgroup-gone-{}", std::process::id()));
+        let (kept, gone) = (root.join("kept.scope"), root.join("gone.scope"));
+        fs::create_dir_all(&kept).unwrap();
+        fs::create_dir_all(&gone).unwrap();
+        let (kept_id, gone_id) = (
+            fs::metadata(&kept).unwrap().ino(),
+            fs::metadata(&gone).unwrap().ino(),
+        );
+        let mut resolver = CgroupResolver::at(Some(root.clone()));
+        assert!(resolver.resolve(gone_id).is_some());
+        fs::remove_dir(&gone).unwrap();
+        resolver.scan(&root);
+        assert!(!resolver.by_id.contains_key(&gone_id));
+        assert_eq!(resolver.by_id[&kept_id].path, "/kept.scope");
+        assert_eq!(resolver.by_id.len(), 2, "the root and kept.scope");
         fs::remove_dir_all(&root).unwrap();
     }
 }

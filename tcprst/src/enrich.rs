@@ -168,6 +168,8 @@ pub struct Attribution {
 
 /// Namespace names are re-read at most this often when one is unknown.
 const NETNS_RESCAN_EVERY: Duration = Duration::from_secs(1);
+/// How long a namespace's name is trusted before it is looked up again.
+const NETNS_REFRESH_EVERY: Duration = Duration::from_secs(30);
 
 pub struct Enricher {
     cgroups: CgroupResolver,
@@ -219,20 +221,35 @@ impl Enricher {
         }
     }
 
+    /// Whether pod `namespace`/`name` is still on this node, as far as the
+    /// pod watch knows; without one no event names a pod.
+    pub fn pod_exists(&self, namespace: &str, name: &str) -> bool {
+        self.pods
+            .as_ref()
+            .is_none_or(|pods| pods.has_pod(namespace, name))
+    }
+
+    /// The namespace's name from the last scan of every namespace. A miss
+    /// rescans at most every `NETNS_RESCAN_EVERY`; a hit on names older than
+    /// `NETNS_REFRESH_EVERY` rescans too, because the kernel reuses the
+    /// inode of a namespace that went away. Each scan replaces the map, so
+    /// it holds only namespaces that exist.
     fn netns_name(&mut self, inode: u32) -> Option<String> {
         if inode == 0 {
             return None;
         }
-        if !self.netns_names.contains_key(&inode)
-            && self
-                .netns_scanned_at
-                .is_none_or(|at| at.elapsed() >= NETNS_RESCAN_EVERY)
-        {
+        let age = self.netns_scanned_at.map(|at| at.elapsed());
+        let due = match age {
+            None => true,
+            Some(age) if self.netns_names.contains_key(&inode) => age >= NETNS_REFRESH_EVERY,
+            Some(age) => age >= NETNS_RESCAN_EVERY,
+        };
+        if due {
             self.netns_scanned_at = Some(Instant::now());
-            for ns in all_namespaces() {
-                let name = namespace_label(&ns);
-                self.netns_names.entry(ns.inode).or_insert(name);
-            }
+            self.netns_names = all_namespaces()
+                .into_iter()
+                .map(|ns| (ns.inode, namespace_label(&ns)))
+                .collect();
         }
         self.netns_names.get(&inode).cloned()
     }

@@ -122,6 +122,13 @@ impl PodIndex {
         self.read().len()
     }
 
+    /// Whether pod `namespace`/`name` is on this node now.
+    pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
+        self.read()
+            .values()
+            .any(|p| p.namespace == namespace && p.name == name)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

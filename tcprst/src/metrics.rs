@@ -1,7 +1,14 @@
 //! Prometheus metrics on `--metrics-addr`: what a dashboard or an alert
 //! needs, where the NDJSON stream is for reading incidents.
 
-use std::{convert::Infallible, net::SocketAddr, str::FromStr, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    convert::Infallible,
+    net::SocketAddr,
+    str::FromStr,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use http_body_util::Full;
@@ -12,13 +19,13 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::event::TcpState;
 
@@ -64,6 +71,9 @@ struct TierLabels {
 pub struct Metrics {
     registry: Registry,
     rsts: Family<RstLabels, Counter>,
+    /// The reset series of each (namespace, pod), so they go when the pod
+    /// does: pods come and go, and their series would otherwise pile up.
+    pod_series: Mutex<HashMap<(String, String), HashSet<RstLabels>>>,
     stuck: Family<StateLabels, Gauge>,
     lost: Counter,
     stack_failures: Counter,
@@ -155,6 +165,7 @@ impl Default for Metrics {
         Self {
             registry,
             rsts,
+            pod_series: Mutex::default(),
             stuck,
             lost,
             stack_failures,
@@ -179,15 +190,39 @@ impl Metrics {
         pod: Option<&str>,
         resets: u64,
     ) {
-        self.rsts
-            .get_or_create(&RstLabels {
-                direction: if sent { "sent" } else { "received" },
-                reason: reason.unwrap_or("").to_owned(),
-                caller: caller.unwrap_or("").to_owned(),
-                namespace: namespace.unwrap_or("").to_owned(),
-                pod: pod.unwrap_or("").to_owned(),
-            })
-            .inc_by(resets);
+        let labels = RstLabels {
+            direction: if sent { "sent" } else { "received" },
+            reason: reason.unwrap_or("").to_owned(),
+            caller: caller.unwrap_or("").to_owned(),
+            namespace: namespace.unwrap_or("").to_owned(),
+            pod: pod.unwrap_or("").to_owned(),
+        };
+        self.rsts.get_or_create(&labels).inc_by(resets);
+        if !labels.pod.is_empty() {
+            self.pod_series()
+                .entry((labels.namespace.clone(), labels.pod.clone()))
+                .or_default()
+                .insert(labels);
+        }
+    }
+
+    /// Drops the reset series of every pod `exists` no longer knows.
+    pub fn forget_pods(&self, exists: impl Fn(&str, &str) -> bool) {
+        self.pod_series().retain(|(namespace, pod), series| {
+            let keep = exists(namespace, pod);
+            if !keep {
+                for labels in series.iter() {
+                    self.rsts.remove(labels);
+                }
+            }
+            keep
+        });
+    }
+
+    // Every update of the map is one insert or retain: a panic elsewhere
+    // cannot leave it half-changed, so a poisoned lock is still usable.
+    fn pod_series(&self) -> MutexGuard<'_, HashMap<(String, String), HashSet<RstLabels>>> {
+        self.pod_series.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The current number of stuck connections in each half-closed state.
@@ -239,6 +274,16 @@ impl Metrics {
     }
 }
 
+/// Connections served at once; more wait in the listen backlog, so idle
+/// or slow clients cannot take the agent's descriptors or memory.
+const MAX_CONNECTIONS: usize = 64;
+/// A client that has not sent its request headers by then is dropped, so
+/// idle connections free their slot for the next scrape.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest pause after failed accepts (EMFILE, ENFILE, ENOBUFS), which
+/// would otherwise fail again at once and spin.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Binds now, so a bad or busy address fails before tracing starts, and
 /// returns the task that serves `/metrics`.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>> {
@@ -246,17 +291,37 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::tas
         .await
         .with_context(|| format!("serving metrics on {addr}"))?;
     log::info!("metrics on http://{}/metrics", listener.local_addr()?);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
+        let mut backoff = Duration::ZERO;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            // Accept only with a free slot: the rest wait in the backlog.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff = Duration::ZERO;
+                    stream
+                }
+                Err(e) => {
+                    if backoff.is_zero() {
+                        log::warn!("metrics: accepting a connection: {e}");
+                    }
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| answer(req, metrics.clone()));
                 let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
+                drop(slot);
             });
         }
     }))
@@ -294,6 +359,20 @@ mod tests {
         assert_eq!(parse("[::]:9090").unwrap(), "[::]:9090");
         assert!(parse("localhost").is_err());
         assert!(parse("1.2.3.4").is_err());
+    }
+
+    #[test]
+    fn a_gone_pods_series_go_with_it() {
+        let m = Metrics::default();
+        m.reset(true, Some("NO_SOCKET"), None, Some("shop"), Some("web-1"), 3);
+        m.reset(false, None, None, Some("shop"), Some("web-1"), 1);
+        m.reset(false, None, None, Some("shop"), Some("web-2"), 1);
+        m.reset(false, None, None, None, None, 1);
+        m.forget_pods(|namespace, pod| (namespace, pod) != ("shop", "web-1"));
+        let text = m.encode();
+        assert!(!text.contains(r#"pod="web-1""#), "{text}");
+        assert!(text.contains(r#"pod="web-2"} 1"#), "{text}");
+        assert!(text.contains(r#"namespace="",pod=""} 1"#), "{text}");
     }
 
     #[test]

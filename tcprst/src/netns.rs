@@ -73,6 +73,9 @@ pub fn all_namespaces() -> Vec<NetnsHandle> {
 
 /// Runs `f` inside `ns`. setns() moves only the calling thread, so `f` gets a
 /// thread of its own and the caller (and any async runtime on it) stays put.
+/// The opened file must still be the namespace that was found: a
+/// `/proc/PID/ns/net` path names another one once the process is gone and
+/// its pid reused, and a `/run/netns` name can be deleted and made again.
 pub fn in_netns<T: Send>(ns: &NetnsHandle, f: impl FnOnce() -> T + Send) -> Result<T> {
     let file = File::open(&ns.path).with_context(|| {
         format!(
@@ -81,6 +84,18 @@ pub fn in_netns<T: Send>(ns: &NetnsHandle, f: impl FnOnce() -> T + Send) -> Resu
             ns.path.display()
         )
     })?;
+    let inode = file
+        .metadata()
+        .with_context(|| format!("reading network namespace {}", ns.name))?
+        .ino();
+    if inode != u64::from(ns.inode) {
+        anyhow::bail!(
+            "network namespace {} ({}) is now namespace {inode}, not {}: it went away",
+            ns.name,
+            ns.path.display(),
+            ns.inode
+        );
+    }
     std::thread::scope(|scope| {
         let worker = scope.spawn(|| {
             // SAFETY: `file` is an open descriptor that outlives the call.
@@ -139,7 +154,7 @@ pub mod testing {
         }
     }
 
-    fn ip(args: &[&str]) {
+    pub fn ip(args: &[&str]) {
         let status = Command::new("ip").args(args).status().expect("running ip");
         assert!(status.success(), "ip {} failed", args.join(" "));
     }
@@ -147,7 +162,10 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::{testing::TestNetns, *};
+    use super::{
+        testing::{TestNetns, ip},
+        *,
+    };
 
     fn own_netns_inode() -> u64 {
         fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
@@ -184,10 +202,21 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_made_again_under_the_same_name_is_refused() {
+        let netns = TestNetns::create();
+        let found = netns.0.clone();
+        ip(&["netns", "delete", &found.name]);
+        ip(&["netns", "add", &found.name]);
+        let err = format!("{:#}", in_netns(&found, || ()).unwrap_err());
+        assert!(err.contains("it went away"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_namespace() {
         let error = |name: &str, path: &str| {
             let ns = NetnsHandle {
-                inode: 1,
+                // What the file is, so the inode check passes and setns decides.
+                inode: fs::metadata(path).map_or(1, |m| m.ino() as u32),
                 name: name.into(),
                 path: path.into(),
             };

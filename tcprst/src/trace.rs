@@ -2,7 +2,9 @@
 //! periodic scan for stuck half-closed connections.
 
 use std::{
-    io::{self, BufWriter},
+    io::{self, BufWriter, Write as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::Path,
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     sync::Arc,
@@ -82,14 +84,31 @@ impl RecordDump {
 
     fn from_env() -> Option<Self> {
         let dir = PathBuf::from(std::env::var_os("TCPRST_DUMP_RECORDS")?);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            log::warn!("not dumping records to {}: {e}", dir.display());
-            return None;
+        match Self::safe_dir(&dir) {
+            Ok(()) => Some(Self {
+                dir,
+                left: Self::MAX,
+            }),
+            Err(e) => {
+                log::warn!("not dumping records to {}: {e}", dir.display());
+                None
+            }
         }
-        Some(Self {
-            dir,
-            left: Self::MAX,
-        })
+    }
+
+    /// tcprst runs as root: the directory must be ours and writable by no
+    /// one else, or another user could plant a symlink where a record goes.
+    fn safe_dir(dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let meta = std::fs::symlink_metadata(dir)?;
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
+            return Err(io::Error::other(
+                "it must be a directory of this user that no one else can write",
+            ));
+        }
+        Ok(())
     }
 
     fn keep(&mut self, bytes: &[u8]) {
@@ -100,7 +119,14 @@ impl RecordDump {
         let path = self
             .dir
             .join(format!("record-{:02}", Self::MAX - self.left));
-        if let Err(e) = std::fs::write(&path, bytes) {
+        // Never through a symlink, never over a file already there.
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut file| file.write_all(bytes));
+        if let Err(e) = written {
             log::warn!("dumping a record to {}: {e}", path.display());
             self.left = 0;
         }
@@ -551,6 +577,10 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                 _ = tick.tick() => {
                     pipeline.decoder.clock.refresh();
                     pipeline.report_counters(&counters)?;
+                    let enricher = &pipeline.enricher;
+                    pipeline
+                        .metrics
+                        .forget_pods(|namespace, pod| enricher.pod_exists(namespace, pod));
                 }
                 _ = scan_tick.tick() => pipeline.scan_half_closed(&opts)?,
                 _ = tally_tick.tick() => pipeline.aggregates(read_tallies(tallies.turn()))?,

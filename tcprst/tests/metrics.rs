@@ -6,6 +6,7 @@ mod common;
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
+    time::Duration,
 };
 
 use common::{Netns, Tracer};
@@ -13,6 +14,7 @@ use prometheus_parse::{Scrape, Value};
 
 fn scrape(addr: &str) -> Scrape {
     let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(
         conn,
         "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
@@ -36,10 +38,10 @@ fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
-#[test]
-fn metrics_count_resets_programs_and_losses() {
-    let ns = Netns::new();
-    let mut tracer = Tracer::start(&[
+/// tcprst tracing `ns` with metrics on a free loopback port, and that
+/// port's address.
+fn trace_with_metrics(ns: &Netns) -> (Tracer, String) {
+    let tracer = Tracer::start(&[
         "--netns",
         &ns.name,
         "--metrics-addr",
@@ -54,6 +56,41 @@ fn metrics_count_resets_programs_and_losses() {
         .and_then(|rest| rest.split('/').next())
         .unwrap_or_else(|| panic!("no metrics address in {stderr}"))
         .to_owned();
+    (tracer, addr)
+}
+
+/// Idle clients cannot take the endpoint: connections are capped, the
+/// rest wait in the backlog, and one that sends no request is dropped
+/// after a few seconds, so a scrape behind 1,000 of them still answers.
+#[test]
+fn a_scrape_answers_behind_a_thousand_idle_connections() {
+    let ns = Netns::new();
+    let (tracer, addr) = trace_with_metrics(&ns);
+    // SAFETY: raises this test process's own descriptor limit to its hard limit.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let idle: Vec<TcpStream> = (0..1000)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", tracer.pid())).unwrap().count();
+    std::thread::sleep(Duration::from_millis(500));
+    let held = fds();
+    assert!(held < 200, "tcprst holds {held} descriptors for 1,000 idle clients");
+    // `scrape` gives up after 20 s: idle clients time out after 3.
+    let m = scrape(&addr);
+    assert!(value(&m, "tcprst_programs_attached", &[("tier", "tracepoint")]).is_some());
+    drop(idle);
+    tracer.stop();
+}
+
+#[test]
+fn metrics_count_resets_programs_and_losses() {
+    let ns = Netns::new();
+    let (mut tracer, addr) = trace_with_metrics(&ns);
     for port in [40200, 40201] {
         assert!(
             ns.connect(&format!("127.0.0.1:{port}"), "127.0.0.1:9")
