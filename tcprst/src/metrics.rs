@@ -84,6 +84,7 @@ pub struct Metrics {
     sends_forgotten: Counter,
     receipts_unmatched: Counter,
     tally_full: Counter,
+    unwritten: Counter,
 }
 
 /// Totals since start of what tcprst could not do or decide; the metrics
@@ -94,6 +95,7 @@ pub struct Shortfalls {
     pub sends_forgotten: u64,
     pub receipts_unmatched: u64,
     pub tally_full: u64,
+    pub unwritten: u64,
 }
 
 impl Default for Metrics {
@@ -162,6 +164,10 @@ impl Default for Metrics {
             "tally_full_resets",
             "Resets past their key's --detail-per-sec budget that still got their own record because the kernel's tally map was full",
         );
+        let unwritten = counter(
+            "unwritten_events",
+            "Events dropped whole because the reader of stdout fell behind (the queue to it was full)",
+        );
         Self {
             registry,
             rsts,
@@ -176,6 +182,7 @@ impl Default for Metrics {
             sends_forgotten,
             receipts_unmatched,
             tally_full,
+            unwritten,
         }
     }
 }
@@ -222,7 +229,9 @@ impl Metrics {
     // Every update of the map is one insert or retain: a panic elsewhere
     // cannot leave it half-changed, so a poisoned lock is still usable.
     fn pod_series(&self) -> MutexGuard<'_, HashMap<(String, String), HashSet<RstLabels>>> {
-        self.pod_series.lock().unwrap_or_else(PoisonError::into_inner)
+        self.pod_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The current number of stuck connections in each half-closed state.
@@ -255,6 +264,7 @@ impl Metrics {
             (&self.sends_forgotten, totals.sends_forgotten),
             (&self.receipts_unmatched, totals.receipts_unmatched),
             (&self.tally_full, totals.tally_full),
+            (&self.unwritten, totals.unwritten),
         ] {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
@@ -364,7 +374,14 @@ mod tests {
     #[test]
     fn a_gone_pods_series_go_with_it() {
         let m = Metrics::default();
-        m.reset(true, Some("NO_SOCKET"), None, Some("shop"), Some("web-1"), 3);
+        m.reset(
+            true,
+            Some("NO_SOCKET"),
+            None,
+            Some("shop"),
+            Some("web-1"),
+            3,
+        );
         m.reset(false, None, None, Some("shop"), Some("web-1"), 1);
         m.reset(false, None, None, Some("shop"), Some("web-2"), 1);
         m.reset(false, None, None, None, None, 1);
@@ -399,6 +416,7 @@ mod tests {
             sends_forgotten: 2,
             receipts_unmatched: 3,
             tally_full: 4,
+            unwritten: 5,
         };
         m.shortfalls(&shortfalls);
         shortfalls.tally_full = 6;
@@ -417,6 +435,7 @@ mod tests {
             "tcprst_origin_sends_forgotten_total 2",
             "tcprst_origin_receipts_unmatched_total 3",
             "tcprst_tally_full_resets_total 6",
+            "tcprst_unwritten_events_total 5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -2,10 +2,10 @@
 //! periodic scan for stuck half-closed connections.
 
 use std::{
-    io::{self, BufWriter, Write as _},
+    io::{self, Write as _},
+    os::fd::{AsFd as _, AsRawFd as _},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::Path,
-    os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -32,18 +32,26 @@ use crate::{
     metrics::{self, Metrics, MetricsAddr, Shortfalls},
     origin::{Origin, Origins, Receipt},
     probes::{Counters, ProbeConfig, Probes},
-    sink::{self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport},
+    sink::{
+        self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport,
+        writer::{self, WriterReport},
+    },
     sockdiag::DumpExtras,
     stacks::{Kallsyms, Stacks},
     tallies::Tallies,
     tracker::{ConnKey, Resolved, RstContext, ScannedSocket, Tracker},
 };
 
+/// A sock_diag dump of half-closed sockets, and when it began.
+type Dump = (SystemTime, Vec<enrich::FoundSocket>);
+
 /// Records handled per wake-up before signals and the loss report get a turn.
 const DRAIN_BATCH: usize = 4096;
 /// The programs wake the reader only for a batch of records; a lone record
 /// waits at most this long.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// How long stopping waits for stdout's reader to take the last events.
+const UNWRITTEN_WAIT: Duration = Duration::from_millis(500);
 /// The longest wait between two scans for stuck half-closed connections.
 const MAX_SCAN_EVERY: Duration = Duration::from_secs(5);
 
@@ -70,6 +78,7 @@ struct Counts {
     /// Resets the kernel only counted, and the aggregate events for them.
     counted: u64,
     aggregates: u64,
+    unwritten_warned: bool,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -151,6 +160,8 @@ struct Pipeline<'a> {
     /// The close-mark map sock_diag dumps beside each socket; None where the
     /// kernel keeps no marks. Held here so its descriptor stays open.
     marks: Option<MapData>,
+    /// What became of the lines the sink wrote.
+    written: WriterReport,
 }
 
 impl Pipeline<'_> {
@@ -380,16 +391,36 @@ impl Pipeline<'_> {
         Ok(n)
     }
 
-    /// Scans every namespace for half-closed sockets (with their close
-    /// marks), resolves those that moved on, and reports the stuck ones.
-    fn scan_half_closed(&mut self, opts: &TraceOptions) -> io::Result<()> {
-        let now = SystemTime::now();
+    /// The part of a scan that walks every namespace with sock_diag, as a
+    /// job that can run off the event loop: the half-closed sockets (with
+    /// their close marks) and when the dump began.
+    fn half_closed_dump(&self, opts: &TraceOptions) -> impl FnOnce() -> Dump + Send + 'static {
         let only = (opts.probes.filter.netns != 0).then_some(opts.probes.filter.netns);
+        // Its own descriptor of the mark map, which the job closes.
+        let marks = self
+            .marks
+            .as_ref()
+            .and_then(|m| m.fd().as_fd().try_clone_to_owned().ok());
+        move || {
+            let began = SystemTime::now();
+            let extras = DumpExtras {
+                marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
+            };
+            (began, enrich::find_sockets_with(&HALF_CLOSED, only, extras))
+        }
+    }
+
+    /// Scans every namespace for half-closed sockets, on the event loop:
+    /// the first scan, which must end before tracing is announced.
+    fn scan_half_closed(&mut self, opts: &TraceOptions) -> io::Result<()> {
+        let dump = self.half_closed_dump(opts)();
+        self.scanned(opts, dump)
+    }
+
+    /// Resolves what moved on since the last dump, and reports the stuck.
+    fn scanned(&mut self, opts: &TraceOptions, (now, found): Dump) -> io::Result<()> {
         let port = opts.probes.filter.port;
-        let extras = DumpExtras {
-            marks_fd: self.marks.as_ref().map(|m| m.fd().as_fd().as_raw_fd()),
-        };
-        let sockets = enrich::find_sockets_with(&HALF_CLOSED, only, extras)
+        let sockets = found
             .into_iter()
             .filter(|f| {
                 port == 0 || f.socket.local.port() == port || f.socket.remote.port() == port
@@ -443,13 +474,21 @@ impl Pipeline<'_> {
             sends_forgotten: origins.sends_overflowed,
             receipts_unmatched: origins.receipts_unmatched,
             tally_full: counters.tally_full().unwrap_or(0),
+            unwritten: self.written.dropped(),
         }
     }
 
     /// What the programs could not do since the last report: records the
     /// ring buffer had no room for, and resets with no readable stack.
     fn report_counters(&mut self, counters: &Counters) -> io::Result<()> {
-        self.metrics.shortfalls(&self.shortfalls(counters));
+        let shortfalls = self.shortfalls(counters);
+        if shortfalls.unwritten > 0 && !self.counts.unwritten_warned {
+            self.counts.unwritten_warned = true;
+            log::warn!(
+                "the reader of stdout is not keeping up: events are dropped whole and counted (tcprst_unwritten_events_total, and the exit summary)"
+            );
+        }
+        self.metrics.shortfalls(&shortfalls);
         match counters.stack_failures() {
             Ok(total) if total > self.counts.stack_failures_reported => {
                 if self.counts.stack_failures_reported == 0 {
@@ -496,6 +535,10 @@ pub fn start(opts: &TraceOptions) -> Result<Probes> {
 }
 
 pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
+    // First, so a stop asked for during startup (the pod watch, the first
+    // scan) still ends cleanly once the loop runs.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     let ring = probes.take_ring()?;
     let counters = probes.take_counters()?;
     let mut tallies = probes.take_tallies()?;
@@ -524,7 +567,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     }
     let node = k8s::node_name();
     let pods = start_pod_watcher(&opts, &node).await;
-    let stdout = BufWriter::with_capacity(64 * 1024, io::stdout());
+    let (stdout, written) = writer::spawn(io::stdout()).context("starting the output thread")?;
     let mut pipeline = Pipeline {
         dump: RecordDump::from_env(),
         decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::now()),
@@ -538,9 +581,8 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         counts: Counts::default(),
         origins: origins_for(&probes, &opts),
         marks,
+        written,
     };
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // The first scan, before tracing is announced, finds what was already
@@ -548,6 +590,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     pipeline.scan_half_closed(&opts)?;
     let scan_every = (opts.stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY);
     let mut scan_tick = interval_at(tokio::time::Instant::now() + scan_every, scan_every);
+    let mut dump: Option<tokio::task::JoinHandle<Dump>> = None;
     scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut drain_tick = interval(DRAIN_EVERY);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -582,7 +625,15 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                         .metrics
                         .forget_pods(|namespace, pod| enricher.pod_exists(namespace, pod));
                 }
-                _ = scan_tick.tick() => pipeline.scan_half_closed(&opts)?,
+                // The dump runs on a blocking thread; records, signals and
+                // metrics are served meanwhile.
+                _ = scan_tick.tick(), if dump.is_none() => {
+                    dump = Some(tokio::task::spawn_blocking(pipeline.half_closed_dump(&opts)));
+                }
+                found = async { dump.as_mut().expect("guarded by is_some").await }, if dump.is_some() => {
+                    dump = None;
+                    pipeline.scanned(&opts, found.map_err(io::Error::other)?)?;
+                }
                 _ = tally_tick.tick() => pipeline.aggregates(read_tallies(tallies.turn()))?,
                 // Records below the wake-up batch are read here, and a lone
                 // received reset decided once the ring is read empty.
@@ -615,10 +666,12 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         Err(e) => return Err(e).context("writing events"),
     }
     drop(probes);
+    // A reader that stopped reading gets a moment, not a hang.
+    let unwritten = pipeline.written.unwritten_after(UNWRITTEN_WAIT);
     let counts = &pipeline.counts;
     let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching",
+        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
@@ -632,6 +685,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         shortfalls.tally_full,
         shortfalls.receipts_unmatched,
         shortfalls.sends_forgotten,
+        unwritten,
     );
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
 
 use std::sync::Mutex;
 
-use common::{Netns, Spawned, TCPRST, Tracer, wait_timeout};
+use common::{Netns, Spawned, TCPRST, Tracer, metric, metrics_addr, scrape, wait_timeout};
 
 /// Tests here compare the kernel's program lists; one at a time, so each
 /// can tell its own tcprst's programs from another test's.
@@ -171,4 +171,47 @@ fn error_after_attach_unloads() {
         assert!(Instant::now() < deadline, "still loaded: {left:?}");
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A reader that stops reading cannot freeze the agent: it keeps serving
+/// /metrics, stops on SIGTERM, and counts the events it could not write.
+#[test]
+fn a_stalled_reader_neither_freezes_tcprst_nor_hides_what_it_missed() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = Netns::new();
+    let mut spawned = Spawned::start(&[
+        "--netns",
+        &ns.name,
+        "--detail-per-sec",
+        "0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let addr = metrics_addr(&spawned.stderr_text());
+    // Held open and never read: the pipe fills, then the queue behind it.
+    let _stalled = spawned.stdout.take();
+    ns.refused_connects(3.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let unwritten = metric(&scrape(&addr), "tcprst_unwritten_events_total", &[]);
+        if unwritten.is_some_and(|n| n > 0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no unwritten events counted");
+        thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: signals the child this test started.
+    unsafe { libc::kill(spawned.child.id() as i32, libc::SIGTERM) };
+    // A frozen agent would never exit; the margin is for a loaded machine.
+    let status = wait_timeout(&mut spawned.child, Duration::from_secs(5));
+    let stderr = spawned.stderr_text();
+    assert!(status.success(), "exit {status}; stderr:\n{stderr}");
+    let summary = stderr.split("stopped: ").nth(1).unwrap_or_default();
+    let not_written: u64 = summary
+        .split(" events not written")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no unwritten count in {stderr}"));
+    assert!(not_written > 0, "{stderr}");
 }

@@ -3,40 +3,9 @@
 
 mod common;
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::Duration,
-};
+use std::{net::TcpStream, time::Duration};
 
-use common::{Netns, Tracer};
-use prometheus_parse::{Scrape, Value};
-
-fn scrape(addr: &str) -> Scrape {
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        conn,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    conn.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
-}
-
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-            ref other => panic!("{name} is {other:?}"),
-        })
-}
+use common::{Netns, Tracer, metric, metrics_addr, scrape};
 
 /// tcprst tracing `ns` with metrics on a free loopback port, and that
 /// port's address.
@@ -49,13 +18,7 @@ fn trace_with_metrics(ns: &Netns) -> (Tracer, String) {
         "--stuck-after",
         "1s",
     ]);
-    let stderr = tracer.stderr_text();
-    let addr = stderr
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no metrics address in {stderr}"))
-        .to_owned();
+    let addr = metrics_addr(&tracer.stderr_text());
     (tracer, addr)
 }
 
@@ -76,13 +39,20 @@ fn a_scrape_answers_behind_a_thousand_idle_connections() {
     let idle: Vec<TcpStream> = (0..1000)
         .map(|_| TcpStream::connect(&addr).unwrap())
         .collect();
-    let fds = || std::fs::read_dir(format!("/proc/{}/fd", tracer.pid())).unwrap().count();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", tracer.pid()))
+            .unwrap()
+            .count()
+    };
     std::thread::sleep(Duration::from_millis(500));
     let held = fds();
-    assert!(held < 200, "tcprst holds {held} descriptors for 1,000 idle clients");
+    assert!(
+        held < 200,
+        "tcprst holds {held} descriptors for 1,000 idle clients"
+    );
     // `scrape` gives up after 20 s: idle clients time out after 3.
     let m = scrape(&addr);
-    assert!(value(&m, "tcprst_programs_attached", &[("tier", "tracepoint")]).is_some());
+    assert!(metric(&m, "tcprst_programs_attached", &[("tier", "tracepoint")]).is_some());
     drop(idle);
     tracer.stop();
 }
@@ -114,45 +84,45 @@ fn metrics_count_resets_programs_and_losses() {
         ("reason", "NO_SOCKET"),
         ("caller", "tcp_v4_rcv"),
     ];
-    assert_eq!(value(&m, "tcprst_resets_total", &sent), Some(2.0));
+    assert_eq!(metric(&m, "tcprst_resets_total", &sent), Some(2.0));
     assert_eq!(
-        value(&m, "tcprst_resets_total", &[("direction", "received")]),
+        metric(&m, "tcprst_resets_total", &[("direction", "received")]),
         Some(2.0)
     );
     // This kernel has tp_btf with socket storage: the close-mark program and
     // both reset tracepoints run as tp_btf, nothing as a classic tracepoint.
     assert_eq!(
-        value(&m, "tcprst_programs_attached", &[("tier", "tp_btf")]),
+        metric(&m, "tcprst_programs_attached", &[("tier", "tp_btf")]),
         Some(3.0)
     );
     assert_eq!(
-        value(&m, "tcprst_programs_attached", &[("tier", "tracepoint")]),
+        metric(&m, "tcprst_programs_attached", &[("tier", "tracepoint")]),
         Some(0.0)
     );
     assert_eq!(
-        value(
+        metric(
             &m,
             "tcprst_programs_attached",
             &[("tier", "raw_tracepoint")]
         ),
         Some(2.0)
     );
-    assert_eq!(value(&m, "tcprst_lost_events_total", &[]), Some(0.0));
+    assert_eq!(metric(&m, "tcprst_lost_events_total", &[]), Some(0.0));
     // Every reset's caller frames were read.
     assert_eq!(
-        value(&m, "tcprst_stack_capture_failures_total", &[]),
+        metric(&m, "tcprst_stack_capture_failures_total", &[]),
         Some(0.0)
     );
     assert_eq!(
-        value(&m, "tcprst_halfclose_stuck", &[("state", "FIN_WAIT2")]),
+        metric(&m, "tcprst_halfclose_stuck", &[("state", "FIN_WAIT2")]),
         Some(1.0)
     );
     assert_eq!(
-        value(&m, "tcprst_halfclose_stuck", &[("state", "CLOSE_WAIT")]),
+        metric(&m, "tcprst_halfclose_stuck", &[("state", "CLOSE_WAIT")]),
         Some(1.0)
     );
     assert_eq!(
-        value(&m, "tcprst_halfclose_stuck", &[("state", "LAST_ACK")]),
+        metric(&m, "tcprst_halfclose_stuck", &[("state", "LAST_ACK")]),
         Some(0.0)
     );
     drop((client, server));

@@ -1,14 +1,12 @@
 //! Reset storms: the kernel counts resets past each key's budget, and the
 //! detailed and aggregate records still add up to every reset, exactly.
-//! The generator is connects to a closed port in a fresh namespace, which
-//! counts its own refusals: each is one reset sent and one received, all of
-//! one key per direction (the clients' ports are what the key leaves out).
+//! The generator is connects to a closed port in a fresh namespace
+//! (`Netns::refused_connects`), which counts its own refusals.
 
 mod common;
 
 use std::{
     io::ErrorKind,
-    net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -22,32 +20,6 @@ fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
     let mut args = vec!["--netns", inode.as_str()];
     args.extend_from_slice(extra);
     Tracer::start(&args)
-}
-
-/// Connects to the closed port from two threads for `seconds`; returns how
-/// many were refused, i.e. how many resets each direction saw.
-fn storm(ns: &Netns, seconds: f64) -> u64 {
-    let target: SocketAddr = CLOSED_PORT.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| {
-                    ns.enter(|| {
-                        let mut refused = 0u64;
-                        while Instant::now() < deadline {
-                            match TcpStream::connect(target) {
-                                Err(e) if e.kind() == ErrorKind::ConnectionRefused => refused += 1,
-                                other => panic!("a connect to a closed port gave {other:?}"),
-                            }
-                        }
-                        refused
-                    })
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap()).sum()
-    })
 }
 
 fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
@@ -69,7 +41,7 @@ fn lost(stderr: &str) -> u64 {
 fn every_reset_is_counted_exactly_in_a_storm() {
     let ns = Netns::new();
     let tracer = trace_netns(&ns, &[]);
-    let refused = storm(&ns, 2.0);
+    let refused = ns.refused_connects(2.0);
     assert!(refused > 1000, "only {refused} connects in 2 s");
     // The last tallies are read as tracing stops.
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
@@ -111,7 +83,7 @@ fn every_reset_is_counted_exactly_in_a_storm() {
 fn a_key_gets_its_budget_of_detailed_records_a_second() {
     let ns = Netns::new();
     let tracer = trace_netns(&ns, &["--detail-per-sec", "5"]);
-    let refused = storm(&ns, 2.0);
+    let refused = ns.refused_connects(2.0);
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
     for kind in ["rst_sent", "rst_received"] {
@@ -131,7 +103,7 @@ fn every_reset_gets_a_record_with_no_budget() {
     let ns = Netns::new();
     // Room for every record, so the count is about budgets, not loss.
     let tracer = trace_netns(&ns, &["--detail-per-sec", "0", "--buffer-pages", "4096"]);
-    let refused = storm(&ns, 0.5);
+    let refused = ns.refused_connects(0.5);
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
     assert_eq!(lost(&stderr), 0, "raise the buffer for this test: {stderr}");
@@ -147,7 +119,7 @@ fn every_reset_gets_a_record_with_no_budget() {
 fn a_lone_reset_after_a_storm_is_shown_promptly() {
     let ns = Netns::new();
     let mut tracer = trace_netns(&ns, &[]);
-    let refused = storm(&ns, 1.0);
+    let refused = ns.refused_connects(1.0);
     tracer.wait_for_rsts(2 * refused);
     let sent_at = Instant::now();
     let err = ns.connect("127.0.0.1:40005", CLOSED_PORT).unwrap_err();

@@ -2,6 +2,7 @@
 
 mod json;
 mod table;
+pub mod writer;
 
 use std::{
     io::{self, Write},

@@ -88,6 +88,35 @@ impl Netns {
 }
 
 impl Netns {
+    /// Connects to the closed port 9 from two threads for `seconds`, and
+    /// returns how many were refused: each is one reset sent and one
+    /// received, all of one key per direction (the clients' ports vary).
+    pub fn refused_connects(&self, seconds: f64) -> u64 {
+        let target = SocketAddr::from(([127, 0, 0, 1], 9));
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        thread::scope(|s| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        self.enter(|| {
+                            let mut refused = 0u64;
+                            while Instant::now() < deadline {
+                                match TcpStream::connect(target) {
+                                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                                        refused += 1
+                                    }
+                                    other => panic!("a connect to a closed port gave {other:?}"),
+                                }
+                            }
+                            refused
+                        })
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        })
+    }
+
     /// Links two namespaces with a veth pair: `self` gets 10.213.0.1/24 and
     /// `other` 10.213.0.2/24, addresses that exist only inside them.
     pub fn link(&self, other: &Netns) {
@@ -395,4 +424,49 @@ pub fn find<'a>(events: &'a [Value], kind: &str) -> &'a Value {
         .iter()
         .find(|v| v["kind"] == kind)
         .unwrap_or_else(|| panic!("no {kind} in {events:#?}"))
+}
+
+/// The address tcprst announced for `--metrics-addr` on stderr.
+pub fn metrics_addr(stderr: &str) -> String {
+    stderr
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address in {stderr}"))
+        .to_owned()
+}
+
+/// GET /metrics, parsed; gives up after 20 s.
+pub fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    use std::io::{Read as _, Write as _};
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+/// The sample of `name` with these labels, if scraped.
+pub fn metric(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    use prometheus_parse::Value;
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            ref other => panic!("{name} is {other:?}"),
+        })
 }
