@@ -6,7 +6,7 @@ use std::{fs, io::Write, path::PathBuf};
 
 use anyhow::Result;
 use aya::programs::ProgramType;
-use comfy_table::{Cell, ContentArrangement, Table, presets};
+use comfy_table::{ContentArrangement, Table, presets};
 use serde_json::{Value, json};
 use tcprst_common::{AttachTier, KernelFilter};
 
@@ -16,6 +16,7 @@ use crate::{
     privileges,
     probes::{ProbeConfig, Probes},
     sink::OutputFormat,
+    terminal::cell,
     tracefs::Tracefs,
 };
 
@@ -253,11 +254,39 @@ impl DoctorReport {
                     .set_content_arrangement(ContentArrangement::Dynamic)
                     .set_header(["CHECK", "RESULT"]);
                 for (check, result) in self.rows() {
-                    table.add_row([Cell::new(check), Cell::new(result)]);
+                    table.add_row([cell(check), cell(result)]);
                 }
                 writeln!(out, "{table}")?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_text_prints_escaped() {
+        let report = DoctorReport {
+            kernel: "6.1\x1b[2J".into(),
+            lockdown: "none".into(),
+            btf: Err("no \x1b]0;pwn\x07".into()),
+            tracefs: Ok("/sys/kernel/tracing".into()),
+            program_types: Vec::new(),
+            privileges: Ok(()),
+            load_error: None,
+            hooks: Vec::new(),
+            close_marks: Ok(()),
+            limitations: vec!["\u{9b}31m".into()],
+        };
+        let mut out = Vec::new();
+        report.write(OutputFormat::Table, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("6.1\\e[2J"), "{text}");
+        assert!(text.contains("no: no \\e]0;pwn\\a"), "{text}");
+        assert!(text.contains("\\u{9b}31m"), "{text}");
+        assert!(!text.contains(['\x1b', '\x07', '\u{9b}']), "{text:?}");
     }
 }

@@ -30,6 +30,7 @@ pub mod snapshot;
 pub mod sockdiag;
 pub mod stacks;
 pub mod tallies;
+pub mod terminal;
 #[cfg(test)]
 mod testing;
 pub mod trace;

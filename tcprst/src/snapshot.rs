@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use comfy_table::{Attribute, Cell, ContentArrangement, Table, presets};
+use comfy_table::{Attribute, ContentArrangement, Table, presets};
 use serde::Serialize;
 
 use crate::{
@@ -17,6 +17,7 @@ use crate::{
     enrich::{self, FoundSocket, HALF_CLOSED, Lookup},
     event::TcpState,
     sink::OutputFormat,
+    terminal::cell,
     tracker::Connection,
 };
 
@@ -140,7 +141,7 @@ fn write_table(rows: &[Row], out: &mut dyn Write) -> io::Result<()> {
                 "TIMER",
                 "DIAGNOSIS",
             ]
-            .map(|h| Cell::new(h).add_attribute(Attribute::Bold)),
+            .map(|h| cell(h).add_attribute(Attribute::Bold)),
         );
     for r in rows {
         let owner = match (r.owners.first(), r.orphaned) {
@@ -149,17 +150,51 @@ fn write_table(rows: &[Row], out: &mut dyn Write) -> io::Result<()> {
             (None, false) => "?".to_owned(),
         };
         table.add_row(vec![
-            Cell::new(&r.netns_name),
-            Cell::new(r.state),
-            Cell::new(std::net::SocketAddr::new(r.local_addr, r.local_port)),
-            Cell::new(std::net::SocketAddr::new(r.remote_addr, r.remote_port)),
-            Cell::new(owner),
-            Cell::new(r.timer.as_deref().unwrap_or("-")),
-            Cell::new(&r.diagnosis),
+            cell(&r.netns_name),
+            cell(r.state),
+            cell(std::net::SocketAddr::new(r.local_addr, r.local_port)),
+            cell(std::net::SocketAddr::new(r.remote_addr, r.remote_port)),
+            cell(owner),
+            cell(r.timer.as_deref().unwrap_or("-")),
+            cell(&r.diagnosis),
         ]);
     }
     for line in table.lines() {
         writeln!(out, "{}", line.trim_end())?;
     }
     writeln!(out, "{} connections", rows.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_names_print_escaped() {
+        let row = Row {
+            netns: 1,
+            netns_name: "ns\x1b[2J".into(),
+            family: "ipv4",
+            local_addr: [127, 0, 0, 1].into(),
+            local_port: 5000,
+            remote_addr: [127, 0, 0, 1].into(),
+            remote_port: 40000,
+            state: "CLOSE_WAIT",
+            orphaned: false,
+            owners: vec![OwnerJson {
+                pid: 7,
+                comm: "\x1b]0;pwn\x07".into(),
+            }],
+            uid: 0,
+            inode: 1,
+            timer: None,
+            diagnosis: "held by \x1b]0;pwn\x07[7]".into(),
+        };
+        let mut out = Vec::new();
+        write_table(&[row], &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("ns\\e[2J"), "{text}");
+        assert!(text.contains("\\e]0;pwn\\a[7]"), "{text}");
+        assert!(!text.contains(['\x1b', '\x07']), "{text:?}");
+    }
 }

@@ -14,6 +14,7 @@ use tcprst_common::TALLY_PORTS;
 use crate::{
     enrich::Attribution,
     event::{ExecContext, RstEvent, RstKind},
+    terminal::{cell, terminal_safe},
     tracker::Connection,
 };
 
@@ -47,7 +48,7 @@ impl TableSink {
             self.header_written = true;
             let header = COLUMNS
                 .iter()
-                .map(|(name, _)| Cell::new(name).add_attribute(Attribute::Bold))
+                .map(|(name, _)| cell(name).add_attribute(Attribute::Bold))
                 .collect();
             self.row(header)?;
         }
@@ -75,21 +76,21 @@ impl TableSink {
         [why, who, whose]: [String; 3],
     ) -> io::Result<()> {
         self.row(vec![
-            Cell::new(time_of_day(time)),
+            cell(time_of_day(time)),
             label,
             netns_cell((conn.key.netns != 0).then_some(conn.key.netns)),
-            Cell::new(conn.key.local),
-            Cell::new(conn.key.remote),
-            Cell::new(conn.state.name()),
-            Cell::new(why),
-            Cell::new(who),
-            Cell::new(whose),
+            cell(conn.key.local),
+            cell(conn.key.remote),
+            cell(conn.state.name()),
+            cell(why),
+            cell(who),
+            cell(whose),
         ])
     }
 
     /// The explanation, under the row it explains.
     fn because(&mut self, text: &str) -> io::Result<()> {
-        writeln!(self.out, "   └─ {text}")
+        writeln!(self.out, "   └─ {}", terminal_safe(text))
     }
 }
 
@@ -121,7 +122,7 @@ fn time_of_day(t: std::time::SystemTime) -> String {
 }
 
 fn netns_cell(netns: Option<u32>) -> Cell {
-    Cell::new(netns.map_or("-".to_owned(), |n| n.to_string()))
+    cell(netns.map_or("-".to_owned(), |n| n.to_string()))
 }
 
 /// Whose socket it is: the pod, else the container, else the host service,
@@ -181,19 +182,19 @@ impl Sink for TableSink {
             None => label.to_owned(),
         };
         self.row(vec![
-            Cell::new(time_of_day(ev.time)),
-            Cell::new(label).fg(color),
+            cell(time_of_day(ev.time)),
+            cell(label).fg(color),
             netns_cell(ev.netns),
-            Cell::new(endpoint(ev.local)),
-            Cell::new(endpoint(ev.remote)),
-            Cell::new(ev.state.map_or("-", |s| s.name())),
-            Cell::new(why(report)),
-            Cell::new(task(ev)),
-            Cell::new(whose(&report.attribution)),
+            cell(endpoint(ev.local)),
+            cell(endpoint(ev.remote)),
+            cell(ev.state.map_or("-", |s| s.name())),
+            cell(why(report)),
+            cell(task(ev)),
+            cell(whose(&report.attribution)),
         ])?;
         if let Some(stack) = &report.stack {
             let frames: Vec<&str> = stack.iter().map(|f| &**f).collect();
-            writeln!(self.out, "   stack: {}", frames.join(" ← "))?;
+            writeln!(self.out, "   stack: {}", terminal_safe(&frames.join(" ← ")))?;
         }
         let origin = report
             .origin
@@ -237,7 +238,7 @@ impl Sink for TableSink {
             (None, None) => "-".to_owned(),
         };
         let why = format!("waits for {}", r.diagnosis.waiting_for.name());
-        let label = Cell::new("STUCK").fg(Color::Magenta);
+        let label = cell("STUCK").fg(Color::Magenta);
         self.conn_row(r.time, label, &r.conn, [why, who, whose(&r.attribution)])?;
         self.because(&r.diagnosis.text)
     }
@@ -245,7 +246,7 @@ impl Sink for TableSink {
     fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
         let conn = &r.resolved.conn;
         let why = format!("was {}", r.resolved.stuck_state.name());
-        let label = Cell::new("RESOLVED").fg(Color::Green);
+        let label = cell("RESOLVED").fg(Color::Green);
         self.conn_row(
             conn.since,
             label,
@@ -353,6 +354,27 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn hostile_names_and_diagnoses_print_escaped() {
+        let buf = Shared::default();
+        let mut sink = TableSink::new(Box::new(buf.clone()));
+        let task = Task {
+            pid: 7,
+            tid: 7,
+            comm: "\x1b]0;pwn\x07".into(),
+            uid: 0,
+        };
+        let mut report = event(RstKind::Sent, "127.0.0.1:1", Some(task));
+        report.diagnosis = Some("closed by \x1b[2J".into());
+        report.stack = Some(["tcp_close\u{9b}".into()].into());
+        sink.rst(&report).unwrap();
+        let text = buf.text();
+        assert!(text.contains("\\e]0;pwn\\a[7]"), "{text}");
+        assert!(text.contains("   stack: tcp_close\\u{9b}\n"), "{text}");
+        assert!(text.contains("   └─ closed by \\e[2J\n"), "{text}");
+        assert!(!text.contains(['\x1b', '\x07', '\u{9b}']), "{text:?}");
     }
 
     #[test]

@@ -172,7 +172,7 @@ pub fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// A started `tcprst trace -o json`, attached and ready.
+/// A started `tcprst trace`, attached and ready.
 pub struct Spawned {
     pub child: Child,
     /// Taken by `Tracer`, or dropped by a test to close the pipe.
@@ -181,11 +181,18 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    /// Starts tracing and returns once the programs are attached.
+    /// Starts tracing with JSON output and returns once the programs are
+    /// attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_as("json", args)
+    }
+
+    /// Starts tracing with `output` (`json` or `table`) and returns once the
+    /// programs are attached.
+    pub fn start_as(output: &str, args: &[&str]) -> Self {
         require_root();
         let mut child = Command::new(TCPRST)
-            .args(["trace", "-o", "json"])
+            .args(["trace", "-o", output])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -333,6 +340,78 @@ impl Tracer {
             "tcprst exited with {status}; stderr:\n{stderr}"
         );
         rsts(&seen).into_iter().cloned().collect()
+    }
+}
+
+/// A running `tcprst trace -o table` whose stdout is kept byte for byte, so
+/// a test can tell what a terminal would have received.
+pub struct TableTracer {
+    spawned: Spawned,
+    lines: Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+}
+
+impl TableTracer {
+    pub fn start(args: &[&str]) -> Self {
+        let mut spawned = Spawned::start_as("table", args);
+        let (tx, lines) = channel();
+        let mut pipe = BufReader::new(spawned.stdout.take().unwrap());
+        thread::spawn(move || {
+            loop {
+                let mut line = Vec::new();
+                match pipe.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if tx.send(line).is_err() => break,
+                    Ok(_) => {}
+                }
+            }
+        });
+        Self {
+            spawned,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits up to 20 s for a line `wanted` accepts.
+    pub fn wait_for(&mut self, what: &str, wanted: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.extend_from_slice(&line);
+                    if wanted(&String::from_utf8_lossy(&line)) {
+                        return;
+                    }
+                }
+                // Debug-formatted, so that what is shown cannot act on the
+                // terminal of whoever reads the failure either.
+                Err(_) => panic!(
+                    "no {what} within 20 s; stdout:\n{:?}\nstderr:\n{:?}",
+                    String::from_utf8_lossy(&self.seen),
+                    self.spawned.stderr_text()
+                ),
+            }
+        }
+    }
+
+    /// Stops with SIGTERM and returns all of stdout.
+    pub fn stop(mut self) -> Vec<u8> {
+        // SAFETY: kill() reads no memory of ours; the pid is our unreaped
+        // child, so it cannot name another process.
+        unsafe { libc::kill(self.spawned.child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
+        assert!(
+            status.success(),
+            "tcprst exited with {status}; stderr:\n{:?}",
+            self.spawned.stderr_text()
+        );
+        // The reader thread ends at end of file, after the last line.
+        for line in self.lines.iter() {
+            self.seen.extend_from_slice(&line);
+        }
+        std::mem::take(&mut self.seen)
     }
 }
 
