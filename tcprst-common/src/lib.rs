@@ -191,6 +191,19 @@ pub const FUNCTION_HOOKS: [ResetHook; 5] = [
 ];
 
 impl ResetHook {
+    /// What it is called: the tracepoint, or the kernel function.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SendResetTracepoint => "tcp:tcp_send_reset",
+            Self::ReceiveResetTracepoint => "tcp:tcp_receive_reset",
+            Self::ActiveReset => "tcp_send_active_reset",
+            Self::V4SendReset => "tcp_v4_send_reset",
+            Self::V6SendReset => "tcp_v6_send_reset",
+            Self::NfSendReset => "nf_send_reset",
+            Self::NfSendReset6 => "nf_send_reset6",
+        }
+    }
+
     /// Bit in `TRACEPOINT_COVERED`: resets of this function are reported by
     /// its function-tier program, so the tracepoint program skips them.
     pub const fn covered_bit(self) -> u32 {
@@ -205,6 +218,16 @@ pub enum AttachTier {
     Tracepoint = 1,
     Kprobe = 2,
     Fentry = 3,
+}
+
+impl AttachTier {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tracepoint => "tracepoint",
+            Self::Kprobe => "kprobe",
+            Self::Fentry => "fentry",
+        }
+    }
 }
 
 /// Argument positions (0-based) of a reset function, read from its BTF
@@ -504,7 +527,10 @@ pub mod counters {
     /// Resets that got their own record past their key's budget because
     /// the tally map was full: nothing is lost, but the storm costs more.
     pub const TALLY_FULL: u32 = 2;
-    pub const SLOTS: u32 = 3;
+    /// Resets dropped because their connection's ends could not be read
+    /// (`--debug-bpf` logs which field, at which offset).
+    pub const TUPLE_FAILURES: u32 = 3;
+    pub const SLOTS: u32 = 4;
 
     /// Where a program counts `counter`: one slot per context, so a softirq
     /// never interleaves with a process-context update of the same slot.

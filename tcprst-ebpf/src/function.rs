@@ -25,6 +25,7 @@ use tcprst_common::{
 
 use crate::{
     closing::mark_of,
+    failure::tuple_unread,
     globals::function_args,
     kernel::{
         TCP_FLAG_RST, netns_of_net, reply_tuple, skb_netns, sock_netns, sock_state, sock_tuple,
@@ -115,11 +116,12 @@ pub fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier, args: Fun
         // An answer to a segment: the kernel never answers a reset, and
         // returns before sending anything when asked to.
         match reply_tuple(skb, &mut rec.tuple) {
-            Some(flags) if flags & TCP_FLAG_RST == 0 => {}
-            _ => return,
+            Ok(flags) if flags & TCP_FLAG_RST == 0 => {}
+            Ok(_) => return,
+            Err(unread) => return tuple_unread(ctx, hook, tier, unread),
         }
-    } else if sock_tuple(sk, &mut rec.tuple).is_none() {
-        return;
+    } else if let Err(unread) = sock_tuple(sk, &mut rec.tuple) {
+        return tuple_unread(ctx, hook, tier, unread);
     }
     rec.skaddr = sk;
     if sk == 0 {

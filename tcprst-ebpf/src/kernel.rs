@@ -13,6 +13,21 @@ unsafe fn read_at<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
+/// A read that failed: which member or field, at which offset, so
+/// `--debug-bpf` can say what went wrong on a kernel nobody here has.
+#[derive(Clone, Copy)]
+pub struct Unread {
+    pub what: &'static str,
+    pub offset: u32,
+}
+
+/// `what` of `base`, at `offset`.
+#[inline(always)]
+fn member<T>(base: u64, offset: u32, what: &'static str) -> Result<T, Unread> {
+    // SAFETY: a probe read, which fails cleanly on any address.
+    unsafe { read_at(base, offset) }.ok_or(Unread { what, offset })
+}
+
 // Namespaces travel as plain u32s, 0 meaning unknown (no namespace has
 // inode 0): comparing an Option<u32> lets LLVM read the undefined payload of
 // a None, which the verifier rejects as an uninitialised register.
@@ -119,32 +134,36 @@ pub fn copy_v4(dst: &mut [u8; 16], src: [u8; 4]) {
 
 /// A socket's own tuple, from its `sock_common` (full, request or timewait).
 #[inline(always)]
-pub fn sock_tuple(sk: u64, out: &mut Tuple) -> Option<()> {
+pub fn sock_tuple(sk: u64, out: &mut Tuple) -> Result<(), Unread> {
     let o = kernel_offsets();
-    unsafe {
-        out.family = read_at::<u16>(sk, o.skc_family)?;
-        out.local_port = u16::from_be(read_at::<u16>(sk, o.inet_sport)?);
-        out.remote_port = u16::from_be(read_at::<u16>(sk, o.skc_dport)?);
-        if out.family == AF_INET {
-            copy_v4(&mut out.local_addr, read_at(sk, o.skc_rcv_saddr)?);
-            copy_v4(&mut out.remote_addr, read_at(sk, o.skc_daddr)?);
-        } else {
-            out.local_addr = read_at(sk, o.skc_v6_rcv_saddr)?;
-            out.remote_addr = read_at(sk, o.skc_v6_daddr)?;
-        }
+    out.family = member(sk, o.skc_family, "sock_common.skc_family")?;
+    out.local_port = u16::from_be(member(sk, o.inet_sport, "inet_sock.inet_sport")?);
+    out.remote_port = u16::from_be(member(sk, o.skc_dport, "sock_common.skc_dport")?);
+    if out.family == AF_INET {
+        copy_v4(
+            &mut out.local_addr,
+            member(sk, o.skc_rcv_saddr, "sock_common.skc_rcv_saddr")?,
+        );
+        copy_v4(
+            &mut out.remote_addr,
+            member(sk, o.skc_daddr, "sock_common.skc_daddr")?,
+        );
+    } else {
+        out.local_addr = member(sk, o.skc_v6_rcv_saddr, "sock_common.skc_v6_rcv_saddr")?;
+        out.remote_addr = member(sk, o.skc_v6_daddr, "sock_common.skc_v6_daddr")?;
     }
-    Some(())
+    Ok(())
 }
 
 /// Where a segment's IP header starts, and its version (4 or 6).
 #[inline(always)]
-fn network_header(skb: u64) -> Option<(u64, u8)> {
+fn network_header(skb: u64) -> Result<(u64, u8), Unread> {
     let o = kernel_offsets();
-    unsafe {
-        let head = read_at::<u64>(skb, o.skb_head)?;
-        let ip = head + u64::from(read_at::<u16>(skb, o.skb_network_header)?);
-        Some((ip, read_at::<u8>(ip, 0)? >> 4))
-    }
+    let head: u64 = member(skb, o.skb_head, "sk_buff.head")?;
+    let offset: u16 = member(skb, o.skb_network_header, "sk_buff.network_header")?;
+    let ip = head + u64::from(offset);
+    let first: u8 = member(ip, 0, "the IP header")?;
+    Ok((ip, first >> 4))
 }
 
 /// The IP version of a segment: tells which of tcp_v4_send_reset and
@@ -162,35 +181,37 @@ const NO_HEADER: u16 = 0xffff;
 /// The tuple of the reset that answers a segment (our end is the segment's
 /// destination), and the segment's TCP flags.
 #[inline(always)]
-pub fn reply_tuple(skb: u64, out: &mut Tuple) -> Option<u8> {
+pub fn reply_tuple(skb: u64, out: &mut Tuple) -> Result<u8, Unread> {
     let (ip, version) = network_header(skb)?;
-    let tcp = unsafe {
-        if version == 4 {
-            out.family = AF_INET;
-            copy_v4(&mut out.remote_addr, read_at(ip, 12)?);
-            copy_v4(&mut out.local_addr, read_at(ip, 16)?);
-            // IHL, not transport_header: netfilter hooks may run before
-            // the stack sets it.
-            ip + u64::from(read_at::<u8>(ip, 0)? & 0x0f) * 4
-        } else if version == 6 {
-            out.family = AF_INET6;
-            out.remote_addr = read_at(ip, 8)?;
-            out.local_addr = read_at(ip, 24)?;
-            // Extension headers are only skipped through transport_header.
-            let o = kernel_offsets();
-            let head = read_at::<u64>(skb, o.skb_head)?;
-            let th = read_at::<u16>(skb, o.skb_transport_header)?;
-            if th != NO_HEADER && head + u64::from(th) > ip {
-                head + u64::from(th)
-            } else {
-                ip + IPV6_HEADER_LEN
-            }
+    let tcp = if version == 4 {
+        out.family = AF_INET;
+        copy_v4(&mut out.remote_addr, member(ip, 12, "iphdr.saddr")?);
+        copy_v4(&mut out.local_addr, member(ip, 16, "iphdr.daddr")?);
+        // IHL, not transport_header: netfilter hooks may run before the
+        // stack sets it.
+        let first: u8 = member(ip, 0, "iphdr.ihl")?;
+        ip + u64::from(first & 0x0f) * 4
+    } else if version == 6 {
+        out.family = AF_INET6;
+        out.remote_addr = member(ip, 8, "ipv6hdr.saddr")?;
+        out.local_addr = member(ip, 24, "ipv6hdr.daddr")?;
+        // Extension headers are only skipped through transport_header.
+        let o = kernel_offsets();
+        let head: u64 = member(skb, o.skb_head, "sk_buff.head")?;
+        let th: u16 = member(skb, o.skb_transport_header, "sk_buff.transport_header")?;
+        if th != NO_HEADER && head + u64::from(th) > ip {
+            head + u64::from(th)
         } else {
-            return None;
+            ip + IPV6_HEADER_LEN
         }
+    } else {
+        return Err(Unread {
+            what: "the IP version (neither 4 nor 6)",
+            offset: 0,
+        });
     };
-    let ports = unsafe { read_at::<[u8; 4]>(tcp, 0)? };
+    let ports: [u8; 4] = member(tcp, 0, "tcphdr.source")?;
     out.remote_port = u16::from_be_bytes([ports[0], ports[1]]);
     out.local_port = u16::from_be_bytes([ports[2], ports[3]]);
-    unsafe { read_at::<u8>(tcp, TCP_FLAGS_OFFSET) }
+    member(tcp, TCP_FLAGS_OFFSET, "tcphdr flags")
 }

@@ -9,6 +9,7 @@
 
 mod closing;
 mod context;
+mod failure;
 mod function;
 mod globals;
 mod kernel;

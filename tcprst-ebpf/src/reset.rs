@@ -15,6 +15,7 @@ use tcprst_common::{
 
 use crate::{
     context::origin,
+    failure::tuple_unread,
     function::{ArgReader, report},
     globals::{filter, receive_reset_fields, send_reset_fields, settings},
     kernel::{
@@ -36,7 +37,13 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let mut rec = blank(RecordKind::RstSent, ResetHook::SendResetTracepoint);
-    if read_tuple(&ctx, &fields.tuple, &mut rec.tuple).is_none() {
+    if let Err(unread) = read_tuple(&ctx, &fields.tuple, &mut rec.tuple) {
+        tuple_unread(
+            &ctx,
+            ResetHook::SendResetTracepoint,
+            AttachTier::Tracepoint,
+            unread,
+        );
         return 0;
     }
     rec.skaddr = sk;
@@ -67,7 +74,13 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
 pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
     let fields = receive_reset_fields();
     let mut rec = blank(RecordKind::RstReceived, ResetHook::ReceiveResetTracepoint);
-    if read_tuple(&ctx, &fields.tuple, &mut rec.tuple).is_none() {
+    if let Err(unread) = read_tuple(&ctx, &fields.tuple, &mut rec.tuple) {
+        tuple_unread(
+            &ctx,
+            ResetHook::ReceiveResetTracepoint,
+            AttachTier::Tracepoint,
+            unread,
+        );
         return 0;
     }
     let sk = field::<u64>(&ctx, fields.skaddr).unwrap_or(0);
@@ -112,7 +125,13 @@ pub fn tcprst_rst_sent_btf(ctx: BtfTracePointContext) -> i32 {
 pub fn tcprst_rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
     let sk = ctx.arg_u64(0);
     let mut rec = blank(RecordKind::RstReceived, ResetHook::ReceiveResetTracepoint);
-    if sock_tuple(sk, &mut rec.tuple).is_none() {
+    if let Err(unread) = sock_tuple(sk, &mut rec.tuple) {
+        tuple_unread(
+            &ctx,
+            ResetHook::ReceiveResetTracepoint,
+            AttachTier::Tracepoint,
+            unread,
+        );
         return 0;
     }
     // SAFETY: the typed socket argument, as the helper requires.

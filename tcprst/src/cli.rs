@@ -174,6 +174,11 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 20, value_name = "N")]
     pub detail_per_sec: u32,
 
+    /// Log on stderr each read the kernel programs could not do (which hook, which member,
+    /// at which offset), for bug reports from kernels tcprst was not tried on
+    #[arg(long)]
+    pub debug_bpf: bool,
+
     /// Serve Prometheus metrics at http://ADDR/metrics; a bare port binds 127.0.0.1
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<MetricsAddr>,

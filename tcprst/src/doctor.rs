@@ -80,6 +80,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         history: false,
         whole_stacks: false,
         detail_per_sec: 0,
+        debug_bpf: false,
         btf: btf.clone(),
         attach: attach.clone(),
         probe_every_tier: true,

@@ -131,6 +131,7 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
             history: args.history,
             whole_stacks: args.stack,
             detail_per_sec: args.detail_per_sec,
+            debug_bpf: args.debug_bpf,
             btf: args.kernel.btf,
             attach: AttachRequest::new(&args.kernel.attach),
             probe_every_tier: false,

@@ -85,6 +85,7 @@ pub struct Metrics {
     receipts_unmatched: Counter,
     tally_full: Counter,
     unwritten: Counter,
+    tuple_failures: Counter,
 }
 
 /// Totals since start of what tcprst could not do or decide; the metrics
@@ -96,6 +97,7 @@ pub struct Shortfalls {
     pub receipts_unmatched: u64,
     pub tally_full: u64,
     pub unwritten: u64,
+    pub tuple_failures: u64,
 }
 
 impl Default for Metrics {
@@ -168,6 +170,10 @@ impl Default for Metrics {
             "unwritten_events",
             "Events dropped whole because the reader of stdout fell behind (the queue to it was full)",
         );
+        let tuple_failures = counter(
+            "tuple_read_failures",
+            "Resets the kernel programs dropped because the connection's ends could not be read (--debug-bpf logs which read)",
+        );
         Self {
             registry,
             rsts,
@@ -183,6 +189,7 @@ impl Default for Metrics {
             receipts_unmatched,
             tally_full,
             unwritten,
+            tuple_failures,
         }
     }
 }
@@ -265,6 +272,7 @@ impl Metrics {
             (&self.receipts_unmatched, totals.receipts_unmatched),
             (&self.tally_full, totals.tally_full),
             (&self.unwritten, totals.unwritten),
+            (&self.tuple_failures, totals.tuple_failures),
         ] {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
@@ -417,6 +425,7 @@ mod tests {
             receipts_unmatched: 3,
             tally_full: 4,
             unwritten: 5,
+            tuple_failures: 7,
         };
         m.shortfalls(&shortfalls);
         shortfalls.tally_full = 6;
@@ -436,6 +445,7 @@ mod tests {
             "tcprst_origin_receipts_unmatched_total 3",
             "tcprst_tally_full_resets_total 6",
             "tcprst_unwritten_events_total 5",
+            "tcprst_tuple_read_failures_total 7",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -9,6 +9,7 @@ use aya::{
     maps::{Array, Map, MapData, PerCpuArray, RingBuf, StackTraceMap},
     programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint, TracePoint},
 };
+use aya_log::EbpfLogger;
 use tcprst_common::{
     ABSENT, AttachTier, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetHook,
     Settings, TALLY_MAPS, TALLY_TURN, counters,
@@ -43,6 +44,8 @@ pub struct ProbeConfig {
     /// `--detail-per-sec`: records per reset key per second; the kernel
     /// only counts the rest. 0: a record for every reset.
     pub detail_per_sec: u32,
+    /// `--debug-bpf`: the programs log what they could not read.
+    pub debug_bpf: bool,
     /// An explicit BTF file; otherwise the running kernel's.
     pub btf: Option<PathBuf>,
     pub attach: AttachRequest,
@@ -168,6 +171,13 @@ impl Probes {
             .override_global("FILTER", &cfg.filter, true)
             .override_global("FUNCTION_ARGS", &args, true)
             .override_global("SETTINGS", &settings, true)
+            // 0 turns the programs' failure logs off; they cost nothing then.
+            .override_global(aya_log::LEVEL, &log_level(cfg.debug_bpf), true)
+            // Unread unless asked for: one page, not aya-log's 128 KiB.
+            .map_max_entries(
+                "AYA_LOGS",
+                if cfg.debug_bpf { 128 * 1024 } else { PAGE_SIZE },
+            )
             .map_max_entries("EVENTS", cfg.buffer_pages * PAGE_SIZE)
             // Whole stacks only with --stack: a full map holds ~2 MB.
             .map_max_entries("STACKS", if cfg.whole_stacks { 2048 } else { 1 })
@@ -470,6 +480,11 @@ impl Probes {
         Ok(Counters(self.take("COUNTERS")?))
     }
 
+    /// The reader of the programs' failure logs, with `--debug-bpf`.
+    pub fn take_logger(&mut self) -> Result<EbpfLogger<&'static dyn log::Log>> {
+        EbpfLogger::init(&mut self.ebpf).context("reading the programs' logs (--debug-bpf)")
+    }
+
     pub fn take_tallies(&mut self) -> Result<Tallies> {
         let [a, b] = TALLY_MAPS;
         Ok(Tallies::new(
@@ -599,6 +614,16 @@ fn load_btf(explicit: Option<&Path>) -> Result<Option<KernelBtf>> {
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+/// aya-log's level for the programs: all of their (failure) logs with
+/// `--debug-bpf`, none otherwise.
+fn log_level(debug_bpf: bool) -> u8 {
+    if debug_bpf {
+        aya_log::Level::Trace as u8
+    } else {
+        0
+    }
+}
+
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -642,5 +667,10 @@ impl Counters {
     /// because the tally map was full.
     pub fn tally_full(&self) -> Result<u64> {
         self.total(counters::TALLY_FULL)
+    }
+
+    /// Resets dropped because their connection's ends could not be read.
+    pub fn tuple_failures(&self) -> Result<u64> {
+        self.total(counters::TUPLE_FAILURES)
     }
 }

@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
+use aya_log::EbpfLogger;
 use tcprst_common::{RstKey, RstTally};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -475,6 +476,7 @@ impl Pipeline<'_> {
             receipts_unmatched: origins.receipts_unmatched,
             tally_full: counters.tally_full().unwrap_or(0),
             unwritten: self.written.dropped(),
+            tuple_failures: counters.tuple_failures().unwrap_or(0),
         }
     }
 
@@ -542,6 +544,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let ring = probes.take_ring()?;
     let counters = probes.take_counters()?;
     let mut tallies = probes.take_tallies()?;
+    if opts.probes.debug_bpf {
+        spawn_bpf_logs(probes.take_logger()?)?;
+    }
     let marks = probes.take_marks();
     let stacks = match Kallsyms::load() {
         Some(kallsyms) => {
@@ -671,7 +676,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let counts = &pipeline.counts;
     let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind",
+        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
@@ -686,7 +691,24 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         shortfalls.receipts_unmatched,
         shortfalls.sends_forgotten,
         unwritten,
+        shortfalls.tuple_failures,
     );
+    Ok(())
+}
+
+/// Forwards the programs' failure logs (`--debug-bpf`) to stderr as they
+/// come; a task of its own, since they come rarely and never in bulk.
+fn spawn_bpf_logs(logger: EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+    // SAFETY: the log ring's fd stays open for as long as the AsyncFd owns it.
+    let mut logs = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("polling the programs' logs")?;
+    tokio::spawn(async move {
+        while let Ok(mut ready) = logs.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
     Ok(())
 }
 
