@@ -493,11 +493,10 @@ pub struct RstTally {
 }
 
 /// Two tally maps take turns, one period each: the programs count into the
-/// one `TALLY_TURN` (a one-entry array) names, while userspace empties the
-/// other, which no program has written for a whole period, so draining it
-/// races nothing.
-pub const TALLY_MAPS: [&str; 2] = ["TALLIES_A", "TALLIES_B"];
-pub const TALLY_TURN: &str = "TALLY_TURN";
+/// one `names::maps::TALLY_TURN` (a one-entry array) names, while userspace
+/// empties the other, which no program has written for a whole period, so
+/// draining it races nothing.
+pub const TALLY_MAPS: [&str; 2] = [names::maps::TALLIES_A, names::maps::TALLIES_B];
 /// Keys each tally map holds; past that, resets get their own record.
 pub const TALLY_KEYS: u32 = 2048;
 
@@ -596,6 +595,73 @@ mod user {
                 3 => Some(Self::KernelThread),
                 _ => None,
             }
+        }
+    }
+}
+
+/// The names userspace finds the object's programs, maps and globals by:
+/// tcprst-ebpf's program functions and statics. They are only looked up
+/// when the object loads, as root, so each list is kept here once and a
+/// unit test in tcprst checks every name in it against the built object.
+pub mod names {
+    /// `pub const NAME: &str`s, and `ALL`, every one of them.
+    macro_rules! names {
+        ($($name:ident = $value:literal;)+) => {
+            $(pub const $name: &str = $value;)+
+            /// Every name in this module.
+            pub const ALL: &[&str] = &[$($name),+];
+        };
+    }
+
+    pub mod programs {
+        names! {
+            SIRQ_IN = "tcprst_sirq_in";
+            SIRQ_OUT = "tcprst_sirq_out";
+            CLOSE_MARK = "tcprst_close_mark";
+            RST_SENT = "tcprst_rst_sent";
+            RST_SENT_BTF = "tcprst_rst_sent_btf";
+            RST_RECV = "tcprst_rst_recv";
+            RST_RECV_BTF = "tcprst_rst_recv_btf";
+            KP_ACTIVE_RESET = "tcprst_kp_active_reset";
+            FE_ACTIVE_RESET = "tcprst_fe_active_reset";
+            KP_V4_SEND_RESET = "tcprst_kp_v4_send_reset";
+            FE_V4_SEND_RESET = "tcprst_fe_v4_send_reset";
+            KP_V6_SEND_RESET = "tcprst_kp_v6_send_reset";
+            FE_V6_SEND_RESET = "tcprst_fe_v6_send_reset";
+            KP_NF_SEND_RESET = "tcprst_kp_nf_send_reset";
+            FE_NF_SEND_RESET = "tcprst_fe_nf_send_reset";
+            KP_NF_SEND_RESET6 = "tcprst_kp_nf_send_reset6";
+            FE_NF_SEND_RESET6 = "tcprst_fe_nf_send_reset6";
+        }
+    }
+
+    /// The maps userspace sizes or takes; the rest are the programs' own.
+    pub mod maps {
+        names! {
+            EVENTS = "EVENTS";
+            STACKS = "STACKS";
+            COUNTERS = "COUNTERS";
+            TRACEPOINT_COVERED = "TRACEPOINT_COVERED";
+            MARKS = "MARKS";
+            TALLIES_A = "TALLIES_A";
+            TALLIES_B = "TALLIES_B";
+            TALLY_TURN = "TALLY_TURN";
+            // aya-log-ebpf's, for --debug-bpf.
+            AYA_LOGS = "AYA_LOGS";
+        }
+    }
+
+    /// The globals the loader writes before loading.
+    pub mod globals {
+        names! {
+            SEND_RESET_FIELDS = "SEND_RESET_FIELDS";
+            RECEIVE_RESET_FIELDS = "RECEIVE_RESET_FIELDS";
+            KERNEL_OFFSETS = "KERNEL_OFFSETS";
+            FILTER = "FILTER";
+            FUNCTION_ARGS = "FUNCTION_ARGS";
+            SETTINGS = "SETTINGS";
+            // aya-log-ebpf's: 0 keeps the programs' failure logs off.
+            AYA_LOG_LEVEL = "AYA_LOG_LEVEL";
         }
     }
 }

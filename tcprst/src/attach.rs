@@ -9,7 +9,7 @@
 use std::{fmt, str::FromStr};
 
 use anyhow::{Result, bail};
-use tcprst_common::{ABSENT, AttachTier, FunctionArgs, ResetHook};
+use tcprst_common::{ABSENT, AttachTier, FunctionArgs, ResetHook, names::programs};
 
 /// A kernel function that sends resets, and its programs.
 #[derive(Debug)]
@@ -27,36 +27,36 @@ pub const RESET_FUNCTIONS: [ResetFunction; 5] = [
     ResetFunction {
         hook: ResetHook::ActiveReset,
         function: "tcp_send_active_reset",
-        kprobe_program: "tcprst_kp_active_reset",
-        fentry_program: "tcprst_fe_active_reset",
+        kprobe_program: programs::KP_ACTIVE_RESET,
+        fentry_program: programs::FE_ACTIVE_RESET,
         has_tracepoint: true,
     },
     ResetFunction {
         hook: ResetHook::V4SendReset,
         function: "tcp_v4_send_reset",
-        kprobe_program: "tcprst_kp_v4_send_reset",
-        fentry_program: "tcprst_fe_v4_send_reset",
+        kprobe_program: programs::KP_V4_SEND_RESET,
+        fentry_program: programs::FE_V4_SEND_RESET,
         has_tracepoint: true,
     },
     ResetFunction {
         hook: ResetHook::V6SendReset,
         function: "tcp_v6_send_reset",
-        kprobe_program: "tcprst_kp_v6_send_reset",
-        fentry_program: "tcprst_fe_v6_send_reset",
+        kprobe_program: programs::KP_V6_SEND_RESET,
+        fentry_program: programs::FE_V6_SEND_RESET,
         has_tracepoint: true,
     },
     ResetFunction {
         hook: ResetHook::NfSendReset,
         function: "nf_send_reset",
-        kprobe_program: "tcprst_kp_nf_send_reset",
-        fentry_program: "tcprst_fe_nf_send_reset",
+        kprobe_program: programs::KP_NF_SEND_RESET,
+        fentry_program: programs::FE_NF_SEND_RESET,
         has_tracepoint: false,
     },
     ResetFunction {
         hook: ResetHook::NfSendReset6,
         function: "nf_send_reset6",
-        kprobe_program: "tcprst_kp_nf_send_reset6",
-        fentry_program: "tcprst_fe_nf_send_reset6",
+        kprobe_program: programs::KP_NF_SEND_RESET6,
+        fentry_program: programs::FE_NF_SEND_RESET6,
         has_tracepoint: false,
     },
 ];

@@ -12,7 +12,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use tcprst_common::{
     ABSENT, AttachTier, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetHook,
-    Settings, TALLY_MAPS, TALLY_TURN, counters,
+    Settings, TALLY_MAPS, counters,
+    names::{globals, maps, programs},
 };
 
 use crate::{
@@ -165,22 +166,22 @@ impl Probes {
         let ebpf = EbpfLoader::new()
             // One parse of the kernel BTF serves the loader and every attach.
             .btf(vmlinux.as_ref().ok())
-            .override_global("SEND_RESET_FIELDS", &send_fields, true)
-            .override_global("RECEIVE_RESET_FIELDS", &receive_fields, true)
-            .override_global("KERNEL_OFFSETS", &offsets, true)
-            .override_global("FILTER", &cfg.filter, true)
-            .override_global("FUNCTION_ARGS", &args, true)
-            .override_global("SETTINGS", &settings, true)
+            .override_global(globals::SEND_RESET_FIELDS, &send_fields, true)
+            .override_global(globals::RECEIVE_RESET_FIELDS, &receive_fields, true)
+            .override_global(globals::KERNEL_OFFSETS, &offsets, true)
+            .override_global(globals::FILTER, &cfg.filter, true)
+            .override_global(globals::FUNCTION_ARGS, &args, true)
+            .override_global(globals::SETTINGS, &settings, true)
             // 0 turns the programs' failure logs off; they cost nothing then.
-            .override_global(aya_log::LEVEL, &log_level(cfg.debug_bpf), true)
+            .override_global(globals::AYA_LOG_LEVEL, &log_level(cfg.debug_bpf), true)
             // Unread unless asked for: one page, not aya-log's 128 KiB.
             .map_max_entries(
-                "AYA_LOGS",
+                maps::AYA_LOGS,
                 if cfg.debug_bpf { 128 * 1024 } else { PAGE_SIZE },
             )
-            .map_max_entries("EVENTS", cfg.buffer_pages * PAGE_SIZE)
+            .map_max_entries(maps::EVENTS, cfg.buffer_pages * PAGE_SIZE)
             // Whole stacks only with --stack: a full map holds ~2 MB.
-            .map_max_entries("STACKS", if cfg.whole_stacks { 2048 } else { 1 })
+            .map_max_entries(maps::STACKS, if cfg.whole_stacks { 2048 } else { 1 })
             .load(OBJECT)
             .context("loading the eBPF object")?;
 
@@ -194,11 +195,11 @@ impl Probes {
             marks: Err("not tried".to_owned()),
         };
         // Context tracking first, so the first reset is already attributed.
-        probes.attach_raw("tcprst_sirq_in", "softirq_entry")?;
-        probes.attach_raw("tcprst_sirq_out", "softirq_exit")?;
+        probes.attach_raw(programs::SIRQ_IN, "softirq_entry")?;
+        probes.attach_raw(programs::SIRQ_OUT, "softirq_exit")?;
         // Marks before the reset programs that read them.
         probes.marks = probes
-            .attach_btf_tracepoint("tcprst_close_mark", INET_SOCK_SET_STATE, &vmlinux)
+            .attach_btf_tracepoint(programs::CLOSE_MARK, INET_SOCK_SET_STATE, &vmlinux)
             .map_err(|why| {
                 format!("who shut down or closed a socket, and when, is unknown: {why}")
             });
@@ -215,7 +216,11 @@ impl Probes {
             )?;
         }
         if cfg.rst_received {
-            probes.attach_reset_tracepoint("tcprst_rst_recv", TCP_RECEIVE_RESET, &vmlinux)?;
+            probes.attach_reset_tracepoint(
+                (programs::RST_RECV_BTF, programs::RST_RECV),
+                TCP_RECEIVE_RESET,
+                &vmlinux,
+            )?;
         }
         Ok(probes)
     }
@@ -261,12 +266,12 @@ impl Probes {
     /// marks work; the classic program otherwise.
     fn attach_reset_tracepoint(
         &mut self,
-        program: &str,
+        (btf_program, program): (&str, &str),
         tp: Tracepoint,
         vmlinux: &Result<Btf, String>,
     ) -> Result<()> {
         if self.marks.is_ok() {
-            match self.attach_btf_tracepoint(&format!("{program}_btf"), tp, vmlinux) {
+            match self.attach_btf_tracepoint(btf_program, tp, vmlinux) {
                 Ok(()) => return Ok(()),
                 Err(why) => {
                     let note = format!("resets on {tp} carry no close marks: {why}");
@@ -323,17 +328,21 @@ impl Probes {
             .iter()
             .filter(|p| p.function.has_tracepoint && by_function(&p.tier))
             .fold(0, |bits, p| bits | p.function.hook.covered_bit());
-        let mut covered_map: Array<MapData, u32> = self.take("TRACEPOINT_COVERED")?;
+        let mut covered_map: Array<MapData, u32> = self.take(maps::TRACEPOINT_COVERED)?;
         covered_map
             .set(0, covered, 0)
-            .context("writing TRACEPOINT_COVERED")?;
+            .with_context(|| format!("writing {}", maps::TRACEPOINT_COVERED))?;
         let tracepoint = Some(AttachTier::Tracepoint);
         if self
             .plans
             .iter()
             .any(|p| p.tier == tracepoint || p.also_works.contains(&AttachTier::Tracepoint))
         {
-            self.attach_reset_tracepoint("tcprst_rst_sent", TCP_SEND_RESET, vmlinux)?;
+            self.attach_reset_tracepoint(
+                (programs::RST_SENT_BTF, programs::RST_SENT),
+                TCP_SEND_RESET,
+                vmlinux,
+            )?;
         }
         self.note_plan_limitations(pre_6_10_tracepoint);
         if !self
@@ -469,15 +478,15 @@ impl Probes {
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
-        self.take("EVENTS")
+        self.take(maps::EVENTS)
     }
 
     pub fn take_stacks(&mut self) -> Result<StackTraceMap<MapData>> {
-        self.take("STACKS")
+        self.take(maps::STACKS)
     }
 
     pub fn take_counters(&mut self) -> Result<Counters> {
-        Ok(Counters(self.take("COUNTERS")?))
+        Ok(Counters(self.take(maps::COUNTERS)?))
     }
 
     /// The reader of the programs' failure logs, with `--debug-bpf`.
@@ -489,7 +498,7 @@ impl Probes {
         let [a, b] = TALLY_MAPS;
         Ok(Tallies::new(
             [self.take(a)?, self.take(b)?],
-            self.take(TALLY_TURN)?,
+            self.take(maps::TALLY_TURN)?,
         ))
     }
 
@@ -497,7 +506,7 @@ impl Probes {
     /// where marks are unavailable.
     pub fn take_marks(&mut self) -> Option<MapData> {
         self.marks.as_ref().ok()?;
-        match self.ebpf.take_map("MARKS")? {
+        match self.ebpf.take_map(maps::MARKS)? {
             Map::SkStorage(data) => Some(data),
             _ => None,
         }
@@ -629,6 +638,7 @@ fn raise_memlock_limit() {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
+    // SAFETY: setrlimit only reads `unlimited`, which outlives the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         log::debug!(
             "could not lift RLIMIT_MEMLOCK: {}",
@@ -672,5 +682,43 @@ impl Counters {
     /// Resets dropped because their connection's ends could not be read.
     pub fn tuple_failures(&self) -> Result<u64> {
         self.total(counters::TUPLE_FAILURES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use object::{Object as _, ObjectSymbol as _};
+
+    use super::*;
+
+    /// Programs, maps and globals are looked up by name only when the
+    /// object loads, as root: a renamed one would fail there, or (a
+    /// fallback program) quietly never attach. Checked here on the object
+    /// this binary embeds, as aya's parser reads it.
+    #[test]
+    fn every_name_the_loader_looks_up_is_in_the_object() {
+        let object = aya_obj::Object::parse(OBJECT).expect("aya parses the embedded object");
+        let missing = |names: &[&str], found: &dyn Fn(&str) -> bool| -> Vec<String> {
+            names
+                .iter()
+                .filter(|name| !found(name))
+                .map(|name| (*name).to_owned())
+                .collect()
+        };
+        let programs = missing(programs::ALL, &|n| object.programs.contains_key(n));
+        assert!(
+            programs.is_empty(),
+            "programs not in the object: {programs:?}"
+        );
+        let maps = missing(maps::ALL, &|n| object.maps.contains_key(n));
+        assert!(maps.is_empty(), "maps not in the object: {maps:?}");
+        // override_global finds a global by its ELF symbol; aya keeps its
+        // symbol table to itself.
+        let elf = object::File::parse(OBJECT).expect("the embedded object is ELF");
+        let symbols: BTreeSet<&str> = elf.symbols().filter_map(|s| s.name().ok()).collect();
+        let globals = missing(globals::ALL, &|n| symbols.contains(n));
+        assert!(globals.is_empty(), "globals not in the object: {globals:?}");
     }
 }

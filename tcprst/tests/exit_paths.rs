@@ -1,11 +1,14 @@
 //! Every way `tcprst trace` ends must exit 0 and leave no program of its
-//! own loaded in the kernel.
+//! own loaded in the kernel: each test first sees the programs loaded, by
+//! the ids its tcprst holds, then sees those ids gone.
 
 mod common;
 
 use std::{
     collections::BTreeSet,
-    fs, thread,
+    fs,
+    process::{Command, Stdio},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -17,11 +20,22 @@ use common::{Netns, Spawned, TCPRST, Tracer, metric, metrics_addr, scrape, wait_
 /// can tell its own tcprst's programs from another test's.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// Programs every tcprst trace loads, whatever the kernel: softirq context
+/// and both reset tracepoints, as the kernel names them (15 characters:
+/// `tcprst_rst_sent_btf` is `tcprst_rst_sent` too).
+const ALWAYS_LOADED: [&str; 4] = [
+    "tcprst_sirq_in",
+    "tcprst_sirq_out",
+    "tcprst_rst_sent",
+    "tcprst_rst_recv",
+];
+
 /// BPF program ids held by a process's file descriptors (programs, links,
-/// perf events).
+/// perf events); none once it has exited.
 fn prog_ids_of(pid: u32) -> BTreeSet<u32> {
     fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
+        .into_iter()
+        .flatten()
         .filter_map(|e| fs::read_to_string(e.ok()?.path()).ok())
         .filter_map(|info| {
             info.lines()
@@ -38,22 +52,31 @@ fn loaded_programs() -> Vec<(u32, String)> {
         .collect()
 }
 
-/// The tracer's programs, checked to be ours, before it is stopped.
-fn programs_of(pid: u32) -> BTreeSet<u32> {
+/// The loaded programs a process holds: (id, name).
+fn held_by(pid: u32) -> Vec<(u32, String)> {
     let ids = prog_ids_of(pid);
-    let ours: Vec<_> = loaded_programs()
+    loaded_programs()
         .into_iter()
         .filter(|(id, _)| ids.contains(id))
-        .collect();
+        .collect()
+}
+
+/// Ids of `held`, checked to be tcprst's and to include every program it
+/// always loads.
+fn ours(held: &[(u32, String)]) -> BTreeSet<u32> {
+    for name in ALWAYS_LOADED {
+        assert!(held.iter().any(|(_, n)| n == name), "no {name} in {held:?}");
+    }
     assert!(
-        ours.len() >= 4,
-        "expected tcprst's programs, found {ours:?}"
+        held.iter().all(|(_, name)| name.starts_with("tcprst_")),
+        "{held:?}"
     );
-    assert!(
-        ours.iter().all(|(_, name)| name.starts_with("tcprst_")),
-        "{ours:?}"
-    );
-    ids
+    held.iter().map(|(id, _)| *id).collect()
+}
+
+/// The tracer's programs, loaded and ours, before it is stopped.
+fn programs_of(pid: u32) -> BTreeSet<u32> {
+    ours(&held_by(pid))
 }
 
 /// Program release is deferred in the kernel; give it a moment.
@@ -127,14 +150,6 @@ fn sigkill_leaves_nothing_loaded() {
     assert_unloaded(&ids);
 }
 
-fn newest_program_id() -> u32 {
-    loaded_programs()
-        .into_iter()
-        .map(|(id, _)| id)
-        .max()
-        .unwrap_or(0)
-}
-
 /// An error after the programs are attached (the metrics port is taken)
 /// is one line, exit 1, and detaches everything.
 #[test]
@@ -142,11 +157,25 @@ fn error_after_attach_unloads() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let before = newest_program_id();
-    let out = std::process::Command::new(TCPRST)
+    let mut child = Command::new(TCPRST)
         .args(["trace", "-o", "json", "--metrics-addr", &addr])
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // It exits on its own, so its programs are caught while it runs: from
+    // the first load to the error it also reads the kernel's symbols, which
+    // takes many polls.
+    let mut held = Vec::new();
+    while child.try_wait().unwrap().is_none() {
+        for program in held_by(child.id()) {
+            if !held.contains(&program) {
+                held.push(program);
+            }
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let errors: Vec<&str> = stderr
@@ -158,19 +187,7 @@ fn error_after_attach_unloads() {
         errors[0].contains(&format!("serving metrics on {addr}")),
         "{stderr}"
     );
-    // Its programs had been loaded (ids above `before`) and are gone.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left: Vec<_> = loaded_programs()
-            .into_iter()
-            .filter(|(id, name)| *id > before && name.starts_with("tcprst_"))
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still loaded: {left:?}");
-        thread::sleep(Duration::from_millis(50));
-    }
+    assert_unloaded(&ours(&held));
 }
 
 /// A reader that stops reading cannot freeze the agent: it keeps serving

@@ -26,6 +26,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
+use tcprst_common::names::programs;
 
 use super::{
     as_root, cargo, ensure_apt_packages, has_command, is_root, setup, target_dir, workspace_root,
@@ -114,13 +115,13 @@ const TARGET_PACED_US_PER_CONNECTION: f64 = 2.0;
 /// raw tracepoints, so the softirq floor is the plain `irq:` tracepoint.
 const TCPRST_PROGRAMS: &[(&str, &[&str])] = &[
     // tp_btf where the kernel allows; the classic tracepoint programs otherwise.
-    ("tcprst_rst_sent_btf", &["tcp:tcp_send_reset"]),
-    ("tcprst_rst_recv_btf", &["tcp:tcp_receive_reset"]),
-    ("tcprst_rst_sent", &["tcp:tcp_send_reset"]),
-    ("tcprst_rst_recv", &["tcp:tcp_receive_reset"]),
-    ("tcprst_close_mark", &["sock:inet_sock_set_state"]),
-    ("tcprst_sirq_in", &["irq:softirq_entry"]),
-    ("tcprst_sirq_out", &["irq:softirq_exit"]),
+    (programs::RST_SENT_BTF, &["tcp:tcp_send_reset"]),
+    (programs::RST_RECV_BTF, &["tcp:tcp_receive_reset"]),
+    (programs::RST_SENT, &["tcp:tcp_send_reset"]),
+    (programs::RST_RECV, &["tcp:tcp_receive_reset"]),
+    (programs::CLOSE_MARK, &["sock:inet_sock_set_state"]),
+    (programs::SIRQ_IN, &["irq:softirq_entry"]),
+    (programs::SIRQ_OUT, &["irq:softirq_exit"]),
 ];
 
 /// The netns of a reset: the socket's, or for a reset sent with no socket

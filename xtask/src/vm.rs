@@ -6,16 +6,17 @@
 //! One boot per kernel. Its initramfs holds busybox, static tcprst and
 //! tcprst-loadgen, the host's nft with its libraries, and the modules behind
 //! `reject with tcp reset`. Its /init runs `tcprst doctor`, then one
-//! `tcprst trace` per plan (each tier the doctor supports, and one mixed
-//! plan) around the scenarios, and writes everything to a second serial port
-//! between markers. The host then checks each scenario's records.
+//! `tcprst trace` per plan (each tier forced, and one mixed plan) around the
+//! scenarios, and writes everything to a second serial port between
+//! markers. The host then checks each hook's tier against what the kernel
+//! is known to give (`Kernel::hooks`), and each scenario's records.
 //!
 //! Kernels and the initramfs pieces are cached under target/vm/, so only
 //! the first run downloads.
 
 use std::{
     collections::{BTreeSet, HashMap},
-    fs,
+    fmt, fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -38,6 +39,7 @@ const KERNELS: &[Kernel] = &[
     Kernel {
         series: "5.10",
         metapackage: "linux-image-cloud-amd64",
+        hooks: HOOKS_5_10,
         archive: Archive::Private {
             name: "bullseye",
             sources: "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main\n\
@@ -47,26 +49,68 @@ const KERNELS: &[Kernel] = &[
     Kernel {
         series: "6.1",
         metapackage: "linux-image-cloud-amd64",
+        hooks: HOOKS_SINCE_5_17,
         archive: Archive::Host,
     },
     Kernel {
         series: "6.12",
         metapackage: "linux-image-6.12-cloud-amd64",
+        hooks: HOOKS_SINCE_5_17,
         archive: Archive::Host,
     },
 ];
 
-/// Every tier a hook can be forced to, each a plan of its own.
-const TIERS: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
-/// Function hooks where the kernel allows them, and the `tcp:tcp_send_reset`
-/// tracepoint for IPv6, which then also fires for every reset the function
-/// hooks see: each must still be reported once.
-const MIXED_PLAN: &[&str] = &[
-    "--attach",
-    "auto",
-    "--attach",
-    "tcp_v6_send_reset=tracepoint",
+/// What each hook gives on each tier of Linux 5.10: no fentry, whose
+/// programs read their arguments with bpf_get_func_arg (5.17), and no
+/// netfilter hook at all: nf_send_reset lives in a module, and module BTF,
+/// where kprobes too find its arguments, came in 5.11.
+#[rustfmt::skip]
+const HOOKS_5_10: &[HookExpect] = &[
+    //               hook                    fentry           kprobe         tracepoint
+    HookExpect::new("tcp_send_active_reset", NO_GET_FUNC_ARG, ATTACHED,      ATTACHED),
+    HookExpect::new("tcp_v4_send_reset",     NO_GET_FUNC_ARG, ATTACHED,      ATTACHED),
+    HookExpect::new("tcp_v6_send_reset",     NO_GET_FUNC_ARG, ATTACHED,      ATTACHED),
+    HookExpect::new("nf_send_reset",         NO_MODULE_BTF,   NO_MODULE_BTF, NO_TRACEPOINT),
+    HookExpect::new("nf_send_reset6",        NO_MODULE_BTF,   NO_MODULE_BTF, NO_TRACEPOINT),
 ];
+
+/// From 5.17 every tier the kernel has: fentry, kprobes, the tracepoint.
+#[rustfmt::skip]
+const HOOKS_SINCE_5_17: &[HookExpect] = &[
+    //               hook                    fentry            kprobe    tracepoint
+    HookExpect::new("tcp_send_active_reset", ATTACHED,         ATTACHED, ATTACHED),
+    HookExpect::new("tcp_v4_send_reset",     ATTACHED,         ATTACHED, ATTACHED),
+    HookExpect::new("tcp_v6_send_reset",     ATTACHED,         ATTACHED, ATTACHED),
+    HookExpect::new("nf_send_reset",         NO_MODULE_FENTRY, ATTACHED, NO_TRACEPOINT),
+    HookExpect::new("nf_send_reset6",        NO_MODULE_FENTRY, ATTACHED, NO_TRACEPOINT),
+];
+
+const ATTACHED: Expect = Expect::Attached;
+const NO_GET_FUNC_ARG: Expect = Expect::Refused {
+    why: "no bpf_get_func_arg before 5.17",
+    // The helper's number, as a verifier that does not know it names it.
+    says: "invalid func unknown#183",
+};
+const NO_MODULE_BTF: Expect = Expect::Refused {
+    why: "no module BTF before 5.11",
+    says: "no prototype in BTF",
+};
+/// tcprst's own limit, not the kernel's: its loader attaches fentry only to
+/// functions in vmlinux.
+const NO_MODULE_FENTRY: Expect = Expect::Refused {
+    why: "tcprst cannot attach fentry in modules",
+    says: "cannot attach fentry to module BTF",
+};
+/// tcprst tries no tier that does not exist, so its line names no reason.
+const NO_TRACEPOINT: Expect = Expect::Refused {
+    why: "netfilter has no reset tracepoint",
+    says: "",
+};
+
+/// The mixed plan: function hooks where the kernel allows them, and the
+/// `tcp:tcp_send_reset` tracepoint for IPv6, which then also fires for every
+/// reset the function hooks see: each must still be reported once.
+const MIXED_OVERRIDES: &[(&str, Tier)] = &[("tcp_v6_send_reset", Tier::Tracepoint)];
 
 /// The tracepoint that reports resets when a hook is on the tracepoint tier.
 const SEND_RESET_TRACEPOINT: &str = "tcp:tcp_send_reset";
@@ -224,11 +268,10 @@ tcprst doctor -o json >/tmp/doctor 2>/tmp/err
 section doctor /tmp/doctor
 section doctor.err /tmp/err
 
-# PLAN TIER ARGS...: run unless the doctor says TIER is unsupported.
-while read -r plan tier args; do
-    if [ "$tier" = - ] || grep -q "\"$tier\": *true" /tmp/doctor; then
-        trace "$plan" $args </dev/null
-    fi
+# PLAN ARGS...: every plan, even one the kernel should refuse: the host
+# checks that it does.
+while read -r plan args; do
+    trace "$plan" $args </dev/null
 done </vm/plans
 echo @@done >&3
 poweroff -f
@@ -239,7 +282,73 @@ struct Kernel {
     series: &'static str,
     /// A metapackage that depends on the series' newest image.
     metapackage: &'static str,
+    /// Every hook tcprst has, and what the series gives it on each tier.
+    hooks: &'static [HookExpect],
     archive: Archive,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tier {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl Tier {
+    /// Best first, as `--attach auto` tries them.
+    const ALL: [Tier; 3] = [Tier::Fentry, Tier::Kprobe, Tier::Tracepoint];
+
+    fn name(self) -> &'static str {
+        match self {
+            Tier::Fentry => "fentry",
+            Tier::Kprobe => "kprobe",
+            Tier::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// What a kernel gives one hook on one tier.
+#[derive(Clone, Copy)]
+enum Expect {
+    Attached,
+    /// `why` the kernel cannot, for the results; `says`, what tcprst's
+    /// reason must contain, so a refusal for another reason fails.
+    Refused {
+        why: &'static str,
+        says: &'static str,
+    },
+}
+
+/// One hook's row of a kernel's table.
+struct HookExpect {
+    hook: &'static str,
+    fentry: Expect,
+    kprobe: Expect,
+    tracepoint: Expect,
+}
+
+impl HookExpect {
+    const fn new(hook: &'static str, fentry: Expect, kprobe: Expect, tracepoint: Expect) -> Self {
+        Self {
+            hook,
+            fentry,
+            kprobe,
+            tracepoint,
+        }
+    }
+
+    fn on(&self, tier: Tier) -> Expect {
+        match tier {
+            Tier::Fentry => self.fentry,
+            Tier::Kprobe => self.kprobe,
+            Tier::Tracepoint => self.tracepoint,
+        }
+    }
+
+    /// tcprst traces only once a hook for the resets TCP sends attaches.
+    fn is_tcp(&self) -> bool {
+        !self.hook.starts_with("nf_")
+    }
 }
 
 enum Archive {
@@ -285,9 +394,60 @@ struct Scenario {
 
 struct Plan {
     name: &'static str,
-    /// The tier the doctor must support for the plan to run.
-    tier: Option<&'static str>,
-    args: Vec<&'static str>,
+    /// The tier every hook is forced to; `None`: auto.
+    all: Option<Tier>,
+    /// Hooks forced to a tier of their own.
+    one: &'static [(&'static str, Tier)],
+}
+
+impl Plan {
+    /// Its `--attach` arguments.
+    fn args(&self) -> Vec<String> {
+        let all = self.all.map_or("auto", Tier::name);
+        let one = self
+            .one
+            .iter()
+            .map(|(hook, tier)| format!("{hook}={}", tier.name()));
+        [all.to_owned()]
+            .into_iter()
+            .chain(one)
+            .flat_map(|spec| ["--attach".to_owned(), spec])
+            .collect()
+    }
+
+    /// What tcprst must say of `row`'s hook under this plan: a forced tier
+    /// is the only one tried; auto tries each, best first, until one works.
+    fn expected(&self, row: &HookExpect) -> HookLine {
+        let forced = self
+            .one
+            .iter()
+            .find(|(hook, _)| *hook == row.hook)
+            .map(|(_, tier)| *tier)
+            .or(self.all);
+        let tiers = forced.map_or(Tier::ALL.to_vec(), |tier| vec![tier]);
+        let mut line = HookLine {
+            tier: None,
+            refusals: Vec::new(),
+        };
+        for tier in tiers {
+            match row.on(tier) {
+                Expect::Attached => {
+                    line.tier = Some(tier);
+                    break;
+                }
+                Expect::Refused { why, says } => line.refusals.push((why, says)),
+            }
+        }
+        line
+    }
+}
+
+/// What a `tcprst: hook HOOK: …` line must say.
+struct HookLine {
+    /// Where it attached; `None`: unavailable.
+    tier: Option<Tier>,
+    /// (why, says) of each tier tried before: the line gives each reason.
+    refusals: Vec<(&'static str, &'static str)>,
 }
 
 /// One kernel ready to boot: the extracted package, with modules.dep.
@@ -368,23 +528,30 @@ pub fn test() -> Result<()> {
     Ok(())
 }
 
-/// A guest for each kernel, and a row for each kernel skipped.
+/// A guest for each kernel, and a row for each kernel that has none.
 fn prepare_all(cache: &Path, binaries: &Path) -> Result<(Vec<Guest>, Vec<Row>)> {
     let mut guests = Vec::new();
-    let mut skipped = Vec::new();
+    let mut rows = Vec::new();
     for kernel in KERNELS {
+        let private = matches!(kernel.archive, Archive::Private { .. });
         match prepare(kernel, cache, binaries) {
             Ok(guest) => guests.push(guest),
-            // A kernel from elsewhere than this machine's sources is a bonus.
-            Err(e) if matches!(kernel.archive, Archive::Private { .. }) => {
+            // A kernel from an archive this machine may not reach is a
+            // bonus where the network stops it, and a fault for any other
+            // reason.
+            Err(e) if private && e.chain().any(|c| c.is::<Unreachable>()) => {
                 eprintln!("xtask: skipping Linux {}: {e:#}", kernel.series);
                 let why = format!("skipped: {e:#}");
-                skipped.push(Row::new(kernel.series, "-", Verdict::Unavailable(why)));
+                rows.push(Row::new(kernel.series, "-", Verdict::Unavailable(why)));
+            }
+            Err(e) if private => {
+                let why = format!("preparing it: {e:#}");
+                rows.push(Row::new(kernel.series, "-", Verdict::Fail(vec![why])));
             }
             Err(e) => return Err(e.context(format!("preparing Linux {}", kernel.series))),
         }
     }
-    Ok((guests, skipped))
+    Ok((guests, rows))
 }
 
 /// Boots every guest at once: each is one single-threaded TCG process.
@@ -405,17 +572,18 @@ fn boot_all(guests: &[Guest]) -> Vec<Result<String>> {
     boots
 }
 
+/// Each tier forced, then the mixed plan.
 fn plans() -> Vec<Plan> {
-    let forced = TIERS.iter().map(|&tier| Plan {
-        name: tier,
-        tier: Some(tier),
-        args: vec!["--attach", tier],
+    let forced = Tier::ALL.into_iter().map(|tier| Plan {
+        name: tier.name(),
+        all: Some(tier),
+        one: &[],
     });
     forced
         .chain([Plan {
             name: "mixed",
-            tier: None,
-            args: MIXED_PLAN.to_vec(),
+            all: None,
+            one: MIXED_OVERRIDES,
         }])
         .collect()
 }
@@ -423,11 +591,13 @@ fn plans() -> Vec<Plan> {
 /// A kernel with its initramfs, and where its boot's logs go.
 struct Guest {
     kernel: KernelTree,
+    /// What its series must give each hook.
+    hooks: &'static [HookExpect],
     initramfs: PathBuf,
     run_dir: PathBuf,
 }
 
-fn prepare(kernel: &Kernel, cache: &Path, binaries: &Path) -> Result<Guest> {
+fn prepare(kernel: &'static Kernel, cache: &Path, binaries: &Path) -> Result<Guest> {
     let tree = fetch_kernel(kernel, cache)?;
     let run_dir = cache.join("runs").join(&tree.release);
     // No file of an earlier run may pass for this one's.
@@ -440,6 +610,7 @@ fn prepare(kernel: &Kernel, cache: &Path, binaries: &Path) -> Result<Guest> {
         .with_context(|| format!("writing {}", initramfs.display()))?;
     Ok(Guest {
         kernel: tree,
+        hooks: kernel.hooks,
         initramfs,
         run_dir,
     })
@@ -498,25 +669,60 @@ fn apt_options(archive: &Archive, cache: &Path) -> Result<Vec<String>> {
         fs::create_dir_all(dir.join("cache/archives/partial"))?;
         fs::write(dir.join("sources.list"), sources)?;
         eprintln!("xtask: fetching the {name} package lists");
-        let update = Command::new("apt-get")
-            .args(&options)
-            // Otherwise a source it cannot reach is only a warning.
-            .args(["update", "-q", "--error-on=any"])
-            .output()
-            .context("running apt-get update")?;
-        if !update.status.success() {
-            let stderr = String::from_utf8_lossy(&update.stderr);
-            bail!(
-                "the {name} archive is unreachable: {}",
-                stderr
-                    .lines()
-                    .find(|l| l.starts_with("E: "))
-                    .unwrap_or("apt-get update failed")
-            );
-        }
+        // Otherwise a source it cannot reach is only a warning.
+        apt_get(&options, &["update", "-q", "--error-on=any"], &dir)
+            .with_context(|| format!("fetching the {name} package lists"))?;
         fs::write(&updated, "")?;
     }
     Ok(options)
+}
+
+/// An archive apt could not reach: the one reason to skip a kernel.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the archive is unreachable: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// How apt (in the C locale) says it could not reach a mirror.
+const UNREACHABLE: &[&str] = &[
+    "Temporary failure resolving",
+    "Could not resolve",
+    "Could not connect",
+    "Unable to connect",
+    "Connection failed",
+    "Connection timed out",
+    "Network is unreachable",
+    "No route to host",
+];
+
+/// `apt-get ARGS` in `dir`; a failure to reach the archive is `Unreachable`.
+fn apt_get(options: &[String], args: &[&str], dir: &Path) -> Result<()> {
+    let out = Command::new("apt-get")
+        .args(options)
+        .args(args)
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .output()
+        .context("running apt-get")?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("E: "))
+        .unwrap_or("apt-get failed")
+        .to_owned();
+    if UNREACHABLE.iter().any(|words| stderr.contains(words)) {
+        return Err(Unreachable(error).into());
+    }
+    bail!("apt-get {} failed: {}", args.join(" "), stderr.trim())
 }
 
 fn newest_image(apt: &[String], metapackage: &str) -> Result<String> {
@@ -542,13 +748,9 @@ fn extract_kernel(apt: &[String], package: &str, release: &str, root: &Path) -> 
         fs::remove_dir_all(&scratch)?;
     }
     fs::create_dir_all(&scratch)?;
-    status(
-        Command::new("apt-get")
-            .args(apt)
-            // As root, apt would try and fail to drop to _apt to write here.
-            .args(["-o", "APT::Sandbox::User=root", "-q", "download", package])
-            .current_dir(&scratch),
-    )?;
+    // As root, apt would try and fail to drop to _apt to write here.
+    let download = ["-o", "APT::Sandbox::User=root", "-q", "download", package];
+    apt_get(apt, &download, &scratch)?;
     let deb = fs::read_dir(&scratch)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
@@ -670,14 +872,7 @@ fn initramfs_archive(kernel: &KernelTree, binaries: &Path) -> Result<Vec<u8>> {
 
     let plans: String = plans()
         .iter()
-        .map(|p| {
-            format!(
-                "{} {} {}\n",
-                p.name,
-                p.tier.unwrap_or("-"),
-                p.args.join(" ")
-            )
-        })
+        .map(|p| format!("{} {}\n", p.name, p.args().join(" ")))
         .collect();
     cpio.file("vm/plans", 0o644, plans.as_bytes());
     let scenarios: String = SCENARIOS
@@ -870,31 +1065,72 @@ fn judge(guest: &Guest, sections: &HashMap<&str, String>) -> Vec<Row> {
         Ok(v) => v,
         Err(e) => return vec![row("-", Verdict::Fail(vec![format!("{e:#}")]))],
     };
-    let doctor: Value = match sections.get("doctor").map(|d| serde_json::from_str(d)) {
-        Some(Ok(doctor)) => doctor,
-        _ => {
-            let err = sections.get("doctor.err").map_or("", |s| s.trim());
-            return vec![row(
-                "doctor",
-                Verdict::Fail(vec![format!("no JSON from tcprst doctor: {err}")]),
-            )];
-        }
-    };
     let mut rows: Vec<Row> = plans()
         .iter()
-        .map(|plan| {
-            let verdict = match plan
-                .tier
-                .filter(|t| !doctor["tiers"][*t].as_bool().unwrap_or(false))
-            {
-                Some(tier) => Verdict::Unavailable(unsupported_why(&doctor, tier)),
-                None => judge_plan(plan.name, sections, version),
-            };
-            row(plan.name, verdict)
-        })
+        .map(|plan| row(plan.name, judge_plan(plan, guest.hooks, sections, version)))
         .collect();
-    rows.push(row("close-marks", judge_close_marks(&doctor, version)));
+    match sections.get("doctor").map(|d| serde_json::from_str(d)) {
+        Some(Ok(doctor)) => {
+            rows.push(row("doctor", judge_doctor(&doctor, guest.hooks)));
+            rows.push(row("close-marks", judge_close_marks(&doctor, version)));
+        }
+        _ => {
+            let err = sections.get("doctor.err").map_or("", |s| s.trim());
+            let why = format!("no JSON from tcprst doctor: {err}");
+            rows.push(row("doctor", Verdict::Fail(vec![why])));
+        }
+    }
     rows
+}
+
+/// The doctor tries every tier of every hook: each must come out as the
+/// kernel's table says.
+fn judge_doctor(doctor: &Value, table: &[HookExpect]) -> Verdict {
+    let reported: HashMap<&str, &Value> = doctor["hooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|hook| Some((hook["hook"].as_str()?, &hook["tiers"])))
+        .collect();
+    let mut failures: Vec<String> = reported
+        .keys()
+        .filter(|hook| !table.iter().any(|row| row.hook == **hook))
+        .map(|hook| format!("doctor reports {hook}, which the table lacks"))
+        .collect();
+    for row in table {
+        let Some(tiers) = reported.get(row.hook) else {
+            failures.push(format!("doctor does not report {}", row.hook));
+            continue;
+        };
+        for tier in Tier::ALL {
+            // A tier that does not exist for the hook is absent.
+            let said = tiers[tier.name()].as_str().unwrap_or("");
+            let fits = match row.on(tier) {
+                Expect::Attached => said == "works",
+                Expect::Refused { says, .. } => said != "works" && said.contains(says),
+            };
+            if !fits {
+                failures.push(format!(
+                    "{} {}: doctor says {said:?}, want {}",
+                    row.hook,
+                    tier.name(),
+                    describe_expect(row.on(tier))
+                ));
+            }
+        }
+    }
+    if failures.is_empty() {
+        Verdict::Pass(Vec::new())
+    } else {
+        Verdict::Fail(failures)
+    }
+}
+
+fn describe_expect(expect: Expect) -> String {
+    match expect {
+        Expect::Attached => "\"works\"".to_owned(),
+        Expect::Refused { why, says } => format!("a refusal saying {says:?} ({why})"),
+    }
 }
 
 /// Close marks need tp_btf with socket storage (5.11) and bpf_task_pt_regs
@@ -916,27 +1152,89 @@ fn judge_close_marks(doctor: &Value, version: (u32, u32)) -> Verdict {
     }
 }
 
-/// Why the doctor found `tier` failing, hook by hook, each reason once.
-fn unsupported_why(doctor: &Value, tier: &str) -> String {
-    let why: BTreeSet<&str> = doctor["hooks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|hook| hook["tiers"][tier].as_str())
-        .filter(|&how| how != "works")
-        .collect();
-    if why.is_empty() {
-        "tcprst doctor reports it unsupported".to_owned()
-    } else {
-        why.into_iter().collect::<Vec<_>>().join("; ")
+/// A plan whose hook lines match the kernel's table: traced, and judged
+/// scenario by scenario; or refused, as the table says it must be when no
+/// hook for the resets TCP sends can attach.
+fn judge_plan(
+    plan: &Plan,
+    table: &[HookExpect],
+    sections: &HashMap<&str, String>,
+    version: (u32, u32),
+) -> Verdict {
+    let Some(stderr) = sections.get(format!("{}.err", plan.name).as_str()) else {
+        return Verdict::Fail(vec!["the guest did not run it".to_owned()]);
+    };
+    let expected: Vec<(&HookExpect, HookLine)> =
+        table.iter().map(|row| (row, plan.expected(row))).collect();
+    let mut failures = check_hook_lines(&expected, stderr);
+    let traces = expected
+        .iter()
+        .any(|(row, line)| row.is_tcp() && line.tier.is_some());
+    if traces {
+        return match Run::read(plan.name, sections) {
+            Ok(run) => run.judge(version, failures),
+            Err(why) => {
+                failures.push(why);
+                Verdict::Fail(failures)
+            }
+        };
     }
+    if stderr.lines().any(|l| l.starts_with("tcprst: tracing")) {
+        failures.push("tcprst traced, though no TCP hook should attach".to_owned());
+    }
+    if sections
+        .get(format!("{}.status", plan.name).as_str())
+        .map(|s| s.trim())
+        == Some("0")
+    {
+        failures.push("tcprst exited 0, though it could not trace".to_owned());
+    }
+    if !failures.is_empty() {
+        return Verdict::Fail(failures);
+    }
+    let why: BTreeSet<&str> = expected
+        .iter()
+        .filter(|(row, _)| row.is_tcp())
+        .flat_map(|(_, line)| line.refusals.iter().map(|(why, _)| *why))
+        .collect();
+    Verdict::Unavailable(why.into_iter().collect::<Vec<_>>().join("; "))
 }
 
-fn judge_plan(plan: &str, sections: &HashMap<&str, String>, version: (u32, u32)) -> Verdict {
-    match Run::read(plan, sections) {
-        Ok(run) => run.judge(version),
-        Err(why) => Verdict::Fail(vec![why]),
+/// Each hook's line against what the table says it must be.
+fn check_hook_lines(expected: &[(&HookExpect, HookLine)], stderr: &str) -> Vec<String> {
+    let lines = hook_lines(stderr);
+    let mut failures: Vec<String> = lines
+        .keys()
+        .filter(|hook| !expected.iter().any(|(row, _)| row.hook == **hook))
+        .map(|hook| format!("tcprst named {hook}, which the table lacks"))
+        .collect();
+    for (row, want) in expected {
+        let Some(said) = lines.get(row.hook) else {
+            failures.push(format!("tcprst named no tier for {}", row.hook));
+            continue;
+        };
+        let tier = want.tier.map_or("unavailable", Tier::name);
+        let fits = said.split_whitespace().next() == Some(tier)
+            && want.refusals.iter().all(|(_, says)| said.contains(says));
+        if !fits {
+            let reasons: Vec<String> = want
+                .refusals
+                .iter()
+                .filter(|(_, says)| !says.is_empty())
+                .map(|(why, says)| format!("{says:?} ({why})"))
+                .collect();
+            failures.push(format!(
+                "hook {}: {said}, want {tier}{}",
+                row.hook,
+                if reasons.is_empty() {
+                    String::new()
+                } else {
+                    format!(" saying {}", reasons.join(", "))
+                }
+            ));
+        }
     }
+    failures
 }
 
 /// What the guest saw of one plan that attached.
@@ -973,8 +1271,8 @@ impl<'a> Run<'a> {
         })
     }
 
-    fn judge(&self, version: (u32, u32)) -> Verdict {
-        let mut failures = Vec::new();
+    /// The scenarios' records, after `failures` found in the hook lines.
+    fn judge(&self, version: (u32, u32), mut failures: Vec<String>) -> Verdict {
         let mut notes = Vec::new();
         if self.status != "0" {
             failures.push(format!("tcprst exited with status {}", self.status));
@@ -1038,11 +1336,18 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The `tcprst: hook HOOK: TIER` lines, by hook.
-fn attached_hooks(stderr: &str) -> HashMap<&str, Attached> {
+/// What each `tcprst: hook HOOK: …` line says, by hook.
+fn hook_lines(stderr: &str) -> HashMap<&str, &str> {
     stderr
         .lines()
         .filter_map(|l| l.strip_prefix("tcprst: hook ")?.split_once(": "))
+        .collect()
+}
+
+/// How each hook attached, from its line.
+fn attached_hooks(stderr: &str) -> HashMap<&str, Attached> {
+    hook_lines(stderr)
+        .into_iter()
         .map(|(hook, how)| {
             let attached = match how.split_whitespace().next().unwrap_or(how) {
                 "tracepoint" => Attached::Tracepoint,
@@ -1317,6 +1622,165 @@ mod tests {
         ));
         assert!(matches!(
             judge_close_marks(&json!({}), (6, 12)),
+            Verdict::Fail(_)
+        ));
+    }
+
+    /// tcprst's hook lines: `(hook, what it says)`.
+    fn hook_stderr(lines: &[(&str, &str)]) -> String {
+        lines
+            .iter()
+            .map(|(hook, how)| format!("tcprst: hook {hook}: {how}\n"))
+            .collect()
+    }
+
+    fn plan(name: &str) -> Plan {
+        plans().into_iter().find(|p| p.name == name).unwrap()
+    }
+
+    #[test]
+    fn plans_pass_their_attach_arguments() {
+        assert_eq!(plan("kprobe").args(), ["--attach", "kprobe"]);
+        assert_eq!(
+            plan("mixed").args(),
+            [
+                "--attach",
+                "auto",
+                "--attach",
+                "tcp_v6_send_reset=tracepoint"
+            ]
+        );
+    }
+
+    #[test]
+    fn auto_expects_the_best_tier_the_kernel_gives_and_why_not_better() {
+        let mixed = plan("mixed");
+        let expected = |hook: &str| {
+            let row = HOOKS_5_10.iter().find(|r| r.hook == hook).unwrap();
+            let line = mixed.expected(row);
+            let says: Vec<&str> = line.refusals.iter().map(|(_, says)| *says).collect();
+            (line.tier, says)
+        };
+        assert_eq!(
+            expected("tcp_v4_send_reset"),
+            (Some(Tier::Kprobe), vec!["invalid func unknown#183"])
+        );
+        assert_eq!(
+            expected("tcp_v6_send_reset"),
+            (Some(Tier::Tracepoint), vec![])
+        );
+        assert_eq!(
+            expected("nf_send_reset"),
+            (None, vec!["no prototype in BTF", "no prototype in BTF", ""])
+        );
+    }
+
+    /// Where fentry should work, tcprst refusing it for every hook is a
+    /// failure, not an unavailable plan.
+    #[test]
+    fn a_tier_refused_against_the_table_fails() {
+        let refused = "unavailable (fentry: the kernel refused to load it (Operation not permitted (os error 1); kernel lockdown?))";
+        let stderr = hook_stderr(&[
+            ("tcp_send_active_reset", refused),
+            ("tcp_v4_send_reset", refused),
+            ("tcp_v6_send_reset", refused),
+            ("nf_send_reset", refused),
+            ("nf_send_reset6", refused),
+        ]);
+        let sections = HashMap::from([("fentry.err", stderr), ("fentry.status", "2\n".to_owned())]);
+        let Verdict::Fail(failures) =
+            judge_plan(&plan("fentry"), HOOKS_SINCE_5_17, &sections, (6, 1))
+        else {
+            panic!("not a failure");
+        };
+        // Each hook's line, and the trace that never started.
+        assert_eq!(failures.len(), 6, "{failures:?}");
+        assert!(failures[0].starts_with("hook tcp_send_active_reset: unavailable"));
+        assert!(failures[0].ends_with("want fentry"), "{failures:?}");
+        assert!(failures[5].starts_with("tcprst never attached"));
+    }
+
+    /// 5.10 refuses fentry for its own reason: the plan is unavailable.
+    #[test]
+    fn a_tier_refused_as_the_table_says_is_unavailable() {
+        let no_arg = "unavailable (fentry: loading failed: Invalid argument (os error 22): invalid func unknown#183)";
+        let no_btf =
+            "unavailable (fentry: no prototype in BTF: reading /sys/kernel/btf/nf_reject_ipv4)";
+        let mut stderr = hook_stderr(&[
+            ("tcp_send_active_reset", no_arg),
+            ("tcp_v4_send_reset", no_arg),
+            ("tcp_v6_send_reset", no_arg),
+            ("nf_send_reset", no_btf),
+            ("nf_send_reset6", no_btf),
+        ]);
+        stderr.push_str("tcprst: error: no hook for the resets TCP sends could be attached\n");
+        let mut sections = HashMap::from([
+            ("fentry.err", stderr.clone()),
+            ("fentry.status", "2\n".to_owned()),
+        ]);
+        assert!(matches!(
+            judge_plan(&plan("fentry"), HOOKS_5_10, &sections, (5, 10)),
+            Verdict::Unavailable(why) if why == "no bpf_get_func_arg before 5.17"
+        ));
+        // Refused for a reason the table does not give.
+        let eperm = stderr.replace("invalid func unknown#183", "Operation not permitted");
+        sections.insert("fentry.err", eperm);
+        assert!(matches!(
+            judge_plan(&plan("fentry"), HOOKS_5_10, &sections, (5, 10)),
+            Verdict::Fail(_)
+        ));
+    }
+
+    /// One hook attached is enough to trace, and was enough to pass.
+    #[test]
+    fn every_hook_is_held_to_its_tier() {
+        let unavailable =
+            "unavailable (kprobe: loads and verifies, but attaching failed: Invalid argument)";
+        let stderr = hook_stderr(&[
+            ("tcp_send_active_reset", "kprobe"),
+            ("tcp_v4_send_reset", unavailable),
+            ("tcp_v6_send_reset", unavailable),
+            ("nf_send_reset", unavailable),
+            ("nf_send_reset6", "kprobe"),
+            ("tcp_v5_send_reset", "kprobe"),
+        ]);
+        let expected: Vec<_> = HOOKS_SINCE_5_17
+            .iter()
+            .map(|row| (row, plan("kprobe").expected(row)))
+            .collect();
+        let failures = check_hook_lines(&expected, &stderr);
+        assert_eq!(
+            failures,
+            [
+                "tcprst named tcp_v5_send_reset, which the table lacks",
+                &format!("hook tcp_v4_send_reset: {unavailable}, want kprobe"),
+                &format!("hook tcp_v6_send_reset: {unavailable}, want kprobe"),
+                &format!("hook nf_send_reset: {unavailable}, want kprobe"),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_doctor_must_match_the_table() {
+        let tcp = json!({"fentry": "works", "kprobe": "works", "tracepoint": "works"});
+        let nf = json!({"fentry": "it is in module nf_reject_ipv4, and this loader cannot attach fentry to module BTF", "kprobe": "works"});
+        let hooks: Vec<Value> = HOOKS_SINCE_5_17
+            .iter()
+            .map(|row| json!({"hook": row.hook, "tiers": if row.is_tcp() { &tcp } else { &nf }}))
+            .collect();
+        let mut doctor = json!({ "hooks": hooks });
+        assert!(matches!(
+            judge_doctor(&doctor, HOOKS_SINCE_5_17),
+            Verdict::Pass(_)
+        ));
+        doctor["hooks"][1]["tiers"]["fentry"] = json!("attaching failed: EBUSY");
+        doctor["hooks"][3]["tiers"]["fentry"] = json!("works");
+        let Verdict::Fail(failures) = judge_doctor(&doctor, HOOKS_SINCE_5_17) else {
+            panic!("not a failure");
+        };
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert!(matches!(
+            judge_doctor(&doctor, HOOKS_5_10),
             Verdict::Fail(_)
         ));
     }
