@@ -26,35 +26,35 @@ pub struct ResetFunction {
 pub const RESET_FUNCTIONS: [ResetFunction; 5] = [
     ResetFunction {
         hook: ResetHook::ActiveReset,
-        function: "tcp_send_active_reset",
+        function: ResetHook::ActiveReset.name(),
         kprobe_program: programs::KP_ACTIVE_RESET,
         fentry_program: programs::FE_ACTIVE_RESET,
         has_tracepoint: true,
     },
     ResetFunction {
         hook: ResetHook::V4SendReset,
-        function: "tcp_v4_send_reset",
+        function: ResetHook::V4SendReset.name(),
         kprobe_program: programs::KP_V4_SEND_RESET,
         fentry_program: programs::FE_V4_SEND_RESET,
         has_tracepoint: true,
     },
     ResetFunction {
         hook: ResetHook::V6SendReset,
-        function: "tcp_v6_send_reset",
+        function: ResetHook::V6SendReset.name(),
         kprobe_program: programs::KP_V6_SEND_RESET,
         fentry_program: programs::FE_V6_SEND_RESET,
         has_tracepoint: true,
     },
     ResetFunction {
         hook: ResetHook::NfSendReset,
-        function: "nf_send_reset",
+        function: ResetHook::NfSendReset.name(),
         kprobe_program: programs::KP_NF_SEND_RESET,
         fentry_program: programs::FE_NF_SEND_RESET,
         has_tracepoint: false,
     },
     ResetFunction {
         hook: ResetHook::NfSendReset6,
-        function: "nf_send_reset6",
+        function: ResetHook::NfSendReset6.name(),
         kprobe_program: programs::KP_NF_SEND_RESET6,
         fentry_program: programs::FE_NF_SEND_RESET6,
         has_tracepoint: false,
@@ -62,23 +62,12 @@ pub const RESET_FUNCTIONS: [ResetFunction; 5] = [
 ];
 
 pub fn tier_name(tier: AttachTier) -> &'static str {
-    match tier {
-        AttachTier::Tracepoint => "tracepoint",
-        AttachTier::Kprobe => "kprobe",
-        AttachTier::Fentry => "fentry",
-    }
+    tier.name()
 }
 
 /// What a record's hook is called in output: the function, or the tracepoint.
 pub fn hook_name(hook: ResetHook) -> &'static str {
-    match hook {
-        ResetHook::SendResetTracepoint => "tcp:tcp_send_reset",
-        ResetHook::ReceiveResetTracepoint => "tcp:tcp_receive_reset",
-        _ => RESET_FUNCTIONS
-            .iter()
-            .find(|f| f.hook == hook)
-            .map_or("?", |f| f.function),
-    }
+    hook.name()
 }
 
 fn parse_tier(s: &str) -> Result<AttachTier> {
