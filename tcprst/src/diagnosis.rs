@@ -159,19 +159,130 @@ pub fn resolved(r: &Resolved) -> String {
     )
 }
 
+/// What caused a reset, as a stable name for machines: the `cause` field
+/// of every reset record. The README has one line per value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Late segment to a connection that had ended (TIME_WAIT).
+    LateSegment,
+    /// The peer reset a connection we half-closed with shutdown().
+    PeerResetHalfClose,
+    /// The peer reset after our close() instead of finishing the close.
+    PeerResetClosing,
+    /// The peer sent FIN, then reset before we closed (CLOSE_WAIT).
+    PeerResetAfterFin,
+    /// connect() refused: nothing listens, or a firewall rejected the SYN.
+    ConnectionRefused,
+    /// The peer or a middlebox aborted an open connection.
+    PeerAborted,
+    /// The peer reset instead of acknowledging our FIN (LAST_ACK, CLOSING).
+    PeerResetFin,
+    /// Data arrived on a socket the application had closed.
+    DataAfterClose,
+    /// A segment for a socket that does not exist here.
+    NoSocket,
+    /// The application closed with unread data.
+    UnreadDataOnClose,
+    /// SO_LINGER with a zero timeout, or a disconnect.
+    AbortiveClose,
+    /// A listener closed with connections it never accepted.
+    ListenerClosed,
+    /// Keepalive probes went unanswered.
+    KeepaliveTimeout,
+    /// The kernel was out of memory or orphan slots for closed sockets.
+    OrphanLimit,
+}
+
+impl Cause {
+    pub const ALL: [Self; 14] = [
+        Self::LateSegment,
+        Self::PeerResetHalfClose,
+        Self::PeerResetClosing,
+        Self::PeerResetAfterFin,
+        Self::ConnectionRefused,
+        Self::PeerAborted,
+        Self::PeerResetFin,
+        Self::DataAfterClose,
+        Self::NoSocket,
+        Self::UnreadDataOnClose,
+        Self::AbortiveClose,
+        Self::ListenerClosed,
+        Self::KeepaliveTimeout,
+        Self::OrphanLimit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LateSegment => "late_segment",
+            Self::PeerResetHalfClose => "peer_reset_half_close",
+            Self::PeerResetClosing => "peer_reset_closing",
+            Self::PeerResetAfterFin => "peer_reset_after_fin",
+            Self::ConnectionRefused => "connection_refused",
+            Self::PeerAborted => "peer_aborted",
+            Self::PeerResetFin => "peer_reset_fin",
+            Self::DataAfterClose => "data_after_close",
+            Self::NoSocket => "no_socket",
+            Self::UnreadDataOnClose => "unread_data_on_close",
+            Self::AbortiveClose => "abortive_close",
+            Self::ListenerClosed => "listener_closed",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::OrphanLimit => "orphan_limit",
+        }
+    }
+}
+
+/// Why a reset happened: a cause for machines, a line for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RstDiagnosis {
+    pub cause: Cause,
+    pub text: String,
+}
+
+fn because(cause: Cause, text: impl Into<String>) -> Option<RstDiagnosis> {
+    Some(RstDiagnosis {
+        cause,
+        text: text.into(),
+    })
+}
+
+/// What the kernel knew when a reset was decided that the socket and its
+/// record do not say.
+#[derive(Debug, Default, Clone)]
+pub struct KernelView<'a> {
+    /// The functions the reset went through, innermost first (the record's
+    /// caller frames, symbolized).
+    pub path: &'a [std::sync::Arc<str>],
+    /// `net.ipv4.tcp_max_orphans` in the reset's namespace, when read.
+    pub max_orphans: Option<u64>,
+}
+
+impl KernelView<'_> {
+    fn went_through(&self, function: &str) -> bool {
+        self.path.iter().any(|f| &**f == function)
+    }
+}
+
 /// Why a reset happened, where the socket, its close mark or the kernel
 /// says.
-pub fn rst(ev: &RstEvent, ctx: &RstContext) -> Option<String> {
+pub fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Option<RstDiagnosis> {
     let conn = ctx.conn.as_ref();
     let initiator = conn.and_then(|c| c.initiator.as_ref().zip(c.initiated_at));
     let ago = |at: SystemTime| short(since(at, ev.time));
     let reason = ev.reason.as_deref();
     if ctx.ended_before {
-        return Some(format!(
-            "late segment: the peer sent to a connection that had closed (TIME_WAIT on {}); its socket is gone",
-            ev.local
-        ));
+        return because(
+            Cause::LateSegment,
+            format!(
+                "late segment: the peer sent to a connection that had closed (TIME_WAIT on {}); its socket is gone",
+                ev.local
+            ),
+        );
     }
+    let by_task = |what: &str| {
+        ev.task.as_ref().map_or(what.to_owned(), |t| {
+            format!("{what} by {}[{}]", t.comm, t.pid)
+        })
+    };
     match ev.kind {
         RstKind::Received => {
             let half_closed = matches!(ev.state, Some(TcpState::FinWait1 | TcpState::FinWait2));
@@ -179,85 +290,129 @@ pub fn rst(ev: &RstEvent, ctx: &RstContext) -> Option<String> {
                 (true, Some((i, at)))
                     if matches!(i.op, CloseOp::Shutdown(ShutHow::Write | ShutHow::Both)) =>
                 {
-                    return Some(format!(
-                        "the peer reset a connection we half-closed ({i}, {} ago) instead of sending FIN; \
-                         a proxy, middlebox or userspace stack (slirp4netns-like) may turn the FIN exchange into a reset",
-                        ago(at)
-                    ));
+                    return because(
+                        Cause::PeerResetHalfClose,
+                        format!(
+                            "the peer reset a connection we half-closed ({i}, {} ago) instead of sending FIN; \
+                             a proxy, middlebox or userspace stack (slirp4netns-like) may turn the FIN exchange into a reset",
+                            ago(at)
+                        ),
+                    );
                 }
                 (true, Some((i, at))) => {
-                    return Some(format!(
-                        "the peer reset the connection after our {i} ({} ago) instead of finishing the close",
-                        ago(at)
-                    ));
+                    return because(
+                        Cause::PeerResetClosing,
+                        format!(
+                            "the peer reset the connection after our {i} ({} ago) instead of finishing the close",
+                            ago(at)
+                        ),
+                    );
                 }
                 // No mark on this kernel: the socket still says we sent FIN
                 // while a process holds it, which only shutdown() does.
                 (true, None) if ev.socket.is_some_and(|s| s.sent_fin && !s.orphaned) => {
-                    return Some(
+                    return because(
+                        Cause::PeerResetHalfClose,
                         "the peer reset a connection we half-closed with shutdown() instead of sending FIN; \
-                         a proxy, middlebox or userspace stack (slirp4netns-like) may turn the FIN exchange into a reset"
-                            .to_owned(),
+                         a proxy, middlebox or userspace stack (slirp4netns-like) may turn the FIN exchange into a reset",
                     );
                 }
                 _ => {}
             }
-            Some(match ev.state? {
+            match ev.state? {
                 TcpState::CloseWait => {
                     let fin = conn
                         .and_then(|c| c.peer_fin_at)
                         .map(|at| format!(" {} ago", ago(at)))
                         .unwrap_or_default();
-                    format!(
-                        "the peer sent FIN{fin} and then reset while we had not closed: the application's next write fails with EPIPE"
+                    because(
+                        Cause::PeerResetAfterFin,
+                        format!(
+                            "the peer sent FIN{fin} and then reset while we had not closed: the application's next write fails with EPIPE"
+                        ),
                     )
                 }
-                TcpState::SynSent => format!(
-                    "connection refused: nothing listens on {}, or a firewall rejected the SYN",
-                    ev.remote
+                TcpState::SynSent => because(
+                    Cause::ConnectionRefused,
+                    format!(
+                        "connection refused: nothing listens on {}, or a firewall rejected the SYN",
+                        ev.remote
+                    ),
                 ),
-                TcpState::Established => {
-                    "the peer (or a middlebox) aborted an open connection".to_owned()
-                }
-                TcpState::LastAck | TcpState::Closing => {
-                    "the peer reset instead of acknowledging our FIN".to_owned()
-                }
-                _ => return None,
-            })
-        }
-        RstKind::Sent => match reason? {
-            "TCP_ABORT_ON_DATA" => Some(match initiator {
-                Some((i, at)) => format!(
-                    "data arrived after {i} ({} ago): the application closed while the peer was still sending; \
-                     read to EOF, or shutdown(SHUT_WR) first",
-                    ago(at)
+                TcpState::Established => because(
+                    Cause::PeerAborted,
+                    "the peer (or a middlebox) aborted an open connection",
                 ),
-                None => "data arrived on a socket the application had closed".to_owned(),
-            }),
-            "NO_SOCKET" => Some(format!(
-                "a segment for {} where no socket exists: nothing listens there, or the connection is long gone",
-                ev.local
-            )),
-            "TCP_ABORT_ON_CLOSE" => Some(format!(
-                "{} with unread data: the application closed before reading everything the peer sent",
-                ev.task.as_ref().map_or("close()".to_owned(), |t| format!(
-                    "close() by {}[{}]",
-                    t.comm, t.pid
-                ))
-            )),
-            "TCP_ABORT_ON_LINGER" | "TCP_STATE" => Some(format!(
-                "abortive close{}: SO_LINGER with a zero timeout, or a disconnect",
-                ev.task
-                    .as_ref()
-                    .map(|t| format!(" by {}[{}]", t.comm, t.pid))
-                    .unwrap_or_default()
-            )),
-            "TCP_KEEPALIVE_TIMEOUT" => {
-                Some("keepalive probes went unanswered: the peer or the path is gone".to_owned())
+                TcpState::LastAck | TcpState::Closing => because(
+                    Cause::PeerResetFin,
+                    "the peer reset instead of acknowledging our FIN",
+                ),
+                _ => None,
             }
-            "TCP_ABORT_ON_MEMORY" => Some(
-                "the kernel ran short of memory for orphaned sockets and aborted this one"
-                    .to_owned(),
+        }
+        // inet_csk_listen_stop() disconnects every child still queued, whatever
+        // reason the kernel gives the reset (TCP_STATE on 6.18).
+        RstKind::Sent if kernel.went_through("inet_csk_listen_stop") => because(
+            Cause::ListenerClosed,
+            format!(
+                "the listener on {} closed ({}) with this connection still in its accept queue, never accepted: \
+                 the kernel resets every such connection; a server restart or crash, or a shutdown that does not drain the queue",
+                ev.local,
+                by_task("close()")
+            ),
+        ),
+        RstKind::Sent => match reason? {
+            "TCP_ABORT_ON_DATA" => match initiator {
+                Some((i, at)) => because(
+                    Cause::DataAfterClose,
+                    format!(
+                        "data arrived after {i} ({} ago): the application closed while the peer was still sending; \
+                         read to EOF, or shutdown(SHUT_WR) first",
+                        ago(at)
+                    ),
+                ),
+                None => because(
+                    Cause::DataAfterClose,
+                    "data arrived on a socket the application had closed",
+                ),
+            },
+            "NO_SOCKET" => because(
+                Cause::NoSocket,
+                format!(
+                    "a segment for {} where no socket exists: nothing listens there, or the connection is long gone",
+                    ev.local
+                ),
+            ),
+            "TCP_ABORT_ON_CLOSE" => because(
+                Cause::UnreadDataOnClose,
+                format!(
+                    "{} with unread data: the application closed before reading everything the peer sent",
+                    by_task("close()")
+                ),
+            ),
+            "TCP_ABORT_ON_LINGER" | "TCP_STATE" => because(
+                Cause::AbortiveClose,
+                format!(
+                    "{}: SO_LINGER with a zero timeout, or a disconnect",
+                    by_task("abortive close")
+                ),
+            ),
+            "TCP_KEEPALIVE_TIMEOUT" => because(
+                Cause::KeepaliveTimeout,
+                "keepalive probes went unanswered: the peer or the path is gone",
+            ),
+            "TCP_ABORT_ON_MEMORY" => because(
+                Cause::OrphanLimit,
+                match kernel.max_orphans {
+                    Some(max) => format!(
+                        "the kernel aborted this closed (orphaned) socket instead of finishing its close: \
+                         more orphans than net.ipv4.tcp_max_orphans ({max}) or TCP memory past net.ipv4.tcp_mem; \
+                         raise them, or close connections before they pile up"
+                    ),
+                    None => "the kernel aborted this closed (orphaned) socket: too many orphans \
+                             (net.ipv4.tcp_max_orphans) or TCP memory past net.ipv4.tcp_mem"
+                        .to_owned(),
+                },
             ),
             _ => None,
         },
@@ -273,7 +428,11 @@ mod tests {
     };
 
     fn explain(ev: &RstEvent) -> Option<String> {
-        rst(ev, &RstContext::of(ev))
+        diagnose(ev).map(|d| d.text)
+    }
+
+    fn diagnose(ev: &RstEvent) -> Option<RstDiagnosis> {
+        rst(ev, &RstContext::of(ev), &KernelView::default())
     }
 
     #[test]
@@ -414,6 +573,85 @@ mod tests {
         assert_eq!(
             resolved(r),
             "FIN_WAIT2 resolved after 40s: the peer sent FIN at last"
+        );
+    }
+
+    /// The schema's enum and the README's Causes table list every cause,
+    /// and nothing else: they are what log queries and alerts match on.
+    #[test]
+    fn every_cause_is_documented() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/event.schema.json")).unwrap();
+        let mut listed: Vec<&str> = schema["$defs"]["rst"]["properties"]["cause"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let mut ours: Vec<&str> = Cause::ALL.iter().map(|c| c.name()).collect();
+        listed.sort();
+        ours.sort();
+        assert_eq!(listed, ours);
+        let readme = include_str!("../../README.md");
+        for cause in ours {
+            assert!(
+                readme.contains(&format!("| `{cause}` |")),
+                "{cause} not in the README"
+            );
+        }
+    }
+
+    #[test]
+    fn a_listener_closed_with_a_queue_is_not_a_linger_abort() {
+        let mut ev = reset(
+            RstKind::Sent,
+            t(4),
+            Some(TcpState::Close),
+            Some("TCP_STATE"),
+        );
+        ev.task = Some(crate::testing::task(77, "python3"));
+        let path: Vec<std::sync::Arc<str>> = [
+            "tcp_send_active_reset",
+            "tcp_disconnect",
+            "inet_child_forget",
+            "inet_csk_listen_stop",
+            "__tcp_close",
+        ]
+        .map(std::sync::Arc::from)
+        .into();
+        let kernel = KernelView {
+            path: &path,
+            max_orphans: None,
+        };
+        let d = rst(&ev, &RstContext::of(&ev), &kernel).unwrap();
+        assert_eq!(d.cause, Cause::ListenerClosed);
+        assert!(
+            d.text
+                .starts_with("the listener on 10.0.0.1:15001 closed (close() by python3[77])"),
+            "{}",
+            d.text
+        );
+        assert_eq!(diagnose(&ev).unwrap().cause, Cause::AbortiveClose);
+    }
+
+    #[test]
+    fn an_orphan_limit_names_the_sysctl_and_its_value() {
+        let ev = reset(
+            RstKind::Sent,
+            t(4),
+            Some(TcpState::Close),
+            Some("TCP_ABORT_ON_MEMORY"),
+        );
+        let kernel = KernelView {
+            path: &[],
+            max_orphans: Some(0),
+        };
+        let d = rst(&ev, &RstContext::of(&ev), &kernel).unwrap();
+        assert_eq!(d.cause, Cause::OrphanLimit);
+        assert!(
+            d.text.contains("net.ipv4.tcp_max_orphans (0)"),
+            "{}",
+            d.text
         );
     }
 

@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    fs,
+    fs, io,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -38,7 +38,7 @@ const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Lookup {
     namespaces: Option<Vec<NetnsHandle>>,
     owners: Option<SocketOwners>,
-    fin_timeouts: HashMap<u32, Duration>,
+    sysctls: HashMap<(u32, &'static str), Option<u64>>,
 }
 
 impl Lookup {
@@ -60,23 +60,25 @@ impl Lookup {
 
     /// net.ipv4.tcp_fin_timeout of a namespace (it is per namespace).
     pub fn fin_timeout(&mut self, netns: u32) -> Duration {
-        if let Some(timeout) = self.fin_timeouts.get(&netns) {
-            return *timeout;
+        self.sysctl(netns, "net/ipv4/tcp_fin_timeout")
+            .map_or(DEFAULT_FIN_TIMEOUT, Duration::from_secs)
+    }
+
+    /// A numeric sysctl under /proc/sys as namespace `netns` sees it, or
+    /// the host's where the namespace has no copy of it.
+    pub fn sysctl(&mut self, netns: u32, path: &'static str) -> Option<u64> {
+        if let Some(value) = self.sysctls.get(&(netns, path)) {
+            return *value;
         }
-        let read = |ns: &NetnsHandle| -> Option<Duration> {
-            let text = in_netns(ns, || {
-                fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout")
-            })
-            .ok()?
-            .ok()?;
-            Some(Duration::from_secs(text.trim().parse().ok()?))
-        };
-        let timeout = self
+        let file = format!("/proc/sys/{path}");
+        let parse = |text: io::Result<String>| text.ok()?.trim().parse().ok();
+        let value = self
             .namespace(netns)
-            .and_then(read)
-            .unwrap_or(DEFAULT_FIN_TIMEOUT);
-        self.fin_timeouts.insert(netns, timeout);
-        timeout
+            .and_then(|ns| in_netns(ns, || parse(fs::read_to_string(&file))).ok())
+            .flatten()
+            .or_else(|| parse(fs::read_to_string(&file)));
+        self.sysctls.insert((netns, path), value);
+        value
     }
 }
 

@@ -116,16 +116,22 @@ impl Stacks {
             .clone()
     }
 
-    /// The caller named by a record's innermost frames (zero past the last).
-    pub fn caller(&mut self, frames: &[u64]) -> Option<Arc<str>> {
-        let names: Vec<Arc<str>> = frames
+    /// A record's innermost frames (zero past the last), symbolized.
+    pub fn path(&mut self, frames: &[u64]) -> Vec<Arc<str>> {
+        frames
             .iter()
             .take_while(|ip| **ip != 0)
             .filter_map(|ip| self.symbol(*ip))
-            .collect();
-        caller(names.iter().map(|f| &**f)).map(Arc::from)
+            .collect()
     }
+}
 
+/// The caller a symbolized path names.
+pub fn caller_of(path: &[Arc<str>]) -> Option<Arc<str>> {
+    caller(path.iter().map(|f| &**f)).map(Arc::from)
+}
+
+impl Stacks {
     /// A whole stack, taken with `--stack`.
     pub fn whole(&mut self, stack_id: u32) -> Option<Stack> {
         if let Some(stack) = self.whole.get(&stack_id) {
@@ -204,8 +210,10 @@ mod tests {
         {
             *slot = at(name);
         }
-        assert_eq!(stacks.caller(&frames).as_deref(), Some("tcp_v4_rcv"));
-        assert_eq!(stacks.caller(&[0; 8]), None);
+        let path = stacks.path(&frames);
+        assert_eq!(path.len(), 3);
+        assert_eq!(caller_of(&path).as_deref(), Some("tcp_v4_rcv"));
+        assert_eq!(caller_of(&stacks.path(&[0; 8])), None);
         // No whole stacks without --stack.
         assert_eq!(stacks.whole(3), None);
     }

@@ -110,3 +110,11 @@ pub fn scanned(state: TcpState, history: Option<CloseHistory>, orphaned: bool) -
         history,
     }
 }
+
+/// A diagnosis with this text (its cause is not what the test is about).
+pub fn diagnosis(text: &str) -> crate::diagnosis::RstDiagnosis {
+    crate::diagnosis::RstDiagnosis {
+        cause: crate::diagnosis::Cause::PeerAborted,
+        text: text.to_owned(),
+    }
+}

@@ -25,7 +25,7 @@ use crate::{
     cgroup::CgroupResolver,
     clock::WallClock,
     decode::Decoder,
-    diagnosis,
+    diagnosis::{self, KernelView, RstDiagnosis},
     enrich::{self, Attribution, Enricher, HALF_CLOSED, OwnerCache},
     event::{ExecContext, Process, ResetHook, RstEvent, RstKind},
     filter::EventFilter,
@@ -38,7 +38,7 @@ use crate::{
         writer::{self, WriterReport},
     },
     sockdiag::DumpExtras,
-    stacks::{Kallsyms, Stacks},
+    stacks::{Kallsyms, Stacks, caller_of},
     tallies::Tallies,
     tracker::{ConnKey, Resolved, RstContext, ScannedSocket, Tracker},
 };
@@ -235,6 +235,30 @@ impl Pipeline<'_> {
         Ok(())
     }
 
+    /// The function that decided a reset, and why it happened: from its
+    /// frames, its socket and what the kernel's settings say.
+    fn explain(
+        &mut self,
+        ev: &RstEvent,
+        ctx: &RstContext,
+    ) -> (Option<Arc<str>>, Option<RstDiagnosis>) {
+        let path = match &mut self.stacks {
+            Some(stacks) => stacks.path(&ev.frames),
+            None => Vec::new(),
+        };
+        // Read only for the rare reset it explains.
+        let max_orphans = (ev.reason.as_deref() == Some("TCP_ABORT_ON_MEMORY"))
+            .then(|| {
+                enrich::Lookup::default().sysctl(ev.netns.unwrap_or(0), "net/ipv4/tcp_max_orphans")
+            })
+            .flatten();
+        let kernel = KernelView {
+            path: &path,
+            max_orphans,
+        };
+        (caller_of(&path), diagnosis::rst(ev, ctx, &kernel))
+    }
+
     /// Explains a wanted reset and writes it; a received one first waits in
     /// `origins` for the send that explains it.
     fn report_rst(
@@ -243,15 +267,12 @@ impl Pipeline<'_> {
         attribution: Attribution,
         peer: Option<Peer>,
     ) -> io::Result<()> {
-        let (caller, stack) = match &mut self.stacks {
-            Some(stacks) => (
-                stacks.caller(&ev.frames),
-                ev.stack_id.and_then(|id| stacks.whole(id)),
-            ),
-            None => (None, None),
+        let stack = match (&mut self.stacks, ev.stack_id) {
+            (Some(stacks), Some(id)) => stacks.whole(id),
+            _ => None,
         };
         let ctx = RstContext::of(&ev);
-        let diagnosis = diagnosis::rst(&ev, &ctx);
+        let (caller, diagnosis) = self.explain(&ev, &ctx);
         let report = RstReport {
             ev,
             conn: ctx.conn,
@@ -310,10 +331,10 @@ impl Pipeline<'_> {
             if !(self.filter.matches(&ev) && self.filter.wants_owner(&attribution)) {
                 continue;
             }
-            let caller = self.stacks.as_mut().and_then(|s| s.caller(&ev.frames));
             let ctx = RstContext::of(&ev);
+            let (caller, diagnosis) = self.explain(&ev, &ctx);
             let report = RstReport {
-                diagnosis: diagnosis::rst(&ev, &ctx),
+                diagnosis,
                 ev,
                 conn: ctx.conn,
                 attribution,

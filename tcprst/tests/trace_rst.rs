@@ -178,6 +178,35 @@ fn linger_zero_close_is_an_active_reset() {
     assert_eq!(sent["caller"], "tcp_disconnect");
 }
 
+/// A server that closes its listener with a connection still queued:
+/// the kernel resets it, which is not the application's abortive close.
+#[test]
+fn a_listener_closed_with_a_queued_connection() {
+    let ns = Netns::new();
+    let mut tracer = trace_netns(&ns, &[]);
+    let listener = ns.listen("127.0.0.1:5004");
+    let mut client = ns.connect("127.0.0.1:40009", "127.0.0.1:5004").unwrap();
+    drop(listener);
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        client.read(&mut [0u8; 16]).unwrap_err().kind(),
+        ErrorKind::ConnectionReset
+    );
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    let sent = find(&events, "rst_sent");
+    assert_eq!(sent["cause"], "listener_closed", "{sent:#}");
+    let diagnosis = sent["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.starts_with("the listener on 127.0.0.1:5004 closed (close() by "),
+        "{diagnosis}"
+    );
+    assert!(diagnosis.contains("never accepted"), "{diagnosis}");
+    assert_eq!(find(&events, "rst_received")["cause"], "peer_aborted");
+}
+
 #[test]
 fn port_filter_excludes_other_ports() {
     let ns = Netns::new();

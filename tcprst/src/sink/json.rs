@@ -238,6 +238,7 @@ struct RstJson<'a> {
     initiator: Option<InitiatorJson<'a>>,
     history: Vec<StepJson>,
     diagnosis: Option<&'a str>,
+    cause: Option<&'static str>,
     caller: Option<&'a str>,
     stack: Option<Vec<&'a str>>,
     hook: &'static str,
@@ -279,7 +280,8 @@ impl<'a> RstJson<'a> {
             uid: task.map(|t| t.uid),
             initiator: initiator(conn, ev.time),
             history: history(conn, ev.time),
-            diagnosis: report.diagnosis.as_deref(),
+            diagnosis: report.diagnosis.as_ref().map(|d| d.text.as_str()),
+            cause: report.diagnosis.as_ref().map(|d| d.cause.name()),
             caller: report.caller.as_deref(),
             stack: report
                 .stack
@@ -478,7 +480,7 @@ mod tests {
         let ev = received(t(15));
         let ctx = RstContext::of(&ev);
         sink.rst(&RstReport {
-            diagnosis: diagnosis::rst(&ev, &ctx),
+            diagnosis: diagnosis::rst(&ev, &ctx, &diagnosis::KernelView::default()),
             ev,
             conn: ctx.conn,
             attribution: attribution(),
@@ -572,6 +574,7 @@ mod tests {
             "initiator": null,
             "history": [],
             "diagnosis": null,
+            "cause": null,
             "node": "node-a",
             "netns_name": null,
             "cgroup": null,

@@ -14,7 +14,7 @@ pub use json::JsonSink;
 pub use table::TableSink;
 
 use crate::{
-    diagnosis::StuckDiagnosis,
+    diagnosis::{RstDiagnosis, StuckDiagnosis},
     enrich::Attribution,
     event::{Process, RstEvent, Task},
     origin::Origin,
@@ -26,7 +26,7 @@ use crate::{
 pub struct RstReport {
     pub ev: RstEvent,
     pub conn: Option<Connection>,
-    pub diagnosis: Option<String>,
+    pub diagnosis: Option<RstDiagnosis>,
     pub attribution: Attribution,
     /// The connection's other end, when it is on this host too.
     pub peer: Option<Peer>,

@@ -221,7 +221,8 @@ impl Sink for TableSink {
                 }
             )
         });
-        match [counted, report.diagnosis.clone(), origin, netfilter]
+        let diagnosis = report.diagnosis.as_ref().map(|d| d.text.clone());
+        match [counted, diagnosis, origin, netfilter]
             .into_iter()
             .flatten()
             .reduce(|a, b| format!("{a}; {b}"))
@@ -287,7 +288,7 @@ mod tests {
         RstReport {
             ev,
             conn: None,
-            diagnosis: Some("because of a test".into()),
+            diagnosis: Some(crate::testing::diagnosis("because of a test")),
             attribution: Attribution::default(),
             peer: None,
             caller: None,
@@ -367,7 +368,7 @@ mod tests {
             uid: 0,
         };
         let mut report = event(RstKind::Sent, "127.0.0.1:1", Some(task));
-        report.diagnosis = Some("closed by \x1b[2J".into());
+        report.diagnosis = Some(crate::testing::diagnosis("closed by \x1b[2J"));
         report.stack = Some(["tcp_close\u{9b}".into()].into());
         sink.rst(&report).unwrap();
         let text = buf.text();
