@@ -191,10 +191,13 @@ pub enum Cause {
     KeepaliveTimeout,
     /// The kernel was out of memory or orphan slots for closed sockets.
     OrphanLimit,
+    /// The peer's stack had no socket for an open connection: it
+    /// restarted or lost its state.
+    PeerLostState,
 }
 
 impl Cause {
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::LateSegment,
         Self::PeerResetHalfClose,
         Self::PeerResetClosing,
@@ -209,6 +212,7 @@ impl Cause {
         Self::ListenerClosed,
         Self::KeepaliveTimeout,
         Self::OrphanLimit,
+        Self::PeerLostState,
     ];
 
     pub fn name(self) -> &'static str {
@@ -227,6 +231,7 @@ impl Cause {
             Self::ListenerClosed => "listener_closed",
             Self::KeepaliveTimeout => "keepalive_timeout",
             Self::OrphanLimit => "orphan_limit",
+            Self::PeerLostState => "peer_lost_state",
         }
     }
 }
@@ -242,6 +247,24 @@ fn because(cause: Cause, text: impl Into<String>) -> Option<RstDiagnosis> {
     Some(RstDiagnosis {
         cause,
         text: text.into(),
+    })
+}
+
+/// A received reset whose send this host saw too says more than the
+/// receipt alone: a stack that answered an open connection with NO_SOCKET
+/// had lost it (a restarted server, a pod rescheduled behind the same
+/// address, a conntrack or NAT change that sent it elsewhere).
+pub fn explained_by_sender(ev: &RstEvent, sent_reason: Option<&str>) -> Option<RstDiagnosis> {
+    let open = !matches!(ev.state?, TcpState::SynSent | TcpState::SynRecv);
+    (ev.kind == RstKind::Received && open && sent_reason == Some("NO_SOCKET")).then(|| {
+        RstDiagnosis {
+            cause: Cause::PeerLostState,
+            text: format!(
+                "the peer {} had no socket for this open connection (its stack answered NO_SOCKET): \
+                 it restarted or lost the connection's state, so our next segment met a reset; reconnect",
+                ev.remote
+            ),
+        }
     })
 }
 
@@ -653,6 +676,21 @@ mod tests {
             "{}",
             d.text
         );
+    }
+
+    #[test]
+    fn a_no_socket_answer_to_an_open_connection_means_the_peer_lost_it() {
+        let ev = reset(RstKind::Received, t(4), Some(TcpState::Established), None);
+        let d = explained_by_sender(&ev, Some("NO_SOCKET")).unwrap();
+        assert_eq!(d.cause, Cause::PeerLostState);
+        assert!(
+            d.text.starts_with("the peer 10.0.0.2:44410 had no socket"),
+            "{}",
+            d.text
+        );
+        assert_eq!(explained_by_sender(&ev, Some("TCP_ABORT_ON_CLOSE")), None);
+        let refused = reset(RstKind::Received, t(4), Some(TcpState::SynSent), None);
+        assert_eq!(explained_by_sender(&refused, Some("NO_SOCKET")), None);
     }
 
     #[test]

@@ -217,6 +217,7 @@ impl Pipeline<'_> {
                 let sender = Peer {
                     netns: ev.netns,
                     attribution: attribution.clone(),
+                    sent_reason: ev.reason.clone(),
                 };
                 origins.sent(&ev, sender)
             }
@@ -226,6 +227,7 @@ impl Pipeline<'_> {
             let peer = explained.first().map(|(receipt, ..)| Peer {
                 netns: receipt.ev.netns,
                 attribution: receipt.attribution.clone(),
+                sent_reason: None,
             });
             self.report_rst(ev, attribution, peer)?;
         }
@@ -371,6 +373,10 @@ impl Pipeline<'_> {
         &mut self,
         (mut report, origin, sender): (RstReport, Origin, Option<Peer>),
     ) -> io::Result<()> {
+        let sent_reason = sender.as_ref().and_then(|s| s.sent_reason.as_deref());
+        if let Some(d) = diagnosis::explained_by_sender(&report.ev, sent_reason) {
+            report.diagnosis = Some(d);
+        }
         report.origin = Some(origin);
         report.peer = sender;
         self.count_reset(&report);

@@ -485,6 +485,7 @@ mod tests {
             conn: ctx.conn,
             attribution: attribution(),
             peer: Some(Peer {
+                sent_reason: None,
                 netns: Some(4026532999),
                 attribution: Attribution {
                     netns_name: Some("host".into()),

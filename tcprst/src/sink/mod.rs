@@ -42,6 +42,8 @@ pub struct RstReport {
 pub struct Peer {
     pub netns: Option<u32>,
     pub attribution: Attribution,
+    /// For the end that sent the reset: the kernel's reason for it.
+    pub sent_reason: Option<Arc<str>>,
 }
 
 /// A connection stuck half-closed.

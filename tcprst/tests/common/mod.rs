@@ -136,6 +136,11 @@ impl Netns {
         }
     }
 
+    /// Runs `nft RULE…` inside this namespace (one argument, nft parses it).
+    pub fn nft(&self, rule: &str) {
+        run("ip", &["netns", "exec", &self.name, "nft", rule]);
+    }
+
     /// A connected (client, server) pair on exact addresses.
     pub fn pair(&self, client: &str, server: &str) -> (TcpStream, TcpStream) {
         let listener = self.listen(server);
