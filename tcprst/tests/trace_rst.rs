@@ -4,11 +4,11 @@
 mod common;
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
+    io::{ErrorKind, Write as _},
     time::Duration,
 };
 
-use common::{Netns, Tracer, assert_exact, find};
+use common::{Netns, Tracer, assert_exact, expect_reset, find};
 use serde_json::Value;
 
 fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
@@ -105,9 +105,7 @@ fn close_with_unread_data(server: &str, client: &str) -> Vec<Value> {
     let mut byte = [0u8; 1];
     accepted.peek(&mut byte).unwrap();
     drop(accepted);
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let err = conn.read(&mut [0u8; 16]).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    expect_reset(&mut conn);
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
     let n = ns.inode;
@@ -151,13 +149,7 @@ fn linger_zero_close_is_an_active_reset() {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(conn);
-    accepted
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    assert_eq!(
-        accepted.read(&mut [0u8; 16]).unwrap_err().kind(),
-        ErrorKind::ConnectionReset
-    );
+    expect_reset(&mut accepted);
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
     let n = ns.inode;
@@ -187,13 +179,7 @@ fn a_listener_closed_with_a_queued_connection() {
     let listener = ns.listen("127.0.0.1:5004");
     let mut client = ns.connect("127.0.0.1:40009", "127.0.0.1:5004").unwrap();
     drop(listener);
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    assert_eq!(
-        client.read(&mut [0u8; 16]).unwrap_err().kind(),
-        ErrorKind::ConnectionReset
-    );
+    expect_reset(&mut client);
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
     let sent = find(&events, "rst_sent");

@@ -424,6 +424,20 @@ mod tests {
             .collect()
     }
 
+    /// A report of `ev` alone: no connection, attribution or explanation.
+    fn bare(ev: RstEvent) -> RstReport {
+        RstReport {
+            ev,
+            conn: None,
+            diagnosis: None,
+            attribution: Attribution::default(),
+            peer: None,
+            caller: None,
+            stack: None,
+            origin: None,
+        }
+    }
+
     fn received(at: SystemTime) -> RstEvent {
         let mut ev = reset(RstKind::Received, at, Some(TcpState::FinWait2), None);
         ev.socket = Some(facts(true, false));
@@ -545,16 +559,10 @@ mod tests {
         ev.state = Some(TcpState::SynSent);
         ev.errno = Some(Errno::ConnRefused);
         sink.rst(&RstReport {
-            ev,
-            conn: None,
-            diagnosis: None,
-            attribution: Attribution::default(),
-            peer: None,
-            caller: None,
-            stack: None,
             origin: Some(Origin::NotLocal {
                 netfilter_watched: false,
             }),
+            ..bare(ev)
         })
         .unwrap();
         let expected = serde_json::json!({
@@ -608,14 +616,8 @@ mod tests {
             ports: vec![40001, 40002],
         });
         sink.rst(&RstReport {
-            ev,
-            conn: None,
-            diagnosis: None,
-            attribution: Attribution::default(),
-            peer: None,
             caller: Some("tcp_v4_rcv".into()),
-            stack: None,
-            origin: None,
+            ..bare(ev)
         })
         .unwrap();
         let v = &lines(&buf)[0];

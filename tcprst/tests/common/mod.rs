@@ -554,3 +554,13 @@ pub fn metric(
             ref other => panic!("{name} is {other:?}"),
         })
 }
+
+/// Reads from `stream` until the reset the test made arrives (5 s at most).
+pub fn expect_reset(stream: &mut TcpStream) {
+    use std::io::Read as _;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let err = stream.read(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+}
