@@ -1290,7 +1290,7 @@ impl Running {
         let map_kib = ctx.map_kib(self.proc.pid())?;
         let tracked_half_closed = self
             .metrics_port
-            .map(|port| scrape_metric(port, "tcprst_tracked_connections"))
+            .map(|port| Scrape::get(port)?.value("tcprst_tracked_connections"))
             .transpose()?;
         let insisted = self.stop()?;
         let ticks = proc_cpu_ticks(self.proc.pid()).unwrap_or(ticks_before);
@@ -2213,9 +2213,14 @@ const SOAK_SEGMENT_S: f64 = 5.0;
 const SOAK_RST_RATE: u32 = 2000;
 /// Samples before this share of the run are warm-up.
 const SOAK_WARMUP: f64 = 0.25;
-/// Growth after warm-up beyond both of these is a leak.
+/// Growth after warm-up beyond both SOAK_MAX_GROWTH and the quantity's own
+/// allowance is a leak.
 const SOAK_MAX_GROWTH: f64 = 0.10;
 const SOAK_MAX_GROWTH_KIB: u64 = 4096;
+/// Traffic elsewhere on the host may show a new reason, caller or state
+/// late in the run, each a series once; a cache that made a series per
+/// namespace or cgroup would add one for each of hundreds.
+const SOAK_MAX_GROWTH_SERIES: u64 = 10;
 
 #[derive(Debug, Clone, Serialize)]
 struct SoakSample {
@@ -2223,6 +2228,8 @@ struct SoakSample {
     load: &'static str,
     connections: u64,
     rss_kib: u64,
+    /// Lines of samples in tcprst's metrics.
+    series: u64,
     tracked_connections: u64,
     /// Half-closed connections past --max-connections.
     untracked: u64,
@@ -2232,16 +2239,58 @@ struct SoakSample {
 struct SoakSummary {
     minutes: f64,
     samples: Vec<SoakSample>,
-    /// Median RSS of the samples right after warm-up, and of the last quarter.
-    settled_rss_kib: u64,
-    final_rss_kib: u64,
+    rss_kib: Trend,
+    series: Trend,
+}
+
+/// A quantity sampled through the soak: whether it levelled off.
+#[derive(Debug, PartialEq, Serialize)]
+struct Trend {
+    /// Median of the quarter of the samples right after warm-up.
+    settled: u64,
+    /// Median of the last quarter.
+    last: u64,
     flat: bool,
 }
 
+impl Trend {
+    /// Flat unless the last quarter's median passes the one right after
+    /// warm-up by more than `allowance` and by more than SOAK_MAX_GROWTH.
+    fn of(values: &[u64], allowance: u64) -> Result<Self> {
+        let warm = ((values.len() as f64 * SOAK_WARMUP).ceil() as usize).max(1);
+        let quarter = (values.len() / 4).max(1);
+        if values.len() < warm + quarter {
+            bail!("only {} samples: soak for longer", values.len());
+        }
+        let median_of =
+            |part: &[u64]| median(part.iter().map(|&v| v as f64).collect()).unwrap_or(0.0) as u64;
+        let settled = median_of(&values[warm..warm + quarter]);
+        let last = median_of(&values[values.len() - quarter..]);
+        let growth = last.saturating_sub(settled);
+        Ok(Self {
+            settled,
+            last,
+            flat: growth <= allowance || (growth as f64) <= settled as f64 * SOAK_MAX_GROWTH,
+        })
+    }
+}
+
+impl std::fmt::Display for Trend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} after warm-up, {} at the end: {}",
+            self.settled,
+            self.last,
+            if self.flat { "flat" } else { "STILL GROWING" }
+        )
+    }
+}
+
 /// `cargo xtask soak`: churn and RST storms in turn against `tcprst trace
-/// -o json` (output discarded) for `--minutes`, sampling its RSS and how
-/// full its connection tracker and the kernel's owner map are. Fails when
-/// RSS keeps growing after warm-up.
+/// -o json` (output discarded) for `--minutes`, sampling its RSS, its
+/// metric series and how full its connection tracker and the kernel's
+/// owner map are. Fails when RSS or the series keep growing after warm-up.
 pub fn soak(opts: &SoakOptions) -> Result<()> {
     prepare_as_root(opts.prepared)?;
     let ctx = Ctx::prepare(false)?;
@@ -2271,20 +2320,23 @@ pub fn soak(opts: &SoakOptions) -> Result<()> {
         if tcprst.exited() {
             bail!("tcprst exited during the soak: {}", last_line(&err));
         }
+        let metrics = Scrape::get(port)?;
         let sample = SoakSample {
             at_s: started.elapsed().as_secs_f64(),
             load: name,
             connections: result.completed,
             rss_kib: proc_memory(tcprst.pid())?.1,
-            tracked_connections: scrape_metric(port, "tcprst_tracked_connections")?,
-            untracked: scrape_metric(port, "tcprst_untracked_connections")?,
+            series: metrics.series(),
+            tracked_connections: metrics.value("tcprst_tracked_connections")?,
+            untracked: metrics.value("tcprst_untracked_connections")?,
         };
         eprintln!(
-            "soak: {:>5.0}s {:<5} {:>7} connections  rss {:>6} KiB  tracked {:>6}  untracked {:>6}",
+            "soak: {:>5.0}s {:<5} {:>7} connections  rss {:>6} KiB  series {:>4}  tracked {:>6}  untracked {:>6}",
             sample.at_s,
             sample.load,
             sample.connections,
             sample.rss_kib,
+            sample.series,
             sample.tracked_connections,
             sample.untracked
         );
@@ -2298,23 +2350,33 @@ pub fn soak(opts: &SoakOptions) -> Result<()> {
             last_line(&err)
         );
     }
-    let summary = soak_summary(opts.minutes, samples)?;
+    let summary = SoakSummary {
+        minutes: opts.minutes,
+        rss_kib: Trend::of(
+            &samples.iter().map(|s| s.rss_kib).collect::<Vec<_>>(),
+            SOAK_MAX_GROWTH_KIB,
+        )?,
+        series: Trend::of(
+            &samples.iter().map(|s| s.series).collect::<Vec<_>>(),
+            SOAK_MAX_GROWTH_SERIES,
+        )?,
+        samples,
+    };
     let path = ctx.out_dir.join("soak.json");
     fs::write(&path, serde_json::to_string_pretty(&summary)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("soak: RSS KiB {}", summary.rss_kib);
     eprintln!(
-        "soak: RSS {} KiB after warm-up, {} KiB at the end: {}; samples in {}",
-        summary.settled_rss_kib,
-        summary.final_rss_kib,
-        if summary.flat {
-            "flat"
-        } else {
-            "STILL GROWING"
-        },
-        path.display()
+        "soak: metric series {} at the first sample, {}",
+        summary.samples.first().map_or(0, |s| s.series),
+        summary.series
     );
-    if !summary.flat {
+    eprintln!("soak: samples in {}", path.display());
+    if !summary.rss_kib.flat {
         bail!("tcprst's memory kept growing after warm-up");
+    }
+    if !summary.series.flat {
+        bail!("tcprst's metric series kept growing after warm-up");
     }
     Ok(())
 }
@@ -2329,28 +2391,6 @@ fn wait_for_marker(proc: &Proc, log: &Path, marker: &str) -> Result<()> {
         thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-fn soak_summary(minutes: f64, samples: Vec<SoakSample>) -> Result<SoakSummary> {
-    let rss: Vec<u64> = samples.iter().map(|s| s.rss_kib).collect();
-    let warm = ((rss.len() as f64 * SOAK_WARMUP).ceil() as usize).max(1);
-    let quarter = (rss.len() / 4).max(1);
-    if rss.len() < warm + quarter {
-        bail!("only {} samples: soak for longer", rss.len());
-    }
-    let median_of =
-        |part: &[u64]| median(part.iter().map(|&v| v as f64).collect()).unwrap_or(0.0) as u64;
-    let settled = median_of(&rss[warm..warm + quarter]);
-    let last = median_of(&rss[rss.len() - quarter..]);
-    let growth = last.saturating_sub(settled);
-    let flat = growth <= SOAK_MAX_GROWTH_KIB || (growth as f64) <= settled as f64 * SOAK_MAX_GROWTH;
-    Ok(SoakSummary {
-        minutes,
-        samples,
-        settled_rss_kib: settled,
-        final_rss_kib: last,
-        flat,
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -2425,20 +2465,35 @@ fn proc_memory(pid: u32) -> Result<(u64, u64)> {
     Ok((kib("VmHWM:")?, kib("VmRSS:")?))
 }
 
-/// One unlabelled metric from tcprst's metrics on host loopback.
-fn scrape_metric(port: u16, name: &str) -> Result<u64> {
-    use std::io::{Read as _, Write as _};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))
-        .with_context(|| format!("connecting to tcprst's metrics on 127.0.0.1:{port}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body)
-        .context("reading tcprst's metrics")?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("tcprst's metrics have no {name}"))
+/// One scrape of tcprst's metrics on host loopback.
+struct Scrape(String);
+
+impl Scrape {
+    fn get(port: u16) -> Result<Self> {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))
+            .with_context(|| format!("connecting to tcprst's metrics on 127.0.0.1:{port}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body)
+            .context("reading tcprst's metrics")?;
+        Ok(Self(body))
+    }
+
+    /// An unlabelled metric.
+    fn value(&self, name: &str) -> Result<u64> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("tcprst's metrics have no {name}"))
+    }
+
+    /// Samples, one a series: what a leak of labels would grow.
+    fn series(&self) -> u64 {
+        self.0.lines().filter(|l| l.starts_with("tcprst_")).count() as u64
+    }
 }
 
 /// bpftrace's memlock complaint, said plainly; other warnings as they are.
@@ -2617,6 +2672,27 @@ mod tests {
         fs::write(&err, "Lost 1 events\n").unwrap();
         assert_eq!(count_output(Kind::Bpftrace, &out, &err).unwrap(), (3, 2, 5));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_trend_is_flat_unless_it_keeps_growing_after_warm_up() {
+        // Warm-up is the first quarter: its growth does not count.
+        let levelled = [10, 50, 100, 100, 101, 100, 102, 101];
+        assert_eq!(
+            Trend::of(&levelled, 0).unwrap(),
+            Trend {
+                settled: 100,
+                last: 101,
+                flat: true
+            }
+        );
+        let climbing = [100, 110, 120, 130, 140, 150, 160, 170];
+        let trend = Trend::of(&climbing, 0).unwrap();
+        assert!(!trend.flat, "{trend}");
+        // Within the allowance it is flat, however large the share.
+        assert!(Trend::of(&[1, 1, 1, 1, 1, 1, 5, 5], 4).unwrap().flat);
+        assert!(!Trend::of(&[1, 1, 1, 1, 1, 1, 6, 6], 4).unwrap().flat);
+        assert!(Trend::of(&[1], 0).is_err());
     }
 
     #[test]
