@@ -28,7 +28,8 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    as_root, cargo, ensure_apt_packages, has_command, is_root, setup, target_dir, workspace_root,
+    as_root, cargo, ensure_apt_packages, has_command, is_root, mountinfo::mount_point, setup,
+    target_dir, workspace_root,
 };
 
 #[derive(clap::Args, Debug)]
@@ -1020,6 +1021,10 @@ impl Tracer {
 struct Load {
     args: Vec<String>,
     secs: f64,
+    /// Runs in the host's namespaces, not `ip netns exec`'d into the run's:
+    /// it makes namespaces of its own and needs the cgroup2 mount, which
+    /// `ip netns exec` hides.
+    on_host: bool,
 }
 
 impl Load {
@@ -1034,6 +1039,7 @@ impl Load {
                 secs.to_string(),
             ],
             secs,
+            on_host: false,
         }
     }
 
@@ -1052,7 +1058,34 @@ impl Load {
         if let Some(max) = max {
             args.extend(["--max".into(), max.to_string()]);
         }
-        Self { args, secs }
+        Self {
+            args,
+            secs,
+            on_host: false,
+        }
+    }
+
+    /// Up to `max` refused connects to SOAK_NETNS_PORT, each in a network
+    /// namespace and a cgroup (in `cgroup_parent`) made for it and removed
+    /// after it, all named `prefix-N`.
+    fn namespaces(secs: f64, max: u64, cgroup_parent: &Path, prefix: &str) -> Self {
+        Self {
+            args: vec![
+                "namespaces".into(),
+                "--seconds".into(),
+                secs.to_string(),
+                "--max".into(),
+                max.to_string(),
+                "--cgroup-parent".into(),
+                cgroup_parent.display().to_string(),
+                "--prefix".into(),
+                prefix.into(),
+                "--target".into(),
+                format!("127.0.0.1:{SOAK_NETNS_PORT}"),
+            ],
+            secs,
+            on_host: true,
+        }
     }
 }
 
@@ -1166,10 +1199,14 @@ fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Sample> {
 
 fn run_load(ctx: &Ctx, ns: &Netns, load: &Load, out: &Path) -> Result<LoadResult> {
     let err = out.with_extension("err");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name])
-        .arg(&ctx.loadgen)
-        .args(&load.args)
+    let mut cmd = if load.on_host {
+        Command::new(&ctx.loadgen)
+    } else {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name]).arg(&ctx.loadgen);
+        cmd
+    };
+    cmd.args(&load.args)
         .stdin(Stdio::null())
         .stdout(create(out)?)
         .stderr(create(&err)?);
@@ -1304,7 +1341,7 @@ impl Running {
             );
         }
         let cpu_s = (ticks - ticks_before) as f64 / clock_ticks_per_s();
-        let (events, rst_events, lost) = count_output(self.kind, &self.out, &self.err)?;
+        let (events, rst_events, lost) = count_output(self.kind, &self.out, &self.err, |_| true)?;
         let stderr = fs::read_to_string(&self.err).unwrap_or_default();
         let stopped = stderr.lines().find_map(|l| l.split("stopped: ").nth(1));
         let records_read = stopped.and_then(|s| s.split(' ').next()?.parse().ok());
@@ -1379,13 +1416,22 @@ impl Running {
     }
 }
 
-/// (event lines, RST lines, lost) from a tracer's output.
-fn count_output(kind: Kind, out: &Path, err: &Path) -> Result<(u64, u64, u64)> {
+/// (event lines, RST lines, lost) from a tracer's output, of the lines
+/// `counted` accepts.
+fn count_output(
+    kind: Kind,
+    out: &Path,
+    err: &Path,
+    counted: impl Fn(&str) -> bool,
+) -> Result<(u64, u64, u64)> {
     let (mut events, mut rsts, mut lost) = (0, 0, 0);
     for path in [out, err] {
         let Ok(file) = File::open(path) else { continue };
         for line in BufReader::new(file).lines() {
             let line = line.with_context(|| format!("reading {}", path.display()))?;
+            if !counted(&line) {
+                continue;
+            }
             match kind {
                 Kind::Tcprst if path == out => {
                     if line.contains(r#""kind":"lost""#) {
@@ -2064,21 +2110,84 @@ impl Drop for Netns {
 
 /// Namespaces an earlier bench left behind when it was killed outright.
 fn remove_stale_netns() {
+    remove_netns_where(left_by_dead_run);
+}
+
+/// Deletes the namespaces under /run/netns whose names `doomed` picks.
+fn remove_netns_where(doomed: impl Fn(&str) -> bool) {
     let Ok(entries) = fs::read_dir("/run/netns") else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(NETNS_PREFIX)
-            .and_then(|r| r.split('-').next())
-        else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
+        if doomed(&name) {
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
     }
+}
+
+/// Whether `name` is one a bench or soak gives, NETNS_PREFIX and its pid,
+/// from a run whose process is gone.
+fn left_by_dead_run(name: &str) -> bool {
+    name.strip_prefix(NETNS_PREFIX)
+        .and_then(|r| r.split('-').next())
+        .is_some_and(|pid| !Path::new("/proc").join(pid).exists())
+}
+
+/// The cgroup in which the soak's namespace phase makes one cgroup per
+/// namespace. Dropping it removes it, with what a generator killed
+/// mid-connect left: its last cgroup and namespace.
+struct ChurnCgroup {
+    dir: PathBuf,
+    /// Of the cgroup, and the start of every name made in it and of every
+    /// namespace the phase makes.
+    prefix: String,
+}
+
+impl ChurnCgroup {
+    fn create() -> Result<Self> {
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+        let root = mount_point(&mountinfo, "cgroup2")
+            .context("cgroup2 is not mounted: the soak makes cgroups in it")?;
+        for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
+            if left_by_dead_run(&entry.file_name().to_string_lossy()) {
+                remove_cgroup(&entry.path());
+            }
+        }
+        let prefix = format!("{NETNS_PREFIX}{}-ns", process::id());
+        let dir = root.join(&prefix);
+        fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(Self { dir, prefix })
+    }
+
+    /// Segment `segment`'s load: up to `max` namespaces, with names of
+    /// their own so that no two segments' look alike to tcprst.
+    fn load(&self, segment: usize, max: u64) -> Load {
+        Load::namespaces(
+            SOAK_SEGMENT_S,
+            max,
+            &self.dir,
+            &format!("{}{segment}", self.prefix),
+        )
+    }
+}
+
+impl Drop for ChurnCgroup {
+    fn drop(&mut self) {
+        remove_netns_where(|name| name.starts_with(&self.prefix));
+        remove_cgroup(&self.dir);
+    }
+}
+
+/// Removes cgroup `dir` and the cgroups in it, which hold no process.
+fn remove_cgroup(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = fs::remove_dir(entry.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 /// A sysctl set for a while, restored when dropped.
@@ -2209,8 +2318,14 @@ pub struct SoakOptions {
 
 /// Seconds of each load between two samples.
 const SOAK_SEGMENT_S: f64 = 5.0;
-/// Paced so the output (thrown away) is not the bottleneck being measured.
+/// Paced so the output is not the bottleneck being measured.
 const SOAK_RST_RATE: u32 = 2000;
+/// Namespaces, each with a cgroup, that the namespace phase makes and
+/// removes over a whole soak, shared evenly among its segments.
+const SOAK_NAMESPACES: u64 = 1000;
+/// The closed port of the namespace phase's connects: it tells their
+/// resets apart from the rest of the host's.
+const SOAK_NETNS_PORT: u16 = 1;
 /// Samples before this share of the run are warm-up.
 const SOAK_WARMUP: f64 = 0.25;
 /// Growth after warm-up beyond both SOAK_MAX_GROWTH and the quantity's own
@@ -2226,6 +2341,8 @@ const SOAK_MAX_GROWTH_SERIES: u64 = 10;
 struct SoakSample {
     at_s: f64,
     load: &'static str,
+    /// What the load completed: connections; refused connects, for netns
+    /// one a namespace.
     connections: u64,
     rss_kib: u64,
     /// Lines of samples in tcprst's metrics.
@@ -2241,6 +2358,17 @@ struct SoakSummary {
     samples: Vec<SoakSample>,
     rss_kib: Trend,
     series: Trend,
+    netns: NetnsPhase,
+}
+
+/// What the namespace phase did, and what tcprst saw of it.
+#[derive(Debug, Serialize)]
+struct NetnsPhase {
+    /// Namespaces made and removed, each with a cgroup and one refused
+    /// connect in both.
+    namespaces: u64,
+    /// Resets tcprst reported on SOAK_NETNS_PORT: two a namespace.
+    resets_seen: u64,
 }
 
 /// A quantity sampled through the soak: whether it levelled off.
@@ -2287,36 +2415,65 @@ impl std::fmt::Display for Trend {
     }
 }
 
-/// `cargo xtask soak`: churn and RST storms in turn against `tcprst trace
-/// -o json` (output discarded) for `--minutes`, sampling its RSS, its
+/// `cargo xtask soak`: churn, RST storms and namespace churn in turn
+/// against `tcprst trace -o json` for `--minutes`, sampling its RSS, its
 /// metric series and how full its connection tracker and the kernel's
-/// owner map are. Fails when RSS or the series keep growing after warm-up.
+/// owner map are. Fails when RSS or the series keep growing after warm-up,
+/// or when tcprst missed resets in the namespaces that came and went.
 pub fn soak(opts: &SoakOptions) -> Result<()> {
     prepare_as_root(opts.prepared)?;
     let ctx = Ctx::prepare(false)?;
     let ns = Netns::create("soak")?;
+    let cgroups = ChurnCgroup::create()?;
     let port = free_loopback_port()?;
-    let err = ctx.path("soak", "err");
+    let (out, err) = (ctx.path("soak", "out"), ctx.path("soak", "err"));
     let mut cmd = Command::new(&ctx.tcprst);
-    cmd.args(["trace", "-o", "json", "--netns", &ns.name, "--metrics-addr"])
+    // No --netns: the namespace phase's namespaces are new every few
+    // milliseconds, and an agent traces the whole host anyway. The output
+    // stays in target/bench/runs for a look after a failure.
+    cmd.args(["trace", "-o", "json", "--metrics-addr"])
         .arg(format!("127.0.0.1:{port}"))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(create(&out)?)
         .stderr(create(&err)?);
     let mut tcprst = Proc::spawn(&mut cmd, "tcprst")?;
     wait_for_marker(&tcprst, &err, "tcprst: tracing")?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(opts.minutes * 60.0);
+    // Three loads take turns; a namespace segment that runs out of time
+    // makes fewer than its share.
+    let netns_segments = (opts.minutes * 60.0 / SOAK_SEGMENT_S / 3.0).ceil().max(1.0) as u64;
+    let netns_share = SOAK_NAMESPACES.div_ceil(netns_segments);
+    let mut namespaces = 0;
     let mut samples = Vec::new();
-    let loads = [
-        ("churn", Load::churn(SOAK_SEGMENT_S, None)),
-        ("rst", Load::rst(SOAK_RST_RATE, SOAK_SEGMENT_S)),
-    ];
-    for (i, (name, load)) in loads.iter().cycle().enumerate() {
+    for segment in 0.. {
         if Instant::now() >= deadline {
             break;
         }
-        let result = run_load(&ctx, &ns, load, &ctx.path("soak", &format!("load{i}.json")))?;
+        let (name, load) = match segment % 3 {
+            0 => ("churn", Load::churn(SOAK_SEGMENT_S, None)),
+            1 => ("rst", Load::rst(SOAK_RST_RATE, SOAK_SEGMENT_S)),
+            _ => match netns_share.min(SOAK_NAMESPACES - namespaces) {
+                0 => continue,
+                max => ("netns", cgroups.load(segment, max)),
+            },
+        };
+        let result = run_load(
+            &ctx,
+            &ns,
+            &load,
+            &ctx.path("soak", &format!("load{segment}.json")),
+        )?;
+        if result.errors > 0 {
+            eprintln!(
+                "soak: warning: {} errors in the {name} load, first: {}",
+                result.errors,
+                result.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        if name == "netns" {
+            namespaces += result.completed;
+        }
         if tcprst.exited() {
             bail!("tcprst exited during the soak: {}", last_line(&err));
         }
@@ -2350,6 +2507,11 @@ pub fn soak(opts: &SoakOptions) -> Result<()> {
             last_line(&err)
         );
     }
+    let on_netns_port = |line: &str| {
+        let port = Some(u64::from(SOAK_NETNS_PORT));
+        json_number(line, "local_port") == port || json_number(line, "remote_port") == port
+    };
+    let (_, resets_seen, _) = count_output(Kind::Tcprst, &out, &err, on_netns_port)?;
     let summary = SoakSummary {
         minutes: opts.minutes,
         rss_kib: Trend::of(
@@ -2360,6 +2522,10 @@ pub fn soak(opts: &SoakOptions) -> Result<()> {
             &samples.iter().map(|s| s.series).collect::<Vec<_>>(),
             SOAK_MAX_GROWTH_SERIES,
         )?,
+        netns: NetnsPhase {
+            namespaces,
+            resets_seen,
+        },
         samples,
     };
     let path = ctx.out_dir.join("soak.json");
@@ -2371,12 +2537,23 @@ pub fn soak(opts: &SoakOptions) -> Result<()> {
         summary.samples.first().map_or(0, |s| s.series),
         summary.series
     );
+    eprintln!(
+        "soak: {namespaces} network namespaces and {namespaces} cgroups made and removed, a refused connect in each; tcprst reported {resets_seen} of their {} resets",
+        2 * namespaces
+    );
     eprintln!("soak: samples in {}", path.display());
     if !summary.rss_kib.flat {
         bail!("tcprst's memory kept growing after warm-up");
     }
     if !summary.series.flat {
         bail!("tcprst's metric series kept growing after warm-up");
+    }
+    if resets_seen < 2 * namespaces {
+        bail!(
+            "tcprst missed resets in namespaces that came and went: {resets_seen} of {}; its output is in {}",
+            2 * namespaces,
+            out.display()
+        );
     }
     Ok(())
 }
@@ -2663,14 +2840,25 @@ mod tests {
         )
         .unwrap();
         fs::write(&err, "tcprst: stopped: …\n").unwrap();
-        assert_eq!(count_output(Kind::Tcprst, &out, &err).unwrap(), (3, 481, 7));
+        assert_eq!(
+            count_output(Kind::Tcprst, &out, &err, |_| true).unwrap(),
+            (3, 481, 7)
+        );
+        let aggregates = |line: &str| line.contains("aggregate");
+        assert_eq!(
+            count_output(Kind::Tcprst, &out, &err, aggregates).unwrap(),
+            (1, 480, 0)
+        );
         fs::write(
             &out,
             "Attaching 2 probes...\n12 rst_sent pid=1\n13 state pid=1\nLost 4 events\n14 rst_received pid=1\n",
         )
         .unwrap();
         fs::write(&err, "Lost 1 events\n").unwrap();
-        assert_eq!(count_output(Kind::Bpftrace, &out, &err).unwrap(), (3, 2, 5));
+        assert_eq!(
+            count_output(Kind::Bpftrace, &out, &err, |_| true).unwrap(),
+            (3, 2, 5)
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
