@@ -6,10 +6,13 @@
 //! against its own server. Both stop by themselves after `--seconds` or a
 //! count, refuse any address that is not loopback, and print one JSON line
 //! with what they achieved. Run them inside a network namespace
-//! (`ip netns exec NS tcprst-loadgen …`): the bench does. `scenario` makes
-//! one reset of a named kind on loopback and prints the connection it used.
+//! (`ip netns exec NS tcprst-loadgen …`): the bench does. `namespaces` runs
+//! on the host and makes a namespace and a cgroup for each refused connect,
+//! for the soak. `scenario` makes one reset of a named kind on loopback and
+//! prints the connection it used.
 
 mod churn;
+mod namespaces;
 mod pace;
 mod scenario;
 mod storm;
@@ -44,6 +47,9 @@ enum Mode {
     Rst(RstArgs),
     /// Whole connections against our own server: connect, send, shutdown(SHUT_WR), read EOF, close.
     Churn(ChurnArgs),
+    /// Connects to a closed port, each in a network namespace and a cgroup made for it and
+    /// removed after it. Runs on the host, as root.
+    Namespaces(namespaces::NamespacesArgs),
     /// One reset of a known kind on loopback; fails unless the socket saw the error it causes.
     Scenario(scenario::ScenarioArgs),
 }
@@ -98,7 +104,7 @@ pub struct Summary {
     pub target_rate: f64,
     pub elapsed_s: f64,
     pub attempts: u64,
-    /// Connects refused by a reset (rst), or whole connections (churn).
+    /// Connects refused by a reset (rst, namespaces), or whole connections (churn).
     pub completed: u64,
     pub errors: u64,
     /// Still in flight when the drain time ran out.
@@ -122,7 +128,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn error(&mut self, what: &str, e: &std::io::Error) {
+    pub fn error(&mut self, what: &str, e: &dyn std::fmt::Display) {
         self.errors += 1;
         self.first_error
             .get_or_insert_with(|| format!("{what}: {e}"));
@@ -153,6 +159,7 @@ fn main() -> ExitCode {
     match Cli::parse().mode {
         Mode::Rst(args) => report(rst(&args)),
         Mode::Churn(args) => report(ensure_loopback(args.server).and_then(|()| churn::run(&args))),
+        Mode::Namespaces(args) => report(namespaces::run(&args)),
         Mode::Scenario(args) => match scenario::run(&args) {
             Ok(outcome) => {
                 println!("{}", serde_json::to_string(&outcome).expect("plain data"));

@@ -69,7 +69,7 @@ pub fn run(args: &ScenarioArgs) -> Result<Outcome> {
 }
 
 /// Whatever answers the SYN with a reset, connect() fails with ECONNREFUSED.
-fn refused(server: SocketAddr) -> Result<SocketAddr> {
+pub fn refused(server: SocketAddr) -> Result<SocketAddr> {
     let (socket, client) = bound_client(server)?;
     expect_error(
         socket.connect(&server.into()),

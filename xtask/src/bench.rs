@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use tcprst_common::names::programs;
 
 use super::{
-    as_root, cargo, ensure_apt_packages, has_command, is_root, setup, target_dir, workspace_root,
+    as_root, cargo, ensure_apt_packages, has_command, is_root, mountinfo::mount_point, setup,
+    target_dir, workspace_root,
 };
 
 #[derive(clap::Args, Debug)]
@@ -1021,6 +1022,10 @@ impl Tracer {
 struct Load {
     args: Vec<String>,
     secs: f64,
+    /// Runs in the host's namespaces, not `ip netns exec`'d into the run's:
+    /// it makes namespaces of its own and needs the cgroup2 mount, which
+    /// `ip netns exec` hides.
+    on_host: bool,
 }
 
 impl Load {
@@ -1035,6 +1040,7 @@ impl Load {
                 secs.to_string(),
             ],
             secs,
+            on_host: false,
         }
     }
 
@@ -1053,7 +1059,34 @@ impl Load {
         if let Some(max) = max {
             args.extend(["--max".into(), max.to_string()]);
         }
-        Self { args, secs }
+        Self {
+            args,
+            secs,
+            on_host: false,
+        }
+    }
+
+    /// Up to `max` refused connects to SOAK_NETNS_PORT, each in a network
+    /// namespace and a cgroup (in `cgroup_parent`) made for it and removed
+    /// after it, all named `prefix-N`.
+    fn namespaces(secs: f64, max: u64, cgroup_parent: &Path, prefix: &str) -> Self {
+        Self {
+            args: vec![
+                "namespaces".into(),
+                "--seconds".into(),
+                secs.to_string(),
+                "--max".into(),
+                max.to_string(),
+                "--cgroup-parent".into(),
+                cgroup_parent.display().to_string(),
+                "--prefix".into(),
+                prefix.into(),
+                "--target".into(),
+                format!("127.0.0.1:{SOAK_NETNS_PORT}"),
+            ],
+            secs,
+            on_host: true,
+        }
     }
 }
 
@@ -1167,10 +1200,14 @@ fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Sample> {
 
 fn run_load(ctx: &Ctx, ns: &Netns, load: &Load, out: &Path) -> Result<LoadResult> {
     let err = out.with_extension("err");
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name])
-        .arg(&ctx.loadgen)
-        .args(&load.args)
+    let mut cmd = if load.on_host {
+        Command::new(&ctx.loadgen)
+    } else {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name]).arg(&ctx.loadgen);
+        cmd
+    };
+    cmd.args(&load.args)
         .stdin(Stdio::null())
         .stdout(create(out)?)
         .stderr(create(&err)?);
@@ -1291,7 +1328,7 @@ impl Running {
         let map_kib = ctx.map_kib(self.proc.pid())?;
         let tracked_half_closed = self
             .metrics_port
-            .map(|port| scrape_metric(port, "tcprst_tracked_connections"))
+            .map(|port| Scrape::get(port)?.value("tcprst_tracked_connections"))
             .transpose()?;
         let insisted = self.stop()?;
         let ticks = proc_cpu_ticks(self.proc.pid()).unwrap_or(ticks_before);
@@ -1305,7 +1342,7 @@ impl Running {
             );
         }
         let cpu_s = (ticks - ticks_before) as f64 / clock_ticks_per_s();
-        let (events, rst_events, lost) = count_output(self.kind, &self.out, &self.err)?;
+        let (events, rst_events, lost) = count_output(self.kind, &self.out, &self.err, |_| true)?;
         let stderr = fs::read_to_string(&self.err).unwrap_or_default();
         let stopped = stderr.lines().find_map(|l| l.split("stopped: ").nth(1));
         let records_read = stopped.and_then(|s| s.split(' ').next()?.parse().ok());
@@ -1380,13 +1417,22 @@ impl Running {
     }
 }
 
-/// (event lines, RST lines, lost) from a tracer's output.
-fn count_output(kind: Kind, out: &Path, err: &Path) -> Result<(u64, u64, u64)> {
+/// (event lines, RST lines, lost) from a tracer's output, of the lines
+/// `counted` accepts.
+fn count_output(
+    kind: Kind,
+    out: &Path,
+    err: &Path,
+    counted: impl Fn(&str) -> bool,
+) -> Result<(u64, u64, u64)> {
     let (mut events, mut rsts, mut lost) = (0, 0, 0);
     for path in [out, err] {
         let Ok(file) = File::open(path) else { continue };
         for line in BufReader::new(file).lines() {
             let line = line.with_context(|| format!("reading {}", path.display()))?;
+            if !counted(&line) {
+                continue;
+            }
             match kind {
                 Kind::Tcprst if path == out => {
                     if line.contains(r#""kind":"lost""#) {
@@ -2065,21 +2111,84 @@ impl Drop for Netns {
 
 /// Namespaces an earlier bench left behind when it was killed outright.
 fn remove_stale_netns() {
+    remove_netns_where(left_by_dead_run);
+}
+
+/// Deletes the namespaces under /run/netns whose names `doomed` picks.
+fn remove_netns_where(doomed: impl Fn(&str) -> bool) {
     let Ok(entries) = fs::read_dir("/run/netns") else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(NETNS_PREFIX)
-            .and_then(|r| r.split('-').next())
-        else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
+        if doomed(&name) {
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
     }
+}
+
+/// Whether `name` is one a bench or soak gives, NETNS_PREFIX and its pid,
+/// from a run whose process is gone.
+fn left_by_dead_run(name: &str) -> bool {
+    name.strip_prefix(NETNS_PREFIX)
+        .and_then(|r| r.split('-').next())
+        .is_some_and(|pid| !Path::new("/proc").join(pid).exists())
+}
+
+/// The cgroup in which the soak's namespace phase makes one cgroup per
+/// namespace. Dropping it removes it, with what a generator killed
+/// mid-connect left: its last cgroup and namespace.
+struct ChurnCgroup {
+    dir: PathBuf,
+    /// Of the cgroup, and the start of every name made in it and of every
+    /// namespace the phase makes.
+    prefix: String,
+}
+
+impl ChurnCgroup {
+    fn create() -> Result<Self> {
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+        let root = mount_point(&mountinfo, "cgroup2")
+            .context("cgroup2 is not mounted: the soak makes cgroups in it")?;
+        for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
+            if left_by_dead_run(&entry.file_name().to_string_lossy()) {
+                remove_cgroup(&entry.path());
+            }
+        }
+        let prefix = format!("{NETNS_PREFIX}{}-ns", process::id());
+        let dir = root.join(&prefix);
+        fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(Self { dir, prefix })
+    }
+
+    /// Segment `segment`'s load: up to `max` namespaces, with names of
+    /// their own so that no two segments' look alike to tcprst.
+    fn load(&self, segment: usize, max: u64) -> Load {
+        Load::namespaces(
+            SOAK_SEGMENT_S,
+            max,
+            &self.dir,
+            &format!("{}{segment}", self.prefix),
+        )
+    }
+}
+
+impl Drop for ChurnCgroup {
+    fn drop(&mut self) {
+        remove_netns_where(|name| name.starts_with(&self.prefix));
+        remove_cgroup(&self.dir);
+    }
+}
+
+/// Removes cgroup `dir` and the cgroups in it, which hold no process.
+fn remove_cgroup(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = fs::remove_dir(entry.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 /// A sysctl set for a while, restored when dropped.
@@ -2210,20 +2319,35 @@ pub struct SoakOptions {
 
 /// Seconds of each load between two samples.
 const SOAK_SEGMENT_S: f64 = 5.0;
-/// Paced so the output (thrown away) is not the bottleneck being measured.
+/// Paced so the output is not the bottleneck being measured.
 const SOAK_RST_RATE: u32 = 2000;
+/// Namespaces, each with a cgroup, that the namespace phase makes and
+/// removes over a whole soak, shared evenly among its segments.
+const SOAK_NAMESPACES: u64 = 1000;
+/// The closed port of the namespace phase's connects: it tells their
+/// resets apart from the rest of the host's.
+const SOAK_NETNS_PORT: u16 = 1;
 /// Samples before this share of the run are warm-up.
 const SOAK_WARMUP: f64 = 0.25;
-/// Growth after warm-up beyond both of these is a leak.
+/// Growth after warm-up beyond both SOAK_MAX_GROWTH and the quantity's own
+/// allowance is a leak.
 const SOAK_MAX_GROWTH: f64 = 0.10;
 const SOAK_MAX_GROWTH_KIB: u64 = 4096;
+/// Traffic elsewhere on the host may show a new reason, caller or state
+/// late in the run, each a series once; a cache that made a series per
+/// namespace or cgroup would add one for each of hundreds.
+const SOAK_MAX_GROWTH_SERIES: u64 = 10;
 
 #[derive(Debug, Clone, Serialize)]
 struct SoakSample {
     at_s: f64,
     load: &'static str,
+    /// What the load completed: connections; refused connects, for netns
+    /// one a namespace.
     connections: u64,
     rss_kib: u64,
+    /// Lines of samples in tcprst's metrics.
+    series: u64,
     tracked_connections: u64,
     /// Half-closed connections past --max-connections.
     untracked: u64,
@@ -2233,59 +2357,144 @@ struct SoakSample {
 struct SoakSummary {
     minutes: f64,
     samples: Vec<SoakSample>,
-    /// Median RSS of the samples right after warm-up, and of the last quarter.
-    settled_rss_kib: u64,
-    final_rss_kib: u64,
+    rss_kib: Trend,
+    series: Trend,
+    netns: NetnsPhase,
+}
+
+/// What the namespace phase did, and what tcprst saw of it.
+#[derive(Debug, Serialize)]
+struct NetnsPhase {
+    /// Namespaces made and removed, each with a cgroup and one refused
+    /// connect in both.
+    namespaces: u64,
+    /// Resets tcprst reported on SOAK_NETNS_PORT: two a namespace.
+    resets_seen: u64,
+}
+
+/// A quantity sampled through the soak: whether it levelled off.
+#[derive(Debug, PartialEq, Serialize)]
+struct Trend {
+    /// Median of the quarter of the samples right after warm-up.
+    settled: u64,
+    /// Median of the last quarter.
+    last: u64,
     flat: bool,
 }
 
-/// `cargo xtask soak`: churn and RST storms in turn against `tcprst trace
-/// -o json` (output discarded) for `--minutes`, sampling its RSS and how
-/// full its connection tracker and the kernel's owner map are. Fails when
-/// RSS keeps growing after warm-up.
+impl Trend {
+    /// Flat unless the last quarter's median passes the one right after
+    /// warm-up by more than `allowance` and by more than SOAK_MAX_GROWTH.
+    fn of(values: &[u64], allowance: u64) -> Result<Self> {
+        let warm = ((values.len() as f64 * SOAK_WARMUP).ceil() as usize).max(1);
+        let quarter = (values.len() / 4).max(1);
+        if values.len() < warm + quarter {
+            bail!("only {} samples: soak for longer", values.len());
+        }
+        let median_of =
+            |part: &[u64]| median(part.iter().map(|&v| v as f64).collect()).unwrap_or(0.0) as u64;
+        let settled = median_of(&values[warm..warm + quarter]);
+        let last = median_of(&values[values.len() - quarter..]);
+        let growth = last.saturating_sub(settled);
+        Ok(Self {
+            settled,
+            last,
+            flat: growth <= allowance || (growth as f64) <= settled as f64 * SOAK_MAX_GROWTH,
+        })
+    }
+}
+
+impl std::fmt::Display for Trend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} after warm-up, {} at the end: {}",
+            self.settled,
+            self.last,
+            if self.flat { "flat" } else { "STILL GROWING" }
+        )
+    }
+}
+
+/// `cargo xtask soak`: churn, RST storms and namespace churn in turn
+/// against `tcprst trace -o json` for `--minutes`, sampling its RSS, its
+/// metric series and how full its connection tracker and the kernel's
+/// owner map are. Fails when RSS or the series keep growing after warm-up,
+/// or when tcprst missed resets in the namespaces that came and went.
 pub fn soak(opts: &SoakOptions) -> Result<()> {
     prepare_as_root(opts.prepared)?;
     let ctx = Ctx::prepare(false)?;
     let ns = Netns::create("soak")?;
+    let cgroups = ChurnCgroup::create()?;
     let port = free_loopback_port()?;
-    let err = ctx.path("soak", "err");
+    let (out, err) = (ctx.path("soak", "out"), ctx.path("soak", "err"));
     let mut cmd = Command::new(&ctx.tcprst);
-    cmd.args(["trace", "-o", "json", "--netns", &ns.name, "--metrics-addr"])
+    // No --netns: the namespace phase's namespaces are new every few
+    // milliseconds, and an agent traces the whole host anyway. The output
+    // stays in target/bench/runs for a look after a failure.
+    cmd.args(["trace", "-o", "json", "--metrics-addr"])
         .arg(format!("127.0.0.1:{port}"))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(create(&out)?)
         .stderr(create(&err)?);
     let mut tcprst = Proc::spawn(&mut cmd, "tcprst")?;
     wait_for_marker(&tcprst, &err, "tcprst: tracing")?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(opts.minutes * 60.0);
+    // Three loads take turns; a namespace segment that runs out of time
+    // makes fewer than its share.
+    let netns_segments = (opts.minutes * 60.0 / SOAK_SEGMENT_S / 3.0).ceil().max(1.0) as u64;
+    let netns_share = SOAK_NAMESPACES.div_ceil(netns_segments);
+    let mut namespaces = 0;
     let mut samples = Vec::new();
-    let loads = [
-        ("churn", Load::churn(SOAK_SEGMENT_S, None)),
-        ("rst", Load::rst(SOAK_RST_RATE, SOAK_SEGMENT_S)),
-    ];
-    for (i, (name, load)) in loads.iter().cycle().enumerate() {
+    for segment in 0.. {
         if Instant::now() >= deadline {
             break;
         }
-        let result = run_load(&ctx, &ns, load, &ctx.path("soak", &format!("load{i}.json")))?;
+        let (name, load) = match segment % 3 {
+            0 => ("churn", Load::churn(SOAK_SEGMENT_S, None)),
+            1 => ("rst", Load::rst(SOAK_RST_RATE, SOAK_SEGMENT_S)),
+            _ => match netns_share.min(SOAK_NAMESPACES - namespaces) {
+                0 => continue,
+                max => ("netns", cgroups.load(segment, max)),
+            },
+        };
+        let result = run_load(
+            &ctx,
+            &ns,
+            &load,
+            &ctx.path("soak", &format!("load{segment}.json")),
+        )?;
+        if result.errors > 0 {
+            eprintln!(
+                "soak: warning: {} errors in the {name} load, first: {}",
+                result.errors,
+                result.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        if name == "netns" {
+            namespaces += result.completed;
+        }
         if tcprst.exited() {
             bail!("tcprst exited during the soak: {}", last_line(&err));
         }
+        let metrics = Scrape::get(port)?;
         let sample = SoakSample {
             at_s: started.elapsed().as_secs_f64(),
             load: name,
             connections: result.completed,
             rss_kib: proc_memory(tcprst.pid())?.1,
-            tracked_connections: scrape_metric(port, "tcprst_tracked_connections")?,
-            untracked: scrape_metric(port, "tcprst_untracked_connections")?,
+            series: metrics.series(),
+            tracked_connections: metrics.value("tcprst_tracked_connections")?,
+            untracked: metrics.value("tcprst_untracked_connections")?,
         };
         eprintln!(
-            "soak: {:>5.0}s {:<5} {:>7} connections  rss {:>6} KiB  tracked {:>6}  untracked {:>6}",
+            "soak: {:>5.0}s {:<5} {:>7} connections  rss {:>6} KiB  series {:>4}  tracked {:>6}  untracked {:>6}",
             sample.at_s,
             sample.load,
             sample.connections,
             sample.rss_kib,
+            sample.series,
             sample.tracked_connections,
             sample.untracked
         );
@@ -2299,23 +2508,53 @@ pub fn soak(opts: &SoakOptions) -> Result<()> {
             last_line(&err)
         );
     }
-    let summary = soak_summary(opts.minutes, samples)?;
+    let on_netns_port = |line: &str| {
+        let port = Some(u64::from(SOAK_NETNS_PORT));
+        json_number(line, "local_port") == port || json_number(line, "remote_port") == port
+    };
+    let (_, resets_seen, _) = count_output(Kind::Tcprst, &out, &err, on_netns_port)?;
+    let summary = SoakSummary {
+        minutes: opts.minutes,
+        rss_kib: Trend::of(
+            &samples.iter().map(|s| s.rss_kib).collect::<Vec<_>>(),
+            SOAK_MAX_GROWTH_KIB,
+        )?,
+        series: Trend::of(
+            &samples.iter().map(|s| s.series).collect::<Vec<_>>(),
+            SOAK_MAX_GROWTH_SERIES,
+        )?,
+        netns: NetnsPhase {
+            namespaces,
+            resets_seen,
+        },
+        samples,
+    };
     let path = ctx.out_dir.join("soak.json");
     fs::write(&path, serde_json::to_string_pretty(&summary)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("soak: RSS KiB {}", summary.rss_kib);
     eprintln!(
-        "soak: RSS {} KiB after warm-up, {} KiB at the end: {}; samples in {}",
-        summary.settled_rss_kib,
-        summary.final_rss_kib,
-        if summary.flat {
-            "flat"
-        } else {
-            "STILL GROWING"
-        },
-        path.display()
+        "soak: metric series {} at the first sample, {}",
+        summary.samples.first().map_or(0, |s| s.series),
+        summary.series
     );
-    if !summary.flat {
+    eprintln!(
+        "soak: {namespaces} network namespaces and {namespaces} cgroups made and removed, a refused connect in each; tcprst reported {resets_seen} of their {} resets",
+        2 * namespaces
+    );
+    eprintln!("soak: samples in {}", path.display());
+    if !summary.rss_kib.flat {
         bail!("tcprst's memory kept growing after warm-up");
+    }
+    if !summary.series.flat {
+        bail!("tcprst's metric series kept growing after warm-up");
+    }
+    if resets_seen < 2 * namespaces {
+        bail!(
+            "tcprst missed resets in namespaces that came and went: {resets_seen} of {}; its output is in {}",
+            2 * namespaces,
+            out.display()
+        );
     }
     Ok(())
 }
@@ -2330,28 +2569,6 @@ fn wait_for_marker(proc: &Proc, log: &Path, marker: &str) -> Result<()> {
         thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-fn soak_summary(minutes: f64, samples: Vec<SoakSample>) -> Result<SoakSummary> {
-    let rss: Vec<u64> = samples.iter().map(|s| s.rss_kib).collect();
-    let warm = ((rss.len() as f64 * SOAK_WARMUP).ceil() as usize).max(1);
-    let quarter = (rss.len() / 4).max(1);
-    if rss.len() < warm + quarter {
-        bail!("only {} samples: soak for longer", rss.len());
-    }
-    let median_of =
-        |part: &[u64]| median(part.iter().map(|&v| v as f64).collect()).unwrap_or(0.0) as u64;
-    let settled = median_of(&rss[warm..warm + quarter]);
-    let last = median_of(&rss[rss.len() - quarter..]);
-    let growth = last.saturating_sub(settled);
-    let flat = growth <= SOAK_MAX_GROWTH_KIB || (growth as f64) <= settled as f64 * SOAK_MAX_GROWTH;
-    Ok(SoakSummary {
-        minutes,
-        samples,
-        settled_rss_kib: settled,
-        final_rss_kib: last,
-        flat,
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -2426,20 +2643,35 @@ fn proc_memory(pid: u32) -> Result<(u64, u64)> {
     Ok((kib("VmHWM:")?, kib("VmRSS:")?))
 }
 
-/// One unlabelled metric from tcprst's metrics on host loopback.
-fn scrape_metric(port: u16, name: &str) -> Result<u64> {
-    use std::io::{Read as _, Write as _};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))
-        .with_context(|| format!("connecting to tcprst's metrics on 127.0.0.1:{port}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body)
-        .context("reading tcprst's metrics")?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("tcprst's metrics have no {name}"))
+/// One scrape of tcprst's metrics on host loopback.
+struct Scrape(String);
+
+impl Scrape {
+    fn get(port: u16) -> Result<Self> {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))
+            .with_context(|| format!("connecting to tcprst's metrics on 127.0.0.1:{port}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body)
+            .context("reading tcprst's metrics")?;
+        Ok(Self(body))
+    }
+
+    /// An unlabelled metric.
+    fn value(&self, name: &str) -> Result<u64> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("tcprst's metrics have no {name}"))
+    }
+
+    /// Samples, one a series: what a leak of labels would grow.
+    fn series(&self) -> u64 {
+        self.0.lines().filter(|l| l.starts_with("tcprst_")).count() as u64
+    }
 }
 
 /// bpftrace's memlock complaint, said plainly; other warnings as they are.
@@ -2609,15 +2841,47 @@ mod tests {
         )
         .unwrap();
         fs::write(&err, "tcprst: stopped: …\n").unwrap();
-        assert_eq!(count_output(Kind::Tcprst, &out, &err).unwrap(), (3, 481, 7));
+        assert_eq!(
+            count_output(Kind::Tcprst, &out, &err, |_| true).unwrap(),
+            (3, 481, 7)
+        );
+        let aggregates = |line: &str| line.contains("aggregate");
+        assert_eq!(
+            count_output(Kind::Tcprst, &out, &err, aggregates).unwrap(),
+            (1, 480, 0)
+        );
         fs::write(
             &out,
             "Attaching 2 probes...\n12 rst_sent pid=1\n13 state pid=1\nLost 4 events\n14 rst_received pid=1\n",
         )
         .unwrap();
         fs::write(&err, "Lost 1 events\n").unwrap();
-        assert_eq!(count_output(Kind::Bpftrace, &out, &err).unwrap(), (3, 2, 5));
+        assert_eq!(
+            count_output(Kind::Bpftrace, &out, &err, |_| true).unwrap(),
+            (3, 2, 5)
+        );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_trend_is_flat_unless_it_keeps_growing_after_warm_up() {
+        // Warm-up is the first quarter: its growth does not count.
+        let levelled = [10, 50, 100, 100, 101, 100, 102, 101];
+        assert_eq!(
+            Trend::of(&levelled, 0).unwrap(),
+            Trend {
+                settled: 100,
+                last: 101,
+                flat: true
+            }
+        );
+        let climbing = [100, 110, 120, 130, 140, 150, 160, 170];
+        let trend = Trend::of(&climbing, 0).unwrap();
+        assert!(!trend.flat, "{trend}");
+        // Within the allowance it is flat, however large the share.
+        assert!(Trend::of(&[1, 1, 1, 1, 1, 1, 5, 5], 4).unwrap().flat);
+        assert!(!Trend::of(&[1, 1, 1, 1, 1, 1, 6, 6], 4).unwrap().flat);
+        assert!(Trend::of(&[1], 0).is_err());
     }
 
     #[test]

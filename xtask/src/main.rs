@@ -5,6 +5,11 @@
 
 mod bench;
 mod fuzz;
+// tcprst's own reader, shared by path: xtask builds before the toolchain
+// that the tcprst crate needs (it is what installs it), so it cannot
+// depend on the crate.
+#[path = "../../tcprst/src/mountinfo.rs"]
+mod mountinfo;
 mod vm;
 
 use std::{
@@ -74,8 +79,9 @@ enum Task {
     /// Set up, build (release) and benchmark tracing cost against no tracer
     /// and bpftrace; prints tables and writes target/bench/summary.json.
     Bench(bench::Options),
-    /// Set up, build (release) and run churn and RST storms against tcprst for
-    /// --minutes, sampling its RSS; fails if it keeps growing after warm-up.
+    /// Set up, build (release) and run churn, RST storms and namespace and
+    /// cgroup churn against tcprst for --minutes, sampling its RSS and metric
+    /// series; fails if either keeps growing after warm-up.
     Soak(bench::SoakOptions),
     /// Set up and run every fuzz target for a bounded time (cargo-fuzz, nightly).
     Fuzz {
