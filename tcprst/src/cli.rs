@@ -27,6 +27,15 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Check what this kernel lets tcprst do: BTF, tracefs, program types, each hook's tier, privileges.
     Doctor(DoctorArgs),
+    /// Pair each received reset with the send that caused it, from several nodes' NDJSON.
+    Correlate(CorrelateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CorrelateArgs {
+    /// NDJSON files from `tcprst trace -o json` on several nodes [default: stdin]
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

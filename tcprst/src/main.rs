@@ -8,8 +8,8 @@ use clap::Parser as _;
 
 use tcprst::{
     attach::AttachRequest,
-    cli::{Cli, Command, DoctorArgs, KindArg, SnapshotArgs, TraceArgs},
-    doctor,
+    cli::{Cli, Command, CorrelateArgs, DoctorArgs, KindArg, SnapshotArgs, TraceArgs},
+    correlate, doctor,
     filter::{self, EventFilter, Family},
     privileges,
     probes::ProbeConfig,
@@ -45,7 +45,45 @@ fn main() -> ExitCode {
         Command::Trace(args) => trace_command(*args),
         Command::Snapshot(args) => snapshot_command(args),
         Command::Doctor(args) => doctor_command(args),
+        Command::Correlate(args) => correlate_command(args),
     }
+}
+
+fn correlate_command(args: CorrelateArgs) -> ExitCode {
+    let read = || -> Result<Vec<correlate::Witness>> {
+        if args.files.is_empty() {
+            let text = std::io::read_to_string(std::io::stdin())?;
+            return correlate::read("stdin", &text);
+        }
+        let mut all = Vec::new();
+        for path in &args.files {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            all.extend(correlate::read(&name, &text)?);
+        }
+        Ok(all)
+    };
+    let witnesses = match read() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("tcprst: error: {e:#}");
+            return ExitCode::from(EXIT_UNUSABLE);
+        }
+    };
+    let pairs = correlate::pair(&witnesses);
+    let mut out = std::io::stdout().lock();
+    for pair in &pairs {
+        if writeln!(out, "{}", correlate::describe(pair)).is_err() {
+            return ExitCode::SUCCESS;
+        }
+    }
+    let explained = pairs.iter().filter(|p| p.sent.is_some()).count();
+    eprintln!(
+        "tcprst: {} received resets: {explained} paired with their send, {} sent by none of these nodes",
+        pairs.len(),
+        pairs.len() - explained
+    );
+    ExitCode::SUCCESS
 }
 
 fn default_output(requested: Option<OutputFormat>) -> OutputFormat {

@@ -120,6 +120,11 @@ impl Netns {
     /// Links two namespaces with a veth pair: `self` gets 10.213.0.1/24 and
     /// `other` 10.213.0.2/24, addresses that exist only inside them.
     pub fn link(&self, other: &Netns) {
+        self.veth(other, "10.213.0.1/24", "10.213.0.2/24");
+    }
+
+    /// A veth pair between `self` (`addr`) and `other` (`other_addr`).
+    pub fn veth(&self, other: &Netns, addr: &str, other_addr: &str) {
         let n = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
         let (a, b) = (
             format!("trA{}x{n}", std::process::id()),
@@ -129,10 +134,24 @@ impl Netns {
             "ip",
             &["link", "add", &a, "type", "veth", "peer", "name", &b],
         );
-        for (dev, ns, addr) in [(&a, self, "10.213.0.1/24"), (&b, other, "10.213.0.2/24")] {
+        for (dev, ns, addr) in [(&a, self, addr), (&b, other, other_addr)] {
             run("ip", &["link", "set", dev, "netns", &ns.name]);
             run("ip", &["-n", &ns.name, "addr", "add", addr, "dev", dev]);
             run("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+        }
+    }
+
+    /// Two "nodes" that reach each other only through `self`, a router:
+    /// `a` is 10.221.1.2, `b` 10.221.2.2.
+    pub fn route_between(&self, a: &Netns, b: &Netns) {
+        a.veth(self, "10.221.1.2/24", "10.221.1.1/24");
+        b.veth(self, "10.221.2.2/24", "10.221.2.1/24");
+        self.enter(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap());
+        for (node, via) in [(a, "10.221.1.1"), (b, "10.221.2.1")] {
+            run(
+                "ip",
+                &["-n", &node.name, "route", "add", "default", "via", via],
+            );
         }
     }
 
@@ -195,10 +214,16 @@ impl Spawned {
     /// Starts tracing with `output` (`json` or `table`) and returns once the
     /// programs are attached.
     pub fn start_as(output: &str, args: &[&str]) -> Self {
+        Self::start_with_env(output, args, &[])
+    }
+
+    /// `start_as` with these environment variables set (NODE_NAME, …).
+    pub fn start_with_env(output: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         require_root();
         let mut child = Command::new(TCPRST)
             .args(["trace", "-o", output])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -247,7 +272,19 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn start(args: &[&str]) -> Self {
-        let mut spawned = Spawned::start(args);
+        Self::collecting(Spawned::start(args))
+    }
+
+    /// Tracing as if on the Kubernetes node `node` (NODE_NAME).
+    pub fn on_node(node: &str, args: &[&str]) -> Self {
+        Self::collecting(Spawned::start_with_env(
+            "json",
+            args,
+            &[("NODE_NAME", node)],
+        ))
+    }
+
+    fn collecting(mut spawned: Spawned) -> Self {
         let (tx, events) = channel();
         let pipe = spawned.stdout.take().unwrap();
         thread::spawn(move || {
