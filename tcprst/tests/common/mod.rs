@@ -22,6 +22,18 @@ use socket2::{Domain, Socket, Type};
 
 pub const TCPRST: &str = env!("CARGO_BIN_EXE_tcprst");
 
+/// What deploy/daemonset.yaml adds after dropping ALL, and nothing else:
+/// deploy.rs holds the manifest to exactly this list.
+pub const DAEMONSET_CAPABILITIES: &[&str] = &[
+    "BPF",
+    "PERFMON",
+    "SYS_RESOURCE",
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+    "DAC_READ_SEARCH",
+    "SYSLOG",
+];
+
 pub fn require_root() {
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
