@@ -1,6 +1,7 @@
 //! deploy/daemonset.yaml: accepted by the Kubernetes API schema, and keeping
 //! what users rely on: no privileged mode, exactly the capabilities tcprst
-//! needs, each with its reason, and read-only access to pods.
+//! needs (tests/capabilities.rs runs it with them), each with its reason,
+//! and read-only access to pods.
 //!
 //! The schema check runs kubernetes-validate from the virtualenv that
 //! `cargo xtask setup` installs under target/venv.
@@ -156,6 +157,8 @@ fn container_is_locked_down_and_configured() {
     let security = &container["securityContext"];
     assert_eq!(security["readOnlyRootFilesystem"], true);
     assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    // A capability added or removed here is one capabilities.rs must show
+    // needed (or no longer needed) on a real kernel first.
     let added: BTreeSet<&str> = strings(&security["capabilities"]["add"])
         .into_iter()
         .collect();

@@ -23,7 +23,8 @@ use socket2::{Domain, Socket, Type};
 pub const TCPRST: &str = env!("CARGO_BIN_EXE_tcprst");
 
 /// What deploy/daemonset.yaml adds after dropping ALL, and nothing else:
-/// deploy.rs holds the manifest to exactly this list.
+/// deploy.rs holds the manifest to exactly this list, and capabilities.rs
+/// runs tcprst with it to show what each one is needed for.
 pub const DAEMONSET_CAPABILITIES: &[&str] = &[
     "BPF",
     "PERFMON",
@@ -202,8 +203,14 @@ impl Spawned {
     /// Starts tracing with `output` (`json` or `table`) and returns once the
     /// programs are attached.
     pub fn start_as(output: &str, args: &[&str]) -> Self {
+        Self::start_by(Command::new(TCPRST), output, args)
+    }
+
+    /// Like `start_as`, with `tcprst` the command given: TCPRST itself, or
+    /// a wrapper such as setpriv that ends in it.
+    pub fn start_by(mut tcprst: Command, output: &str, args: &[&str]) -> Self {
         require_root();
-        let mut child = Command::new(TCPRST)
+        let mut child = tcprst
             .args(["trace", "-o", output])
             .args(args)
             .stdin(Stdio::null())
@@ -254,7 +261,12 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn start(args: &[&str]) -> Self {
-        let mut spawned = Spawned::start(args);
+        Self::start_by(Command::new(TCPRST), args)
+    }
+
+    /// Like `start`, with `tcprst` the command given (see `Spawned::start_by`).
+    pub fn start_by(tcprst: Command, args: &[&str]) -> Self {
+        let mut spawned = Spawned::start_by(tcprst, "json", args);
         let (tx, events) = channel();
         let pipe = spawned.stdout.take().unwrap();
         thread::spawn(move || {
