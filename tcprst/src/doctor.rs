@@ -16,6 +16,7 @@ use crate::{
     privileges,
     probes::{ProbeConfig, Probes},
     sink::OutputFormat,
+    stacks::Kallsyms,
     terminal::cell,
     tracefs::Tracefs,
 };
@@ -32,6 +33,8 @@ pub struct DoctorReport {
     hooks: Vec<HookPlan>,
     /// Whether close marks work: who shut down or closed a socket, and when.
     close_marks: Result<(), String>,
+    /// Whether /proc/kallsyms can name the kernel function behind a reset.
+    callers: Result<(), String>,
     limitations: Vec<String>,
 }
 
@@ -66,6 +69,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         load_error: None,
         hooks: Vec::new(),
         close_marks: Err("not tried: tracing cannot start".to_owned()),
+        callers: Kallsyms::load().map(drop),
         limitations: Vec::new(),
     };
     if let Err(why) = privileges {
@@ -181,6 +185,10 @@ impl DoctorReport {
                 Ok(()) => json!(true),
                 Err(why) => json!({ "error": why }),
             },
+            "callers": match &self.callers {
+                Ok(()) => json!(true),
+                Err(why) => json!({ "error": why }),
+            },
             "privileges": match &self.privileges {
                 Ok(()) => json!(true),
                 Err(why) => json!({ "error": why }),
@@ -226,6 +234,13 @@ impl DoctorReport {
             },
         ));
         rows.push((
+            "callers".to_owned(),
+            match &self.callers {
+                Ok(()) => "yes: /proc/kallsyms names the kernel functions".to_owned(),
+                Err(why) => format!("unavailable: {why}"),
+            },
+        ));
+        rows.push((
             "privileges".to_owned(),
             match &self.privileges {
                 Ok(()) => "enough".to_owned(),
@@ -268,26 +283,60 @@ impl DoctorReport {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hostile_text_prints_escaped() {
-        let report = DoctorReport {
-            kernel: "6.1\x1b[2J".into(),
+    /// A report of a kernel where everything works.
+    fn healthy() -> DoctorReport {
+        DoctorReport {
+            kernel: "6.18.0".into(),
             lockdown: "none".into(),
-            btf: Err("no \x1b]0;pwn\x07".into()),
+            btf: Ok(VMLINUX.into()),
             tracefs: Ok("/sys/kernel/tracing".into()),
             program_types: Vec::new(),
             privileges: Ok(()),
             load_error: None,
             hooks: Vec::new(),
             close_marks: Ok(()),
-            limitations: vec!["\u{9b}31m".into()],
-        };
+            callers: Ok(()),
+            limitations: Vec::new(),
+        }
+    }
+
+    fn table(report: &DoctorReport) -> String {
         let mut out = Vec::new();
         report.write(OutputFormat::Table, &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hostile_text_prints_escaped() {
+        let report = DoctorReport {
+            kernel: "6.1\x1b[2J".into(),
+            btf: Err("no \x1b]0;pwn\x07".into()),
+            limitations: vec!["\u{9b}31m".into()],
+            ..healthy()
+        };
+        let text = table(&report);
         assert!(text.contains("6.1\\e[2J"), "{text}");
         assert!(text.contains("no: no \\e]0;pwn\\a"), "{text}");
         assert!(text.contains("\\u{9b}31m"), "{text}");
         assert!(!text.contains(['\x1b', '\x07', '\u{9b}']), "{text:?}");
+    }
+
+    #[test]
+    fn says_why_callers_are_unavailable() {
+        let why = "kallsyms addresses hidden (kernel.kptr_restrict=1 and no CAP_SYSLOG)";
+        let report = DoctorReport {
+            callers: Err(why.into()),
+            ..healthy()
+        };
+        let row = table(&report)
+            .lines()
+            .find(|l| l.trim_start().starts_with("callers"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "));
+        assert_eq!(
+            row.as_deref(),
+            Some(&*format!("callers unavailable: {why}"))
+        );
+        assert_eq!(report.to_json()["callers"]["error"], why);
+        assert_eq!(healthy().to_json()["callers"], true);
     }
 }

@@ -6,6 +6,8 @@ use std::fs;
 use anyhow::{Result, bail};
 
 const CAP_SYS_ADMIN: u32 = 21;
+/// What lets /proc/kallsyms show addresses (stacks.rs).
+pub const CAP_SYSLOG: u32 = 34;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
@@ -17,6 +19,14 @@ pub fn check() -> Result<()> {
         bail!("missing {missing}: run tcprst as root (sudo tcprst …) or grant those capabilities");
     }
     Ok(())
+}
+
+/// Whether this process holds `cap` in its effective set.
+pub fn has(cap: u32) -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| effective_caps(&status))
+        .is_some_and(|effective| effective & (1 << cap) != 0)
 }
 
 fn effective_caps(status: &str) -> Option<u64> {

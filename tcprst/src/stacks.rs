@@ -2,9 +2,11 @@
 //! reset record carries, and with `--stack` whole stacks from the `STACKS`
 //! map, symbolized with /proc/kallsyms.
 
-use std::{collections::HashMap, fs, sync::Arc};
+use std::{collections::HashMap, fs, str::FromStr, sync::Arc};
 
 use aya::maps::{MapData, StackTraceMap};
+
+use crate::privileges;
 
 /// Kernel text symbols, sorted by address.
 pub struct Kallsyms {
@@ -12,17 +14,20 @@ pub struct Kallsyms {
 }
 
 impl Kallsyms {
-    /// None when the addresses are hidden (kptr_restrict, or no CAP_SYSLOG).
-    pub fn load() -> Option<Self> {
-        let text = fs::read_to_string("/proc/kallsyms").ok()?;
+    /// The kernel's text symbols, or why there are none to name callers
+    /// with: an unreadable file, or one showing every address as zero.
+    pub fn load() -> Result<Self, String> {
+        let text = fs::read_to_string("/proc/kallsyms")
+            .map_err(|e| format!("cannot read /proc/kallsyms: {e}"))?;
         let syms = Self::parse(&text);
         if syms.symbols.is_empty() {
-            log::warn!(
-                "/proc/kallsyms shows no addresses (kernel.kptr_restrict): reset callers will be unknown"
-            );
-            return None;
+            return Err(why_hidden(
+                sysctl("kptr_restrict"),
+                sysctl("perf_event_paranoid"),
+                privileges::has(privileges::CAP_SYSLOG),
+            ));
         }
-        Some(syms)
+        Ok(syms)
     }
 
     pub fn parse(text: &str) -> Self {
@@ -46,6 +51,40 @@ impl Kallsyms {
         let i = self.symbols.partition_point(|(start, _)| *start <= addr);
         i.checked_sub(1).map(|i| &self.symbols[i].1)
     }
+}
+
+fn sysctl<T: FromStr>(name: &str) -> Option<T> {
+    fs::read_to_string(format!("/proc/sys/kernel/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Why /proc/kallsyms reads as zeros, by the kernel's rule
+/// (kallsyms_show_value, kernel/ksyms_common.c): kptr_restrict 0 shows the
+/// addresses to everyone while perf_event_paranoid is 1 or less, otherwise
+/// to CAP_SYSLOG holders, and so does kptr_restrict 1; 2 hides them from
+/// all. CAP_SYSLOG counts only in the initial user namespace, and only as
+/// held when the file was opened.
+fn why_hidden(
+    kptr_restrict: Option<u32>,
+    perf_event_paranoid: Option<i32>,
+    syslog: bool,
+) -> String {
+    let why = match (kptr_restrict, syslog) {
+        (Some(n @ 2..), _) => format!("kernel.kptr_restrict={n} hides them even from CAP_SYSLOG"),
+        (Some(0), false) => format!(
+            "kernel.kptr_restrict=0, kernel.perf_event_paranoid={} and no CAP_SYSLOG",
+            perf_event_paranoid.map_or("?".to_owned(), |p| p.to_string())
+        ),
+        (Some(n), false) => format!("kernel.kptr_restrict={n} and no CAP_SYSLOG"),
+        (Some(n), true) => format!(
+            "kernel.kptr_restrict={n}, and CAP_SYSLOG counts only in the initial user namespace"
+        ),
+        (None, _) => "kernel.kptr_restrict unreadable".to_owned(),
+    };
+    format!("kallsyms addresses hidden ({why})")
 }
 
 /// Functions that send or take the reset, and the tracing machinery above
@@ -182,6 +221,30 @@ mod tests {
         assert_eq!(k.symbol(addr).map(|s| &**s), Some(name.as_str()));
         assert_eq!(k.symbol(addr + 3).map(|s| &**s), Some(name.as_str()));
         assert!(k.symbol(0x1000).is_none());
+    }
+
+    #[test]
+    fn says_which_setting_hides_addresses() {
+        assert_eq!(
+            why_hidden(Some(1), Some(2), false),
+            "kallsyms addresses hidden (kernel.kptr_restrict=1 and no CAP_SYSLOG)"
+        );
+        assert_eq!(
+            why_hidden(Some(0), Some(2), false),
+            "kallsyms addresses hidden (kernel.kptr_restrict=0, kernel.perf_event_paranoid=2 and no CAP_SYSLOG)"
+        );
+        assert_eq!(
+            why_hidden(Some(2), Some(-1), true),
+            "kallsyms addresses hidden (kernel.kptr_restrict=2 hides them even from CAP_SYSLOG)"
+        );
+        assert_eq!(
+            why_hidden(Some(1), Some(2), true),
+            "kallsyms addresses hidden (kernel.kptr_restrict=1, and CAP_SYSLOG counts only in the initial user namespace)"
+        );
+        assert_eq!(
+            why_hidden(None, None, false),
+            "kallsyms addresses hidden (kernel.kptr_restrict unreadable)"
+        );
     }
 
     #[test]

@@ -576,7 +576,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     }
     let marks = probes.take_marks();
     let stacks = match Kallsyms::load() {
-        Some(kallsyms) => {
+        Ok(kallsyms) => {
             let whole = opts
                 .probes
                 .whole_stacks
@@ -584,7 +584,10 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                 .transpose()?;
             Some(Stacks::new(whole, kallsyms))
         }
-        None => None,
+        Err(why) => {
+            log::warn!("callers unavailable: {why}: every reset's caller is null");
+            None
+        }
     };
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }

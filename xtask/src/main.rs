@@ -27,9 +27,10 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.10.3";
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tool and its tests use: `ip` for network namespaces,
-/// `nft` for rules in them, `setpriv` for the unprivileged-user test, socat
-/// as a real half-closing TCP proxy, bpftrace as the benchmark baseline, and
-/// Python for kubernetes-validate, which checks deploy/daemonset.yaml.
+/// `nft` for rules in them, `setpriv` for the tests that run tcprst with fewer
+/// capabilities (bad_input.rs, capabilities.rs), socat as a real half-closing
+/// TCP proxy, bpftrace as the benchmark baseline, and Python for
+/// kubernetes-validate, which checks deploy/daemonset.yaml.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",

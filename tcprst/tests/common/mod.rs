@@ -22,6 +22,19 @@ use socket2::{Domain, Socket, Type};
 
 pub const TCPRST: &str = env!("CARGO_BIN_EXE_tcprst");
 
+/// What deploy/daemonset.yaml adds after dropping ALL, and nothing else:
+/// deploy.rs holds the manifest to exactly this list, and capabilities.rs
+/// runs tcprst with it to show what each one is needed for.
+pub const DAEMONSET_CAPABILITIES: &[&str] = &[
+    "BPF",
+    "PERFMON",
+    "SYS_RESOURCE",
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+    "DAC_READ_SEARCH",
+    "SYSLOG",
+];
+
 pub fn require_root() {
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
@@ -214,16 +227,16 @@ impl Spawned {
     /// Starts tracing with `output` (`json` or `table`) and returns once the
     /// programs are attached.
     pub fn start_as(output: &str, args: &[&str]) -> Self {
-        Self::start_with_env(output, args, &[])
+        Self::start_by(Command::new(TCPRST), output, args)
     }
 
-    /// `start_as` with these environment variables set (NODE_NAME, …).
-    pub fn start_with_env(output: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+    /// Like `start_as`, with `tcprst` the command given: TCPRST itself, or
+    /// a wrapper such as setpriv that ends in it.
+    pub fn start_by(mut tcprst: Command, output: &str, args: &[&str]) -> Self {
         require_root();
-        let mut child = Command::new(TCPRST)
+        let mut child = tcprst
             .args(["trace", "-o", output])
             .args(args)
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -272,19 +285,19 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn start(args: &[&str]) -> Self {
-        Self::collecting(Spawned::start(args))
+        Self::start_by(Command::new(TCPRST), args)
     }
 
     /// Tracing as if on the Kubernetes node `node` (NODE_NAME).
     pub fn on_node(node: &str, args: &[&str]) -> Self {
-        Self::collecting(Spawned::start_with_env(
-            "json",
-            args,
-            &[("NODE_NAME", node)],
-        ))
+        let mut tcprst = Command::new(TCPRST);
+        tcprst.env("NODE_NAME", node);
+        Self::start_by(tcprst, args)
     }
 
-    fn collecting(mut spawned: Spawned) -> Self {
+    /// Like `start`, with `tcprst` the command given (see `Spawned::start_by`).
+    pub fn start_by(tcprst: Command, args: &[&str]) -> Self {
+        let mut spawned = Spawned::start_by(tcprst, "json", args);
         let (tx, events) = channel();
         let pipe = spawned.stdout.take().unwrap();
         thread::spawn(move || {
