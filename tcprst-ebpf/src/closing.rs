@@ -23,7 +23,7 @@ use aya_ebpf::{
 use tcprst_common::{CloseMark, ExecContext, MARK_STEPS, TaskInfo, close_op};
 
 use crate::{
-    context::origin,
+    context::{current_context, fill_task},
     globals::settings,
     kernel::{sock_protocol, task_is_exiting},
 };
@@ -138,7 +138,7 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
 /// does something else.
 #[inline(always)]
 fn closing_op(task: &mut TaskInfo) -> Option<(u8, u8)> {
-    if origin(task) != ExecContext::Process {
+    if current_context() != ExecContext::Process {
         return None;
     }
     // SAFETY: the current task's saved user registers; the verifier types
@@ -149,11 +149,15 @@ fn closing_op(task: &mut TaskInfo) -> Option<(u8, u8)> {
     }
     // SAFETY: checked non-NULL, and typed by the verifier as above.
     let (nr, how) = unsafe { ((*regs).orig_rax, (*regs).rsi) };
-    match nr {
-        SYS_SHUTDOWN => Some((close_op::SHUTDOWN, how as u8)),
-        SYS_CLOSE | SYS_CLOSE_RANGE => Some((close_op::CLOSE, 0)),
+    let op = match nr {
+        SYS_SHUTDOWN => (close_op::SHUTDOWN, how as u8),
+        SYS_CLOSE | SYS_CLOSE_RANGE => (close_op::CLOSE, 0),
         // SAFETY: bpf_get_current_task returns the current task's address.
-        _ if task_is_exiting(unsafe { bpf_get_current_task() }) => Some((close_op::EXIT, 0)),
-        _ => None,
-    }
+        _ if task_is_exiting(unsafe { bpf_get_current_task() }) => (close_op::EXIT, 0),
+        _ => return None,
+    };
+    // Only now, for a close that gets a mark: the comm copy is the dearest
+    // read here, and most state changes are not closes.
+    fill_task(task);
+    Some(op)
 }

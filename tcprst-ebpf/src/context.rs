@@ -45,7 +45,7 @@ pub fn in_softirq() -> bool {
 }
 
 #[inline(always)]
-fn current_context() -> ExecContext {
+pub fn current_context() -> ExecContext {
     if in_softirq() {
         return ExecContext::Softirq;
     }
@@ -71,7 +71,7 @@ pub fn origin(task: &mut TaskInfo) -> ExecContext {
 }
 
 #[inline(always)]
-fn fill_task(task: &mut TaskInfo) {
+pub fn fill_task(task: &mut TaskInfo) {
     let pid_tgid = bpf_get_current_pid_tgid();
     task.tgid = (pid_tgid >> 32) as u32;
     task.tid = pid_tgid as u32;
