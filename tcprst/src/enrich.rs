@@ -1,10 +1,11 @@
 //! Facts about a connection that only userspace can find: which process
-//! holds its socket, the namespace's FIN timeout, and the half-closed
-//! connections that existed before tracing started.
+//! holds its socket, the namespace's FIN timeout and listeners, and the
+//! half-closed connections that existed before tracing started.
 
 use std::{
     collections::HashMap,
     fs, io,
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -15,7 +16,7 @@ use crate::{
     k8s::{PodIndex, PodMeta},
     netns::{NetnsHandle, all_namespaces, in_netns},
     owner::SocketOwners,
-    sockdiag::{DiagSocket, DumpExtras, dump_tcp_with},
+    sockdiag::{AcceptQueue, DiagSocket, DumpExtras, accept_queue_for, dump_tcp, dump_tcp_with},
     tracker::ConnKey,
 };
 
@@ -79,6 +80,17 @@ impl Lookup {
             .or_else(|| parse(fs::read_to_string(&file)));
         self.sysctls.insert((netns, path), value);
         value
+    }
+
+    /// The accept queue of the listener that takes connections to `local`
+    /// in namespace `netns`, if the namespace and the listener still exist.
+    pub fn accept_queue(&mut self, netns: u32, local: SocketAddr) -> Option<AcceptQueue> {
+        let ns = self.namespace(netns)?;
+        let listeners = in_netns(ns, || dump_tcp(&[TcpState::Listen]))
+            .and_then(|dump| dump)
+            .inspect_err(|e| log::debug!("listeners in {}: {e:#}", ns.name))
+            .ok()?;
+        accept_queue_for(&listeners, local)
     }
 }
 

@@ -246,16 +246,24 @@ impl Pipeline<'_> {
             Some(stacks) => stacks.path(&ev.frames),
             None => Vec::new(),
         };
-        // Read only for the rare reset it explains.
-        let max_orphans = (ev.reason.as_deref() == Some("TCP_ABORT_ON_MEMORY"))
-            .then(|| {
-                enrich::Lookup::default().sysctl(ev.netns.unwrap_or(0), "net/ipv4/tcp_max_orphans")
-            })
-            .flatten();
-        let kernel = KernelView {
+        let mut kernel = KernelView {
             path: &path,
-            max_orphans,
+            ..KernelView::default()
         };
+        // Each fact read only for the rare reset it explains.
+        let mut lookup = enrich::Lookup::default();
+        let netns = ev.netns.unwrap_or(0);
+        if ev.reason.as_deref() == Some("TCP_ABORT_ON_MEMORY") {
+            kernel.max_orphans = lookup.sysctl(netns, "net/ipv4/tcp_max_orphans");
+        }
+        if ev.kind == RstKind::Sent && kernel.ended_a_handshake() {
+            kernel.abort_on_overflow = lookup
+                .sysctl(netns, "net/ipv4/tcp_abort_on_overflow")
+                .map(|v| v != 0);
+            if kernel.abort_on_overflow == Some(true) {
+                kernel.accept_queue = lookup.accept_queue(netns, ev.local);
+            }
+        }
         (caller_of(&path), diagnosis::rst(ev, ctx, &kernel))
     }
 
