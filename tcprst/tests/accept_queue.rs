@@ -1,6 +1,8 @@
 //! A listener whose application never accepts, and a handshake that ends
 //! after its accept queue filled (#14): with net.ipv4.tcp_abort_on_overflow=1
-//! the kernel resets the connection and tcprst names the queue.
+//! the kernel resets the connection and tcprst names the queue; with the
+//! default 0 it drops the handshake's last segment, sends nothing, and only
+//! a counter tells.
 //!
 //! A full queue turns SYNs away before any request socket exists, and the
 //! kernel keeps no more request sockets than the queue has room for (past
@@ -22,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Netns, Tracer, assert_exact, is, wait_until};
+use common::{Netns, Tracer, assert_exact, is, metric, metrics_addr, scrape, wait_until};
 use socket2::{Domain, Socket, Type};
 
 const PORT: u16 = 8080;
@@ -112,5 +114,57 @@ fn a_handshake_ending_at_a_full_queue_is_reset_and_the_queue_named() {
             "rst_sent 10.213.0.1:8080 -> 10.213.0.2:40503 state=LISTEN reason=INVALID_SYN errno=- netns={}",
             server.inode
         )],
+    );
+}
+
+#[test]
+fn with_the_default_overflows_are_dropped_counted_and_warned_of() {
+    let (server, client) = namespaces(false);
+    let tracer = Tracer::start(&[
+        "--netns",
+        &server.name,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--stuck-after",
+        "1s",
+    ]);
+    let addr = metrics_addr(&tracer.stderr_text());
+    let counted = || {
+        metric(
+            &scrape(&addr),
+            "tcprst_listen_overflows_total",
+            &[("netns_name", &server.name)],
+        )
+    };
+    // The scan before tracing started counted the new namespace.
+    assert_eq!(counted(), Some(0.0));
+
+    let (_listener, _clients) = overflow(&server, &client);
+    let kernel = || server.nstat("TcpExtListenOverflows");
+    wait_until("an overflow", Duration::from_secs(5), || kernel() > 0);
+    // The third client retransmits into the full queue, each time counted:
+    // cut it off so the count holds still.
+    client.nft(&format!(
+        "add rule inet tcprst_test out tcp dport {PORT} drop"
+    ));
+    wait_until(
+        "the kernel's count in /metrics",
+        Duration::from_secs(10),
+        || counted() == Some(kernel() as f64),
+    );
+    wait_until(
+        "a warning naming the namespace",
+        Duration::from_secs(10),
+        || {
+            tracer.stderr_text().lines().any(|l| {
+                l.contains(&format!("network namespace {}: ", server.name))
+                    && l.contains("listen queue overflows")
+            })
+        },
+    );
+    let resets = tracer.stop();
+    assert!(
+        resets.is_empty(),
+        "the kernel dropped, and reset nothing: {resets:#?}"
     );
 }

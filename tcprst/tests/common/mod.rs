@@ -153,6 +153,20 @@ impl Netns {
         text.split_whitespace().nth(1).map(|n| n.parse().unwrap())
     }
 
+    /// Kernel counter `name` (`TcpExtListenOverflows`) in this namespace,
+    /// as `nstat` reads it: absolute, and without touching its history.
+    pub fn nstat(&self, name: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nstat", "-asz", name])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in nstat's {text:?}"))
+    }
+
     /// A connected (client, server) pair on exact addresses.
     pub fn pair(&self, client: &str, server: &str) -> (TcpStream, TcpStream) {
         let listener = self.listen(server);
