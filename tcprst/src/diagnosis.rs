@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::{
     event::{CloseOp, RstEvent, RstKind, ShutHow, TcpState},
+    sockdiag::AcceptQueue,
     tracker::{Connection, Resolved, RstContext},
 };
 
@@ -194,10 +195,12 @@ pub enum Cause {
     /// The peer's stack had no socket for an open connection: it
     /// restarted or lost its state.
     PeerLostState,
+    /// A handshake ended at a full accept queue, with tcp_abort_on_overflow=1.
+    AcceptQueueOverflow,
 }
 
 impl Cause {
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::LateSegment,
         Self::PeerResetHalfClose,
         Self::PeerResetClosing,
@@ -213,6 +216,7 @@ impl Cause {
         Self::KeepaliveTimeout,
         Self::OrphanLimit,
         Self::PeerLostState,
+        Self::AcceptQueueOverflow,
     ];
 
     pub fn name(self) -> &'static str {
@@ -232,6 +236,7 @@ impl Cause {
             Self::KeepaliveTimeout => "keepalive_timeout",
             Self::OrphanLimit => "orphan_limit",
             Self::PeerLostState => "peer_lost_state",
+            Self::AcceptQueueOverflow => "accept_queue_overflow",
         }
     }
 }
@@ -277,11 +282,24 @@ pub struct KernelView<'a> {
     pub path: &'a [std::sync::Arc<str>],
     /// `net.ipv4.tcp_max_orphans` in the reset's namespace, when read.
     pub max_orphans: Option<u64>,
+    /// `net.ipv4.tcp_abort_on_overflow` in the reset's namespace, when read.
+    pub abort_on_overflow: Option<bool>,
+    /// The accept queue of the listener the reset came from, when read.
+    pub accept_queue: Option<AcceptQueue>,
 }
 
 impl KernelView<'_> {
     fn went_through(&self, function: &str) -> bool {
         self.path.iter().any(|f| &**f == function)
+    }
+
+    /// Whether the reset answered the last segment of a handshake, sent
+    /// by tcp_check_req() for a request socket: because the accept queue
+    /// was full and tcp_abort_on_overflow is 1, or for a stray SYN. The
+    /// kernel gives both one reason (INVALID_SYN on 6.18), so the sysctl
+    /// tells them apart.
+    pub fn ended_a_handshake(&self) -> bool {
+        self.went_through("tcp_check_req")
     }
 }
 
@@ -384,6 +402,27 @@ pub fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Option<RstDi
                 by_task("close()")
             ),
         ),
+        RstKind::Sent if kernel.ended_a_handshake() && kernel.abort_on_overflow == Some(true) => {
+            let queue = kernel.accept_queue.map(|q| {
+                // Read after the reset, so an application may have
+                // accepted some since.
+                let when = if q.full() {
+                    ""
+                } else {
+                    " by the time tcprst looked"
+                };
+                format!(" (backlog {}, {} waiting{when})", q.backlog, q.waiting)
+            });
+            because(
+                Cause::AcceptQueueOverflow,
+                format!(
+                    "the accept queue of {}{} was full: the application accepts too slowly; \
+                     with tcp_abort_on_overflow=1 the kernel resets instead of dropping",
+                    ev.local,
+                    queue.unwrap_or_default()
+                ),
+            )
+        }
         RstKind::Sent => match reason? {
             "TCP_ABORT_ON_DATA" => match initiator {
                 Some((i, at)) => because(
@@ -644,7 +683,7 @@ mod tests {
         .into();
         let kernel = KernelView {
             path: &path,
-            max_orphans: None,
+            ..KernelView::default()
         };
         let d = rst(&ev, &RstContext::of(&ev), &kernel).unwrap();
         assert_eq!(d.cause, Cause::ListenerClosed);
@@ -666,8 +705,8 @@ mod tests {
             Some("TCP_ABORT_ON_MEMORY"),
         );
         let kernel = KernelView {
-            path: &[],
             max_orphans: Some(0),
+            ..KernelView::default()
         };
         let d = rst(&ev, &RstContext::of(&ev), &kernel).unwrap();
         assert_eq!(d.cause, Cause::OrphanLimit);
@@ -676,6 +715,57 @@ mod tests {
             "{}",
             d.text
         );
+    }
+
+    /// What tcp_check_req() sent on 6.18 for a handshake's last ACK that
+    /// found the accept queue full.
+    #[test]
+    fn a_handshake_ending_at_a_full_accept_queue() {
+        let ev = reset(
+            RstKind::Sent,
+            t(4),
+            Some(TcpState::Listen),
+            Some("INVALID_SYN"),
+        );
+        let path: Vec<std::sync::Arc<str>> = ["tcp_v4_send_reset", "tcp_check_req", "tcp_v4_rcv"]
+            .map(std::sync::Arc::from)
+            .into();
+        let queue = |waiting| AcceptQueue {
+            waiting,
+            backlog: 1,
+        };
+        let mut kernel = KernelView {
+            path: &path,
+            abort_on_overflow: Some(true),
+            accept_queue: Some(queue(2)),
+            ..KernelView::default()
+        };
+        let text = |kernel: &KernelView| {
+            let d = rst(&ev, &RstContext::of(&ev), kernel)?;
+            assert_eq!(d.cause, Cause::AcceptQueueOverflow);
+            Some(d.text)
+        };
+        assert_eq!(
+            text(&kernel).unwrap(),
+            "the accept queue of 10.0.0.1:15001 (backlog 1, 2 waiting) was full: the application accepts too slowly; \
+             with tcp_abort_on_overflow=1 the kernel resets instead of dropping"
+        );
+        kernel.accept_queue = Some(queue(0));
+        assert!(
+            text(&kernel)
+                .unwrap()
+                .starts_with("the accept queue of 10.0.0.1:15001 (backlog 1, 0 waiting by the time tcprst looked) was full"),
+        );
+        kernel.accept_queue = None;
+        assert!(
+            text(&kernel)
+                .unwrap()
+                .starts_with("the accept queue of 10.0.0.1:15001 was full: ")
+        );
+        // With the sysctl at 0 a full queue drops; a reset there answered a
+        // stray SYN, which tcprst does not name.
+        kernel.abort_on_overflow = Some(false);
+        assert_eq!(text(&kernel), None);
     }
 
     #[test]

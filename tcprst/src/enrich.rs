@@ -1,13 +1,16 @@
 //! Facts about a connection that only userspace can find: which process
-//! holds its socket, the namespace's FIN timeout, and the half-closed
-//! connections that existed before tracing started.
+//! holds its socket, the namespace's FIN timeout and listeners, and the
+//! half-closed connections that existed before tracing started.
 
 use std::{
     collections::HashMap,
     fs, io,
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use anyhow::Result;
 
 use crate::{
     cgroup::{CgroupInfo, CgroupResolver, parse_path},
@@ -15,7 +18,7 @@ use crate::{
     k8s::{PodIndex, PodMeta},
     netns::{NetnsHandle, all_namespaces, in_netns},
     owner::SocketOwners,
-    sockdiag::{DiagSocket, DumpExtras, dump_tcp_with},
+    sockdiag::{AcceptQueue, DiagSocket, DumpExtras, accept_queue_for, dump_tcp, dump_tcp_with},
     tracker::ConnKey,
 };
 
@@ -80,6 +83,17 @@ impl Lookup {
         self.sysctls.insert((netns, path), value);
         value
     }
+
+    /// The accept queue of the listener that takes connections to `local`
+    /// in namespace `netns`, if the namespace and the listener still exist.
+    pub fn accept_queue(&mut self, netns: u32, local: SocketAddr) -> Option<AcceptQueue> {
+        let ns = self.namespace(netns)?;
+        let listeners = in_netns(ns, || dump_tcp(&[TcpState::Listen]))
+            .and_then(|dump| dump)
+            .inspect_err(|e| log::debug!("listeners in {}: {e:#}", ns.name))
+            .ok()?;
+        accept_queue_for(&listeners, local)
+    }
 }
 
 /// A socket found by sock_diag, with the namespace it lives in.
@@ -98,8 +112,27 @@ impl FoundSocket {
     }
 }
 
+/// What `f` returns inside every visible namespace (or only `only`), each
+/// beside its namespace. Namespaces that vanish or refuse are skipped:
+/// processes come and go.
+pub fn in_every_namespace<T: Send>(
+    only: Option<u32>,
+    f: impl Fn() -> T + Sync,
+) -> Vec<(NetnsHandle, T)> {
+    all_namespaces()
+        .into_iter()
+        .filter(|ns| only.is_none_or(|inode| inode == ns.inode))
+        .filter_map(|ns| match in_netns(&ns, &f) {
+            Ok(found) => Some((ns, found)),
+            Err(e) => {
+                log::debug!("{e:#}");
+                None
+            }
+        })
+        .collect()
+}
+
 /// Every socket in `states` in every visible namespace (or only `only`).
-/// Namespaces that vanish or refuse are skipped: processes come and go.
 pub fn find_sockets(states: &[TcpState], only: Option<u32>) -> Vec<FoundSocket> {
     find_sockets_with(states, only, DumpExtras::default())
 }
@@ -110,17 +143,20 @@ pub fn find_sockets_with(
     only: Option<u32>,
     extras: DumpExtras,
 ) -> Vec<FoundSocket> {
+    found_sockets(in_every_namespace(only, || dump_tcp_with(states, extras)))
+}
+
+/// The sockets of each namespace's sock_diag dump; a namespace whose dump
+/// failed is skipped.
+pub fn found_sockets(dumps: Vec<(NetnsHandle, Result<Vec<DiagSocket>>)>) -> Vec<FoundSocket> {
     let mut found = Vec::new();
-    for ns in all_namespaces() {
-        if only.is_some_and(|inode| inode != ns.inode) {
-            continue;
-        }
-        match in_netns(&ns, || dump_tcp_with(states, extras)) {
-            Ok(Ok(sockets)) => found.extend(sockets.into_iter().map(|socket| FoundSocket {
+    for (ns, dump) in dumps {
+        match dump {
+            Ok(sockets) => found.extend(sockets.into_iter().map(|socket| FoundSocket {
                 netns: ns.clone(),
                 socket,
             })),
-            Ok(Err(e)) | Err(e) => log::debug!("sock_diag in {}: {e:#}", ns.name),
+            Err(e) => log::debug!("sock_diag in {}: {e:#}", ns.name),
         }
     }
     found
@@ -259,7 +295,7 @@ impl Enricher {
 
 /// "host", a /run/netns name, a container ("docker:0e7859b44b4e") when the
 /// namespace is only known through a process in a container, or "pid:N".
-fn namespace_label(ns: &NetnsHandle) -> String {
+pub fn namespace_label(ns: &NetnsHandle) -> String {
     let Some(pid) = ns.name.strip_prefix("pid:") else {
         return ns.name.clone();
     };

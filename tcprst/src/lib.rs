@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod mountinfo;
 pub mod netns;
 pub mod origin;
+pub mod overflows;
 pub mod owner;
 pub mod privileges;
 pub mod probes;

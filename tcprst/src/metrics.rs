@@ -27,7 +27,7 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 
-use crate::event::TcpState;
+use crate::{event::TcpState, overflows::Sample};
 
 /// Where to serve: `IP:PORT`, or a bare `PORT` (or `:PORT`) on 127.0.0.1 so
 /// nothing is exposed beyond the host unless asked for.
@@ -68,6 +68,11 @@ struct TierLabels {
     tier: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NetnsLabels {
+    netns_name: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     rsts: Family<RstLabels, Counter>,
@@ -86,6 +91,10 @@ pub struct Metrics {
     tally_full: Counter,
     unwritten: Counter,
     tuple_failures: Counter,
+    listen_overflows: Family<NetnsLabels, Counter>,
+    /// The namespaces `listen_overflows` has a series for, so those of
+    /// namespaces gone go too.
+    overflow_series: Mutex<HashSet<NetnsLabels>>,
 }
 
 /// Totals since start of what tcprst could not do or decide; the metrics
@@ -139,6 +148,12 @@ impl Default for Metrics {
             "Half-closed connections the last scan found and tcprst follows (bounded by --max-connections)",
             tracked.clone(),
         );
+        let listen_overflows = Family::<NetnsLabels, Counter>::default();
+        registry.register(
+            "listen_overflows",
+            "Connections turned away at a full accept queue (TcpExt ListenOverflows: SYNs or handshake ACKs dropped, or reset with tcp_abort_on_overflow=1), by network namespace, as the kernel counts them since the namespace was made",
+            listen_overflows.clone(),
+        );
         let evicted = Gauge::default();
         registry.register(
             "untracked_connections",
@@ -190,6 +205,8 @@ impl Default for Metrics {
             tally_full,
             unwritten,
             tuple_failures,
+            listen_overflows,
+            overflow_series: Mutex::default(),
         }
     }
 }
@@ -275,6 +292,40 @@ impl Metrics {
             (&self.tuple_failures, totals.tuple_failures),
         ] {
             counter.inc_by(total.saturating_sub(counter.get()));
+        }
+    }
+
+    /// Each sampled namespace's count, as the kernel has it; namespaces
+    /// not sampled any more lose their series.
+    pub fn listen_overflows(&self, samples: &[Sample]) {
+        let mut totals: HashMap<NetnsLabels, u64> = HashMap::new();
+        // Two namespaces can carry one name (a container's); their counts add.
+        for sample in samples {
+            let labels = NetnsLabels {
+                netns_name: sample.name.clone(),
+            };
+            *totals.entry(labels).or_default() += sample.total;
+        }
+        let mut series = self
+            .overflow_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        series.retain(|labels| {
+            let keep = totals.contains_key(labels);
+            if !keep {
+                self.listen_overflows.remove(labels);
+            }
+            keep
+        });
+        for (labels, total) in totals {
+            let current = self.listen_overflows.get_or_create(&labels).get();
+            // A name now on a newer namespace, with a smaller count, starts over.
+            if total < current {
+                self.listen_overflows.remove(&labels);
+            }
+            let counter = self.listen_overflows.get_or_create(&labels);
+            counter.inc_by(total - counter.get());
+            series.insert(labels);
         }
     }
 
@@ -398,6 +449,44 @@ mod tests {
         assert!(!text.contains(r#"pod="web-1""#), "{text}");
         assert!(text.contains(r#"pod="web-2"} 1"#), "{text}");
         assert!(text.contains(r#"namespace="",pod=""} 1"#), "{text}");
+    }
+
+    #[test]
+    fn listen_overflows_follow_the_namespaces() {
+        let m = Metrics::default();
+        let sample = |name: &str, netns, total| Sample {
+            netns,
+            name: name.into(),
+            total,
+        };
+        m.listen_overflows(&[sample("host", 1, 5), sample("shop", 2, 0)]);
+        m.listen_overflows(&[
+            sample("host", 1, 7),
+            sample("shop", 2, 1),
+            // A second namespace of the same container adds to its count.
+            sample("shop", 3, 2),
+            sample("gone-soon", 4, 9),
+        ]);
+        let text = m.encode();
+        for line in [
+            r#"tcprst_listen_overflows_total{netns_name="host"} 7"#,
+            r#"tcprst_listen_overflows_total{netns_name="shop"} 3"#,
+            r#"tcprst_listen_overflows_total{netns_name="gone-soon"} 9"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        // A gone namespace's series goes; a name on a new namespace restarts.
+        m.listen_overflows(&[sample("host", 1, 7), sample("shop", 5, 1)]);
+        let text = m.encode();
+        assert!(!text.contains("gone-soon"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == r#"tcprst_listen_overflows_total{netns_name="shop"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

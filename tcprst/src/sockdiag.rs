@@ -28,6 +28,12 @@ pub struct DiagSocket {
     pub inode: u64,
     pub uid: u32,
     pub cookie: u64,
+    /// `idiag_rqueue`: bytes not yet read; for a listener, the connections
+    /// waiting in its accept queue.
+    pub rqueue: u32,
+    /// `idiag_wqueue`: bytes not yet acknowledged; for a listener, its
+    /// backlog (what listen() asked for, capped by net.core.somaxconn).
+    pub wqueue: u32,
     pub timer: Option<Timer>,
     /// `sk_shutdown` (`INET_DIAG_SHUTDOWN`).
     pub shutdown: Option<u8>,
@@ -277,6 +283,8 @@ impl DiagSocket {
             inode: header.inode.into(),
             uid: header.uid,
             cookie: cookie(id.cookie),
+            rqueue: header.recv_queue,
+            wqueue: header.send_queue,
             timer: Timer::from_inet_diag_msg(raw),
             shutdown: None,
             cgroup_id: None,
@@ -301,6 +309,54 @@ impl DiagSocket {
         }
         self
     }
+}
+
+/// A listener's accept queue: the connections whose handshake ended,
+/// waiting for accept().
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptQueue {
+    pub waiting: u32,
+    pub backlog: u32,
+}
+
+impl AcceptQueue {
+    /// Whether a handshake ending now finds no room: the kernel queues one
+    /// more than the backlog (sk_acceptq_is_full() compares with `>`).
+    pub fn full(&self) -> bool {
+        self.waiting > self.backlog
+    }
+}
+
+/// The accept queue that connections to `local` go to, among `listeners`:
+/// a listener bound to that address before one bound to any address of its
+/// family, before an IPv6 one taking IPv4 too; among equals (SO_REUSEPORT)
+/// a full one, since that is the one a reset came from.
+pub fn accept_queue_for(listeners: &[DiagSocket], local: SocketAddr) -> Option<AcceptQueue> {
+    let rank = |l: &DiagSocket| {
+        let ip = l.local.ip();
+        if l.state != TcpState::Listen || l.local.port() != local.port() {
+            None
+        } else if ip == local.ip() {
+            Some(2)
+        } else if ip.is_unspecified() && ip.is_ipv4() == local.is_ipv4() {
+            Some(1)
+        } else if ip.is_unspecified() && ip.is_ipv6() {
+            Some(0)
+        } else {
+            None
+        }
+    };
+    listeners
+        .iter()
+        .filter_map(|l| {
+            let queue = AcceptQueue {
+                waiting: l.rqueue,
+                backlog: l.wqueue,
+            };
+            Some(((rank(l)?, queue.full()), queue))
+        })
+        .max_by_key(|(order, _)| *order)
+        .map(|(_, queue)| queue)
 }
 
 /// sock_diag_save_cookie() stores the cookie as two host-endian u32s, low
@@ -367,6 +423,8 @@ mod tests {
             inode: 1,
             uid: 0,
             cookie: 0,
+            rqueue: 0,
+            wqueue: 0,
             timer: None,
             shutdown: None,
             cgroup_id: None,
@@ -380,6 +438,87 @@ mod tests {
         let short = attribute(SK_DIAG_BPF_STORAGE_MAP_VALUE, &value[..10]);
         let storages = attribute(SK_DIAG_BPF_STORAGE, &short);
         assert_eq!(mark_in(&storages), None);
+    }
+
+    fn listener(local: &str, waiting: u32, backlog: u32) -> DiagSocket {
+        DiagSocket {
+            local: local.parse().unwrap(),
+            remote: "0.0.0.0:0".parse().unwrap(),
+            state: TcpState::Listen,
+            inode: 1,
+            uid: 0,
+            cookie: 0,
+            rqueue: waiting,
+            wqueue: backlog,
+            timer: None,
+            shutdown: None,
+            cgroup_id: None,
+            mark: None,
+        }
+    }
+
+    #[test]
+    fn the_listener_bound_nearest_the_address_takes_its_connections() {
+        let queue = |listeners: &[DiagSocket], local: &str| {
+            accept_queue_for(listeners, local.parse().unwrap()).map(|q| (q.waiting, q.backlog))
+        };
+        let listeners = [
+            listener("[::]:8080", 1, 10),
+            listener("0.0.0.0:8080", 2, 20),
+            listener("10.0.0.1:8080", 3, 30),
+            listener("10.0.0.1:9090", 4, 40),
+        ];
+        assert_eq!(queue(&listeners, "10.0.0.1:8080"), Some((3, 30)));
+        assert_eq!(queue(&listeners, "10.0.0.2:8080"), Some((2, 20)));
+        assert_eq!(queue(&listeners[..1], "10.0.0.2:8080"), Some((1, 10)));
+        assert_eq!(queue(&listeners, "[fd00::1]:8080"), Some((1, 10)));
+        assert_eq!(queue(&listeners[1..], "[fd00::1]:8080"), None);
+        assert_eq!(queue(&listeners, "10.0.0.1:7070"), None);
+        // SO_REUSEPORT: of two on one address, the full one reset.
+        let reuseport = [
+            listener("0.0.0.0:8080", 0, 1),
+            listener("0.0.0.0:8080", 2, 1),
+        ];
+        assert_eq!(queue(&reuseport, "10.0.0.1:8080"), Some((2, 1)));
+    }
+
+    /// A listener whose application never accepts: sock_diag gives its
+    /// queue's length and backlog where it gives others their unread and
+    /// unacknowledged bytes.
+    #[test]
+    fn dumps_a_listeners_accept_queue() {
+        let netns = TestNetns::create();
+        let (addr, _held) = in_netns(&netns.0, || {
+            let listener =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            listener
+                .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+                .unwrap();
+            listener.listen(3).unwrap();
+            let addr = listener.local_addr().unwrap().as_socket().unwrap();
+            let clients = [
+                TcpStream::connect(addr).unwrap(),
+                TcpStream::connect(addr).unwrap(),
+            ];
+            (addr, (listener, clients))
+        })
+        .unwrap();
+        let queue = || {
+            in_netns(&netns.0, || dump_tcp(&[TcpState::Listen]))
+                .unwrap()
+                .map(|listeners| accept_queue_for(&listeners, addr))
+                .unwrap()
+        };
+        let expected = Some(AcceptQueue {
+            waiting: 2,
+            backlog: 3,
+        });
+        // The server side ends each handshake a moment after connect() returns.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while queue() != expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(queue(), expected);
     }
 
     #[test]
@@ -463,6 +602,8 @@ mod tests {
             inode: socket_inode(&server),
             uid: unsafe { libc::geteuid() },
             cookie: SockRef::from(&server).cookie().unwrap(),
+            rqueue: 0,
+            wqueue: 0,
             timer: None,
             // The peer's FIN arrived: RCV_SHUTDOWN.
             shutdown: Some(1),

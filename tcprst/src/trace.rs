@@ -32,19 +32,25 @@ use crate::{
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr, Shortfalls},
     origin::{Origin, Origins, Receipt},
+    overflows::{self, OverflowWatch},
     probes::{Counters, ProbeConfig, Probes},
     sink::{
         self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport,
         writer::{self, WriterReport},
     },
-    sockdiag::DumpExtras,
+    sockdiag::{DumpExtras, dump_tcp_with},
     stacks::{Kallsyms, Stacks, caller_of},
     tallies::Tallies,
     tracker::{ConnKey, Resolved, RstContext, ScannedSocket, Tracker},
 };
 
-/// A sock_diag dump of half-closed sockets, and when it began.
-type Dump = (SystemTime, Vec<enrich::FoundSocket>);
+/// What one walk through every namespace found: the half-closed sockets
+/// (sock_diag), each namespace's listen-queue overflows, and when it began.
+struct Scan {
+    began: SystemTime,
+    sockets: Vec<enrich::FoundSocket>,
+    overflows: Vec<overflows::Sample>,
+}
 
 /// Records handled per wake-up before signals and the loss report get a turn.
 const DRAIN_BATCH: usize = 4096;
@@ -163,6 +169,7 @@ struct Pipeline<'a> {
     marks: Option<MapData>,
     /// What became of the lines the sink wrote.
     written: WriterReport,
+    overflows: OverflowWatch,
 }
 
 impl Pipeline<'_> {
@@ -248,16 +255,24 @@ impl Pipeline<'_> {
             Some(stacks) => stacks.path(&ev.frames),
             None => Vec::new(),
         };
-        // Read only for the rare reset it explains.
-        let max_orphans = (ev.reason.as_deref() == Some("TCP_ABORT_ON_MEMORY"))
-            .then(|| {
-                enrich::Lookup::default().sysctl(ev.netns.unwrap_or(0), "net/ipv4/tcp_max_orphans")
-            })
-            .flatten();
-        let kernel = KernelView {
+        let mut kernel = KernelView {
             path: &path,
-            max_orphans,
+            ..KernelView::default()
         };
+        // Each fact read only for the rare reset it explains.
+        let mut lookup = enrich::Lookup::default();
+        let netns = ev.netns.unwrap_or(0);
+        if ev.reason.as_deref() == Some("TCP_ABORT_ON_MEMORY") {
+            kernel.max_orphans = lookup.sysctl(netns, "net/ipv4/tcp_max_orphans");
+        }
+        if ev.kind == RstKind::Sent && kernel.ended_a_handshake() {
+            kernel.abort_on_overflow = lookup
+                .sysctl(netns, "net/ipv4/tcp_abort_on_overflow")
+                .map(|v| v != 0);
+            if kernel.abort_on_overflow == Some(true) {
+                kernel.accept_queue = lookup.accept_queue(netns, ev.local);
+            }
+        }
         (caller_of(&path), diagnosis::rst(ev, ctx, &kernel))
     }
 
@@ -419,10 +434,11 @@ impl Pipeline<'_> {
         Ok(n)
     }
 
-    /// The part of a scan that walks every namespace with sock_diag, as a
-    /// job that can run off the event loop: the half-closed sockets (with
-    /// their close marks) and when the dump began.
-    fn half_closed_dump(&self, opts: &TraceOptions) -> impl FnOnce() -> Dump + Send + 'static {
+    /// The part of a scan that walks every namespace, as a job that can run
+    /// off the event loop: the half-closed sockets (with their close marks)
+    /// from sock_diag, and the namespace's listen-queue overflows, read in
+    /// the same visit.
+    fn namespace_walk(&self, opts: &TraceOptions) -> impl FnOnce() -> Scan + Send + 'static {
         let only = (opts.probes.filter.netns != 0).then_some(opts.probes.filter.netns);
         // Its own descriptor of the mark map, which the job closes.
         let marks = self
@@ -434,21 +450,49 @@ impl Pipeline<'_> {
             let extras = DumpExtras {
                 marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
             };
-            (began, enrich::find_sockets_with(&HALF_CLOSED, only, extras))
+            let visits = enrich::in_every_namespace(only, || {
+                (dump_tcp_with(&HALF_CLOSED, extras), overflows::read())
+            });
+            let mut dumps = Vec::with_capacity(visits.len());
+            let mut counts = Vec::with_capacity(visits.len());
+            for (ns, (dump, count)) in visits {
+                match count {
+                    Ok(total) => counts.push(overflows::Sample {
+                        netns: ns.inode,
+                        name: enrich::namespace_label(&ns),
+                        total,
+                    }),
+                    Err(e) => log::debug!("listen overflows in {}: {e}", ns.name),
+                }
+                dumps.push((ns, dump));
+            }
+            Scan {
+                began,
+                sockets: enrich::found_sockets(dumps),
+                overflows: counts,
+            }
         }
     }
 
-    /// Scans every namespace for half-closed sockets, on the event loop:
-    /// the first scan, which must end before tracing is announced.
-    fn scan_half_closed(&mut self, opts: &TraceOptions) -> io::Result<()> {
-        let dump = self.half_closed_dump(opts)();
-        self.scanned(opts, dump)
+    /// Scans every namespace, on the event loop: the first scan, which must
+    /// end before tracing is announced, so that what it finds half-closed
+    /// and the overflows it counts predate tracing.
+    fn first_scan(&mut self, opts: &TraceOptions) -> io::Result<()> {
+        let scan = self.namespace_walk(opts)();
+        self.scanned(opts, scan)
     }
 
-    /// Resolves what moved on since the last dump, and reports the stuck.
-    fn scanned(&mut self, opts: &TraceOptions, (now, found): Dump) -> io::Result<()> {
+    /// Resolves what moved on since the last dump, reports the stuck, and
+    /// warns of new listen-queue overflows.
+    fn scanned(&mut self, opts: &TraceOptions, scan: Scan) -> io::Result<()> {
+        for warning in self.overflows.sample(Instant::now(), &scan.overflows) {
+            log::warn!("{warning}");
+        }
+        self.metrics.listen_overflows(&scan.overflows);
+        let now = scan.began;
         let port = opts.probes.filter.port;
-        let sockets = found
+        let sockets = scan
+            .sockets
             .into_iter()
             .filter(|f| {
                 port == 0 || f.socket.local.port() == port || f.socket.remote.port() == port
@@ -617,15 +661,16 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         origins: origins_for(&probes, &opts),
         marks,
         written,
+        overflows: OverflowWatch::default(),
     };
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // The first scan, before tracing is announced, finds what was already
     // half-closed: only those ages are lower bounds.
-    pipeline.scan_half_closed(&opts)?;
+    pipeline.first_scan(&opts)?;
     let scan_every = (opts.stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY);
     let mut scan_tick = interval_at(tokio::time::Instant::now() + scan_every, scan_every);
-    let mut dump: Option<tokio::task::JoinHandle<Dump>> = None;
+    let mut walk: Option<tokio::task::JoinHandle<Scan>> = None;
     scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut drain_tick = interval(DRAIN_EVERY);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -660,13 +705,13 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                         .metrics
                         .forget_pods(|namespace, pod| enricher.pod_exists(namespace, pod));
                 }
-                // The dump runs on a blocking thread; records, signals and
+                // The walk runs on a blocking thread; records, signals and
                 // metrics are served meanwhile.
-                _ = scan_tick.tick(), if dump.is_none() => {
-                    dump = Some(tokio::task::spawn_blocking(pipeline.half_closed_dump(&opts)));
+                _ = scan_tick.tick(), if walk.is_none() => {
+                    walk = Some(tokio::task::spawn_blocking(pipeline.namespace_walk(&opts)));
                 }
-                found = async { dump.as_mut().expect("guarded by is_some").await }, if dump.is_some() => {
-                    dump = None;
+                found = async { walk.as_mut().expect("guarded by is_some").await }, if walk.is_some() => {
+                    walk = None;
                     pipeline.scanned(&opts, found.map_err(io::Error::other)?)?;
                 }
                 _ = tally_tick.tick() => pipeline.aggregates(read_tallies(tallies.turn()))?,

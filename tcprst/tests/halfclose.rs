@@ -8,10 +8,10 @@ use std::{
     net::{Shutdown, TcpStream},
     process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::{Netns, Process, Tracer, is, run};
+use common::{Netns, Process, Tracer, is, wait_until};
 use serde_json::Value;
 
 fn trace(ns: &Netns, extra: &[&str]) -> Tracer {
@@ -70,22 +70,6 @@ fn seed_000_peer_resets_a_half_closed_connection() {
     tracer.stop();
 }
 
-fn wait_listening(ns: &Netns, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "ss", "-Htln"])
-            .arg(format!("sport = :{port}"))
-            .output()
-            .unwrap();
-        if !out.stdout.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Seed 002: a proxy forwards the upstream's FIN with shutdown(SHUT_WR);
 /// the app's FIN back never arrives (conntrack expiry, emulated with nft),
 /// and the proxy's socket sits in FIN_WAIT2 with no timer to reap it.
@@ -107,18 +91,15 @@ fn seed_002_proxy_half_close_stuck_in_fin_wait2() {
             .spawn()
             .unwrap(),
     );
-    wait_listening(&ns, 15001);
+    wait_until("a listener on 15001", Duration::from_secs(10), || {
+        ns.accept_queue(15001).is_some()
+    });
     // The app's FIN to the proxy is lost, as after the conntrack entry expired.
-    let nft = |args: &[&str]| {
-        let mut argv = vec!["netns", "exec", ns.name.as_str(), "nft"];
-        argv.extend_from_slice(args);
-        run("ip", &argv);
-    };
-    nft(&["add", "table", "inet", "tcprst_test"]);
-    nft(&["add chain inet tcprst_test out { type filter hook output priority 0; }"]);
-    nft(&[
+    ns.nft("add table inet tcprst_test");
+    ns.nft("add chain inet tcprst_test out { type filter hook output priority 0; }");
+    ns.nft(
         "add rule inet tcprst_test out tcp sport 44410 tcp dport 15001 tcp flags & fin == fin drop",
-    ]);
+    );
 
     let mut app = ns.connect("127.0.0.1:44410", "127.0.0.1:15001").unwrap();
     let (upstream_conn, _) = upstream.accept().unwrap();

@@ -9,7 +9,7 @@ mod common;
 
 use std::{io::ErrorKind, process::Command};
 
-use common::{Netns, TCPRST, Tracer, require_root, run};
+use common::{Netns, TCPRST, Tracer, require_root};
 use serde_json::Value;
 
 const FUNCTIONS: [&str; 5] = [
@@ -167,10 +167,9 @@ fn a_local_reset_is_reported_once_and_explains_its_receipt() {
 fn a_netfilter_reset_is_told_apart_from_the_stack() {
     require_root();
     let ns = Netns::new();
-    let nft = |rule: &str| run("ip", &["netns", "exec", &ns.name, "nft", rule]);
-    nft("add table inet tcprst_reject");
-    nft("add chain inet tcprst_reject in { type filter hook input priority 0; }");
-    nft("add rule inet tcprst_reject in tcp dport 40915 reject with tcp reset");
+    ns.nft("add table inet tcprst_reject");
+    ns.nft("add chain inet tcprst_reject in { type filter hook input priority 0; }");
+    ns.nft("add rule inet tcprst_reject in tcp dport 40915 reject with tcp reset");
     let _listener = ns.listen("127.0.0.1:40915");
     let mut tracer = Tracer::start(&["--port", "40915"]);
     let err = ns

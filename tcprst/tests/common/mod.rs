@@ -168,9 +168,35 @@ impl Netns {
         }
     }
 
-    /// Runs `nft RULE…` inside this namespace (one argument, nft parses it).
-    pub fn nft(&self, rule: &str) {
-        run("ip", &["netns", "exec", &self.name, "nft", rule]);
+    /// Runs one nft command (`add rule inet t out ...`) in this namespace.
+    pub fn nft(&self, command: &str) {
+        run("ip", &["netns", "exec", &self.name, "nft", command]);
+    }
+
+    /// What the accept queue of the listener on `port` holds, as `ss`
+    /// shows it (its Recv-Q); None while nothing listens there.
+    pub fn accept_queue(&self, port: u16) -> Option<u32> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ss", "-Htln"])
+            .arg(format!("sport = :{port}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.split_whitespace().nth(1).map(|n| n.parse().unwrap())
+    }
+
+    /// Kernel counter `name` (`TcpExtListenOverflows`) in this namespace,
+    /// as `nstat` reads it: absolute, and without touching its history.
+    pub fn nstat(&self, name: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nstat", "-asz", name])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in nstat's {text:?}"))
     }
 
     /// A connected (client, server) pair on exact addresses.
@@ -197,6 +223,15 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Polls `done` until it holds, for at most `timeout`; panics naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "no {what} within {timeout:?}");
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
