@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     cgroup::{CgroupInfo, CgroupResolver, parse_path},
-    event::{Process, TcpState},
+    event::{ExecContext, Process, RstEvent, TcpState},
     k8s::{PodIndex, PodMeta},
     netns::{NetnsHandle, all_namespaces, in_netns},
     owner::SocketOwners,
@@ -151,6 +151,17 @@ impl OwnerCache {
         self.scanned_at = Some(Instant::now());
         self.owners.owner(inode)
     }
+}
+
+/// The task acting on the socket, when a reset happened in process context
+/// (its own close() or connect(), or the backlog it releases): it holds the
+/// socket, or did until that close(), and naming it costs no /proc scan.
+pub fn acting_owner(ev: &RstEvent) -> Option<Process> {
+    let task = ev.task.as_ref()?;
+    (ev.context == ExecContext::Process).then(|| Process {
+        pid: task.pid,
+        comm: task.comm.clone(),
+    })
 }
 
 /// Who a socket belongs to, as far as this host can tell.

@@ -24,7 +24,7 @@ use crate::{
     decode::Decoder,
     diagnosis,
     enrich::{self, Attribution, Enricher, HALF_CLOSED, OwnerCache},
-    event::{ExecContext, Process, ResetHook, RstEvent, RstKind},
+    event::{Process, ResetHook, RstEvent, RstKind},
     filter::EventFilter,
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr, Shortfalls},
@@ -34,7 +34,7 @@ use crate::{
     sockdiag::DumpExtras,
     stacks::{Kallsyms, Stacks},
     tallies::Tallies,
-    tracker::{ConnKey, Resolved, RstContext, ScannedSocket, Tracker},
+    tracker::{ConnKey, Resolved, ScannedSocket, Tracker},
 };
 
 /// Records handled per wake-up before signals and the loss report get a turn.
@@ -145,21 +145,11 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Whose socket it is: in process context the task acting on it (its
-    /// own close() or connect(), or the backlog it releases), which costs
-    /// nothing and is right even after close() dropped the descriptor;
-    /// otherwise the process holding the socket's inode, from /proc.
+    /// Whose socket it is: the task acting on it in process context, which
+    /// is right even after close() dropped the descriptor; otherwise the
+    /// process holding the socket's inode, from /proc.
     fn owner_of(&mut self, ev: &RstEvent) -> Option<Process> {
-        if ev.context == ExecContext::Process
-            && let Some(task) = &ev.task
-        {
-            return Some(Process {
-                pid: task.pid,
-                comm: task.comm.clone(),
-            });
-        }
-        let inode = ev.socket?.inode?;
-        self.owners.owner(inode)
+        enrich::acting_owner(ev).or_else(|| self.owners.owner(ev.socket?.inode?))
     }
 
     fn rst(&mut self, ev: RstEvent) -> io::Result<()> {
@@ -212,18 +202,7 @@ impl Pipeline<'_> {
             ),
             None => (None, None),
         };
-        let ctx = RstContext::of(&ev);
-        let diagnosis = diagnosis::rst(&ev, &ctx);
-        let report = RstReport {
-            ev,
-            conn: ctx.conn,
-            diagnosis,
-            attribution,
-            peer,
-            caller,
-            stack: stack.map(|s| s.frames),
-            origin: None,
-        };
+        let report = RstReport::new(ev, attribution, peer, caller, stack.map(|s| s.frames));
         if report.ev.kind == RstKind::Received
             && let Some(origins) = &mut self.origins
         {
@@ -273,17 +252,7 @@ impl Pipeline<'_> {
                 continue;
             }
             let caller = self.stacks.as_mut().and_then(|s| s.caller(&ev.frames));
-            let ctx = RstContext::of(&ev);
-            let report = RstReport {
-                diagnosis: diagnosis::rst(&ev, &ctx),
-                ev,
-                conn: ctx.conn,
-                attribution,
-                peer: None,
-                caller,
-                stack: None,
-                origin: None,
-            };
+            let report = RstReport::new(ev, attribution, None, caller, None);
             self.count_reset(&report);
             self.sink.rst(&report)?;
             self.counts.shown += 1;

@@ -13,11 +13,11 @@ pub use json::JsonSink;
 pub use table::TableSink;
 
 use crate::{
-    diagnosis::StuckDiagnosis,
+    diagnosis::{self, StuckDiagnosis},
     enrich::Attribution,
     event::{Process, RstEvent, Task},
     origin::Origin,
-    tracker::{Connection, Resolved},
+    tracker::{Connection, Resolved, RstContext},
 };
 
 /// A reset with what the tracker knew about its connection.
@@ -35,6 +35,30 @@ pub struct RstReport {
     pub stack: Option<Arc<[Arc<str>]>>,
     /// For received resets: who sent it, as far as this host can tell.
     pub origin: Option<Origin>,
+}
+
+impl RstReport {
+    /// A reset explained by what it says of itself and its close mark; its
+    /// origin, for a received one, is decided later.
+    pub fn new(
+        ev: RstEvent,
+        attribution: Attribution,
+        peer: Option<Peer>,
+        caller: Option<Arc<str>>,
+        stack: Option<Arc<[Arc<str>]>>,
+    ) -> Self {
+        let ctx = RstContext::of(&ev);
+        Self {
+            diagnosis: diagnosis::rst(&ev, &ctx),
+            ev,
+            conn: ctx.conn,
+            attribution,
+            peer,
+            caller,
+            stack,
+            origin: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
