@@ -10,7 +10,10 @@ use std::{
 
 use serde::Serialize;
 
-use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
+use super::{
+    LossReport, ResolvedReport, RstReport, Sink, StuckReport,
+    stamp::{Stamp, StampCache},
+};
 use crate::{
     attach::{hook_name, tier_name},
     enrich::Attribution,
@@ -20,20 +23,41 @@ use crate::{
 };
 
 pub struct JsonSink {
-    out: Box<dyn Write>,
+    lines: Lines,
     /// Every record names the node, for logs shipped off a cluster.
     node: String,
+    stamps: StampCache,
 }
 
 impl JsonSink {
     pub fn new(out: Box<dyn Write>, node: String) -> Self {
-        Self { out, node }
+        Self {
+            lines: Lines {
+                out,
+                line: Vec::new(),
+            },
+            node,
+            stamps: StampCache::default(),
+        }
     }
 }
 
-fn line(out: &mut dyn Write, value: &impl Serialize) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, value)?;
-    out.write_all(b"\n")
+/// Writes each record whole. serde_json writes a line in dozens of small
+/// pieces, which cost a call through `dyn Write` each; into a Vec they are
+/// copies, and the Vec, kept from line to line, stops allocating once it
+/// has held the longest line.
+struct Lines {
+    out: Box<dyn Write>,
+    line: Vec<u8>,
+}
+
+impl Lines {
+    fn write(&mut self, value: &impl Serialize) -> io::Result<()> {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, value)?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)
+    }
 }
 
 fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
@@ -43,7 +67,7 @@ fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
 /// The fields every connection record starts with.
 #[derive(Serialize)]
 struct Head {
-    time: String,
+    time: Stamp,
     kind: &'static str,
     #[serde(flatten)]
     endpoints: Endpoints,
@@ -51,9 +75,9 @@ struct Head {
 }
 
 impl Head {
-    fn new(time: SystemTime, kind: &'static str, conn: &Connection) -> Self {
+    fn new(time: Stamp, kind: &'static str, conn: &Connection) -> Self {
         Self {
-            time: rfc3339_micros(time),
+            time,
             kind,
             endpoints: Endpoints::new(conn.key.local, conn.key.remote),
             netns: (conn.key.netns != 0).then_some(conn.key.netns),
@@ -212,13 +236,13 @@ impl<'a> WhoJson<'a> {
 
 #[derive(Serialize)]
 struct AggregateJson<'a> {
-    first_time: String,
+    first_time: Stamp,
     ports: &'a [u16],
 }
 
 #[derive(Serialize)]
 struct RstJson<'a> {
-    time: String,
+    time: Stamp,
     kind: &'static str,
     /// The resets this record stands for: 1, or an aggregate's count.
     count: u64,
@@ -251,19 +275,19 @@ struct RstJson<'a> {
 }
 
 impl<'a> RstJson<'a> {
-    fn new(report: &'a RstReport, node: &'a str) -> Self {
+    fn new(report: &'a RstReport, node: &'a str, stamps: &mut StampCache) -> Self {
         let ev = &report.ev;
         let task: Option<&Task> = ev.task.as_ref();
         let conn = report.conn.as_ref();
         Self {
-            time: rfc3339_micros(ev.time),
+            time: stamps.stamp(ev.time),
             kind: match ev.aggregate {
                 Some(_) => ev.kind.aggregate_name(),
                 None => ev.kind.name(),
             },
             count: ev.resets(),
             aggregate: ev.aggregate.as_ref().map(|a| AggregateJson {
-                first_time: rfc3339_micros(a.first),
+                first_time: stamps.stamp(a.first),
                 ports: &a.ports,
             }),
             endpoints: Endpoints::new(ev.local, ev.remote),
@@ -333,7 +357,7 @@ struct ResolvedJson<'a> {
 
 #[derive(Serialize)]
 struct LostJson<'a> {
-    time: String,
+    time: Stamp,
     kind: &'static str,
     lost: u64,
     lost_total: u64,
@@ -342,63 +366,55 @@ struct LostJson<'a> {
 
 impl Sink for JsonSink {
     fn rst(&mut self, report: &RstReport) -> io::Result<()> {
-        line(&mut self.out, &RstJson::new(report, &self.node))
+        let line = RstJson::new(report, &self.node, &mut self.stamps);
+        self.lines.write(&line)
     }
 
     fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
         let conn = &r.conn;
-        line(
-            &mut self.out,
-            &StuckJson {
-                head: Head::new(r.time, "halfclose_stuck", conn),
-                state: conn.state.name(),
-                stuck_for_ms: ms_before(conn.since, r.time),
-                age_is_lower_bound: !conn.seen_from_start,
-                waiting_for: r.diagnosis.waiting_for.name(),
-                blame: r.diagnosis.blame.name(),
-                orphaned: conn.orphaned,
-                initiator: initiator(Some(conn), r.time),
-                our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
-                peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
-                history: history(Some(conn), r.time),
-                diagnosis: &r.diagnosis.text,
-                node: &self.node,
-                who: WhoJson::new(&r.attribution),
-            },
-        )
+        self.lines.write(&StuckJson {
+            head: Head::new(self.stamps.stamp(r.time), "halfclose_stuck", conn),
+            state: conn.state.name(),
+            stuck_for_ms: ms_before(conn.since, r.time),
+            age_is_lower_bound: !conn.seen_from_start,
+            waiting_for: r.diagnosis.waiting_for.name(),
+            blame: r.diagnosis.blame.name(),
+            orphaned: conn.orphaned,
+            initiator: initiator(Some(conn), r.time),
+            our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
+            peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
+            history: history(Some(conn), r.time),
+            diagnosis: &r.diagnosis.text,
+            node: &self.node,
+            who: WhoJson::new(&r.attribution),
+        })
     }
 
     fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
         let conn = &r.resolved.conn;
-        line(
-            &mut self.out,
-            &ResolvedJson {
-                head: Head::new(conn.since, "halfclose_resolved", conn),
-                state: r.resolved.stuck_state.name(),
-                now_state: conn.state.name(),
-                stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
-                initiator: initiator(Some(conn), conn.since),
-                diagnosis: &r.diagnosis,
-                node: &self.node,
-            },
-        )
+        self.lines.write(&ResolvedJson {
+            head: Head::new(self.stamps.stamp(conn.since), "halfclose_resolved", conn),
+            state: r.resolved.stuck_state.name(),
+            now_state: conn.state.name(),
+            stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
+            initiator: initiator(Some(conn), conn.since),
+            diagnosis: &r.diagnosis,
+            node: &self.node,
+        })
     }
 
     fn lost(&mut self, report: &LossReport) -> io::Result<()> {
-        line(
-            &mut self.out,
-            &LostJson {
-                time: rfc3339_micros(SystemTime::now()),
-                kind: "lost",
-                lost: report.lost,
-                lost_total: report.lost_total,
-                node: &self.node,
-            },
-        )
+        self.lines.write(&LostJson {
+            time: self.stamps.stamp(SystemTime::now()),
+            kind: "lost",
+            lost: report.lost,
+            lost_total: report.lost_total,
+            node: &self.node,
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.lines.out.flush()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Where events go: a streaming table for people, NDJSON for machines.
 
 mod json;
+mod stamp;
 mod table;
 
 use std::{
