@@ -299,7 +299,7 @@ impl<'a> RstJson<'a> {
             context: ev.context.name(),
             pid: task.map(|t| t.pid),
             tid: task.map(|t| t.tid),
-            comm: task.map(|t| t.comm.as_str()),
+            comm: task.map(|t| &*t.comm),
             uid: task.map(|t| t.uid),
             initiator: initiator(conn, ev.time),
             history: history(conn, ev.time),
