@@ -85,7 +85,7 @@ fn decoder() -> Decoder {
 struct Pipeline {
     decoder: Decoder,
     sink: JsonSink,
-    netns_name: String,
+    netns_name: Arc<str>,
     caller: Arc<str>,
 }
 

@@ -167,7 +167,8 @@ pub fn acting_owner(ev: &RstEvent) -> Option<Process> {
 /// Who a socket belongs to, as far as this host can tell.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Attribution {
-    pub netns_name: Option<String>,
+    /// Shared with the enricher's table: every reset in a namespace names it.
+    pub netns_name: Option<Arc<str>>,
     pub cgroup_id: Option<u64>,
     pub cgroup: Option<Arc<CgroupInfo>>,
     pub pod: Option<PodMeta>,
@@ -185,7 +186,7 @@ pub struct Enricher {
     pods: Option<PodIndex>,
     /// The pod labels events carry; pods can have many.
     pod_labels: Vec<String>,
-    netns_names: HashMap<u32, String>,
+    netns_names: HashMap<u32, Arc<str>>,
     netns_scanned_at: Option<Instant>,
 }
 
@@ -230,7 +231,7 @@ impl Enricher {
         }
     }
 
-    fn netns_name(&mut self, inode: u32) -> Option<String> {
+    fn netns_name(&mut self, inode: u32) -> Option<Arc<str>> {
         if inode == 0 {
             return None;
         }
@@ -242,7 +243,7 @@ impl Enricher {
             self.netns_scanned_at = Some(Instant::now());
             for ns in all_namespaces() {
                 let name = namespace_label(&ns);
-                self.netns_names.entry(ns.inode).or_insert(name);
+                self.netns_names.entry(ns.inode).or_insert(name.into());
             }
         }
         self.netns_names.get(&inode).cloned()
