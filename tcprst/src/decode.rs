@@ -1,7 +1,6 @@
 //! Ring-buffer bytes → domain records.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -20,12 +19,16 @@ use crate::{
         NfHook, ResetHook, RstEvent, RstKind, ShutHow, SocketFacts, Task, TcpState,
     },
     layout::ReasonNames,
+    memo::Memo,
 };
 
 pub struct Decoder {
     reasons: ReasonNames,
     pub clock: WallClock,
-    comms: Comms,
+    /// Command names, each made a shared string once: a trace sees few
+    /// distinct ones, and every reset and close mark of a process names its
+    /// command again. Keyed by the kernel's NUL-padded 16 bytes.
+    comms: Memo<[u8; 16], Arc<str>>,
 }
 
 impl Decoder {
@@ -33,9 +36,12 @@ impl Decoder {
         Self {
             reasons,
             clock,
-            comms: Comms::default(),
+            comms: Memo::new(Self::MAX_COMMS),
         }
     }
+
+    /// Command names kept at most.
+    const MAX_COMMS: usize = 4096;
 
     pub fn decode(&mut self, bytes: &[u8]) -> Result<RstEvent> {
         let Some(&kind) = bytes.first() else {
@@ -60,7 +66,7 @@ impl Decoder {
         let task = Task {
             pid: mark.tgid,
             tid: mark.tgid,
-            comm: self.comms.name(&mark.comm),
+            comm: self.comms.get(&mark.comm, || comm_name(&mark.comm)),
             uid: 0,
         };
         let op = match mark.op {
@@ -105,7 +111,7 @@ impl Decoder {
             task: (context != ExecContext::Softirq).then(|| Task {
                 pid: rec.task.tgid,
                 tid: rec.task.tid,
-                comm: self.comms.name(&rec.task.comm),
+                comm: self.comms.get(&rec.task.comm, || comm_name(&rec.task.comm)),
                 uid: rec.task.uid,
             }),
             errno: match kind {
@@ -228,29 +234,9 @@ fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// Command names, each made a shared string once: a trace sees few distinct
-/// ones, and every reset and close mark of a process names its command again.
-#[derive(Default)]
-struct Comms(HashMap<[u8; 16], Arc<str>>);
-
-impl Comms {
-    /// Names kept at most. Past it the table starts over: a host that keeps
-    /// naming new commands costs a refill now and then, never more memory.
-    const MAX: usize = 4096;
-
-    /// The name in a kernel comm, NUL-padded (so one name is one key).
-    fn name(&mut self, comm: &[u8; 16]) -> Arc<str> {
-        if let Some(name) = self.0.get(comm) {
-            return name.clone();
-        }
-        if self.0.len() >= Self::MAX {
-            self.0.clear();
-        }
-        let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-        let name: Arc<str> = String::from_utf8_lossy(&comm[..end]).into();
-        self.0.insert(*comm, name.clone());
-        name
-    }
+fn comm_name(comm: &[u8; 16]) -> Arc<str> {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into()
 }
 
 #[cfg(test)]
@@ -559,32 +545,17 @@ pub(crate) mod tests {
 
     #[test]
     fn a_command_name_is_made_once() {
-        let mut comms = Comms::default();
-        let curl = comms.name(b"curl\0\0\0\0\0\0\0\0\0\0\0\0");
-        assert_eq!(&*curl, "curl");
-        let again = comms.name(b"curl\0\0\0\0\0\0\0\0\0\0\0\0");
-        assert!(Arc::ptr_eq(&curl, &again));
+        let mut d = decoder();
+        let rec = bytes(&record(RecordKind::RstSent));
+        let first = d.decode(&rec).unwrap().task.unwrap().comm;
+        assert_eq!(&*first, "curl");
+        let again = d.decode(&rec).unwrap().task.unwrap().comm;
+        assert!(Arc::ptr_eq(&first, &again));
         // Sixteen bytes with no NUL, and bytes that are not UTF-8.
-        assert_eq!(&*comms.name(b"kworker/u8:3-ev0"), "kworker/u8:3-ev0");
+        assert_eq!(&*comm_name(b"kworker/u8:3-ev0"), "kworker/u8:3-ev0");
         assert_eq!(
-            &*comms.name(b"a\xffb\0\0\0\0\0\0\0\0\0\0\0\0\0"),
+            &*comm_name(b"a\xffb\0\0\0\0\0\0\0\0\0\0\0\0\0"),
             "a\u{fffd}b"
         );
-    }
-
-    #[test]
-    fn the_command_table_starts_over_when_full() {
-        let mut comms = Comms::default();
-        let first = comms.name(&[b'a'; 16]);
-        for i in 1..Comms::MAX as u32 {
-            let mut comm = [0; 16];
-            comm[..4].copy_from_slice(&i.to_le_bytes());
-            comms.name(&comm);
-        }
-        assert_eq!(comms.0.len(), Comms::MAX);
-        assert!(Arc::ptr_eq(&first, &comms.name(&[b'a'; 16])));
-        comms.name(b"one more\0\0\0\0\0\0\0\0");
-        assert_eq!(comms.0.len(), 1);
-        assert!(!Arc::ptr_eq(&first, &comms.name(&[b'a'; 16])));
     }
 }

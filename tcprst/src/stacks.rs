@@ -5,6 +5,9 @@
 use std::{collections::HashMap, fs, sync::Arc};
 
 use aya::maps::{MapData, StackTraceMap};
+use tcprst_common::CALLER_FRAMES;
+
+use crate::memo::Memo;
 
 /// Kernel text symbols, sorted by address.
 pub struct Kallsyms {
@@ -95,6 +98,9 @@ pub struct Stacks {
     map: Option<StackTraceMap<MapData>>,
     kallsyms: Kallsyms,
     symbols: HashMap<u64, Option<Arc<str>>>,
+    /// Callers by a record's frames: a storm repeats a few code paths, and
+    /// naming one is a symbol lookup per frame and a new string.
+    callers: Memo<[u64; CALLER_FRAMES], Option<Arc<str>>>,
     whole: HashMap<u32, Stack>,
 }
 
@@ -104,26 +110,35 @@ impl Stacks {
             map,
             kallsyms,
             symbols: HashMap::new(),
+            callers: Memo::new(Self::MAX_CALLERS),
             whole: HashMap::new(),
         }
     }
 
-    fn symbol(&mut self, ip: u64) -> Option<Arc<str>> {
-        let kallsyms = &self.kallsyms;
-        self.symbols
-            .entry(ip)
-            .or_insert_with(|| kallsyms.symbol(ip).cloned())
-            .clone()
-    }
+    /// Frame sets whose callers are kept at most.
+    const MAX_CALLERS: usize = 4096;
 
     /// The caller named by a record's innermost frames (zero past the last).
-    pub fn caller(&mut self, frames: &[u64]) -> Option<Arc<str>> {
-        let names: Vec<Arc<str>> = frames
-            .iter()
-            .take_while(|ip| **ip != 0)
-            .filter_map(|ip| self.symbol(*ip))
-            .collect();
-        caller(names.iter().map(|f| &**f)).map(Arc::from)
+    pub fn caller(&mut self, frames: &[u64; CALLER_FRAMES]) -> Option<Arc<str>> {
+        let Self {
+            callers,
+            symbols,
+            kallsyms,
+            ..
+        } = self;
+        callers.get(frames, || {
+            let names: Vec<Arc<str>> = frames
+                .iter()
+                .take_while(|ip| **ip != 0)
+                .filter_map(|ip| {
+                    symbols
+                        .entry(*ip)
+                        .or_insert_with(|| kallsyms.symbol(*ip).cloned())
+                        .clone()
+                })
+                .collect();
+            caller(names.iter().map(|f| &**f)).map(Arc::from)
+        })
     }
 
     /// A whole stack, taken with `--stack`.
@@ -204,7 +219,10 @@ mod tests {
         {
             *slot = at(name);
         }
-        assert_eq!(stacks.caller(&frames).as_deref(), Some("tcp_v4_rcv"));
+        let named = stacks.caller(&frames).unwrap();
+        assert_eq!(&*named, "tcp_v4_rcv");
+        // Named once: the same frames give the same string.
+        assert!(Arc::ptr_eq(&named, &stacks.caller(&frames).unwrap()));
         assert_eq!(stacks.caller(&[0; 8]), None);
         // No whole stacks without --stack.
         assert_eq!(stacks.whole(3), None);
