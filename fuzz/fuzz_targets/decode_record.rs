@@ -5,6 +5,6 @@ use libfuzzer_sys::fuzz_target;
 use tcprst::{clock::WallClock, decode::Decoder, layout::ReasonNames};
 
 fuzz_target!(|data: &[u8]| {
-    let decoder = Decoder::new(ReasonNames::default(), WallClock::now());
+    let mut decoder = Decoder::new(ReasonNames::default(), WallClock::now());
     let _ = decoder.decode(data);
 });

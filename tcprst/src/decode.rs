@@ -2,13 +2,14 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Result, anyhow, bail};
 use tcprst_common::{
     AF_INET, AF_INET6, CloseMark, MARK_STEPS, MarkedRstRecord, RecordKind, RstKey, RstRecord,
-    RstTally, TaskInfo, Tuple, close_op, rst_flags, shutdown_bits,
+    RstTally, Tuple, close_op, rst_flags, shutdown_bits,
 };
 
 use crate::{
@@ -18,19 +19,31 @@ use crate::{
         NfHook, ResetHook, RstEvent, RstKind, ShutHow, SocketFacts, Task, TcpState,
     },
     layout::ReasonNames,
+    memo::Memo,
 };
 
 pub struct Decoder {
     reasons: ReasonNames,
     pub clock: WallClock,
+    /// Command names, each made a shared string once: a trace sees few
+    /// distinct ones, and every reset and close mark of a process names its
+    /// command again. Keyed by the kernel's NUL-padded 16 bytes.
+    comms: Memo<[u8; 16], Arc<str>>,
 }
 
 impl Decoder {
     pub fn new(reasons: ReasonNames, clock: WallClock) -> Self {
-        Self { reasons, clock }
+        Self {
+            reasons,
+            clock,
+            comms: Memo::new(Self::MAX_COMMS),
+        }
     }
 
-    pub fn decode(&self, bytes: &[u8]) -> Result<RstEvent> {
+    /// Command names kept at most.
+    const MAX_COMMS: usize = 4096;
+
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<RstEvent> {
         let Some(&kind) = bytes.first() else {
             bail!("empty record");
         };
@@ -49,11 +62,11 @@ impl Decoder {
     }
 
     /// A close mark's steps, on the wall clock.
-    pub fn history(&self, mark: &CloseMark) -> CloseHistory {
+    pub fn history(&mut self, mark: &CloseMark) -> CloseHistory {
         let task = Task {
             pid: mark.tgid,
             tid: mark.tgid,
-            comm: comm_str(&mark.comm),
+            comm: self.comms.get(&mark.comm, || comm_name(&mark.comm)),
             uid: 0,
         };
         let op = match mark.op {
@@ -76,7 +89,7 @@ impl Decoder {
         }
     }
 
-    fn rst(&self, rec: RstRecord, mark: Option<&CloseMark>, kind: RstKind) -> Result<RstEvent> {
+    fn rst(&mut self, rec: RstRecord, mark: Option<&CloseMark>, kind: RstKind) -> Result<RstEvent> {
         let context = exec_context(rec.context)?;
         let has = |flag: u8| rec.flags & flag != 0;
         let state = has(rst_flags::HAS_STATE)
@@ -95,7 +108,12 @@ impl Decoder {
                 .then_some(rec.sock_cookie),
             netns: known_netns(rec.netns),
             context,
-            task: task(context, &rec.task),
+            task: (context != ExecContext::Softirq).then(|| Task {
+                pid: rec.task.tgid,
+                tid: rec.task.tid,
+                comm: self.comms.get(&rec.task.comm, || comm_name(&rec.task.comm)),
+                uid: rec.task.uid,
+            }),
             errno: match kind {
                 RstKind::Received => state.and_then(Errno::for_reset_in),
                 RstKind::Sent => None,
@@ -125,7 +143,7 @@ impl Decoder {
     /// key's ends and verdict, with the attribution of its last detailed
     /// record. What belonged to that one socket (cookie, inode, close mark,
     /// whole stack) is left out.
-    pub fn aggregate(&self, key: &RstKey, tally: &RstTally) -> Result<RstEvent> {
+    pub fn aggregate(&mut self, key: &RstKey, tally: &RstTally) -> Result<RstEvent> {
         let mut rec = tally.sample;
         if rec.kind == 0 {
             // The detailed record that should have left its sample was still
@@ -193,15 +211,6 @@ fn exec_context(raw: u8) -> Result<ExecContext> {
     })
 }
 
-fn task(context: ExecContext, info: &TaskInfo) -> Option<Task> {
-    (context != ExecContext::Softirq).then(|| Task {
-        pid: info.tgid,
-        tid: info.tid,
-        comm: comm_str(&info.comm),
-        uid: info.uid,
-    })
-}
-
 fn endpoints(t: &Tuple) -> (SocketAddr, SocketAddr) {
     (
         socket_addr(t.family, &t.local_addr, t.local_port),
@@ -225,13 +234,15 @@ fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-fn comm_str(comm: &[u8; 16]) -> String {
+fn comm_name(comm: &[u8; 16]) -> Arc<str> {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
+    String::from_utf8_lossy(&comm[..end]).into()
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use tcprst_common::TaskInfo;
+
     use super::*;
 
     const LOOPBACK_V4: [u8; 16] = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -348,7 +359,7 @@ pub(crate) mod tests {
         assert_eq!(ev.remote, "10.1.2.3:0".parse().unwrap());
         // The sample's attribution; nothing of its one socket.
         assert_eq!(ev.cgroup_id, Some(77));
-        assert_eq!(ev.task.as_ref().unwrap().comm, "curl");
+        assert_eq!(&*ev.task.as_ref().unwrap().comm, "curl");
         assert_eq!(ev.frames[0], 0xffff_ffff_8100_0000);
         assert_eq!(ev.sock_cookie, None);
         assert_eq!(ev.socket, None);
@@ -520,7 +531,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_short_and_unknown_records() {
-        let d = decoder();
+        let mut d = decoder();
         let full = bytes(&record(RecordKind::RstSent));
         assert!(d.decode(&full[..50]).is_err());
         assert!(d.decode(&[]).is_err());
@@ -530,5 +541,21 @@ pub(crate) mod tests {
         let mut bad = record(RecordKind::RstSent);
         bad.context = 0;
         assert!(d.decode(&bytes(&bad)).is_err());
+    }
+
+    #[test]
+    fn a_command_name_is_made_once() {
+        let mut d = decoder();
+        let rec = bytes(&record(RecordKind::RstSent));
+        let first = d.decode(&rec).unwrap().task.unwrap().comm;
+        assert_eq!(&*first, "curl");
+        let again = d.decode(&rec).unwrap().task.unwrap().comm;
+        assert!(Arc::ptr_eq(&first, &again));
+        // Sixteen bytes with no NUL, and bytes that are not UTF-8.
+        assert_eq!(&*comm_name(b"kworker/u8:3-ev0"), "kworker/u8:3-ev0");
+        assert_eq!(
+            &*comm_name(b"a\xffb\0\0\0\0\0\0\0\0\0\0\0\0\0"),
+            "a\u{fffd}b"
+        );
     }
 }

@@ -14,7 +14,7 @@ use anyhow::Result;
 
 use crate::{
     cgroup::{CgroupInfo, CgroupResolver, parse_path},
-    event::{Process, TcpState},
+    event::{ExecContext, Process, RstEvent, TcpState},
     k8s::{PodIndex, PodMeta},
     netns::{NetnsHandle, all_namespaces, in_netns},
     owner::SocketOwners,
@@ -191,10 +191,22 @@ impl OwnerCache {
     }
 }
 
+/// The task acting on the socket, when a reset happened in process context
+/// (its own close() or connect(), or the backlog it releases): it holds the
+/// socket, or did until that close(), and naming it costs no /proc scan.
+pub fn acting_owner(ev: &RstEvent) -> Option<Process> {
+    let task = ev.task.as_ref()?;
+    (ev.context == ExecContext::Process).then(|| Process {
+        pid: task.pid,
+        comm: task.comm.clone(),
+    })
+}
+
 /// Who a socket belongs to, as far as this host can tell.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Attribution {
-    pub netns_name: Option<String>,
+    /// Shared with the enricher's table: every reset in a namespace names it.
+    pub netns_name: Option<Arc<str>>,
     pub cgroup_id: Option<u64>,
     pub cgroup: Option<Arc<CgroupInfo>>,
     pub pod: Option<PodMeta>,
@@ -214,7 +226,7 @@ pub struct Enricher {
     pods: Option<PodIndex>,
     /// The pod labels events carry; pods can have many.
     pod_labels: Vec<String>,
-    netns_names: HashMap<u32, String>,
+    netns_names: HashMap<u32, Arc<str>>,
     netns_scanned_at: Option<Instant>,
 }
 
@@ -272,7 +284,7 @@ impl Enricher {
     /// `NETNS_REFRESH_EVERY` rescans too, because the kernel reuses the
     /// inode of a namespace that went away. Each scan replaces the map, so
     /// it holds only namespaces that exist.
-    fn netns_name(&mut self, inode: u32) -> Option<String> {
+    fn netns_name(&mut self, inode: u32) -> Option<Arc<str>> {
         if inode == 0 {
             return None;
         }
@@ -286,7 +298,7 @@ impl Enricher {
             self.netns_scanned_at = Some(Instant::now());
             self.netns_names = all_namespaces()
                 .into_iter()
-                .map(|ns| (ns.inode, namespace_label(&ns)))
+                .map(|ns| (ns.inode, namespace_label(&ns).into()))
                 .collect();
         }
         self.netns_names.get(&inode).cloned()

@@ -153,7 +153,8 @@ impl ExecContext {
 pub struct Task {
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    /// Shared: the decoder makes each command name once.
+    pub comm: Arc<str>,
     pub uid: u32,
 }
 
@@ -242,7 +243,7 @@ impl NfHook {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Process {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Arc<str>,
 }
 
 /// The direction `shutdown(2)` closed.

@@ -134,7 +134,7 @@ impl EventFilter {
             return false;
         }
         if let Some(comm) = &self.comm
-            && ev.task.as_ref().is_none_or(|t| &t.comm != comm)
+            && ev.task.as_ref().is_none_or(|t| *t.comm != **comm)
         {
             return false;
         }

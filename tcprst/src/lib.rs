@@ -19,6 +19,7 @@ pub mod event;
 pub mod filter;
 pub mod k8s;
 pub mod layout;
+mod memo;
 pub mod metrics;
 pub mod mountinfo;
 pub mod netns;

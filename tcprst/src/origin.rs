@@ -25,6 +25,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    fmt,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -51,21 +52,22 @@ pub enum Origin {
     },
 }
 
-impl Origin {
-    pub fn describe(&self) -> String {
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::LocalTcp => "this host's TCP stack".to_owned(),
+            Self::LocalTcp => f.write_str("this host's TCP stack"),
             Self::LocalNetfilter(Some(hook)) => {
-                format!("a netfilter reject rule on this host ({})", hook.name())
+                write!(f, "a netfilter reject rule on this host ({})", hook.name())
             }
-            Self::LocalNetfilter(None) => "a netfilter reject rule on this host".to_owned(),
+            Self::LocalNetfilter(None) => f.write_str("a netfilter reject rule on this host"),
             Self::NotLocal {
                 netfilter_watched: false,
-            } => "not a local TCP socket (netfilter, middlebox or userspace stack)".to_owned(),
+            } => f.write_str("not a local TCP socket (netfilter, middlebox or userspace stack)"),
             Self::NotLocal {
                 netfilter_watched: true,
-            } => "not a local TCP socket or netfilter rule (another host, a middlebox or a userspace stack)"
-                .to_owned(),
+            } => f.write_str(
+                "not a local TCP socket or netfilter rule (another host, a middlebox or a userspace stack)",
+            ),
         }
     }
 }
@@ -414,7 +416,7 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].2, None);
         assert_eq!(
-            out[0].1.describe(),
+            out[0].1.to_string(),
             "not a local TCP socket (netfilter, middlebox or userspace stack)"
         );
         assert_eq!(origins.stats().receipts_unmatched, 1);
@@ -588,7 +590,7 @@ mod tests {
         origins.received(Receipt::of(&received(t(2))), 2, Instant::now());
         let out = origins.flush();
         assert_eq!(out.iter().map(|(r, ..)| *r).collect::<Vec<_>>(), [1, 2]);
-        assert!(out[0].1.describe().contains("or netfilter rule"));
+        assert!(out[0].1.to_string().contains("or netfilter rule"));
         assert_eq!(origins.stats().receipts_unmatched, 2);
     }
 }

@@ -1,7 +1,7 @@
 //! Which processes hold a socket, from the `socket:[INODE]` links under
 //! /proc/PID/fd.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{collections::HashMap, fs, path::Path, sync::Arc};
 
 use crate::event::Process;
 
@@ -9,7 +9,7 @@ use crate::event::Process;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Arc<str>,
 }
 
 /// Socket inode to the processes holding it, as of one scan of /proc.
@@ -48,7 +48,7 @@ impl SocketOwners {
             };
             let owner = Owner {
                 pid,
-                comm: comm.trim_end_matches('\n').to_owned(),
+                comm: comm.trim_end_matches('\n').into(),
             };
             for inode in inodes {
                 by_inode.entry(inode).or_default().push(owner.clone());
@@ -119,7 +119,7 @@ mod tests {
 
         let me = Owner {
             pid: std::process::id(),
-            comm: comm.trim_end_matches('\n').to_owned(),
+            comm: comm.trim_end_matches('\n').into(),
         };
         // A child forked by a concurrent test holds it too until it execs.
         let ours: Vec<_> = owners

@@ -68,7 +68,7 @@ fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
         .iter()
         .map(|o| OwnerJson {
             pid: o.pid,
-            comm: o.comm.clone(),
+            comm: o.comm.to_string(),
         })
         .collect();
     let orphaned = s.inode == 0;

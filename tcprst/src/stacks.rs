@@ -5,6 +5,9 @@
 use std::{collections::HashMap, fs, str::FromStr, sync::Arc};
 
 use aya::maps::{MapData, StackTraceMap};
+use tcprst_common::CALLER_FRAMES;
+
+use crate::memo::Memo;
 
 use crate::privileges;
 
@@ -118,6 +121,14 @@ pub fn caller<'a>(frames: impl IntoIterator<Item = &'a str>) -> Option<&'a str> 
         .find(|f| !NOT_CALLERS.contains(f))
 }
 
+/// The functions a reset went through, innermost first, and the one
+/// that decided it.
+#[derive(Debug, Clone, Default)]
+pub struct KernelPath {
+    pub functions: Arc<[Arc<str>]>,
+    pub caller: Option<Arc<str>>,
+}
+
 /// One symbolized stack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stack {
@@ -134,6 +145,9 @@ pub struct Stacks {
     map: Option<StackTraceMap<MapData>>,
     kallsyms: Kallsyms,
     symbols: HashMap<u64, Option<Arc<str>>>,
+    /// Paths by a record's frames: a storm repeats a few code paths, and
+    /// naming one is a symbol lookup per frame and new strings.
+    paths: Memo<[u64; CALLER_FRAMES], KernelPath>,
     whole: HashMap<u32, Stack>,
 }
 
@@ -143,31 +157,38 @@ impl Stacks {
             map,
             kallsyms,
             symbols: HashMap::new(),
+            paths: Memo::new(Self::MAX_PATHS),
             whole: HashMap::new(),
         }
     }
 
-    fn symbol(&mut self, ip: u64) -> Option<Arc<str>> {
-        let kallsyms = &self.kallsyms;
-        self.symbols
-            .entry(ip)
-            .or_insert_with(|| kallsyms.symbol(ip).cloned())
-            .clone()
-    }
+    /// Frame sets whose paths are kept at most.
+    const MAX_PATHS: usize = 4096;
 
-    /// A record's innermost frames (zero past the last), symbolized.
-    pub fn path(&mut self, frames: &[u64]) -> Vec<Arc<str>> {
-        frames
-            .iter()
-            .take_while(|ip| **ip != 0)
-            .filter_map(|ip| self.symbol(*ip))
-            .collect()
+    /// A record's innermost frames (zero past the last), symbolized, and
+    /// the caller they name; made once per set of frames.
+    pub fn path(&mut self, frames: &[u64; CALLER_FRAMES]) -> KernelPath {
+        let Self {
+            paths,
+            symbols,
+            kallsyms,
+            ..
+        } = self;
+        paths.get(frames, || {
+            let functions: Arc<[Arc<str>]> = frames
+                .iter()
+                .take_while(|ip| **ip != 0)
+                .filter_map(|ip| {
+                    symbols
+                        .entry(*ip)
+                        .or_insert_with(|| kallsyms.symbol(*ip).cloned())
+                        .clone()
+                })
+                .collect();
+            let caller = caller(functions.iter().map(|f| &**f)).map(Arc::from);
+            KernelPath { functions, caller }
+        })
     }
-}
-
-/// The caller a symbolized path names.
-pub fn caller_of(path: &[Arc<str>]) -> Option<Arc<str>> {
-    caller(path.iter().map(|f| &**f)).map(Arc::from)
 }
 
 impl Stacks {
@@ -274,9 +295,12 @@ mod tests {
             *slot = at(name);
         }
         let path = stacks.path(&frames);
-        assert_eq!(path.len(), 3);
-        assert_eq!(caller_of(&path).as_deref(), Some("tcp_v4_rcv"));
-        assert_eq!(caller_of(&stacks.path(&[0; 8])), None);
+        assert_eq!(path.functions.len(), 3);
+        assert_eq!(path.caller.as_deref(), Some("tcp_v4_rcv"));
+        // Named once: the same frames give the same string.
+        let again = stacks.path(&frames).caller.unwrap();
+        assert!(Arc::ptr_eq(&path.caller.unwrap(), &again));
+        assert_eq!(stacks.path(&[0; 8]).caller, None);
         // No whole stacks without --stack.
         assert_eq!(stacks.whole(3), None);
     }

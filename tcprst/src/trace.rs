@@ -25,9 +25,9 @@ use crate::{
     cgroup::CgroupResolver,
     clock::WallClock,
     decode::Decoder,
-    diagnosis::{self, KernelView, RstDiagnosis},
+    diagnosis::{self, KernelView},
     enrich::{self, Attribution, Enricher, HALF_CLOSED, OwnerCache},
-    event::{ExecContext, Process, ResetHook, RstEvent, RstKind},
+    event::{Process, ResetHook, RstEvent, RstKind},
     filter::EventFilter,
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr, Shortfalls},
@@ -39,9 +39,9 @@ use crate::{
         writer::{self, WriterReport},
     },
     sockdiag::{DumpExtras, dump_tcp_with},
-    stacks::{Kallsyms, Stacks, caller_of},
+    stacks::{Kallsyms, KernelPath, Stacks},
     tallies::Tallies,
-    tracker::{ConnKey, Resolved, RstContext, ScannedSocket, Tracker},
+    tracker::{ConnKey, Resolved, ScannedSocket, Tracker},
 };
 
 /// What one walk through every namespace found: the half-closed sockets
@@ -190,21 +190,11 @@ impl Pipeline<'_> {
         }
     }
 
-    /// Whose socket it is: in process context the task acting on it (its
-    /// own close() or connect(), or the backlog it releases), which costs
-    /// nothing and is right even after close() dropped the descriptor;
-    /// otherwise the process holding the socket's inode, from /proc.
+    /// Whose socket it is: the task acting on it in process context, which
+    /// is right even after close() dropped the descriptor; otherwise the
+    /// process holding the socket's inode, from /proc.
     fn owner_of(&mut self, ev: &RstEvent) -> Option<Process> {
-        if ev.context == ExecContext::Process
-            && let Some(task) = &ev.task
-        {
-            return Some(Process {
-                pid: task.pid,
-                comm: task.comm.clone(),
-            });
-        }
-        let inode = ev.socket?.inode?;
-        self.owners.owner(inode)
+        enrich::acting_owner(ev).or_else(|| self.owners.owner(ev.socket?.inode?))
     }
 
     fn rst(&mut self, ev: RstEvent) -> io::Result<()> {
@@ -244,19 +234,22 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    /// The function that decided a reset, and why it happened: from its
-    /// frames, its socket and what the kernel's settings say.
-    fn explain(
+    /// A reset's report: the function that decided it, and why it
+    /// happened, from its frames, its socket and what the kernel's settings
+    /// say where they explain it.
+    fn report(
         &mut self,
-        ev: &RstEvent,
-        ctx: &RstContext,
-    ) -> (Option<Arc<str>>, Option<RstDiagnosis>) {
+        ev: RstEvent,
+        attribution: Attribution,
+        peer: Option<Peer>,
+        stack: Option<Arc<[Arc<str>]>>,
+    ) -> RstReport {
         let path = match &mut self.stacks {
             Some(stacks) => stacks.path(&ev.frames),
-            None => Vec::new(),
+            None => KernelPath::default(),
         };
         let mut kernel = KernelView {
-            path: &path,
+            path: &path.functions,
             ..KernelView::default()
         };
         // Each fact read only for the rare reset it explains.
@@ -273,7 +266,7 @@ impl Pipeline<'_> {
                 kernel.accept_queue = lookup.accept_queue(netns, ev.local);
             }
         }
-        (caller_of(&path), diagnosis::rst(ev, ctx, &kernel))
+        RstReport::new(ev, attribution, peer, &kernel, path.caller.clone(), stack)
     }
 
     /// Explains a wanted reset and writes it; a received one first waits in
@@ -288,18 +281,7 @@ impl Pipeline<'_> {
             (Some(stacks), Some(id)) => stacks.whole(id),
             _ => None,
         };
-        let ctx = RstContext::of(&ev);
-        let (caller, diagnosis) = self.explain(&ev, &ctx);
-        let report = RstReport {
-            ev,
-            conn: ctx.conn,
-            diagnosis,
-            attribution,
-            peer,
-            caller,
-            stack: stack.map(|s| s.frames),
-            origin: None,
-        };
+        let report = self.report(ev, attribution, peer, stack.map(|s| s.frames));
         if report.ev.kind == RstKind::Received
             && let Some(origins) = &mut self.origins
         {
@@ -348,18 +330,7 @@ impl Pipeline<'_> {
             if !(self.filter.matches(&ev) && self.filter.wants_owner(&attribution)) {
                 continue;
             }
-            let ctx = RstContext::of(&ev);
-            let (caller, diagnosis) = self.explain(&ev, &ctx);
-            let report = RstReport {
-                diagnosis,
-                ev,
-                conn: ctx.conn,
-                attribution,
-                peer: None,
-                caller,
-                stack: None,
-                origin: None,
-            };
+            let report = self.report(ev, attribution, None, None);
             self.count_reset(&report);
             self.sink.rst(&report)?;
             self.counts.shown += 1;

@@ -1,16 +1,26 @@
 //! NDJSON: one object per line. Field names are documented in README.md and
 //! docs/event.schema.json; every field is always present (null when unknown)
 //! so log pipelines see one stable shape.
+//!
+//! Lines are written here field by field rather than derived with serde:
+//! serde_json runs every key through its escaping loop, a byte at a time,
+//! and that was half the CPU of a reset record (#11). Keys are literals,
+//! written whole; strings are copied whole unless they need escapes, which
+//! serde_json then writes by its rules as before.
 
 use std::{
+    collections::BTreeMap,
+    fmt::Display,
     io::{self, Write},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::SystemTime,
 };
 
-use serde::Serialize;
-
-use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
+use super::{
+    LossReport, ResolvedReport, RstReport, Sink, StuckReport,
+    stamp::{Stamp, StampCache},
+};
 use crate::{
     attach::{hook_name, tier_name},
     enrich::Attribution,
@@ -20,20 +30,206 @@ use crate::{
 };
 
 pub struct JsonSink {
-    out: Box<dyn Write>,
+    lines: Lines,
     /// Every record names the node, for logs shipped off a cluster.
     node: String,
+    stamps: StampCache,
 }
 
 impl JsonSink {
     pub fn new(out: Box<dyn Write>, node: String) -> Self {
-        Self { out, node }
+        Self {
+            lines: Lines {
+                out,
+                line: Vec::new(),
+            },
+            node,
+            stamps: StampCache::default(),
+        }
     }
 }
 
-fn line(out: &mut dyn Write, value: &impl Serialize) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, value)?;
-    out.write_all(b"\n")
+/// Writes each record whole: a line is built in a Vec, kept from line to
+/// line so that it stops allocating once it has held the longest, and
+/// written with one call through `dyn Write`.
+struct Lines {
+    out: Box<dyn Write>,
+    line: Vec<u8>,
+}
+
+impl Lines {
+    fn write(&mut self, value: &impl Json) -> io::Result<()> {
+        self.line.clear();
+        value.write(&mut self.line);
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)
+    }
+}
+
+/// A value written as JSON onto the end of a line.
+trait Json {
+    fn write(&self, out: &mut Vec<u8>);
+}
+
+/// An object being written: `{`, then `"key":value` for each field, then
+/// `}` from `end`.
+struct Object<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'a> Object<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, empty: true }
+    }
+
+    /// `key` is a literal field name, which needs no escapes. Inlined, so
+    /// that copying each key is a few moves of a known length.
+    #[inline(always)]
+    fn field(&mut self, key: &'static str, value: &(impl Json + ?Sized)) -> &mut Self {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        value.write(self.out);
+        self
+    }
+
+    fn end(&mut self) {
+        self.out.push(b'}');
+    }
+}
+
+/// What serde_json would write for `value`: numbers and addresses, and
+/// strings that need escapes.
+fn by_serde(value: &(impl serde::Serialize + ?Sized), out: &mut Vec<u8>) {
+    serde_json::to_writer(out, value).expect("writing JSON into a Vec cannot fail");
+}
+
+/// serde_json escapes `"`, `\` and control characters, nothing else.
+fn needs_escapes(text: &[u8]) -> bool {
+    // A fold, not `any`: without the early exit the loop is vectorized, and
+    // almost every string is read to its end anyway.
+    text.iter().fold(false, |found, &b| {
+        found | (b < 0x20) | (b == b'"') | (b == b'\\')
+    })
+}
+
+impl Json for str {
+    fn write(&self, out: &mut Vec<u8>) {
+        if needs_escapes(self.as_bytes()) {
+            return by_serde(self, out);
+        }
+        out.push(b'"');
+        out.extend_from_slice(self.as_bytes());
+        out.push(b'"');
+    }
+}
+
+impl Json for String {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.as_str().write(out);
+    }
+}
+
+impl<T: Json + ?Sized> Json for &T {
+    fn write(&self, out: &mut Vec<u8>) {
+        (**self).write(out);
+    }
+}
+
+impl<T: Json + ?Sized> Json for Arc<T> {
+    fn write(&self, out: &mut Vec<u8>) {
+        (**self).write(out);
+    }
+}
+
+impl<T: Json> Json for Option<T> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Some(value) => value.write(out),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+}
+
+impl<T: Json> Json for [T] {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        for (i, item) in self.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            item.write(out);
+        }
+        out.push(b']');
+    }
+}
+
+impl<T: Json> Json for Vec<T> {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.as_slice().write(out);
+    }
+}
+
+macro_rules! json_by_serde {
+    ($($t:ty),*) => {
+        $(impl Json for $t {
+            fn write(&self, out: &mut Vec<u8>) {
+                by_serde(self, out);
+            }
+        })*
+    };
+}
+
+json_by_serde!(bool, u16, u32, u64, IpAddr);
+
+impl Json for Stamp {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.as_str().write(out);
+    }
+}
+
+/// Pod labels, by key.
+impl Json for BTreeMap<String, String> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (key, value)) in self.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            key.write(out);
+            out.push(b':');
+            value.write(out);
+        }
+        out.push(b'}');
+    }
+}
+
+/// A string from a Display, written in place instead of into a String
+/// first, and escaped after in the rare case it needs it.
+struct Text<T>(T);
+
+impl<T: Display> Json for Text<T> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.push(b'"');
+        write!(out, "{}", self.0).expect("writing into a Vec cannot fail");
+        if needs_escapes(&out[start + 1..]) {
+            let text = out.split_off(start + 1);
+            out.truncate(start);
+            by_serde(
+                std::str::from_utf8(&text).expect("Display writes UTF-8"),
+                out,
+            );
+        } else {
+            out.push(b'"');
+        }
+    }
 }
 
 fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
@@ -41,27 +237,32 @@ fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
 }
 
 /// The fields every connection record starts with.
-#[derive(Serialize)]
 struct Head {
-    time: String,
+    time: Stamp,
     kind: &'static str,
-    #[serde(flatten)]
     endpoints: Endpoints,
     netns: Option<u32>,
 }
 
 impl Head {
-    fn new(time: SystemTime, kind: &'static str, conn: &Connection) -> Self {
+    fn new(time: Stamp, kind: &'static str, conn: &Connection) -> Self {
         Self {
-            time: rfc3339_micros(time),
+            time,
             kind,
             endpoints: Endpoints::new(conn.key.local, conn.key.remote),
             netns: (conn.key.netns != 0).then_some(conn.key.netns),
         }
     }
+
+    fn fields<'o>(&self, out: &'o mut Vec<u8>) -> Object<'o> {
+        let mut o = Object::new(out);
+        o.field("time", &self.time).field("kind", self.kind);
+        self.endpoints.fields(&mut o);
+        o.field("netns", &self.netns);
+        o
+    }
 }
 
-#[derive(Serialize)]
 struct Endpoints {
     family: &'static str,
     local_addr: IpAddr,
@@ -80,15 +281,34 @@ impl Endpoints {
             remote_port: remote.port(),
         }
     }
+
+    fn fields(&self, o: &mut Object) {
+        o.field("family", self.family)
+            .field("local_addr", &self.local_addr)
+            .field("local_port", &self.local_port)
+            .field("remote_addr", &self.remote_addr)
+            .field("remote_port", &self.remote_port);
+    }
 }
 
-#[derive(Serialize)]
 struct InitiatorJson<'a> {
     op: &'static str,
     how: Option<&'static str>,
     pid: u32,
     comm: &'a str,
     ago_ms: u64,
+}
+
+impl Json for InitiatorJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("op", self.op)
+            .field("how", &self.how)
+            .field("pid", &self.pid)
+            .field("comm", self.comm)
+            .field("ago_ms", &self.ago_ms)
+            .end();
+    }
 }
 
 fn initiator(conn: Option<&Connection>, now: SystemTime) -> Option<InitiatorJson<'_>> {
@@ -108,58 +328,102 @@ fn initiator(conn: Option<&Connection>, now: SystemTime) -> Option<InitiatorJson
     })
 }
 
-#[derive(Serialize)]
-struct StepJson {
+struct StepJson<'a> {
     state: &'static str,
     /// None for the state a close mark found, whose start it did not see.
     ago_ms: Option<u64>,
-    by: Option<String>,
+    by: Option<Text<&'a Initiator>>,
 }
 
-fn history(conn: Option<&Connection>, now: SystemTime) -> Vec<StepJson> {
+impl Json for StepJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("state", self.state)
+            .field("ago_ms", &self.ago_ms)
+            .field("by", &self.by)
+            .end();
+    }
+}
+
+fn history(conn: Option<&Connection>, now: SystemTime) -> Vec<StepJson<'_>> {
     conn.map(|c| {
         c.history
             .iter()
             .map(|step| StepJson {
                 state: step.state.name(),
                 ago_ms: step.at.map(|at| ms_before(at, now)),
-                by: step.by.as_ref().map(ToString::to_string),
+                by: step.by.as_ref().map(Text),
             })
             .collect()
     })
     .unwrap_or_default()
 }
 
-#[derive(Serialize)]
 struct ProcessJson<'a> {
     pid: u32,
     comm: &'a str,
 }
 
-#[derive(Serialize)]
+impl Json for ProcessJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("pid", &self.pid)
+            .field("comm", self.comm)
+            .end();
+    }
+}
+
 struct CgroupJson<'a> {
     id: u64,
     path: Option<&'a str>,
 }
 
-#[derive(Serialize)]
+impl Json for CgroupJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("id", &self.id)
+            .field("path", &self.path)
+            .end();
+    }
+}
+
 struct ContainerJson<'a> {
     runtime: Option<&'static str>,
     id: &'a str,
     name: Option<&'a str>,
 }
 
-#[derive(Serialize)]
+impl Json for ContainerJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("runtime", &self.runtime)
+            .field("id", self.id)
+            .field("name", &self.name)
+            .end();
+    }
+}
+
 struct PodJson<'a> {
     uid: &'a str,
     namespace: Option<&'a str>,
     name: Option<&'a str>,
     qos: Option<&'static str>,
-    labels: Option<&'a std::collections::BTreeMap<String, String>>,
+    labels: Option<&'a BTreeMap<String, String>>,
+}
+
+impl Json for PodJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("uid", self.uid)
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("qos", &self.qos)
+            .field("labels", &self.labels)
+            .end();
+    }
 }
 
 /// Whose socket it is: namespace, cgroup, container, pod, service, owner.
-#[derive(Serialize)]
 struct WhoJson<'a> {
     netns_name: Option<&'a str>,
     cgroup: Option<CgroupJson<'a>>,
@@ -167,13 +431,6 @@ struct WhoJson<'a> {
     pod: Option<PodJson<'a>>,
     service: Option<&'a str>,
     owner: Option<ProcessJson<'a>>,
-}
-
-#[derive(Serialize)]
-struct PeerJson<'a> {
-    netns: Option<u32>,
-    #[serde(flatten)]
-    who: WhoJson<'a>,
 }
 
 impl<'a> WhoJson<'a> {
@@ -208,23 +465,55 @@ impl<'a> WhoJson<'a> {
             }),
         }
     }
+
+    fn fields(&self, o: &mut Object) {
+        o.field("netns_name", &self.netns_name)
+            .field("cgroup", &self.cgroup)
+            .field("container", &self.container)
+            .field("pod", &self.pod)
+            .field("service", &self.service)
+            .field("owner", &self.owner);
+    }
 }
 
-#[derive(Serialize)]
+struct PeerJson<'a> {
+    netns: Option<u32>,
+    who: WhoJson<'a>,
+}
+
+impl Json for PeerJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::new(out);
+        o.field("netns", &self.netns);
+        self.who.fields(&mut o);
+        o.end();
+    }
+}
+
 struct AggregateJson<'a> {
-    first_time: String,
+    first_time: Stamp,
     ports: &'a [u16],
 }
 
-#[derive(Serialize)]
+impl Json for AggregateJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("first_time", &self.first_time)
+            .field("ports", self.ports)
+            .end();
+    }
+}
+
 struct RstJson<'a> {
-    time: String,
+    time: Stamp,
     kind: &'static str,
     /// The resets this record stands for: 1, or an aggregate's count.
     count: u64,
     aggregate: Option<AggregateJson<'a>>,
-    #[serde(flatten)]
     endpoints: Endpoints,
+    /// Both ends in a fixed order: the key another node's record of the
+    /// same reset shares (`tcprst correlate`).
+    flow: String,
     state: Option<&'static str>,
     reason: Option<&'a str>,
     errno: Option<&'static str>,
@@ -236,38 +525,38 @@ struct RstJson<'a> {
     comm: Option<&'a str>,
     uid: Option<u32>,
     initiator: Option<InitiatorJson<'a>>,
-    history: Vec<StepJson>,
+    history: Vec<StepJson<'a>>,
     diagnosis: Option<&'a str>,
     cause: Option<&'static str>,
     caller: Option<&'a str>,
-    stack: Option<Vec<&'a str>>,
+    stack: Option<&'a [Arc<str>]>,
     hook: &'static str,
     tier: &'static str,
     nf_hook: Option<&'static str>,
-    origin: Option<String>,
+    origin: Option<Text<&'a Origin>>,
     node: &'a str,
-    #[serde(flatten)]
     who: WhoJson<'a>,
     peer: Option<PeerJson<'a>>,
 }
 
 impl<'a> RstJson<'a> {
-    fn new(report: &'a RstReport, node: &'a str) -> Self {
+    fn new(report: &'a RstReport, node: &'a str, stamps: &mut StampCache) -> Self {
         let ev = &report.ev;
         let task: Option<&Task> = ev.task.as_ref();
         let conn = report.conn.as_ref();
         Self {
-            time: rfc3339_micros(ev.time),
+            time: stamps.stamp(ev.time),
             kind: match ev.aggregate {
                 Some(_) => ev.kind.aggregate_name(),
                 None => ev.kind.name(),
             },
             count: ev.resets(),
             aggregate: ev.aggregate.as_ref().map(|a| AggregateJson {
-                first_time: rfc3339_micros(a.first),
+                first_time: stamps.stamp(a.first),
                 ports: &a.ports,
             }),
             endpoints: Endpoints::new(ev.local, ev.remote),
+            flow: crate::correlate::flow(ev.local, ev.remote),
             state: ev.state.map(|s| s.name()),
             reason: ev.reason.as_deref(),
             errno: ev.errno.map(|e| e.name()),
@@ -276,21 +565,18 @@ impl<'a> RstJson<'a> {
             context: ev.context.name(),
             pid: task.map(|t| t.pid),
             tid: task.map(|t| t.tid),
-            comm: task.map(|t| t.comm.as_str()),
+            comm: task.map(|t| &*t.comm),
             uid: task.map(|t| t.uid),
             initiator: initiator(conn, ev.time),
             history: history(conn, ev.time),
             diagnosis: report.diagnosis.as_ref().map(|d| d.text.as_str()),
             cause: report.diagnosis.as_ref().map(|d| d.cause.name()),
             caller: report.caller.as_deref(),
-            stack: report
-                .stack
-                .as_ref()
-                .map(|s| s.iter().map(|f| &**f).collect()),
+            stack: report.stack.as_deref(),
             hook: hook_name(ev.hook),
             tier: tier_name(ev.tier),
             nf_hook: ev.nf_hook.map(NfHook::name),
-            origin: report.origin.as_ref().map(Origin::describe),
+            origin: report.origin.as_ref().map(Text),
             node,
             who: WhoJson::new(&report.attribution),
             peer: report.peer.as_ref().map(|p| PeerJson {
@@ -301,9 +587,42 @@ impl<'a> RstJson<'a> {
     }
 }
 
-#[derive(Serialize)]
+impl Json for RstJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::new(out);
+        o.field("time", &self.time)
+            .field("kind", self.kind)
+            .field("count", &self.count)
+            .field("aggregate", &self.aggregate);
+        self.endpoints.fields(&mut o);
+        o.field("flow", self.flow.as_str())
+            .field("state", &self.state)
+            .field("reason", &self.reason)
+            .field("errno", &self.errno)
+            .field("socket_cookie", &self.socket_cookie)
+            .field("netns", &self.netns)
+            .field("context", self.context)
+            .field("pid", &self.pid)
+            .field("tid", &self.tid)
+            .field("comm", &self.comm)
+            .field("uid", &self.uid)
+            .field("initiator", &self.initiator)
+            .field("history", &self.history)
+            .field("diagnosis", &self.diagnosis)
+            .field("cause", &self.cause)
+            .field("caller", &self.caller)
+            .field("stack", &self.stack)
+            .field("hook", self.hook)
+            .field("tier", self.tier)
+            .field("nf_hook", &self.nf_hook)
+            .field("origin", &self.origin)
+            .field("node", self.node);
+        self.who.fields(&mut o);
+        o.field("peer", &self.peer).end();
+    }
+}
+
 struct StuckJson<'a> {
-    #[serde(flatten)]
     head: Head,
     state: &'static str,
     stuck_for_ms: u64,
@@ -314,16 +633,33 @@ struct StuckJson<'a> {
     initiator: Option<InitiatorJson<'a>>,
     our_fin_ago_ms: Option<u64>,
     peer_fin_ago_ms: Option<u64>,
-    history: Vec<StepJson>,
+    history: Vec<StepJson<'a>>,
     diagnosis: &'a str,
     node: &'a str,
-    #[serde(flatten)]
     who: WhoJson<'a>,
 }
 
-#[derive(Serialize)]
+impl Json for StuckJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = self.head.fields(out);
+        o.field("state", self.state)
+            .field("stuck_for_ms", &self.stuck_for_ms)
+            .field("age_is_lower_bound", &self.age_is_lower_bound)
+            .field("waiting_for", self.waiting_for)
+            .field("blame", self.blame)
+            .field("orphaned", &self.orphaned)
+            .field("initiator", &self.initiator)
+            .field("our_fin_ago_ms", &self.our_fin_ago_ms)
+            .field("peer_fin_ago_ms", &self.peer_fin_ago_ms)
+            .field("history", &self.history)
+            .field("diagnosis", self.diagnosis)
+            .field("node", self.node);
+        self.who.fields(&mut o);
+        o.end();
+    }
+}
+
 struct ResolvedJson<'a> {
-    #[serde(flatten)]
     head: Head,
     state: &'static str,
     now_state: &'static str,
@@ -333,74 +669,91 @@ struct ResolvedJson<'a> {
     node: &'a str,
 }
 
-#[derive(Serialize)]
+impl Json for ResolvedJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.head
+            .fields(out)
+            .field("state", self.state)
+            .field("now_state", self.now_state)
+            .field("stuck_for_ms", &self.stuck_for_ms)
+            .field("initiator", &self.initiator)
+            .field("diagnosis", self.diagnosis)
+            .field("node", self.node)
+            .end();
+    }
+}
+
 struct LostJson<'a> {
-    time: String,
+    time: Stamp,
     kind: &'static str,
     lost: u64,
     lost_total: u64,
     node: &'a str,
 }
 
+impl Json for LostJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("time", &self.time)
+            .field("kind", self.kind)
+            .field("lost", &self.lost)
+            .field("lost_total", &self.lost_total)
+            .field("node", self.node)
+            .end();
+    }
+}
+
 impl Sink for JsonSink {
     fn rst(&mut self, report: &RstReport) -> io::Result<()> {
-        line(&mut self.out, &RstJson::new(report, &self.node))
+        let line = RstJson::new(report, &self.node, &mut self.stamps);
+        self.lines.write(&line)
     }
 
     fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
         let conn = &r.conn;
-        line(
-            &mut self.out,
-            &StuckJson {
-                head: Head::new(r.time, "halfclose_stuck", conn),
-                state: conn.state.name(),
-                stuck_for_ms: ms_before(conn.since, r.time),
-                age_is_lower_bound: !conn.seen_from_start,
-                waiting_for: r.diagnosis.waiting_for.name(),
-                blame: r.diagnosis.blame.name(),
-                orphaned: conn.orphaned,
-                initiator: initiator(Some(conn), r.time),
-                our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
-                peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
-                history: history(Some(conn), r.time),
-                diagnosis: &r.diagnosis.text,
-                node: &self.node,
-                who: WhoJson::new(&r.attribution),
-            },
-        )
+        self.lines.write(&StuckJson {
+            head: Head::new(self.stamps.stamp(r.time), "halfclose_stuck", conn),
+            state: conn.state.name(),
+            stuck_for_ms: ms_before(conn.since, r.time),
+            age_is_lower_bound: !conn.seen_from_start,
+            waiting_for: r.diagnosis.waiting_for.name(),
+            blame: r.diagnosis.blame.name(),
+            orphaned: conn.orphaned,
+            initiator: initiator(Some(conn), r.time),
+            our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
+            peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
+            history: history(Some(conn), r.time),
+            diagnosis: &r.diagnosis.text,
+            node: &self.node,
+            who: WhoJson::new(&r.attribution),
+        })
     }
 
     fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
         let conn = &r.resolved.conn;
-        line(
-            &mut self.out,
-            &ResolvedJson {
-                head: Head::new(conn.since, "halfclose_resolved", conn),
-                state: r.resolved.stuck_state.name(),
-                now_state: conn.state.name(),
-                stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
-                initiator: initiator(Some(conn), conn.since),
-                diagnosis: &r.diagnosis,
-                node: &self.node,
-            },
-        )
+        self.lines.write(&ResolvedJson {
+            head: Head::new(self.stamps.stamp(conn.since), "halfclose_resolved", conn),
+            state: r.resolved.stuck_state.name(),
+            now_state: conn.state.name(),
+            stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
+            initiator: initiator(Some(conn), conn.since),
+            diagnosis: &r.diagnosis,
+            node: &self.node,
+        })
     }
 
     fn lost(&mut self, report: &LossReport) -> io::Result<()> {
-        line(
-            &mut self.out,
-            &LostJson {
-                time: rfc3339_micros(SystemTime::now()),
-                kind: "lost",
-                lost: report.lost,
-                lost_total: report.lost_total,
-                node: &self.node,
-            },
-        )
+        self.lines.write(&LostJson {
+            time: self.stamps.stamp(SystemTime::now()),
+            kind: "lost",
+            lost: report.lost,
+            lost_total: report.lost_total,
+            node: &self.node,
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.lines.out.flush()
     }
 }
 
@@ -573,6 +926,7 @@ mod tests {
             "family": "ipv6",
             "local_addr": "::1", "local_port": 5000,
             "remote_addr": "::1", "remote_port": 40000,
+            "flow": "[::1]:5000-[::1]:40000",
             "state": "SYN_SENT",
             "reason": null,
             "errno": "ECONNREFUSED",
@@ -600,6 +954,42 @@ mod tests {
             "origin": "not a local TCP socket (netfilter, middlebox or userspace stack)",
         });
         assert_eq!(lines(&buf)[0], expected);
+        // Byte for byte, in the order log pipelines have always seen.
+        assert_eq!(
+            buf.text(),
+            concat!(
+                r#"{"time":"2026-11-18T11:06:40.123456Z","kind":"rst_received","count":1"#,
+                r#","aggregate":null,"family":"ipv6","local_addr":"::1","local_port":5000"#,
+                r#","remote_addr":"::1","remote_port":40000,"flow":"[::1]:5000-[::1]:40000""#,
+                r#","state":"SYN_SENT","reason":null"#,
+                r#","errno":"ECONNREFUSED","socket_cookie":4097,"netns":4026532000"#,
+                r#","context":"process","pid":10,"tid":11,"comm":"nc","uid":0,"initiator":null"#,
+                r#","history":[],"diagnosis":null,"cause":null,"caller":null,"stack":null"#,
+                r#","hook":"tcp:tcp_receive_reset","tier":"tracepoint","nf_hook":null"#,
+                r#","origin":"not a local TCP socket (netfilter, middlebox or userspace stack)""#,
+                r#","node":"node-a","netns_name":null,"cgroup":null,"container":null,"pod":null"#,
+                r#","service":null,"owner":null,"peer":null}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for text in [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "tab\t newline\n \u{1} \u{1f} delete\u{7f} é ☃",
+        ] {
+            let serde = serde_json::to_vec(text).unwrap();
+            let mut out = b"[".to_vec();
+            text.write(&mut out);
+            assert_eq!(out[1..], serde, "{text:?}");
+            let mut out = Vec::new();
+            Text(text).write(&mut out);
+            assert_eq!(out, serde, "{text:?}");
+        }
     }
 
     #[test]

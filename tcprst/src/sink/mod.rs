@@ -1,6 +1,7 @@
 //! Where events go: a streaming table for people, NDJSON for machines.
 
 mod json;
+mod stamp;
 mod table;
 pub mod writer;
 
@@ -14,11 +15,11 @@ pub use json::JsonSink;
 pub use table::TableSink;
 
 use crate::{
-    diagnosis::{RstDiagnosis, StuckDiagnosis},
+    diagnosis::{self, KernelView, RstDiagnosis, StuckDiagnosis},
     enrich::Attribution,
     event::{Process, RstEvent, Task},
     origin::Origin,
-    tracker::{Connection, Resolved},
+    tracker::{Connection, Resolved, RstContext},
 };
 
 /// A reset with what the tracker knew about its connection.
@@ -36,6 +37,31 @@ pub struct RstReport {
     pub stack: Option<Arc<[Arc<str>]>>,
     /// For received resets: who sent it, as far as this host can tell.
     pub origin: Option<Origin>,
+}
+
+impl RstReport {
+    /// A reset explained by what it says of itself and its close mark; its
+    /// origin, for a received one, is decided later.
+    pub fn new(
+        ev: RstEvent,
+        attribution: Attribution,
+        peer: Option<Peer>,
+        kernel: &KernelView,
+        caller: Option<Arc<str>>,
+        stack: Option<Arc<[Arc<str>]>>,
+    ) -> Self {
+        let ctx = RstContext::of(&ev);
+        Self {
+            diagnosis: diagnosis::rst(&ev, &ctx, kernel),
+            ev,
+            conn: ctx.conn,
+            attribution,
+            peer,
+            caller,
+            stack,
+            origin: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -196,10 +196,7 @@ impl Sink for TableSink {
             let frames: Vec<&str> = stack.iter().map(|f| &**f).collect();
             writeln!(self.out, "   stack: {}", terminal_safe(&frames.join(" ← ")))?;
         }
-        let origin = report
-            .origin
-            .as_ref()
-            .map(|o| format!("sent by {}", o.describe()));
+        let origin = report.origin.as_ref().map(|o| format!("sent by {o}"));
         let netfilter = ev.nf_hook.map(|hook| {
             format!(
                 "a netfilter reject rule answered the segment in {}",
