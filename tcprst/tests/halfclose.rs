@@ -8,7 +8,7 @@ use std::{
     net::{Shutdown, TcpStream},
     process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::{Netns, Process, Tracer, is, run};
@@ -70,22 +70,6 @@ fn seed_000_peer_resets_a_half_closed_connection() {
     tracer.stop();
 }
 
-fn wait_listening(ns: &Netns, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "ss", "-Htln"])
-            .arg(format!("sport = :{port}"))
-            .output()
-            .unwrap();
-        if !out.stdout.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Seed 002: a proxy forwards the upstream's FIN with shutdown(SHUT_WR);
 /// the app's FIN back never arrives (conntrack expiry, emulated with nft),
 /// and the proxy's socket sits in FIN_WAIT2 with no timer to reap it.
@@ -107,7 +91,7 @@ fn seed_002_proxy_half_close_stuck_in_fin_wait2() {
             .spawn()
             .unwrap(),
     );
-    wait_listening(&ns, 15001);
+    ns.wait_listening(15001);
     // The app's FIN to the proxy is lost, as after the conntrack entry expired.
     let nft = |args: &[&str]| {
         let mut argv = vec!["netns", "exec", ns.name.as_str(), "nft"];
