@@ -24,6 +24,7 @@ use socket2::{Domain, Socket, Type};
 pub const TCPRST: &str = env!("CARGO_BIN_EXE_tcprst");
 
 pub fn require_root() {
+    // SAFETY: geteuid() takes nothing and cannot fail.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
         euid, 0,
@@ -62,6 +63,8 @@ impl Netns {
         thread::scope(|s| {
             s.spawn(|| {
                 let ns = File::open(&path).unwrap();
+                // SAFETY: `ns` stays open across the call, and setns() moves
+                // only this thread, which exists for `f` alone.
                 let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
                 assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
                 f()
@@ -422,6 +425,8 @@ impl Tracer {
     /// Sends `signal`, waits for the exit, and returns every record seen
     /// and stderr.
     pub fn stop_with(mut self, signal: i32) -> (ExitStatus, Vec<Value>, String) {
+        // SAFETY: kill() reads no memory of ours; the pid is our unreaped
+        // child, so it cannot name another process.
         unsafe { libc::kill(self.spawned.child.id() as i32, signal) };
         let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
         // The reader threads may still be on their last lines.
