@@ -5,64 +5,21 @@
 
 mod common;
 
-use std::{
-    fs,
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
-use common::{Netns, Process, Tracer, require_root, run};
+use common::{Cgroup, Netns, Process, Tracer, run};
 use serde_json::Value;
 
 const ID: &str = "5f3a9c1e2b4d6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708";
 const POD: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
 
-fn cgroup2_root() -> PathBuf {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mountinfo
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
-        })
-        .expect("no cgroup2 mounted")
-}
-
-/// A cgroup directory tree for one fake container, removed when dropped.
-struct Cgroup {
-    top: PathBuf,
-    leaf: PathBuf,
-    /// As the kernel and tcprst see it: relative to the cgroup2 root.
-    path: String,
-}
-
-impl Cgroup {
-    fn new(test: &str, runtime_path: &str) -> Self {
-        require_root();
-        let root = cgroup2_root();
-        let top_name = format!("tcprst-test-{}-{test}", std::process::id());
-        let path = format!("/{top_name}/{runtime_path}");
-        let leaf = root.join(path.trim_start_matches('/'));
-        fs::create_dir_all(&leaf).unwrap();
-        Self {
-            top: root.join(top_name),
-            leaf,
-            path,
-        }
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // Leaves first: cgroup directories only go away empty.
-        let mut dir = self.leaf.clone();
-        while dir.starts_with(&self.top) {
-            let _ = fs::remove_dir(&dir);
-            dir.pop();
-        }
-    }
+/// A cgroup for one fake container under a directory of this test's own,
+/// so tests running at once never share one.
+fn container_cgroup(test: &str, runtime_path: &str) -> Cgroup {
+    Cgroup::new(&format!(
+        "/tcprst-test-{}-{test}/{runtime_path}",
+        std::process::id()
+    ))
 }
 
 /// A client that joins `cgroup` before it execs (so its socket is created
@@ -85,27 +42,14 @@ fn container_client_to(ns: &Netns, cgroup: &Cgroup, from: &str, to: &str, port: 
          try:\n    s.recv(1)\nexcept OSError:\n    pass\n\
          time.sleep(600)\n"
     );
-    let script = format!(
-        "echo $$ > {procs} && exec ip netns exec {ns} python3 -c \"$0\"",
-        procs = cgroup.leaf.join("cgroup.procs").display(),
-        ns = ns.name,
-    );
-    Process(
-        Command::new("sh")
-            .args(["-c", &script, &client])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    Process::python(ns, cgroup, &client)
 }
 
 /// The client's keepalive probes go unanswered, so its keepalive timer
 /// (softirq) resets the connection.
 fn keepalive_reset(test: &str, runtime_path: &str) -> (Value, Netns, Cgroup, u32) {
     let ns = Netns::new();
-    let cgroup = Cgroup::new(test, runtime_path);
+    let cgroup = container_cgroup(test, runtime_path);
     let mut tracer = Tracer::start(&["--netns", &ns.name, "--kind", "rst_sent"]);
     let listener = ns.listen("127.0.0.1:8080");
     let client = container_client(&ns, &cgroup, 8080);
@@ -188,7 +132,7 @@ fn podman_container() {
 #[test]
 fn container_filter_keeps_only_its_sockets() {
     let ns = Netns::new();
-    let cgroup = Cgroup::new("filter", &format!("system.slice/docker-{ID}.scope"));
+    let cgroup = container_cgroup("filter", &format!("system.slice/docker-{ID}.scope"));
     let mut tracer = Tracer::start(&["--netns", &ns.name, "--container", &ID[..12]]);
     // A reset from the test process (no container), then one from the container.
     let _ = ns.connect("127.0.0.1:40100", "127.0.0.1:9");
@@ -219,7 +163,7 @@ fn both_ends_are_attributed() {
     let container_ns = Netns::new();
     let server_ns = Netns::new();
     container_ns.link(&server_ns);
-    let cgroup = Cgroup::new("peer", &format!("system.slice/docker-{ID}.scope"));
+    let cgroup = container_cgroup("peer", &format!("system.slice/docker-{ID}.scope"));
     // Both namespaces are watched; the port keeps other tests out.
     let mut tracer = Tracer::start(&["--port", "8095"]);
     let listener = server_ns.listen("10.213.0.2:8095");

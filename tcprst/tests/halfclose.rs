@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Netns, Process, Tracer, is, wait_until};
+use common::{Netns, Process, Tracer, is};
 use serde_json::Value;
 
 fn trace(ns: &Netns, extra: &[&str]) -> Tracer {
@@ -91,9 +91,7 @@ fn seed_002_proxy_half_close_stuck_in_fin_wait2() {
             .spawn()
             .unwrap(),
     );
-    wait_until("a listener on 15001", Duration::from_secs(10), || {
-        ns.accept_queue(15001).is_some()
-    });
+    ns.wait_listening(15001);
     // The app's FIN to the proxy is lost, as after the conntrack entry expired.
     ns.nft("add table inet tcprst_test");
     ns.nft("add chain inet tcprst_test out { type filter hook output priority 0; }");

@@ -3,10 +3,11 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
-    fs::File,
-    io::{BufRead as _, BufReader},
+    fs::{self, File},
+    io::{BufRead as _, BufReader, ErrorKind},
     net::{SocketAddr, TcpListener, TcpStream},
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::PathBuf,
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{
         Arc, Mutex,
@@ -36,6 +37,7 @@ pub const DAEMONSET_CAPABILITIES: &[&str] = &[
 ];
 
 pub fn require_root() {
+    // SAFETY: geteuid() takes nothing and cannot fail.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
         euid, 0,
@@ -74,6 +76,8 @@ impl Netns {
         thread::scope(|s| {
             s.spawn(|| {
                 let ns = File::open(&path).unwrap();
+                // SAFETY: `ns` stays open across the call, and setns() moves
+                // only this thread, which exists for `f` alone.
                 let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
                 assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
                 f()
@@ -206,6 +210,15 @@ impl Netns {
         let (server, _) = listener.accept().unwrap();
         (client, server)
     }
+
+    /// Waits up to 10 s for a process of the test's to listen on TCP `port`.
+    pub fn wait_listening(&self, port: u16) {
+        wait_until(
+            &format!("a listener on {port}"),
+            Duration::from_secs(10),
+            || self.accept_queue(port).is_some(),
+        );
+    }
 }
 
 impl Drop for Netns {
@@ -216,8 +229,89 @@ impl Drop for Netns {
     }
 }
 
+/// Where this host mounts cgroup2, from mountinfo: hybrid hosts put it
+/// under /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup.
+pub fn cgroup2_root() -> PathBuf {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+        })
+        .expect("no cgroup2 mounted")
+}
+
+/// A real cgroup v2 directory, made with whichever of its parents were
+/// missing; when dropped it removes what it made, leaf first. A directory
+/// another guard (or a runtime) still uses is not empty and stays.
+pub struct Cgroup {
+    /// As the kernel and tcprst name it: relative to the cgroup2 root.
+    pub path: String,
+    dir: PathBuf,
+    /// The directories this guard made, deepest first.
+    made: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    /// `path` is relative to the cgroup2 root, `/kubepods/...`.
+    pub fn new(path: &str) -> Self {
+        require_root();
+        let mut dir = cgroup2_root();
+        let mut made = Vec::new();
+        for component in path.split('/').filter(|c| !c.is_empty()) {
+            dir.push(component);
+            match fs::create_dir(&dir) {
+                Ok(()) => made.push(dir.clone()),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => panic!("mkdir {}: {e}", dir.display()),
+            }
+        }
+        made.reverse();
+        Self {
+            path: path.to_owned(),
+            dir,
+            made,
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for dir in &self.made {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
 /// A child process, killed when dropped.
 pub struct Process(pub Child);
+
+impl Process {
+    /// `python3 -c script` in `cgroup` and `ns`, as a runtime starts a
+    /// container's process: it joins the cgroup before it execs, so every
+    /// socket it creates belongs to the cgroup. The shell joins it before
+    /// entering the namespace because `ip netns exec` remounts /sys, which
+    /// hides the cgroup2 mount. Both execs keep the pid: it is python's.
+    pub fn python(ns: &Netns, cgroup: &Cgroup, script: &str) -> Self {
+        let launch = format!(
+            "echo $$ > {procs} && exec ip netns exec {ns} python3 -c \"$0\"",
+            procs = cgroup.dir.join("cgroup.procs").display(),
+            ns = ns.name,
+        );
+        Self(
+            Command::new("sh")
+                .args(["-c", &launch, script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                // A script that fails says why in the test's output.
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -413,6 +507,8 @@ impl Tracer {
     /// Sends `signal`, waits for the exit, and returns every record seen
     /// and stderr.
     pub fn stop_with(mut self, signal: i32) -> (ExitStatus, Vec<Value>, String) {
+        // SAFETY: kill() reads no memory of ours; the pid is our unreaped
+        // child, so it cannot name another process.
         unsafe { libc::kill(self.spawned.child.id() as i32, signal) };
         let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
         // The reader threads may still be on their last lines.
