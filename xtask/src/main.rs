@@ -23,8 +23,11 @@ const BPF_LINKER_VERSION: &str = "0.10.3";
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tool and its tests use: `ip` for network namespaces,
 /// `nft` for rules in them, `setpriv` for the unprivileged-user test, socat
-/// as a real half-closing TCP proxy, bpftrace as the benchmark baseline, and
-/// Python for kubernetes-validate, which checks deploy/daemonset.yaml.
+/// as a real half-closing TCP proxy, bpftrace as the benchmark baseline,
+/// Python for kubernetes-validate, which checks deploy/daemonset.yaml, and
+/// Prometheus (with promtool) to check and evaluate deploy/prometheus-rules.yaml.
+/// On a systemd host the package also enables its own service on :9090;
+/// the tests start a Prometheus of their own and need none.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -33,6 +36,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftrace",
     "python3",
     "python3-venv",
+    "prometheus",
 ];
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// Under the workspace's own target/ whatever CARGO_TARGET_DIR says, because
