@@ -510,6 +510,22 @@ pub fn find<'a>(events: &'a [Value], kind: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} in {events:#?}"))
 }
 
+/// tcprst tracing `ns` with metrics on a free loopback port, and that
+/// port's address. Connections count as stuck after a second, so tests
+/// need not wait.
+pub fn trace_with_metrics(ns: &Netns) -> (Tracer, String) {
+    let tracer = Tracer::start(&[
+        "--netns",
+        &ns.name,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--stuck-after",
+        "1s",
+    ]);
+    let addr = metrics_addr(&tracer.stderr_text());
+    (tracer, addr)
+}
+
 /// The address tcprst announced for `--metrics-addr` on stderr.
 pub fn metrics_addr(stderr: &str) -> String {
     stderr
