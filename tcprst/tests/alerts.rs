@@ -1,21 +1,26 @@
 //! deploy/prometheus-rules.yaml and deploy/grafana-dashboard.json, checked
 //! for the ways a platform team would find them broken: rules Prometheus
-//! rejects or that misjudge a history, and a query naming a metric or label
-//! tcprst does not serve.
+//! rejects or that misjudge a history, a query naming a metric or label
+//! tcprst does not serve, and the stuck half-close alert not firing in a
+//! real Prometheus that scrapes a real tcprst.
 //!
-//! promtool comes from Debian's `prometheus` package, which `cargo xtask
-//! setup` installs: without it these tests fail, not skip.
+//! promtool and prometheus come from Debian's `prometheus` package, which
+//! `cargo xtask setup` installs: without them these tests fail, not skip.
 
 mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs, iter,
-    path::Path,
-    process::{Command, Output},
+    fs::{self, File},
+    iter,
+    net::{Shutdown, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
 };
 
-use common::{Netns, scrape, trace_with_metrics};
+use common::{Netns, http_get, scrape, trace_with_metrics};
 use promql_parser::{
     label::MatchOp,
     parser::Expr,
@@ -27,6 +32,7 @@ const RULES: &str = "deploy/prometheus-rules.yaml";
 const DASHBOARD: &str = "deploy/grafana-dashboard.json";
 /// promtool's cases for the rules whose logic needs a day of history.
 const RULES_TEST: &str = "tcprst/testdata/prometheus-rules-test.yaml";
+const STUCK_ALERT: &str = "TcprstHalfCloseStuck";
 /// Labels Prometheus gives every series of a target; tcprst serves neither.
 const TARGET_LABELS: &[&str] = &["instance", "job"];
 const NOT_INSTALLED: &str = "run `cargo xtask setup`, which installs Debian's prometheus";
@@ -90,6 +96,24 @@ fn rule_queries() -> Vec<String> {
                 .to_owned()
         })
         .collect()
+}
+
+/// The shipped rules with the stuck half-close alert holding for `hold`
+/// instead of 10 minutes: the shipped expression, not a twin of it.
+fn rules_with_stuck_alert_for(hold: &str) -> String {
+    let mut file = shipped_rules();
+    let mut found = 0;
+    for group in file["groups"].as_array_mut().unwrap() {
+        for rule in group["rules"].as_array_mut().unwrap() {
+            if rule["alert"] == STUCK_ALERT {
+                assert_eq!(rule["for"], "10m");
+                rule["for"] = hold.into();
+                found += 1;
+            }
+        }
+    }
+    assert_eq!(found, 1, "{STUCK_ALERT} in {RULES}");
+    serde_norway::to_string(&file).unwrap()
 }
 
 /// Every PromQL query of the dashboard, panels' and variables', with
@@ -220,5 +244,137 @@ fn the_rules_and_the_dashboard_query_only_what_tcprst_serves() {
             }
         }
     }
+    tracer.stop();
+}
+
+/// A Prometheus server of one test's own, scraping one target and
+/// evaluating rules every second; killed, and its files removed, when
+/// dropped.
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    addr: String,
+}
+
+impl Prometheus {
+    const WAIT: Duration = Duration::from_secs(60);
+
+    fn start(target: &str, rules: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tcprst-prometheus-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("rules.yaml"), rules).unwrap();
+        // rule_files are found beside the configuration.
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files: [rules.yaml]\n\
+             scrape_configs:\n  - job_name: tcprst\n    static_configs:\n      - targets: ['{target}']\n"
+        );
+        fs::write(dir.join("prometheus.yml"), config).unwrap();
+        // Free now: Prometheus would not say which port it picked itself.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let log = File::create(dir.join("log")).unwrap();
+        let mut command = prometheus_package("prometheus");
+        command
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("prometheus: {e}: {NOT_INSTALLED}"));
+        let mut server = Self { child, dir, addr };
+        server.wait_for("readiness", |addr| {
+            matches!(http_get(addr, "/-/ready"), Ok((200, _))).then_some(())
+        });
+        server
+    }
+
+    /// Polls `found` with this server's address until it finds something;
+    /// fails with what Prometheus knows if it does not within a minute, or
+    /// if Prometheus exits.
+    fn wait_for<T>(&mut self, what: &str, mut found: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + Self::WAIT;
+        loop {
+            if let Some(t) = found(&self.addr) {
+                return t;
+            }
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "no {what} within {:?} (Prometheus exited: {exited:?})\ntargets: {}\nalerts: {}\nlog:\n{}",
+                Self::WAIT,
+                self.api("targets"),
+                self.api("alerts"),
+                fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The body of /api/v1/`what`, or why there is none.
+    fn api(&self, what: &str) -> String {
+        match http_get(&self.addr, &format!("/api/v1/{what}")) {
+            Ok((_, body)) => body,
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Waits for an alert `wanted` accepts, as /api/v1/alerts gives it.
+    fn wait_for_alert(&mut self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for(what, |addr| {
+            let (_, body) = http_get(addr, "/api/v1/alerts").ok()?;
+            let answer: Value = serde_json::from_str(&body).unwrap();
+            answer["data"]["alerts"]
+                .as_array()?
+                .iter()
+                .find(|alert| wanted(alert))
+                .cloned()
+        })
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The shipped expression fires, with its annotation naming the state and
+/// where: a CLOSE_WAIT whose application never closes, in the test's own
+/// namespace, which is no pod.
+#[test]
+fn a_stuck_close_wait_fires_the_shipped_alert_in_prometheus() {
+    let ns = Netns::new();
+    let (tracer, addr) = trace_with_metrics(&ns);
+    let mut prometheus = Prometheus::start(&addr, &rules_with_stuck_alert_for("1s"));
+    let (client, server) = ns.pair("127.0.0.1:40311", "127.0.0.1:8080");
+    client.shutdown(Shutdown::Write).unwrap();
+    let alert = prometheus.wait_for_alert("stuck CLOSE_WAIT alert firing", |alert| {
+        alert["labels"]["alertname"] == STUCK_ALERT
+            && alert["labels"]["state"] == "CLOSE_WAIT"
+            && alert["state"] == "firing"
+    });
+    assert_eq!(
+        alert["annotations"]["summary"],
+        format!("1 connection(s) stuck in CLOSE_WAIT outside any pod on {addr}")
+    );
+    assert_eq!(alert["labels"]["severity"], "warning");
+    drop((client, server));
+    drop(prometheus);
     tracer.stop();
 }
