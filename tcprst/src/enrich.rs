@@ -248,14 +248,7 @@ impl Enricher {
         owner: Option<Process>,
     ) -> Attribution {
         let cgroup = cgroup_id.and_then(|id| self.cgroups.resolve(id));
-        let pod = cgroup
-            .as_ref()
-            .and_then(|c| Some((self.pods.as_ref()?, c.pod_uid.as_deref()?)))
-            .and_then(|(pods, uid)| pods.get(uid))
-            .map(|mut pod| {
-                pod.labels.retain(|k, _| self.pod_labels.contains(k));
-                pod
-            });
+        let pod = cgroup.as_deref().and_then(|c| self.pod_in(c));
         let container_name = cgroup.as_ref().and_then(|c| {
             self.pods
                 .as_ref()?
@@ -269,6 +262,19 @@ impl Enricher {
             container_name,
             owner,
         }
+    }
+
+    /// The pod whose container made cgroup `cgroup_id`, as the pod watch
+    /// knows it now.
+    pub fn pod(&mut self, cgroup_id: u64) -> Option<PodMeta> {
+        let cgroup = self.cgroups.resolve(cgroup_id)?;
+        self.pod_in(&cgroup)
+    }
+
+    fn pod_in(&self, cgroup: &CgroupInfo) -> Option<PodMeta> {
+        let mut pod = self.pods.as_ref()?.get(cgroup.pod_uid.as_deref()?)?;
+        pod.labels.retain(|k, _| self.pod_labels.contains(k));
+        Some(pod)
     }
 
     /// Whether pod `namespace`/`name` is still on this node, as far as the

@@ -27,7 +27,7 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 
-use crate::{event::TcpState, overflows::Sample};
+use crate::{enrich::HALF_CLOSED, event::TcpState, overflows::Sample};
 
 /// Where to serve: `IP:PORT`, or a bare `PORT` (or `:PORT`) on 127.0.0.1 so
 /// nothing is exposed beyond the host unless asked for.
@@ -59,8 +59,10 @@ struct RstLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
+struct StuckLabels {
     state: &'static str,
+    namespace: String,
+    pod: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,7 +81,11 @@ pub struct Metrics {
     /// The reset series of each (namespace, pod), so they go when the pod
     /// does: pods come and go, and their series would otherwise pile up.
     pod_series: Mutex<HashMap<(String, String), HashSet<RstLabels>>>,
-    stuck: Family<StateLabels, Gauge>,
+    stuck: Family<StuckLabels, Gauge>,
+    /// The stuck series the last scan set, so the next removes those it
+    /// does not set: a pod's series lasts only while it has stuck
+    /// connections.
+    stuck_series: Mutex<HashSet<StuckLabels>>,
     lost: Counter,
     stack_failures: Counter,
     programs: Family<TierLabels, Gauge>,
@@ -118,10 +124,10 @@ impl Default for Metrics {
             "TCP resets sent and received, by kernel reason, calling kernel function, and Kubernetes namespace and pod",
             rsts.clone(),
         );
-        let stuck = Family::<StateLabels, Gauge>::default();
+        let stuck = Family::<StuckLabels, Gauge>::default();
         registry.register(
             "halfclose_stuck",
-            "Connections half-closed longer than --stuck-after, by TCP state",
+            "Connections half-closed longer than --stuck-after, by TCP state and Kubernetes namespace and pod",
             stuck.clone(),
         );
         let lost = Counter::default();
@@ -194,6 +200,7 @@ impl Default for Metrics {
             rsts,
             pod_series: Mutex::default(),
             stuck,
+            stuck_series: Mutex::default(),
             lost,
             stack_failures,
             programs,
@@ -230,7 +237,7 @@ impl Metrics {
         };
         self.rsts.get_or_create(&labels).inc_by(resets);
         if !labels.pod.is_empty() {
-            self.pod_series()
+            lock(&self.pod_series)
                 .entry((labels.namespace.clone(), labels.pod.clone()))
                 .or_default()
                 .insert(labels);
@@ -239,7 +246,7 @@ impl Metrics {
 
     /// Drops the reset series of every pod `exists` no longer knows.
     pub fn forget_pods(&self, exists: impl Fn(&str, &str) -> bool) {
-        self.pod_series().retain(|(namespace, pod), series| {
+        lock(&self.pod_series).retain(|(namespace, pod), series| {
             let keep = exists(namespace, pod);
             if !keep {
                 for labels in series.iter() {
@@ -250,23 +257,39 @@ impl Metrics {
         });
     }
 
-    // Every update of the map is one insert or retain: a panic elsewhere
-    // cannot leave it half-changed, so a poisoned lock is still usable.
-    fn pod_series(&self) -> MutexGuard<'_, HashMap<(String, String), HashSet<RstLabels>>> {
-        self.pod_series
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The current number of stuck connections in each half-closed state.
-    pub fn set_stuck(&self, counts: &[(TcpState, usize)]) {
-        for (state, count) in counts {
-            self.stuck
-                .get_or_create(&StateLabels {
-                    state: state.name(),
-                })
-                .set(*count as i64);
+    /// Sets the stuck gauges to one scan's counts, each of connections in
+    /// a state and, when known, a pod (namespace, name). Every half-closed
+    /// state keeps its series outside any pod, 0 when nothing is stuck, so
+    /// a state's total is always there; a pod's series go with its last
+    /// stuck connection.
+    pub fn set_stuck<'a>(
+        &self,
+        counts: impl IntoIterator<Item = (TcpState, Option<(&'a str, &'a str)>, usize)>,
+    ) {
+        let labels = |state: TcpState, (namespace, pod): (&str, &str)| StuckLabels {
+            state: state.name(),
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+        };
+        let mut now: HashMap<StuckLabels, i64> = HALF_CLOSED
+            .iter()
+            .map(|state| (labels(*state, ("", "")), 0))
+            .collect();
+        for (state, pod, n) in counts {
+            *now.entry(labels(state, pod.unwrap_or_default()))
+                .or_default() += n as i64;
         }
+        // Set before removing, never cleared first: a scrape in between
+        // would miss series that are still stuck, and Prometheus would
+        // restart the `for:` of their alerts.
+        let mut last = lock(&self.stuck_series);
+        for (labels, n) in &now {
+            self.stuck.get_or_create(labels).set(*n);
+        }
+        for gone in last.iter().filter(|l| !now.contains_key(*l)) {
+            self.stuck.remove(gone);
+        }
+        *last = now.into_keys().collect();
     }
 
     pub fn tracker(&self, tracked: usize, untracked: u64) {
@@ -341,6 +364,13 @@ impl Metrics {
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
+
+// Every update of these maps and sets is one insert, retain or assignment:
+// a panic elsewhere cannot leave one half-changed, so a poisoned lock is
+// still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Connections served at once; more wait in the listen backlog, so idle
@@ -490,6 +520,48 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_stuck_series_goes_with_its_last_stuck_connection() {
+        let m = Metrics::default();
+        let web = Some(("shop", "web-1"));
+        // Two cgroups (containers) of one pod add up.
+        m.set_stuck([
+            (TcpState::CloseWait, web, 2),
+            (TcpState::CloseWait, web, 1),
+            (TcpState::CloseWait, None, 1),
+        ]);
+        let text = m.encode();
+        for line in [
+            r#"tcprst_halfclose_stuck{state="CLOSE_WAIT",namespace="shop",pod="web-1"} 3"#,
+            r#"tcprst_halfclose_stuck{state="CLOSE_WAIT",namespace="",pod=""} 1"#,
+            r#"tcprst_halfclose_stuck{state="LAST_ACK",namespace="",pod=""} 0"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        m.set_stuck([(TcpState::LastAck, web, 1)]);
+        let text = m.encode();
+        assert!(
+            !text.contains(r#"state="CLOSE_WAIT",namespace="shop""#),
+            "{text}"
+        );
+        for line in [
+            r#"tcprst_halfclose_stuck{state="LAST_ACK",namespace="shop",pod="web-1"} 1"#,
+            r#"tcprst_halfclose_stuck{state="CLOSE_WAIT",namespace="",pod=""} 0"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        m.set_stuck([]);
+        let text = m.encode();
+        assert!(!text.contains(r#"pod="web-1""#), "{text}");
+        assert_eq!(text.matches("tcprst_halfclose_stuck{").count(), 5, "{text}");
+    }
+
+    #[test]
     fn encodes_counters_with_labels() {
         let m = Metrics::default();
         m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None, 1);
@@ -503,7 +575,7 @@ mod tests {
             48211,
         );
         m.reset(false, None, None, Some("shop"), Some("web-1"), 1);
-        m.set_stuck(&[(TcpState::FinWait2, 3)]);
+        m.set_stuck([(TcpState::FinWait2, None, 3)]);
         m.lost(7);
         m.stack_failures(2);
         m.programs_attached("tracepoint", 5);
@@ -523,7 +595,7 @@ mod tests {
         for line in [
             r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="",pod=""} 48212"#,
             r#"tcprst_resets_total{direction="received",reason="",caller="",namespace="shop",pod="web-1"} 1"#,
-            r#"tcprst_halfclose_stuck{state="FIN_WAIT2"} 3"#,
+            r#"tcprst_halfclose_stuck{state="FIN_WAIT2",namespace="",pod=""} 3"#,
             "tcprst_lost_events_total 7",
             "tcprst_stack_capture_failures_total 2",
             r#"tcprst_programs_attached{tier="tracepoint"} 5"#,

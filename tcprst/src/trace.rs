@@ -499,7 +499,22 @@ impl Pipeline<'_> {
             })?;
             self.counts.shown += 1;
         }
-        self.metrics.set_stuck(&self.tracker.stuck_counts());
+        // Every stuck connection, not only those due a report now: the
+        // gauges say how many are stuck, and where, at each scan.
+        let stuck: Vec<_> = self
+            .tracker
+            .stuck_counts()
+            .into_iter()
+            .map(|((state, cgroup_id), n)| {
+                (state, cgroup_id.and_then(|id| self.enricher.pod(id)), n)
+            })
+            .collect();
+        self.metrics.set_stuck(stuck.iter().map(|(state, pod, n)| {
+            let pod = pod
+                .as_ref()
+                .map(|p| (p.namespace.as_str(), p.name.as_str()));
+            (*state, pod, *n)
+        }));
         self.metrics
             .tracker(self.tracker.tracked(), self.tracker.untracked);
         self.sink.flush()

@@ -299,20 +299,16 @@ impl Tracker {
     }
 
     /// How many connections are stuck now (reported and not yet moved on),
-    /// per half-closed state.
-    pub fn stuck_counts(&self) -> Vec<(TcpState, usize)> {
-        use TcpState::*;
-        [FinWait1, FinWait2, CloseWait, LastAck, Closing]
-            .into_iter()
-            .map(|state| {
-                let n = self
-                    .half_closed
-                    .values()
-                    .filter(|c| c.state == state && c.stuck_reported_at.is_some())
-                    .count();
-                (state, n)
-            })
-            .collect()
+    /// per state and the cgroup they were created in: the caller names each
+    /// cgroup's pod once, however many of its connections are stuck.
+    pub fn stuck_counts(&self) -> HashMap<(TcpState, Option<u64>), usize> {
+        let mut counts = HashMap::new();
+        for conn in self.half_closed.values() {
+            if conn.stuck_reported_at.is_some() {
+                *counts.entry((conn.state, conn.cgroup_id)).or_default() += 1;
+            }
+        }
+        counts
     }
 }
 
@@ -379,7 +375,10 @@ mod tests {
         );
         assert!(tracker.stuck(t(41), AFTER, REPEAT).is_empty());
         assert_eq!(tracker.stuck(t(101), AFTER, REPEAT).len(), 1);
-        assert_eq!(tracker.stuck_counts()[1], (TcpState::FinWait2, 1));
+        assert_eq!(
+            tracker.stuck_counts(),
+            HashMap::from([((TcpState::FinWait2, None), 1)])
+        );
     }
 
     #[test]

@@ -5,22 +5,7 @@ mod common;
 
 use std::{net::TcpStream, time::Duration};
 
-use common::{Netns, Tracer, metric, metrics_addr, scrape};
-
-/// tcprst tracing `ns` with metrics on a free loopback port, and that
-/// port's address.
-fn trace_with_metrics(ns: &Netns) -> (Tracer, String) {
-    let tracer = Tracer::start(&[
-        "--netns",
-        &ns.name,
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--stuck-after",
-        "1s",
-    ]);
-    let addr = metrics_addr(&tracer.stderr_text());
-    (tracer, addr)
-}
+use common::{Netns, metric, scrape, trace_with_metrics};
 
 /// Idle clients cannot take the endpoint: connections are capped, the
 /// rest wait in the backlog, and one that sends no request is dropped

@@ -29,8 +29,11 @@ const NIGHTLY: &str = "nightly";
 /// Debian packages the tool and its tests use: `ip` for network namespaces,
 /// `nft` for rules in them, `setpriv` for the tests that run tcprst with fewer
 /// capabilities (bad_input.rs, capabilities.rs), socat as a real half-closing
-/// TCP proxy, bpftrace as the benchmark baseline, and Python for
-/// kubernetes-validate, which checks deploy/daemonset.yaml.
+/// TCP proxy, bpftrace as the benchmark baseline, Python for
+/// kubernetes-validate, which checks deploy/daemonset.yaml, and Prometheus
+/// (with promtool) to check and evaluate deploy/prometheus-rules.yaml. On a
+/// systemd host the package also enables its own service on :9090; the
+/// tests start a Prometheus of their own and need none.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -39,6 +42,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftrace",
     "python3",
     "python3-venv",
+    "prometheus",
 ];
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// Under the workspace's own target/ whatever CARGO_TARGET_DIR says, because

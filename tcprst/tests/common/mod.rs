@@ -691,6 +691,22 @@ pub fn find<'a>(events: &'a [Value], kind: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} in {events:#?}"))
 }
 
+/// tcprst tracing `ns` with metrics on a free loopback port, and that
+/// port's address. Connections count as stuck after a second, so tests
+/// need not wait.
+pub fn trace_with_metrics(ns: &Netns) -> (Tracer, String) {
+    let tracer = Tracer::start(&[
+        "--netns",
+        &ns.name,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--stuck-after",
+        "1s",
+    ]);
+    let addr = metrics_addr(&tracer.stderr_text());
+    (tracer, addr)
+}
+
 /// The address tcprst announced for `--metrics-addr` on stderr.
 pub fn metrics_addr(stderr: &str) -> String {
     stderr
@@ -701,21 +717,30 @@ pub fn metrics_addr(stderr: &str) -> String {
         .to_owned()
 }
 
+/// GET `path` from `addr`: the status and the body. HTTP/1.0, so that no
+/// server chunks the body; gives up after 20 s.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("GET {path}: no end of headers in {response:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
+    Ok((status, body.to_owned()))
+}
+
 /// GET /metrics, parsed; gives up after 20 s.
 pub fn scrape(addr: &str) -> prometheus_parse::Scrape {
-    use std::io::{Read as _, Write as _};
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        conn,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    conn.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (status, body) = http_get(addr, "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap()
 }
 
