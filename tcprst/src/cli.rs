@@ -15,6 +15,11 @@ use crate::{attach::AttachSpec, filter::AddrMatch, metrics::MetricsAddr, sink::O
                   1 when tracing fails after it started; 2 for bad flags, missing privileges or an unusable kernel."
 )]
 pub struct Cli {
+    /// Say more on stderr: each hook's attach tier and why better ones failed (-v), and
+    /// the verifier's whole log when a program is refused (-vv)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -232,6 +237,7 @@ mod tests {
         assert!(parse(&["--kind", "rst_sent", "--port", "80", "-o", "json"]).is_ok());
         assert!(parse(&["--kind", "halfclose", "--stuck-after", "2s"]).is_ok());
         assert!(parse(&["--metrics-addr", "not-an-address"]).is_err());
+        assert_eq!(parse(&["-vv"]).unwrap().verbose, 2);
         assert!(
             parse(&[
                 "--metrics-addr",

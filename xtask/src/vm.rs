@@ -229,11 +229,12 @@ attached() {
     return 1
 }
 
-# trace PLAN ARGS...: `tcprst trace ARGS` around every scenario.
+# trace PLAN ARGS...: `tcprst trace ARGS` around every scenario; -v for
+# each hook's line, which the host judges.
 trace() {
     plan=$1
     shift
-    tcprst trace -o json "$@" >/tmp/out 2>/tmp/err &
+    tcprst trace -v -o json "$@" >/tmp/out 2>/tmp/err &
     pid=$!
     : >/tmp/scenarios
     if attached "$pid"; then
