@@ -361,6 +361,7 @@ impl Pipeline<'_> {
             self.sink.resolved(&ResolvedReport {
                 resolved,
                 diagnosis,
+                netns_name: attribution.netns_name,
             })?;
             self.counts.shown += 1;
         }

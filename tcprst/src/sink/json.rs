@@ -525,6 +525,7 @@ mod tests {
         sink.resolved(&ResolvedReport {
             diagnosis: diagnosis::resolved(&resolved),
             resolved,
+            netns_name: None,
         })
         .unwrap();
         sink.lost(&LossReport {
