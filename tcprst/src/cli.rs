@@ -1,8 +1,13 @@
 //! Command-line interface.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
+use clap_complete::Shell;
 
 use crate::{attach::AttachSpec, filter::AddrMatch, metrics::MetricsAddr, sink::OutputFormat};
 
@@ -32,6 +37,31 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Check what this kernel lets tcprst do: BTF, tracefs, program types, each hook's tier, privileges.
     Doctor(DoctorArgs),
+    /// Print the completion script for a shell, e.g. `tcprst completions bash > /etc/bash_completion.d/tcprst`.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages, tcprst.1 and one per subcommand, into DIR.
+    // Hidden: `cargo xtask man` runs it, as packagers can; nobody reading
+    // --help needs it.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+}
+
+/// The completion script for `shell`, which knows every subcommand and flag.
+pub fn completions(shell: Shell) -> Vec<u8> {
+    // clap_complete panics when its writer fails: a buffer cannot, and the
+    // caller then sees an error (a closed pipe) as an error.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "tcprst", &mut script);
+    script
+}
+
+/// tcprst.1, whose SUBCOMMANDS section names the others, and a page for
+/// each subcommand with its flags (tcprst-trace.1, …), into `dir`.
+pub fn write_man_pages(dir: &Path) -> io::Result<()> {
+    clap_mangen::generate_to(Cli::command(), dir)
 }
 
 #[derive(Debug, Args)]
@@ -215,7 +245,6 @@ fn parse_buffer_pages(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
@@ -249,5 +278,48 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn bash_completion_knows_trace_and_its_flags() {
+        let script = String::from_utf8(completions(Shell::Bash)).unwrap();
+        assert!(script.contains("trace"), "{script}");
+        assert!(script.contains("--detail-per-sec"), "{script}");
+    }
+
+    #[test]
+    fn the_man_pages_render() {
+        let dir = std::env::temp_dir().join(format!("tcprst-man-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_man_pages(&dir).unwrap();
+        for page in ["tcprst.1", "tcprst-trace.1", "tcprst-doctor.1"] {
+            let path = dir.join(page);
+            let roff = std::fs::read_to_string(&path).unwrap();
+            // After clap_mangen's preamble (a quote-mark string), the title.
+            let first = roff
+                .lines()
+                .find(|l| !l.starts_with(".ie") && !l.starts_with(".el"));
+            assert!(
+                first.is_some_and(|l| l.starts_with(".TH ")),
+                "{page}: {roff}"
+            );
+            // man itself, where installed, is the real judge.
+            let Ok(out) = std::process::Command::new("man")
+                .arg("-l")
+                .arg(&path)
+                .env("MANWIDTH", "100")
+                .output()
+            else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{page}: {out:?}");
+            if page == "tcprst-trace.1" {
+                assert!(text.contains("--detail-per-sec"), "{text}");
+            }
+        }
+        // The hidden subcommand gets no page.
+        assert!(!dir.join("tcprst-man.1").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

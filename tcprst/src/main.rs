@@ -8,7 +8,7 @@ use clap::Parser as _;
 
 use tcprst::{
     attach::AttachRequest,
-    cli::{Cli, Command, DoctorArgs, KindArg, SnapshotArgs, TraceArgs},
+    cli::{self, Cli, Command, DoctorArgs, KindArg, SnapshotArgs, TraceArgs},
     doctor,
     filter::{self, EventFilter, Family},
     privileges,
@@ -45,6 +45,20 @@ fn main() -> ExitCode {
         Command::Trace(args) => trace_command(*args),
         Command::Snapshot(args) => snapshot_command(args),
         Command::Doctor(args) => doctor_command(args),
+        Command::Completions { shell } => {
+            let script = cli::completions(shell);
+            match std::io::stdout().lock().write_all(&script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e.into(), EXIT_FAILED),
+            }
+        }
+        Command::Man { dir } => match cli::write_man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(
+                &anyhow::Error::new(e).context(format!("writing man pages into {}", dir.display())),
+                EXIT_FAILED,
+            ),
+        },
     }
 }
 

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | run | test | vm-test | image | bench | fuzz`.
+//! Developer tasks: `cargo xtask setup | run | test | vm-test | image | man | bench | fuzz`.
 //!
 //! Every task starts with `setup`, which installs only what is missing, so
 //! the README's two commands work on a fresh machine and cost seconds after.
@@ -77,6 +77,9 @@ enum Task {
     /// Set up, build (release) and run churn and RST storms against tcprst for
     /// --minutes, sampling its RSS; fails if it keeps growing after warm-up.
     Soak(bench::SoakOptions),
+    /// Set up, build tcprst (release) and write its man pages and bash, zsh and fish
+    /// completions under target/man.
+    Man,
     /// Set up and run every fuzz target for a bounded time (cargo-fuzz, nightly).
     Fuzz {
         /// Seconds per target
@@ -110,6 +113,10 @@ fn main() -> Result<()> {
         Task::Image => {
             setup()?;
             image()
+        }
+        Task::Man => {
+            setup()?;
+            man()
         }
         // Sets up and builds itself: it may re-run as root.
         Task::Bench(opts) => bench::main(&opts),
@@ -160,6 +167,36 @@ fn image() -> Result<()> {
         )
     })?;
     eprintln!("xtask: built image {IMAGE_TAG} with {builder}");
+    Ok(())
+}
+
+/// The man pages and completion scripts, from the binary itself: clap
+/// generates both from the definition the binary parses with, so they
+/// cannot drift from it. Release, as `run` builds it.
+fn man() -> Result<()> {
+    cargo(&["build", "--release", "--package", "tcprst"])?;
+    let bin = target_dir()?.join("release/tcprst");
+    let dir = target_dir()?.join("man");
+    let completions = dir.join("completions");
+    fs::create_dir_all(&completions)
+        .with_context(|| format!("creating {}", completions.display()))?;
+    status(Command::new(&bin).arg("man").arg(&dir))?;
+    // Each under the name its shell looks for.
+    for (shell, file) in [
+        ("bash", "tcprst"),
+        ("zsh", "_tcprst"),
+        ("fish", "tcprst.fish"),
+    ] {
+        let script = output(Command::new(&bin).args(["completions", shell]))?;
+        let path = completions.join(file);
+        fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!(
+        "xtask: wrote the man pages into {} (read one with `man -l {}`) and completions into {}",
+        dir.display(),
+        dir.join("tcprst.1").display(),
+        completions.display()
+    );
     Ok(())
 }
 
