@@ -5,6 +5,18 @@ use aya_build::Toolchain;
 /// `-Z build-std=core`, bpf-linker) into OUT_DIR, where `include_bytes_aligned!`
 /// embeds it.
 fn main() -> anyhow::Result<()> {
+    // aya-build forwards all the nested cargo prints on stderr as cargo
+    // warnings: its progress, a line per crate, would fill every first build
+    // (#15). Quiet, it prints only errors there; the eBPF crates' warnings
+    // and errors still come through its JSON messages, which aya-build
+    // forwards too. It inherits our environment; verbose goes off because
+    // cargo refuses term.quiet beside term.verbose.
+    // SAFETY: this build script has no other thread yet that could read the
+    // environment while it changes.
+    unsafe {
+        std::env::set_var("CARGO_TERM_QUIET", "true");
+        std::env::set_var("CARGO_TERM_VERBOSE", "false");
+    }
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()

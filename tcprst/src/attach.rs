@@ -234,6 +234,46 @@ impl fmt::Display for HookPlan {
     }
 }
 
+/// The one start-up line about `plans`: how many functions each tier
+/// serves and which none can. Each plan's own line (`HookPlan`'s Display)
+/// is a detail for `-v` and `doctor`; this line says where to find it when
+/// any function got less than the best tier.
+pub fn plans_summary(plans: &[HookPlan]) -> String {
+    let mut parts = Vec::new();
+    for tier in [
+        AttachTier::Fentry,
+        AttachTier::Kprobe,
+        AttachTier::Tracepoint,
+    ] {
+        let n = plans.iter().filter(|p| p.tier == Some(tier)).count();
+        if n > 0 {
+            let on = match tier {
+                AttachTier::Fentry => "fentry",
+                AttachTier::Kprobe => "kprobes",
+                AttachTier::Tracepoint => "tracepoints",
+            };
+            parts.push(format!("{n} on {on}"));
+        }
+    }
+    let unseen: Vec<&ResetFunction> = plans
+        .iter()
+        .filter(|p| p.tier.is_none())
+        .map(|p| p.function)
+        .collect();
+    let netfilter = RESET_FUNCTIONS.iter().filter(|f| !f.has_tracepoint).count();
+    if unseen.len() == netfilter && unseen.iter().all(|f| !f.has_tracepoint) {
+        parts.push("netfilter not visible on this kernel".to_owned());
+    } else if !unseen.is_empty() {
+        let names: Vec<&str> = unseen.iter().map(|f| f.function).collect();
+        parts.push(format!("{} not visible on this kernel", names.join(", ")));
+    }
+    let mut line = format!("hooks: {}", parts.join(", "));
+    if plans.iter().any(|p| !p.passed_over.is_empty()) {
+        line.push_str(" — `tcprst doctor` explains");
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +411,50 @@ ffffffff82031a30 d tcp_v6_send_reset
         assert_eq!(
             plan.to_string(),
             "tracepoint (fentry: EPERM; kprobe: no kprobes)"
+        );
+    }
+
+    fn plan(hook: ResetHook, tier: Option<AttachTier>) -> HookPlan {
+        let passed_over = [AttachTier::Fentry, AttachTier::Kprobe]
+            .into_iter()
+            .filter(|better| tier.is_none_or(|tier| *better > tier))
+            .map(|better| (better, "refused".to_owned()))
+            .collect();
+        HookPlan {
+            function: function(hook),
+            tier,
+            passed_over,
+            also_works: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_summary_counts_tiers_and_names_what_none_serves() {
+        let tracepoint = Some(AttachTier::Tracepoint);
+        let locked_down = [
+            plan(ResetHook::ActiveReset, tracepoint),
+            plan(ResetHook::V4SendReset, tracepoint),
+            plan(ResetHook::V6SendReset, tracepoint),
+            plan(ResetHook::NfSendReset, None),
+            plan(ResetHook::NfSendReset6, None),
+        ];
+        assert_eq!(
+            plans_summary(&locked_down),
+            "hooks: 3 on tracepoints, netfilter not visible on this kernel — `tcprst doctor` explains"
+        );
+        let fentry = Some(AttachTier::Fentry);
+        let all_fentry = RESET_FUNCTIONS.map(|f| plan(f.hook, fentry));
+        assert_eq!(plans_summary(&all_fentry), "hooks: 5 on fentry");
+        let mixed = [
+            plan(ResetHook::ActiveReset, fentry),
+            plan(ResetHook::V4SendReset, Some(AttachTier::Kprobe)),
+            plan(ResetHook::V6SendReset, tracepoint),
+            plan(ResetHook::NfSendReset, fentry),
+            plan(ResetHook::NfSendReset6, None),
+        ];
+        assert_eq!(
+            plans_summary(&mixed),
+            "hooks: 2 on fentry, 1 on kprobes, 1 on tracepoints, nf_send_reset6 not visible on this kernel — `tcprst doctor` explains"
         );
     }
 }

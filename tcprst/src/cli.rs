@@ -1,8 +1,13 @@
 //! Command-line interface.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
+use clap_complete::Shell;
 
 use crate::{attach::AttachSpec, filter::AddrMatch, metrics::MetricsAddr, sink::OutputFormat};
 
@@ -15,6 +20,11 @@ use crate::{attach::AttachSpec, filter::AddrMatch, metrics::MetricsAddr, sink::O
                   1 when tracing fails after it started; 2 for bad flags, missing privileges or an unusable kernel."
 )]
 pub struct Cli {
+    /// Say more on stderr: each hook's attach tier and why better ones failed (-v), and
+    /// the verifier's whole log when a program is refused (-vv)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -29,6 +39,16 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Pair each received reset with the send that caused it, from several nodes' NDJSON.
     Correlate(CorrelateArgs),
+    /// Print the completion script for a shell, e.g. `tcprst completions bash > /etc/bash_completion.d/tcprst`.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages, tcprst.1 and one per subcommand, into DIR.
+    // Hidden: `cargo xtask man` runs it, as packagers can; nobody reading
+    // --help needs it.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -36,6 +56,21 @@ pub struct CorrelateArgs {
     /// NDJSON files from `tcprst trace -o json` on several nodes [default: stdin]
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
+}
+
+/// The completion script for `shell`, which knows every subcommand and flag.
+pub fn completions(shell: Shell) -> Vec<u8> {
+    // clap_complete panics when its writer fails: a buffer cannot, and the
+    // caller then sees an error (a closed pipe) as an error.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "tcprst", &mut script);
+    script
+}
+
+/// tcprst.1, whose SUBCOMMANDS section names the others, and a page for
+/// each subcommand with its flags (tcprst-trace.1, …), into `dir`.
+pub fn write_man_pages(dir: &Path) -> io::Result<()> {
+    clap_mangen::generate_to(Cli::command(), dir)
 }
 
 #[derive(Debug, Args)]
@@ -219,7 +254,6 @@ fn parse_buffer_pages(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
@@ -241,6 +275,7 @@ mod tests {
         assert!(parse(&["--kind", "rst_sent", "--port", "80", "-o", "json"]).is_ok());
         assert!(parse(&["--kind", "halfclose", "--stuck-after", "2s"]).is_ok());
         assert!(parse(&["--metrics-addr", "not-an-address"]).is_err());
+        assert_eq!(parse(&["-vv"]).unwrap().verbose, 2);
         assert!(
             parse(&[
                 "--metrics-addr",
@@ -252,5 +287,48 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn bash_completion_knows_trace_and_its_flags() {
+        let script = String::from_utf8(completions(Shell::Bash)).unwrap();
+        assert!(script.contains("trace"), "{script}");
+        assert!(script.contains("--detail-per-sec"), "{script}");
+    }
+
+    #[test]
+    fn the_man_pages_render() {
+        let dir = std::env::temp_dir().join(format!("tcprst-man-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_man_pages(&dir).unwrap();
+        for page in ["tcprst.1", "tcprst-trace.1", "tcprst-doctor.1"] {
+            let path = dir.join(page);
+            let roff = std::fs::read_to_string(&path).unwrap();
+            // After clap_mangen's preamble (a quote-mark string), the title.
+            let first = roff
+                .lines()
+                .find(|l| !l.starts_with(".ie") && !l.starts_with(".el"));
+            assert!(
+                first.is_some_and(|l| l.starts_with(".TH ")),
+                "{page}: {roff}"
+            );
+            // man itself, where installed, is the real judge.
+            let Ok(out) = std::process::Command::new("man")
+                .arg("-l")
+                .arg(&path)
+                .env("MANWIDTH", "100")
+                .output()
+            else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{page}: {out:?}");
+            if page == "tcprst-trace.1" {
+                assert!(text.contains("--detail-per-sec"), "{text}");
+            }
+        }
+        // The hidden subcommand gets no page.
+        assert!(!dir.join("tcprst-man.1").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,7 +8,7 @@ use clap::Parser as _;
 
 use tcprst::{
     attach::AttachRequest,
-    cli::{Cli, Command, CorrelateArgs, DoctorArgs, KindArg, SnapshotArgs, TraceArgs},
+    cli::{self, Cli, Command, CorrelateArgs, DoctorArgs, KindArg, SnapshotArgs, TraceArgs},
     correlate, doctor,
     filter::{self, EventFilter, Family},
     privileges,
@@ -24,7 +24,6 @@ const EXIT_UNUSABLE: u8 = 2;
 const EXIT_FAILED: u8 = 1;
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -41,11 +40,26 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNUSABLE);
         }
     };
+    init_logging(cli.verbose);
     match cli.command {
         Command::Trace(args) => trace_command(*args),
         Command::Snapshot(args) => snapshot_command(args),
         Command::Doctor(args) => doctor_command(args),
         Command::Correlate(args) => correlate_command(args),
+        Command::Completions { shell } => {
+            let script = cli::completions(shell);
+            match std::io::stdout().lock().write_all(&script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e.into(), EXIT_FAILED),
+            }
+        }
+        Command::Man { dir } => match cli::write_man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(
+                &anyhow::Error::new(e).context(format!("writing man pages into {}", dir.display())),
+                EXIT_FAILED,
+            ),
+        },
     }
 }
 
@@ -99,6 +113,7 @@ fn snapshot_command(args: SnapshotArgs) -> ExitCode {
         Ok(netns) => netns,
         Err(e) => return fail(&e, EXIT_UNUSABLE),
     };
+    // SAFETY: geteuid takes nothing and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         log::warn!("not root: other namespaces and other users' processes are not visible");
     }
@@ -206,15 +221,26 @@ fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
 }
 
 /// Logs go to stderr, one line each, prefixed so they stand out from events.
-fn init_logging() {
+/// `-v` adds tcprst's details (not its dependencies'); TCPRST_LOG overrides.
+fn init_logging(verbose: u8) {
+    let ours = match verbose {
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
     env_logger::Builder::new()
         .filter_level(log::LevelFilter::Info)
+        .filter_module("tcprst", ours)
         // kube logs every failed retry as an error; k8s.rs reports an
         // unreachable API once instead. TCPRST_LOG can still turn it on.
         .filter_module("kube", log::LevelFilter::Off)
         .parse_env("TCPRST_LOG")
+        // Only what needs attention is labelled; -v's details read as the
+        // lines around them do.
         .format(|buf, record| match record.level() {
-            log::Level::Info => writeln!(buf, "tcprst: {}", record.args()),
+            log::Level::Info | log::Level::Debug | log::Level::Trace => {
+                writeln!(buf, "tcprst: {}", record.args())
+            }
             level => writeln!(
                 buf,
                 "tcprst: {}: {}",

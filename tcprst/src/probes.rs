@@ -19,7 +19,7 @@ use tcprst_common::{
 use crate::{
     attach::{
         AttachRequest, FunctionSite, HookPlan, RESET_FUNCTIONS, ResetFunction, function_args,
-        tier_name,
+        plans_summary, tier_name,
     },
     btf::{FUNCTION_TIERS, KernelBtf, VMLINUX},
     layout::{ReasonNames, reset_fields},
@@ -317,8 +317,21 @@ impl Probes {
                     break;
                 }
             }
-            log::info!("hook {}: {plan}", f.function);
             self.plans.push(plan);
+        }
+        let traced = self
+            .plans
+            .iter()
+            .any(|p| p.function.has_tracepoint && p.tier.is_some());
+        // Each hook's line is a detail (-v, and doctor's report), unless
+        // none could be attached: then those lines are the error's why.
+        let level = if traced {
+            log::Level::Debug
+        } else {
+            log::Level::Info
+        };
+        for plan in &self.plans {
+            log::log!(level, "hook {}: {plan}", plan.function.function);
         }
         let by_function = |tier: &Option<AttachTier>| {
             matches!(tier, Some(AttachTier::Fentry | AttachTier::Kprobe))
@@ -344,12 +357,11 @@ impl Probes {
                 vmlinux,
             )?;
         }
+        if traced && !cfg.probe_every_tier {
+            log::info!("{}", plans_summary(&self.plans));
+        }
         self.note_plan_limitations(pre_6_10_tracepoint);
-        if !self
-            .plans
-            .iter()
-            .any(|p| p.function.has_tracepoint && p.tier.is_some())
-        {
+        if !traced {
             bail!("no hook for the resets TCP sends could be attached (see the hook lines above)");
         }
         Ok(())
@@ -369,16 +381,17 @@ impl Probes {
                 .iter()
                 .any(|h| tier_of(*h) == Some(AttachTier::Tracepoint));
         if misses_socketless {
-            notes.push(format!(
+            notes.push((log::Level::Warn, format!(
                 "resets sent without a full socket (closed ports, TIME_WAIT) are invisible: before Linux 6.10 {TCP_SEND_RESET} skips them, and no kprobe or fentry tier attached"
-            ));
+            )));
         }
         let netfilter = [ResetHook::NfSendReset, ResetHook::NfSendReset6];
         if netfilter.iter().any(|h| tier_of(*h).is_none()) {
-            notes.push("netfilter REJECT resets are not seen where they are sent; a received reset no local socket sent is marked as such".to_owned());
+            // The hooks' summary line says so already.
+            notes.push((log::Level::Debug, "netfilter REJECT resets are not seen where they are sent; a received reset no local socket sent is marked as such".to_owned()));
         }
-        for note in notes {
-            log::warn!("{note}");
+        for (level, note) in notes {
+            log::log!(level, "{note}");
             self.limitations.push(note);
         }
         self.misses_socketless_resets = misses_socketless;
@@ -575,7 +588,8 @@ fn one_line(e: &dyn std::error::Error) -> String {
 }
 
 /// A load failure in one line: the errno, and the verifier's last word
-/// (the line that says what it refused), with the whole log at debug level.
+/// (the line that says what it refused), with the whole log at trace level
+/// (-vv): it can run to thousands of lines.
 fn verifier_summary(e: &aya::programs::ProgramError) -> String {
     if let aya::programs::ProgramError::LoadError {
         io_error,
@@ -583,7 +597,7 @@ fn verifier_summary(e: &aya::programs::ProgramError) -> String {
     } = e
     {
         let log = verifier_log.to_string();
-        log::debug!("verifier log:\n{log}");
+        log::trace!("verifier log:\n{log}");
         let refusal = log
             .lines()
             .rev()

@@ -347,6 +347,7 @@ impl Pipeline<'_> {
             self.sink.resolved(&ResolvedReport {
                 resolved,
                 diagnosis,
+                netns_name: attribution.netns_name,
             })?;
             self.counts.shown += 1;
         }

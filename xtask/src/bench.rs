@@ -170,21 +170,25 @@ fn probes_of(script: &str) -> Vec<String> {
         .collect()
 }
 
-/// Sets up and builds (as the user), then continues as root: re-runs this
-/// xtask through sudo with `--prepared` unless root already.
-fn prepare_as_root(prepared: bool) -> Result<()> {
+/// Sets up and, unless `prebuilt` names a directory holding them, builds
+/// release tcprst and tcprst-loadgen (as the user), then continues as root:
+/// re-runs this xtask through sudo with `--prepared` unless root already.
+/// Returns the directory the binaries are in.
+fn prepare_as_root(prepared: bool, prebuilt: Option<&Path>) -> Result<PathBuf> {
     if !prepared {
         setup()?;
         // Names the programs whose run times benchmark 3 reads.
         ensure_apt_packages(&["bpftool"])?;
-        cargo(&[
-            "build",
-            "--release",
-            "--package",
-            "tcprst",
-            "--package",
-            "tcprst-loadgen",
-        ])?;
+        if prebuilt.is_none() {
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "tcprst",
+                "--package",
+                "tcprst-loadgen",
+            ])?;
+        }
     }
     if !is_root() {
         // Everything from here loads BPF programs or creates namespaces;
@@ -197,13 +201,17 @@ fn prepare_as_root(prepared: bool) -> Result<()> {
         return Err(err).context("re-running as root through sudo");
     }
     catch_interrupts();
-    Ok(())
+    match prebuilt {
+        Some(dir) => Ok(dir.to_owned()),
+        None => Ok(target_dir()?.join("release")),
+    }
 }
 
 pub fn main(opts: &Options) -> Result<()> {
-    prepare_as_root(opts.prepared)?;
+    // Measured as people run it: the release build `cargo xtask run` makes.
+    let binaries = prepare_as_root(opts.prepared, None)?;
     let plan = if opts.quick { QUICK } else { FULL };
-    let ctx = Ctx::prepare(opts.keep_output)?;
+    let ctx = Ctx::prepare(opts.keep_output, &binaries)?;
     let foreign = ctx.foreign_tracing_programs()?;
     if !foreign.is_empty() {
         eprintln!(
@@ -1864,13 +1872,12 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn prepare(keep_output: bool) -> Result<Self> {
-        let release = target_dir()?.join("release");
-        let (tcprst, loadgen) = (release.join("tcprst"), release.join("tcprst-loadgen"));
+    fn prepare(keep_output: bool, binaries: &Path) -> Result<Self> {
+        let (tcprst, loadgen) = (binaries.join("tcprst"), binaries.join("tcprst-loadgen"));
         for bin in [&tcprst, &loadgen] {
             if !bin.is_file() {
                 bail!(
-                    "{} is missing: run `cargo xtask bench` (it builds it) rather than the xtask binary",
+                    "{} is missing: run `cargo xtask bench` or `soak` (they build it) rather than the xtask binary",
                     bin.display()
                 );
             }
@@ -2315,6 +2322,10 @@ pub struct SoakOptions {
     /// Set when re-run as root: setup and build are already done
     #[arg(long, hide = true)]
     prepared: bool,
+    /// Soak the tcprst and tcprst-loadgen in DIR instead of building release ones
+    /// (`cargo xtask test` passes the static ones it built for vm-test)
+    #[arg(long, value_name = "DIR")]
+    binaries: Option<PathBuf>,
 }
 
 /// Seconds of each load between two samples.
@@ -2422,8 +2433,8 @@ impl std::fmt::Display for Trend {
 /// owner map are. Fails when RSS or the series keep growing after warm-up,
 /// or when tcprst missed resets in the namespaces that came and went.
 pub fn soak(opts: &SoakOptions) -> Result<()> {
-    prepare_as_root(opts.prepared)?;
-    let ctx = Ctx::prepare(false)?;
+    let binaries = prepare_as_root(opts.prepared, opts.binaries.as_deref())?;
+    let ctx = Ctx::prepare(false, &binaries)?;
     let ns = Netns::create("soak")?;
     let cgroups = ChurnCgroup::create()?;
     let port = free_loopback_port()?;

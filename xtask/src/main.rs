@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | run | test | vm-test | image | bench | fuzz`.
+//! Developer tasks: `cargo xtask setup | run | test | vm-test | image | man | bench | fuzz`.
 //!
 //! Every task starts with `setup`, which installs only what is missing, so
 //! the README's two commands work on a fresh machine and cost seconds after.
@@ -88,6 +88,9 @@ enum Task {
     /// cgroup churn against tcprst for --minutes, sampling its RSS and metric
     /// series; fails if either keeps growing after warm-up.
     Soak(bench::SoakOptions),
+    /// Set up, build tcprst (release) and write its man pages and bash, zsh and fish
+    /// completions under target/man.
+    Man,
     /// Set up and run every fuzz target for a bounded time (cargo-fuzz, nightly).
     Fuzz {
         /// Seconds per target
@@ -109,18 +112,30 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup()?;
             test(&args)?;
-            vm::test()?;
+            // Two builds, not three: the soak runs the release binaries
+            // vm-test needs anyway, static ones as the image ships them,
+            // rather than a glibc release build of its own.
+            let binaries = build_static(&vm::BINARIES)?;
+            vm::test(&binaries)?;
             // A minute of soak: enough to catch a leak that grows per event.
             let exe = env::current_exe().context("finding the xtask binary")?;
-            status(Command::new(exe).args(["soak", "--minutes", "1"]))
+            status(
+                Command::new(exe)
+                    .args(["soak", "--minutes", "1", "--binaries"])
+                    .arg(&binaries),
+            )
         }
         Task::VmTest => {
             setup()?;
-            vm::test()
+            vm::test(&build_static(&vm::BINARIES)?)
         }
         Task::Image => {
             setup()?;
             image()
+        }
+        Task::Man => {
+            setup()?;
+            man()
         }
         // Sets up and builds itself: it may re-run as root.
         Task::Bench(opts) => bench::main(&opts),
@@ -171,6 +186,36 @@ fn image() -> Result<()> {
         )
     })?;
     eprintln!("xtask: built image {IMAGE_TAG} with {builder}");
+    Ok(())
+}
+
+/// The man pages and completion scripts, from the binary itself: clap
+/// generates both from the definition the binary parses with, so they
+/// cannot drift from it. Release, as `run` builds it.
+fn man() -> Result<()> {
+    cargo(&["build", "--release", "--package", "tcprst"])?;
+    let bin = target_dir()?.join("release/tcprst");
+    let dir = target_dir()?.join("man");
+    let completions = dir.join("completions");
+    fs::create_dir_all(&completions)
+        .with_context(|| format!("creating {}", completions.display()))?;
+    status(Command::new(&bin).arg("man").arg(&dir))?;
+    // Each under the name its shell looks for.
+    for (shell, file) in [
+        ("bash", "tcprst"),
+        ("zsh", "_tcprst"),
+        ("fish", "tcprst.fish"),
+    ] {
+        let script = output(Command::new(&bin).args(["completions", shell]))?;
+        let path = completions.join(file);
+        fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!(
+        "xtask: wrote the man pages into {} (read one with `man -l {}`) and completions into {}",
+        dir.display(),
+        dir.join("tcprst.1").display(),
+        completions.display()
+    );
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{build_static, ensure_apt_packages, output, status, target_dir};
+use super::{ensure_apt_packages, output, status, target_dir};
 
 /// qemu, what goes into the initramfs, `depmod` for the kernels' module
 /// trees (Debian's packages leave modules.dep to their postinst), and `xz`
@@ -229,11 +229,12 @@ attached() {
     return 1
 }
 
-# trace PLAN ARGS...: `tcprst trace ARGS` around every scenario.
+# trace PLAN ARGS...: `tcprst trace ARGS` around every scenario; -v for
+# each hook's line, which the host judges.
 trace() {
     plan=$1
     shift
-    tcprst trace -o json "$@" >/tmp/out 2>/tmp/err &
+    tcprst trace -v -o json "$@" >/tmp/out 2>/tmp/err &
     pid=$!
     : >/tmp/scenarios
     if attached "$pid"; then
@@ -493,11 +494,15 @@ impl Row {
     }
 }
 
-pub fn test() -> Result<()> {
+/// What the guests run, built static: they have no libc of their own.
+pub const BINARIES: [&str; 2] = ["tcprst", "tcprst-loadgen"];
+
+/// Runs every kernel × plan with the `BINARIES` in `binaries` (from
+/// `build_static`).
+pub fn test(binaries: &Path) -> Result<()> {
     ensure_apt_packages(PACKAGES)?;
-    let binaries = build_static(&["tcprst", "tcprst-loadgen"])?;
     let cache = target_dir()?.join("vm");
-    let (guests, mut rows) = prepare_all(&cache, &binaries)?;
+    let (guests, mut rows) = prepare_all(&cache, binaries)?;
     for (guest, boot) in guests.iter().zip(boot_all(&guests)) {
         let release = &guest.kernel.release;
         match boot {
@@ -851,7 +856,7 @@ fn initramfs_archive(kernel: &KernelTree, binaries: &Path) -> Result<Vec<u8>> {
     let mut cpio = Cpio::default();
     cpio.file("init", 0o755, INIT.as_bytes());
     cpio.copy("bin/busybox", Path::new("/bin/busybox"))?;
-    for bin in ["tcprst", "tcprst-loadgen"] {
+    for bin in BINARIES {
         cpio.copy(&format!("bin/{bin}"), &binaries.join(bin))?;
     }
     for path in with_libraries(Path::new("/usr/sbin/nft"))? {

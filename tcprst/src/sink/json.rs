@@ -892,6 +892,7 @@ mod tests {
         sink.resolved(&ResolvedReport {
             diagnosis: diagnosis::resolved(&resolved),
             resolved,
+            netns_name: None,
         })
         .unwrap();
         sink.lost(&LossReport {

@@ -87,6 +87,8 @@ pub struct StuckReport {
 pub struct ResolvedReport {
     pub resolved: Resolved,
     pub diagnosis: String,
+    /// The namespace's name, which the table shows; JSON has the inode.
+    pub netns_name: Option<Arc<str>>,
 }
 
 /// Ring-buffer losses over one reporting interval.

@@ -21,7 +21,8 @@ use crate::{
 const COLUMNS: [(&str, u16); 9] = [
     ("TIME (UTC)", 17),
     ("EVENT", 16),
-    ("NETNS", 12),
+    // Room for a /run/netns name or "docker:acc-web"; longer ones wrap.
+    ("NETNS", 16),
     ("LOCAL", 24),
     ("REMOTE", 24),
     ("STATE", 13),
@@ -73,12 +74,14 @@ impl TableSink {
         time: std::time::SystemTime,
         label: Cell,
         conn: &Connection,
+        netns_name: Option<&str>,
         [why, who, whose]: [String; 3],
     ) -> io::Result<()> {
+        let netns = (conn.key.netns != 0).then_some(conn.key.netns);
         self.row(vec![
             cell(time_of_day(time)),
             label,
-            netns_cell((conn.key.netns != 0).then_some(conn.key.netns)),
+            netns_cell(netns_name, netns),
             cell(conn.key.local),
             cell(conn.key.remote),
             cell(conn.state.name()),
@@ -121,8 +124,14 @@ fn time_of_day(t: std::time::SystemTime) -> String {
     time.get(11..26).unwrap_or(&time).to_owned()
 }
 
-fn netns_cell(netns: Option<u32>) -> Cell {
-    cell(netns.map_or("-".to_owned(), |n| n.to_string()))
+/// The namespace as people name it; its inode only when it has no name
+/// (it is gone, or was never seen by the scan that names them).
+fn netns_cell(name: Option<&str>, inode: Option<u32>) -> Cell {
+    match (name, inode) {
+        (Some(name), _) => cell(name),
+        (None, Some(inode)) => cell(inode),
+        (None, None) => cell("-"),
+    }
 }
 
 /// Whose socket it is: the pod, else the container, else the host service,
@@ -184,7 +193,7 @@ impl Sink for TableSink {
         self.row(vec![
             cell(time_of_day(ev.time)),
             cell(label).fg(color),
-            netns_cell(ev.netns),
+            netns_cell(report.attribution.netns_name.as_deref(), ev.netns),
             cell(endpoint(ev.local)),
             cell(endpoint(ev.remote)),
             cell(ev.state.map_or("-", |s| s.name())),
@@ -237,7 +246,14 @@ impl Sink for TableSink {
         };
         let why = format!("waits for {}", r.diagnosis.waiting_for.name());
         let label = cell("STUCK").fg(Color::Magenta);
-        self.conn_row(r.time, label, &r.conn, [why, who, whose(&r.attribution)])?;
+        let netns_name = r.attribution.netns_name.as_deref();
+        self.conn_row(
+            r.time,
+            label,
+            &r.conn,
+            netns_name,
+            [why, who, whose(&r.attribution)],
+        )?;
         self.because(&r.diagnosis.text)
     }
 
@@ -249,6 +265,7 @@ impl Sink for TableSink {
             conn.since,
             label,
             conn,
+            r.netns_name.as_deref(),
             [why, "-".to_owned(), "-".to_owned()],
         )?;
         self.because(&r.diagnosis)
@@ -326,6 +343,26 @@ mod tests {
         );
         assert!(lines[1].contains("(softirq)") && lines[1].contains("ECONNRESET"));
         assert_eq!(lines[2], "   └─ because of a test");
+    }
+
+    #[test]
+    fn the_netns_column_names_the_namespace_else_shows_its_inode() {
+        let buf = Shared::default();
+        let mut sink = TableSink::new(Box::new(buf.clone()));
+        let mut named = event(RstKind::Sent, "127.0.0.1:1", None);
+        named.attribution.netns_name = Some("docker:acc-web".into());
+        sink.rst(&named).unwrap();
+        sink.rst(&event(RstKind::Sent, "127.0.0.1:2", None))
+            .unwrap();
+        let text = buf.text();
+        let lines: Vec<&str> = text.lines().collect();
+        let netns = lines[0].find("NETNS");
+        assert!(netns.is_some(), "{text}");
+        assert_eq!(lines[1].find("docker:acc-web"), netns, "{text}");
+        // A namespace gone before the scan that names it is still told apart.
+        assert_eq!(lines[3].find("4026531840"), netns, "{text}");
+        // The name fits its column: LOCAL starts where the header says.
+        assert_eq!(lines[1].find("127.0.0.1:1"), lines[0].find("LOCAL"));
     }
 
     #[test]
