@@ -118,6 +118,7 @@ impl Pipeline {
                 netns_name: netns_name.clone(),
                 ..Attribution::default()
             },
+            sent_reason: None,
         });
         let attribution = Attribution {
             netns_name,
