@@ -640,36 +640,6 @@ mod tests {
         assert_eq!(btf.offset_of("KernelFilter", &["port"]).unwrap(), 8);
     }
 
-    /// Time and peak RSS of what startup does with the kernel BTF:
-    /// `cargo test -p tcprst --lib btf -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn startup_cost() {
-        let hwm = || {
-            let status = std::fs::read_to_string("/proc/self/status").unwrap();
-            let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-            line.split_whitespace()
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        };
-        // Resets the peak to the current RSS, so what follows is measured alone.
-        std::fs::write("/proc/self/clear_refs", "5").unwrap();
-        let before = hwm();
-        let start = std::time::Instant::now();
-        let btf = KernelBtf::from_file(Path::new(VMLINUX)).unwrap();
-        let parsed = start.elapsed();
-        btf.kernel_offsets().unwrap();
-        btf.enum_values("sk_rst_reason").unwrap();
-        btf.function_params("tcp_v4_send_reset").unwrap();
-        eprintln!(
-            "from_file {parsed:?}, + kernel_offsets, enum_values, function_params {:?}, peak RSS +{} KiB",
-            start.elapsed(),
-            hwm() - before
-        );
-    }
-
     #[test]
     fn rejects_garbage() {
         let path = std::env::temp_dir().join(format!("tcprst-garbage-btf-{}", std::process::id()));
