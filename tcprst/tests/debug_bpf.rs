@@ -6,18 +6,16 @@
 
 mod common;
 
-use common::{Netns, Tracer};
+use common::{Netns, Tracer, summary_count};
 
 const LOGGED: &str = "tcp:tcp_receive_reset (tracepoint): reading the connection's ends failed at sock_common.skc_family (offset 4294967295)";
 
 /// The N of "N resets dropped because their ends could not be read".
 fn dropped(stderr: &str) -> u64 {
-    let summary = stderr.split("stopped: ").nth(1).unwrap();
-    let before = summary
-        .split(" resets dropped because their ends could not be read")
-        .next()
-        .unwrap();
-    before.rsplit(' ').next().unwrap().parse().unwrap()
+    summary_count(
+        stderr,
+        " resets dropped because their ends could not be read",
+    )
 }
 
 fn trace_one_refusal(btf: &str, extra: &[&str]) -> String {

@@ -14,7 +14,9 @@ use std::{
 
 use std::sync::Mutex;
 
-use common::{Netns, Spawned, TCPRST, Tracer, metric, metrics_addr, scrape, wait_timeout};
+use common::{
+    Netns, Spawned, TCPRST, Tracer, metric, metrics_addr, scrape, summary_count, wait_timeout,
+};
 
 /// Tests here compare the kernel's program lists; one at a time, so each
 /// can tell its own tcprst's programs from another test's.
@@ -223,12 +225,8 @@ fn a_stalled_reader_neither_freezes_tcprst_nor_hides_what_it_missed() {
     let status = wait_timeout(&mut spawned.child, Duration::from_secs(5));
     let stderr = spawned.stderr_text();
     assert!(status.success(), "exit {status}; stderr:\n{stderr}");
-    let summary = stderr.split("stopped: ").nth(1).unwrap_or_default();
-    let not_written: u64 = summary
-        .split(" events not written")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no unwritten count in {stderr}"));
-    assert!(not_written > 0, "{stderr}");
+    assert!(
+        summary_count(&stderr, " events not written") > 0,
+        "{stderr}"
+    );
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Tracer, records_read};
+use common::{Netns, Tracer, records_read, summary_count};
 use serde_json::Value;
 
 const CLOSED_PORT: &str = "127.0.0.1:9";
@@ -30,13 +30,6 @@ fn count_of(records: &[&Value]) -> u64 {
     records.iter().map(|v| v["count"].as_u64().unwrap()).sum()
 }
 
-/// The "N lost" of the exit summary.
-fn lost(stderr: &str) -> u64 {
-    let summary = stderr.split("stopped: ").nth(1).unwrap();
-    let before = summary.split(" lost").next().unwrap();
-    before.rsplit(' ').next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn every_reset_is_counted_exactly_in_a_storm() {
     let ns = Netns::new();
@@ -46,7 +39,7 @@ fn every_reset_is_counted_exactly_in_a_storm() {
     // The last tallies are read as tracing stops.
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
-    assert_eq!(lost(&stderr), 0, "{stderr}");
+    assert_eq!(summary_count(&stderr, " lost"), 0, "{stderr}");
     for kind in ["rst_sent", "rst_received"] {
         let detailed = of_kind(&records, kind);
         let aggregates = of_kind(&records, &format!("{kind}_aggregate"));
@@ -106,7 +99,11 @@ fn every_reset_gets_a_record_with_no_budget() {
     let refused = ns.refused_connects(0.5);
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
-    assert_eq!(lost(&stderr), 0, "raise the buffer for this test: {stderr}");
+    assert_eq!(
+        summary_count(&stderr, " lost"),
+        0,
+        "raise the buffer for this test: {stderr}"
+    );
     assert!(!records.iter().any(|v| v["aggregate"].is_object()));
     // Every reset was read as its own record; this test's reader may fall
     // behind a storm's worth of lines, which tcprst then drops whole and
@@ -114,14 +111,11 @@ fn every_reset_gets_a_record_with_no_budget() {
     assert_eq!(records_read(&stderr), 2 * refused, "{stderr}");
     let shown =
         (of_kind(&records, "rst_sent").len() + of_kind(&records, "rst_received").len()) as u64;
-    assert_eq!(shown + unwritten(&stderr), 2 * refused, "{stderr}");
-}
-
-/// The "N events not written" of the exit summary.
-fn unwritten(stderr: &str) -> u64 {
-    let summary = stderr.split("stopped: ").nth(1).unwrap();
-    let before = summary.split(" events not written").next().unwrap();
-    before.rsplit(' ').next().unwrap().parse().unwrap()
+    assert_eq!(
+        shown + summary_count(&stderr, " events not written"),
+        2 * refused,
+        "{stderr}"
+    );
 }
 
 /// Once a storm's tallies are all reported its key's budget has started

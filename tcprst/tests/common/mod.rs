@@ -622,6 +622,18 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+/// The number just before `what` in the exit summary ("…, 0 lost, …"
+/// for `" lost"`); panics naming `what` when the summary has none.
+pub fn summary_count(stderr: &str, what: &str) -> u64 {
+    stderr
+        .split("stopped: ")
+        .nth(1)
+        .and_then(|s| s.split(what).next())
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count before {what:?} in {stderr}"))
+}
+
 /// N in the exit summary's "stopped: N records read, …".
 pub fn records_read(stderr: &str) -> u64 {
     stderr
