@@ -353,7 +353,6 @@ pub struct RstRecord {
     pub reason: u32,
     /// CLOCK_MONOTONIC nanoseconds.
     pub timestamp_ns: u64,
-    pub skaddr: u64,
     pub sock_cookie: u64,
     /// Network namespace inode; 0 when unknown (no namespace has inode 0).
     pub netns: u32,
@@ -512,7 +511,7 @@ pub mod close_op {
 }
 
 // The loader decodes records by size; a silent layout change must not build.
-const _: () = assert!(core::mem::size_of::<RstRecord>() == 192);
+const _: () = assert!(core::mem::size_of::<RstRecord>() == 184);
 const _: () = assert!(core::mem::size_of::<CloseMark>() == 88);
 const _: () = assert!(core::mem::size_of::<RstKey>() == 52);
 

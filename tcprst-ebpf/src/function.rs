@@ -123,7 +123,6 @@ pub fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier, args: Fun
     } else if let Err(unread) = sock_tuple(sk, &mut rec.tuple) {
         return tuple_unread(ctx, hook, tier, unread);
     }
-    rec.skaddr = sk;
     if sk == 0 {
         rec.flags |= rst_flags::NO_SOCKET;
     } else if let Some(state) = sock_state(sk) {

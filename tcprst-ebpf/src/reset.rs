@@ -46,7 +46,6 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         );
         return 0;
     }
-    rec.skaddr = sk;
     let netns = if sk == 0 {
         // A reply to a segment that matched no socket: the tuple came from
         // that segment, and so does the namespace.
@@ -149,7 +148,6 @@ fn received(
     rec: &mut RstRecord,
     mark: impl FnOnce(&RstRecord) -> Option<CloseMark>,
 ) {
-    rec.skaddr = sk;
     // The tracepoint fires before tcp_reset() changes the state, so this is
     // the state the application was in when the RST hit it.
     if let Some(state) = sock_state(sk) {

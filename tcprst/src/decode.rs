@@ -275,7 +275,6 @@ pub(crate) mod tests {
             state: 1,
             reason: 0,
             timestamp_ns: 1_000,
-            skaddr: 0xffff_8880_0000_1000,
             sock_cookie: 0,
             netns: 4026531840,
             stack_id: -1,
