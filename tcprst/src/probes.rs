@@ -21,7 +21,7 @@ use crate::{
         AttachRequest, FunctionSite, HookPlan, RESET_FUNCTIONS, ResetFunction, function_args,
         plans_summary, tier_name,
     },
-    btf::{FUNCTION_TIERS, KernelBtf, VMLINUX},
+    btf::{BtfBytes, FUNCTION_TIERS, KernelBtf, VMLINUX},
     layout::{ReasonNames, reset_fields},
     tallies::Tallies,
     tracefs::{INET_SOCK_SET_STATE, TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint},
@@ -144,12 +144,18 @@ impl Probes {
         // ours is no longer needed. Handing its memory back first keeps the
         // two parses from adding up in the peak RSS.
         drop(btf);
+        // EbpfLoader::new() parses vmlinux's BTF itself, and the attaches
+        // after the load need one too, which the loader does not lend out:
+        // so its parse goes before ours is made, rather than after.
+        let aya_log_level = log_level(cfg.debug_bpf);
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
         release_freed_memory();
-        let vmlinux = match cfg.btf.as_deref() {
-            Some(path) => Btf::parse_file(path, Endianness::default()),
-            None => Btf::from_sys_fs(),
-        }
-        .map_err(|e| format!("reading BTF: {e}"));
+        let vmlinux = BtfBytes::open(cfg.btf.as_deref().unwrap_or(Path::new(VMLINUX)))
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|bytes| {
+                Btf::parse(&bytes, Endianness::default()).map_err(|e| format!("reading BTF: {e}"))
+            });
 
         let settings = Settings {
             every_transition: cfg.history.into(),
@@ -163,7 +169,7 @@ impl Probes {
         };
 
         raise_memlock_limit();
-        let ebpf = EbpfLoader::new()
+        let ebpf = loader
             // One parse of the kernel BTF serves the loader and every attach.
             .btf(vmlinux.as_ref().ok())
             .override_global(globals::SEND_RESET_FIELDS, &send_fields, true)
@@ -173,7 +179,7 @@ impl Probes {
             .override_global(globals::FUNCTION_ARGS, &args, true)
             .override_global(globals::SETTINGS, &settings, true)
             // 0 turns the programs' failure logs off; they cost nothing then.
-            .override_global(globals::AYA_LOG_LEVEL, &log_level(cfg.debug_bpf), true)
+            .override_global(globals::AYA_LOG_LEVEL, &aya_log_level, true)
             // Unread unless asked for: one page, not aya-log's 128 KiB.
             .map_max_entries(
                 maps::AYA_LOGS,
@@ -184,6 +190,7 @@ impl Probes {
             .map_max_entries(maps::STACKS, if cfg.whole_stacks { 2048 } else { 1 })
             .load(OBJECT)
             .context("loading the eBPF object")?;
+        drop(loader);
 
         let mut probes = Self {
             ebpf,
@@ -222,6 +229,9 @@ impl Probes {
                 &vmlinux,
             )?;
         }
+        // The parse is 20 MiB that tracing never reads again.
+        drop(vmlinux);
+        release_freed_memory();
         Ok(probes)
     }
 
