@@ -118,6 +118,9 @@ pub struct CgroupResolver {
     root: Option<PathBuf>,
     by_id: HashMap<u64, Arc<CgroupInfo>>,
     scanned_at: Option<Instant>,
+    /// How many times the tree was walked: what was learnt about the
+    /// containers in it is checked against it after each walk.
+    scans: u64,
 }
 
 impl CgroupResolver {
@@ -137,7 +140,27 @@ impl CgroupResolver {
             root,
             by_id: HashMap::new(),
             scanned_at: None,
+            scans: 0,
         }
+    }
+
+    /// Walks the tree now, whenever it was last walked.
+    pub fn rescan(&mut self) {
+        if let Some(root) = self.root.clone() {
+            self.scan(&root);
+        }
+    }
+
+    pub fn scans(&self) -> u64 {
+        self.scans
+    }
+
+    /// The containers in the tree as of the last walk.
+    pub fn containers(&self) -> impl Iterator<Item = &CgroupInfo> {
+        self.by_id
+            .values()
+            .filter(|info| info.container_id.is_some())
+            .map(|info| &**info)
     }
 
     pub fn resolve(&mut self, id: u64) -> Option<Arc<CgroupInfo>> {
@@ -158,6 +181,7 @@ impl CgroupResolver {
     /// bounded by the live tree, however many containers came and went.
     fn scan(&mut self, root: &Path) {
         self.scanned_at = Some(Instant::now());
+        self.scans += 1;
         let mut known = std::mem::take(&mut self.by_id);
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {

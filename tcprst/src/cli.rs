@@ -147,7 +147,7 @@ pub struct TraceArgs {
     #[arg(long, value_name = "NAME|PATH|INODE")]
     pub netns: Option<String>,
 
-    /// Only sockets of this container: an id (or its prefix) or a Kubernetes container name
+    /// Only sockets of this container: an id (or its prefix), or its name (Docker's, or Kubernetes')
     #[arg(long)]
     pub container: Option<String>,
 
@@ -207,6 +207,15 @@ pub struct TraceArgs {
         default_value = "app,app.kubernetes.io/name,app.kubernetes.io/instance"
     )]
     pub pod_labels: Vec<String>,
+
+    /// Docker's Engine API socket, asked for the name and image of each Docker container
+    #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+
+    /// containerd's state directory, whose task bundles give each container's Kubernetes name
+    /// and image
+    #[arg(long, value_name = "DIR", default_value = "/run/containerd")]
+    pub containerd_state: PathBuf,
 
     /// Print each reset's whole kernel stack, not just the calling function
     #[arg(long)]

@@ -18,6 +18,7 @@ use crate::{
     k8s::{PodIndex, PodMeta},
     netns::{NetnsHandle, all_namespaces, in_netns},
     owner::SocketOwners,
+    runtimes::{ContainerMeta, ContainerNames},
     sockdiag::{AcceptQueue, DiagSocket, DumpExtras, accept_queue_for, dump_tcp, dump_tcp_with},
     tracker::ConnKey,
 };
@@ -210,7 +211,10 @@ pub struct Attribution {
     pub cgroup_id: Option<u64>,
     pub cgroup: Option<Arc<CgroupInfo>>,
     pub pod: Option<PodMeta>,
+    /// The pod watch's name for the container, else its runtime's.
     pub container_name: Option<String>,
+    /// What the container's runtime says about it, once it has answered.
+    pub from_runtime: Option<Arc<ContainerMeta>>,
     /// The process holding the socket (not the task running when the
     /// event happened).
     pub owner: Option<Process>,
@@ -228,6 +232,10 @@ pub struct Enricher {
     pod_labels: Vec<String>,
     netns_names: HashMap<u32, Arc<str>>,
     netns_scanned_at: Option<Instant>,
+    /// None without a tokio runtime to ask the container runtimes from.
+    runtimes: Option<ContainerNames>,
+    /// The cgroup walk `runtimes` was last pruned after.
+    pruned_after_scan: u64,
 }
 
 impl Enricher {
@@ -238,7 +246,38 @@ impl Enricher {
             pod_labels,
             netns_names: HashMap::new(),
             netns_scanned_at: None,
+            runtimes: None,
+            pruned_after_scan: 0,
         }
+    }
+
+    /// Names containers by asking their runtimes, starting with those
+    /// running now (waiting for those answers at most `timeout`).
+    pub async fn ask_runtimes(&mut self, mut names: ContainerNames, timeout: Duration) {
+        self.cgroups.rescan();
+        self.pruned_after_scan = self.cgroups.scans();
+        let running = self
+            .cgroups
+            .containers()
+            .filter_map(|c| Some((c.container_id.as_deref()?, c.runtime)));
+        names.prefetch(running, timeout).await;
+        self.runtimes = Some(names);
+    }
+
+    /// What the runtime says about the container in `cgroup`. After a walk
+    /// of the cgroup tree, containers whose cgroup is gone are forgotten.
+    fn runtime_meta(&mut self, cgroup: &CgroupInfo) -> Option<Arc<ContainerMeta>> {
+        let names = self.runtimes.as_mut()?;
+        if self.cgroups.scans() != self.pruned_after_scan {
+            self.pruned_after_scan = self.cgroups.scans();
+            let live: std::collections::HashSet<&str> = self
+                .cgroups
+                .containers()
+                .filter_map(|c| c.container_id.as_deref())
+                .collect();
+            names.retain(|id| live.contains(id));
+        }
+        names.get(cgroup.container_id.as_deref()?, cgroup.runtime)
     }
 
     pub fn attribute(
@@ -249,17 +288,22 @@ impl Enricher {
     ) -> Attribution {
         let cgroup = cgroup_id.and_then(|id| self.cgroups.resolve(id));
         let pod = cgroup.as_deref().and_then(|c| self.pod_in(c));
-        let container_name = cgroup.as_ref().and_then(|c| {
-            self.pods
-                .as_ref()?
-                .container_name(c.pod_uid.as_deref()?, c.container_id.as_deref()?)
-        });
+        let from_runtime = cgroup.as_deref().and_then(|c| self.runtime_meta(c));
+        let container_name = cgroup
+            .as_ref()
+            .and_then(|c| {
+                self.pods
+                    .as_ref()?
+                    .container_name(c.pod_uid.as_deref()?, c.container_id.as_deref()?)
+            })
+            .or_else(|| from_runtime.as_ref()?.name.clone());
         Attribution {
             netns_name: self.netns_name(key.netns),
             cgroup_id,
             cgroup,
             pod,
             container_name,
+            from_runtime,
             owner,
         }
     }

@@ -28,6 +28,7 @@ pub mod overflows;
 pub mod owner;
 pub mod privileges;
 pub mod probes;
+pub mod runtimes;
 pub mod sink;
 pub mod snapshot;
 pub mod sockdiag;

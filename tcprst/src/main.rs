@@ -13,6 +13,7 @@ use tcprst::{
     filter::{self, EventFilter, Family},
     privileges,
     probes::ProbeConfig,
+    runtimes::RuntimeOptions,
     sink::OutputFormat,
     snapshot, trace,
     trace::TraceOptions,
@@ -210,6 +211,10 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
         max_connections: args.max_connections as usize,
         kubeconfig: args.kubeconfig,
         pod_labels: args.pod_labels,
+        runtimes: RuntimeOptions {
+            docker_socket: args.docker_socket,
+            containerd_state: args.containerd_state,
+        },
         metrics_addr: args.metrics_addr,
     })
 }

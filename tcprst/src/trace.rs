@@ -34,6 +34,7 @@ use crate::{
     origin::{Origin, Origins, Receipt},
     overflows::{self, OverflowWatch},
     probes::{Counters, ProbeConfig, Probes},
+    runtimes::{ContainerNames, RuntimeOptions},
     sink::{
         self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport,
         writer::{self, WriterReport},
@@ -61,6 +62,8 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 const UNWRITTEN_WAIT: Duration = Duration::from_millis(500);
 /// The longest wait between two scans for stuck half-closed connections.
 const MAX_SCAN_EVERY: Duration = Duration::from_secs(5);
+/// How long starting waits for the runtimes to name the running containers.
+const RUNTIMES_WAIT: Duration = Duration::from_secs(3);
 
 pub struct TraceOptions {
     pub probes: ProbeConfig,
@@ -72,6 +75,8 @@ pub struct TraceOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Pod labels to report, by key.
     pub pod_labels: Vec<String>,
+    /// Where to ask container runtimes for names and images.
+    pub runtimes: RuntimeOptions,
     pub metrics_addr: Option<MetricsAddr>,
 }
 
@@ -650,6 +655,12 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         written,
         overflows: OverflowWatch::default(),
     };
+    // Containers running now are named from their first reset; a runtime
+    // slow to answer delays the start by RUNTIMES_WAIT at most.
+    pipeline
+        .enricher
+        .ask_runtimes(ContainerNames::start(opts.runtimes.clone()), RUNTIMES_WAIT)
+        .await;
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // The first scan, before tracing is announced, finds what was already

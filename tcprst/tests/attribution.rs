@@ -2,6 +2,10 @@
 //! container runtime names them, a process in each inside its own network
 //! namespace, and a reset its socket sends from softirq (a keepalive
 //! timeout), where the running task has nothing to do with it.
+//!
+//! These are the systemd cgroup driver's layouts, which real runtimes make
+//! only under systemd, which this host does not run; runtimes.rs runs real
+//! dockerd and containerd for the cgroupfs driver's layouts.
 
 mod common;
 

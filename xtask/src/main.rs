@@ -43,6 +43,12 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "python3-venv",
     "prometheus",
+    // Real container runtimes for tests/runtimes.rs, and a static busybox
+    // as the containers' root file system.
+    "docker.io",
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// Under the workspace's own target/ whatever CARGO_TARGET_DIR says, because

@@ -391,6 +391,7 @@ struct ContainerJson<'a> {
     runtime: Option<&'static str>,
     id: &'a str,
     name: Option<&'a str>,
+    image: Option<&'a str>,
 }
 
 impl Json for ContainerJson<'_> {
@@ -399,6 +400,7 @@ impl Json for ContainerJson<'_> {
             .field("runtime", &self.runtime)
             .field("id", self.id)
             .field("name", &self.name)
+            .field("image", &self.image)
             .end();
     }
 }
@@ -443,10 +445,14 @@ impl<'a> WhoJson<'a> {
                 path: cgroup.map(|c| c.path.as_str()),
             }),
             container: cgroup.and_then(|c| {
+                let from_runtime = a.from_runtime.as_deref();
                 Some(ContainerJson {
-                    runtime: c.runtime,
+                    // A cgroupfs path (/kubepods/<qos>/pod<uid>/<id>)
+                    // names no runtime; the one that answered for it does.
+                    runtime: c.runtime.or(from_runtime.map(|m| m.runtime)),
                     id: c.container_id.as_deref()?,
                     name: a.container_name.as_deref(),
+                    image: from_runtime.and_then(|m| m.image.as_deref()),
                 })
             }),
             pod: cgroup.and_then(|c| {
@@ -827,6 +833,11 @@ mod tests {
                 containers: [(CONTAINER.to_owned(), "web".to_owned())].into(),
             }),
             container_name: Some("web".into()),
+            from_runtime: Some(std::sync::Arc::new(crate::runtimes::ContainerMeta {
+                runtime: "containerd",
+                name: Some("web".into()),
+                image: Some("registry.example/shop/web:2.1".into()),
+            })),
             owner: Some(crate::event::Process {
                 pid: 7,
                 comm: "envoy".into(),
@@ -1036,7 +1047,7 @@ mod tests {
         assert!(v["cgroup"]["path"].as_str().unwrap().ends_with(".scope"));
         assert_eq!(
             v["container"],
-            serde_json::json!({"runtime": "containerd", "id": CONTAINER, "name": "web"})
+            serde_json::json!({"runtime": "containerd", "id": CONTAINER, "name": "web", "image": "registry.example/shop/web:2.1"})
         );
         assert_eq!(
             v["pod"],

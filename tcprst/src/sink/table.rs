@@ -145,7 +145,16 @@ fn whose(a: &Attribution) -> String {
     }
     if let Some(c) = a.cgroup.as_deref() {
         if let Some(id) = &c.container_id {
-            return format!("{}:{}", c.runtime.unwrap_or("container"), &id[..12]);
+            let runtime = c
+                .runtime
+                .or(a.from_runtime.as_ref().map(|m| m.runtime))
+                .unwrap_or("container");
+            // People know their containers by name; the id until the
+            // runtime has said it.
+            return match &a.container_name {
+                Some(name) => format!("{runtime}:{name}"),
+                None => format!("{runtime}:{}", &id[..12]),
+            };
         }
         if let Some(service) = &c.service {
             return format!("{service}.service");
