@@ -3,6 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::{
+    conntrack::Found,
     event::{CloseOp, RstEvent, RstKind, ShutHow, TcpState},
     sockdiag::AcceptQueue,
     tracker::{Connection, Resolved, RstContext},
@@ -197,10 +198,13 @@ pub enum Cause {
     PeerLostState,
     /// A handshake ended at a full accept queue, with tcp_abort_on_overflow=1.
     AcceptQueueOverflow,
+    /// A segment conntrack marked INVALID skipped reverse NAT and reached a
+    /// host with no socket for it (kubernetes#74839).
+    NatEscaped,
 }
 
 impl Cause {
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::LateSegment,
         Self::PeerResetHalfClose,
         Self::PeerResetClosing,
@@ -217,6 +221,7 @@ impl Cause {
         Self::OrphanLimit,
         Self::PeerLostState,
         Self::AcceptQueueOverflow,
+        Self::NatEscaped,
     ];
 
     pub fn name(self) -> &'static str {
@@ -237,6 +242,7 @@ impl Cause {
             Self::OrphanLimit => "orphan_limit",
             Self::PeerLostState => "peer_lost_state",
             Self::AcceptQueueOverflow => "accept_queue_overflow",
+            Self::NatEscaped => "nat_escaped",
         }
     }
 }
@@ -270,6 +276,24 @@ pub fn explained_by_sender(ev: &RstEvent, sent_reason: Option<&str>) -> Option<R
                 ev.remote
             ),
         }
+    })
+}
+
+/// A reset sent with no socket, for a segment that fits the reply tuple of
+/// a NAT'd conntrack entry on this host (`fits_reply`): had conntrack
+/// tracked that segment, NAT would have given it the original's addresses,
+/// so conntrack found it INVALID (out of window, kubernetes#74839) and let
+/// it through untranslated.
+pub fn escaped_nat(ev: &RstEvent, found: &Found, fits_reply: bool) -> Option<RstDiagnosis> {
+    let no_socket = ev.kind == RstKind::Sent && ev.state.is_none();
+    (no_socket && fits_reply).then(|| RstDiagnosis {
+        cause: Cause::NatEscaped,
+        text: format!(
+            "a segment from {} matched no socket here, but conntrack has a NAT'd connection whose reply tuple it fits \
+             ({} -> {}): conntrack marked it INVALID and it escaped reverse NAT; drop INVALID packets, or set \
+             nf_conntrack_tcp_be_liberal",
+            ev.remote, found.entry.original.src, found.entry.original.dst
+        ),
     })
 }
 

@@ -10,6 +10,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod cli;
 pub mod clock;
+pub mod conntrack;
 pub mod correlate;
 pub mod decode;
 pub mod diagnosis;

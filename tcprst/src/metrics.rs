@@ -97,6 +97,8 @@ pub struct Metrics {
     tally_full: Counter,
     unwritten: Counter,
     tuple_failures: Counter,
+    conntrack_skipped: Counter,
+    conntrack_failed: Counter,
     listen_overflows: Family<NetnsLabels, Counter>,
     /// The namespaces `listen_overflows` has a series for, so those of
     /// namespaces gone go too.
@@ -113,6 +115,8 @@ pub struct Shortfalls {
     pub tally_full: u64,
     pub unwritten: u64,
     pub tuple_failures: u64,
+    pub conntrack_skipped: u64,
+    pub conntrack_failed: u64,
 }
 
 impl Default for Metrics {
@@ -195,6 +199,14 @@ impl Default for Metrics {
             "tuple_read_failures",
             "Resets the kernel programs dropped because the connection's ends could not be read (--debug-bpf logs which read)",
         );
+        let conntrack_skipped = counter(
+            "conntrack_lookups_skipped",
+            "Conntrack lookups for resets across NAT skipped under a storm (rate limit or a full queue), or unanswered when tracing stopped",
+        );
+        let conntrack_failed = counter(
+            "conntrack_lookup_failures",
+            "Conntrack lookups that failed in some network namespace for a reason other than no such entry",
+        );
         Self {
             registry,
             rsts,
@@ -212,6 +224,8 @@ impl Default for Metrics {
             tally_full,
             unwritten,
             tuple_failures,
+            conntrack_skipped,
+            conntrack_failed,
             listen_overflows,
             overflow_series: Mutex::default(),
         }
@@ -313,6 +327,8 @@ impl Metrics {
             (&self.tally_full, totals.tally_full),
             (&self.unwritten, totals.unwritten),
             (&self.tuple_failures, totals.tuple_failures),
+            (&self.conntrack_skipped, totals.conntrack_skipped),
+            (&self.conntrack_failed, totals.conntrack_failed),
         ] {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
@@ -587,6 +603,8 @@ mod tests {
             tally_full: 4,
             unwritten: 5,
             tuple_failures: 7,
+            conntrack_skipped: 8,
+            conntrack_failed: 9,
         };
         m.shortfalls(&shortfalls);
         shortfalls.tally_full = 6;
@@ -607,6 +625,8 @@ mod tests {
             "tcprst_tally_full_resets_total 6",
             "tcprst_unwritten_events_total 5",
             "tcprst_tuple_read_failures_total 7",
+            "tcprst_conntrack_lookups_skipped_total 8",
+            "tcprst_conntrack_lookup_failures_total 9",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

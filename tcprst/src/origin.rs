@@ -22,6 +22,13 @@
 //!   more after the receipt was read: a send, committed within moments of
 //!   its receipt, was in the ring by then and has been read (which decides
 //!   a lone reset promptly once the reader caught up).
+//!
+//! Where NAT on this host rewrote an end (a Service's DNAT, masquerading),
+//! the two records' ends do not mirror each other. A receipt no mirrored
+//! send explains is then looked up in conntrack (off the event loop), and
+//! the entry's other direction gives the ends its send has: the receipt is
+//! also found by those (`lookup_done`). While its lookup runs, a receipt is
+//! not declared not local, for at most `LOOKUP_WAIT`.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -38,6 +45,9 @@ const MATCH_WINDOW: Duration = Duration::from_secs(1);
 const HOLD: Duration = Duration::from_millis(200);
 /// Recent sends remembered; beyond this the oldest are forgotten.
 const MAX_SENT: usize = 4096;
+/// How long a receipt waits for its conntrack lookup at most: the lookup
+/// worker answers every lookup, so this only bounds a stuck one.
+const LOOKUP_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -73,7 +83,7 @@ impl fmt::Display for Origin {
 }
 
 /// (local, remote) as the receiving end sees them.
-type Ends = (SocketAddr, SocketAddr);
+pub type Ends = (SocketAddr, SocketAddr);
 
 /// What matching needs of a received reset, so its report can move in.
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +124,10 @@ struct Held<T> {
     kernel_time: Duration,
     read_at: Instant,
     report: T,
+    /// Its conntrack lookup has not answered yet.
+    awaiting_lookup: bool,
+    /// The ends its send has across NAT, from conntrack.
+    alias: Option<Ends>,
 }
 
 /// Matches received resets with the sends that explain them; `T` is the
@@ -136,6 +150,8 @@ pub struct Origins<T, S> {
     held_before: u64,
     /// The numbers of the waiting receipts by their ends, in the order read.
     held_by_ends: HashMap<Ends, VecDeque<u64>>,
+    /// The numbers of waiting receipts by the ends NAT gave their sends.
+    held_by_alias: HashMap<Ends, Vec<u64>>,
     /// The newest kernel time read: how far the records have moved on.
     newest: Duration,
     netfilter_watched: bool,
@@ -154,6 +170,7 @@ impl<T, S: Clone> Origins<T, S> {
             held: VecDeque::new(),
             held_before: 0,
             held_by_ends: HashMap::new(),
+            held_by_alias: HashMap::new(),
             newest: Duration::ZERO,
             netfilter_watched,
             stats: OriginStats::default(),
@@ -175,6 +192,7 @@ impl<T, S: Clone> Origins<T, S> {
         // The receiving end's view of the same connection.
         let ends = (ev.remote, ev.local);
         let mut explained = Vec::new();
+        let mut aliased = Vec::new();
         if let Some(waiting) = self.held_by_ends.get_mut(&ends) {
             waiting.retain(|number| {
                 let slot = &mut self.held[(number - self.held_before) as usize];
@@ -183,6 +201,7 @@ impl<T, S: Clone> Origins<T, S> {
                     .is_some_and(|held| close_in_time(held.kernel_time, ev.kernel_time))
                 {
                     let held = slot.take().expect("checked above");
+                    aliased.push((held.alias, *number));
                     explained.push((held.report, origin.clone(), Some(sender.clone())));
                     return false;
                 }
@@ -190,6 +209,35 @@ impl<T, S: Clone> Origins<T, S> {
             });
             if waiting.is_empty() {
                 self.held_by_ends.remove(&ends);
+            }
+        }
+        for (alias, number) in aliased {
+            self.forget_by_alias(alias, number);
+        }
+        if let Some(waiting) = self.held_by_alias.remove(&ends) {
+            let mut left = Vec::new();
+            for number in waiting {
+                let Some(slot) = number
+                    .checked_sub(self.held_before)
+                    .and_then(|i| self.held.get_mut(i as usize))
+                else {
+                    continue;
+                };
+                match slot.take() {
+                    Some(held) if close_in_time(held.kernel_time, ev.kernel_time) => {
+                        self.forget_by_ends(held.ends, number);
+                        explained.push((held.report, origin.clone(), Some(sender.clone())));
+                    }
+                    other => {
+                        if other.is_some() {
+                            left.push(number);
+                        }
+                        *slot = other;
+                    }
+                }
+            }
+            if !left.is_empty() {
+                self.held_by_alias.insert(ends, left);
             }
         }
         if self.sent_order.len() == MAX_SENT {
@@ -214,6 +262,17 @@ impl<T, S: Clone> Origins<T, S> {
         report: T,
         read_at: Instant,
     ) -> Option<Explained<T, S>> {
+        self.receive(receipt, report, read_at).ok()
+    }
+
+    /// Like `received`, but a held receipt's number, for `await_lookup` and
+    /// `lookup_done`.
+    pub fn receive(
+        &mut self,
+        receipt: Receipt,
+        report: T,
+        read_at: Instant,
+    ) -> Result<Explained<T, S>, u64> {
         let Receipt { ends, kernel_time } = receipt;
         self.moved_to(kernel_time);
         let known = self.sent.get(&ends).and_then(|sends| {
@@ -223,7 +282,7 @@ impl<T, S: Clone> Origins<T, S> {
                 .find(|s| close_in_time(s.kernel_time, kernel_time))
         });
         if let Some(send) = known {
-            return Some((report, send.origin.clone(), Some(send.sender.clone())));
+            return Ok((report, send.origin.clone(), Some(send.sender.clone())));
         }
         let number = self.held_before + self.held.len() as u64;
         self.held.push_back(Some(Box::new(Held {
@@ -231,9 +290,76 @@ impl<T, S: Clone> Origins<T, S> {
             kernel_time,
             read_at,
             report,
+            awaiting_lookup: false,
+            alias: None,
         })));
         self.held_by_ends.entry(ends).or_default().push_back(number);
+        Err(number)
+    }
+
+    fn held_mut(&mut self, number: u64) -> Option<&mut Held<T>> {
+        let index = number.checked_sub(self.held_before)?;
+        self.held.get_mut(index as usize)?.as_deref_mut()
+    }
+
+    /// Held receipt `number` waits for a conntrack lookup before it can be
+    /// declared not local.
+    pub fn await_lookup(&mut self, number: u64) {
+        if let Some(held) = self.held_mut(number) {
+            held.awaiting_lookup = true;
+        }
+    }
+
+    /// Receipt `number`'s lookup answered: `update` adds what it found to
+    /// the report, and `alias`, the ends its send has across NAT, explains
+    /// it now if that send was read, or when it is.
+    pub fn lookup_done(
+        &mut self,
+        number: u64,
+        alias: Option<Ends>,
+        update: impl FnOnce(&mut T),
+    ) -> Option<Explained<T, S>> {
+        let held = self.held_mut(number)?;
+        held.awaiting_lookup = false;
+        update(&mut held.report);
+        let alias = alias?;
+        let kernel_time = held.kernel_time;
+        let known = self.sent.get(&alias).and_then(|sends| {
+            sends
+                .iter()
+                .rev()
+                .find(|s| close_in_time(s.kernel_time, kernel_time))
+        });
+        if let Some(send) = known {
+            let (origin, sender) = (send.origin.clone(), send.sender.clone());
+            let index = (number - self.held_before) as usize;
+            let held = self.held[index].take().expect("held above");
+            self.forget_by_ends(held.ends, number);
+            return Some((held.report, origin, Some(sender)));
+        }
+        self.held_mut(number).expect("held above").alias = Some(alias);
+        self.held_by_alias.entry(alias).or_default().push(number);
         None
+    }
+
+    /// Removes number `number` from the receipts waiting under `ends`.
+    fn forget_by_ends(&mut self, ends: Ends, number: u64) {
+        if let Some(waiting) = self.held_by_ends.get_mut(&ends) {
+            waiting.retain(|n| *n != number);
+            if waiting.is_empty() {
+                self.held_by_ends.remove(&ends);
+            }
+        }
+    }
+
+    fn forget_by_alias(&mut self, alias: Option<Ends>, number: u64) {
+        let Some(alias) = alias else { return };
+        if let Some(waiting) = self.held_by_alias.get_mut(&alias) {
+            waiting.retain(|n| *n != number);
+            if waiting.is_empty() {
+                self.held_by_alias.remove(&alias);
+            }
+        }
     }
 
     /// Received resets no send can explain any more (see the module
@@ -252,6 +378,9 @@ impl<T, S: Clone> Origins<T, S> {
                     if !caught_up && !self.moved_past(held.kernel_time) {
                         break;
                     }
+                    if held.awaiting_lookup && held.read_at.elapsed() < LOOKUP_WAIT {
+                        break;
+                    }
                     true
                 }
             };
@@ -261,6 +390,7 @@ impl<T, S: Clone> Origins<T, S> {
             if decided {
                 let held = slot.expect("decided only when waiting");
                 self.unhold(held.ends, number);
+                self.forget_by_alias(held.alias, number);
                 out.push(self.not_local(held.report));
             }
         }
@@ -270,6 +400,7 @@ impl<T, S: Clone> Origins<T, S> {
     /// Everything still waiting, when tracing stops: nothing is dropped.
     pub fn flush(&mut self) -> Vec<Explained<T, S>> {
         self.held_by_ends.clear();
+        self.held_by_alias.clear();
         self.held_before += self.held.len() as u64;
         let waiting: Vec<_> = self.held.drain(..).flatten().collect();
         waiting
@@ -581,6 +712,59 @@ mod tests {
             origins.sent(&tx, "sender"),
             [("report", Origin::LocalTcp, Some("sender"))]
         );
+    }
+
+    /// The sender's view of a connection NAT rewrote: backend to masquerading address.
+    fn sent_across_nat(at: SystemTime, port: u16) -> (RstEvent, Ends) {
+        let mut tx = reset(RstKind::Sent, at, Some(TcpState::Close), None);
+        tx.local = "10.221.2.2:8080".parse().unwrap();
+        tx.remote = SocketAddr::new(Ipv4Addr::new(10, 221, 2, 1).into(), port);
+        let alias = (tx.remote, tx.local);
+        (tx, alias)
+    }
+
+    #[test]
+    fn a_receipt_across_nat_is_matched_through_its_lookup_in_either_order() {
+        let mut origins = Origins::new(false);
+        let now = Instant::now();
+        // The send is read before the lookup answers.
+        let rx = received_on(1, t(10));
+        let (tx, alias) = sent_across_nat(t(10), 1);
+        let number = origins.receive(Receipt::of(&rx), "first", now).unwrap_err();
+        origins.await_lookup(number);
+        // However long ago the ring was read empty, it waits for its lookup.
+        assert!(origins.expired(Some(now + ms(500))).is_empty());
+        assert!(origins.sent(&tx, "sender").is_empty());
+        assert_eq!(
+            origins.lookup_done(number, Some(alias), |r| *r = "first, natted"),
+            Some(("first, natted", Origin::LocalTcp, Some("sender")))
+        );
+        // The lookup answers before the send is read.
+        let rx = received_on(2, t(20));
+        let (tx, alias) = sent_across_nat(t(20), 2);
+        let number = origins.receive(Receipt::of(&rx), "second", now).unwrap_err();
+        origins.await_lookup(number);
+        assert_eq!(origins.lookup_done(number, Some(alias), |_| {}), None);
+        assert_eq!(
+            origins.sent(&tx, "sender"),
+            [("second", Origin::LocalTcp, Some("sender"))]
+        );
+        assert!(origins.held_by_alias.is_empty() && origins.held_by_ends.is_empty());
+        assert_eq!(origins.stats().receipts_unmatched, 0);
+    }
+
+    #[test]
+    fn a_lookup_that_found_nothing_lets_the_receipt_go_as_not_local() {
+        let mut origins: Origins<_, ()> = Origins::new(false);
+        let now = Instant::now();
+        let number = origins
+            .receive(Receipt::of(&received(t(10))), "report", now)
+            .unwrap_err();
+        origins.await_lookup(number);
+        assert!(origins.expired(Some(now + ms(500))).is_empty());
+        assert_eq!(origins.lookup_done(number, None, |_| {}), None);
+        let out = origins.expired(Some(now + ms(500)));
+        assert_eq!(out.iter().map(|(r, ..)| *r).collect::<Vec<_>>(), ["report"]);
     }
 
     #[test]

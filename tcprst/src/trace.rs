@@ -2,6 +2,7 @@
 //! periodic scan for stuck half-closed connections.
 
 use std::{
+    collections::HashMap,
     io::{self, Write as _},
     os::fd::{AsFd as _, AsRawFd as _},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
@@ -18,12 +19,14 @@ use tcprst_common::{RstKey, RstTally};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::mpsc::UnboundedReceiver,
     time::{MissedTickBehavior, interval, interval_at},
 };
 
 use crate::{
     cgroup::CgroupResolver,
     clock::WallClock,
+    conntrack::{self, Conntrack, Tuple},
     decode::Decoder,
     diagnosis::{self, KernelView},
     enrich::{self, Attribution, Enricher, HALF_CLOSED, OwnerCache},
@@ -64,6 +67,16 @@ const UNWRITTEN_WAIT: Duration = Duration::from_millis(500);
 const MAX_SCAN_EVERY: Duration = Duration::from_secs(5);
 /// How long starting waits for the runtimes to name the running containers.
 const RUNTIMES_WAIT: Duration = Duration::from_secs(3);
+/// How long stopping waits for the conntrack lookups still under way.
+const LOOKUPS_WAIT: Duration = Duration::from_secs(1);
+
+/// A reset waiting for its conntrack lookup, and the tuples asked.
+enum Pending {
+    /// A received reset held in `origins` under this number.
+    Receipt { number: u64, tuples: Vec<Tuple> },
+    /// A reset sent with no socket, written once the lookup answers.
+    Sent(Box<RstReport>, Vec<Tuple>),
+}
 
 pub struct TraceOptions {
     pub probes: ProbeConfig,
@@ -175,9 +188,105 @@ struct Pipeline<'a> {
     /// What became of the lines the sink wrote.
     written: WriterReport,
     overflows: OverflowWatch,
+    /// Conntrack lookups for resets across NAT; None if its worker could
+    /// not start.
+    conntrack: Option<Conntrack>,
+    /// Resets whose lookup has not answered, by lookup id.
+    pending: HashMap<u64, Pending>,
+    next_lookup: u64,
 }
 
 impl Pipeline<'_> {
+    /// Asks conntrack about `tuples`; the lookup's id, or None when it was
+    /// skipped (counted) or there is no lookup worker.
+    fn look_up(&mut self, tuples: &[Tuple]) -> Option<u64> {
+        let conntrack = self.conntrack.as_mut()?;
+        let id = self.next_lookup;
+        conntrack.ask(id, tuples.to_vec()).then(|| {
+            self.next_lookup += 1;
+            id
+        })
+    }
+
+    /// A conntrack lookup answered: the reset waiting for it gets the NAT'd
+    /// entry found, a received one is matched through it, and a sent one
+    /// is explained by it and written.
+    fn conntrack_answer(&mut self, answer: conntrack::Answer) -> io::Result<()> {
+        match self.pending.remove(&answer.id) {
+            Some(Pending::Receipt { number, tuples }) => {
+                // The entry's other direction is the sender's view: its
+                // send is remembered under the ends that view gives.
+                let alias = answer.found.as_ref().map(|found| {
+                    let entry = &found.entry;
+                    let other = if tuples.first() == Some(&entry.original) {
+                        entry.reply
+                    } else {
+                        entry.original
+                    };
+                    (other.dst, other.src)
+                });
+                let explained = match &mut self.origins {
+                    Some(origins) => {
+                        origins.lookup_done(number, alias, |report| report.nat = answer.found)
+                    }
+                    None => None,
+                };
+                if let Some(explained) = explained {
+                    self.emit_rst(explained)?;
+                }
+                Ok(())
+            }
+            Some(Pending::Sent(mut report, tuples)) => {
+                if let Some(found) = &answer.found {
+                    // Asked first: the offending segment's own direction.
+                    let fits_reply = found.by == 0 && tuples.first() == Some(&found.entry.reply);
+                    if let Some(d) = diagnosis::escaped_nat(&report.ev, found, fits_reply) {
+                        report.diagnosis = Some(d);
+                    }
+                }
+                report.nat = answer.found;
+                self.write_rst(&report)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Stopping: waits a moment for the lookups under way, then writes
+    /// what still waits without them, counted as skipped.
+    async fn finish_lookups(
+        &mut self,
+        answers: &mut Option<UnboundedReceiver<conntrack::Answer>>,
+    ) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + LOOKUPS_WAIT;
+        while !self.pending.is_empty() {
+            let Some(answers) = answers.as_mut() else { break };
+            match tokio::time::timeout_at(deadline, answers.recv()).await {
+                Ok(Some(answer)) => self.conntrack_answer(answer)?,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let left: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
+        if let Some(conntrack) = &self.conntrack {
+            conntrack
+                .stats
+                .skipped
+                .fetch_add(left.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        for pending in left {
+            if let Pending::Sent(report, _) = pending {
+                self.write_rst(&report)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_rst(&mut self, report: &RstReport) -> io::Result<()> {
+        self.count_reset(report);
+        self.sink.rst(report)?;
+        self.counts.shown += 1;
+        Ok(())
+    }
+
     fn record(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.counts.read += 1;
         if let Some(dump) = &mut self.dump {
@@ -287,19 +396,37 @@ impl Pipeline<'_> {
             _ => None,
         };
         let report = self.report(ev, attribution, peer, stack.map(|s| s.frames));
+        let (local, remote) = (report.ev.local, report.ev.remote);
         if report.ev.kind == RstKind::Received
             && let Some(origins) = &mut self.origins
         {
             let receipt = Receipt::of(&report.ev);
-            return match origins.received(receipt, report, Instant::now()) {
-                Some(explained) => self.emit_rst(explained),
-                None => Ok(()),
+            return match origins.receive(receipt, report, Instant::now()) {
+                Ok(explained) => self.emit_rst(explained),
+                // No mirrored send yet: NAT may have rewritten its ends.
+                Err(number) => {
+                    let tuples = vec![Tuple::new(local, remote)];
+                    if let Some(id) = self.look_up(&tuples)
+                        && let Some(origins) = &mut self.origins
+                    {
+                        origins.await_lookup(number);
+                        self.pending.insert(id, Pending::Receipt { number, tuples });
+                    }
+                    Ok(())
+                }
             };
         }
-        self.count_reset(&report);
-        self.sink.rst(&report)?;
-        self.counts.shown += 1;
-        Ok(())
+        // A reset sent with no socket: the segment it answers may have
+        // escaped reverse NAT (looked up as it came, remote to local), or
+        // belong to a NAT'd connection (local to remote).
+        if report.ev.kind == RstKind::Sent && report.ev.state.is_none() {
+            let tuples = vec![Tuple::new(remote, local), Tuple::new(local, remote)];
+            if let Some(id) = self.look_up(&tuples) {
+                self.pending.insert(id, Pending::Sent(Box::new(report), tuples));
+                return Ok(());
+            }
+        }
+        self.write_rst(&report)
     }
 
     fn count_reset(&self, report: &RstReport) {
@@ -540,6 +667,12 @@ impl Pipeline<'_> {
             tally_full: counters.tally_full().unwrap_or(0),
             unwritten: self.written.dropped(),
             tuple_failures: counters.tuple_failures().unwrap_or(0),
+            conntrack_skipped: self.conntrack.as_ref().map_or(0, |c| {
+                c.stats.skipped.load(std::sync::atomic::Ordering::Relaxed)
+            }),
+            conntrack_failed: self.conntrack.as_ref().map_or(0, |c| {
+                c.stats.failed.load(std::sync::atomic::Ordering::Relaxed)
+            }),
         }
     }
 
@@ -639,6 +772,13 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let node = k8s::node_name();
     let pods = start_pod_watcher(&opts, &node).await;
     let (stdout, written) = writer::spawn(io::stdout()).context("starting the output thread")?;
+    let (conntrack, mut answers) = match Conntrack::spawn() {
+        Ok((conntrack, answers)) => (Some(conntrack), Some(answers)),
+        Err(e) => {
+            log::warn!("no conntrack lookups ({e}): resets across NAT are not matched");
+            (None, None)
+        }
+    };
     let mut pipeline = Pipeline {
         dump: RecordDump::from_env(),
         decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::now()),
@@ -654,6 +794,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         marks,
         written,
         overflows: OverflowWatch::default(),
+        conntrack,
+        pending: HashMap::new(),
+        next_lookup: 0,
     };
     // Containers running now are named from their first reset; a runtime
     // slow to answer delays the start by RUNTIMES_WAIT at most.
@@ -713,6 +856,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
                     pipeline.scanned(&opts, found.map_err(io::Error::other)?)?;
                 }
                 _ = tally_tick.tick() => pipeline.aggregates(read_tallies(tallies.turn()))?,
+                Some(answer) = next_answer(&mut answers) => pipeline.conntrack_answer(answer)?,
                 // Records below the wake-up batch are read here, and a lone
                 // received reset decided once the ring is read empty.
                 _ = drain_tick.tick() => {
@@ -729,9 +873,11 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     }
     .await;
 
+    let outcome = match outcome {
+        Ok(()) => stop(&mut pipeline, ring.get_mut(), &mut answers).await,
+        Err(e) => Err(e),
+    };
     let outcome = outcome.and_then(|()| {
-        // What was already in the ring when we were told to stop.
-        while pipeline.drain(ring.get_mut())? == DRAIN_BATCH {}
         pipeline.flush_origins()?;
         pipeline.aggregates(read_tallies(tallies.finish()))?;
         pipeline.report_counters(&counters)?;
@@ -749,7 +895,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let counts = &pipeline.counts;
     let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read",
+        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} conntrack lookups skipped, {} conntrack lookups failed",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
@@ -765,8 +911,31 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
         shortfalls.sends_forgotten,
         unwritten,
         shortfalls.tuple_failures,
+        shortfalls.conntrack_skipped,
+        shortfalls.conntrack_failed,
     );
     Ok(())
+}
+
+/// The next conntrack answer; never, without a lookup worker.
+async fn next_answer(
+    answers: &mut Option<UnboundedReceiver<conntrack::Answer>>,
+) -> Option<conntrack::Answer> {
+    match answers {
+        Some(answers) => answers.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What was already in the ring when we were told to stop, and the
+/// conntrack lookups its resets wait for.
+async fn stop(
+    pipeline: &mut Pipeline<'_>,
+    ring: &mut RingBuf<MapData>,
+    answers: &mut Option<UnboundedReceiver<conntrack::Answer>>,
+) -> io::Result<()> {
+    while pipeline.drain(ring)? == DRAIN_BATCH {}
+    pipeline.finish_lookups(answers).await
 }
 
 /// Forwards the programs' failure logs (`--debug-bpf`) to stderr as they

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     attach::{hook_name, tier_name},
+    conntrack::{Found, Tuple},
     enrich::Attribution,
     event::{CloseOp, Initiator, NfHook, Task},
     origin::Origin,
@@ -543,6 +544,64 @@ struct RstJson<'a> {
     node: &'a str,
     who: WhoJson<'a>,
     peer: Option<PeerJson<'a>>,
+    nat: Option<NatJson<'a>>,
+}
+
+/// One direction of a conntrack entry.
+struct TupleJson {
+    src: String,
+    dst: String,
+}
+
+impl TupleJson {
+    fn new(t: &Tuple) -> Self {
+        Self {
+            src: t.src.to_string(),
+            dst: t.dst.to_string(),
+        }
+    }
+}
+
+impl Json for TupleJson {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::new(out);
+        o.field("src", self.src.as_str())
+            .field("dst", self.dst.as_str())
+            .end();
+    }
+}
+
+/// A NAT'd connection's conntrack entry, and the namespace it is in.
+struct NatJson<'a> {
+    original: TupleJson,
+    reply: TupleJson,
+    state: Option<&'static str>,
+    netns: u32,
+    netns_name: &'a str,
+}
+
+impl<'a> NatJson<'a> {
+    fn new(found: &'a Found) -> Self {
+        Self {
+            original: TupleJson::new(&found.entry.original),
+            reply: TupleJson::new(&found.entry.reply),
+            state: found.entry.tcp_state_name(),
+            netns: found.netns,
+            netns_name: &found.netns_name,
+        }
+    }
+}
+
+impl Json for NatJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::new(out);
+        o.field("original", &self.original)
+            .field("reply", &self.reply)
+            .field("state", &self.state)
+            .field("netns", &self.netns)
+            .field("netns_name", self.netns_name)
+            .end();
+    }
 }
 
 impl<'a> RstJson<'a> {
@@ -589,6 +648,7 @@ impl<'a> RstJson<'a> {
                 netns: p.netns,
                 who: WhoJson::new(&p.attribution),
             }),
+            nat: report.nat.as_ref().map(NatJson::new),
         }
     }
 }
@@ -624,7 +684,7 @@ impl Json for RstJson<'_> {
             .field("origin", &self.origin)
             .field("node", self.node);
         self.who.fields(&mut o);
-        o.field("peer", &self.peer).end();
+        o.field("peer", &self.peer).field("nat", &self.nat).end();
     }
 }
 
@@ -794,6 +854,7 @@ mod tests {
             caller: None,
             stack: None,
             origin: None,
+            nat: None,
         }
     }
 
@@ -881,6 +942,7 @@ mod tests {
                     .into(),
             ),
             origin: Some(Origin::LocalTcp),
+            nat: None,
         })
         .unwrap();
         let conn = tracker
@@ -958,6 +1020,7 @@ mod tests {
             "service": null,
             "owner": null,
             "peer": null,
+            "nat": null,
             "caller": null,
             "stack": null,
             "hook": "tcp:tcp_receive_reset",
@@ -980,7 +1043,7 @@ mod tests {
                 r#","hook":"tcp:tcp_receive_reset","tier":"tracepoint","nf_hook":null"#,
                 r#","origin":"not a local TCP socket (netfilter, middlebox or userspace stack)""#,
                 r#","node":"node-a","netns_name":null,"cgroup":null,"container":null,"pod":null"#,
-                r#","service":null,"owner":null,"peer":null}"#,
+                r#","service":null,"owner":null,"peer":null,"nat":null}"#,
                 "\n"
             )
         );

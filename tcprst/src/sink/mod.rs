@@ -18,6 +18,7 @@ use crate::{
     diagnosis::{self, KernelView, RstDiagnosis, StuckDiagnosis},
     enrich::Attribution,
     event::{Process, RstEvent, Task},
+    conntrack::Found,
     origin::Origin,
     tracker::{Connection, Resolved, RstContext},
 };
@@ -37,6 +38,9 @@ pub struct RstReport {
     pub stack: Option<Arc<[Arc<str>]>>,
     /// For received resets: who sent it, as far as this host can tell.
     pub origin: Option<Origin>,
+    /// The conntrack entry of a NAT'd connection the reset belongs to, where
+    /// one was looked up and found.
+    pub nat: Option<Found>,
 }
 
 impl RstReport {
@@ -60,6 +64,7 @@ impl RstReport {
             caller,
             stack,
             origin: None,
+            nat: None,
         }
     }
 }

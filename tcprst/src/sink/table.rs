@@ -317,6 +317,7 @@ mod tests {
             caller: None,
             stack: None,
             origin: None,
+            nat: None,
         }
     }
 
