@@ -16,6 +16,7 @@ import socket
 import struct
 import sys
 
+ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 
 
@@ -30,13 +31,14 @@ def checksum(data: bytes) -> int:
 
 def main() -> None:
     src, sport, dst, dport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    # IP packets of every interface, outgoing ones included, without link headers.
-    sniff = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+    # Packets of every interface without link headers; only ETH_P_ALL taps
+    # see outgoing ones.
+    sniff = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
     sniff.settimeout(10)
     print("ready", flush=True)
     while True:
-        packet = sniff.recv(65535)
-        if packet[9] != socket.IPPROTO_TCP:
+        packet, (_, protocol, *_) = sniff.recvfrom(65535)
+        if protocol != ETH_P_IP or packet[9] != socket.IPPROTO_TCP:
             continue
         if socket.inet_ntoa(packet[12:16]) != src or socket.inet_ntoa(packet[16:20]) != dst:
             continue
