@@ -20,9 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netlink_packet_core::{
-    NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
     conntrack::{
@@ -502,8 +500,8 @@ mod tests {
         );
         let found = crate::netns::in_netns(&ns.0, || {
             let listener = std::net::TcpListener::bind("127.0.0.1:8080").unwrap();
-            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .unwrap();
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             sock.bind(&tx.into()).unwrap();
             sock.connect(&rx.into()).unwrap();
             let _accepted = listener.accept().unwrap();
@@ -512,10 +510,7 @@ mod tests {
         .unwrap()
         .expect("the DNAT'd connection's entry");
         assert_eq!(found.original, Tuple::new(tx, rx));
-        assert_eq!(
-            found.reply,
-            tuple("127.0.0.1:8080", "127.0.0.1:40700")
-        );
+        assert_eq!(found.reply, tuple("127.0.0.1:8080", "127.0.0.1:40700"));
         assert_eq!(found.tcp_state_name(), Some("ESTABLISHED"));
         let (answers, _) = find(std::slice::from_ref(&ns.0), &[Tuple::new(tx, rx)]);
         assert_eq!(answers.map(|f| f.netns), Some(ns.0.inode));

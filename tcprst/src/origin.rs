@@ -742,7 +742,9 @@ mod tests {
         // The lookup answers before the send is read.
         let rx = received_on(2, t(20));
         let (tx, alias) = sent_across_nat(t(20), 2);
-        let number = origins.receive(Receipt::of(&rx), "second", now).unwrap_err();
+        let number = origins
+            .receive(Receipt::of(&rx), "second", now)
+            .unwrap_err();
         origins.await_lookup(number);
         assert_eq!(origins.lookup_done(number, Some(alias), |_| {}), None);
         assert_eq!(

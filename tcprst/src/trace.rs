@@ -259,7 +259,9 @@ impl Pipeline<'_> {
     ) -> io::Result<()> {
         let deadline = tokio::time::Instant::now() + LOOKUPS_WAIT;
         while !self.pending.is_empty() {
-            let Some(answers) = answers.as_mut() else { break };
+            let Some(answers) = answers.as_mut() else {
+                break;
+            };
             match tokio::time::timeout_at(deadline, answers.recv()).await {
                 Ok(Some(answer)) => self.conntrack_answer(answer)?,
                 Ok(None) | Err(_) => break,
@@ -422,7 +424,8 @@ impl Pipeline<'_> {
         if report.ev.kind == RstKind::Sent && report.ev.state.is_none() {
             let tuples = vec![Tuple::new(remote, local), Tuple::new(local, remote)];
             if let Some(id) = self.look_up(&tuples) {
-                self.pending.insert(id, Pending::Sent(Box::new(report), tuples));
+                self.pending
+                    .insert(id, Pending::Sent(Box::new(report), tuples));
                 return Ok(());
             }
         }

@@ -91,10 +91,7 @@ fn a_reset_across_dnat_and_masquerade_is_matched_to_its_sender() {
     );
     let (status, _, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
-    assert!(
-        stderr.contains(" 0 conntrack lookups failed"),
-        "{stderr}"
-    );
+    assert!(stderr.contains(" 0 conntrack lookups failed"), "{stderr}");
 }
 
 #[test]
@@ -106,7 +103,10 @@ fn a_segment_that_escaped_reverse_nat_is_named_in_the_clients_reset() {
     let (mut accepted, from) = listener.accept().unwrap();
     assert_eq!(from.to_string(), "10.221.1.2:40710", "not masqueraded");
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/out_of_window.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/scripts/out_of_window.py"
+    );
     let mut raw = Command::new("ip")
         .args(["netns", "exec", &server.name, "python3", script])
         .args(["10.221.2.2", "8080", "10.221.1.2", "40710"])

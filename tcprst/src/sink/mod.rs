@@ -15,10 +15,10 @@ pub use json::JsonSink;
 pub use table::TableSink;
 
 use crate::{
+    conntrack::Found,
     diagnosis::{self, KernelView, RstDiagnosis, StuckDiagnosis},
     enrich::Attribution,
     event::{Process, RstEvent, Task},
-    conntrack::Found,
     origin::Origin,
     tracker::{Connection, Resolved, RstContext},
 };
