@@ -1,7 +1,10 @@
 //! Conntrack entries by tuple, from ctnetlink (IPCTNL_MSG_CT_GET) in every
 //! network namespace, for resets whose ends NAT rewrote: a Service's DNAT,
 //! masquerading. Conntrack keeps an entry in CLOSE for about ten seconds
-//! after a reset, so a lookup moments after one finds it.
+//! after a reset, so a lookup moments after one finds it. Where an entry is
+//! found, so is how many packets that namespace's conntrack marked INVALID
+//! (IPCTNL_MSG_CT_GET_STATS_CPU): the evidence for a reset a
+//! `ct state invalid reject` rule sent.
 //!
 //! Lookups run on a thread of their own, never on the event loop: each
 //! enters every namespace (a netlink socket talks to the conntrack table of
@@ -20,7 +23,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    DefaultNla, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _,
+};
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
     conntrack::{
@@ -78,7 +83,7 @@ impl Entry {
     }
 }
 
-/// A NAT'd entry found for a tuple, and where.
+/// An entry found for a tuple, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub netns: u32,
@@ -86,6 +91,9 @@ pub struct Found {
     pub entry: Entry,
     /// Which of the asked tuples it was found by.
     pub by: usize,
+    /// The packets that namespace's conntrack has marked INVALID since it
+    /// was made, when read.
+    pub invalid: Option<u64>,
 }
 
 impl Found {
@@ -217,6 +225,87 @@ fn decode(datagram: &[u8]) -> io::Result<Option<Entry>> {
     }
 }
 
+/// CTA_STATS_INVALID in `enum ctattr_stats_cpu`.
+const CTA_STATS_INVALID: u16 = 4;
+/// IPCTNL_MSG_CT_GET_STATS_CPU in `enum cntl_msg_types`.
+const IPCTNL_MSG_CT_GET_STATS_CPU: u8 = 4;
+
+fn stats_request() -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 2;
+    let mut message = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0),
+            ConntrackMessage::Other {
+                message_type: IPCTNL_MSG_CT_GET_STATS_CPU,
+                attributes: Vec::new(),
+            },
+        )),
+    );
+    message.finalize();
+    let mut buf = vec![0; message.buffer_len()];
+    message.serialize(&mut buf);
+    buf
+}
+
+fn u32_attribute(nla: &DefaultNla) -> Option<u32> {
+    let mut value = [0u8; 4];
+    (nla.value_len() == 4).then(|| nla.emit_value(&mut value))?;
+    Some(u32::from_be_bytes(value))
+}
+
+/// Adds the INVALID counts of one datagram of the per-CPU stats dump to
+/// `total`; true once the dump is done.
+fn add_invalid(mut datagram: &[u8], total: &mut u64) -> io::Result<bool> {
+    while !datagram.is_empty() {
+        let message = NetlinkMessage::<NetfilterMessage>::deserialize(datagram)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let len = message.header.length as usize;
+        match message.payload {
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(err) => {
+                let code = err.code.map_or(0, |c| -c.get());
+                return Err(io::Error::from_raw_os_error(code));
+            }
+            NetlinkPayload::InnerMessage(NetfilterMessage {
+                inner: NetfilterMessageInner::Conntrack(ConntrackMessage::Other { attributes, .. }),
+                ..
+            }) => {
+                *total += attributes
+                    .iter()
+                    .filter(|a| a.kind() == CTA_STATS_INVALID)
+                    .filter_map(u32_attribute)
+                    .map(u64::from)
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+        if len == 0 {
+            break;
+        }
+        datagram = datagram.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    Ok(false)
+}
+
+/// The packets conntrack in the calling thread's network namespace has
+/// marked INVALID, summed over CPUs.
+pub fn invalid_packets() -> io::Result<u64> {
+    let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    socket.send(&stats_request(), 0)?;
+    let mut total = 0;
+    loop {
+        let (datagram, _) = socket.recv_from_full()?;
+        if add_invalid(&datagram, &mut total)? {
+            return Ok(total);
+        }
+    }
+}
+
 /// The entry with `tuple` in either direction, in the calling thread's
 /// network namespace.
 pub fn get(tuple: &Tuple) -> io::Result<Option<Entry>> {
@@ -255,7 +344,7 @@ struct Ask {
     tuples: Vec<Tuple>,
 }
 
-/// The first NAT'd entry found for a lookup, if any.
+/// The first NAT'd entry found for a lookup, else the first entry.
 #[derive(Debug)]
 pub struct Answer {
     pub id: u64,
@@ -359,31 +448,35 @@ fn work(
     }
 }
 
-/// The first NAT'd entry for any of `tuples` in any namespace, and the
-/// first error met on the way. A namespace gone since it was listed is
-/// not an error.
+/// The first NAT'd entry for any of `tuples` in any namespace, else the
+/// first entry, and the first error met on the way. A namespace gone since
+/// it was listed is not an error.
 fn find(all: &[NetnsHandle], tuples: &[Tuple]) -> (Option<Found>, Option<String>) {
     let mut error = None;
+    let mut plain = None;
     for ns in all {
         let entered = netns::in_netns(ns, || {
             for (by, tuple) in tuples.iter().enumerate() {
-                match get(tuple) {
-                    Ok(Some(entry)) if entry.natted() => return Ok(Some((by, entry))),
-                    Ok(_) => {}
-                    Err(e) => return Err(e),
+                if let Some(entry) = get(tuple)? {
+                    // Evidence to go with the entry; its absence is no failure.
+                    return Ok(Some((by, entry, invalid_packets().ok())));
                 }
             }
-            Ok(None)
+            Ok::<_, io::Error>(None)
         });
         match entered {
-            Ok(Ok(Some((by, entry)))) => {
+            Ok(Ok(Some((by, entry, invalid)))) => {
                 let found = Found {
                     netns: ns.inode,
                     netns_name: ns.name.clone(),
                     entry,
                     by,
+                    invalid,
                 };
-                return (Some(found), error);
+                if found.entry.natted() {
+                    return (Some(found), error);
+                }
+                plain.get_or_insert(found);
             }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
@@ -392,7 +485,7 @@ fn find(all: &[NetnsHandle], tuples: &[Tuple]) -> (Option<Found>, Option<String>
             Err(_) => {}
         }
     }
-    (None, error)
+    (plain, error)
 }
 
 #[cfg(test)]
@@ -403,55 +496,86 @@ mod tests {
         Tuple::new(src.parse().unwrap(), dst.parse().unwrap())
     }
 
+    /// CTA_TUPLE_ORIG (`kind` 1) or CTA_TUPLE_REPLY (2), nested: CTA_TUPLE_IP
+    /// (CTA_IP_V4_SRC, CTA_IP_V4_DST), then CTA_TUPLE_PROTO (CTA_PROTO_NUM 6,
+    /// the ports big endian).
+    fn tuple_bytes(kind: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut b = vec![52, 0, kind, 0x80, 20, 0, 0x01, 0x80, 8, 0, 1, 0];
+        b.extend(src);
+        b.extend([8, 0, 2, 0]);
+        b.extend(dst);
+        b.extend([28, 0, 0x02, 0x80, 5, 0, 1, 0, 6, 0, 0, 0, 6, 0, 2, 0]);
+        b.extend(sport.to_be_bytes());
+        b.extend([0, 0, 6, 0, 3, 0]);
+        b.extend(dport.to_be_bytes());
+        b.extend([0, 0]);
+        b
+    }
+
+    /// An nlmsghdr of type (NFNL_SUBSYS_CTNETLINK << 8) | `message`, seq 7,
+    /// and an nfgenmsg for AF_INET, then `body`.
+    fn ctnetlink(message: u8, flags: u8, body: &[u8]) -> Vec<u8> {
+        let len = (20 + body.len()) as u8;
+        let mut b = vec![
+            len, 0, 0, 0, message, 0x01, flags, 0, 7, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0,
+        ];
+        b.extend(body);
+        b
+    }
+
     /// The request for 10.221.1.2:40700 -> 10.96.0.10:80, byte by byte as
-    /// linux/netfilter/nfnetlink_conntrack.h lays it out.
+    /// linux/netfilter/nfnetlink_conntrack.h lays it out: CTA_TUPLE_ORIG.
     #[test]
     fn a_get_request_carries_the_tuple_as_ctnetlink_lays_it_out() {
         let bytes = request(&tuple("10.221.1.2:40700", "10.96.0.10:80"), 7);
-        #[rustfmt::skip]
-        let expected: &[u8] = &[
-            // nlmsghdr: length 72, type (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST, seq 7
-            72, 0, 0, 0, 0x01, 0x01, 0x01, 0x00, 7, 0, 0, 0, 0, 0, 0, 0,
-            // nfgenmsg: AF_INET, version 0, res_id 0
-            2, 0, 0, 0,
-            // CTA_TUPLE_ORIG (nested)
-            52, 0, 0x01, 0x80,
-            // CTA_TUPLE_IP (nested): CTA_IP_V4_SRC, CTA_IP_V4_DST
-            20, 0, 0x01, 0x80, 8, 0, 1, 0, 10, 221, 1, 2, 8, 0, 2, 0, 10, 96, 0, 10,
-            // CTA_TUPLE_PROTO (nested): CTA_PROTO_NUM 6, SRC_PORT 40700, DST_PORT 80 (big endian)
-            28, 0, 0x02, 0x80, 5, 0, 1, 0, 6, 0, 0, 0, 6, 0, 2, 0, 0x9e, 0xfc, 0, 0,
-            6, 0, 3, 0, 0, 80, 0, 0,
-        ];
-        assert_eq!(bytes, expected);
+        let orig = tuple_bytes(1, [10, 221, 1, 2], [10, 96, 0, 10], 40700, 80);
+        // IPCTNL_MSG_CT_GET, NLM_F_REQUEST
+        assert_eq!(bytes, ctnetlink(1, 1, &orig));
     }
 
     #[test]
     fn an_answer_gives_both_tuples_and_the_tcp_state() {
-        #[rustfmt::skip]
-        let answer: &[u8] = &[
-            // nlmsghdr: type IPCTNL_MSG_CT_NEW
-            148, 0, 0, 0, 0x00, 0x01, 0x00, 0x00, 7, 0, 0, 0, 0, 0, 0, 0,
-            2, 0, 0, 0,
-            // CTA_TUPLE_ORIG 10.221.1.2:40700 -> 10.96.0.10:80
-            52, 0, 0x01, 0x80,
-            20, 0, 0x01, 0x80, 8, 0, 1, 0, 10, 221, 1, 2, 8, 0, 2, 0, 10, 96, 0, 10,
-            28, 0, 0x02, 0x80, 5, 0, 1, 0, 6, 0, 0, 0, 6, 0, 2, 0, 0x9e, 0xfc, 0, 0,
-            6, 0, 3, 0, 0, 80, 0, 0,
-            // CTA_TUPLE_REPLY 10.221.2.2:8080 -> 10.221.2.1:40700
-            52, 0, 0x02, 0x80,
-            20, 0, 0x01, 0x80, 8, 0, 1, 0, 10, 221, 2, 2, 8, 0, 2, 0, 10, 221, 2, 1,
-            28, 0, 0x02, 0x80, 5, 0, 1, 0, 6, 0, 0, 0, 6, 0, 2, 0, 0x1f, 0x90, 0, 0,
-            6, 0, 3, 0, 0x9e, 0xfc, 0, 0,
-            // CTA_PROTOINFO { CTA_PROTOINFO_TCP { CTA_PROTOINFO_TCP_STATE 8 (CLOSE) } }
-            16, 0, 0x04, 0x80, 12, 0, 0x01, 0x80, 5, 0, 1, 0, 8, 0, 0, 0,
-            // CTA_STATUS (ignored here)
-            8, 0, 3, 0, 0, 0, 0x01, 0xb8,
-        ];
-        let entry = decode(answer).unwrap().unwrap();
+        let mut body = tuple_bytes(1, [10, 221, 1, 2], [10, 96, 0, 10], 40700, 80);
+        // CTA_TUPLE_REPLY 10.221.2.2:8080 -> 10.221.2.1:40700
+        body.extend(tuple_bytes(
+            2,
+            [10, 221, 2, 2],
+            [10, 221, 2, 1],
+            8080,
+            40700,
+        ));
+        // CTA_PROTOINFO { CTA_PROTOINFO_TCP { CTA_PROTOINFO_TCP_STATE 8 (CLOSE) } }
+        body.extend([16, 0, 0x04, 0x80, 12, 0, 0x01, 0x80, 5, 0, 1, 0, 8, 0, 0, 0]);
+        // CTA_STATUS, ignored
+        body.extend([8, 0, 3, 0, 0, 0, 0x01, 0xb8]);
+        // IPCTNL_MSG_CT_NEW, as the kernel answers a GET
+        let entry = decode(&ctnetlink(0, 0, &body)).unwrap().unwrap();
         assert_eq!(entry.original, tuple("10.221.1.2:40700", "10.96.0.10:80"));
         assert_eq!(entry.reply, tuple("10.221.2.2:8080", "10.221.2.1:40700"));
         assert_eq!(entry.tcp_state_name(), Some("CLOSE"));
         assert!(entry.natted());
+    }
+
+    #[test]
+    fn the_invalid_counts_of_every_cpu_add_up() {
+        // One IPCTNL_MSG_CT_GET_STATS_CPU answer (NLM_F_MULTI) for CPU
+        // `cpu`: CTA_STATS_FOUND 1000, CTA_STATS_INVALID `invalid`.
+        let cpu = |cpu: u8, invalid: u32| {
+            let mut b = vec![
+                36, 0, 0, 0, 4, 1, 2, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, cpu,
+            ];
+            b.extend([8, 0, 2, 0, 0, 0, 0x03, 0xe8, 8, 0, 4, 0]);
+            b.extend(invalid.to_be_bytes());
+            b
+        };
+        let mut first = cpu(0, 3);
+        first.extend(cpu(1, 4));
+        let mut total = 0;
+        assert!(!add_invalid(&first, &mut total).unwrap());
+        // NLMSG_DONE
+        let done = [20, 0, 0, 0, 3, 0, 2, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(add_invalid(&done, &mut total).unwrap());
+        assert_eq!(total, 7);
     }
 
     #[test]
@@ -512,7 +636,11 @@ mod tests {
         assert_eq!(found.original, Tuple::new(tx, rx));
         assert_eq!(found.reply, tuple("127.0.0.1:8080", "127.0.0.1:40700"));
         assert_eq!(found.tcp_state_name(), Some("ESTABLISHED"));
-        let (answers, _) = find(std::slice::from_ref(&ns.0), &[Tuple::new(tx, rx)]);
-        assert_eq!(answers.map(|f| f.netns), Some(ns.0.inode));
+        let (answer, error) = find(std::slice::from_ref(&ns.0), &[Tuple::new(tx, rx)]);
+        assert_eq!(error, None);
+        let answer = answer.expect("found in the namespace");
+        assert_eq!(answer.netns, ns.0.inode);
+        // Nothing here was INVALID, and the counter says so.
+        assert_eq!(answer.invalid, Some(0));
     }
 }

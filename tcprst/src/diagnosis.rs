@@ -201,10 +201,14 @@ pub enum Cause {
     /// A segment conntrack marked INVALID skipped reverse NAT and reached a
     /// host with no socket for it (kubernetes#74839).
     NatEscaped,
+    /// No socket here sent a received reset, and a conntrack here that
+    /// tracks the connection has marked packets INVALID: a `ct state
+    /// invalid reject` rule answered in the peer's name.
+    ConntrackInvalidRejected,
 }
 
 impl Cause {
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::LateSegment,
         Self::PeerResetHalfClose,
         Self::PeerResetClosing,
@@ -222,6 +226,7 @@ impl Cause {
         Self::PeerLostState,
         Self::AcceptQueueOverflow,
         Self::NatEscaped,
+        Self::ConntrackInvalidRejected,
     ];
 
     pub fn name(self) -> &'static str {
@@ -243,6 +248,7 @@ impl Cause {
             Self::PeerLostState => "peer_lost_state",
             Self::AcceptQueueOverflow => "accept_queue_overflow",
             Self::NatEscaped => "nat_escaped",
+            Self::ConntrackInvalidRejected => "conntrack_invalid_rejected",
         }
     }
 }
@@ -293,6 +299,28 @@ pub fn escaped_nat(ev: &RstEvent, found: &Found, fits_reply: bool) -> Option<Rst
              ({} -> {}): conntrack marked it INVALID and it escaped reverse NAT; drop INVALID packets, or set \
              nf_conntrack_tcp_be_liberal",
             ev.remote, found.entry.original.src, found.entry.original.dst
+        ),
+    })
+}
+
+/// A received reset no socket on this host sent (its origin is not local),
+/// on a connection that conntrack in some namespace here tracks, and that
+/// conntrack has marked packets INVALID. nf_send_reset, which a `reject with
+/// tcp reset` rule calls, has no tracepoint and cannot be hooked on kernels
+/// without kprobes or fentry, so that is the evidence there is: the entry,
+/// and the namespace's INVALID count.
+pub fn rejected_by_conntrack(ev: &RstEvent, found: &Found) -> Option<RstDiagnosis> {
+    let invalid = found.invalid.filter(|n| *n > 0)?;
+    (ev.kind == RstKind::Received).then(|| RstDiagnosis {
+        cause: Cause::ConntrackInvalidRejected,
+        text: format!(
+            "no socket on this host sent this reset, but conntrack in {} tracks this connection ({}) and has marked \
+             {invalid} packets INVALID: a rule there that rejects INVALID packets (`ct state invalid reject`) \
+             answered one in {}'s name; drop INVALID packets instead of rejecting them, or find why they are INVALID \
+             (out-of-window segments: nf_conntrack_tcp_be_liberal)",
+            found.netns_name,
+            found.entry.tcp_state_name().unwrap_or("unknown state"),
+            ev.remote
         ),
     })
 }

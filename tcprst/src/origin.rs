@@ -151,7 +151,7 @@ pub struct Origins<T, S> {
     /// The numbers of the waiting receipts by their ends, in the order read.
     held_by_ends: HashMap<Ends, VecDeque<u64>>,
     /// The numbers of waiting receipts by the ends NAT gave their sends.
-    held_by_alias: HashMap<Ends, Vec<u64>>,
+    held_by_alias: HashMap<Ends, VecDeque<u64>>,
     /// The newest kernel time read: how far the records have moved on.
     newest: Duration,
     netfilter_watched: bool,
@@ -215,7 +215,7 @@ impl<T, S: Clone> Origins<T, S> {
             self.forget_by_alias(alias, number);
         }
         if let Some(waiting) = self.held_by_alias.remove(&ends) {
-            let mut left = Vec::new();
+            let mut left = VecDeque::new();
             for number in waiting {
                 let Some(slot) = number
                     .checked_sub(self.held_before)
@@ -230,7 +230,7 @@ impl<T, S: Clone> Origins<T, S> {
                     }
                     other => {
                         if other.is_some() {
-                            left.push(number);
+                            left.push_back(number);
                         }
                         *slot = other;
                     }
@@ -338,27 +338,21 @@ impl<T, S: Clone> Origins<T, S> {
             return Some((held.report, origin, Some(sender)));
         }
         self.held_mut(number).expect("held above").alias = Some(alias);
-        self.held_by_alias.entry(alias).or_default().push(number);
+        self.held_by_alias
+            .entry(alias)
+            .or_default()
+            .push_back(number);
         None
     }
 
     /// Removes number `number` from the receipts waiting under `ends`.
     fn forget_by_ends(&mut self, ends: Ends, number: u64) {
-        if let Some(waiting) = self.held_by_ends.get_mut(&ends) {
-            waiting.retain(|n| *n != number);
-            if waiting.is_empty() {
-                self.held_by_ends.remove(&ends);
-            }
-        }
+        forget(&mut self.held_by_ends, ends, number);
     }
 
     fn forget_by_alias(&mut self, alias: Option<Ends>, number: u64) {
-        let Some(alias) = alias else { return };
-        if let Some(waiting) = self.held_by_alias.get_mut(&alias) {
-            waiting.retain(|n| *n != number);
-            if waiting.is_empty() {
-                self.held_by_alias.remove(&alias);
-            }
+        if let Some(alias) = alias {
+            forget(&mut self.held_by_alias, alias, number);
         }
     }
 
@@ -456,6 +450,16 @@ impl<T, S: Clone> Origins<T, S> {
     /// `kernel_time`, so that what matches a record of then was read.
     fn moved_past(&self, kernel_time: Duration) -> bool {
         self.newest.saturating_sub(kernel_time) > MATCH_WINDOW
+    }
+}
+
+/// Removes `number` from the list of `ends` in `index`, and the list once empty.
+fn forget(index: &mut HashMap<Ends, VecDeque<u64>>, ends: Ends, number: u64) {
+    if let Some(waiting) = index.get_mut(&ends) {
+        waiting.retain(|n| *n != number);
+        if waiting.is_empty() {
+            index.remove(&ends);
+        }
     }
 }
 

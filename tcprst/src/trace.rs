@@ -227,7 +227,7 @@ impl Pipeline<'_> {
                 });
                 let explained = match &mut self.origins {
                     Some(origins) => {
-                        origins.lookup_done(number, alias, |report| report.nat = answer.found)
+                        origins.lookup_done(number, alias, |report| report.conntrack = answer.found)
                     }
                     None => None,
                 };
@@ -244,7 +244,7 @@ impl Pipeline<'_> {
                         report.diagnosis = Some(d);
                     }
                 }
-                report.nat = answer.found;
+                report.conntrack = answer.found;
                 self.write_rst(&report)
             }
             None => Ok(()),
@@ -499,12 +499,16 @@ impl Pipeline<'_> {
         if let Some(d) = diagnosis::explained_by_sender(&report.ev, sent_reason) {
             report.diagnosis = Some(d);
         }
+        // Sent by nothing here, on a connection a conntrack here tracks.
+        if matches!(origin, Origin::NotLocal { .. })
+            && let Some(found) = &report.conntrack
+            && let Some(d) = diagnosis::rejected_by_conntrack(&report.ev, found)
+        {
+            report.diagnosis = Some(d);
+        }
         report.origin = Some(origin);
         report.peer = sender;
-        self.count_reset(&report);
-        self.sink.rst(&report)?;
-        self.counts.shown += 1;
-        Ok(())
+        self.write_rst(&report)
     }
 
     /// Received resets no send can explain any more; `read_all_before` is

@@ -9,11 +9,15 @@
 //! - A server segment far outside the window: conntrack marks it INVALID,
 //!   so it is not un-DNAT'ed, reaches the client from the server's own
 //!   address, and the client's stack answers NO_SOCKET (kubernetes#74839).
+//! - The same segment, where the router rejects INVALID packets with a
+//!   reset (`ct state invalid reject`): the reset reaches the server in the
+//!   client's name, and no socket sent it.
 
 mod common;
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    net::TcpStream,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -94,6 +98,27 @@ fn a_reset_across_dnat_and_masquerade_is_matched_to_its_sender() {
     assert!(stderr.contains(" 0 conntrack lookups failed"), "{stderr}");
 }
 
+/// Makes the server's socket `accepted` send a segment to the client's
+/// port `client_port`, and sends a copy of it far out of window.
+fn out_of_window(server: &Netns, accepted: &mut TcpStream, client_port: u16) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/scripts/out_of_window.py"
+    );
+    let mut raw = Command::new("ip")
+        .args(["netns", "exec", &server.name, "python3", script])
+        .args(["10.221.2.2", "8080", "10.221.1.2", &client_port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(raw.stdout.take().unwrap()).lines();
+    assert_eq!(said.next().unwrap().unwrap(), "ready");
+    // The segment the script copies.
+    accepted.write_all(b"x").unwrap();
+    assert_eq!(said.next().unwrap().unwrap(), "sent");
+    assert!(raw.wait().unwrap().success());
+}
+
 #[test]
 fn a_segment_that_escaped_reverse_nat_is_named_in_the_clients_reset() {
     let (client, _router, server) = service(false);
@@ -103,22 +128,7 @@ fn a_segment_that_escaped_reverse_nat_is_named_in_the_clients_reset() {
     let (mut accepted, from) = listener.accept().unwrap();
     assert_eq!(from.to_string(), "10.221.1.2:40710", "not masqueraded");
 
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/scripts/out_of_window.py"
-    );
-    let mut raw = Command::new("ip")
-        .args(["netns", "exec", &server.name, "python3", script])
-        .args(["10.221.2.2", "8080", "10.221.1.2", "40710"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = BufReader::new(raw.stdout.take().unwrap()).lines();
-    assert_eq!(said.next().unwrap().unwrap(), "ready");
-    // The segment the script copies, far out of window.
-    accepted.write_all(b"x").unwrap();
-    assert_eq!(said.next().unwrap().unwrap(), "sent");
-    assert!(raw.wait().unwrap().success());
+    out_of_window(&server, &mut accepted, 40710);
 
     let sent = tracer.wait_for("the client's NO_SOCKET reset", |v| {
         v["kind"] == "rst_sent" && v["local_port"] == 40710
@@ -139,4 +149,51 @@ fn a_segment_that_escaped_reverse_nat_is_named_in_the_clients_reset() {
         (BACKEND.into(), "10.221.1.2:40710".into())
     );
     tracer.stop();
+}
+
+#[test]
+fn a_reset_a_conntrack_reject_rule_sent_is_told_apart_from_the_stack() {
+    let (client, router, server) = service(false);
+    router.nft("add table inet tcprst_ct");
+    router.nft("add chain inet tcprst_ct forwarded { type filter hook forward priority 0; }");
+    router.nft("add rule inet tcprst_ct forwarded ct state invalid reject with tcp reset");
+    let mut tracer = Tracer::start(&["--port", "40720"]);
+    let listener = server.listen(BACKEND);
+    // Straight to the server, no NAT: the router only routes and tracks.
+    let _conn = client.connect("10.221.1.2:40720", BACKEND).unwrap();
+    let (mut accepted, _) = listener.accept().unwrap();
+    out_of_window(&server, &mut accepted, 40720);
+
+    let received = tracer.wait_for("the server's reset", |v| {
+        v["kind"] == "rst_received" && v["local_port"] == 8080
+    });
+    assert_eq!(received["netns"], server.inode, "{received:#}");
+    assert_eq!(received["remote_addr"], "10.221.1.2", "{received:#}");
+    assert_eq!(
+        received["origin"], "not a local TCP socket (netfilter, middlebox or userspace stack)",
+        "{received:#}"
+    );
+    assert_eq!(
+        received["cause"], "conntrack_invalid_rejected",
+        "{received:#}"
+    );
+    let diagnosis = received["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.starts_with(&format!(
+            "no socket on this host sent this reset, but conntrack in {} tracks this connection",
+            router.name
+        )),
+        "{diagnosis}"
+    );
+    assert!(
+        diagnosis.contains("answered one in 10.221.1.2:40720's name"),
+        "{diagnosis}"
+    );
+    // Conntrack saw no NAT here.
+    assert_eq!(received["nat"], serde_json::Value::Null, "{received:#}");
+    let events = tracer.stop();
+    assert!(
+        !events.iter().any(|v| v["kind"] == "rst_sent"),
+        "the client's stack sent nothing: {events:#?}"
+    );
 }

@@ -648,7 +648,11 @@ impl<'a> RstJson<'a> {
                 netns: p.netns,
                 who: WhoJson::new(&p.attribution),
             }),
-            nat: report.nat.as_ref().map(NatJson::new),
+            nat: report
+                .conntrack
+                .as_ref()
+                .filter(|found| found.entry.natted())
+                .map(NatJson::new),
         }
     }
 }
@@ -854,7 +858,7 @@ mod tests {
             caller: None,
             stack: None,
             origin: None,
-            nat: None,
+            conntrack: None,
         }
     }
 
@@ -942,7 +946,7 @@ mod tests {
                     .into(),
             ),
             origin: Some(Origin::LocalTcp),
-            nat: None,
+            conntrack: None,
         })
         .unwrap();
         let conn = tracker

@@ -38,9 +38,9 @@ pub struct RstReport {
     pub stack: Option<Arc<[Arc<str>]>>,
     /// For received resets: who sent it, as far as this host can tell.
     pub origin: Option<Origin>,
-    /// The conntrack entry of a NAT'd connection the reset belongs to, where
-    /// one was looked up and found.
-    pub nat: Option<Found>,
+    /// The conntrack entry of the reset's connection, where one was looked
+    /// up and found (`nat` in JSON when NAT rewrote it).
+    pub conntrack: Option<Found>,
 }
 
 impl RstReport {
@@ -64,7 +64,7 @@ impl RstReport {
             caller,
             stack,
             origin: None,
-            nat: None,
+            conntrack: None,
         }
     }
 }

@@ -317,7 +317,7 @@ mod tests {
             caller: None,
             stack: None,
             origin: None,
-            nat: None,
+            conntrack: None,
         }
     }
 
