@@ -18,7 +18,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+        mpsc::{Receiver, SyncSender, sync_channel},
     },
     time::{Duration, Instant},
 };
@@ -290,12 +290,19 @@ fn add_invalid(mut datagram: &[u8], total: &mut u64) -> io::Result<bool> {
     Ok(false)
 }
 
-/// The packets conntrack in the calling thread's network namespace has
-/// marked INVALID, summed over CPUs.
-pub fn invalid_packets() -> io::Result<u64> {
+/// A netfilter netlink socket talking to the kernel, bound to the calling
+/// thread's network namespace for as long as it lives.
+fn ctnetlink() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// The packets conntrack in the calling thread's network namespace has
+/// marked INVALID, summed over CPUs.
+pub fn invalid_packets() -> io::Result<u64> {
+    let socket = ctnetlink()?;
     socket.send(&stats_request(), 0)?;
     let mut total = 0;
     loop {
@@ -309,9 +316,7 @@ pub fn invalid_packets() -> io::Result<u64> {
 /// The entry with `tuple` in either direction, in the calling thread's
 /// network namespace.
 pub fn get(tuple: &Tuple) -> io::Result<Option<Entry>> {
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let socket = ctnetlink()?;
     socket.send(&request(tuple, 1), 0)?;
     let (datagram, _) = socket.recv_from_full()?;
     decode(&datagram)
@@ -387,11 +392,8 @@ impl Conntrack {
         let elapsed = now.duration_since(self.refilled).as_secs_f64();
         self.refilled = now;
         self.tokens = (self.tokens + elapsed * LOOKUPS_PER_SEC).min(BURST);
-        let sent = self.tokens >= 1.0
-            && match self.asks.try_send(Ask { id, tuples }) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-            };
+        // A full queue or a worker gone: skipped either way.
+        let sent = self.tokens >= 1.0 && self.asks.try_send(Ask { id, tuples }).is_ok();
         if sent {
             self.tokens -= 1.0;
         } else {
@@ -576,6 +578,28 @@ mod tests {
         let done = [20, 0, 0, 0, 3, 0, 2, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(add_invalid(&done, &mut total).unwrap());
         assert_eq!(total, 7);
+    }
+
+    #[test]
+    fn a_lookup_the_worker_has_no_room_for_is_skipped_and_counted() {
+        // A worker that takes one lookup and is busy with it.
+        let (asks, asked) = sync_channel(1);
+        let mut conntrack = Conntrack {
+            asks,
+            tokens: BURST,
+            refilled: Instant::now(),
+            stats: Arc::default(),
+        };
+        let lookup = vec![tuple("10.0.0.1:1", "10.0.0.2:2")];
+        assert!(conntrack.ask(1, lookup.clone()));
+        assert!(!conntrack.ask(2, lookup.clone()));
+        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 1);
+        assert_eq!(asked.recv().unwrap().id, 1);
+        // Out of tokens, however empty the queue.
+        conntrack.tokens = 0.0;
+        conntrack.refilled = Instant::now() + Duration::from_secs(3600);
+        assert!(!conntrack.ask(3, lookup));
+        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 2);
     }
 
     #[test]
