@@ -418,11 +418,15 @@ impl Pipeline<'_> {
                 }
             };
         }
-        // A reset sent with no socket: the segment it answers may have
-        // escaped reverse NAT (looked up as it came, remote to local), or
-        // belong to a NAT'd connection (local to remote).
-        if report.ev.kind == RstKind::Sent && report.ev.state.is_none() {
-            let tuples = vec![Tuple::new(remote, local), Tuple::new(local, remote)];
+        // A sent reset carries its connection's NAT'd ends, if conntrack
+        // here has them. With no socket, the segment it answers may also
+        // have escaped reverse NAT: looked up first as it came, remote to
+        // local.
+        if report.ev.kind == RstKind::Sent {
+            let mut tuples = vec![Tuple::new(local, remote)];
+            if report.ev.state.is_none() {
+                tuples.insert(0, Tuple::new(remote, local));
+            }
             if let Some(id) = self.look_up(&tuples) {
                 self.pending
                     .insert(id, Pending::Sent(Box::new(report), tuples));
