@@ -22,6 +22,7 @@ static IN_SOFTIRQ: PerCpuArray<u8> = PerCpuArray::with_max_entries(1, 0);
 #[inline(always)]
 fn set_in_softirq(value: u8) {
     if let Some(slot) = IN_SOFTIRQ.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; softirqs do not nest on a CPU.
         unsafe { *slot = value };
     }
 }
@@ -53,6 +54,7 @@ pub fn current_context() -> ExecContext {
     if bpf_get_current_pid_tgid() as u32 == 0 {
         return ExecContext::Softirq;
     }
+    // SAFETY: bpf_get_current_task returns the current task's address.
     if task_is_kthread(unsafe { bpf_get_current_task() }) {
         return ExecContext::KernelThread;
     }
@@ -62,7 +64,7 @@ pub fn current_context() -> ExecContext {
 /// Where the kernel runs now, with the current task filled in unless that
 /// is softirq (where the task is whoever was interrupted).
 #[inline(always)]
-pub fn origin(task: &mut TaskInfo) -> ExecContext {
+pub fn context_and_task(task: &mut TaskInfo) -> ExecContext {
     let context = current_context();
     if context != ExecContext::Softirq {
         fill_task(task);

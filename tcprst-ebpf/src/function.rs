@@ -50,6 +50,7 @@ impl ArgReader for ProbeContext {
         // Through a helper: the verifier refuses a load from the context at
         // a computed offset, which is what LLVM makes of a match on `n`.
         let regs = self.regs;
+        // SAFETY: only addresses are taken here, nothing is read.
         let reg = unsafe {
             match n {
                 0 => addr_of!((*regs).rdi),
@@ -60,7 +61,8 @@ impl ArgReader for ProbeContext {
                 _ => return 0,
             }
         };
-        unsafe { bpf_probe_read_kernel(reg) }.map_or(0, |v| v as u64)
+        // SAFETY: a probe read of the saved register, which fails cleanly.
+        unsafe { bpf_probe_read_kernel(reg) }.unwrap_or(0)
     }
 }
 
@@ -70,6 +72,8 @@ impl ArgReader for FEntryContext {
         // bpf_get_func_arg (5.17+) takes the index at run time, which the
         // prototype-dependent positions need.
         let mut value = 0u64;
+        // SAFETY: the helper checks `n` against the function's arguments
+        // and writes one u64 to `value`.
         let ret = unsafe { bpf_get_func_arg(self.as_ptr(), n, &mut value) };
         if ret == 0 { value } else { 0 }
     }

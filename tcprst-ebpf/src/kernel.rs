@@ -10,6 +10,7 @@ unsafe fn read_at<T>(base: u64, offset: u32) -> Option<T> {
     if base == 0 || offset == ABSENT {
         return None;
     }
+    // SAFETY: a probe read, which fails cleanly on any address.
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
@@ -34,6 +35,7 @@ fn member<T>(base: u64, offset: u32, what: &'static str) -> Result<T, Unread> {
 
 #[inline(always)]
 pub fn netns_of_net(net: u64) -> u32 {
+    // SAFETY: a checked kernel read.
     unsafe { read_at::<u32>(net, kernel_offsets().net_ns_inum) }.unwrap_or(0)
 }
 
@@ -41,6 +43,7 @@ pub fn netns_of_net(net: u64) -> u32 {
 /// start with `sock_common`).
 #[inline(always)]
 pub fn sock_netns(sk: u64) -> u32 {
+    // SAFETY: a checked kernel read.
     unsafe { read_at::<u64>(sk, kernel_offsets().sk_net) }.map_or(0, netns_of_net)
 }
 
@@ -48,13 +51,16 @@ pub fn sock_netns(sk: u64) -> u32 {
 #[inline(always)]
 pub fn skb_netns(skb: u64) -> u32 {
     let offsets = kernel_offsets();
+    // SAFETY: checked kernel reads.
     unsafe { read_at::<u64>(skb, offsets.skb_dev) }
+        // SAFETY: as above.
         .and_then(|dev| unsafe { read_at::<u64>(dev, offsets.dev_nd_net) })
         .map_or(0, netns_of_net)
 }
 
 #[inline(always)]
 pub fn sock_state(sk: u64) -> Option<u8> {
+    // SAFETY: a checked kernel read.
     unsafe { read_at::<u8>(sk, kernel_offsets().sk_state) }
 }
 
@@ -62,6 +68,7 @@ const PF_KTHREAD: u32 = 0x0020_0000;
 
 #[inline(always)]
 pub fn task_is_kthread(task: u64) -> bool {
+    // SAFETY: a checked kernel read.
     unsafe { read_at::<u32>(task, kernel_offsets().task_flags) }
         .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
@@ -70,6 +77,7 @@ const PF_EXITING: u32 = 0x0000_0004;
 
 #[inline(always)]
 pub fn task_is_exiting(task: u64) -> bool {
+    // SAFETY: a checked kernel read.
     unsafe { read_at::<u32>(task, kernel_offsets().task_flags) }
         .is_some_and(|flags| flags & PF_EXITING != 0)
 }
@@ -107,6 +115,7 @@ pub fn socket_facts(sk: u64, rec: &mut RstRecord) {
 #[inline(always)]
 pub fn sock_cgroup_id(sk: u64) -> u64 {
     let o = kernel_offsets();
+    // SAFETY: checked kernel reads.
     unsafe {
         read_at::<u64>(sk, o.sk_cgroup)
             .and_then(|cgroup| read_at::<u64>(cgroup, o.cgroup_kn))

@@ -14,7 +14,7 @@ use tcprst_common::{
 };
 
 use crate::{
-    context::origin,
+    context::context_and_task,
     failure::tuple_unread,
     function::{ArgReader, report},
     globals::{filter, receive_reset_fields, send_reset_fields, settings},
@@ -216,7 +216,7 @@ pub fn finish(
     let tgid = filter().tgid;
     if tgid != 0 {
         // The pid filter needs the task before the reset may count.
-        let context = origin(&mut rec.task);
+        let context = context_and_task(&mut rec.task);
         rec.context = context as u8;
         if context != ExecContext::Process || rec.task.tgid != tgid {
             return;
@@ -228,7 +228,7 @@ pub fn finish(
         Budget::Untallied => None,
     };
     if tgid == 0 {
-        rec.context = origin(&mut rec.task) as u8;
+        rec.context = context_and_task(&mut rec.task) as u8;
     }
     let mark = details(rec);
     rec.stack_id = stack_id(ctx);

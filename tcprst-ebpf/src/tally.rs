@@ -73,7 +73,7 @@ pub fn tally(rec: &RstRecord) -> Budget {
         _ => &TALLIES_A,
     };
     let (key, ephemeral) = key_of(rec);
-    let tally = match map.get_ptr_mut(&key) {
+    let tally = match map.get_ptr_mut(key) {
         Some(tally) => tally,
         None => {
             let Some(blank) = BLANK_TALLY.get(0) else {
@@ -81,8 +81,8 @@ pub fn tally(rec: &RstRecord) -> Budget {
             };
             // Another CPU may create the key first (EEXIST): look it up
             // again either way.
-            let _ = map.insert(&key, blank, u64::from(BPF_NOEXIST));
-            match map.get_ptr_mut(&key) {
+            let _ = map.insert(key, blank, u64::from(BPF_NOEXIST));
+            match map.get_ptr_mut(key) {
                 Some(tally) => tally,
                 None => {
                     count(counters::TALLY_FULL);

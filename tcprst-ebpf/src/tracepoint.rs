@@ -10,6 +10,8 @@ pub fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     if offset == ABSENT {
         return None;
     }
+    // SAFETY: a probe read of the record at an offset the loader read from
+    // the tracepoint's format; a bad one fails cleanly.
     unsafe { ctx.read_at::<T>(offset as usize).ok() }
 }
 
