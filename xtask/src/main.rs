@@ -10,6 +10,9 @@ mod fuzz;
 // depend on the crate.
 #[path = "../../tcprst/src/mountinfo.rs"]
 mod mountinfo;
+mod process;
+mod soak;
+mod sys;
 mod vm;
 
 use std::{
@@ -87,7 +90,7 @@ enum Task {
     /// Set up, build (release) and run churn, RST storms and namespace and
     /// cgroup churn against tcprst for --minutes, sampling its RSS and metric
     /// series; fails if either keeps growing after warm-up.
-    Soak(bench::SoakOptions),
+    Soak(soak::SoakOptions),
     /// Set up, build tcprst (release) and write its man pages and bash, zsh and fish
     /// completions under target/man.
     Man,
@@ -139,7 +142,7 @@ fn main() -> Result<()> {
         }
         // Sets up and builds itself: it may re-run as root.
         Task::Bench(opts) => bench::main(&opts),
-        Task::Soak(opts) => bench::soak(&opts),
+        Task::Soak(opts) => soak::soak(&opts),
         Task::Fuzz { seconds } => {
             setup()?;
             fuzz::run(seconds)

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    Guest, HookLine, Plan, Tier,
+    AttachPlan, Guest, HookLine, Tier,
     kernels::{Expect, HookExpect},
     plans,
 };
@@ -144,13 +144,13 @@ pub(crate) enum Verdict {
     Unavailable(String),
 }
 
-pub(crate) struct Row {
+pub(crate) struct PlanResult {
     pub(crate) kernel: String,
     pub(crate) plan: String,
     pub(crate) verdict: Verdict,
 }
 
-impl Row {
+impl PlanResult {
     pub(crate) fn new(kernel: &str, plan: &str, verdict: Verdict) -> Self {
         Self {
             kernel: kernel.to_owned(),
@@ -169,8 +169,8 @@ pub(crate) fn keep(run_dir: &Path, sections: &HashMap<&str, String>) -> Result<(
     Ok(())
 }
 
-pub(crate) fn judge(guest: &Guest, sections: &HashMap<&str, String>) -> Vec<Row> {
-    let row = |plan: &str, verdict| Row::new(&guest.kernel.release, plan, verdict);
+pub(crate) fn judge(guest: &Guest, sections: &HashMap<&str, String>) -> Vec<PlanResult> {
+    let row = |plan: &str, verdict| PlanResult::new(&guest.kernel.release, plan, verdict);
     if let Some(setup) = sections.get("setup").filter(|s| !s.trim().is_empty()) {
         let errors = setup.lines().map(|l| format!("guest setup: {l}")).collect();
         return vec![row("-", Verdict::Fail(errors))];
@@ -179,7 +179,7 @@ pub(crate) fn judge(guest: &Guest, sections: &HashMap<&str, String>) -> Vec<Row>
         Ok(v) => v,
         Err(e) => return vec![row("-", Verdict::Fail(vec![format!("{e:#}")]))],
     };
-    let mut rows: Vec<Row> = plans()
+    let mut rows: Vec<PlanResult> = plans()
         .iter()
         .map(|plan| row(plan.name, judge_plan(plan, guest.hooks, sections, version)))
         .collect();
@@ -270,7 +270,7 @@ pub(crate) fn judge_close_marks(doctor: &Value, version: (u32, u32)) -> Verdict 
 /// scenario by scenario; or refused, as the table says it must be when no
 /// hook for the resets TCP sends can attach.
 pub(crate) fn judge_plan(
-    plan: &Plan,
+    plan: &AttachPlan,
     table: &[HookExpect],
     sections: &HashMap<&str, String>,
     version: (u32, u32),
@@ -707,7 +707,7 @@ pub(crate) fn strangers(resets: &[&Value]) -> Vec<String> {
         .collect()
 }
 
-pub(crate) fn print_rows(rows: &[Row]) {
+pub(crate) fn print_rows(rows: &[PlanResult]) {
     let kernel_width = rows.iter().map(|r| r.kernel.len()).max().unwrap_or(0);
     println!("\n{:kernel_width$}  {:10}  RESULT", "KERNEL", "PLAN");
     for row in rows {
@@ -762,7 +762,7 @@ mod tests {
             .collect()
     }
 
-    fn plan(name: &str) -> Plan {
+    fn plan(name: &str) -> AttachPlan {
         plans().into_iter().find(|p| p.name == name).unwrap()
     }
 

@@ -31,11 +31,12 @@ use anyhow::{Context as _, Result, bail};
 
 use self::{
     initramfs::initramfs_archive,
-    judge::{Row, Verdict, judge, keep, print_rows},
+    judge::{PlanResult, Verdict, judge, keep, print_rows},
     kernels::{
         Archive, Expect, HookExpect, KERNELS, Kernel, KernelTree, Unreachable, fetch_kernel,
     },
 };
+
 use super::{ensure_apt_packages, target_dir};
 
 /// qemu, what goes into the initramfs, `depmod` for the kernels' module
@@ -72,7 +73,7 @@ impl Tier {
     }
 }
 
-struct Plan {
+struct AttachPlan {
     name: &'static str,
     /// The tier every hook is forced to; `None`: auto.
     all: Option<Tier>,
@@ -80,7 +81,7 @@ struct Plan {
     one: &'static [(&'static str, Tier)],
 }
 
-impl Plan {
+impl AttachPlan {
     /// Its `--attach` arguments.
     fn args(&self) -> Vec<String> {
         let all = self.all.map_or("auto", Tier::name);
@@ -147,7 +148,7 @@ pub fn test(binaries: &Path) -> Result<()> {
                 keep(&guest.run_dir, &sections)?;
                 rows.extend(judge(guest, &sections));
             }
-            Err(e) => rows.push(Row::new(
+            Err(e) => rows.push(PlanResult::new(
                 release,
                 "-",
                 Verdict::Fail(vec![format!("{e:#}")]),
@@ -170,7 +171,7 @@ pub fn test(binaries: &Path) -> Result<()> {
 }
 
 /// A guest for each kernel, and a row for each kernel that has none.
-fn prepare_all(cache: &Path, binaries: &Path) -> Result<(Vec<Guest>, Vec<Row>)> {
+fn prepare_all(cache: &Path, binaries: &Path) -> Result<(Vec<Guest>, Vec<PlanResult>)> {
     let mut guests = Vec::new();
     let mut rows = Vec::new();
     for kernel in KERNELS {
@@ -183,11 +184,19 @@ fn prepare_all(cache: &Path, binaries: &Path) -> Result<(Vec<Guest>, Vec<Row>)> 
             Err(e) if private && e.chain().any(|c| c.is::<Unreachable>()) => {
                 eprintln!("xtask: skipping Linux {}: {e:#}", kernel.series);
                 let why = format!("skipped: {e:#}");
-                rows.push(Row::new(kernel.series, "-", Verdict::Unavailable(why)));
+                rows.push(PlanResult::new(
+                    kernel.series,
+                    "-",
+                    Verdict::Unavailable(why),
+                ));
             }
             Err(e) if private => {
                 let why = format!("preparing it: {e:#}");
-                rows.push(Row::new(kernel.series, "-", Verdict::Fail(vec![why])));
+                rows.push(PlanResult::new(
+                    kernel.series,
+                    "-",
+                    Verdict::Fail(vec![why]),
+                ));
             }
             Err(e) => return Err(e.context(format!("preparing Linux {}", kernel.series))),
         }
@@ -214,14 +223,14 @@ fn boot_all(guests: &[Guest]) -> Vec<Result<String>> {
 }
 
 /// Each tier forced, then the mixed plan.
-fn plans() -> Vec<Plan> {
-    let forced = Tier::ALL.into_iter().map(|tier| Plan {
+fn plans() -> Vec<AttachPlan> {
+    let forced = Tier::ALL.into_iter().map(|tier| AttachPlan {
         name: tier.name(),
         all: Some(tier),
         one: &[],
     });
     forced
-        .chain([Plan {
+        .chain([AttachPlan {
             name: "mixed",
             all: None,
             one: MIXED_OVERRIDES,
@@ -333,7 +342,7 @@ fn sections(data: &str) -> HashMap<&str, String> {
 mod tests {
     use super::{kernels::HOOKS_5_10, *};
 
-    fn plan(name: &str) -> Plan {
+    fn plan(name: &str) -> AttachPlan {
         plans().into_iter().find(|p| p.name == name).unwrap()
     }
 
