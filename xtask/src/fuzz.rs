@@ -5,7 +5,11 @@ use std::{fs, process::Command};
 
 use anyhow::{Result, bail};
 
-use super::{NIGHTLY, ensure_cargo_install, status, workspace_root};
+use crate::{
+    process::status,
+    setup::{NIGHTLY, ensure_cargo_install},
+    workspace_root,
+};
 
 /// The parsers of untrusted or kernel-dependent input, one target each.
 const TARGETS: [&str; 5] = [

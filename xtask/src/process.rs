@@ -2,6 +2,8 @@
 //! guards, and small helpers around commands and their output files.
 
 use std::{
+    env,
+    ffi::OsStr,
     fs::{self, File, OpenOptions},
     os::unix::process::CommandExt as _,
     path::Path,
@@ -148,4 +150,66 @@ pub(crate) fn wait_for_marker(proc: &Proc, log: &Path, marker: &str) -> Result<(
         thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
+    status(cargo_command().args(args))
+}
+
+pub(crate) fn cargo_command() -> Command {
+    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+pub(crate) fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub(crate) fn has_command(name: &str) -> bool {
+    env::var_os("PATH")
+        .is_some_and(|path| env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
+
+pub(crate) fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `program` as a command, through sudo only when we are not root already.
+pub(crate) fn as_root(program: impl AsRef<OsStr>) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.arg("-E").arg(program);
+        cmd
+    }
+}
+
+pub(crate) fn host_triple() -> Result<String> {
+    let info = output(Command::new("rustc").arg("-vV"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("rustc -vV printed no host triple")
 }

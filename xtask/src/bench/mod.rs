@@ -31,9 +31,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use tcprst_common::names::programs;
 
-use super::{
-    as_root, cargo, ensure_apt_packages, has_command, is_root, setup, target_dir, workspace_root,
-};
+use super::{target_dir, workspace_root};
 use crate::{
     bench::{
         churn::churn,
@@ -44,6 +42,10 @@ use crate::{
     },
     process::catch_interrupts,
     sys::remove_stale_netns,
+};
+use crate::{
+    process::{as_root, cargo, has_command, is_root},
+    setup::{ensure_apt_packages, setup},
 };
 
 #[derive(clap::Args, Debug)]

@@ -16,7 +16,7 @@ use super::{
     kernels::{KernelTree, module_bytes, module_name, modules_in_load_order},
     plans,
 };
-use crate::output;
+use crate::process::output;
 
 /// What `reject with tcp reset` in an inet table loads; modules.dep names
 /// the rest (nf_reject_ipv4/6, nf_tables, …).

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::Tier;
-use crate::{output, status};
+use crate::process::{output, status};
 
 pub(crate) const KERNELS: &[Kernel] = &[
     Kernel {

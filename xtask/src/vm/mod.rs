@@ -37,7 +37,7 @@ use self::{
     },
 };
 
-use super::{ensure_apt_packages, target_dir};
+use crate::{setup::ensure_apt_packages, target_dir};
 
 /// qemu, what goes into the initramfs, `depmod` for the kernels' module
 /// trees (Debian's packages leave modules.dep to their postinst), and `xz`
