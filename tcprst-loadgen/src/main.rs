@@ -9,12 +9,12 @@
 //! (`ip netns exec NS tcprst-loadgen …`): the bench does. `namespaces` runs
 //! on the host and makes a namespace and a cgroup for each refused connect,
 //! for the soak. `scenario` makes one reset of a named kind on loopback and
-//! prints the connection it used.
+//! prints the connection it used; the kinds, and what tcprst must record of
+//! each, are the library's table (`tcprst_loadgen::scenario`).
 
 mod churn;
 mod namespaces;
 mod pace;
-mod scenario;
 mod storm;
 
 use std::{
@@ -27,6 +27,7 @@ use std::{
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use tcprst_loadgen::scenario::{SCENARIOS, Scenario};
 
 /// Upper bound on `--seconds`, so a typo cannot start an hour of load.
 const MAX_SECONDS: f64 = 600.0;
@@ -51,7 +52,14 @@ enum Mode {
     /// removed after it. Runs on the host, as root.
     Namespaces(namespaces::NamespacesArgs),
     /// One reset of a known kind on loopback; fails unless the socket saw the error it causes.
-    Scenario(scenario::ScenarioArgs),
+    Scenario(ScenarioArgs),
+}
+
+#[derive(Args)]
+struct ScenarioArgs {
+    /// Which reset to make, at its own loopback address (nothing else may listen there)
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS.iter().map(|s| s.name)))]
+    name: String,
 }
 
 #[derive(Args)]
@@ -160,7 +168,10 @@ fn main() -> ExitCode {
         Mode::Rst(args) => report(rst(&args)),
         Mode::Churn(args) => report(ensure_loopback(args.server).and_then(|()| churn::run(&args))),
         Mode::Namespaces(args) => report(namespaces::run(&args)),
-        Mode::Scenario(args) => match scenario::run(&args) {
+        Mode::Scenario(args) => match Scenario::named(&args.name)
+            .expect("clap admits only the table's names")
+            .make()
+        {
             Ok(outcome) => {
                 println!("{}", serde_json::to_string(&outcome).expect("plain data"));
                 ExitCode::SUCCESS
@@ -275,5 +286,6 @@ fn ensure_loopback(addr: SocketAddr) -> Result<()> {
 /// Sleeps of a few microseconds must not round up to the default 50 µs
 /// timer slack, or pacing undershoots at high rates.
 pub fn tight_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
 }

@@ -26,6 +26,8 @@ pub(crate) struct Proc {
 impl Proc {
     pub(crate) fn spawn(cmd: &mut Command, what: &'static str) -> Result<Self> {
         // If xtask dies outright, its children die with it.
+        // SAFETY: the closure runs between fork and exec, and only makes
+        // prctl(), which is async-signal-safe and allocates nothing.
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -41,6 +43,8 @@ impl Proc {
     }
 
     pub(crate) fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill() touches no memory; the pid is our own unreaped
+        // child's, so it cannot name another process.
         unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
     }
 
@@ -97,6 +101,8 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 /// guards, which stop processes, delete namespaces and restore sysctls.
 pub(crate) fn catch_interrupts() {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: on_interrupt only stores to an atomic, which is
+        // async-signal-safe.
         unsafe { libc::signal(sig, on_interrupt as *const () as libc::sighandler_t) };
     }
 }
@@ -115,17 +121,6 @@ pub(crate) fn create(path: &Path) -> Result<File> {
         .truncate(true)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))
-}
-
-pub(crate) fn quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 pub(crate) fn last_line(path: &Path) -> String {

@@ -18,7 +18,7 @@ use crate::{
     },
     mountinfo::mount_point,
     process::{Proc, create, last_line, wait_for_marker},
-    sys::{Netns, free_loopback_port, left_by_dead_run, proc_memory, remove_netns_where},
+    sys::{free_loopback_port, left_by_dead_run, proc_memory, remove_netns_where, run_netns},
 };
 
 #[derive(clap::Args, Debug)]
@@ -142,7 +142,7 @@ impl std::fmt::Display for Trend {
 pub fn soak(opts: &SoakOptions) -> Result<()> {
     let binaries = prepare_as_root(opts.prepared, opts.binaries.as_deref())?;
     let ctx = Ctx::prepare(false, &binaries)?;
-    let ns = Netns::create("soak")?;
+    let ns = run_netns("soak")?;
     let cgroups = ChurnCgroup::create()?;
     let port = free_loopback_port()?;
     let (out, err) = (ctx.path("soak", "out"), ctx.path("soak", "err"));

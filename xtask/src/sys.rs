@@ -3,68 +3,29 @@
 
 use std::{
     fs,
-    os::unix::fs::MetadataExt as _,
     path::Path,
-    process::{self, Command, Stdio},
+    process::{self, Command},
     thread,
     time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{bench::NETNS_PREFIX, process::quiet};
+use tcprst_loadgen::netns::ScratchNetns;
 
-/// A network namespace for one run, deleted when dropped.
-pub(crate) struct Netns {
-    pub(crate) name: String,
-    pub(crate) inode: u64,
-}
+use crate::bench::NETNS_PREFIX;
 
-impl Netns {
-    pub(crate) fn create(run: &str) -> Result<Self> {
-        let name = format!("{NETNS_PREFIX}{}-{run}", process::id());
-        quiet(Command::new("ip").args(["netns", "add", &name]))?;
-        // From here on, dropping deletes it.
-        let mut ns = Self { name, inode: 0 };
-        quiet(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
-        // Churn closes tens of thousands of connections a second: a wide port
-        // range and TIME_WAIT reuse keep connect() from running out of ports.
-        ns.sysctl("net/ipv4/ip_local_port_range", "10000 65535")?;
-        ns.sysctl("net/ipv4/tcp_tw_reuse", "1")?;
-        // Linux 6.13+; older kernels reuse after 1s, which is enough too.
-        let _ = ns.sysctl("net/ipv4/tcp_tw_reuse_delay", "1");
-        let path = format!("/run/netns/{}", ns.name);
-        ns.inode = fs::metadata(&path)
-            .with_context(|| format!("reading {path}"))?
-            .ino();
-        Ok(ns)
-    }
-
-    pub(crate) fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        quiet(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &self.name,
-                    "sh",
-                    "-c",
-                    r#"printf '%s\n' "$1" > "/proc/sys/$2""#,
-                    "sh",
-                ])
-                .args([value, key]),
-        )
-        .with_context(|| format!("setting {key} in netns {}", self.name))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
+/// A network namespace for one bench or soak run, deleted when dropped,
+/// named so that a later run can tell it was left by one that died.
+pub(crate) fn run_netns(run: &str) -> Result<ScratchNetns> {
+    let ns = ScratchNetns::create(format!("{NETNS_PREFIX}{}-{run}", process::id()))?;
+    // Churn closes tens of thousands of connections a second: a wide port
+    // range and TIME_WAIT reuse keep connect() from running out of ports.
+    ns.sysctl("net/ipv4/ip_local_port_range", "10000 65535")?;
+    ns.sysctl("net/ipv4/tcp_tw_reuse", "1")?;
+    // Linux 6.13+; older kernels reuse after 1s, which is enough too.
+    let _ = ns.sysctl("net/ipv4/tcp_tw_reuse_delay", "1");
+    Ok(ns)
 }
 
 /// Namespaces an earlier bench left behind when it was killed outright.
@@ -167,6 +128,7 @@ pub(crate) fn proc_cpu_ticks(pid: u32) -> Result<u64> {
 }
 
 pub(crate) fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf() takes a name and touches no memory.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
 

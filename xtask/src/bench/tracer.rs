@@ -14,13 +14,17 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use tcprst_loadgen::netns::ScratchNetns;
+
 use crate::{
     bench::{
         CHURN_SOURCES, Ctx, ProgStat, kernel_cost::empty_programs_script, report::Measurement,
     },
     process::{Proc, check_interrupted, create, last_line},
     soak::SOAK_NETNS_PORT,
-    sys::{Netns, clock_ticks_per_s, proc_cpu_ticks, proc_memory, system_busy_s, system_idle_s},
+    sys::{
+        clock_ticks_per_s, proc_cpu_ticks, proc_memory, run_netns, system_busy_s, system_idle_s,
+    },
 };
 
 /// A tracer, or none (the baseline).
@@ -98,7 +102,7 @@ impl Tracer {
         }
     }
 
-    pub(crate) fn command(&self, ctx: &Ctx, ns: &Netns, out: &Path) -> Option<Command> {
+    pub(crate) fn command(&self, ctx: &Ctx, ns: &ScratchNetns, out: &Path) -> Option<Command> {
         match self {
             Self::None => None,
             Self::Tcprst { args, .. } => {
@@ -116,6 +120,9 @@ impl Tracer {
                     .arg(ns.inode.to_string());
                 // It asks for more locked memory than the default limit;
                 // raise the soft limit as far as the hard one allows.
+                // SAFETY: raise_memlock_soft_limit only calls getrlimit and
+                // setrlimit, async-signal-safe and allocation-free, as the
+                // child between fork and exec requires.
                 unsafe { cmd.pre_exec(raise_memlock_soft_limit) };
                 Some(cmd)
             }
@@ -275,7 +282,7 @@ pub(crate) fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Samp
     );
     let foreign = ctx.foreign_tracing_programs()?;
     // Declared first so it is deleted last, after every process in it.
-    let ns = Netns::create(&run)?;
+    let ns = run_netns(&run)?;
     let running = match tracer.command(ctx, &ns, &ctx.path(&run, "out")) {
         Some(cmd) => Some(Running::start(ctx, &run, tracer, cmd)?),
         None => None,
@@ -303,7 +310,12 @@ pub(crate) fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Samp
     })
 }
 
-pub(crate) fn run_load(ctx: &Ctx, ns: &Netns, load: &Load, out: &Path) -> Result<LoadResult> {
+pub(crate) fn run_load(
+    ctx: &Ctx,
+    ns: &ScratchNetns,
+    load: &Load,
+    out: &Path,
+) -> Result<LoadResult> {
     let err = out.with_extension("err");
     let mut cmd = if load.on_host {
         Command::new(&ctx.loadgen)
@@ -629,6 +641,7 @@ pub(crate) fn explain_warning(line: &str) -> String {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    // SAFETY: getrlimit writes only `lim`, which lives across the call.
     unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
     format!(
         "bpftrace could not raise RLIMIT_MEMLOCK past the hard limit ({} KiB; raising it needs CAP_SYS_RESOURCE) and said so, then ran normally: since Linux 5.11 BPF memory is charged to the memory cgroup, not to this limit",
@@ -641,6 +654,8 @@ pub(crate) fn raise_memlock_soft_limit() -> std::io::Result<()> {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    // SAFETY: getrlimit writes and setrlimit reads only `lim`, which lives
+    // across both calls.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) == 0 {
             lim.rlim_cur = lim.rlim_max;

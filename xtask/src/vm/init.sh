@@ -37,8 +37,8 @@ trace() {
     pid=$!
     : >/tmp/scenarios
     if attached "$pid"; then
-        while read -r scenario port; do
-            tcprst-loadgen scenario "$scenario" --port "$port" >>/tmp/scenarios 2>/tmp/why ||
+        while read -r scenario; do
+            tcprst-loadgen scenario "$scenario" >>/tmp/scenarios 2>/tmp/why ||
                 echo "$scenario: exit $?: $(cat /tmp/why)" >>/tmp/scenarios
         done </vm/scenarios
         # The last records reach userspace.

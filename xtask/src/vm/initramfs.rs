@@ -9,10 +9,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use tcprst_loadgen::scenario::SCENARIOS;
 
 use super::{
     BINARIES,
-    judge::SCENARIOS,
     kernels::{KernelTree, module_bytes, module_name, modules_in_load_order},
     plans,
 };
@@ -56,16 +56,17 @@ pub(crate) fn initramfs_archive(kernel: &KernelTree, binaries: &Path) -> Result<
         .map(|p| format!("{} {}\n", p.name, p.args().join(" ")))
         .collect();
     cpio.file("vm/plans", 0o644, plans.as_bytes());
-    let scenarios: String = SCENARIOS
-        .iter()
-        .map(|s| format!("{} {}\n", s.name, s.port))
-        .collect();
+    let scenarios: String = SCENARIOS.iter().map(|s| format!("{}\n", s.name)).collect();
     cpio.file("vm/scenarios", 0o644, scenarios.as_bytes());
     let nft = SCENARIOS
         .iter()
         .find(|s| s.name == "nft-reject")
         .expect("nft-reject is a scenario");
-    cpio.file("vm/nft-reject-port", 0o644, nft.port.to_string().as_bytes());
+    cpio.file(
+        "vm/nft-reject-port",
+        0o644,
+        nft.server.port().to_string().as_bytes(),
+    );
     Ok(cpio.finish())
 }
 

@@ -9,8 +9,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use serde::Deserialize;
 use serde_json::Value;
+use tcprst_loadgen::scenario::{Outcome, SCENARIOS, Scenario};
 
 use super::{
     AttachPlan, Guest, HookLine, Tier,
@@ -20,116 +20,13 @@ use super::{
 
 /// The tracepoint that reports resets when a hook is on the tracepoint tier.
 pub(crate) const SEND_RESET_TRACEPOINT: &str = "tcp:tcp_send_reset";
-/// From 6.10 `tcp:tcp_send_reset` fires without a socket too, and resets
-/// carry reasons, in the tracepoint and as the send functions' argument.
-pub(crate) const SOCKETLESS_TRACEPOINT_AND_REASONS: (u32, u32) = (6, 10);
-/// From 6.11 active resets say why instead of NOT_SPECIFIED.
-pub(crate) const ACTIVE_REASONS: (u32, u32) = (6, 11);
-
-/// What the scenarios do, each on its own port so records are easy to tell
-/// apart. The caller is what tcprst reads off the kernel stack: the first
-/// frame that is not a reset function (`__tcp_close` reads as `tcp_close`).
-pub(crate) const SCENARIOS: &[Scenario] = &[
-    Scenario {
-        name: "closed-port",
-        port: 4101,
-        hook: "tcp_v4_send_reset",
-        sender: End::Server,
-        state: None,
-        caller: "tcp_v4_rcv",
-        reason: Reason::Passive("NO_SOCKET"),
-        received: ("SYN_SENT", "ECONNREFUSED"),
-    },
-    Scenario {
-        name: "closed-port6",
-        port: 4102,
-        hook: "tcp_v6_send_reset",
-        sender: End::Server,
-        state: None,
-        caller: "tcp_v6_rcv",
-        reason: Reason::Passive("NO_SOCKET"),
-        received: ("SYN_SENT", "ECONNREFUSED"),
-    },
-    // __tcp_close moves the socket to CLOSE before it sends the reset.
-    Scenario {
-        name: "abort-on-close",
-        port: 4103,
-        hook: "tcp_send_active_reset",
-        sender: End::Server,
-        state: Some("CLOSE"),
-        caller: "tcp_close",
-        reason: Reason::Active("TCP_ABORT_ON_CLOSE"),
-        received: ("ESTABLISHED", "ECONNRESET"),
-    },
-    // A zero linger time makes __tcp_close call sk_prot->disconnect, i.e.
-    // tcp_disconnect, which moves to CLOSE and then resets; the same path on
-    // 5.10, 6.1 and 6.12.
-    Scenario {
-        name: "linger0",
-        port: 4104,
-        hook: "tcp_send_active_reset",
-        sender: End::Client,
-        state: Some("CLOSE"),
-        caller: "tcp_disconnect",
-        reason: Reason::Active("TCP_STATE"),
-        received: ("ESTABLISHED", "ECONNRESET"),
-    },
-    // The rule answers the SYN before TCP sees it: no socket, and nft's
-    // reject expression is the caller.
-    Scenario {
-        name: "nft-reject",
-        port: 4105,
-        hook: "nf_send_reset",
-        sender: End::Server,
-        state: None,
-        caller: "nft_reject_inet_eval",
-        reason: Reason::Never,
-        received: ("SYN_SENT", "ECONNREFUSED"),
-    },
-];
+/// From 6.10 `tcp:tcp_send_reset` fires without a socket too.
+pub(crate) const SOCKETLESS_TRACEPOINT: (u32, u32) = (6, 10);
 
 /// What a reset seen by no local TCP socket reads as on the receiving side.
 pub(crate) const NOT_LOCAL_ORIGIN: &str = "not a local TCP socket";
 pub(crate) const LOCAL_STACK_ORIGIN: &str = "this host's TCP stack";
 pub(crate) const LOCAL_NETFILTER_ORIGIN: &str = "a netfilter reject rule on this host (INPUT)";
-
-#[derive(Clone, Copy)]
-pub(crate) enum End {
-    Client,
-    Server,
-}
-
-pub(crate) enum Reason {
-    /// The kernel's reason for a reset answering a segment.
-    Passive(&'static str),
-    /// The kernel's reason for a reset a socket sends of its own accord.
-    Active(&'static str),
-    /// A reset the kernel gives no reason for.
-    Never,
-}
-
-pub(crate) struct Scenario {
-    /// As `tcprst-loadgen scenario` names it.
-    pub(crate) name: &'static str,
-    pub(crate) port: u16,
-    /// The function that sends the reset, as `--attach HOOK=TIER` names it.
-    pub(crate) hook: &'static str,
-    pub(crate) sender: End,
-    /// The sending socket's state in the record; `None` when none sent it.
-    pub(crate) state: Option<&'static str>,
-    pub(crate) caller: &'static str,
-    pub(crate) reason: Reason,
-    /// The receiving socket's state and the error its application gets.
-    pub(crate) received: (&'static str, &'static str),
-}
-
-/// A connection a scenario made, as `tcprst-loadgen scenario` prints it.
-#[derive(Deserialize)]
-pub(crate) struct Outcome {
-    pub(crate) scenario: String,
-    pub(crate) client: SocketAddr,
-    pub(crate) server: SocketAddr,
-}
 
 /// How tcprst attached one hook, from its `tcprst: hook HOOK: TIER` line.
 pub(crate) enum Attached {
@@ -394,7 +291,7 @@ impl<'a> Run<'a> {
         let hooks = attached_hooks(self.stderr);
         // Before 6.10 the tracepoint misses resets sent without a socket,
         // and tcprst then says nothing about where received ones came from.
-        let origins_known = version >= SOCKETLESS_TRACEPOINT_AND_REASONS
+        let origins_known = version >= SOCKETLESS_TRACEPOINT
             || ["tcp_v4_send_reset", "tcp_v6_send_reset"]
                 .iter()
                 .all(|h| matches!(hooks.get(h), Some(Attached::Function(_))));
@@ -498,10 +395,9 @@ impl Check<'_> {
     /// This host's end, then the remote one, in a record of `kind`: the
     /// sender's end is local in `rst_sent`, the receiver's in `rst_received`.
     pub(crate) fn ends(&self, kind: &str) -> (SocketAddr, SocketAddr) {
-        let (sender, receiver) = match self.scenario.sender {
-            End::Server => (self.outcome.server, self.outcome.client),
-            End::Client => (self.outcome.client, self.outcome.server),
-        };
+        let (sender, receiver) = self
+            .scenario
+            .sender_and_receiver(self.outcome.client, self.outcome.server);
         if kind == "rst_sent" {
             (sender, receiver)
         } else {
@@ -613,19 +509,11 @@ impl Check<'_> {
 
     /// Before 6.10 `tcp:tcp_send_reset` fires only for a full socket.
     pub(crate) fn tracepoint_sees_it(&self) -> bool {
-        self.scenario.state.is_some() || self.version >= SOCKETLESS_TRACEPOINT_AND_REASONS
+        self.scenario.state.is_some() || self.version >= SOCKETLESS_TRACEPOINT
     }
 
     pub(crate) fn reason(&self) -> Option<&'static str> {
-        if self.version < SOCKETLESS_TRACEPOINT_AND_REASONS {
-            return None;
-        }
-        match self.scenario.reason {
-            Reason::Passive(reason) => Some(reason),
-            Reason::Active(reason) if self.version >= ACTIVE_REASONS => Some(reason),
-            Reason::Active(_) => Some("NOT_SPECIFIED"),
-            Reason::Never => None,
-        }
+        self.scenario.reason.on(self.version)
     }
 }
 
@@ -689,7 +577,10 @@ pub(crate) fn duplicates(resets: &[&Value]) -> Vec<String> {
 
 /// Resets on no scenario's port: only the scenarios make connections.
 pub(crate) fn strangers(resets: &[&Value]) -> Vec<String> {
-    let ports: Vec<u64> = SCENARIOS.iter().map(|s| u64::from(s.port)).collect();
+    let ports: Vec<u64> = SCENARIOS
+        .iter()
+        .map(|s| u64::from(s.server.port()))
+        .collect();
     resets
         .iter()
         .filter(|r| {
@@ -901,7 +792,7 @@ mod tests {
         let outcome = Outcome {
             scenario: scenario.name.to_owned(),
             client: "127.0.0.1:40000".parse().unwrap(),
-            server: SocketAddr::new("127.0.0.1".parse().unwrap(), scenario.port),
+            server: scenario.server,
         };
         let resets: Vec<&Value> = resets.iter().collect();
         let check = Check {
@@ -910,7 +801,7 @@ mod tests {
             version,
             resets: &resets,
             // As judge() decides it, with every TCP reply hook like this one.
-            origins_known: version >= SOCKETLESS_TRACEPOINT_AND_REASONS
+            origins_known: version >= SOCKETLESS_TRACEPOINT
                 || matches!(attached, Attached::Function(_)),
         };
         let (mut failures, mut notes) = (Vec::new(), Vec::new());
