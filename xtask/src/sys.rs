@@ -152,3 +152,32 @@ pub(crate) fn free_loopback_port() -> Result<u16> {
         std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener.local_addr()?.port())
 }
+
+/// The fdinfo of each BPF object of `kind` (`map`, `prog`) that process
+/// `pid` holds a descriptor for; one that closes meanwhile reads as empty.
+pub(crate) fn bpf_fdinfos(pid: u32, kind: &str) -> Result<Vec<FdInfo>> {
+    let link = format!("anon_inode:bpf-{kind}");
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing /proc/{pid}/fd"))?;
+    Ok(fds
+        .flatten()
+        .filter(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == link.as_str()))
+        .map(|fd| {
+            let path = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            FdInfo(fs::read_to_string(path).unwrap_or_default())
+        })
+        .collect())
+}
+
+/// A /proc/PID/fdinfo/FD file's text.
+pub(crate) struct FdInfo(String);
+
+impl FdInfo {
+    /// The number in its `key:` line.
+    pub(crate) fn field(&self, key: &str) -> Option<u64> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}

@@ -41,6 +41,7 @@ use crate::{
         userspace::userspace,
     },
     process::catch_interrupts,
+    sys::bpf_fdinfos,
     sys::remove_stale_netns,
 };
 use crate::{
@@ -337,8 +338,6 @@ impl Ctx {
         self.runs_dir.join(format!("{run}.{what}"))
     }
 
-    /// run_time_ns and run_cnt of every BPF program `pid` holds, from its
-    /// fdinfo; names from bpftool, since fdinfo has none.
     /// What the kernel charges for the BPF maps `pid` holds (`memlock` in
     /// each map's fdinfo), KiB. Socket storage entries are charged to their
     /// sockets, not here: with tcprst they exist only for sockets a process
@@ -346,23 +345,8 @@ impl Ctx {
     pub(crate) fn map_kib(&self, pid: u32) -> Result<u64> {
         let mut seen = Vec::new();
         let mut bytes = 0;
-        let fds = fs::read_dir(format!("/proc/{pid}/fd"))
-            .with_context(|| format!("listing /proc/{pid}/fd"))?;
-        for fd in fds.flatten() {
-            if !fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf-map") {
-                continue;
-            }
-            let info = fs::read_to_string(format!(
-                "/proc/{pid}/fdinfo/{}",
-                fd.file_name().to_string_lossy()
-            ))
-            .unwrap_or_default();
-            let field = |k: &str| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            };
-            if let (Some(id), Some(memlock)) = (field("map_id"), field("memlock"))
+        for info in bpf_fdinfos(pid, "map")? {
+            if let (Some(id), Some(memlock)) = (info.field("map_id"), info.field("memlock"))
                 && !seen.contains(&id)
             {
                 seen.push(id);
@@ -372,33 +356,23 @@ impl Ctx {
         Ok(bytes / 1024)
     }
 
+    /// run_time_ns and run_cnt of every BPF program `pid` holds, from its
+    /// fdinfo; names from bpftool, since fdinfo has none.
     pub(crate) fn prog_stats(&self, pid: u32) -> Result<Vec<ProgStat>> {
         let mut progs: Vec<ProgStat> = Vec::new();
-        let fds = fs::read_dir(format!("/proc/{pid}/fd"))
-            .with_context(|| format!("listing /proc/{pid}/fd"))?;
-        for fd in fds.flatten() {
-            if fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf-prog") {
-                let info = fs::read_to_string(format!(
-                    "/proc/{pid}/fdinfo/{}",
-                    fd.file_name().to_string_lossy()
-                ))
-                .unwrap_or_default();
-                let field = |k: &str| {
-                    info.lines()
-                        .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                };
-                if let (Some(id), Some(t), Some(n)) =
-                    (field("prog_id"), field("run_time_ns"), field("run_cnt"))
-                    && !progs.iter().any(|p| u64::from(p.id) == id)
-                {
-                    progs.push(ProgStat {
-                        id: id as u32,
-                        name: String::new(),
-                        run_time_ns: t,
-                        run_cnt: n,
-                    });
-                }
+        for info in bpf_fdinfos(pid, "prog")? {
+            if let (Some(id), Some(t), Some(n)) = (
+                info.field("prog_id"),
+                info.field("run_time_ns"),
+                info.field("run_cnt"),
+            ) && !progs.iter().any(|p| u64::from(p.id) == id)
+            {
+                progs.push(ProgStat {
+                    id: id as u32,
+                    name: String::new(),
+                    run_time_ns: t,
+                    run_cnt: n,
+                });
             }
         }
         self.ours.borrow_mut().extend(progs.iter().map(|p| p.id));
