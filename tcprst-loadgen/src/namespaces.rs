@@ -6,7 +6,7 @@
 //! needs the cgroup2 mount, which `ip netns exec` hides.
 
 use std::{
-    fs::{self},
+    fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     thread,

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tcprst_loadgen::scenario::SCENARIOS;
+use tcprst_loadgen::scenario::{SCENARIOS, Scenario};
 
 use super::{
     BINARIES,
@@ -58,10 +58,7 @@ pub(crate) fn initramfs_archive(kernel: &KernelTree, binaries: &Path) -> Result<
     cpio.file("vm/plans", 0o644, plans.as_bytes());
     let scenarios: String = SCENARIOS.iter().map(|s| format!("{}\n", s.name)).collect();
     cpio.file("vm/scenarios", 0o644, scenarios.as_bytes());
-    let nft = SCENARIOS
-        .iter()
-        .find(|s| s.name == "nft-reject")
-        .expect("nft-reject is a scenario");
+    let nft = Scenario::named("nft-reject").expect("nft-reject is a scenario");
     cpio.file(
         "vm/nft-reject-port",
         0o644,
