@@ -27,7 +27,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// The first source address clients bind to with `--sources`.
 const FIRST_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 1, 0, 1);
 
-pub fn run(args: &ChurnArgs) -> Result<Summary> {
+pub(crate) fn run(args: &ChurnArgs) -> Result<Summary> {
     let listener = Socket::new(Domain::for_address(args.server), Type::STREAM, None)?;
     listener.set_reuse_address(true)?;
     listener

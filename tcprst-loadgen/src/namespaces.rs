@@ -21,7 +21,7 @@ use tcprst_loadgen::{netns::ScratchNetns, scenario};
 use crate::{Bounds, Common, Summary, Tally, ensure_loopback, pace::Pacer, spawn_workers};
 
 #[derive(Args)]
-pub struct NamespacesArgs {
+pub(crate) struct NamespacesArgs {
     #[command(flatten)]
     common: Common,
     /// A cgroup2 directory, empty of processes, to wait in between connects; each connect's
@@ -36,7 +36,7 @@ pub struct NamespacesArgs {
     target: SocketAddr,
 }
 
-pub fn run(args: &NamespacesArgs) -> Result<Summary> {
+pub(crate) fn run(args: &NamespacesArgs) -> Result<Summary> {
     ensure_loopback(args.target)?;
     // Joining a cgroup moves the whole process: one connect at a time.
     if args.common.threads.is_some_and(|t| t != 1) {

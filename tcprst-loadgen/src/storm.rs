@@ -21,7 +21,7 @@ const WINDOW: usize = 256;
 /// How long connects still in flight at the deadline may take to finish.
 const DRAIN: Duration = Duration::from_secs(2);
 
-pub fn worker(target: SocketAddr, bounds: Bounds) -> Tally {
+pub(crate) fn worker(target: SocketAddr, bounds: Bounds) -> Tally {
     tight_timer_slack();
     let mut tally = Tally::default();
     let mut epoll = match Epoll::new() {

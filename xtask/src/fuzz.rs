@@ -22,7 +22,7 @@ const TARGETS: [&str; 5] = [
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-pub fn run(seconds: u32) -> Result<()> {
+pub(crate) fn run(seconds: u32) -> Result<()> {
     ensure_cargo_install(
         Command::new("cargo").args(["fuzz", "--version"]),
         "cargo-fuzz",

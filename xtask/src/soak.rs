@@ -22,7 +22,7 @@ use crate::{
 };
 
 #[derive(clap::Args, Debug)]
-pub struct SoakOptions {
+pub(crate) struct SoakOptions {
     /// How long to run the load
     #[arg(long, default_value_t = 10.0)]
     minutes: f64,
@@ -139,7 +139,7 @@ impl std::fmt::Display for Trend {
 /// metric series and how full its connection tracker and the kernel's
 /// owner map are. Fails when RSS or the series keep growing after warm-up,
 /// or when tcprst missed resets in the namespaces that came and went.
-pub fn soak(opts: &SoakOptions) -> Result<()> {
+pub(crate) fn soak(opts: &SoakOptions) -> Result<()> {
     let binaries = prepare_as_root(opts.prepared, opts.binaries.as_deref())?;
     let ctx = Ctx::prepare(false, &binaries)?;
     let ns = run_netns("soak")?;

@@ -50,7 +50,7 @@ use crate::{
 };
 
 #[derive(clap::Args, Debug)]
-pub struct Options {
+pub(crate) struct Options {
     /// A ~1 minute smoke run: two rates, short runs, one repetition; the
     /// RSS at 1M connections is extrapolated instead of measured
     #[arg(long)]
@@ -223,7 +223,7 @@ pub(crate) fn prepare_as_root(prepared: bool, prebuilt: Option<&Path>) -> Result
     }
 }
 
-pub fn main(opts: &Options) -> Result<()> {
+pub(crate) fn main(opts: &Options) -> Result<()> {
     // Measured as people run it: the release build `cargo xtask run` makes.
     let binaries = prepare_as_root(opts.prepared, None)?;
     let plan = if opts.quick { QUICK } else { FULL };

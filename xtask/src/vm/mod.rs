@@ -132,11 +132,11 @@ struct HookLine {
 }
 
 /// What the guests run, built static: they have no libc of their own.
-pub const BINARIES: [&str; 2] = ["tcprst", "tcprst-loadgen"];
+pub(crate) const BINARIES: [&str; 2] = ["tcprst", "tcprst-loadgen"];
 
 /// Runs every kernel × plan with the `BINARIES` in `binaries` (from
 /// `build_static`).
-pub fn test(binaries: &Path) -> Result<()> {
+pub(crate) fn test(binaries: &Path) -> Result<()> {
     ensure_apt_packages(PACKAGES)?;
     let cache = target_dir()?.join("vm");
     let (guests, mut rows) = prepare_all(&cache, binaries)?;
