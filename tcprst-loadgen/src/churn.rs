@@ -27,7 +27,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// The first source address clients bind to with `--sources`.
 const FIRST_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 1, 0, 1);
 
-pub fn run(args: &ChurnArgs) -> Result<Summary> {
+pub(crate) fn run(args: &ChurnArgs) -> Result<Summary> {
     let listener = Socket::new(Domain::for_address(args.server), Type::STREAM, None)?;
     listener.set_reuse_address(true)?;
     listener
@@ -45,6 +45,8 @@ pub fn run(args: &ChurnArgs) -> Result<Summary> {
             client(args, &payload, &next_source, bounds)
         });
         // Wakes every accept() with EINVAL: the servers are done.
+        // SAFETY: the listener's descriptor is open for this whole scope;
+        // shutdown() touches no memory.
         unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
         let served: u64 = servers
             .into_iter()
@@ -153,6 +155,8 @@ fn read_to_eof(stream: &mut TcpStream) -> io::Result<()> {
 
 fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
     let on: libc::c_int = 1;
+    // SAFETY: the option's value is `on`, an int that lives across the call,
+    // and the length given is an int's.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),

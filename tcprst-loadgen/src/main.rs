@@ -9,12 +9,12 @@
 //! (`ip netns exec NS tcprst-loadgen …`): the bench does. `namespaces` runs
 //! on the host and makes a namespace and a cgroup for each refused connect,
 //! for the soak. `scenario` makes one reset of a named kind on loopback and
-//! prints the connection it used.
+//! prints the connection it used; the kinds, and what tcprst must record of
+//! each, are the library's table (`tcprst_loadgen::scenario`).
 
 mod churn;
 mod namespaces;
 mod pace;
-mod scenario;
 mod storm;
 
 use std::{
@@ -27,6 +27,7 @@ use std::{
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use tcprst_loadgen::scenario::{SCENARIOS, Scenario};
 
 /// Upper bound on `--seconds`, so a typo cannot start an hour of load.
 const MAX_SECONDS: f64 = 600.0;
@@ -51,7 +52,14 @@ enum Mode {
     /// removed after it. Runs on the host, as root.
     Namespaces(namespaces::NamespacesArgs),
     /// One reset of a known kind on loopback; fails unless the socket saw the error it causes.
-    Scenario(scenario::ScenarioArgs),
+    Scenario(ScenarioArgs),
+}
+
+#[derive(Args)]
+struct ScenarioArgs {
+    /// Which reset to make, at its own loopback address (nothing else may listen there)
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS.iter().map(|s| s.name)))]
+    name: String,
 }
 
 #[derive(Args)]
@@ -71,7 +79,7 @@ struct Common {
 }
 
 #[derive(Args)]
-pub struct RstArgs {
+pub(crate) struct RstArgs {
     #[command(flatten)]
     common: Common,
     /// A loopback address and port nothing listens on
@@ -80,7 +88,7 @@ pub struct RstArgs {
 }
 
 #[derive(Args)]
-pub struct ChurnArgs {
+pub(crate) struct ChurnArgs {
     #[command(flatten)]
     common: Common,
     /// Loopback address and port for our server
@@ -97,38 +105,38 @@ pub struct ChurnArgs {
 
 /// What one run achieved; the bench parses this line.
 #[derive(Debug, Default, Serialize)]
-pub struct Summary {
-    pub mode: &'static str,
-    pub threads: usize,
+pub(crate) struct Summary {
+    pub(crate) mode: &'static str,
+    pub(crate) threads: usize,
     /// Connections per second asked for; 0 when unpaced.
-    pub target_rate: f64,
-    pub elapsed_s: f64,
-    pub attempts: u64,
+    pub(crate) target_rate: f64,
+    pub(crate) elapsed_s: f64,
+    pub(crate) attempts: u64,
     /// Connects refused by a reset (rst, namespaces), or whole connections (churn).
-    pub completed: u64,
-    pub errors: u64,
+    pub(crate) completed: u64,
+    pub(crate) errors: u64,
     /// Still in flight when the drain time ran out.
-    pub unfinished: u64,
-    pub per_s: f64,
+    pub(crate) unfinished: u64,
+    pub(crate) per_s: f64,
     /// churn: distinct client (address, port) pairs, i.e. distinct connections.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub distinct_connections: Option<u64>,
+    pub(crate) distinct_connections: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub first_error: Option<String>,
+    pub(crate) first_error: Option<String>,
 }
 
 /// One worker's counts, summed into the `Summary`.
 #[derive(Debug, Default)]
-pub struct Tally {
-    pub attempts: u64,
-    pub completed: u64,
-    pub errors: u64,
-    pub unfinished: u64,
-    pub first_error: Option<String>,
+pub(crate) struct Tally {
+    pub(crate) attempts: u64,
+    pub(crate) completed: u64,
+    pub(crate) errors: u64,
+    pub(crate) unfinished: u64,
+    pub(crate) first_error: Option<String>,
 }
 
 impl Tally {
-    pub fn error(&mut self, what: &str, e: &dyn std::fmt::Display) {
+    pub(crate) fn error(&mut self, what: &str, e: &dyn std::fmt::Display) {
         self.errors += 1;
         self.first_error
             .get_or_insert_with(|| format!("{what}: {e}"));
@@ -147,12 +155,12 @@ impl Tally {
 
 /// The limits every worker obeys.
 #[derive(Debug, Clone, Copy)]
-pub struct Bounds {
-    pub deadline: Instant,
+pub(crate) struct Bounds {
+    pub(crate) deadline: Instant,
     /// This worker's share of `--max`.
-    pub max: u64,
+    pub(crate) max: u64,
     /// This worker's share of `--rate`; None when unpaced.
-    pub per_sec: Option<f64>,
+    pub(crate) per_sec: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -160,7 +168,10 @@ fn main() -> ExitCode {
         Mode::Rst(args) => report(rst(&args)),
         Mode::Churn(args) => report(ensure_loopback(args.server).and_then(|()| churn::run(&args))),
         Mode::Namespaces(args) => report(namespaces::run(&args)),
-        Mode::Scenario(args) => match scenario::run(&args) {
+        Mode::Scenario(args) => match Scenario::named(&args.name)
+            .expect("clap admits only the table's names")
+            .make()
+        {
             Ok(outcome) => {
                 println!("{}", serde_json::to_string(&outcome).expect("plain data"));
                 ExitCode::SUCCESS
@@ -274,6 +285,7 @@ fn ensure_loopback(addr: SocketAddr) -> Result<()> {
 
 /// Sleeps of a few microseconds must not round up to the default 50 µs
 /// timer slack, or pacing undershoots at high rates.
-pub fn tight_timer_slack() {
+pub(crate) fn tight_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
 }

@@ -6,26 +6,22 @@
 //! needs the cgroup2 mount, which `ip netns exec` hides.
 
 use std::{
-    fs::{self, File},
-    io,
+    fs,
     net::SocketAddr,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     thread,
     time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use socket2::{Domain, Socket, Type};
 
-use crate::{
-    Bounds, Common, Summary, Tally, ensure_loopback, pace::Pacer, scenario, spawn_workers,
-};
+use tcprst_loadgen::{netns::ScratchNetns, scenario};
+
+use crate::{Bounds, Common, Summary, Tally, ensure_loopback, pace::Pacer, spawn_workers};
 
 #[derive(Args)]
-pub struct NamespacesArgs {
+pub(crate) struct NamespacesArgs {
     #[command(flatten)]
     common: Common,
     /// A cgroup2 directory, empty of processes, to wait in between connects; each connect's
@@ -40,7 +36,7 @@ pub struct NamespacesArgs {
     target: SocketAddr,
 }
 
-pub fn run(args: &NamespacesArgs) -> Result<Summary> {
+pub(crate) fn run(args: &NamespacesArgs) -> Result<Summary> {
     ensure_loopback(args.target)?;
     // Joining a cgroup moves the whole process: one connect at a time.
     if args.common.threads.is_some_and(|t| t != 1) {
@@ -76,8 +72,14 @@ fn worker(args: &NamespacesArgs, bounds: Bounds) -> Tally {
 fn refuse_in_fresh(args: &NamespacesArgs, name: &str) -> Result<()> {
     let cgroup = args.cgroup_parent.join(name);
     fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-    let refused = with_netns(name, || {
-        join(&cgroup).and_then(|()| refuse_in(name, args.target))
+    // Not deleted if making it failed: the name may be someone else's.
+    let refused = ScratchNetns::create(name).and_then(|ns| {
+        let client = SocketAddr::new(args.target.ip(), 0);
+        let refused = join(&cgroup).and_then(|()| {
+            ns.enter(|| scenario::refused(client, args.target))?
+                .map(drop)
+        });
+        refused.and(ns.delete())
     });
     let left = join(&args.cgroup_parent).and_then(|()| {
         fs::remove_dir(&cgroup).with_context(|| format!("removing cgroup {}", cgroup.display()))
@@ -85,77 +87,8 @@ fn refuse_in_fresh(args: &NamespacesArgs, name: &str) -> Result<()> {
     refused.and(left)
 }
 
-/// Runs `f` with network namespace `name` made for it, and deleted after
-/// it, unless making it failed: the name may be someone else's.
-fn with_netns(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
-    ip(&["netns", "add", name])?;
-    let done = f();
-    done.and(ip(&["netns", "del", name]))
-}
-
-/// Brings up loopback in namespace `name` and connects to `target` there,
-/// on a thread of its own: setns() moves only the calling thread, and the
-/// next `ip` must start from the host's namespace.
-fn refuse_in(name: &str, target: SocketAddr) -> Result<()> {
-    let path = Path::new("/run/netns").join(name);
-    let ns = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: `ns` is an open descriptor that outlives the call.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error())
-                    .with_context(|| format!("entering network namespace {name}"));
-            }
-            loopback_up().context("bringing up lo")?;
-            scenario::refused(target).map(drop)
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-/// `ip link set lo up` in this thread's namespace, without starting `ip`:
-/// one process fewer for each of the many namespaces.
-fn loopback_up() -> io::Result<()> {
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-    // SAFETY: ifreq is plain data (a name and a union of integers, arrays
-    // and pointers), for which all zeroes is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (to, from) in req.ifr_name.iter_mut().zip(b"lo") {
-        *to = *from as libc::c_char;
-    }
-    let ioctl = |request, req: &mut libc::ifreq| {
-        // SAFETY: both requests read and write only the ifreq, which lives
-        // across the call; its name is NUL-terminated by the zeroes.
-        if unsafe { libc::ioctl(socket.as_raw_fd(), request as _, req as *mut libc::ifreq) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    ioctl(libc::SIOCGIFFLAGS, &mut req)?;
-    // SAFETY: SIOCGIFFLAGS has just filled in the flags member.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    ioctl(libc::SIOCSIFFLAGS, &mut req)
-}
-
 /// Moves this whole process, every thread, into cgroup `dir`.
 fn join(dir: &Path) -> Result<()> {
     fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
         .with_context(|| format!("joining cgroup {}", dir.display()))
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }

@@ -4,14 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-pub struct Pacer {
+pub(crate) struct Pacer {
     start: Instant,
     /// None: unpaced, everything is due at once.
     per_sec: Option<f64>,
 }
 
 impl Pacer {
-    pub fn new(per_sec: Option<f64>) -> Self {
+    pub(crate) fn new(per_sec: Option<f64>) -> Self {
         Self {
             start: Instant::now(),
             per_sec,
@@ -19,7 +19,7 @@ impl Pacer {
     }
 
     /// How many more starts are due by `now`, after `issued` so far.
-    pub fn due(&self, issued: u64, now: Instant) -> u64 {
+    pub(crate) fn due(&self, issued: u64, now: Instant) -> u64 {
         match self.per_sec {
             None => u64::MAX,
             Some(rate) => {
@@ -30,7 +30,7 @@ impl Pacer {
     }
 
     /// When the start after `issued` is due; None when unpaced.
-    pub fn next_at(&self, issued: u64) -> Option<Instant> {
+    pub(crate) fn next_at(&self, issued: u64) -> Option<Instant> {
         let rate = self.per_sec?;
         Some(self.start + Duration::from_secs_f64(issued as f64 / rate))
     }

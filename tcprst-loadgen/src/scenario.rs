@@ -1,7 +1,12 @@
-//! One reset of a known kind, for `cargo xtask vm-test`: each scenario makes
-//! exactly one connection on loopback, checks that the socket saw the error
-//! that reset must cause, and prints the connection's two ends, so the test
-//! can find the tracer's records for it by their 4-tuple.
+//! The reset scenarios: how to make each on loopback, and what tcprst must
+//! record of it. One table, read by tcprst's integration tests
+//! (`tests/trace_rst.rs`), by `cargo xtask vm-test` (the guest runs
+//! `tcprst-loadgen scenario NAME`, the host judges by the table) and by the
+//! soak (a refused connect in each of its namespaces).
+//!
+//! Each scenario makes exactly one connection, checks that the socket saw
+//! the error its reset must cause, and gives the connection's two ends, so
+//! the tracer's records for it are found by their 4-tuple.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -10,67 +15,203 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Args, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
-/// A reset that never comes must fail the scenario, not hang the VM.
+/// A reset that never comes must fail the scenario, not hang a test or a VM.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Args)]
-pub struct ScenarioArgs {
-    name: Name,
-    /// The server's port on loopback; nothing may listen there unless the scenario listens itself
-    #[arg(long)]
-    port: u16,
+const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+/// Each on its own port, so records are easy to tell apart when they all
+/// run in one namespace, as in the vm-test guest. The caller is what tcprst
+/// reads off the kernel stack: the first frame that is not a reset function
+/// (`__tcp_close` reads as `tcp_close`); it is the same on 5.10, 6.1 and
+/// 6.12, and on this host's kernel.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "closed-port",
+        server: SocketAddr::new(V4, 4101),
+        trigger: Trigger::Refused,
+        hook: "tcp_v4_send_reset",
+        sender: End::Server,
+        state: None,
+        caller: "tcp_v4_rcv",
+        reason: Reason::Passive("NO_SOCKET"),
+        received: ("SYN_SENT", "ECONNREFUSED"),
+    },
+    Scenario {
+        name: "closed-port6",
+        server: SocketAddr::new(V6, 4102),
+        trigger: Trigger::Refused,
+        hook: "tcp_v6_send_reset",
+        sender: End::Server,
+        state: None,
+        caller: "tcp_v6_rcv",
+        reason: Reason::Passive("NO_SOCKET"),
+        received: ("SYN_SENT", "ECONNREFUSED"),
+    },
+    // __tcp_close moves the socket to CLOSE before it sends the reset.
+    Scenario {
+        name: "abort-on-close",
+        server: SocketAddr::new(V4, 4103),
+        trigger: Trigger::AbortOnClose,
+        hook: "tcp_send_active_reset",
+        sender: End::Server,
+        state: Some("CLOSE"),
+        caller: "tcp_close",
+        reason: Reason::Active("TCP_ABORT_ON_CLOSE"),
+        received: ("ESTABLISHED", "ECONNRESET"),
+    },
+    // A zero linger time makes __tcp_close call sk_prot->disconnect, i.e.
+    // tcp_disconnect, which moves to CLOSE and then resets.
+    Scenario {
+        name: "linger0",
+        server: SocketAddr::new(V4, 4104),
+        trigger: Trigger::Linger0,
+        hook: "tcp_send_active_reset",
+        sender: End::Client,
+        state: Some("CLOSE"),
+        caller: "tcp_disconnect",
+        reason: Reason::Active("TCP_STATE"),
+        received: ("ESTABLISHED", "ECONNRESET"),
+    },
+    // The rule answers the SYN before TCP sees it: no socket, and nft's
+    // reject expression is the caller. The socket sees what closed-port
+    // shows; only the tracer tells the two apart.
+    Scenario {
+        name: "nft-reject",
+        server: SocketAddr::new(V4, 4105),
+        trigger: Trigger::Refused,
+        hook: "nf_send_reset",
+        sender: End::Server,
+        state: None,
+        caller: "nft_reject_inet_eval",
+        reason: Reason::Never,
+        received: ("SYN_SENT", "ECONNREFUSED"),
+    },
+];
+
+/// One kind of reset, and what tcprst must say of it.
+#[derive(Debug)]
+pub struct Scenario {
+    /// As `tcprst-loadgen scenario` takes it.
+    pub name: &'static str,
+    /// Where its server listens, or would; nothing else may listen there.
+    pub server: SocketAddr,
+    pub trigger: Trigger,
+    /// The function that sends the reset, as `--attach HOOK=TIER` names it.
+    pub hook: &'static str,
+    pub sender: End,
+    /// The sending socket's state in the record; `None` when none sent it.
+    pub state: Option<&'static str>,
+    pub caller: &'static str,
+    pub reason: Reason,
+    /// The receiving socket's state and the error its application gets.
+    pub received: (&'static str, &'static str),
 }
 
-#[derive(Clone, Copy, ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum Name {
-    /// Connect to 127.0.0.1:PORT where nothing listens: tcp_v4_send_reset answers the SYN.
-    ClosedPort,
-    /// Connect to [::1]:PORT where nothing listens: tcp_v6_send_reset answers the SYN.
-    ClosedPort6,
-    /// The server closes with the client's bytes unread: tcp_close sends a reset.
+/// How a scenario makes its reset.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    /// Connect to a port where something answers the SYN with a reset
+    /// (nothing listens, or an nft rule rejects).
+    Refused,
+    /// The server closes with the client's bytes unread: tcp_close resets.
     AbortOnClose,
-    /// The client closes with SO_LINGER {on, 0}: tcp_disconnect sends a reset.
+    /// The client closes with SO_LINGER {on, 0}: tcp_disconnect resets.
     Linger0,
-    /// Connect to a port an nft rule rejects with a TCP reset: nf_send_reset answers. The
-    /// socket sees what closed-port shows; only the tracer tells the two apart.
-    NftReject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Client,
+    Server,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Reason {
+    /// The kernel's reason for a reset answering a segment.
+    Passive(&'static str),
+    /// The kernel's reason for a reset a socket sends of its own accord.
+    Active(&'static str),
+    /// A reset the kernel gives no reason for.
+    Never,
+}
+
+/// From 6.10 resets carry reasons, in the tracepoint and as the send
+/// functions' argument.
+pub const REASONS_SINCE: (u32, u32) = (6, 10);
+/// From 6.11 active resets say why instead of NOT_SPECIFIED.
+pub const ACTIVE_REASONS_SINCE: (u32, u32) = (6, 11);
+
+impl Reason {
+    /// The reason a record must carry on kernel `version` (major, minor).
+    pub fn on(self, version: (u32, u32)) -> Option<&'static str> {
+        if version < REASONS_SINCE {
+            return None;
+        }
+        match self {
+            Reason::Passive(reason) => Some(reason),
+            Reason::Active(reason) if version >= ACTIVE_REASONS_SINCE => Some(reason),
+            Reason::Active(_) => Some("NOT_SPECIFIED"),
+            Reason::Never => None,
+        }
+    }
 }
 
 /// The connection a scenario made: the server's end is the one that
 /// listened, or would have.
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Outcome {
-    scenario: Name,
-    client: SocketAddr,
-    server: SocketAddr,
+    pub scenario: String,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
 }
 
-pub fn run(args: &ScenarioArgs) -> Result<Outcome> {
-    let ip = match args.name {
-        Name::ClosedPort6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
-    };
-    let server = SocketAddr::new(ip, args.port);
-    let client = match args.name {
-        Name::ClosedPort | Name::ClosedPort6 | Name::NftReject => refused(server),
-        Name::AbortOnClose => abort_on_close(server),
-        Name::Linger0 => linger0(server),
-    }?;
-    Ok(Outcome {
-        scenario: args.name,
-        client,
-        server,
-    })
+impl Scenario {
+    pub fn named(name: &str) -> Option<&'static Scenario> {
+        SCENARIOS.iter().find(|s| s.name == name)
+    }
+
+    /// Makes the reset at `self.server` from an automatically chosen port.
+    pub fn make(&self) -> Result<Outcome> {
+        let client = self.make_between(SocketAddr::new(self.server.ip(), 0), self.server)?;
+        Ok(Outcome {
+            scenario: self.name.to_owned(),
+            client,
+            server: self.server,
+        })
+    }
+
+    /// Makes the reset between a client bound to `client` and `server`,
+    /// and returns the client's address. It fails unless the socket saw
+    /// the error the reset causes.
+    pub fn make_between(&self, client: SocketAddr, server: SocketAddr) -> Result<SocketAddr> {
+        match self.trigger {
+            Trigger::Refused => refused(client, server),
+            Trigger::AbortOnClose => abort_on_close(client, server),
+            Trigger::Linger0 => linger0(client, server),
+        }
+    }
+
+    /// (sender, receiver) of the reset, among a connection's two ends.
+    pub fn sender_and_receiver(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> (SocketAddr, SocketAddr) {
+        match self.sender {
+            End::Server => (server, client),
+            End::Client => (client, server),
+        }
+    }
 }
 
 /// Whatever answers the SYN with a reset, connect() fails with ECONNREFUSED.
-pub fn refused(server: SocketAddr) -> Result<SocketAddr> {
-    let (socket, client) = bound_client(server)?;
+pub fn refused(client: SocketAddr, server: SocketAddr) -> Result<SocketAddr> {
+    let (socket, client) = bound(client)?;
     expect_error(
         socket.connect(&server.into()),
         io::ErrorKind::ConnectionRefused,
@@ -80,9 +221,9 @@ pub fn refused(server: SocketAddr) -> Result<SocketAddr> {
 }
 
 /// Unread data makes close() abort instead of sending FIN (RFC 2525, 2.17).
-fn abort_on_close(server: SocketAddr) -> Result<SocketAddr> {
+fn abort_on_close(client: SocketAddr, server: SocketAddr) -> Result<SocketAddr> {
     let listener = TcpListener::bind(server).with_context(|| format!("binding {server}"))?;
-    let (mut stream, client) = connect(server)?;
+    let (mut stream, client) = connect(client, server)?;
     stream.write_all(b"never read")?;
     let (accepted, _) = listener.accept()?;
     // Close only once the bytes are queued, or the close is a clean FIN.
@@ -99,9 +240,9 @@ fn abort_on_close(server: SocketAddr) -> Result<SocketAddr> {
 
 /// A zero linger time turns close() into tcp_disconnect, which resets an
 /// established connection; with nothing unread, nothing else does.
-fn linger0(server: SocketAddr) -> Result<SocketAddr> {
+fn linger0(client: SocketAddr, server: SocketAddr) -> Result<SocketAddr> {
     let listener = TcpListener::bind(server).with_context(|| format!("binding {server}"))?;
-    let (stream, client) = connect(server)?;
+    let (stream, client) = connect(client, server)?;
     let (mut accepted, _) = listener.accept()?;
     let stream = Socket::from(stream);
     stream.set_linger(Some(Duration::ZERO))?;
@@ -115,8 +256,8 @@ fn linger0(server: SocketAddr) -> Result<SocketAddr> {
     Ok(client)
 }
 
-fn connect(server: SocketAddr) -> Result<(TcpStream, SocketAddr)> {
-    let (socket, client) = bound_client(server)?;
+fn connect(client: SocketAddr, server: SocketAddr) -> Result<(TcpStream, SocketAddr)> {
+    let (socket, client) = bound(client)?;
     socket
         .connect(&server.into())
         .with_context(|| format!("connecting to {server}"))?;
@@ -128,9 +269,11 @@ fn connect(server: SocketAddr) -> Result<(TcpStream, SocketAddr)> {
 /// Bound before connecting, because a socket whose connect failed forgets
 /// an automatically chosen port, and the client's port is what tells this
 /// connection's records apart.
-fn bound_client(server: SocketAddr) -> Result<(Socket, SocketAddr)> {
-    let socket = Socket::new(Domain::for_address(server), Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(server.ip(), 0).into())?;
+fn bound(client: SocketAddr) -> Result<(Socket, SocketAddr)> {
+    let socket = Socket::new(Domain::for_address(client), Type::STREAM, None)?;
+    socket
+        .bind(&client.into())
+        .with_context(|| format!("binding {client}"))?;
     let client = socket
         .local_addr()?
         .as_socket()

@@ -21,7 +21,7 @@ const WINDOW: usize = 256;
 /// How long connects still in flight at the deadline may take to finish.
 const DRAIN: Duration = Duration::from_secs(2);
 
-pub fn worker(target: SocketAddr, bounds: Bounds) -> Tally {
+pub(crate) fn worker(target: SocketAddr, bounds: Bounds) -> Tally {
     tight_timer_slack();
     let mut tally = Tally::default();
     let mut epoll = match Epoll::new() {
@@ -123,6 +123,7 @@ struct Epoll {
 
 impl Epoll {
     fn new() -> io::Result<Self> {
+        // SAFETY: takes flags only; the descriptor it returns is ours to close.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -139,6 +140,7 @@ impl Epoll {
             events: (libc::EPOLLOUT | libc::EPOLLERR | libc::EPOLLHUP) as u32,
             u64: fd as u64,
         };
+        // SAFETY: `ev` lives across the call, which only reads it.
         if unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -146,6 +148,8 @@ impl Epoll {
     }
 
     fn ready(&mut self, timeout_ms: i32) -> io::Result<Vec<RawFd>> {
+        // SAFETY: the kernel writes at most `events.len()` entries into
+        // `events`, which the pointer and length describe.
         let n = unsafe {
             libc::epoll_wait(
                 self.fd,
@@ -170,6 +174,7 @@ impl Epoll {
 
 impl Drop for Epoll {
     fn drop(&mut self) {
+        // SAFETY: `fd` is the epoll descriptor this value owns, closed once.
         unsafe { libc::close(self.fd) };
     }
 }

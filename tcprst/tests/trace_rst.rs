@@ -1,15 +1,13 @@
 //! `tcprst trace` against real resets, each test in its own network
-//! namespace so that parallel tests never see each other's events.
+//! namespace so that parallel tests never see each other's events. The
+//! resets are the scenarios of tcprst-loadgen's table, which vm-test runs
+//! on other kernels: made the same way, and held to the same records.
 
 mod common;
 
-use std::{
-    io::{ErrorKind, Write as _},
-    time::Duration,
-};
-
 use common::{Netns, Tracer, assert_exact, expect_reset, find};
 use serde_json::Value;
+use tcprst_loadgen::scenario::{self, ACTIVE_REASONS_SINCE, Scenario};
 
 fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
     let inode = ns.inode.to_string();
@@ -18,37 +16,57 @@ fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
     Tracer::start(&args)
 }
 
+/// A connect() from `from` to `to`, where nothing listens: it must fail
+/// with ECONNREFUSED.
 fn closed_port(ns: &Netns, from: &str, to: &str) {
-    let err = ns.connect(from, to).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    let (from, to) = (from.parse().unwrap(), to.parse().unwrap());
+    ns.enter(|| scenario::refused(from, to)).unwrap();
 }
 
-/// A connect() to a closed port: the stack answers the SYN with a reset,
-/// and the client learns ECONNREFUSED.
+/// Makes scenario `name`'s reset in `ns` between exactly these ends, and
+/// returns the scenario.
+fn make(ns: &Netns, name: &str, client: &str, server: &str) -> &'static Scenario {
+    let scenario = Scenario::named(name).unwrap();
+    let (client, server) = (client.parse().unwrap(), server.parse().unwrap());
+    ns.enter(|| scenario.make_between(client, server)).unwrap();
+    scenario
+}
+
+/// The two records `scenario` must produce between these ends in namespace
+/// `netns`, with reasons as kernels since 6.11 give them.
+fn expected(scenario: &Scenario, client: &str, server: &str, netns: u32) -> Vec<String> {
+    let (client, server) = (client.parse().unwrap(), server.parse().unwrap());
+    let (sender, receiver) = scenario.sender_and_receiver(client, server);
+    let state = scenario.state.unwrap_or("-");
+    let reason = scenario.reason.on(ACTIVE_REASONS_SINCE).unwrap_or("-");
+    let (received_state, errno) = scenario.received;
+    vec![
+        format!(
+            "rst_sent {sender} -> {receiver} state={state} reason={reason} errno=- netns={netns}"
+        ),
+        format!(
+            "rst_received {receiver} -> {sender} state={received_state} reason=- errno={errno} netns={netns}"
+        ),
+    ]
+}
+
+/// A connect() to a closed port: the stack answers the SYN with a reset
+/// (carrying the offending SYN's tuple, reversed), and the client learns
+/// ECONNREFUSED.
 fn closed_port_resets(client: &str, server: &str) -> Vec<Value> {
     let ns = Netns::new();
     let mut tracer = trace_netns(&ns, &[]);
-    closed_port(&ns, client, server);
+    let name = if server.starts_with('[') {
+        "closed-port6"
+    } else {
+        "closed-port"
+    };
+    let scenario = make(&ns, name, client, server);
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
-    let n = ns.inode;
-    assert_exact(
-        &events,
-        &[
-            // The reply carries the offending SYN's tuple, reversed.
-            format!("rst_sent {server} -> {client} state=- reason=NO_SOCKET errno=- netns={n}"),
-            format!(
-                "rst_received {client} -> {server} state=SYN_SENT reason=- errno=ECONNREFUSED netns={n}"
-            ),
-        ],
-    );
+    assert_exact(&events, &expected(scenario, client, server, ns.inode));
     assert!(find(&events, "rst_received")["socket_cookie"].is_u64());
-    let stack_of = if server.starts_with('[') {
-        "tcp_v6_rcv"
-    } else {
-        "tcp_v4_rcv"
-    };
-    assert_eq!(find(&events, "rst_sent")["caller"], stack_of);
+    assert_eq!(find(&events, "rst_sent")["caller"], scenario.caller);
     events
 }
 
@@ -99,31 +117,13 @@ fn closed_port_ipv6() {
 fn close_with_unread_data(server: &str, client: &str) -> Vec<Value> {
     let ns = Netns::new();
     let mut tracer = trace_netns(&ns, &[]);
-    let (mut conn, accepted) = ns.pair(client, server);
-    conn.write_all(b"never read").unwrap();
-    // Wait until the data is queued on the server, then close it unread.
-    let mut byte = [0u8; 1];
-    accepted.peek(&mut byte).unwrap();
-    drop(accepted);
-    expect_reset(&mut conn);
+    let scenario = make(&ns, "abort-on-close", client, server);
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
-    let n = ns.inode;
-    assert_exact(
-        &events,
-        &[
-            // __tcp_close() moves to CLOSE before it sends the reset.
-            format!(
-                "rst_sent {server} -> {client} state=CLOSE reason=TCP_ABORT_ON_CLOSE errno=- netns={n}"
-            ),
-            format!(
-                "rst_received {client} -> {server} state=ESTABLISHED reason=- errno=ECONNRESET netns={n}"
-            ),
-        ],
-    );
+    assert_exact(&events, &expected(scenario, client, server, ns.inode));
     // The closing thread sent it, in process context.
     let sent = find(&events, "rst_sent");
-    assert_eq!(sent["caller"], "tcp_close");
+    assert_eq!(sent["caller"], scenario.caller);
     assert_eq!(sent["context"], "process");
     assert_eq!(sent["pid"], std::process::id());
     assert_eq!(sent["uid"], 0);
@@ -144,30 +144,14 @@ fn close_with_unread_data_ipv6() {
 fn linger_zero_close_is_an_active_reset() {
     let ns = Netns::new();
     let mut tracer = trace_netns(&ns, &[]);
-    let (conn, mut accepted) = ns.pair("127.0.0.1:40003", "127.0.0.1:5001");
-    socket2::SockRef::from(&conn)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(conn);
-    expect_reset(&mut accepted);
+    let (client, server) = ("127.0.0.1:40003", "127.0.0.1:5001");
+    let scenario = make(&ns, "linger0", client, server);
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
-    let n = ns.inode;
-    assert_exact(
-        &events,
-        &[
-            // tcp_disconnect() names this reset TCP_STATE (6.12 and later).
-            format!(
-                "rst_sent 127.0.0.1:40003 -> 127.0.0.1:5001 state=CLOSE reason=TCP_STATE errno=- netns={n}"
-            ),
-            format!(
-                "rst_received 127.0.0.1:5001 -> 127.0.0.1:40003 state=ESTABLISHED reason=- errno=ECONNRESET netns={n}"
-            ),
-        ],
-    );
+    assert_exact(&events, &expected(scenario, client, server, ns.inode));
     let sent = find(&events, "rst_sent");
     assert_eq!(sent["pid"], std::process::id());
-    assert_eq!(sent["caller"], "tcp_disconnect");
+    assert_eq!(sent["caller"], scenario.caller);
 }
 
 /// A server that closes its listener with a connection still queued:

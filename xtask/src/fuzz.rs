@@ -5,7 +5,11 @@ use std::{fs, process::Command};
 
 use anyhow::{Result, bail};
 
-use super::{NIGHTLY, ensure_cargo_install, status, workspace_root};
+use crate::{
+    process::status,
+    setup::{NIGHTLY, ensure_cargo_install},
+    workspace_root,
+};
 
 /// The parsers of untrusted or kernel-dependent input, one target each.
 const TARGETS: [&str; 5] = [
@@ -18,7 +22,7 @@ const TARGETS: [&str; 5] = [
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-pub fn run(seconds: u32) -> Result<()> {
+pub(crate) fn run(seconds: u32) -> Result<()> {
     ensure_cargo_install(
         Command::new("cargo").args(["fuzz", "--version"]),
         "cargo-fuzz",

@@ -3,10 +3,9 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::{
-    fs::{self, File},
+    fs,
     io::{BufRead as _, BufReader, ErrorKind},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::PathBuf,
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{
@@ -20,6 +19,7 @@ use std::{
 
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
+use tcprst_loadgen::netns::ScratchNetns;
 
 pub const TCPRST: &str = env!("CARGO_BIN_EXE_tcprst");
 
@@ -45,13 +45,19 @@ pub fn require_root() {
     );
 }
 
-/// A network namespace made for one test, deleted when dropped.
-pub struct Netns {
-    pub name: String,
-    pub inode: u32,
-}
+/// A network namespace made for one test, deleted when dropped: the
+/// test side's scratch namespace, with what tests do in it.
+pub struct Netns(ScratchNetns);
 
 static NEXT_NETNS: AtomicU32 = AtomicU32::new(0);
+
+impl std::ops::Deref for Netns {
+    type Target = ScratchNetns;
+
+    fn deref(&self) -> &ScratchNetns {
+        &self.0
+    }
+}
 
 impl Netns {
     pub fn new() -> Self {
@@ -61,30 +67,13 @@ impl Netns {
             std::process::id(),
             NEXT_NETNS.fetch_add(1, Ordering::Relaxed)
         );
-        run("ip", &["netns", "add", &name]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        let inode = std::fs::metadata(format!("/run/netns/{name}"))
-            .unwrap()
-            .ino() as u32;
-        Self { name, inode }
+        Self(ScratchNetns::create(name).unwrap())
     }
 
     /// Runs `f` on a thread inside this namespace. Sockets it creates stay in
     /// the namespace wherever they are used afterwards.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::scope(|s| {
-            s.spawn(|| {
-                let ns = File::open(&path).unwrap();
-                // SAFETY: `ns` stays open across the call, and setns() moves
-                // only this thread, which exists for `f` alone.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap()
-        })
+        self.0.enter(f).unwrap()
     }
 
     pub fn listen(&self, addr: &str) -> TcpListener {
@@ -218,14 +207,6 @@ impl Netns {
             Duration::from_secs(10),
             || self.accept_queue(port).is_some(),
         );
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 

@@ -1,0 +1,149 @@
+//! Benchmark 2: connection churn: whole connections, with each tracer.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::bench::{
+    Ctx, PACED_CHURN_RATE, Scale, TARGET_CHURN_RATIO, TARGET_PACED_US_PER_CONNECTION,
+    bpftrace_churn_script,
+    report::{
+        Measurement, Table, TargetCheck, added_busy_us, added_busy_us_of, busy_us_per,
+        median_ratio, opt, print_section,
+    },
+    tracer::{Load, Tracer, each_tracer},
+};
+
+#[derive(Serialize)]
+pub(crate) struct Churn {
+    pub(crate) rows: Vec<Measurement>,
+    pub(crate) ratio_tcprst: f64,
+    pub(crate) ratio_history: f64,
+    pub(crate) ratio_bpftrace: f64,
+    /// tcprst's lowest and highest ratio over the repetitions.
+    pub(crate) spread_tcprst: (f64, f64),
+    /// The same connections paced at PACED_CHURN_RATE, interleaved like
+    /// the unpaced ones.
+    pub(crate) paced: Vec<Measurement>,
+    /// System-wide busy CPU each tracer adds per connection at that rate,
+    /// µs: the median over the repetitions of (tracer − none).
+    pub(crate) paced_us_per_connection: Vec<(String, f64)>,
+    pub(crate) verdicts: Vec<TargetCheck>,
+}
+
+pub(crate) fn churn(ctx: &Ctx, plan: &Scale) -> Result<Churn> {
+    let tracers = [
+        Tracer::None,
+        Tracer::tcprst(&[]),
+        Tracer::tcprst_history(),
+        Tracer::bpftrace(&bpftrace_churn_script()),
+    ];
+    let mut rows = Vec::new();
+    for rep in 0..plan.churn_reps {
+        rows.extend(each_tracer(ctx, "churn", &tracers, 0, rep, || {
+            Load::churn(plan.churn_secs, None)
+        })?);
+    }
+    let ratio = |t: &str| median_ratio(&rows, t, 0);
+    let (tcprst, history, bpftrace) = (
+        ratio("tcprst"),
+        ratio("tcprst --history"),
+        ratio("bpftrace"),
+    );
+    let per_rep: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.tracer == "tcprst")
+        .filter_map(|r| r.vs_none(&rows))
+        .collect();
+    let spread = (
+        per_rep.iter().copied().fold(f64::INFINITY, f64::min),
+        per_rep.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
+    let mut paced = Vec::new();
+    for rep in 0..plan.churn_reps {
+        paced.extend(each_tracer(
+            ctx,
+            "churn-paced",
+            &tracers,
+            PACED_CHURN_RATE,
+            rep,
+            || Load::churn_paced(PACED_CHURN_RATE, plan.paced_secs, None),
+        )?);
+    }
+    let paced_us_per_connection = added_busy_us(&paced, &tracers, |r| r.completed);
+    let tcprst_us = paced_us_per_connection
+        .iter()
+        .find(|(t, _)| t == "tcprst")
+        .map_or(f64::NAN, |(_, us)| *us);
+    let verdicts = vec![
+        TargetCheck::at_least("churn: tcprst throughput ratio", tcprst, TARGET_CHURN_RATIO),
+        TargetCheck::at_least(
+            "churn: tcprst ratio / bpftrace ratio",
+            tcprst / bpftrace,
+            1.0,
+        ),
+        TargetCheck::at_most(
+            &format!("churn: tcprst system CPU µs per connection at {PACED_CHURN_RATE}/s"),
+            tcprst_us,
+            TARGET_PACED_US_PER_CONNECTION,
+        ),
+    ];
+    let mut t = Table::new(&[
+        "tracer",
+        "rep",
+        "connections/s",
+        "vs none",
+        "tracer CPU%",
+        "records read",
+        "lines out",
+        "lost",
+        "µs/record",
+    ]);
+    for r in &rows {
+        t.row(vec![
+            r.tracer.clone(),
+            (r.rep + 1).to_string(),
+            format!("{:.0}", r.per_s),
+            opt(r.vs_none(&rows), |v| format!("{v:.3}")),
+            opt(r.cpu_pct, |v| format!("{v:.1}")),
+            opt(r.records_read, |v| v.to_string()),
+            opt(r.events, |v| v.to_string()),
+            opt(r.lost, |v| v.to_string()),
+            opt(r.us_per_record(), |v| format!("{v:.2}")),
+        ]);
+    }
+    print_section("Connection churn", &t);
+    let mut t = Table::new(&[
+        "tracer",
+        "rep",
+        "connections/s",
+        "system busy CPU s",
+        "busy µs/connection",
+        "added µs/connection",
+    ]);
+    for r in &paced {
+        t.row(vec![
+            r.tracer.clone(),
+            (r.rep + 1).to_string(),
+            format!("{:.0}", r.per_s),
+            format!("{:.2}", r.system_busy_s),
+            format!("{:.2}", busy_us_per(r, |r| r.completed)),
+            opt(added_busy_us_of(&paced, r, |r| r.completed), |v| {
+                format!("{v:.2}")
+            }),
+        ]);
+    }
+    print_section(
+        &format!("Connection churn paced at {PACED_CHURN_RATE}/s"),
+        &t,
+    );
+    Ok(Churn {
+        rows,
+        ratio_tcprst: tcprst,
+        ratio_history: history,
+        ratio_bpftrace: bpftrace,
+        spread_tcprst: spread,
+        paced,
+        paced_us_per_connection,
+        verdicts,
+    })
+}

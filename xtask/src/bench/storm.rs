@@ -1,0 +1,174 @@
+//! Benchmark 1: RST storm: connects to a closed port at rising rates.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::bench::{
+    BPFTRACE_RESETS, Ctx, PACED_STORM_RATE, Scale, TARGET_STORM_RATIO, TARGET_VS_BPFTRACE,
+    report::{
+        Measurement, Table, TargetCheck, added_busy_us, added_busy_us_of, median_ratio, opt,
+        print_section, rate_label,
+    },
+    tracer::{ATTACH_ONLY, EVERY_RESET, Load, Tracer, each_tracer},
+};
+
+#[derive(Serialize)]
+pub(crate) struct Storm {
+    pub(crate) rows: Vec<Measurement>,
+    /// Median unpaced throughput with the tracer / without, per tracer:
+    /// tcprst with its defaults (storms counted in the kernel), tcprst with
+    /// a record per reset, bpftrace, and empty programs on tcprst's hooks.
+    pub(crate) max_ratio_tcprst: f64,
+    pub(crate) max_ratio_every_reset: f64,
+    pub(crate) max_ratio_bpftrace: f64,
+    pub(crate) max_ratio_attach_only: f64,
+    /// tcprst's ratio with a record per reset over bpftrace's (target ≥ 2).
+    pub(crate) tcprst_over_bpftrace: f64,
+    /// Whether every default tcprst run's detailed and aggregate records
+    /// added up to exactly two resets per refused connect.
+    pub(crate) counts_exact: bool,
+    /// System-wide busy CPU each tracer adds per reset at `PACED_STORM_RATE`.
+    pub(crate) paced_us_per_reset: Vec<(String, f64)>,
+    /// How much throughput bpftrace costs for each unit tcprst costs.
+    pub(crate) overhead_bpftrace_over_tcprst: f64,
+    pub(crate) max_lost_tcprst: u64,
+    pub(crate) zero_loss_rate_tcprst: Option<f64>,
+    pub(crate) zero_loss_rate_bpftrace: Option<f64>,
+    pub(crate) verdicts: Vec<TargetCheck>,
+}
+
+pub(crate) fn storm(ctx: &Ctx, plan: &Scale) -> Result<Storm> {
+    let tracers = [
+        Tracer::None,
+        Tracer::tcprst(&[]),
+        Tracer::tcprst_every_reset(),
+        Tracer::bpftrace(BPFTRACE_RESETS),
+        Tracer::attach_only(),
+    ];
+    let mut rows = Vec::new();
+    for &rate in plan.storm_rates {
+        rows.extend(each_tracer(ctx, "storm", &tracers, rate, 0, || {
+            Load::rst(rate, plan.storm_secs)
+        })?);
+    }
+    // The unpaced maximum decides the ratios: repeated and interleaved, so
+    // drift on the machine hits every tracer alike.
+    for rep in 0..plan.reps {
+        rows.extend(each_tracer(ctx, "storm", &tracers, 0, rep, || {
+            Load::rst(0, plan.storm_secs)
+        })?);
+    }
+    let ratio = |t: &str| median_ratio(&rows, t, 0);
+    let (tcprst, every_reset, bpftrace, attach_only) = (
+        ratio("tcprst"),
+        ratio(EVERY_RESET),
+        ratio("bpftrace"),
+        ratio(ATTACH_ONLY),
+    );
+    let max_lost = |t: &str| {
+        rows.iter()
+            .filter(|r| r.tracer == t && r.target_rate == 0)
+            .map(|r| r.lost.unwrap_or(0))
+            .max()
+            .unwrap_or(0)
+    };
+    let max_lost_tcprst = max_lost("tcprst").max(max_lost(EVERY_RESET));
+    let inexact: Vec<String> = rows
+        .iter()
+        .filter(|r| r.tracer == "tcprst" && r.rst_events != Some(r.expected_events()))
+        .map(|r| {
+            format!(
+                "{} resets counted of {} at {}/s",
+                opt(r.rst_events, |n| n.to_string()),
+                r.expected_events(),
+                rate_label(r.target_rate)
+            )
+        })
+        .collect();
+    let paced_us_per_reset = added_busy_us(
+        &rows
+            .iter()
+            .filter(|r| r.target_rate == PACED_STORM_RATE)
+            .cloned()
+            .collect::<Vec<_>>(),
+        &tracers,
+        Measurement::expected_events,
+    );
+    let zero_loss = |t: &str| {
+        rows.iter()
+            .filter(|r| r.tracer == t && r.lossless())
+            .map(|r| r.per_s)
+            .reduce(f64::max)
+    };
+    let verdicts = vec![
+        TargetCheck::at_least(
+            "storm: tcprst (defaults) unpaced throughput ratio, counts exact",
+            tcprst,
+            TARGET_STORM_RATIO,
+        )
+        .and(inexact.is_empty(), inexact.join("; ")),
+        TargetCheck::at_least(
+            "storm: tcprst --detail-per-sec 0 ratio / bpftrace ratio, 0 lost",
+            every_reset / bpftrace,
+            TARGET_VS_BPFTRACE,
+        )
+        .and(max_lost_tcprst == 0, format!("{max_lost_tcprst} lost")),
+    ];
+    print_section("RST storm", &storm_table(&rows));
+    Ok(Storm {
+        max_ratio_tcprst: tcprst,
+        max_ratio_every_reset: every_reset,
+        max_ratio_bpftrace: bpftrace,
+        max_ratio_attach_only: attach_only,
+        tcprst_over_bpftrace: every_reset / bpftrace,
+        counts_exact: inexact.is_empty(),
+        paced_us_per_reset,
+        overhead_bpftrace_over_tcprst: (1.0 - bpftrace) / (1.0 - tcprst),
+        max_lost_tcprst,
+        zero_loss_rate_tcprst: zero_loss("tcprst"),
+        zero_loss_rate_bpftrace: zero_loss("bpftrace"),
+        verdicts,
+        rows,
+    })
+}
+
+pub(crate) fn storm_table(rows: &[Measurement]) -> Table {
+    let mut t = Table::new(&[
+        "tracer",
+        "target/s",
+        "rep",
+        "connects/s",
+        "vs none",
+        "RST events/s",
+        "expected/s",
+        "lost",
+        "missing",
+        "tracer CPU%",
+        "µs/record",
+        "added busy µs/reset",
+    ]);
+    for r in rows {
+        t.row(vec![
+            r.tracer.clone(),
+            rate_label(r.target_rate),
+            (r.rep + 1).to_string(),
+            format!("{:.0}", r.per_s),
+            opt(r.vs_none(rows), |v| format!("{v:.3}")),
+            opt(r.events_per_s(), |v| format!("{v:.0}")),
+            opt(
+                r.tracer_ran()
+                    .then_some(r.expected_events() as f64 / r.load_s),
+                |v| format!("{v:.0}"),
+            ),
+            opt(r.lost, |v| v.to_string()),
+            opt(r.missing(), |v| v.to_string()),
+            opt(r.cpu_pct, |v| format!("{v:.1}")),
+            opt(r.us_per_record(), |v| format!("{v:.2}")),
+            opt(
+                added_busy_us_of(rows, r, Measurement::expected_events),
+                |v| format!("{v:.2}"),
+            ),
+        ]);
+    }
+    t
+}
