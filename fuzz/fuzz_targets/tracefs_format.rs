@@ -2,7 +2,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcprst::{layout, tracefs::EventFormat};
+use tcprst::{
+    layout::{self, ReasonNames},
+    tracefs::EventFormat,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -13,6 +16,5 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = format.symbolic_values("reason");
     let _ = layout::reset_fields(&format);
-    let _ = layout::state_fields(&format, &format);
-    let _ = layout::syscall_fields(&format, &format, &format);
+    let _ = ReasonNames::load(&format, None);
 });
