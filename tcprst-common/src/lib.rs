@@ -598,6 +598,22 @@ mod user {
     }
 }
 
+/// The stderr lines harnesses wait for or parse: the integration tests,
+/// xtask's VM runs and benches. Every line is `PREFIX` then a message;
+/// these are how the messages start. Kept here, in the crate everyone
+/// can depend on, so the printer and its readers cannot drift apart.
+pub mod stderr {
+    /// What every line tcprst writes to stderr starts with.
+    pub const PREFIX: &str = "tcprst: ";
+    /// The line logged once every program is attached: from here on,
+    /// resets are seen (`tracing RSTs and half-closes (…); Ctrl-C to stop`).
+    pub const TRACING: &str = "tracing ";
+    /// The exit summary: `stopped: N records read, …`.
+    pub const STOPPED: &str = "stopped: ";
+    /// Starts the one line a failed run ends with, saying what failed.
+    pub const ERROR: &str = "error: ";
+}
+
 /// The names userspace finds the object's programs, maps and globals by:
 /// tcprst-ebpf's program functions and statics. They are only looked up
 /// when the object loads, as root, so each list is kept here once and a

@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
-use tcprst_common::{RstKey, RstTally};
+use tcprst_common::{
+    RstKey, RstTally,
+    stderr::{STOPPED, TRACING},
+};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -29,8 +32,8 @@ use crate::{
     conntrack::{self, Conntrack, Tuple},
     decode::Decoder,
     diagnosis::{self, KernelView},
-    enrich::{self, Attribution, Enricher, HALF_CLOSED, OwnerCache},
-    event::{Process, ResetHook, RstEvent, RstKind},
+    enrich::{self, Attribution, Enricher, OwnerCache},
+    event::{Process, ResetHook, RstEvent, RstKind, TcpState},
     filter::EventFilter,
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr, Shortfalls},
@@ -566,7 +569,10 @@ impl Pipeline<'_> {
                 marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
             };
             let visits = enrich::in_every_namespace(only, || {
-                (dump_tcp_with(&HALF_CLOSED, extras), overflows::read())
+                (
+                    dump_tcp_with(&TcpState::HALF_CLOSED, extras),
+                    overflows::read(),
+                )
             });
             let mut dumps = Vec::with_capacity(visits.len());
             let mut counts = Vec::with_capacity(visits.len());
@@ -834,7 +840,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     tally_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     log::info!(
-        "tracing RSTs and half-closes ({}); Ctrl-C to stop",
+        "{TRACING}RSTs and half-closes ({}); Ctrl-C to stop",
         probes
             .attached
             .iter()
@@ -906,7 +912,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let counts = &pipeline.counts;
     let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} conntrack lookups skipped, {} conntrack lookups failed",
+        "{STOPPED}{} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} conntrack lookups skipped, {} conntrack lookups failed",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
