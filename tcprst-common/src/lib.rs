@@ -541,16 +541,24 @@ pub mod counters {
 mod user {
     use super::*;
 
-    // SAFETY: all of these are `#[repr(C)]` plain data with no padding that
-    // the kernel could read as meaningful.
-    unsafe impl aya::Pod for ResetFields {}
-    unsafe impl aya::Pod for KernelOffsets {}
-    unsafe impl aya::Pod for KernelFilter {}
-    unsafe impl aya::Pod for Settings {}
-    unsafe impl aya::Pod for FunctionArgs {}
-    unsafe impl aya::Pod for CloseMark {}
-    unsafe impl aya::Pod for RstKey {}
-    unsafe impl aya::Pod for RstTally {}
+    /// aya::Pod lets a value be copied to and from a map or global as bytes.
+    macro_rules! pod {
+        ($($t:ty),+) => {$(
+            // SAFETY: `#[repr(C)]` plain data, with no padding the kernel
+            // could read as meaningful.
+            unsafe impl aya::Pod for $t {}
+        )+};
+    }
+    pod!(
+        ResetFields,
+        KernelOffsets,
+        KernelFilter,
+        Settings,
+        FunctionArgs,
+        CloseMark,
+        RstKey,
+        RstTally
+    );
 
     impl RecordKind {
         pub fn from_u8(v: u8) -> Option<Self> {
