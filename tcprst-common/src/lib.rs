@@ -622,6 +622,11 @@ pub mod stderr {
     pub const ERROR: &str = "error: ";
 }
 
+/// What `tcprst trace --ready-fd N` writes to descriptor N, once, when
+/// tracing has started (as the `TRACING` line is logged); then N is closed.
+/// A harness waits for it instead of parsing stderr.
+pub const READY_LINE: &str = "ready\n";
+
 /// The names userspace finds the object's programs, maps and globals by:
 /// tcprst-ebpf's program functions and statics. They are only looked up
 /// when the object loads, as root, so each list is kept here once and a

@@ -166,6 +166,8 @@ fn trace_command(args: TraceArgs) -> ExitCode {
 
 /// Checks everything about the request before touching the kernel.
 fn prepare(args: TraceArgs) -> Result<TraceOptions> {
+    // First, before tcprst opens anything that could take the number.
+    let ready = args.ready_fd.map(trace::take_ready_fd).transpose()?;
     privileges::check()?;
     let netns = args
         .netns
@@ -217,6 +219,7 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
             containerd_state: args.containerd_state,
         },
         metrics_addr: args.metrics_addr,
+        ready,
     })
 }
 

@@ -3,8 +3,9 @@
 
 use std::{
     collections::HashMap,
+    fs::File,
     io::{self, Write as _},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::Path,
     path::PathBuf,
@@ -12,11 +13,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
 use tcprst_common::{
-    RstKey, RstTally,
+    READY_LINE, RstKey, RstTally,
     stderr::{STOPPED, TRACING},
 };
 use tokio::{
@@ -94,6 +95,37 @@ pub struct TraceOptions {
     /// Where to ask container runtimes for names and images.
     pub runtimes: RuntimeOptions,
     pub metrics_addr: Option<MetricsAddr>,
+    /// --ready-fd's descriptor, told when tracing has started.
+    pub ready: Option<File>,
+}
+
+/// Takes over the descriptor --ready-fd names, so that tcprst alone closes
+/// it. Called before tcprst opens any file of its own, so a number that was
+/// not inherited cannot name one of ours.
+pub fn take_ready_fd(fd: RawFd) -> Result<File> {
+    if (0..=2).contains(&fd) {
+        bail!(
+            "--ready-fd {fd}: 0, 1 and 2 are stdin, stdout and stderr; pass a descriptor of its own"
+        );
+    }
+    // SAFETY: F_GETFD only asks whether `fd` is open; it reads no memory of ours.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        bail!(
+            "--ready-fd {fd}: not an open file descriptor ({})",
+            io::Error::last_os_error()
+        );
+    }
+    // SAFETY: `fd` is open and nothing else owns it: it was inherited (see
+    // above), and it is taken here, once.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Tells whoever holds --ready-fd's other end that tracing has started,
+/// then closes it. A reader that went away is only worth a warning.
+fn announce_ready(mut ready: File) {
+    if let Err(e) = ready.write_all(READY_LINE.as_bytes()) {
+        log::warn!("--ready-fd: could not say tracing started: {e}");
+    }
 }
 
 #[derive(Default)]
@@ -749,7 +781,8 @@ pub fn start(opts: &TraceOptions) -> Result<Probes> {
     Probes::load(&opts.probes)
 }
 
-pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
+pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
+    let ready = opts.ready.take();
     // First, so a stop asked for during startup (the pod watch, the first
     // scan) still ends cleanly once the loop runs.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -848,6 +881,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(ready) = ready {
+        announce_ready(ready);
+    }
 
     let outcome: io::Result<()> = async {
         loop {
