@@ -66,18 +66,14 @@ fn conflicting_flags() {
 /// a `ready` line would corrupt, and not a number with nothing behind it.
 #[test]
 fn ready_fd_that_is_stdio_or_not_open() {
-    let (code, err) = fails(&["trace", "--ready-fd", "1"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("--ready-fd 1: 0, 1 and 2 are stdin, stdout and stderr"),
-        "{err}"
-    );
-    let (code, err) = fails(&["trace", "--ready-fd", "987"]);
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("--ready-fd 987: not an open file descriptor"),
-        "{err}"
-    );
+    for (fd, refusal) in [
+        ("1", "--ready-fd 1: 0, 1 and 2 are stdin, stdout and stderr"),
+        ("987", "--ready-fd 987: not an open file descriptor"),
+    ] {
+        let (code, err) = fails(&["trace", "--ready-fd", fd]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(refusal), "{err}");
+    }
 }
 
 #[test]
