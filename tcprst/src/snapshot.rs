@@ -4,7 +4,6 @@
 
 use std::{
     io::{self, Write},
-    net::SocketAddr,
     time::SystemTime,
 };
 
@@ -85,6 +84,17 @@ fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
     }
 }
 
+/// Rows by namespace, then state, then ports.
+fn order(row: &Row) -> (&str, &str, u16, u16) {
+    let ends = &row.endpoints;
+    (
+        &row.netns_name,
+        row.state,
+        ends.local_port,
+        ends.remote_port,
+    )
+}
+
 pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
     let mut states = TcpState::HALF_CLOSED.to_vec();
     states.push(TcpState::TimeWait);
@@ -92,21 +102,7 @@ pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
     let mut lookup = Lookup::default();
     let now = SystemTime::now();
     let mut rows: Vec<Row> = found.iter().map(|f| row(f, &mut lookup, now)).collect();
-    rows.sort_by(|a, b| {
-        let (a_ends, b_ends) = (&a.endpoints, &b.endpoints);
-        (
-            &a.netns_name,
-            a.state,
-            a_ends.local_port,
-            a_ends.remote_port,
-        )
-            .cmp(&(
-                &b.netns_name,
-                b.state,
-                b_ends.local_port,
-                b_ends.remote_port,
-            ))
-    });
+    rows.sort_by(|a, b| order(a).cmp(&order(b)));
     let written = match opts.output {
         OutputFormat::Json => rows.iter().try_for_each(|r| {
             serde_json::to_writer(&mut *out, r)?;
@@ -146,14 +142,8 @@ fn write_table(rows: &[Row], out: &mut dyn Write) -> io::Result<()> {
         table.add_row(vec![
             cell(&r.netns_name),
             cell(r.state),
-            cell(SocketAddr::new(
-                r.endpoints.local_addr,
-                r.endpoints.local_port,
-            )),
-            cell(SocketAddr::new(
-                r.endpoints.remote_addr,
-                r.endpoints.remote_port,
-            )),
+            cell(r.endpoints.local()),
+            cell(r.endpoints.remote()),
             cell(owner),
             cell(r.timer.as_deref().unwrap_or("-")),
             cell(&r.diagnosis),

@@ -269,9 +269,9 @@ impl Head {
 #[derive(serde::Serialize)]
 pub(crate) struct Endpoints {
     family: &'static str,
-    pub local_addr: IpAddr,
+    local_addr: IpAddr,
     pub local_port: u16,
-    pub remote_addr: IpAddr,
+    remote_addr: IpAddr,
     pub remote_port: u16,
 }
 
@@ -284,6 +284,14 @@ impl Endpoints {
             remote_addr: remote.ip(),
             remote_port: remote.port(),
         }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.local_addr, self.local_port)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.remote_addr, self.remote_port)
     }
 
     fn fields(&self, o: &mut Object) {
