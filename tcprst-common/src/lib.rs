@@ -541,16 +541,24 @@ pub mod counters {
 mod user {
     use super::*;
 
-    // SAFETY: all of these are `#[repr(C)]` plain data with no padding that
-    // the kernel could read as meaningful.
-    unsafe impl aya::Pod for ResetFields {}
-    unsafe impl aya::Pod for KernelOffsets {}
-    unsafe impl aya::Pod for KernelFilter {}
-    unsafe impl aya::Pod for Settings {}
-    unsafe impl aya::Pod for FunctionArgs {}
-    unsafe impl aya::Pod for CloseMark {}
-    unsafe impl aya::Pod for RstKey {}
-    unsafe impl aya::Pod for RstTally {}
+    /// aya::Pod lets a value be copied to and from a map or global as bytes.
+    macro_rules! pod {
+        ($($t:ty),+) => {$(
+            // SAFETY: `#[repr(C)]` plain data, with no padding the kernel
+            // could read as meaningful.
+            unsafe impl aya::Pod for $t {}
+        )+};
+    }
+    pod!(
+        ResetFields,
+        KernelOffsets,
+        KernelFilter,
+        Settings,
+        FunctionArgs,
+        CloseMark,
+        RstKey,
+        RstTally
+    );
 
     impl RecordKind {
         pub fn from_u8(v: u8) -> Option<Self> {
@@ -597,6 +605,27 @@ mod user {
         }
     }
 }
+
+/// The stderr lines harnesses wait for or parse: the integration tests,
+/// xtask's VM runs and benches. Every line is `PREFIX` then a message;
+/// these are how the messages start. Kept here, in the crate everyone
+/// can depend on, so the printer and its readers cannot drift apart.
+pub mod stderr {
+    /// What every line tcprst writes to stderr starts with.
+    pub const PREFIX: &str = "tcprst: ";
+    /// The line logged once every program is attached: from here on,
+    /// resets are seen (`tracing RSTs and half-closes (…); Ctrl-C to stop`).
+    pub const TRACING: &str = "tracing ";
+    /// The exit summary: `stopped: N records read, …`.
+    pub const STOPPED: &str = "stopped: ";
+    /// Starts the one line a failed run ends with, saying what failed.
+    pub const ERROR: &str = "error: ";
+}
+
+/// What `tcprst trace --ready-fd N` writes to descriptor N, once, when
+/// tracing has started (as the `TRACING` line is logged); then N is closed.
+/// A harness waits for it instead of parsing stderr.
+pub const READY_LINE: &str = "ready\n";
 
 /// The names userspace finds the object's programs, maps and globals by:
 /// tcprst-ebpf's program functions and statics. They are only looked up

@@ -124,7 +124,8 @@ impl BtfBytes {
         if !path.starts_with("/sys/kernel/btf") {
             return read().map(Self::Read);
         }
-        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the kernel's BTF never changes while it runs, and the map
         // is private and read-only (the kernel refuses anything else).
         match unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) } {

@@ -69,6 +69,17 @@ fn pod_of(component: &str, parent: Option<&str>) -> Option<(String, &'static str
     Some((uid.to_owned(), class))
 }
 
+/// How a table names a container: `runtime:name`, or while its runtime has
+/// not said the name, `runtime:` and the first 12 characters of its id, as
+/// `docker ps` shows it.
+pub fn container_label(runtime: Option<&str>, name: Option<&str>, id: &str) -> String {
+    let runtime = runtime.unwrap_or("container");
+    match name {
+        Some(name) => format!("{runtime}:{name}"),
+        None => format!("{runtime}:{}", &id[..12]),
+    }
+}
+
 pub fn parse_path(path: &str) -> CgroupInfo {
     let mut info = CgroupInfo {
         path: path.to_owned(),

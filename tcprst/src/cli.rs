@@ -236,6 +236,11 @@ pub struct TraceArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<MetricsAddr>,
 
+    /// Once tracing has started, write `ready` and a newline to this inherited file descriptor,
+    /// then close it: for harnesses that wait for tracing
+    #[arg(long, value_name = "FD")]
+    pub ready_fd: Option<i32>,
+
     #[command(flatten)]
     pub kernel: KernelArgs,
 }

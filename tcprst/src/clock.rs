@@ -16,6 +16,7 @@ fn now_ns(clock: libc::clockid_t) -> i128 {
         tv_nsec: 0,
     };
     // clock_gettime cannot fail for these clocks with a valid pointer.
+    // SAFETY: `ts` is a live, writable timespec for the call's duration.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
 }

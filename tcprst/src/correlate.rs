@@ -13,6 +13,8 @@ use std::{cmp::Ordering, net::SocketAddr, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
+use crate::event::process_label;
+
 /// How far apart the two records' clocks may be: nodes' clocks drift apart
 /// by milliseconds under NTP, and a reset reaches its receiver within a
 /// round trip; beyond this a receipt is not paired with that send.
@@ -139,7 +141,7 @@ pub fn describe(pair: &Pair) -> String {
     let who = |v: &Value| {
         let owner = v["owner"]["comm"]
             .as_str()
-            .map(|c| format!(" {c}[{}]", v["owner"]["pid"]))
+            .map(|c| format!(" {}", process_label(&v["owner"]["pid"], c)))
             .unwrap_or_default();
         format!("{}{owner}", v["node"].as_str().unwrap_or("?"))
     };

@@ -240,75 +240,9 @@ fn comm_name(comm: &[u8; 16]) -> Arc<str> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use tcprst_common::TaskInfo;
-
+mod tests {
     use super::*;
-
-    const LOOPBACK_V4: [u8; 16] = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-
-    pub fn tuple() -> Tuple {
-        Tuple {
-            family: AF_INET,
-            local_port: 8080,
-            remote_port: 40000,
-            _pad: 0,
-            local_addr: LOOPBACK_V4,
-            remote_addr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        }
-    }
-
-    pub fn task_info() -> TaskInfo {
-        TaskInfo {
-            tgid: 42,
-            tid: 43,
-            uid: 1000,
-            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
-        }
-    }
-
-    pub fn record(kind: RecordKind) -> RstRecord {
-        RstRecord {
-            kind: kind as u8,
-            context: tcprst_common::ExecContext::Process as u8,
-            flags: rst_flags::HAS_STATE,
-            state: 1,
-            reason: 0,
-            timestamp_ns: 1_000,
-            sock_cookie: 0,
-            netns: 4026531840,
-            stack_id: -1,
-            cgroup_id: 0,
-            inode: 0,
-            tuple: tuple(),
-            task: task_info(),
-            hook: match kind {
-                RecordKind::RstReceived => ResetHook::ReceiveResetTracepoint,
-                _ => ResetHook::SendResetTracepoint,
-            } as u8,
-            tier: AttachTier::Tracepoint as u8,
-            nf_hook: 0,
-            shutdown: 0,
-            frames: [0; tcprst_common::CALLER_FRAMES],
-        }
-    }
-
-    pub fn bytes<T>(rec: &T) -> Vec<u8> {
-        // SAFETY: a plain repr(C) value viewed as bytes for the test.
-        unsafe { std::slice::from_raw_parts((rec as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
-    }
-
-    fn decoder() -> Decoder {
-        Decoder::new(
-            ReasonNames::from_pairs([(1, "NO_SOCKET".into()), (11, "TCP_ABORT_ON_CLOSE".into())]),
-            WallClock::now(),
-        )
-    }
-
-    pub fn rst(bytes: &[u8]) -> RstEvent {
-        decoder().decode(bytes).unwrap()
-    }
+    use crate::testing::{bytes, decoder, record, rst, tuple};
 
     fn tally_of(sample: RstRecord) -> (RstKey, RstTally) {
         let mut ends = tuple();

@@ -372,9 +372,9 @@ pub fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Option<RstDi
         );
     }
     let by_task = |what: &str| {
-        ev.task.as_ref().map_or(what.to_owned(), |t| {
-            format!("{what} by {}[{}]", t.comm, t.pid)
-        })
+        ev.task
+            .as_ref()
+            .map_or(what.to_owned(), |t| format!("{what} by {}", t.label()))
     };
     match ev.kind {
         RstKind::Received => {

@@ -13,7 +13,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    cgroup::{CgroupInfo, CgroupResolver, parse_path},
+    cgroup::{CgroupInfo, CgroupResolver, container_label, parse_path},
     event::{ExecContext, Process, RstEvent, TcpState},
     k8s::{PodIndex, PodMeta},
     netns::{NetnsHandle, all_namespaces, in_netns},
@@ -22,14 +22,6 @@ use crate::{
     sockdiag::{AcceptQueue, DiagSocket, DumpExtras, accept_queue_for, dump_tcp, dump_tcp_with},
     tracker::ConnKey,
 };
-
-pub const HALF_CLOSED: [TcpState; 5] = [
-    TcpState::FinWait1,
-    TcpState::FinWait2,
-    TcpState::CloseWait,
-    TcpState::LastAck,
-    TcpState::Closing,
-];
 
 /// The kernel default, for when the namespace's sysctl cannot be read.
 const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -367,11 +359,7 @@ pub fn namespace_label(ns: &NetnsHandle) -> String {
             let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
             let info = parse_path(path);
             let id = info.container_id?;
-            Some(format!(
-                "{}:{}",
-                info.runtime.unwrap_or("container"),
-                &id[..12]
-            ))
+            Some(container_label(info.runtime, None, &id))
         });
     container.unwrap_or_else(|| ns.name.clone())
 }

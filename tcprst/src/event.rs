@@ -63,6 +63,19 @@ pub enum TcpState {
 }
 
 impl TcpState {
+    /// The states in which one side has sent FIN and the other has not.
+    pub const HALF_CLOSED: [TcpState; 5] = [
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Closing,
+    ];
+
+    pub fn is_half_closed(self) -> bool {
+        Self::HALF_CLOSED.contains(&self)
+    }
+
     pub fn from_kernel(value: u8) -> Option<Self> {
         use TcpState::*;
         Some(match value {
@@ -158,6 +171,12 @@ pub struct Task {
     pub uid: u32,
 }
 
+impl Task {
+    pub fn label(&self) -> String {
+        process_label(self.pid, &self.comm)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RstEvent {
     pub time: SystemTime,
@@ -246,6 +265,17 @@ pub struct Process {
     pub comm: Arc<str>,
 }
 
+impl Process {
+    pub fn label(&self) -> String {
+        process_label(self.pid, &self.comm)
+    }
+}
+
+/// `comm[pid]`, the way people name processes.
+pub fn process_label(pid: impl std::fmt::Display, comm: &str) -> String {
+    format!("{comm}[{pid}]")
+}
+
 /// The direction `shutdown(2)` closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShutHow {
@@ -307,13 +337,7 @@ pub struct Initiator {
 
 impl std::fmt::Display for Initiator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} by {}[{}]",
-            self.op.name(),
-            self.task.comm,
-            self.task.pid
-        )
+        write!(f, "{} by {}", self.op.name(), self.task.label())
     }
 }
 

@@ -215,7 +215,7 @@ pub fn kernel_filter(port: Option<u16>, netns: Option<u32>, pid: Option<u32>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::{bytes, record, rst};
+    use crate::testing::{bytes, record, rst};
     use tcprst_common::RecordKind;
 
     fn event() -> RstEvent {

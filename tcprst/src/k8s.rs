@@ -13,6 +13,8 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt as _, watcher};
 
+use crate::errors::one_line;
+
 /// Set on mirror pods, the API's copies of static pods: the value is the UID the kubelet gave the
 /// static pod, which is what its cgroup path carries, while the mirror's own metadata.uid is
 /// never seen on the node.
@@ -212,7 +214,7 @@ pub async fn watch_pods(config: kube::Config, node: String, index: PodIndex) {
     let client = match kube::Client::try_from(config) {
         Ok(client) => client,
         Err(err) => {
-            let err = with_causes(&err);
+            let err = one_line(&err);
             log::warn!("Kubernetes client setup failed: {err}; events keep cgroup-derived ids");
             return;
         }
@@ -249,25 +251,10 @@ pub async fn watch_pods(config: kube::Config, node: String, index: PodIndex) {
             Err(err) => log::log!(
                 outage.error_level(),
                 "Kubernetes API unreachable: {}; events keep cgroup-derived ids",
-                with_causes(&err)
+                one_line(&err)
             ),
         }
     }
-}
-
-/// The error and its causes on one line. kube's messages embed some of their causes but not
-/// the one that says what failed ("client error (Connect)" hides "Connection refused").
-fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut cause = err.source();
-    while let Some(err) = cause {
-        let text = err.to_string();
-        if !line.contains(&text) {
-            line = format!("{line}: {text}");
-        }
-        cause = err.source();
-    }
-    line
 }
 
 /// Tells the user about an API outage once, not on every retry.

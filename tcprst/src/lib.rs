@@ -16,6 +16,7 @@ pub mod decode;
 pub mod diagnosis;
 pub mod doctor;
 pub mod enrich;
+pub mod errors;
 pub mod event;
 pub mod filter;
 pub mod k8s;

@@ -18,6 +18,7 @@ use tcprst::{
     snapshot, trace,
     trace::TraceOptions,
 };
+use tcprst_common::stderr::{ERROR, PREFIX};
 
 /// Bad input or an environment tracing cannot run in.
 const EXIT_UNUSABLE: u8 = 2;
@@ -37,7 +38,7 @@ fn main() -> ExitCode {
             let rendered = e.to_string();
             let first = rendered.lines().next().unwrap_or("bad arguments");
             let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("tcprst: error: {first} (see tcprst --help)");
+            eprintln!("{PREFIX}{ERROR}{first} (see tcprst --help)");
             return ExitCode::from(EXIT_UNUSABLE);
         }
     };
@@ -81,7 +82,7 @@ fn correlate_command(args: CorrelateArgs) -> ExitCode {
     let witnesses = match read() {
         Ok(w) => w,
         Err(e) => {
-            eprintln!("tcprst: error: {e:#}");
+            eprintln!("{PREFIX}{ERROR}{e:#}");
             return ExitCode::from(EXIT_UNUSABLE);
         }
     };
@@ -94,7 +95,7 @@ fn correlate_command(args: CorrelateArgs) -> ExitCode {
     }
     let explained = pairs.iter().filter(|p| p.sent.is_some()).count();
     eprintln!(
-        "tcprst: {} received resets: {explained} paired with their send, {} sent by none of these nodes",
+        "{PREFIX}{} received resets: {explained} paired with their send, {} sent by none of these nodes",
         pairs.len(),
         pairs.len() - explained
     );
@@ -165,6 +166,8 @@ fn trace_command(args: TraceArgs) -> ExitCode {
 
 /// Checks everything about the request before touching the kernel.
 fn prepare(args: TraceArgs) -> Result<TraceOptions> {
+    // First, before tcprst opens anything that could take the number.
+    let ready = args.ready_fd.map(trace::take_ready_fd).transpose()?;
     privileges::check()?;
     let netns = args
         .netns
@@ -216,12 +219,13 @@ fn prepare(args: TraceArgs) -> Result<TraceOptions> {
             containerd_state: args.containerd_state,
         },
         metrics_addr: args.metrics_addr,
+        ready,
     })
 }
 
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
     // One line: the context chain joined with ": ".
-    eprintln!("tcprst: error: {e:#}");
+    eprintln!("{PREFIX}{ERROR}{e:#}");
     ExitCode::from(code)
 }
 
@@ -244,11 +248,11 @@ fn init_logging(verbose: u8) {
         // lines around them do.
         .format(|buf, record| match record.level() {
             log::Level::Info | log::Level::Debug | log::Level::Trace => {
-                writeln!(buf, "tcprst: {}", record.args())
+                writeln!(buf, "{PREFIX}{}", record.args())
             }
             level => writeln!(
                 buf,
-                "tcprst: {}: {}",
+                "{PREFIX}{}: {}",
                 level.as_str().to_lowercase(),
                 record.args()
             ),

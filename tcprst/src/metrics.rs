@@ -27,7 +27,7 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 
-use crate::{enrich::HALF_CLOSED, event::TcpState, overflows::Sample};
+use crate::{event::TcpState, overflows::Sample};
 
 /// Where to serve: `IP:PORT`, or a bare `PORT` (or `:PORT`) on 127.0.0.1 so
 /// nothing is exposed beyond the host unless asked for.
@@ -285,7 +285,7 @@ impl Metrics {
             namespace: namespace.to_owned(),
             pod: pod.to_owned(),
         };
-        let mut now: HashMap<StuckLabels, i64> = HALF_CLOSED
+        let mut now: HashMap<StuckLabels, i64> = TcpState::HALF_CLOSED
             .iter()
             .map(|state| (labels(*state, ("", "")), 0))
             .collect();

@@ -22,6 +22,7 @@ use crate::{
         plans_summary, tier_name,
     },
     btf::{BtfBytes, FUNCTION_TIERS, KernelBtf, VMLINUX},
+    errors::one_line,
     layout::{ReasonNames, reset_fields},
     tallies::Tallies,
     tracefs::{INET_SOCK_SET_STATE, TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint},
@@ -585,17 +586,6 @@ fn locate_functions(
 }
 
 const MODULE_BTF_DIR: &str = "/sys/kernel/btf";
-
-/// An error and its causes on one line.
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text = format!("{text}: {inner}");
-        source = inner.source();
-    }
-    text.lines().next().unwrap_or_default().to_owned()
-}
 
 /// A load failure in one line: the errno, and the verifier's last word
 /// (the line that says what it refused), with the whole log at trace level

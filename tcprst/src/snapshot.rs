@@ -4,7 +4,6 @@
 
 use std::{
     io::{self, Write},
-    net::IpAddr,
     time::SystemTime,
 };
 
@@ -14,9 +13,9 @@ use serde::Serialize;
 
 use crate::{
     diagnosis,
-    enrich::{self, FoundSocket, HALF_CLOSED, Lookup},
-    event::TcpState,
-    sink::OutputFormat,
+    enrich::{self, FoundSocket, Lookup},
+    event::{TcpState, process_label},
+    sink::{Endpoints, OutputFormat, ProcessJson},
     terminal::cell,
     tracker::Connection,
 };
@@ -31,24 +30,15 @@ pub struct SnapshotOptions {
 struct Row {
     netns: u32,
     netns_name: String,
-    family: &'static str,
-    local_addr: IpAddr,
-    local_port: u16,
-    remote_addr: IpAddr,
-    remote_port: u16,
+    #[serde(flatten)]
+    endpoints: Endpoints,
     state: &'static str,
     orphaned: bool,
-    owners: Vec<OwnerJson>,
+    owners: Vec<ProcessJson<String>>,
     uid: u32,
     inode: u64,
     timer: Option<String>,
     diagnosis: String,
-}
-
-#[derive(Serialize)]
-struct OwnerJson {
-    pid: u32,
-    comm: String,
 }
 
 fn lingering_diagnosis(state: TcpState) -> &'static str {
@@ -62,19 +52,19 @@ fn lingering_diagnosis(state: TcpState) -> &'static str {
 
 fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
     let s = &found.socket;
-    let owners: Vec<OwnerJson> = lookup
+    let owners: Vec<ProcessJson<String>> = lookup
         .owners()
         .owners(s.inode)
         .iter()
-        .map(|o| OwnerJson {
+        .map(|o| ProcessJson {
             pid: o.pid,
             comm: o.comm.to_string(),
         })
         .collect();
     let orphaned = s.inode == 0;
-    let diagnosis = if HALF_CLOSED.contains(&s.state) {
+    let diagnosis = if s.state.is_half_closed() {
         let conn = Connection::found(found.key(), s.state, orphaned, now);
-        let owner = owners.first().map(|o| format!("{}[{}]", o.comm, o.pid));
+        let owner = owners.first().map(|o| process_label(o.pid, &o.comm));
         let fin_timeout = lookup.fin_timeout(found.netns.inode);
         diagnosis::stuck(&conn, now, owner.as_deref(), fin_timeout).text
     } else {
@@ -83,11 +73,7 @@ fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
     Row {
         netns: found.netns.inode,
         netns_name: found.netns.name.clone(),
-        family: if s.local.is_ipv6() { "ipv6" } else { "ipv4" },
-        local_addr: s.local.ip(),
-        local_port: s.local.port(),
-        remote_addr: s.remote.ip(),
-        remote_port: s.remote.port(),
+        endpoints: Endpoints::new(s.local, s.remote),
         state: s.state.name(),
         orphaned,
         owners,
@@ -98,21 +84,25 @@ fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
     }
 }
 
+/// Rows by namespace, then state, then ports.
+fn order(row: &Row) -> (&str, &str, u16, u16) {
+    let ends = &row.endpoints;
+    (
+        &row.netns_name,
+        row.state,
+        ends.local_port,
+        ends.remote_port,
+    )
+}
+
 pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
-    let mut states = HALF_CLOSED.to_vec();
+    let mut states = TcpState::HALF_CLOSED.to_vec();
     states.push(TcpState::TimeWait);
     let found = enrich::find_sockets(&states, opts.netns);
     let mut lookup = Lookup::default();
     let now = SystemTime::now();
     let mut rows: Vec<Row> = found.iter().map(|f| row(f, &mut lookup, now)).collect();
-    rows.sort_by(|a, b| {
-        (&a.netns_name, a.state, a.local_port, a.remote_port).cmp(&(
-            &b.netns_name,
-            b.state,
-            b.local_port,
-            b.remote_port,
-        ))
-    });
+    rows.sort_by(|a, b| order(a).cmp(&order(b)));
     let written = match opts.output {
         OutputFormat::Json => rows.iter().try_for_each(|r| {
             serde_json::to_writer(&mut *out, r)?;
@@ -145,15 +135,15 @@ fn write_table(rows: &[Row], out: &mut dyn Write) -> io::Result<()> {
         );
     for r in rows {
         let owner = match (r.owners.first(), r.orphaned) {
-            (Some(o), _) => format!("{}[{}]", o.comm, o.pid),
+            (Some(o), _) => process_label(o.pid, &o.comm),
             (None, true) => "(orphaned)".to_owned(),
             (None, false) => "?".to_owned(),
         };
         table.add_row(vec![
             cell(&r.netns_name),
             cell(r.state),
-            cell(std::net::SocketAddr::new(r.local_addr, r.local_port)),
-            cell(std::net::SocketAddr::new(r.remote_addr, r.remote_port)),
+            cell(r.endpoints.local()),
+            cell(r.endpoints.remote()),
             cell(owner),
             cell(r.timer.as_deref().unwrap_or("-")),
             cell(&r.diagnosis),
@@ -174,14 +164,13 @@ mod tests {
         let row = Row {
             netns: 1,
             netns_name: "ns\x1b[2J".into(),
-            family: "ipv4",
-            local_addr: [127, 0, 0, 1].into(),
-            local_port: 5000,
-            remote_addr: [127, 0, 0, 1].into(),
-            remote_port: 40000,
+            endpoints: Endpoints::new(
+                "127.0.0.1:5000".parse().unwrap(),
+                "127.0.0.1:40000".parse().unwrap(),
+            ),
             state: "CLOSE_WAIT",
             orphaned: false,
-            owners: vec![OwnerJson {
+            owners: vec![ProcessJson {
                 pid: 7,
                 comm: "\x1b]0;pwn\x07".into(),
             }],

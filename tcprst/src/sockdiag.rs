@@ -600,6 +600,7 @@ mod tests {
             remote: client_local,
             state: TcpState::CloseWait,
             inode: socket_inode(&server),
+            // SAFETY: geteuid has no preconditions and cannot fail.
             uid: unsafe { libc::geteuid() },
             cookie: SockRef::from(&server).cookie().unwrap(),
             rqueue: 0,

@@ -3,8 +3,9 @@
 
 use std::{
     collections::HashMap,
+    fs::File,
     io::{self, Write as _},
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::Path,
     path::PathBuf,
@@ -12,10 +13,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
-use tcprst_common::{RstKey, RstTally};
+use tcprst_common::{
+    READY_LINE, RstKey, RstTally,
+    stderr::{STOPPED, TRACING},
+};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -29,8 +33,8 @@ use crate::{
     conntrack::{self, Conntrack, Tuple},
     decode::Decoder,
     diagnosis::{self, KernelView},
-    enrich::{self, Attribution, Enricher, HALF_CLOSED, OwnerCache},
-    event::{Process, ResetHook, RstEvent, RstKind},
+    enrich::{self, Attribution, Enricher, OwnerCache},
+    event::{Process, ResetHook, RstEvent, RstKind, TcpState},
     filter::EventFilter,
     k8s::{self, PodIndex},
     metrics::{self, Metrics, MetricsAddr, Shortfalls},
@@ -91,6 +95,37 @@ pub struct TraceOptions {
     /// Where to ask container runtimes for names and images.
     pub runtimes: RuntimeOptions,
     pub metrics_addr: Option<MetricsAddr>,
+    /// --ready-fd's descriptor, told when tracing has started.
+    pub ready: Option<File>,
+}
+
+/// Takes over the descriptor --ready-fd names, so that tcprst alone closes
+/// it. Called before tcprst opens any file of its own, so a number that was
+/// not inherited cannot name one of ours.
+pub fn take_ready_fd(fd: RawFd) -> Result<File> {
+    if (0..=2).contains(&fd) {
+        bail!(
+            "--ready-fd {fd}: 0, 1 and 2 are stdin, stdout and stderr; pass a descriptor of its own"
+        );
+    }
+    // SAFETY: F_GETFD only asks whether `fd` is open; it reads no memory of ours.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        bail!(
+            "--ready-fd {fd}: not an open file descriptor ({})",
+            io::Error::last_os_error()
+        );
+    }
+    // SAFETY: `fd` is open and nothing else owns it: it was inherited (see
+    // above), and it is taken here, once.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Tells whoever holds --ready-fd's other end that tracing has started,
+/// then closes it. A reader that went away is only worth a warning.
+fn announce_ready(mut ready: File) {
+    if let Err(e) = ready.write_all(READY_LINE.as_bytes()) {
+        log::warn!("--ready-fd: could not say tracing started: {e}");
+    }
 }
 
 #[derive(Default)]
@@ -566,7 +601,10 @@ impl Pipeline<'_> {
                 marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
             };
             let visits = enrich::in_every_namespace(only, || {
-                (dump_tcp_with(&HALF_CLOSED, extras), overflows::read())
+                (
+                    dump_tcp_with(&TcpState::HALF_CLOSED, extras),
+                    overflows::read(),
+                )
             });
             let mut dumps = Vec::with_capacity(visits.len());
             let mut counts = Vec::with_capacity(visits.len());
@@ -743,7 +781,8 @@ pub fn start(opts: &TraceOptions) -> Result<Probes> {
     Probes::load(&opts.probes)
 }
 
-pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
+pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
+    let ready = opts.ready.take();
     // First, so a stop asked for during startup (the pod watch, the first
     // scan) still ends cleanly once the loop runs.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -834,7 +873,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     tally_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     log::info!(
-        "tracing RSTs and half-closes ({}); Ctrl-C to stop",
+        "{TRACING}RSTs and half-closes ({}); Ctrl-C to stop",
         probes
             .attached
             .iter()
@@ -842,6 +881,9 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(ready) = ready {
+        announce_ready(ready);
+    }
 
     let outcome: io::Result<()> = async {
         loop {
@@ -906,7 +948,7 @@ pub async fn run(mut probes: Probes, opts: TraceOptions) -> Result<()> {
     let counts = &pipeline.counts;
     let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "stopped: {} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} conntrack lookups skipped, {} conntrack lookups failed",
+        "{STOPPED}{} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} conntrack lookups skipped, {} conntrack lookups failed",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),

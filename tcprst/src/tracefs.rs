@@ -77,6 +77,9 @@ impl Tracefs {
 
 fn mount_tracefs(at: &Path) -> Result<()> {
     let target = CString::new(at.as_os_str().as_encoded_bytes())?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the
+    // call (`target` is owned above; the rest are literals), and tracefs
+    // takes no data.
     let ret = unsafe {
         libc::mount(
             c"nodev".as_ptr(),

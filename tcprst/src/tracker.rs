@@ -44,12 +44,6 @@ pub struct Step {
     pub by: Option<Initiator>,
 }
 
-/// The states in which one side has sent FIN and the other has not.
-pub fn is_half_closed(state: TcpState) -> bool {
-    use TcpState::*;
-    matches!(state, FinWait1 | FinWait2 | CloseWait | LastAck | Closing)
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Connection {
     pub key: ConnKey,

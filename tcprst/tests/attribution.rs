@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cgroup, Netns, Process, Tracer, run};
+use common::{Cgroup, ChildGuard, Netns, Tracer, run};
 use serde_json::Value;
 
 const ID: &str = "5f3a9c1e2b4d6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708";
@@ -30,11 +30,11 @@ fn container_cgroup(test: &str, runtime_path: &str) -> Cgroup {
 /// there), connects from 127.0.0.1:`port`+1, keeps the connection alive with
 /// one-second keepalive probes, and holds its socket after the reset: tcprst
 /// names a socket's owner from the process holding it when it looks.
-fn container_client(ns: &Netns, cgroup: &Cgroup, port: u16) -> Process {
+fn container_client(ns: &Netns, cgroup: &Cgroup, port: u16) -> ChildGuard {
     container_client_to(ns, cgroup, "127.0.0.1", "127.0.0.1", port)
 }
 
-fn container_client_to(ns: &Netns, cgroup: &Cgroup, from: &str, to: &str, port: u16) -> Process {
+fn container_client_to(ns: &Netns, cgroup: &Cgroup, from: &str, to: &str, port: u16) -> ChildGuard {
     let client = format!(
         "import socket, time\n\
          s = socket.socket()\n\
@@ -46,7 +46,7 @@ fn container_client_to(ns: &Netns, cgroup: &Cgroup, from: &str, to: &str, port: 
          try:\n    s.recv(1)\nexcept OSError:\n    pass\n\
          time.sleep(600)\n"
     );
-    Process::python(ns, cgroup, &client)
+    ChildGuard::python(ns, cgroup, &client)
 }
 
 /// The client's keepalive probes go unanswered, so its keepalive timer

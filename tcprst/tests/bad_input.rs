@@ -2,9 +2,9 @@
 
 mod common;
 
-use std::{fs, os::unix::fs::PermissionsExt as _, process::Command};
+use std::{fs, os::unix::fs::PermissionsExt as _, path::PathBuf, process::Command};
 
-use common::{TCPRST, require_root};
+use common::{TCPRST, require_root, the_error};
 
 /// Runs tcprst and returns (exit code, stderr), asserting stderr is one line.
 fn fails(args: &[&str]) -> (i32, String) {
@@ -20,8 +20,32 @@ fn check(cmd: &mut Command) -> (i32, String) {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
-    assert!(stderr.starts_with("tcprst: error: "), "{stderr:?}");
+    the_error(&stderr);
     (out.status.code().unwrap(), stderr)
+}
+
+/// A copy of tcprst that any user can execute, wherever the checkout
+/// lives (a home directory may be closed to others); removed when dropped.
+struct BinaryCopy {
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl BinaryCopy {
+    fn new(what: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tcprst-{what}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("tcprst");
+        fs::copy(TCPRST, &bin).unwrap();
+        Self { dir, bin }
+    }
+}
+
+impl Drop for BinaryCopy {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[test]
@@ -36,6 +60,20 @@ fn conflicting_flags() {
     let (code, err) = fails(&["trace", "-4", "-6"]);
     assert_eq!(code, 2);
     assert!(err.contains("cannot be used with"), "{err}");
+}
+
+/// --ready-fd takes a descriptor the caller opened for it: not stdio, which
+/// a `ready` line would corrupt, and not a number with nothing behind it.
+#[test]
+fn ready_fd_that_is_stdio_or_not_open() {
+    for (fd, refusal) in [
+        ("1", "--ready-fd 1: 0, 1 and 2 are stdin, stdout and stderr"),
+        ("987", "--ready-fd 987: not an open file descriptor"),
+    ] {
+        let (code, err) = fails(&["trace", "--ready-fd", fd]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(refusal), "{err}");
+    }
 }
 
 #[test]
@@ -75,12 +113,8 @@ fn garbage_btf() {
 #[test]
 fn unprivileged_user() {
     require_root();
-    // A copy nobody can execute wherever the checkout lives.
-    let dir = std::env::temp_dir().join(format!("tcprst-nonroot-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("tcprst");
-    fs::copy(TCPRST, &bin).unwrap();
+    let copy = BinaryCopy::new("nonroot");
+    let bin = &copy.bin;
     let (code, err) = check(
         Command::new("setpriv")
             .args([
@@ -89,10 +123,9 @@ fn unprivileged_user() {
                 "--clear-groups",
                 "--inh-caps=-all",
             ])
-            .arg(&bin)
+            .arg(bin)
             .arg("trace"),
     );
-    fs::remove_dir_all(&dir).unwrap();
     assert_eq!(code, 2);
     assert!(err.contains("missing CAP_BPF and CAP_PERFMON"), "{err}");
 }
@@ -102,15 +135,11 @@ fn unprivileged_user() {
 #[test]
 fn tracefs_unmountable() {
     require_root();
-    let dir = std::env::temp_dir().join(format!("tcprst-notracefs-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("tcprst");
-    fs::copy(TCPRST, &bin).unwrap();
+    let copy = BinaryCopy::new("notracefs");
     let script = format!(
         "for m in $(awk '$3 == \"tracefs\" || $3 == \"debugfs\" {{print $2}}' /proc/mounts | sort -r); do umount -l \"$m\"; done; \
          exec setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {} trace",
-        bin.display()
+        copy.bin.display()
     );
     let (code, err) = check(Command::new("unshare").args([
         "-m",
@@ -120,7 +149,6 @@ fn tracefs_unmountable() {
         "-c",
         &script,
     ]));
-    fs::remove_dir_all(&dir).unwrap();
     assert_eq!(code, 2);
     assert!(
         err.contains("tracefs is not mounted and mounting it at /sys/kernel/tracing failed"),

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use common::{DAEMONSET_CAPABILITIES, Netns, Process, TCPRST, Tracer, require_root};
+use common::{ChildGuard, DAEMONSET_CAPABILITIES, Netns, TCPRST, Tracer, require_root};
 use serde_json::Value;
 
 /// The command running tcprst as the DaemonSet's container does: root, no
@@ -118,7 +118,7 @@ fn syslog_names_callers() {
 
 /// A client running as nobody, connected from 127.0.0.1:`port`+1 to `port`
 /// in `ns`, that keeps its socket after the reset.
-fn nobodys_client(ns: &Netns, port: u16) -> Process {
+fn nobodys_client(ns: &Netns, port: u16) -> ChildGuard {
     let client = format!(
         "import socket, time\n\
          s = socket.socket()\n\
@@ -127,7 +127,7 @@ fn nobodys_client(ns: &Netns, port: u16) -> Process {
          try:\n    s.recv(1)\nexcept OSError:\n    pass\n\
          time.sleep(600)\n"
     );
-    Process(
+    ChildGuard(
         Command::new("ip")
             .args(["netns", "exec", &ns.name, "setpriv"])
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -142,7 +142,7 @@ fn nobodys_client(ns: &Netns, port: u16) -> Process {
 
 /// The connection `client` makes to `listener`; fails, rather than waits
 /// forever, if the client exits first.
-fn accept(listener: &TcpListener, client: &mut Process) -> TcpStream {
+fn accept(listener: &TcpListener, client: &mut ChildGuard) -> TcpStream {
     listener.set_nonblocking(true).unwrap();
     loop {
         match listener.accept() {

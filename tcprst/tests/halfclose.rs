@@ -4,43 +4,32 @@
 mod common;
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
-    net::{Shutdown, TcpStream},
+    io::{ErrorKind, Write as _},
+    net::Shutdown,
     process::{Command, Stdio},
     thread,
     time::Duration,
 };
 
-use common::{Netns, Process, Tracer, is};
+use common::{ChildGuard, Netns, Tracer, is, read_within};
 use serde_json::Value;
-
-fn trace(ns: &Netns, extra: &[&str]) -> Tracer {
-    let mut args = vec!["--netns", ns.name.as_str()];
-    args.extend_from_slice(extra);
-    Tracer::start(&args)
-}
-
-fn read_timeout(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    conn.read(buf)
-}
 
 /// Seed 000: the client half-closes and keeps reading; the peer answers
 /// with a reset instead of a FIN (what slirp4netns did).
 #[test]
 fn seed_000_peer_resets_a_half_closed_connection() {
     let ns = Netns::new();
-    let mut tracer = trace(&ns, &[]);
+    let mut tracer = Tracer::in_netns(&ns, &[]);
     let (mut client, mut server) = ns.pair("127.0.0.1:43108", "127.0.0.1:9999");
     client.shutdown(Shutdown::Write).unwrap();
     server.write_all(b"Accepted.. sending pulses").unwrap();
     let mut buf = [0u8; 64];
-    assert!(read_timeout(&mut client, &mut buf).unwrap() > 0);
+    assert!(read_within(&mut client, &mut buf).unwrap() > 0);
     socket2::SockRef::from(&server)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(server);
-    let err = read_timeout(&mut client, &mut buf).unwrap_err();
+    let err = read_within(&mut client, &mut buf).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
 
     let rst = tracer.wait_for("the client's rst_received", |v| {
@@ -76,11 +65,11 @@ fn seed_000_peer_resets_a_half_closed_connection() {
 #[test]
 fn seed_002_proxy_half_close_stuck_in_fin_wait2() {
     let ns = Netns::new();
-    let mut tracer = trace(&ns, &["--stuck-after", "2s"]);
+    let mut tracer = Tracer::in_netns(&ns, &["--stuck-after", "2s"]);
     let upstream = ns.listen("127.0.0.1:7777");
     // socat half-closes like Envoy's TCP proxy: on EOF from one side it
     // shuts down writing towards the other and waits (-t) for it to finish.
-    let proxy = Process(
+    let proxy = ChildGuard(
         Command::new("ip")
             .args(["netns", "exec", &ns.name, "socat", "-t", "600"])
             .args([
@@ -104,7 +93,7 @@ fn seed_002_proxy_half_close_stuck_in_fin_wait2() {
     drop(upstream_conn); // the upstream service disconnects
     let mut buf = [0u8; 16];
     assert_eq!(
-        read_timeout(&mut app, &mut buf).unwrap(),
+        read_within(&mut app, &mut buf).unwrap(),
         0,
         "the app sees the FIN"
     );
@@ -145,7 +134,7 @@ fn seed_002_proxy_half_close_stuck_in_fin_wait2() {
 #[test]
 fn seed_003_peer_never_sends_fin() {
     let ns = Netns::new();
-    let mut tracer = trace(&ns, &["--stuck-after", "1s"]);
+    let mut tracer = Tracer::in_netns(&ns, &["--stuck-after", "1s"]);
     let (client, server) = ns.pair("127.0.0.1:45003", "127.0.0.1:8003");
     client.shutdown(Shutdown::Write).unwrap();
 
@@ -217,7 +206,7 @@ fn half_closed_before_tracing_is_tracked() {
     drop(client);
     thread::sleep(Duration::from_millis(100));
 
-    let mut tracer = trace(&ns, &["--stuck-after", "1s"]);
+    let mut tracer = Tracer::in_netns(&ns, &["--stuck-after", "1s"]);
     let stuck = tracer.wait_for("the server's stuck report", |v| {
         is(v, "halfclose_stuck", 8004, 45004)
     });

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Netns, Tracer, is, records_read};
+use common::{Netns, Tracer, is, records_read, send_signal};
 use socket2::{Domain, Socket, Type};
 
 /// Connections that each end well: the client sends, shuts down writing,
@@ -106,16 +106,14 @@ fn a_close_lost_with_the_ring_buffer_is_not_reported_stuck() {
     client.shutdown(Shutdown::Write).unwrap();
     // Long enough for a scan to see it half-closed.
     thread::sleep(Duration::from_millis(1500));
-    // SAFETY: stops and resumes the tracer process this test started.
-    unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
+    send_signal(tracer.pid(), libc::SIGSTOP);
     for i in 0..500 {
         let from = format!("127.0.0.1:{}", 21000 + i);
         assert!(ns.connect(&from, "127.0.0.1:9").is_err());
     }
     drop((client, server));
     thread::sleep(Duration::from_millis(2500));
-    // SAFETY: as above.
-    unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
+    send_signal(tracer.pid(), libc::SIGCONT);
     thread::sleep(Duration::from_millis(2500));
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");

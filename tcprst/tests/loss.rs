@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Netns, Tracer, records_read, rsts};
+use common::{Netns, Tracer, records_read, rsts, send_signal};
 
 #[test]
 fn overflow_is_counted_and_reported() {
@@ -20,12 +20,12 @@ fn overflow_is_counted_and_reported() {
         "0",
     ]);
     // Freeze the reader so the ring buffer fills up.
-    unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
+    send_signal(tracer.pid(), libc::SIGSTOP);
     for i in 0..CONNECTS {
         let from = format!("127.0.0.1:{}", 20000 + i);
         assert!(ns.connect(&from, "127.0.0.1:9").is_err());
     }
-    unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
+    send_signal(tracer.pid(), libc::SIGCONT);
     // The loss report comes within a second of the reader resuming.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);

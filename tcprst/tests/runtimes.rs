@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Cgroup, Netns, Tracer, cgroup2_root, require_root, wait_until};
+use common::{Cgroup, Netns, Tracer, cgroup2_root, require_root, send_signal, wait_until};
 use serde_json::Value;
 
 /// The test's scratch directory, emptied first and removed by `Scratch`.
@@ -166,9 +166,7 @@ impl Dockerd {
     }
 
     fn signal(&self, signal: i32) {
-        // SAFETY: kill() reads no memory of ours; the pid is our unreaped
-        // child, so it cannot name another process.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
+        send_signal(self.child.id(), signal);
     }
 }
 
@@ -374,9 +372,7 @@ impl Drop for Containerd {
             let _ = self.ctr_output(&["task", "delete", "--force", id]);
             let _ = self.ctr_output(&["container", "delete", id]);
         }
-        // SAFETY: kill() reads no memory of ours; the pid is our unreaped
-        // child, so it cannot name another process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        send_signal(self.child.id(), libc::SIGTERM);
         common::wait_timeout(&mut self.child, Duration::from_secs(30));
     }
 }

@@ -22,12 +22,11 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{Shutdown, TcpStream},
-    time::Duration,
 };
 
-use common::{Cgroup, Netns, Process, Tracer};
+use common::{Cgroup, ChildGuard, Netns, Tracer, read_within};
 use serde_json::Value;
 
 const APP_ID: &str = "a0e1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5061728394a5b6c7d8e9";
@@ -95,14 +94,13 @@ while True:
 }
 
 fn read(conn: &mut TcpStream) -> Vec<u8> {
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0; 64];
-    let n = conn.read(&mut buf).unwrap();
+    let n = read_within(conn, &mut buf).unwrap();
     buf[..n].to_vec()
 }
 
 /// A kernel-sent reset of `container`'s socket, whose holder is `holder`.
-fn assert_blames(reset: &Value, cgroup: &Cgroup, container: &str, holder: &Process) {
+fn assert_blames(reset: &Value, cgroup: &Cgroup, container: &str, holder: &ChildGuard) {
     assert_eq!(reset["reason"], "TCP_ABORT_ON_DATA", "{reset:#}");
     assert_eq!(reset["context"], "softirq", "{reset:#}");
     assert!(reset["pid"].is_null(), "softirq blames no task: {reset:#}");
@@ -116,7 +114,7 @@ fn assert_blames(reset: &Value, cgroup: &Cgroup, container: &str, holder: &Proce
 
 /// `container`'s socket received a reset, and tcprst found who sent it:
 /// `sender`'s socket, held by `holder`.
-fn assert_heard_from(receipt: &Value, container: &str, sender: &str, holder: &Process) {
+fn assert_heard_from(receipt: &Value, container: &str, sender: &str, holder: &ChildGuard) {
     assert_eq!(receipt["container"]["id"], container, "{receipt:#}");
     assert_eq!(receipt["peer"]["container"]["id"], sender, "{receipt:#}");
     assert_eq!(
@@ -143,8 +141,8 @@ fn each_kernel_reset_names_its_sockets_container() {
     // filter would hide from tcprst the sends that tell each receipt who
     // reset it (its peer).
     let mut tracer = Tracer::start(&["--port", &APP_PORT.to_string()]);
-    let app = Process::python(&ns, &app_cgroup, &app_script());
-    let sidecar = Process::python(&ns, &sidecar_cgroup, &sidecar_script());
+    let app = ChildGuard::python(&ns, &app_cgroup, &app_script());
+    let sidecar = ChildGuard::python(&ns, &sidecar_cgroup, &sidecar_script());
     ns.wait_listening(APP_PORT);
     ns.wait_listening(SIDECAR_PORT);
     let client = || {

@@ -15,13 +15,6 @@ use serde_json::Value;
 
 const CLOSED_PORT: &str = "127.0.0.1:9";
 
-fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
-    let inode = ns.inode.to_string();
-    let mut args = vec!["--netns", inode.as_str()];
-    args.extend_from_slice(extra);
-    Tracer::start(&args)
-}
-
 fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
     records.iter().filter(|v| v["kind"] == kind).collect()
 }
@@ -33,7 +26,7 @@ fn count_of(records: &[&Value]) -> u64 {
 #[test]
 fn every_reset_is_counted_exactly_in_a_storm() {
     let ns = Netns::new();
-    let tracer = trace_netns(&ns, &[]);
+    let tracer = Tracer::in_netns(&ns, &[]);
     let refused = ns.refused_connects(2.0);
     assert!(refused > 1000, "only {refused} connects in 2 s");
     // The last tallies are read as tracing stops.
@@ -75,7 +68,7 @@ fn every_reset_is_counted_exactly_in_a_storm() {
 #[test]
 fn a_key_gets_its_budget_of_detailed_records_a_second() {
     let ns = Netns::new();
-    let tracer = trace_netns(&ns, &["--detail-per-sec", "5"]);
+    let tracer = Tracer::in_netns(&ns, &["--detail-per-sec", "5"]);
     let refused = ns.refused_connects(2.0);
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
@@ -95,7 +88,7 @@ fn a_key_gets_its_budget_of_detailed_records_a_second() {
 fn every_reset_gets_a_record_with_no_budget() {
     let ns = Netns::new();
     // Room for every record, so the count is about budgets, not loss.
-    let tracer = trace_netns(&ns, &["--detail-per-sec", "0", "--buffer-pages", "4096"]);
+    let tracer = Tracer::in_netns(&ns, &["--detail-per-sec", "0", "--buffer-pages", "4096"]);
     let refused = ns.refused_connects(0.5);
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
@@ -124,7 +117,7 @@ fn every_reset_gets_a_record_with_no_budget() {
 #[test]
 fn a_lone_reset_after_a_storm_is_shown_promptly() {
     let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &[]);
+    let mut tracer = Tracer::in_netns(&ns, &[]);
     let refused = ns.refused_connects(1.0);
     tracer.wait_for_rsts(2 * refused);
     let sent_at = Instant::now();

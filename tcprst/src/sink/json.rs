@@ -264,16 +264,19 @@ impl Head {
     }
 }
 
-struct Endpoints {
+/// A connection's two ends as every record shows them; `tcprst snapshot`'s
+/// rows too, through serde.
+#[derive(serde::Serialize)]
+pub(crate) struct Endpoints {
     family: &'static str,
     local_addr: IpAddr,
-    local_port: u16,
+    pub local_port: u16,
     remote_addr: IpAddr,
-    remote_port: u16,
+    pub remote_port: u16,
 }
 
 impl Endpoints {
-    fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+    pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
         Self {
             family: if local.is_ipv6() { "ipv6" } else { "ipv4" },
             local_addr: local.ip(),
@@ -281,6 +284,14 @@ impl Endpoints {
             remote_addr: remote.ip(),
             remote_port: remote.port(),
         }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.local_addr, self.local_port)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.remote_addr, self.remote_port)
     }
 
     fn fields(&self, o: &mut Object) {
@@ -360,16 +371,19 @@ fn history(conn: Option<&Connection>, now: SystemTime) -> Vec<StepJson<'_>> {
     .unwrap_or_default()
 }
 
-struct ProcessJson<'a> {
-    pid: u32,
-    comm: &'a str,
+/// A process as records and `tcprst snapshot`'s rows show it; `comm` is
+/// borrowed here, owned in a snapshot row.
+#[derive(serde::Serialize)]
+pub(crate) struct ProcessJson<Comm> {
+    pub pid: u32,
+    pub comm: Comm,
 }
 
-impl Json for ProcessJson<'_> {
+impl<Comm: AsRef<str>> Json for ProcessJson<Comm> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
             .field("pid", &self.pid)
-            .field("comm", self.comm)
+            .field("comm", self.comm.as_ref())
             .end();
     }
 }
@@ -433,7 +447,7 @@ struct WhoJson<'a> {
     container: Option<ContainerJson<'a>>,
     pod: Option<PodJson<'a>>,
     service: Option<&'a str>,
-    owner: Option<ProcessJson<'a>>,
+    owner: Option<ProcessJson<&'a str>>,
 }
 
 impl<'a> WhoJson<'a> {
@@ -468,7 +482,7 @@ impl<'a> WhoJson<'a> {
             service: cgroup.and_then(|c| c.service.as_deref()),
             owner: a.owner.as_ref().map(|o| ProcessJson {
                 pid: o.pid,
-                comm: &o.comm,
+                comm: &*o.comm,
             }),
         }
     }

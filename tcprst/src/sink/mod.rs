@@ -12,13 +12,14 @@ use std::{
 };
 
 pub use json::JsonSink;
+pub(crate) use json::{Endpoints, ProcessJson};
 pub use table::TableSink;
 
 use crate::{
     conntrack::Found,
     diagnosis::{self, KernelView, RstDiagnosis, StuckDiagnosis},
     enrich::Attribution,
-    event::{Process, RstEvent, Task},
+    event::RstEvent,
     origin::Origin,
     tracker::{Connection, Resolved, RstContext},
 };
@@ -126,21 +127,6 @@ pub fn open(format: OutputFormat, out: Box<dyn Write>, node: String) -> Box<dyn 
 
 fn rfc3339_micros(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
-}
-
-/// `comm[pid]`, the way people name processes.
-pub fn task_label(task: &Task) -> String {
-    process_label(task.pid, &task.comm)
-}
-
-pub fn process_label(pid: u32, comm: &str) -> String {
-    format!("{comm}[{pid}]")
-}
-
-impl Process {
-    pub fn label(&self) -> String {
-        process_label(self.pid, &self.comm)
-    }
 }
 
 #[cfg(test)]

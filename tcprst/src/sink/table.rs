@@ -8,10 +8,11 @@ use comfy_table::{
     Attribute, Cell, Color, ColumnConstraint, ContentArrangement, Table, Width, presets,
 };
 
-use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros, task_label};
+use super::{LossReport, ResolvedReport, RstReport, Sink, StuckReport, rfc3339_micros};
 use tcprst_common::TALLY_PORTS;
 
 use crate::{
+    cgroup::container_label,
     enrich::Attribution,
     event::{ExecContext, RstEvent, RstKind},
     terminal::{cell, terminal_safe},
@@ -145,16 +146,10 @@ fn whose(a: &Attribution) -> String {
     }
     if let Some(c) = a.cgroup.as_deref() {
         if let Some(id) = &c.container_id {
-            let runtime = c
-                .runtime
-                .or(a.from_runtime.as_ref().map(|m| m.runtime))
-                .unwrap_or("container");
+            let runtime = c.runtime.or(a.from_runtime.as_ref().map(|m| m.runtime));
             // People know their containers by name; the id until the
             // runtime has said it.
-            return match &a.container_name {
-                Some(name) => format!("{runtime}:{name}"),
-                None => format!("{runtime}:{}", &id[..12]),
-            };
+            return container_label(runtime, a.container_name.as_deref(), id);
         }
         if let Some(service) = &c.service {
             return format!("{service}.service");
@@ -184,7 +179,7 @@ fn task(ev: &RstEvent) -> String {
     match (&ev.task, ev.context) {
         (_, ExecContext::Softirq) | (None, _) => "(softirq)".to_owned(),
         (Some(t), ExecContext::KernelThread) => format!("[{}]", t.comm),
-        (Some(t), ExecContext::Process) => task_label(t),
+        (Some(t), ExecContext::Process) => t.label(),
     }
 }
 
@@ -249,7 +244,7 @@ impl Sink for TableSink {
 
     fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
         let who = match (&r.conn.initiator, &r.attribution.owner) {
-            (Some(i), _) => task_label(&i.task),
+            (Some(i), _) => i.task.label(),
             (None, Some(owner)) => owner.label(),
             (None, None) => "-".to_owned(),
         };

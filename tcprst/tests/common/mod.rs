@@ -6,6 +6,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, ErrorKind},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::PathBuf,
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{
@@ -19,6 +20,10 @@ use std::{
 
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
+use tcprst_common::{
+    READY_LINE,
+    stderr::{ERROR, PREFIX, STOPPED},
+};
 use tcprst_loadgen::netns::ScratchNetns;
 
 pub const TCPRST: &str = env!("CARGO_BIN_EXE_tcprst");
@@ -267,9 +272,9 @@ impl Drop for Cgroup {
 }
 
 /// A child process, killed when dropped.
-pub struct Process(pub Child);
+pub struct ChildGuard(pub Child);
 
-impl Process {
+impl ChildGuard {
     /// `python3 -c script` in `cgroup` and `ns`, as a runtime starts a
     /// container's process: it joins the cgroup before it execs, so every
     /// socket it creates belongs to the cgroup. The shell joins it before
@@ -294,11 +299,18 @@ impl Process {
     }
 }
 
-impl Drop for Process {
+impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Sends `signal` to `pid`, which must be a child this test started and
+/// has not reaped (so the pid cannot have been reused for another process).
+pub fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill() reads no memory of ours; the caller vouches for `pid`.
+    unsafe { libc::kill(pid as i32, signal) };
 }
 
 /// Polls `done` until it holds, for at most `timeout`; panics naming `what`.
@@ -344,35 +356,60 @@ impl Spawned {
     /// a wrapper such as setpriv that ends in it.
     pub fn start_by(mut tcprst: Command, output: &str, args: &[&str]) -> Self {
         require_root();
+        // tcprst says it is tracing on this pipe (--ready-fd): READY_LINE,
+        // then EOF; EOF alone if it exits first.
+        let (ready_reader, ready_writer) = std::io::pipe().unwrap();
+        let ready_fd = ready_writer.as_raw_fd();
+        // SAFETY: between fork and exec the closure only calls fcntl(),
+        // which is async-signal-safe, on a descriptor `ready_writer` keeps
+        // open until the spawn returns.
+        unsafe {
+            tcprst.pre_exec(move || {
+                // The pipe is close-on-exec; only tcprst may keep it.
+                if libc::fcntl(ready_fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = tcprst
-            .args(["trace", "-o", output])
+            .args(["trace", "-o", output, "--ready-fd", &ready_fd.to_string()])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
+        drop(ready_writer);
         let (ready_tx, ready_rx) = channel();
-        {
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(ready_reader).read_line(&mut line);
+            let _ = ready_tx.send(line == READY_LINE);
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let stderr_reader = {
             let stderr = stderr.clone();
             let pipe = child.stderr.take().unwrap();
             thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if line.starts_with("tcprst: tracing") {
-                        let _ = ready_tx.send(());
-                    }
                     stderr.lock().unwrap().push(line);
                 }
-            });
-        }
+            })
+        };
         let stdout = child.stdout.take();
         let spawned = Self {
             child,
             stdout,
             stderr,
         };
-        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let ready = ready_rx.recv_timeout(Duration::from_secs(60));
+        if ready != Ok(true) {
+            if ready == Ok(false) {
+                // It exited: its last words are on their way to the end
+                // of its stderr.
+                let _ = stderr_reader.join();
+            }
             panic!(
                 "tcprst did not start tracing; stderr:\n{}",
                 spawned.stderr_text()
@@ -396,6 +433,14 @@ pub struct Tracer {
 impl Tracer {
     pub fn start(args: &[&str]) -> Self {
         Self::start_by(Command::new(TCPRST), args)
+    }
+
+    /// Tracing only `ns` (named by its inode), with `extra` flags.
+    pub fn in_netns(ns: &Netns, extra: &[&str]) -> Self {
+        let inode = ns.inode.to_string();
+        let mut args = vec!["--netns", inode.as_str()];
+        args.extend_from_slice(extra);
+        Self::start(&args)
     }
 
     /// Tracing as if on the Kubernetes node `node` (NODE_NAME).
@@ -488,9 +533,7 @@ impl Tracer {
     /// Sends `signal`, waits for the exit, and returns every record seen
     /// and stderr.
     pub fn stop_with(mut self, signal: i32) -> (ExitStatus, Vec<Value>, String) {
-        // SAFETY: kill() reads no memory of ours; the pid is our unreaped
-        // child, so it cannot name another process.
-        unsafe { libc::kill(self.spawned.child.id() as i32, signal) };
+        send_signal(self.spawned.child.id(), signal);
         let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
         // The reader threads may still be on their last lines.
         thread::sleep(Duration::from_millis(100));
@@ -565,9 +608,7 @@ impl TableTracer {
 
     /// Stops with SIGTERM and returns all of stdout.
     pub fn stop(mut self) -> Vec<u8> {
-        // SAFETY: kill() reads no memory of ours; the pid is our unreaped
-        // child, so it cannot name another process.
-        unsafe { libc::kill(self.spawned.child.id() as i32, libc::SIGTERM) };
+        send_signal(self.spawned.child.id(), libc::SIGTERM);
         let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
         assert!(
             status.success(),
@@ -603,12 +644,34 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
+/// The rest of a tcprst stderr `line` whose message starts with `start`
+/// (one of `tcprst_common::stderr`'s).
+pub fn message<'l>(line: &'l str, start: &str) -> Option<&'l str> {
+    line.strip_prefix(PREFIX)?.strip_prefix(start)
+}
+
+/// The exit summary after its "stopped: ", if tcprst wrote one.
+pub fn exit_summary(stderr: &str) -> Option<&str> {
+    stderr.lines().find_map(|line| message(line, STOPPED))
+}
+
+/// The message of the one error line a failed run writes; panics, showing
+/// `stderr`, when there is none or more than one.
+pub fn the_error(stderr: &str) -> &str {
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter_map(|line| message(line, ERROR))
+        .collect();
+    match errors[..] {
+        [error] => error,
+        _ => panic!("expected exactly one error line in:\n{stderr}"),
+    }
+}
+
 /// The number just before `what` in the exit summary ("…, 0 lost, …"
 /// for `" lost"`); panics naming `what` when the summary has none.
 pub fn summary_count(stderr: &str, what: &str) -> u64 {
-    stderr
-        .split("stopped: ")
-        .nth(1)
+    exit_summary(stderr)
         .and_then(|s| s.split(what).next())
         .and_then(|s| s.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
@@ -617,9 +680,7 @@ pub fn summary_count(stderr: &str, what: &str) -> u64 {
 
 /// N in the exit summary's "stopped: N records read, …".
 pub fn records_read(stderr: &str) -> u64 {
-    stderr
-        .split("stopped: ")
-        .nth(1)
+    exit_summary(stderr)
         .and_then(|s| s.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no totals in {stderr}"))
@@ -754,12 +815,18 @@ pub fn metric(
         })
 }
 
-/// Reads from `stream` until the reset the test made arrives (5 s at most).
-pub fn expect_reset(stream: &mut TcpStream) {
+/// One read from `stream`, waiting 5 s at most: a peer that never answers
+/// fails the test instead of hanging it.
+pub fn read_within(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
     use std::io::Read as _;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let err = stream.read(&mut [0u8; 16]).unwrap_err();
+    stream.read(buf)
+}
+
+/// Reads from `stream` until the reset the test made arrives (5 s at most).
+pub fn expect_reset(stream: &mut TcpStream) {
+    let err = read_within(stream, &mut [0u8; 16]).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 }
