@@ -620,6 +620,8 @@ pub mod stderr {
     pub const STOPPED: &str = "stopped: ";
     /// Starts the one line a failed run ends with, saying what failed.
     pub const ERROR: &str = "error: ";
+    /// With `-v`, a line per reset function: `hook NAME: how it attached`.
+    pub const HOOK: &str = "hook ";
 }
 
 /// What `tcprst trace --ready-fd N` writes to descriptor N, once, when

@@ -342,7 +342,12 @@ impl Probes {
             log::Level::Info
         };
         for plan in &self.plans {
-            log::log!(level, "hook {}: {plan}", plan.function.function);
+            log::log!(
+                level,
+                "{}{}: {plan}",
+                tcprst_common::stderr::HOOK,
+                plan.function.function
+            );
         }
         let by_function = |tier: &Option<AttachTier>| {
             matches!(tier, Some(AttachTier::Fentry | AttachTier::Kprobe))

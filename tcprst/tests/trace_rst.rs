@@ -9,13 +9,6 @@ use common::{Netns, Tracer, assert_exact, expect_reset, find};
 use serde_json::Value;
 use tcprst_loadgen::scenario::{self, ACTIVE_REASONS_SINCE, Scenario};
 
-fn trace_netns(ns: &Netns, extra: &[&str]) -> Tracer {
-    let inode = ns.inode.to_string();
-    let mut args = vec!["--netns", inode.as_str()];
-    args.extend_from_slice(extra);
-    Tracer::start(&args)
-}
-
 /// A connect() from `from` to `to`, where nothing listens: it must fail
 /// with ECONNREFUSED.
 fn closed_port(ns: &Netns, from: &str, to: &str) {
@@ -55,7 +48,7 @@ fn expected(scenario: &Scenario, client: &str, server: &str, netns: u32) -> Vec<
 /// ECONNREFUSED.
 fn closed_port_resets(client: &str, server: &str) -> Vec<Value> {
     let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &[]);
+    let mut tracer = Tracer::in_netns(&ns, &[]);
     let name = if server.starts_with('[') {
         "closed-port6"
     } else {
@@ -85,7 +78,7 @@ fn closed_port_ipv4() {
 #[test]
 fn whole_stacks_only_with_the_stack_flag() {
     let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &["--stack"]);
+    let mut tracer = Tracer::in_netns(&ns, &["--stack"]);
     closed_port(&ns, "127.0.0.1:40003", "127.0.0.1:9");
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
@@ -116,7 +109,7 @@ fn closed_port_ipv6() {
 /// close() with unread data: the closer aborts the connection.
 fn close_with_unread_data(server: &str, client: &str) -> Vec<Value> {
     let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &[]);
+    let mut tracer = Tracer::in_netns(&ns, &[]);
     let scenario = make(&ns, "abort-on-close", client, server);
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
@@ -143,7 +136,7 @@ fn close_with_unread_data_ipv6() {
 #[test]
 fn linger_zero_close_is_an_active_reset() {
     let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &[]);
+    let mut tracer = Tracer::in_netns(&ns, &[]);
     let (client, server) = ("127.0.0.1:40003", "127.0.0.1:5001");
     let scenario = make(&ns, "linger0", client, server);
     tracer.wait_for_rsts(2);
@@ -159,7 +152,7 @@ fn linger_zero_close_is_an_active_reset() {
 #[test]
 fn a_listener_closed_with_a_queued_connection() {
     let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &[]);
+    let mut tracer = Tracer::in_netns(&ns, &[]);
     let listener = ns.listen("127.0.0.1:5004");
     let mut client = ns.connect("127.0.0.1:40009", "127.0.0.1:5004").unwrap();
     drop(listener);
@@ -180,7 +173,7 @@ fn a_listener_closed_with_a_queued_connection() {
 #[test]
 fn port_filter_excludes_other_ports() {
     let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &["--port", "5003"]);
+    let mut tracer = Tracer::in_netns(&ns, &["--port", "5003"]);
     // First a reset the filter must drop, then one it must keep: when the
     // second has arrived, the first would have too.
     closed_port(&ns, "127.0.0.1:40004", "127.0.0.1:5002");
@@ -204,7 +197,7 @@ fn port_filter_excludes_other_ports() {
 #[test]
 fn kind_addr_and_family_filters() {
     let ns = Netns::new();
-    let mut tracer = trace_netns(&ns, &["--kind", "rst_received", "--addr", "::1", "-6"]);
+    let mut tracer = Tracer::in_netns(&ns, &["--kind", "rst_received", "--addr", "::1", "-6"]);
     closed_port(&ns, "127.0.0.1:40006", "127.0.0.1:9");
     closed_port(&ns, "[::1]:40006", "[::1]:9");
     tracer.wait_for_rsts(1);

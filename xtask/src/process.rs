@@ -135,6 +135,12 @@ pub(crate) fn last_line(path: &Path) -> String {
         .unwrap_or_else(|| "no output".into())
 }
 
+/// A line tcprst writes to stderr that starts with `what`
+/// (`tcprst_common::stderr`), as xtask looks for it.
+pub(crate) fn tcprst_line(what: &str) -> String {
+    format!("{}{what}", tcprst_common::stderr::PREFIX)
+}
+
 pub(crate) fn wait_for_marker(proc: &Proc, log: &Path, marker: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !fs::read_to_string(log).is_ok_and(|s| s.contains(marker)) {

@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
+use tcprst_common::stderr;
 
 use crate::{
     bench::{
@@ -17,7 +18,7 @@ use crate::{
         tracer::{Kind, Load, Scrape, count_output, json_number, run_load},
     },
     mountinfo::mount_point,
-    process::{Proc, create, last_line, wait_for_marker},
+    process::{Proc, create, last_line, tcprst_line, wait_for_marker},
     sys::{free_loopback_port, left_by_dead_run, proc_memory, remove_netns_where, run_netns},
 };
 
@@ -156,7 +157,7 @@ pub(crate) fn soak(opts: &SoakOptions) -> Result<()> {
         .stdout(create(&out)?)
         .stderr(create(&err)?);
     let mut tcprst = Proc::spawn(&mut cmd, "tcprst")?;
-    wait_for_marker(&tcprst, &err, "tcprst: tracing")?;
+    wait_for_marker(&tcprst, &err, &tcprst_line(stderr::TRACING))?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(opts.minutes * 60.0);
     // Three loads take turns; a namespace segment that runs out of time

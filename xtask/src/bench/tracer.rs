@@ -14,13 +14,14 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use tcprst_common::stderr;
 use tcprst_loadgen::netns::ScratchNetns;
 
 use crate::{
     bench::{
         CHURN_SOURCES, Ctx, ProgStat, kernel_cost::empty_programs_script, report::Measurement,
     },
-    process::{Proc, check_interrupted, create, last_line},
+    process::{Proc, check_interrupted, create, last_line, tcprst_line},
     soak::SOAK_NETNS_PORT,
     sys::{
         clock_ticks_per_s, proc_cpu_ticks, proc_memory, run_netns, system_busy_s, system_idle_s,
@@ -401,13 +402,13 @@ impl Running {
     /// tracepoints takes milliseconds: a second more is plenty.
     pub(crate) fn wait_ready(&self) -> Result<()> {
         let (file, marker) = match self.kind {
-            Kind::Tcprst => (&self.err, "tcprst: tracing"),
-            Kind::Bpftrace => (&self.out, "Attaching "),
+            Kind::Tcprst => (&self.err, tcprst_line(stderr::TRACING)),
+            Kind::Bpftrace => (&self.out, "Attaching ".to_owned()),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             check_interrupted()?;
-            if fs::read_to_string(file).is_ok_and(|s| s.contains(marker)) {
+            if fs::read_to_string(file).is_ok_and(|s| s.contains(&marker)) {
                 break;
             }
             if self.proc.exited() {
@@ -466,7 +467,7 @@ impl Running {
         let cpu_s = (ticks - ticks_before) as f64 / clock_ticks_per_s();
         let (events, rst_events, lost) = count_output(self.kind, &self.out, &self.err, |_| true)?;
         let stderr = fs::read_to_string(&self.err).unwrap_or_default();
-        let stopped = stderr.lines().find_map(|l| l.split("stopped: ").nth(1));
+        let stopped = stderr.lines().find_map(|l| l.split(stderr::STOPPED).nth(1));
         let records_read = stopped.and_then(|s| s.split(' ').next()?.parse().ok());
         let final_lost = stopped.and_then(|s| nth_number_before(s, "lost"));
         let hooks = stderr

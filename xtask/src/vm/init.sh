@@ -18,10 +18,11 @@ section() { echo "@@begin $1" >&3; cat "$2" >&3; echo "@@end $1" >&3; }
 # Setup failures are collected, not fatal: the host reports them.
 try() { "$@" 2>>/tmp/setup || echo "$* failed: exit $?" >>/tmp/setup; }
 
-# tcprst says when its programs are attached; under TCG that takes seconds.
+# tcprst writes "ready" to --ready-fd once its programs are attached;
+# under TCG that takes seconds.
 attached() {
     for _ in $(seq 600); do
-        grep -q '^tcprst: tracing' /tmp/err && return 0
+        grep -q '^ready$' /tmp/ready && return 0
         kill -0 "$1" 2>/dev/null || return 1
         usleep 100000
     done
@@ -33,7 +34,8 @@ attached() {
 trace() {
     plan=$1
     shift
-    tcprst trace -v -o json "$@" >/tmp/out 2>/tmp/err &
+    : >/tmp/ready
+    tcprst trace -v -o json --ready-fd 4 "$@" >/tmp/out 2>/tmp/err 4>/tmp/ready &
     pid=$!
     : >/tmp/scenarios
     if attached "$pid"; then

@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use serde_json::Value;
+use tcprst_common::stderr;
 use tcprst_loadgen::scenario::{Outcome, SCENARIOS, Scenario};
+
+use crate::process::tcprst_line;
 
 use super::{
     AttachPlan, Guest, HookLine, Tier,
@@ -190,7 +193,8 @@ pub(crate) fn judge_plan(
             }
         };
     }
-    if stderr.lines().any(|l| l.starts_with("tcprst: tracing")) {
+    let tracing = tcprst_line(stderr::TRACING);
+    if stderr.lines().any(|l| l.starts_with(&tracing)) {
         failures.push("tcprst traced, though no TCP hook should attach".to_owned());
     }
     if sections
@@ -265,7 +269,8 @@ impl<'a> Run<'a> {
                 .ok_or("the guest did not run it")
         };
         let stderr = section("err")?;
-        if !stderr.lines().any(|l| l.starts_with("tcprst: tracing")) {
+        let tracing = tcprst_line(stderr::TRACING);
+        if !stderr.lines().any(|l| l.starts_with(&tracing)) {
             let last = stderr.lines().last().unwrap_or("no output");
             return Err(format!("tcprst never attached: {last}"));
         }
@@ -349,9 +354,10 @@ impl<'a> Run<'a> {
 
 /// What each `tcprst: hook HOOK: …` line says, by hook.
 pub(crate) fn hook_lines(stderr: &str) -> HashMap<&str, &str> {
+    let hook = tcprst_line(stderr::HOOK);
     stderr
         .lines()
-        .filter_map(|l| l.strip_prefix("tcprst: hook ")?.split_once(": "))
+        .filter_map(|l| l.strip_prefix(&hook)?.split_once(": "))
         .collect()
 }
 
