@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcprst::btf::KernelBtf;
+use tcprst::bpf::btf::KernelBtf;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(btf) = KernelBtf::from_bytes(data) else {

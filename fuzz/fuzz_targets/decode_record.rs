@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcprst::{clock::WallClock, decode::Decoder, layout::ReasonNames};
+use tcprst::{pipeline::clock::WallClock, pipeline::decode::Decoder, bpf::layout::ReasonNames};
 
 fuzz_target!(|data: &[u8]| {
     let mut decoder = Decoder::new(ReasonNames::default(), WallClock::now());

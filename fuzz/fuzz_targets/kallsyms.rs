@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcprst::stacks::{Kallsyms, caller};
+use tcprst::bpf::stacks::{Kallsyms, caller};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -2,10 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcprst::{
-    layout::{self, ReasonNames},
-    tracefs::EventFormat,
-};
+use tcprst::{bpf::layout::{self, ReasonNames}, bpf::tracefs::EventFormat};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -24,15 +24,15 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tcprst::{
-    clock::WallClock,
-    decode::Decoder,
-    diagnosis::KernelView,
-    enrich::{Attribution, acting_owner},
-    event::{RstEvent, RstKind},
-    layout::ReasonNames,
-    origin::Origin,
-    sink::{JsonSink, Peer, RstReport, Sink},
-    tracefs::EventFormat,
+    bpf::layout::ReasonNames,
+    bpf::tracefs::EventFormat,
+    host::enrich::{Attribution, acting_owner},
+    model::event::{RstEvent, RstKind},
+    output::{JsonSink, Peer, RstReport, Sink},
+    pipeline::clock::WallClock,
+    pipeline::decode::Decoder,
+    pipeline::diagnosis::KernelView,
+    pipeline::origin::Origin,
 };
 
 /// The system allocator, counting allocations.

@@ -1,22 +1,15 @@
-use std::{
-    io::{IsTerminal as _, Write as _},
-    process::ExitCode,
-};
+use std::{io::Write as _, process::ExitCode};
 
 use anyhow::Result;
 use clap::Parser as _;
 
 use tcprst::{
-    attach::AttachRequest,
-    cli::{self, Cli, Command, CorrelateArgs, DoctorArgs, KindArg, SnapshotArgs, TraceArgs},
-    correlate, doctor,
-    filter::{self, EventFilter, Family},
-    privileges,
-    probes::ProbeConfig,
-    runtimes::RuntimeOptions,
-    sink::OutputFormat,
-    snapshot, trace,
-    trace::TraceOptions,
+    bpf::attach::AttachRequest,
+    cli::{
+        args::{self, Cli, Command, CorrelateArgs, DoctorArgs, SnapshotArgs, TraceArgs},
+        options,
+    },
+    cmd::{correlate, doctor, snapshot, trace},
 };
 use tcprst_common::stderr::{ERROR, PREFIX};
 
@@ -49,13 +42,13 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor_command(args),
         Command::Correlate(args) => correlate_command(args),
         Command::Completions { shell } => {
-            let script = cli::completions(shell);
+            let script = args::completions(shell);
             match std::io::stdout().lock().write_all(&script) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e.into(), EXIT_FAILED),
             }
         }
-        Command::Man { dir } => match cli::write_man_pages(&dir) {
+        Command::Man { dir } => match args::write_man_pages(&dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(
                 &anyhow::Error::new(e).context(format!("writing man pages into {}", dir.display())),
@@ -102,26 +95,10 @@ fn correlate_command(args: CorrelateArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn default_output(requested: Option<OutputFormat>) -> OutputFormat {
-    requested.unwrap_or(if std::io::stdout().is_terminal() {
-        OutputFormat::Table
-    } else {
-        OutputFormat::Json
-    })
-}
-
 fn snapshot_command(args: SnapshotArgs) -> ExitCode {
-    let netns = match args.netns.as_deref().map(filter::resolve_netns).transpose() {
-        Ok(netns) => netns,
+    let opts = match options::snapshot_options(&args) {
+        Ok(opts) => opts,
         Err(e) => return fail(&e, EXIT_UNUSABLE),
-    };
-    // SAFETY: geteuid takes nothing and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        log::warn!("not root: other namespaces and other users' processes are not visible");
-    }
-    let opts = snapshot::SnapshotOptions {
-        output: default_output(args.output),
-        netns,
     };
     match snapshot::run(&opts, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,7 +108,7 @@ fn snapshot_command(args: SnapshotArgs) -> ExitCode {
 
 fn doctor_command(args: DoctorArgs) -> ExitCode {
     let report = doctor::examine(&args.kernel.btf, &AttachRequest::new(&args.kernel.attach));
-    let output = default_output(args.output);
+    let output = options::output_format(args.output);
     if let Err(e) = report.write(output, &mut std::io::stdout().lock()) {
         return fail(&e, EXIT_FAILED);
     }
@@ -143,7 +120,7 @@ fn doctor_command(args: DoctorArgs) -> ExitCode {
 }
 
 fn trace_command(args: TraceArgs) -> ExitCode {
-    let opts = match prepare(args) {
+    let opts = match options::trace_options(args) {
         Ok(opts) => opts,
         Err(e) => return fail(&e, EXIT_UNUSABLE),
     };
@@ -162,65 +139,6 @@ fn trace_command(args: TraceArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, EXIT_FAILED),
     }
-}
-
-/// Checks everything about the request before touching the kernel.
-fn prepare(args: TraceArgs) -> Result<TraceOptions> {
-    // First, before tcprst opens anything that could take the number.
-    let ready = args.ready_fd.map(trace::take_ready_fd).transpose()?;
-    privileges::check()?;
-    let netns = args
-        .netns
-        .as_deref()
-        .map(filter::resolve_netns)
-        .transpose()?;
-    if let Some(pid) = args.pid {
-        filter::check_pid_exists(pid)?;
-    }
-    let output = default_output(args.output);
-    Ok(TraceOptions {
-        probes: ProbeConfig {
-            // Received resets are explained by the sent ones they match.
-            rst_sent: args.kind != Some(KindArg::Halfclose),
-            rst_received: matches!(args.kind, None | Some(KindArg::RstReceived)),
-            filter: filter::kernel_filter(args.port, netns, args.pid),
-            buffer_pages: args.buffer_pages,
-            history: args.history,
-            whole_stacks: args.stack,
-            detail_per_sec: args.detail_per_sec,
-            debug_bpf: args.debug_bpf,
-            btf: args.kernel.btf,
-            attach: AttachRequest::new(&args.kernel.attach),
-            probe_every_tier: false,
-        },
-        filter: EventFilter {
-            addrs: args.addrs,
-            comm: args.comm,
-            family: match (args.ipv4, args.ipv6) {
-                (true, _) => Some(Family::V4),
-                (_, true) => Some(Family::V6),
-                _ => None,
-            },
-            halfclose: matches!(args.kind, None | Some(KindArg::Halfclose)),
-            rst_sent: matches!(args.kind, None | Some(KindArg::RstSent)),
-            container: args.container,
-            pod: args.pod,
-            namespace: args.namespace,
-            cgroup: args.cgroup,
-        },
-        output,
-        stuck_after: args.stuck_after,
-        stuck_repeat: args.stuck_repeat,
-        max_connections: args.max_connections as usize,
-        kubeconfig: args.kubeconfig,
-        pod_labels: args.pod_labels,
-        runtimes: RuntimeOptions {
-            docker_socket: args.docker_socket,
-            containerd_state: args.containerd_state,
-        },
-        metrics_addr: args.metrics_addr,
-        ready,
-    })
 }
 
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {

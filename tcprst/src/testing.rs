@@ -5,14 +5,15 @@ use std::time::{Duration, SystemTime};
 use tcprst_common::{AF_INET, RecordKind, RstRecord, TaskInfo, Tuple, rst_flags};
 
 use crate::{
-    clock::WallClock,
-    decode::Decoder,
-    event::{
+    bpf::layout::ReasonNames,
+    model::conn::ConnKey,
+    model::event::{
         AttachTier, CloseHistory, CloseOp, Errno, ExecContext, Initiator, ResetHook, RstEvent,
         RstKind, ShutHow, SocketFacts, Task, TcpState,
     },
-    layout::ReasonNames,
-    tracker::{ConnKey, ScannedSocket},
+    pipeline::clock::WallClock,
+    pipeline::decode::Decoder,
+    pipeline::tracker::ScannedSocket,
 };
 
 pub fn t(secs: u64) -> SystemTime {
@@ -60,7 +61,7 @@ pub fn reset(
         cgroup_id: None,
         socket: None,
         history: None,
-        frames: [0; crate::event::CALLER_FRAMES],
+        frames: [0; crate::model::event::CALLER_FRAMES],
         stack_id: None,
         hook: match kind {
             RstKind::Sent => ResetHook::SendResetTracepoint,
@@ -117,9 +118,9 @@ pub fn scanned(state: TcpState, history: Option<CloseHistory>, orphaned: bool) -
 }
 
 /// A diagnosis with this text (its cause is not what the test is about).
-pub fn diagnosis(text: &str) -> crate::diagnosis::RstDiagnosis {
-    crate::diagnosis::RstDiagnosis {
-        cause: crate::diagnosis::Cause::PeerAborted,
+pub fn diagnosis(text: &str) -> crate::pipeline::diagnosis::RstDiagnosis {
+    crate::pipeline::diagnosis::RstDiagnosis {
+        cause: crate::pipeline::diagnosis::Cause::PeerAborted,
         text: text.to_owned(),
     }
 }

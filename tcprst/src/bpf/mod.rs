@@ -1,0 +1,13 @@
+//! The kernel side, from userspace: the running kernel's layouts (tracefs
+//! formats, BTF), the attach plan of each hook, loading and attaching the
+//! programs, and reading their maps (counters, tallies, stacks). Imports
+//! tcprst-common, nothing of tcprst's layers.
+
+pub mod attach;
+pub mod btf;
+pub mod layout;
+pub mod privileges;
+pub mod probes;
+pub mod stacks;
+pub mod tallies;
+pub mod tracefs;

@@ -1,0 +1,1243 @@
+//! NDJSON: one object per line. Field names are documented in README.md and
+//! docs/event.schema.json; every field is always present (null when unknown)
+//! so log pipelines see one stable shape.
+//!
+//! Lines are written here field by field rather than derived with serde:
+//! serde_json runs every key through its escaping loop, a byte at a time,
+//! and that was half the CPU of a reset record (#11). Keys are literals,
+//! written whole; strings are copied whole unless they need escapes, which
+//! serde_json then writes by its rules as before.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Display,
+    io::{self, Write},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use super::{
+    LossReport, ResolvedReport, RstReport, Sink, StuckReport,
+    stamp::{Stamp, StampCache},
+};
+use crate::{
+    bpf::attach::{hook_name, tier_name},
+    host::conntrack::{Found, Tuple},
+    host::enrich::Attribution,
+    model::event::{CloseOp, Initiator, NfHook, Task},
+    pipeline::origin::Origin,
+    pipeline::tracker::Connection,
+};
+
+pub struct JsonSink {
+    lines: Lines,
+    /// Every record names the node, for logs shipped off a cluster.
+    node: String,
+    stamps: StampCache,
+}
+
+impl JsonSink {
+    pub fn new(out: Box<dyn Write>, node: String) -> Self {
+        Self {
+            lines: Lines {
+                out,
+                line: Vec::new(),
+            },
+            node,
+            stamps: StampCache::default(),
+        }
+    }
+}
+
+/// Writes each record whole: a line is built in a Vec, kept from line to
+/// line so that it stops allocating once it has held the longest, and
+/// written with one call through `dyn Write`.
+struct Lines {
+    out: Box<dyn Write>,
+    line: Vec<u8>,
+}
+
+impl Lines {
+    fn write(&mut self, value: &impl Json) -> io::Result<()> {
+        self.line.clear();
+        value.write(&mut self.line);
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)
+    }
+}
+
+/// A value written as JSON onto the end of a line.
+trait Json {
+    fn write(&self, out: &mut Vec<u8>);
+}
+
+/// An object being written: `{`, then `"key":value` for each field, then
+/// `}` from `end`.
+struct Object<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'a> Object<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, empty: true }
+    }
+
+    /// `key` is a literal field name, which needs no escapes. Inlined, so
+    /// that copying each key is a few moves of a known length.
+    #[inline(always)]
+    fn field(&mut self, key: &'static str, value: &(impl Json + ?Sized)) -> &mut Self {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        value.write(self.out);
+        self
+    }
+
+    fn end(&mut self) {
+        self.out.push(b'}');
+    }
+}
+
+/// What serde_json would write for `value`: numbers and addresses, and
+/// strings that need escapes.
+fn by_serde(value: &(impl serde::Serialize + ?Sized), out: &mut Vec<u8>) {
+    serde_json::to_writer(out, value).expect("writing JSON into a Vec cannot fail");
+}
+
+/// serde_json escapes `"`, `\` and control characters, nothing else.
+fn needs_escapes(text: &[u8]) -> bool {
+    // A fold, not `any`: without the early exit the loop is vectorized, and
+    // almost every string is read to its end anyway.
+    text.iter().fold(false, |found, &b| {
+        found | (b < 0x20) | (b == b'"') | (b == b'\\')
+    })
+}
+
+impl Json for str {
+    fn write(&self, out: &mut Vec<u8>) {
+        if needs_escapes(self.as_bytes()) {
+            return by_serde(self, out);
+        }
+        out.push(b'"');
+        out.extend_from_slice(self.as_bytes());
+        out.push(b'"');
+    }
+}
+
+impl Json for String {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.as_str().write(out);
+    }
+}
+
+impl<T: Json + ?Sized> Json for &T {
+    fn write(&self, out: &mut Vec<u8>) {
+        (**self).write(out);
+    }
+}
+
+impl<T: Json + ?Sized> Json for Arc<T> {
+    fn write(&self, out: &mut Vec<u8>) {
+        (**self).write(out);
+    }
+}
+
+impl<T: Json> Json for Option<T> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Some(value) => value.write(out),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+}
+
+impl<T: Json> Json for [T] {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        for (i, item) in self.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            item.write(out);
+        }
+        out.push(b']');
+    }
+}
+
+impl<T: Json> Json for Vec<T> {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.as_slice().write(out);
+    }
+}
+
+macro_rules! json_by_serde {
+    ($($t:ty),*) => {
+        $(impl Json for $t {
+            fn write(&self, out: &mut Vec<u8>) {
+                by_serde(self, out);
+            }
+        })*
+    };
+}
+
+json_by_serde!(bool, u16, u32, u64, IpAddr);
+
+impl Json for Stamp {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.as_str().write(out);
+    }
+}
+
+/// Pod labels, by key.
+impl Json for BTreeMap<String, String> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (key, value)) in self.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            key.write(out);
+            out.push(b':');
+            value.write(out);
+        }
+        out.push(b'}');
+    }
+}
+
+/// A string from a Display, written in place instead of into a String
+/// first, and escaped after in the rare case it needs it.
+struct Text<T>(T);
+
+impl<T: Display> Json for Text<T> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.push(b'"');
+        write!(out, "{}", self.0).expect("writing into a Vec cannot fail");
+        if needs_escapes(&out[start + 1..]) {
+            let text = out.split_off(start + 1);
+            out.truncate(start);
+            by_serde(
+                std::str::from_utf8(&text).expect("Display writes UTF-8"),
+                out,
+            );
+        } else {
+            out.push(b'"');
+        }
+    }
+}
+
+fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
+    now.duration_since(at).unwrap_or_default().as_millis() as u64
+}
+
+/// The fields every connection record starts with.
+struct Head {
+    time: Stamp,
+    kind: &'static str,
+    endpoints: Endpoints,
+    netns: Option<u32>,
+}
+
+impl Head {
+    fn new(time: Stamp, kind: &'static str, conn: &Connection) -> Self {
+        Self {
+            time,
+            kind,
+            endpoints: Endpoints::new(conn.key.local, conn.key.remote),
+            netns: (conn.key.netns != 0).then_some(conn.key.netns),
+        }
+    }
+
+    fn fields<'o>(&self, out: &'o mut Vec<u8>) -> Object<'o> {
+        let mut o = Object::new(out);
+        o.field("time", &self.time).field("kind", self.kind);
+        self.endpoints.fields(&mut o);
+        o.field("netns", &self.netns);
+        o
+    }
+}
+
+/// A connection's two ends as every record shows them; `tcprst snapshot`'s
+/// rows too, through serde.
+#[derive(serde::Serialize)]
+pub(crate) struct Endpoints {
+    family: &'static str,
+    local_addr: IpAddr,
+    pub local_port: u16,
+    remote_addr: IpAddr,
+    pub remote_port: u16,
+}
+
+impl Endpoints {
+    pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+        Self {
+            family: if local.is_ipv6() { "ipv6" } else { "ipv4" },
+            local_addr: local.ip(),
+            local_port: local.port(),
+            remote_addr: remote.ip(),
+            remote_port: remote.port(),
+        }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.local_addr, self.local_port)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.remote_addr, self.remote_port)
+    }
+
+    fn fields(&self, o: &mut Object) {
+        o.field("family", self.family)
+            .field("local_addr", &self.local_addr)
+            .field("local_port", &self.local_port)
+            .field("remote_addr", &self.remote_addr)
+            .field("remote_port", &self.remote_port);
+    }
+}
+
+struct InitiatorJson<'a> {
+    op: &'static str,
+    how: Option<&'static str>,
+    pid: u32,
+    comm: &'a str,
+    ago_ms: u64,
+}
+
+impl Json for InitiatorJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("op", self.op)
+            .field("how", &self.how)
+            .field("pid", &self.pid)
+            .field("comm", self.comm)
+            .field("ago_ms", &self.ago_ms)
+            .end();
+    }
+}
+
+fn initiator(conn: Option<&Connection>, now: SystemTime) -> Option<InitiatorJson<'_>> {
+    let conn = conn?;
+    let Initiator { op, task } = conn.initiator.as_ref()?;
+    let (op, how) = match op {
+        CloseOp::Shutdown(how) => ("shutdown", Some(how.name())),
+        CloseOp::Close => ("close", None),
+        CloseOp::Exit => ("exit", None),
+    };
+    Some(InitiatorJson {
+        op,
+        how,
+        pid: task.pid,
+        comm: &task.comm,
+        ago_ms: conn.initiated_at.map_or(0, |at| ms_before(at, now)),
+    })
+}
+
+struct StepJson<'a> {
+    state: &'static str,
+    /// None for the state a close mark found, whose start it did not see.
+    ago_ms: Option<u64>,
+    by: Option<Text<&'a Initiator>>,
+}
+
+impl Json for StepJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("state", self.state)
+            .field("ago_ms", &self.ago_ms)
+            .field("by", &self.by)
+            .end();
+    }
+}
+
+fn history(conn: Option<&Connection>, now: SystemTime) -> Vec<StepJson<'_>> {
+    conn.map(|c| {
+        c.history
+            .iter()
+            .map(|step| StepJson {
+                state: step.state.name(),
+                ago_ms: step.at.map(|at| ms_before(at, now)),
+                by: step.by.as_ref().map(Text),
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A process as records and `tcprst snapshot`'s rows show it; `comm` is
+/// borrowed here, owned in a snapshot row.
+#[derive(serde::Serialize)]
+pub(crate) struct ProcessJson<Comm> {
+    pub pid: u32,
+    pub comm: Comm,
+}
+
+impl<Comm: AsRef<str>> Json for ProcessJson<Comm> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("pid", &self.pid)
+            .field("comm", self.comm.as_ref())
+            .end();
+    }
+}
+
+struct CgroupJson<'a> {
+    id: u64,
+    path: Option<&'a str>,
+}
+
+impl Json for CgroupJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("id", &self.id)
+            .field("path", &self.path)
+            .end();
+    }
+}
+
+struct ContainerJson<'a> {
+    runtime: Option<&'static str>,
+    id: &'a str,
+    name: Option<&'a str>,
+    image: Option<&'a str>,
+}
+
+impl Json for ContainerJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("runtime", &self.runtime)
+            .field("id", self.id)
+            .field("name", &self.name)
+            .field("image", &self.image)
+            .end();
+    }
+}
+
+struct PodJson<'a> {
+    uid: &'a str,
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+    qos: Option<&'static str>,
+    labels: Option<&'a BTreeMap<String, String>>,
+}
+
+impl Json for PodJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("uid", self.uid)
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("qos", &self.qos)
+            .field("labels", &self.labels)
+            .end();
+    }
+}
+
+/// Whose socket it is: namespace, cgroup, container, pod, service, owner.
+struct WhoJson<'a> {
+    netns_name: Option<&'a str>,
+    cgroup: Option<CgroupJson<'a>>,
+    container: Option<ContainerJson<'a>>,
+    pod: Option<PodJson<'a>>,
+    service: Option<&'a str>,
+    owner: Option<ProcessJson<&'a str>>,
+}
+
+impl<'a> WhoJson<'a> {
+    fn new(a: &'a Attribution) -> Self {
+        let cgroup = a.cgroup.as_deref();
+        Self {
+            netns_name: a.netns_name.as_deref(),
+            cgroup: a.cgroup_id.map(|id| CgroupJson {
+                id,
+                path: cgroup.map(|c| c.path.as_str()),
+            }),
+            container: cgroup.and_then(|c| {
+                let from_runtime = a.from_runtime.as_deref();
+                Some(ContainerJson {
+                    // A cgroupfs path (/kubepods/<qos>/pod<uid>/<id>)
+                    // names no runtime; the one that answered for it does.
+                    runtime: c.runtime.or(from_runtime.map(|m| m.runtime)),
+                    id: c.container_id.as_deref()?,
+                    name: a.container_name.as_deref(),
+                    image: from_runtime.and_then(|m| m.image.as_deref()),
+                })
+            }),
+            pod: cgroup.and_then(|c| {
+                Some(PodJson {
+                    uid: c.pod_uid.as_deref()?,
+                    namespace: a.pod.as_ref().map(|p| p.namespace.as_str()),
+                    name: a.pod.as_ref().map(|p| p.name.as_str()),
+                    qos: c.qos,
+                    labels: a.pod.as_ref().map(|p| &p.labels),
+                })
+            }),
+            service: cgroup.and_then(|c| c.service.as_deref()),
+            owner: a.owner.as_ref().map(|o| ProcessJson {
+                pid: o.pid,
+                comm: &*o.comm,
+            }),
+        }
+    }
+
+    fn fields(&self, o: &mut Object) {
+        o.field("netns_name", &self.netns_name)
+            .field("cgroup", &self.cgroup)
+            .field("container", &self.container)
+            .field("pod", &self.pod)
+            .field("service", &self.service)
+            .field("owner", &self.owner);
+    }
+}
+
+struct PeerJson<'a> {
+    netns: Option<u32>,
+    who: WhoJson<'a>,
+}
+
+impl Json for PeerJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::new(out);
+        o.field("netns", &self.netns);
+        self.who.fields(&mut o);
+        o.end();
+    }
+}
+
+struct AggregateJson<'a> {
+    first_time: Stamp,
+    ports: &'a [u16],
+}
+
+impl Json for AggregateJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("first_time", &self.first_time)
+            .field("ports", self.ports)
+            .end();
+    }
+}
+
+struct RstJson<'a> {
+    time: Stamp,
+    kind: &'static str,
+    /// The resets this record stands for: 1, or an aggregate's count.
+    count: u64,
+    aggregate: Option<AggregateJson<'a>>,
+    endpoints: Endpoints,
+    /// Both ends in a fixed order: the key another node's record of the
+    /// same reset shares (`tcprst correlate`).
+    flow: String,
+    state: Option<&'static str>,
+    reason: Option<&'a str>,
+    errno: Option<&'static str>,
+    socket_cookie: Option<u64>,
+    netns: Option<u32>,
+    context: &'static str,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    comm: Option<&'a str>,
+    uid: Option<u32>,
+    initiator: Option<InitiatorJson<'a>>,
+    history: Vec<StepJson<'a>>,
+    diagnosis: Option<&'a str>,
+    cause: Option<&'static str>,
+    caller: Option<&'a str>,
+    stack: Option<&'a [Arc<str>]>,
+    hook: &'static str,
+    tier: &'static str,
+    nf_hook: Option<&'static str>,
+    origin: Option<Text<&'a Origin>>,
+    node: &'a str,
+    who: WhoJson<'a>,
+    peer: Option<PeerJson<'a>>,
+    nat: Option<NatJson<'a>>,
+}
+
+/// One direction of a conntrack entry.
+struct TupleJson {
+    src: String,
+    dst: String,
+}
+
+impl TupleJson {
+    fn new(t: &Tuple) -> Self {
+        Self {
+            src: t.src.to_string(),
+            dst: t.dst.to_string(),
+        }
+    }
+}
+
+impl Json for TupleJson {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::new(out);
+        o.field("src", self.src.as_str())
+            .field("dst", self.dst.as_str())
+            .end();
+    }
+}
+
+/// A NAT'd connection's conntrack entry, and the namespace it is in.
+struct NatJson<'a> {
+    original: TupleJson,
+    reply: TupleJson,
+    state: Option<&'static str>,
+    netns: u32,
+    netns_name: &'a str,
+}
+
+impl<'a> NatJson<'a> {
+    fn new(found: &'a Found) -> Self {
+        Self {
+            original: TupleJson::new(&found.entry.original),
+            reply: TupleJson::new(&found.entry.reply),
+            state: found.entry.tcp_state_name(),
+            netns: found.netns,
+            netns_name: &found.netns_name,
+        }
+    }
+}
+
+impl Json for NatJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::new(out);
+        o.field("original", &self.original)
+            .field("reply", &self.reply)
+            .field("state", &self.state)
+            .field("netns", &self.netns)
+            .field("netns_name", self.netns_name)
+            .end();
+    }
+}
+
+impl<'a> RstJson<'a> {
+    fn new(report: &'a RstReport, node: &'a str, stamps: &mut StampCache) -> Self {
+        let ev = &report.ev;
+        let task: Option<&Task> = ev.task.as_ref();
+        let conn = report.conn.as_ref();
+        Self {
+            time: stamps.stamp(ev.time),
+            kind: match ev.aggregate {
+                Some(_) => ev.kind.aggregate_name(),
+                None => ev.kind.name(),
+            },
+            count: ev.resets(),
+            aggregate: ev.aggregate.as_ref().map(|a| AggregateJson {
+                first_time: stamps.stamp(a.first),
+                ports: &a.ports,
+            }),
+            endpoints: Endpoints::new(ev.local, ev.remote),
+            flow: crate::model::flow::flow(ev.local, ev.remote),
+            state: ev.state.map(|s| s.name()),
+            reason: ev.reason.as_deref(),
+            errno: ev.errno.map(|e| e.name()),
+            socket_cookie: ev.sock_cookie,
+            netns: ev.netns,
+            context: ev.context.name(),
+            pid: task.map(|t| t.pid),
+            tid: task.map(|t| t.tid),
+            comm: task.map(|t| &*t.comm),
+            uid: task.map(|t| t.uid),
+            initiator: initiator(conn, ev.time),
+            history: history(conn, ev.time),
+            diagnosis: report.diagnosis.as_ref().map(|d| d.text.as_str()),
+            cause: report.diagnosis.as_ref().map(|d| d.cause.name()),
+            caller: report.caller.as_deref(),
+            stack: report.stack.as_deref(),
+            hook: hook_name(ev.hook),
+            tier: tier_name(ev.tier),
+            nf_hook: ev.nf_hook.map(NfHook::name),
+            origin: report.origin.as_ref().map(Text),
+            node,
+            who: WhoJson::new(&report.attribution),
+            peer: report.peer.as_ref().map(|p| PeerJson {
+                netns: p.netns,
+                who: WhoJson::new(&p.attribution),
+            }),
+            nat: report
+                .conntrack
+                .as_ref()
+                .filter(|found| found.entry.natted())
+                .map(NatJson::new),
+        }
+    }
+}
+
+impl Json for RstJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = Object::new(out);
+        o.field("time", &self.time)
+            .field("kind", self.kind)
+            .field("count", &self.count)
+            .field("aggregate", &self.aggregate);
+        self.endpoints.fields(&mut o);
+        o.field("flow", self.flow.as_str())
+            .field("state", &self.state)
+            .field("reason", &self.reason)
+            .field("errno", &self.errno)
+            .field("socket_cookie", &self.socket_cookie)
+            .field("netns", &self.netns)
+            .field("context", self.context)
+            .field("pid", &self.pid)
+            .field("tid", &self.tid)
+            .field("comm", &self.comm)
+            .field("uid", &self.uid)
+            .field("initiator", &self.initiator)
+            .field("history", &self.history)
+            .field("diagnosis", &self.diagnosis)
+            .field("cause", &self.cause)
+            .field("caller", &self.caller)
+            .field("stack", &self.stack)
+            .field("hook", self.hook)
+            .field("tier", self.tier)
+            .field("nf_hook", &self.nf_hook)
+            .field("origin", &self.origin)
+            .field("node", self.node);
+        self.who.fields(&mut o);
+        o.field("peer", &self.peer).field("nat", &self.nat).end();
+    }
+}
+
+struct StuckJson<'a> {
+    head: Head,
+    state: &'static str,
+    stuck_for_ms: u64,
+    age_is_lower_bound: bool,
+    waiting_for: &'static str,
+    blame: &'static str,
+    orphaned: Option<bool>,
+    initiator: Option<InitiatorJson<'a>>,
+    our_fin_ago_ms: Option<u64>,
+    peer_fin_ago_ms: Option<u64>,
+    history: Vec<StepJson<'a>>,
+    diagnosis: &'a str,
+    node: &'a str,
+    who: WhoJson<'a>,
+}
+
+impl Json for StuckJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        let mut o = self.head.fields(out);
+        o.field("state", self.state)
+            .field("stuck_for_ms", &self.stuck_for_ms)
+            .field("age_is_lower_bound", &self.age_is_lower_bound)
+            .field("waiting_for", self.waiting_for)
+            .field("blame", self.blame)
+            .field("orphaned", &self.orphaned)
+            .field("initiator", &self.initiator)
+            .field("our_fin_ago_ms", &self.our_fin_ago_ms)
+            .field("peer_fin_ago_ms", &self.peer_fin_ago_ms)
+            .field("history", &self.history)
+            .field("diagnosis", self.diagnosis)
+            .field("node", self.node);
+        self.who.fields(&mut o);
+        o.end();
+    }
+}
+
+struct ResolvedJson<'a> {
+    head: Head,
+    state: &'static str,
+    now_state: &'static str,
+    stuck_for_ms: u64,
+    initiator: Option<InitiatorJson<'a>>,
+    diagnosis: &'a str,
+    node: &'a str,
+}
+
+impl Json for ResolvedJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        self.head
+            .fields(out)
+            .field("state", self.state)
+            .field("now_state", self.now_state)
+            .field("stuck_for_ms", &self.stuck_for_ms)
+            .field("initiator", &self.initiator)
+            .field("diagnosis", self.diagnosis)
+            .field("node", self.node)
+            .end();
+    }
+}
+
+struct LostJson<'a> {
+    time: Stamp,
+    kind: &'static str,
+    lost: u64,
+    lost_total: u64,
+    node: &'a str,
+}
+
+impl Json for LostJson<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        Object::new(out)
+            .field("time", &self.time)
+            .field("kind", self.kind)
+            .field("lost", &self.lost)
+            .field("lost_total", &self.lost_total)
+            .field("node", self.node)
+            .end();
+    }
+}
+
+impl Sink for JsonSink {
+    fn rst(&mut self, report: &RstReport) -> io::Result<()> {
+        let line = RstJson::new(report, &self.node, &mut self.stamps);
+        self.lines.write(&line)
+    }
+
+    fn stuck(&mut self, r: &StuckReport) -> io::Result<()> {
+        let conn = &r.conn;
+        self.lines.write(&StuckJson {
+            head: Head::new(self.stamps.stamp(r.time), "halfclose_stuck", conn),
+            state: conn.state.name(),
+            stuck_for_ms: ms_before(conn.since, r.time),
+            age_is_lower_bound: !conn.seen_from_start,
+            waiting_for: r.diagnosis.waiting_for.name(),
+            blame: r.diagnosis.blame.name(),
+            orphaned: conn.orphaned,
+            initiator: initiator(Some(conn), r.time),
+            our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
+            peer_fin_ago_ms: conn.peer_fin_at.map(|at| ms_before(at, r.time)),
+            history: history(Some(conn), r.time),
+            diagnosis: &r.diagnosis.text,
+            node: &self.node,
+            who: WhoJson::new(&r.attribution),
+        })
+    }
+
+    fn resolved(&mut self, r: &ResolvedReport) -> io::Result<()> {
+        let conn = &r.resolved.conn;
+        self.lines.write(&ResolvedJson {
+            head: Head::new(self.stamps.stamp(conn.since), "halfclose_resolved", conn),
+            state: r.resolved.stuck_state.name(),
+            now_state: conn.state.name(),
+            stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
+            initiator: initiator(Some(conn), conn.since),
+            diagnosis: &r.diagnosis,
+            node: &self.node,
+        })
+    }
+
+    fn lost(&mut self, report: &LossReport) -> io::Result<()> {
+        self.lines.write(&LostJson {
+            time: self.stamps.stamp(SystemTime::now()),
+            kind: "lost",
+            lost: report.lost,
+            lost_total: report.lost_total,
+            node: &self.node,
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.lines.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::{
+        model::event::{Errno, ExecContext, RstEvent, RstKind, TcpState},
+        output::{Peer, testing::Shared},
+        pipeline::diagnosis::{self, Blame, WaitingFor},
+        pipeline::tracker::{RstContext, Tracker},
+        testing::{facts, proxy_half_close, reset, scanned, t},
+    };
+
+    fn lines(buf: &Shared) -> Vec<serde_json::Value> {
+        buf.text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// A report of `ev` alone: no connection, attribution or explanation.
+    fn bare(ev: RstEvent) -> RstReport {
+        RstReport {
+            ev,
+            conn: None,
+            diagnosis: None,
+            attribution: Attribution::default(),
+            peer: None,
+            caller: None,
+            stack: None,
+            origin: None,
+            conntrack: None,
+        }
+    }
+
+    fn received(at: SystemTime) -> RstEvent {
+        let mut ev = reset(RstKind::Received, at, Some(TcpState::FinWait2), None);
+        ev.socket = Some(facts(true, false));
+        ev.history = Some(proxy_half_close());
+        ev.sock_cookie = Some(4097);
+        ev.context = ExecContext::Process;
+        ev.task = Some(Task {
+            pid: 10,
+            tid: 11,
+            comm: "nc".into(),
+            uid: 0,
+        });
+        ev
+    }
+
+    const CONTAINER: &str = "0e7859b44b4e93d620108bda2c5103614fd6ff83a2798742f0ddd3fa3db3b3b7";
+    const POD: &str = "2e7a1c5d-8f0b-4c3a-9d6e-1f2a3b4c5d6e";
+
+    /// A socket of container "web" in pod shop/web-1, owned by envoy.
+    fn attribution() -> Attribution {
+        let path = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CONTAINER}.scope",
+            POD.replace('-', "_")
+        );
+        Attribution {
+            netns_name: Some("cri-containerd:0e7859b44b4e".into()),
+            cgroup_id: Some(8812),
+            cgroup: Some(std::sync::Arc::new(crate::host::cgroup::parse_path(&path))),
+            pod: Some(crate::host::k8s::PodMeta {
+                namespace: "shop".into(),
+                name: "web-1".into(),
+                uid: POD.into(),
+                labels: [("app".to_owned(), "web".to_owned())].into(),
+                containers: [(CONTAINER.to_owned(), "web".to_owned())].into(),
+            }),
+            container_name: Some("web".into()),
+            from_runtime: Some(std::sync::Arc::new(crate::host::runtimes::ContainerMeta {
+                runtime: "containerd",
+                name: Some("web".into()),
+                image: Some("registry.example/shop/web:2.1".into()),
+            })),
+            owner: Some(crate::model::event::Process {
+                pid: 7,
+                comm: "envoy".into(),
+            }),
+        }
+    }
+
+    /// One record of each kind, from a real tracker sequence.
+    fn every_kind() -> Shared {
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
+        let mut tracker = Tracker::new(10);
+        tracker.scan(t(0), Vec::new());
+        tracker.scan(
+            t(11),
+            vec![scanned(TcpState::FinWait2, Some(proxy_half_close()), false)],
+        );
+        let ev = received(t(15));
+        let ctx = RstContext::of(&ev);
+        sink.rst(&RstReport {
+            diagnosis: diagnosis::rst(&ev, &ctx, &diagnosis::KernelView::default()),
+            ev,
+            conn: ctx.conn,
+            attribution: attribution(),
+            peer: Some(Peer {
+                sent_reason: None,
+                netns: Some(4026532999),
+                attribution: Attribution {
+                    netns_name: Some("host".into()),
+                    owner: Some(crate::model::event::Process {
+                        pid: 99,
+                        comm: "curl".into(),
+                    }),
+                    ..Attribution::default()
+                },
+            }),
+            caller: Some("tcp_v4_rcv".into()),
+            stack: Some(
+                ["tcp_v4_send_reset", "tcp_v4_rcv"]
+                    .map(std::sync::Arc::from)
+                    .into(),
+            ),
+            origin: Some(Origin::LocalTcp),
+            conntrack: None,
+        })
+        .unwrap();
+        let conn = tracker
+            .stuck(t(40), Duration::from_secs(2), Duration::from_secs(60))
+            .remove(0);
+        sink.stuck(&StuckReport {
+            time: t(40),
+            diagnosis: diagnosis::stuck(&conn, t(40), None, Duration::from_secs(60)),
+            attribution: Attribution {
+                owner: Some(crate::model::event::Process {
+                    pid: 7,
+                    comm: "socat".into(),
+                }),
+                ..Attribution::default()
+            },
+            conn,
+        })
+        .unwrap();
+        let resolved = tracker.scan(t(50), Vec::new()).remove(0);
+        sink.resolved(&ResolvedReport {
+            diagnosis: diagnosis::resolved(&resolved),
+            resolved,
+            netns_name: None,
+        })
+        .unwrap();
+        sink.lost(&LossReport {
+            lost: 3,
+            lost_total: 10,
+        })
+        .unwrap();
+        buf
+    }
+
+    #[test]
+    fn rst_shape() {
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
+        let mut ev = received(UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456));
+        ev.local = "[::1]:5000".parse().unwrap();
+        ev.remote = "[::1]:40000".parse().unwrap();
+        ev.state = Some(TcpState::SynSent);
+        ev.errno = Some(Errno::ConnRefused);
+        sink.rst(&RstReport {
+            origin: Some(Origin::NotLocal {
+                netfilter_watched: false,
+            }),
+            ..bare(ev)
+        })
+        .unwrap();
+        let expected = serde_json::json!({
+            "time": "2026-11-18T11:06:40.123456Z",
+            "kind": "rst_received",
+            "count": 1,
+            "aggregate": null,
+            "family": "ipv6",
+            "local_addr": "::1", "local_port": 5000,
+            "remote_addr": "::1", "remote_port": 40000,
+            "flow": "[::1]:5000-[::1]:40000",
+            "state": "SYN_SENT",
+            "reason": null,
+            "errno": "ECONNREFUSED",
+            "socket_cookie": 4097,
+            "netns": 4026532000u32,
+            "context": "process",
+            "pid": 10, "tid": 11, "comm": "nc", "uid": 0,
+            "initiator": null,
+            "history": [],
+            "diagnosis": null,
+            "cause": null,
+            "node": "node-a",
+            "netns_name": null,
+            "cgroup": null,
+            "container": null,
+            "pod": null,
+            "service": null,
+            "owner": null,
+            "peer": null,
+            "nat": null,
+            "caller": null,
+            "stack": null,
+            "hook": "tcp:tcp_receive_reset",
+            "tier": "tracepoint",
+            "nf_hook": null,
+            "origin": "not a local TCP socket (netfilter, middlebox or userspace stack)",
+        });
+        assert_eq!(lines(&buf)[0], expected);
+        // Byte for byte, in the order log pipelines have always seen.
+        assert_eq!(
+            buf.text(),
+            concat!(
+                r#"{"time":"2026-11-18T11:06:40.123456Z","kind":"rst_received","count":1"#,
+                r#","aggregate":null,"family":"ipv6","local_addr":"::1","local_port":5000"#,
+                r#","remote_addr":"::1","remote_port":40000,"flow":"[::1]:5000-[::1]:40000""#,
+                r#","state":"SYN_SENT","reason":null"#,
+                r#","errno":"ECONNREFUSED","socket_cookie":4097,"netns":4026532000"#,
+                r#","context":"process","pid":10,"tid":11,"comm":"nc","uid":0,"initiator":null"#,
+                r#","history":[],"diagnosis":null,"cause":null,"caller":null,"stack":null"#,
+                r#","hook":"tcp:tcp_receive_reset","tier":"tracepoint","nf_hook":null"#,
+                r#","origin":"not a local TCP socket (netfilter, middlebox or userspace stack)""#,
+                r#","node":"node-a","netns_name":null,"cgroup":null,"container":null,"pod":null"#,
+                r#","service":null,"owner":null,"peer":null,"nat":null}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for text in [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "tab\t newline\n \u{1} \u{1f} delete\u{7f} é ☃",
+        ] {
+            let serde = serde_json::to_vec(text).unwrap();
+            let mut out = b"[".to_vec();
+            text.write(&mut out);
+            assert_eq!(out[1..], serde, "{text:?}");
+            let mut out = Vec::new();
+            Text(text).write(&mut out);
+            assert_eq!(out, serde, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn aggregate_shape() {
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
+        let last = UNIX_EPOCH + Duration::from_micros(1_795_000_001_000_000);
+        let mut ev = reset(RstKind::Sent, last, None, Some("NO_SOCKET"));
+        ev.remote = "127.0.0.1:0".parse().unwrap();
+        ev.aggregate = Some(crate::model::event::Aggregate {
+            count: 48211,
+            first: UNIX_EPOCH + Duration::from_micros(1_795_000_000_000_000),
+            last,
+            ports: vec![40001, 40002],
+        });
+        sink.rst(&RstReport {
+            caller: Some("tcp_v4_rcv".into()),
+            ..bare(ev)
+        })
+        .unwrap();
+        let v = &lines(&buf)[0];
+        assert_eq!(v["kind"], "rst_sent_aggregate");
+        assert_eq!(v["count"], 48211);
+        assert_eq!(v["time"], "2026-11-18T11:06:41.000000Z");
+        assert_eq!(
+            v["aggregate"],
+            serde_json::json!({
+                "first_time": "2026-11-18T11:06:40.000000Z",
+                "ports": [40001, 40002],
+            })
+        );
+        assert_eq!(v["remote_port"], 0);
+        assert_eq!(v["reason"], "NO_SOCKET");
+        assert_eq!(v["caller"], "tcp_v4_rcv");
+    }
+
+    #[test]
+    fn reset_names_the_container_pod_and_owner() {
+        let v = &lines(&every_kind())[0];
+        assert_eq!(v["node"], "node-a");
+        assert_eq!(v["netns_name"], "cri-containerd:0e7859b44b4e");
+        assert_eq!(v["cgroup"]["id"], 8812);
+        assert!(v["cgroup"]["path"].as_str().unwrap().ends_with(".scope"));
+        assert_eq!(
+            v["container"],
+            serde_json::json!({"runtime": "containerd", "id": CONTAINER, "name": "web", "image": "registry.example/shop/web:2.1"})
+        );
+        assert_eq!(
+            v["pod"],
+            serde_json::json!({"uid": POD, "namespace": "shop", "name": "web-1", "qos": "burstable", "labels": {"app": "web"}})
+        );
+        assert_eq!(v["owner"], serde_json::json!({"pid": 7, "comm": "envoy"}));
+        assert_eq!(v["caller"], "tcp_v4_rcv");
+        assert_eq!(
+            v["stack"],
+            serde_json::json!(["tcp_v4_send_reset", "tcp_v4_rcv"])
+        );
+        assert_eq!(
+            v["peer"],
+            serde_json::json!({
+                "netns": 4026532999u32, "netns_name": "host", "cgroup": null, "container": null,
+                "pod": null, "service": null, "owner": {"pid": 99, "comm": "curl"},
+            })
+        );
+    }
+
+    #[test]
+    fn explained_reset_carries_history_and_initiator() {
+        let v = &lines(&every_kind())[0];
+        assert_eq!(
+            v["initiator"],
+            serde_json::json!({"op": "shutdown", "how": "SHUT_WR", "pid": 51435, "comm": "envoy", "ago_ms": 5000})
+        );
+        assert_eq!(
+            v["history"],
+            serde_json::json!([
+                // The mark began at the shutdown: when ESTABLISHED began is unknown.
+                {"state": "ESTABLISHED", "ago_ms": null, "by": null},
+                {"state": "FIN_WAIT1", "ago_ms": 5000, "by": "shutdown(SHUT_WR) by envoy[51435]"},
+                {"state": "FIN_WAIT2", "ago_ms": 5000, "by": null},
+            ])
+        );
+        assert!(
+            v["diagnosis"]
+                .as_str()
+                .unwrap()
+                .starts_with("the peer reset a connection we half-closed")
+        );
+    }
+
+    #[test]
+    fn stuck_and_resolved_shapes() {
+        let all = lines(&every_kind());
+        let stuck = &all[1];
+        assert_eq!(stuck["kind"], "halfclose_stuck");
+        assert_eq!(stuck["state"], "FIN_WAIT2");
+        assert_eq!(stuck["stuck_for_ms"], 30_000);
+        assert_eq!(stuck["age_is_lower_bound"], false);
+        assert_eq!(stuck["waiting_for"], WaitingFor::PeerFin.name());
+        assert_eq!(stuck["blame"], Blame::Peer.name());
+        assert_eq!(stuck["orphaned"], false);
+        assert_eq!(
+            stuck["owner"],
+            serde_json::json!({"pid": 7, "comm": "socat"})
+        );
+        assert_eq!(stuck["our_fin_ago_ms"], 30_000);
+        assert!(stuck["peer_fin_ago_ms"].is_null());
+        assert_eq!(stuck["initiator"]["pid"], 51435);
+        let resolved = &all[2];
+        assert_eq!(resolved["kind"], "halfclose_resolved");
+        assert_eq!(resolved["state"], "FIN_WAIT2");
+        assert_eq!(resolved["now_state"], "CLOSE");
+        assert_eq!(resolved["stuck_for_ms"], 40_000);
+    }
+
+    /// docs/event.schema.json documents exactly the fields we print.
+    #[test]
+    fn schema_lists_every_field() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/event.schema.json")).unwrap();
+        let all = lines(&every_kind());
+        for (line, def) in all.iter().zip(["rst", "stuck", "resolved", "lost"]) {
+            let mut printed: Vec<&str> = line
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let def = &schema["$defs"][def];
+            let mut required: Vec<&str> = def["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            let mut documented: Vec<&str> = def["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            printed.sort();
+            required.sort();
+            documented.sort();
+            assert_eq!(printed, required, "{def}");
+            assert_eq!(printed, documented, "{def}");
+        }
+    }
+
+    #[test]
+    fn lost_shape() {
+        let v = &lines(&every_kind())[3];
+        assert_eq!(v["kind"], "lost");
+        assert_eq!(v["lost"], 3);
+        assert_eq!(v["lost_total"], 10);
+        assert!(v["time"].as_str().unwrap().ends_with('Z'));
+    }
+}
