@@ -6,8 +6,8 @@
 pub mod attach;
 pub mod btf;
 pub mod layout;
-pub mod privileges;
-pub mod probes;
+pub(crate) mod privileges;
+pub(crate) mod probes;
 pub mod stacks;
-pub mod tallies;
+pub(crate) mod tallies;
 pub mod tracefs;

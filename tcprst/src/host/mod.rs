@@ -3,11 +3,11 @@
 //! conntrack, listen-queue overflows. Imports `model` only.
 
 pub mod cgroup;
-pub mod conntrack;
+pub(crate) mod conntrack;
 pub mod enrich;
-pub mod k8s;
-pub mod netns;
-pub mod overflows;
-pub mod owner;
-pub mod runtimes;
-pub mod sockdiag;
+pub(crate) mod k8s;
+pub(crate) mod netns;
+pub(crate) mod overflows;
+pub(crate) mod owner;
+pub(crate) mod runtimes;
+pub(crate) mod sockdiag;

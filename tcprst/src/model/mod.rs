@@ -1,7 +1,7 @@
 //! What tcprst's events are: resets, connections and their keys, and how
 //! they read. Imports nothing of tcprst.
 
-pub mod conn;
+pub(crate) mod conn;
 pub mod event;
-pub mod flow;
-pub mod text;
+pub(crate) mod flow;
+pub(crate) mod text;

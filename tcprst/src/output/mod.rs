@@ -2,13 +2,13 @@
 //! Prometheus metrics; `writer` puts stdout on a thread of its own. Imports
 //! `model`, `bpf`, `host` and `pipeline`.
 
-pub mod metrics;
-pub mod terminal;
+pub(crate) mod metrics;
+pub(crate) mod terminal;
 
 mod json;
 mod stamp;
 mod table;
-pub mod writer;
+pub(crate) mod writer;
 
 use std::{
     io::{self, Write},

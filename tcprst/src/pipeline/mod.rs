@@ -5,6 +5,6 @@
 pub mod clock;
 pub mod decode;
 pub mod diagnosis;
-pub mod filter;
+pub(crate) mod filter;
 pub mod origin;
-pub mod tracker;
+pub(crate) mod tracker;
