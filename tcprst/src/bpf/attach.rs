@@ -23,7 +23,7 @@ pub struct ResetFunction {
 }
 
 /// In `tcprst_common::FUNCTION_HOOKS` order, which the programs index by.
-pub const RESET_FUNCTIONS: [ResetFunction; 5] = [
+pub(crate) const RESET_FUNCTIONS: [ResetFunction; 5] = [
     ResetFunction {
         hook: ResetHook::ActiveReset,
         function: ResetHook::ActiveReset.name(),
@@ -61,12 +61,12 @@ pub const RESET_FUNCTIONS: [ResetFunction; 5] = [
     },
 ];
 
-pub fn tier_name(tier: AttachTier) -> &'static str {
+pub(crate) fn tier_name(tier: AttachTier) -> &'static str {
     tier.name()
 }
 
 /// What a record's hook is called in output: the function, or the tracepoint.
-pub fn hook_name(hook: ResetHook) -> &'static str {
+pub(crate) fn hook_name(hook: ResetHook) -> &'static str {
     hook.name()
 }
 
@@ -130,7 +130,7 @@ impl AttachRequest {
 
     /// The tiers to try for `f`, best first. A forced tier is the only
     /// candidate: someone who forces kprobes wants to know they failed.
-    pub fn candidates(&self, f: &ResetFunction) -> Vec<AttachTier> {
+    pub(crate) fn candidates(&self, f: &ResetFunction) -> Vec<AttachTier> {
         let forced = self
             .one
             .iter()
@@ -153,14 +153,14 @@ impl AttachRequest {
 
 /// Where a kernel function lives, from /proc/kallsyms.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FunctionSite {
+pub(crate) enum FunctionSite {
     Missing,
     Vmlinux,
     Module(String),
 }
 
 impl FunctionSite {
-    pub fn find(kallsyms: &str, function: &str) -> Self {
+    pub(crate) fn find(kallsyms: &str, function: &str) -> Self {
         for line in kallsyms.lines() {
             let mut parts = line.split_whitespace();
             let (Some(_), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next())
@@ -180,7 +180,7 @@ impl FunctionSite {
 
 /// The argument positions the programs read, from the parameter names of
 /// the function's BTF prototype. None when a needed one is missing.
-pub fn function_args(hook: ResetHook, params: &[String]) -> Option<FunctionArgs> {
+pub(crate) fn function_args(hook: ResetHook, params: &[String]) -> Option<FunctionArgs> {
     let position = |names: &[&str]| {
         params
             .iter()
@@ -238,7 +238,7 @@ impl fmt::Display for HookPlan {
 /// serves and which none can. Each plan's own line (`HookPlan`'s Display)
 /// is a detail for `-v` and `doctor`; this line says where to find it when
 /// any function got less than the best tier.
-pub fn plans_summary(plans: &[HookPlan]) -> String {
+pub(crate) fn plans_summary(plans: &[HookPlan]) -> String {
     let mut parts = Vec::new();
     for tier in [
         AttachTier::Fentry,

@@ -14,10 +14,10 @@ use std::{ops::Range, path::Path, sync::Arc};
 use anyhow::{Context as _, Result, anyhow, bail};
 use tcprst_common::{ABSENT, KernelOffsets};
 
-pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 /// The feature `kernel_offsets` reports lost when the function tiers'
 /// members are missing.
-pub const FUNCTION_TIERS: &str = "the kprobe and fentry tiers";
+pub(crate) const FUNCTION_TIERS: &str = "the kprobe and fentry tiers";
 
 // The kinds this reader looks into.
 const STRUCT: u32 = 4;
@@ -111,13 +111,13 @@ fn check_header(bytes: &[u8]) -> Result<Header> {
 /// from kernel memory: no copy, and no RSS, where reading it costs 5 MiB
 /// and tcprst's startup peak is two parses of it (this reader's and
 /// aya's). Other files, and older kernels, are read.
-pub enum BtfBytes {
+pub(crate) enum BtfBytes {
     Mapped(memmap2::Mmap),
     Read(Vec<u8>),
 }
 
 impl BtfBytes {
-    pub fn open(path: &Path) -> Result<Self> {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
         let read = || std::fs::read(path).with_context(|| format!("reading {}", path.display()));
         // Only the kernel's own files: a user's file truncated while mapped
         // would fault, and only vmlinux can be mapped anyway.
@@ -277,7 +277,7 @@ pub struct KernelBtf {
 }
 
 impl KernelBtf {
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self> {
         Self::from_data(BtfBytes::open(path)?)
             .map_err(|e| anyhow!("{} is not a usable BTF file: {e}", path.display()))
     }
@@ -297,7 +297,7 @@ impl KernelBtf {
 
     /// A kernel module's BTF, which only adds to the kernel's (split BTF).
     /// It shares this one's base rather than copying it.
-    pub fn module(&self, path: &Path) -> Result<Self> {
+    pub(crate) fn module(&self, path: &Path) -> Result<Self> {
         let bytes = BtfBytes::open(path)?;
         let base = &self.base;
         let first_str = u32::try_from(base.strings.len())
@@ -375,7 +375,7 @@ impl KernelBtf {
     /// Byte offset of `path` (member names, outermost first) inside
     /// `struct <root>`, looking through anonymous structs and unions and
     /// through typedefs, as C's `offsetof(struct root, a.b.c)` does.
-    pub fn offset_of(&self, root: &str, path: &[&str]) -> Result<u32> {
+    pub(crate) fn offset_of(&self, root: &str, path: &[&str]) -> Result<u32> {
         // A declaration elsewhere may leave an empty struct of the same name.
         let mut id = self
             .find(root, |t| t.kind == STRUCT && t.vlen > 0)?
@@ -456,7 +456,7 @@ impl KernelBtf {
     }
 
     /// The parameter names of function `name`, in order.
-    pub fn function_params(&self, name: &str) -> Result<Vec<String>> {
+    pub(crate) fn function_params(&self, name: &str) -> Result<Vec<String>> {
         let func = self
             .find(name, |t| t.kind == FUNC)?
             .ok_or_else(|| anyhow!("no function {name} in BTF"))?;

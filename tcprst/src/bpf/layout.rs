@@ -89,12 +89,12 @@ impl ReasonNames {
         Self::from_pairs(from_btf)
     }
 
-    pub fn from_pairs(pairs: impl IntoIterator<Item = (u64, String)>) -> Self {
+    pub(crate) fn from_pairs(pairs: impl IntoIterator<Item = (u64, String)>) -> Self {
         Self(pairs.into_iter().map(|(v, n)| (v, Arc::from(n))).collect())
     }
 
     /// The kernel's name, or the number when this kernel gave none.
-    pub fn name(&self, value: u32) -> Arc<str> {
+    pub(crate) fn name(&self, value: u32) -> Arc<str> {
         self.0
             .get(&u64::from(value))
             .cloned()

@@ -150,14 +150,14 @@ pub fn caller<'a>(frames: impl IntoIterator<Item = &'a str>) -> Option<&'a str> 
 /// The functions a reset went through, innermost first, and the one
 /// that decided it.
 #[derive(Debug, Clone, Default)]
-pub struct KernelPath {
+pub(crate) struct KernelPath {
     pub functions: Arc<[Arc<str>]>,
     pub caller: Option<Arc<str>>,
 }
 
 /// One symbolized stack.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stack {
+pub(crate) struct Stack {
     pub caller: Option<Arc<str>>,
     /// Innermost first.
     pub frames: Arc<[Arc<str>]>,
@@ -166,7 +166,7 @@ pub struct Stack {
 /// Symbolizes frames, each address once (kernel text is finite), and whole
 /// stacks once per id: without BPF_F_REUSE_STACKID an id keeps naming the
 /// same stack.
-pub struct Stacks {
+pub(crate) struct Stacks {
     /// Whole stacks, with `--stack`.
     map: Option<StackTraceMap<MapData>>,
     kallsyms: Kallsyms,
@@ -193,7 +193,7 @@ impl Stacks {
 
     /// A record's innermost frames (zero past the last), symbolized, and
     /// the caller they name; made once per set of frames.
-    pub fn path(&mut self, frames: &[u64; CALLER_FRAMES]) -> KernelPath {
+    pub(crate) fn path(&mut self, frames: &[u64; CALLER_FRAMES]) -> KernelPath {
         let Self {
             paths,
             symbols,
@@ -219,7 +219,7 @@ impl Stacks {
 
 impl Stacks {
     /// A whole stack, taken with `--stack`.
-    pub fn whole(&mut self, stack_id: u32) -> Option<Stack> {
+    pub(crate) fn whole(&mut self, stack_id: u32) -> Option<Stack> {
         if let Some(stack) = self.whole.get(&stack_id) {
             return Some(stack.clone());
         }

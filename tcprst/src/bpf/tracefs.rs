@@ -19,14 +19,14 @@ const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
 /// A mounted tracefs.
 #[derive(Debug, Clone)]
-pub struct Tracefs {
+pub(crate) struct Tracefs {
     root: PathBuf,
 }
 
 impl Tracefs {
     /// Finds tracefs in /proc/self/mountinfo, or under debugfs, and mounts it
     /// at /sys/kernel/tracing when neither has it.
-    pub fn find_or_mount() -> Result<Self> {
+    pub(crate) fn find_or_mount() -> Result<Self> {
         let mountinfo =
             fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
         if let Some(root) = mount_point(&mountinfo, "tracefs") {
@@ -44,18 +44,18 @@ impl Tracefs {
         })
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
     #[cfg(test)]
-    pub fn at(root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn at(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }
 
     /// Reads and parses a tracepoint's format; a missing tracepoint is an
     /// error that names it and the kernel version that added it.
-    pub fn event_format(&self, tp: Tracepoint) -> Result<EventFormat> {
+    pub(crate) fn event_format(&self, tp: Tracepoint) -> Result<EventFormat> {
         let path = self
             .root
             .join("events")
@@ -102,7 +102,7 @@ fn mount_tracefs(at: &Path) -> Result<()> {
 
 /// A tracepoint tcprst uses, with the first kernel that has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tracepoint {
+pub(crate) struct Tracepoint {
     pub category: &'static str,
     pub name: &'static str,
     pub since: &'static str,
@@ -114,18 +114,18 @@ impl std::fmt::Display for Tracepoint {
     }
 }
 
-pub const TCP_SEND_RESET: Tracepoint = Tracepoint {
+pub(crate) const TCP_SEND_RESET: Tracepoint = Tracepoint {
     category: "tcp",
     name: "tcp_send_reset",
     since: "4.15",
 };
-pub const TCP_RECEIVE_RESET: Tracepoint = Tracepoint {
+pub(crate) const TCP_RECEIVE_RESET: Tracepoint = Tracepoint {
     category: "tcp",
     name: "tcp_receive_reset",
     since: "4.15",
 };
 
-pub const INET_SOCK_SET_STATE: Tracepoint = Tracepoint {
+pub(crate) const INET_SOCK_SET_STATE: Tracepoint = Tracepoint {
     category: "sock",
     name: "inet_sock_set_state",
     since: "4.16",
@@ -163,7 +163,7 @@ impl EventFormat {
         Ok(format)
     }
 
-    pub fn field(&self, name: &str) -> Option<&Field> {
+    pub(crate) fn field(&self, name: &str) -> Option<&Field> {
         self.fields.get(name)
     }
 

@@ -95,7 +95,7 @@ pub fn output_format(requested: Option<OutputFormat>) -> OutputFormat {
 
 /// A network namespace given as an inode number, a path such as
 /// /proc/PID/ns/net, or a name under /run/netns.
-pub fn resolve_netns(spec: &str) -> Result<u32> {
+pub(crate) fn resolve_netns(spec: &str) -> Result<u32> {
     if let Ok(inode) = spec.parse::<u32>() {
         return Ok(inode);
     }

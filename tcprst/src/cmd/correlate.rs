@@ -18,7 +18,7 @@ use crate::model::{event::process_label, flow::flow};
 /// How far apart the two records' clocks may be: nodes' clocks drift apart
 /// by milliseconds under NTP, and a reset reaches its receiver within a
 /// round trip; beyond this a receipt is not paired with that send.
-pub const SKEW: Duration = Duration::from_secs(2);
+pub(crate) const SKEW: Duration = Duration::from_secs(2);
 
 /// One reset record, as `correlate` needs it.
 #[derive(Debug, Clone)]
@@ -36,7 +36,7 @@ pub struct Witness {
 impl Witness {
     /// A reset record, or None for other kinds (stuck, lost, aggregates:
     /// an aggregate has no single connection to pair).
-    pub fn of(record: Value) -> Result<Option<Self>> {
+    pub(crate) fn of(record: Value) -> Result<Option<Self>> {
         let sent = match record["kind"].as_str() {
             Some("rst_sent") => true,
             Some("rst_received") => false,

@@ -151,7 +151,7 @@ impl DoctorReport {
         })
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let result = |r: &Result<PathBuf, String>| match r {
             Ok(path) => json!(path.display().to_string()),
             Err(why) => json!({ "error": why }),

@@ -103,7 +103,7 @@ pub struct TraceOptions {
 /// Takes over the descriptor --ready-fd names, so that tcprst alone closes
 /// it. Called before tcprst opens any file of its own, so a number that was
 /// not inherited cannot name one of ours.
-pub fn take_ready_fd(fd: RawFd) -> Result<File> {
+pub(crate) fn take_ready_fd(fd: RawFd) -> Result<File> {
     if (0..=2).contains(&fd) {
         bail!(
             "--ready-fd {fd}: 0, 1 and 2 are stdin, stdout and stderr; pass a descriptor of its own"

@@ -72,7 +72,7 @@ fn pod_of(component: &str, parent: Option<&str>) -> Option<(String, &'static str
 /// How a table names a container: `runtime:name`, or while its runtime has
 /// not said the name, `runtime:` and the first 12 characters of its id, as
 /// `docker ps` shows it.
-pub fn container_label(runtime: Option<&str>, name: Option<&str>, id: &str) -> String {
+pub(crate) fn container_label(runtime: Option<&str>, name: Option<&str>, id: &str) -> String {
     let runtime = runtime.unwrap_or("container");
     match name {
         Some(name) => format!("{runtime}:{name}"),
@@ -125,7 +125,7 @@ pub fn parse_path(path: &str) -> CgroupInfo {
 /// so a stream of resets from an unknown cgroup does not walk it each time.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
-pub struct CgroupResolver {
+pub(crate) struct CgroupResolver {
     root: Option<PathBuf>,
     by_id: HashMap<u64, Arc<CgroupInfo>>,
     scanned_at: Option<Instant>,
@@ -136,7 +136,7 @@ pub struct CgroupResolver {
 
 impl CgroupResolver {
     /// Uses the cgroup2 mount of this host.
-    pub fn discover() -> Self {
+    pub(crate) fn discover() -> Self {
         let root = fs::read_to_string("/proc/self/mountinfo")
             .ok()
             .and_then(|m| mount_point(&m, "cgroup2"));
@@ -146,7 +146,7 @@ impl CgroupResolver {
         Self::at(root)
     }
 
-    pub fn at(root: Option<PathBuf>) -> Self {
+    pub(crate) fn at(root: Option<PathBuf>) -> Self {
         Self {
             root,
             by_id: HashMap::new(),
@@ -156,25 +156,25 @@ impl CgroupResolver {
     }
 
     /// Walks the tree now, whenever it was last walked.
-    pub fn rescan(&mut self) {
+    pub(crate) fn rescan(&mut self) {
         if let Some(root) = self.root.clone() {
             self.scan(&root);
         }
     }
 
-    pub fn scans(&self) -> u64 {
+    pub(crate) fn scans(&self) -> u64 {
         self.scans
     }
 
     /// The containers in the tree as of the last walk.
-    pub fn containers(&self) -> impl Iterator<Item = &CgroupInfo> {
+    pub(crate) fn containers(&self) -> impl Iterator<Item = &CgroupInfo> {
         self.by_id
             .values()
             .filter(|info| info.container_id.is_some())
             .map(|info| &**info)
     }
 
-    pub fn resolve(&mut self, id: u64) -> Option<Arc<CgroupInfo>> {
+    pub(crate) fn resolve(&mut self, id: u64) -> Option<Arc<CgroupInfo>> {
         if let Some(info) = self.by_id.get(&id) {
             return Some(info.clone());
         }

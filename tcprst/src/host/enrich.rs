@@ -33,7 +33,7 @@ const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// namespace. Make one per round of stuck reports, or per snapshot, so a
 /// burst of stuck connections costs one scan, not one each.
 #[derive(Default)]
-pub struct Lookup {
+pub(crate) struct Lookup {
     namespaces: Option<Vec<NetnsHandle>>,
     owners: Option<SocketOwners>,
     sysctls: HashMap<(u32, &'static str), Option<u64>>,
@@ -47,24 +47,24 @@ impl Lookup {
             .find(|ns| ns.inode == netns)
     }
 
-    pub fn owners(&mut self) -> &SocketOwners {
+    pub(crate) fn owners(&mut self) -> &SocketOwners {
         self.owners.get_or_insert_with(SocketOwners::scan)
     }
 
     /// One process holding socket `inode`, from one /proc scan.
-    pub fn socket_owner(&mut self, inode: u64) -> Option<Process> {
+    pub(crate) fn socket_owner(&mut self, inode: u64) -> Option<Process> {
         self.owners().owner(inode)
     }
 
     /// net.ipv4.tcp_fin_timeout of a namespace (it is per namespace).
-    pub fn fin_timeout(&mut self, netns: u32) -> Duration {
+    pub(crate) fn fin_timeout(&mut self, netns: u32) -> Duration {
         self.sysctl(netns, "net/ipv4/tcp_fin_timeout")
             .map_or(DEFAULT_FIN_TIMEOUT, Duration::from_secs)
     }
 
     /// A numeric sysctl under /proc/sys as namespace `netns` sees it, or
     /// the host's where the namespace has no copy of it.
-    pub fn sysctl(&mut self, netns: u32, path: &'static str) -> Option<u64> {
+    pub(crate) fn sysctl(&mut self, netns: u32, path: &'static str) -> Option<u64> {
         if let Some(value) = self.sysctls.get(&(netns, path)) {
             return *value;
         }
@@ -81,7 +81,7 @@ impl Lookup {
 
     /// The accept queue of the listener that takes connections to `local`
     /// in namespace `netns`, if the namespace and the listener still exist.
-    pub fn accept_queue(&mut self, netns: u32, local: SocketAddr) -> Option<AcceptQueue> {
+    pub(crate) fn accept_queue(&mut self, netns: u32, local: SocketAddr) -> Option<AcceptQueue> {
         let ns = self.namespace(netns)?;
         let listeners = in_netns(ns, || dump_tcp(&[TcpState::Listen]))
             .and_then(|dump| dump)
@@ -92,13 +92,13 @@ impl Lookup {
 }
 
 /// A socket found by sock_diag, with the namespace it lives in.
-pub struct FoundSocket {
+pub(crate) struct FoundSocket {
     pub netns: NetnsHandle,
     pub socket: DiagSocket,
 }
 
 impl FoundSocket {
-    pub fn key(&self) -> ConnKey {
+    pub(crate) fn key(&self) -> ConnKey {
         ConnKey::new(
             Some(self.netns.inode),
             self.socket.local,
@@ -110,7 +110,7 @@ impl FoundSocket {
 /// What `f` returns inside every visible namespace (or only `only`), each
 /// beside its namespace. Namespaces that vanish or refuse are skipped:
 /// processes come and go.
-pub fn in_every_namespace<T: Send>(
+pub(crate) fn in_every_namespace<T: Send>(
     only: Option<u32>,
     f: impl Fn() -> T + Sync,
 ) -> Vec<(NetnsHandle, T)> {
@@ -128,12 +128,12 @@ pub fn in_every_namespace<T: Send>(
 }
 
 /// Every socket in `states` in every visible namespace (or only `only`).
-pub fn find_sockets(states: &[TcpState], only: Option<u32>) -> Vec<FoundSocket> {
+pub(crate) fn find_sockets(states: &[TcpState], only: Option<u32>) -> Vec<FoundSocket> {
     find_sockets_with(states, only, DumpExtras::default())
 }
 
 /// `find_sockets`, each socket with what `extras` asks the kernel to add.
-pub fn find_sockets_with(
+pub(crate) fn find_sockets_with(
     states: &[TcpState],
     only: Option<u32>,
     extras: DumpExtras,
@@ -143,7 +143,9 @@ pub fn find_sockets_with(
 
 /// The sockets of each namespace's sock_diag dump; a namespace whose dump
 /// failed is skipped.
-pub fn found_sockets(dumps: Vec<(NetnsHandle, Result<Vec<DiagSocket>>)>) -> Vec<FoundSocket> {
+pub(crate) fn found_sockets(
+    dumps: Vec<(NetnsHandle, Result<Vec<DiagSocket>>)>,
+) -> Vec<FoundSocket> {
     let mut found = Vec::new();
     for (ns, dump) in dumps {
         match dump {
@@ -162,7 +164,7 @@ pub fn found_sockets(dumps: Vec<(NetnsHandle, Result<Vec<DiagSocket>>)>) -> Vec<
 /// `OWNER_RESCAN_EVERY`, so a reset storm costs a few scans a second, not
 /// one per reset. Memory is one scan's worth, whatever the connection rate.
 #[derive(Default)]
-pub struct OwnerCache {
+pub(crate) struct OwnerCache {
     owners: SocketOwners,
     scanned_at: Option<Instant>,
 }
@@ -170,7 +172,7 @@ pub struct OwnerCache {
 const OWNER_RESCAN_EVERY: Duration = Duration::from_millis(100);
 
 impl OwnerCache {
-    pub fn owner(&mut self, inode: u64) -> Option<Process> {
+    pub(crate) fn owner(&mut self, inode: u64) -> Option<Process> {
         if let Some(owner) = self.owners.owner(inode) {
             return Some(owner);
         }
@@ -219,7 +221,7 @@ const NETNS_RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// How long a namespace's name is trusted before it is looked up again.
 const NETNS_REFRESH_EVERY: Duration = Duration::from_secs(30);
 
-pub struct Enricher {
+pub(crate) struct Enricher {
     cgroups: CgroupResolver,
     pods: Option<PodIndex>,
     /// The pod labels events carry; pods can have many.
@@ -247,7 +249,7 @@ impl Enricher {
 
     /// Names containers by asking their runtimes, starting with those
     /// running now (waiting for those answers at most `timeout`).
-    pub async fn ask_runtimes(&mut self, mut names: ContainerNames, timeout: Duration) {
+    pub(crate) async fn ask_runtimes(&mut self, mut names: ContainerNames, timeout: Duration) {
         self.cgroups.rescan();
         self.pruned_after_scan = self.cgroups.scans();
         let running = self
@@ -274,7 +276,7 @@ impl Enricher {
         names.get(cgroup.container_id.as_deref()?, cgroup.runtime)
     }
 
-    pub fn attribute(
+    pub(crate) fn attribute(
         &mut self,
         key: &ConnKey,
         cgroup_id: Option<u64>,
@@ -304,7 +306,7 @@ impl Enricher {
 
     /// The pod whose container made cgroup `cgroup_id`, as the pod watch
     /// knows it now.
-    pub fn pod(&mut self, cgroup_id: u64) -> Option<PodMeta> {
+    pub(crate) fn pod(&mut self, cgroup_id: u64) -> Option<PodMeta> {
         let cgroup = self.cgroups.resolve(cgroup_id)?;
         self.pod_in(&cgroup)
     }
@@ -317,7 +319,7 @@ impl Enricher {
 
     /// Whether pod `namespace`/`name` is still on this node, as far as the
     /// pod watch knows; without one no event names a pod.
-    pub fn pod_exists(&self, namespace: &str, name: &str) -> bool {
+    pub(crate) fn pod_exists(&self, namespace: &str, name: &str) -> bool {
         self.pods
             .as_ref()
             .is_none_or(|pods| pods.has_pod(namespace, name))
@@ -351,7 +353,7 @@ impl Enricher {
 
 /// "host", a /run/netns name, a container ("docker:0e7859b44b4e") when the
 /// namespace is only known through a process in a container, or "pid:N".
-pub fn namespace_label(ns: &NetnsHandle) -> String {
+pub(crate) fn namespace_label(ns: &NetnsHandle) -> String {
     let Some(pid) = ns.name.strip_prefix("pid:") else {
         return ns.name.clone();
     };

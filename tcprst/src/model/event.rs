@@ -15,7 +15,7 @@ pub enum RstKind {
 }
 
 impl RstKind {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Sent => "rst_sent",
             Self::Received => "rst_received",
@@ -23,7 +23,7 @@ impl RstKind {
     }
 
     /// The kind of a record that stands for many resets.
-    pub fn aggregate_name(self) -> &'static str {
+    pub(crate) fn aggregate_name(self) -> &'static str {
         match self {
             Self::Sent => "rst_sent_aggregate",
             Self::Received => "rst_received_aggregate",
@@ -64,7 +64,7 @@ pub enum TcpState {
 
 impl TcpState {
     /// The states in which one side has sent FIN and the other has not.
-    pub const HALF_CLOSED: [TcpState; 5] = [
+    pub(crate) const HALF_CLOSED: [TcpState; 5] = [
         TcpState::FinWait1,
         TcpState::FinWait2,
         TcpState::CloseWait,
@@ -72,11 +72,11 @@ impl TcpState {
         TcpState::Closing,
     ];
 
-    pub fn is_half_closed(self) -> bool {
+    pub(crate) fn is_half_closed(self) -> bool {
         Self::HALF_CLOSED.contains(&self)
     }
 
-    pub fn from_kernel(value: u8) -> Option<Self> {
+    pub(crate) fn from_kernel(value: u8) -> Option<Self> {
         use TcpState::*;
         Some(match value {
             1 => Established,
@@ -96,7 +96,7 @@ impl TcpState {
         })
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         use TcpState::*;
         match self {
             Established => "ESTABLISHED",
@@ -125,7 +125,7 @@ pub enum Errno {
 }
 
 impl Errno {
-    pub fn for_reset_in(state: TcpState) -> Option<Self> {
+    pub(crate) fn for_reset_in(state: TcpState) -> Option<Self> {
         match state {
             TcpState::SynSent => Some(Self::ConnRefused),
             TcpState::CloseWait => Some(Self::Pipe),
@@ -135,7 +135,7 @@ impl Errno {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::ConnRefused => "ECONNREFUSED",
             Self::Pipe => "EPIPE",
@@ -152,7 +152,7 @@ pub enum ExecContext {
 }
 
 impl ExecContext {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Process => "process",
             Self::Softirq => "softirq",
@@ -172,7 +172,7 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         process_label(self.pid, &self.comm)
     }
 }
@@ -220,7 +220,7 @@ pub struct RstEvent {
 
 impl RstEvent {
     /// How many resets this event stands for.
-    pub fn resets(&self) -> u64 {
+    pub(crate) fn resets(&self) -> u64 {
         self.aggregate.as_ref().map_or(1, |a| a.count)
     }
 }
@@ -236,7 +236,7 @@ pub enum NfHook {
 }
 
 impl NfHook {
-    pub fn from_kernel(value: u8) -> Option<Self> {
+    pub(crate) fn from_kernel(value: u8) -> Option<Self> {
         Some(match value {
             0 => Self::PreRouting,
             1 => Self::Input,
@@ -247,7 +247,7 @@ impl NfHook {
         })
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::PreRouting => "PREROUTING",
             Self::Input => "INPUT",
@@ -266,13 +266,13 @@ pub struct Process {
 }
 
 impl Process {
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         process_label(self.pid, &self.comm)
     }
 }
 
 /// `comm[pid]`, the way people name processes.
-pub fn process_label(pid: impl std::fmt::Display, comm: &str) -> String {
+pub(crate) fn process_label(pid: impl std::fmt::Display, comm: &str) -> String {
     format!("{comm}[{pid}]")
 }
 
@@ -285,7 +285,7 @@ pub enum ShutHow {
 }
 
 impl ShutHow {
-    pub fn from_kernel(how: u8) -> Option<Self> {
+    pub(crate) fn from_kernel(how: u8) -> Option<Self> {
         match how {
             0 => Some(Self::Read),
             1 => Some(Self::Write),
@@ -294,7 +294,7 @@ impl ShutHow {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Read => "SHUT_RD",
             Self::Write => "SHUT_WR",
@@ -312,14 +312,7 @@ pub enum CloseOp {
 }
 
 impl CloseOp {
-    /// After close() or exit nothing holds the socket: it is orphaned, and
-    /// the kernel's tcp_fin_timeout bounds FIN_WAIT2. After shutdown() the
-    /// application still holds it and no timer will reap it.
-    pub fn orphans(self) -> bool {
-        !matches!(self, Self::Shutdown(_))
-    }
-
-    pub fn name(self) -> String {
+    pub(crate) fn name(self) -> String {
         match self {
             Self::Shutdown(how) => format!("shutdown({})", how.name()),
             Self::Close => "close()".to_owned(),
@@ -354,7 +347,7 @@ pub struct CloseHistory {
 
 impl CloseHistory {
     /// When the socket entered `state`, if the mark saw it.
-    pub fn entered(&self, state: TcpState) -> Option<SystemTime> {
+    pub(crate) fn entered(&self, state: TcpState) -> Option<SystemTime> {
         self.steps
             .iter()
             .rev()

@@ -286,11 +286,11 @@ impl Endpoints {
         }
     }
 
-    pub fn local(&self) -> SocketAddr {
+    pub(crate) fn local(&self) -> SocketAddr {
         SocketAddr::new(self.local_addr, self.local_port)
     }
 
-    pub fn remote(&self) -> SocketAddr {
+    pub(crate) fn remote(&self) -> SocketAddr {
         SocketAddr::new(self.remote_addr, self.remote_port)
     }
 

@@ -123,7 +123,7 @@ pub enum OutputFormat {
     Json,
 }
 
-pub fn open(format: OutputFormat, out: Box<dyn Write>, node: String) -> Box<dyn Sink> {
+pub(crate) fn open(format: OutputFormat, out: Box<dyn Write>, node: String) -> Box<dyn Sink> {
     match format {
         OutputFormat::Table => Box::new(TableSink::new(out)),
         OutputFormat::Json => Box::new(JsonSink::new(out, node)),
@@ -143,10 +143,10 @@ pub(crate) mod testing {
 
     /// A writer the test keeps a handle to after giving it to a sink.
     #[derive(Clone, Default)]
-    pub struct Shared(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Shared(Arc<Mutex<Vec<u8>>>);
 
     impl Shared {
-        pub fn text(&self) -> String {
+        pub(crate) fn text(&self) -> String {
             String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
         }
     }

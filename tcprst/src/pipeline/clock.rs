@@ -29,11 +29,11 @@ impl WallClock {
         }
     }
 
-    pub fn refresh(&mut self) {
+    pub(crate) fn refresh(&mut self) {
         *self = Self::now();
     }
 
-    pub fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
+    pub(crate) fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
         let ns = (i128::from(monotonic_ns) + self.offset_ns).max(0) as u128;
         UNIX_EPOCH + Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32)
     }

@@ -20,7 +20,7 @@ pub enum WaitingFor {
 }
 
 impl WaitingFor {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::PeerAck => "peer_ack",
             Self::PeerFin => "peer_fin",
@@ -36,7 +36,7 @@ pub enum Blame {
 }
 
 impl Blame {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Peer => "peer",
             Self::LocalProcess => "local_process",
@@ -57,7 +57,7 @@ fn since(at: SystemTime, now: SystemTime) -> Duration {
 
 /// Why a half-closed connection is stuck. `owner` names the process holding
 /// the socket ("nc[1234]") where it is known.
-pub fn stuck(
+pub(crate) fn stuck(
     conn: &Connection,
     now: SystemTime,
     owner: Option<&str>,
@@ -132,7 +132,7 @@ pub fn stuck(
     }
 }
 
-pub fn resolved(r: &Resolved) -> String {
+pub(crate) fn resolved(r: &Resolved) -> String {
     let how = match (r.stuck_state, r.conn.state) {
         (TcpState::FinWait2, TcpState::Close) if r.conn.peer_fin_at.is_some() => {
             "the peer sent FIN at last".to_owned()
@@ -195,7 +195,8 @@ pub enum Cause {
 }
 
 impl Cause {
-    pub const ALL: [Self; 18] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [Self; 18] = [
         Self::LateSegment,
         Self::PeerResetHalfClose,
         Self::PeerResetClosing,
@@ -216,7 +217,7 @@ impl Cause {
         Self::ConntrackInvalidRejected,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::LateSegment => "late_segment",
             Self::PeerResetHalfClose => "peer_reset_half_close",
@@ -258,7 +259,10 @@ fn because(cause: Cause, text: impl Into<String>) -> Option<RstDiagnosis> {
 /// receipt alone: a stack that answered an open connection with NO_SOCKET
 /// had lost it (a restarted server, a pod rescheduled behind the same
 /// address, a conntrack or NAT change that sent it elsewhere).
-pub fn explained_by_sender(ev: &RstEvent, sent_reason: Option<&str>) -> Option<RstDiagnosis> {
+pub(crate) fn explained_by_sender(
+    ev: &RstEvent,
+    sent_reason: Option<&str>,
+) -> Option<RstDiagnosis> {
     let open = !matches!(ev.state?, TcpState::SynSent | TcpState::SynRecv);
     (ev.kind == RstKind::Received && open && sent_reason == Some("NO_SOCKET")).then(|| {
         RstDiagnosis {
@@ -277,7 +281,7 @@ pub fn explained_by_sender(ev: &RstEvent, sent_reason: Option<&str>) -> Option<R
 /// tracked that segment, NAT would have given it the original's addresses,
 /// so conntrack found it INVALID (out of window, kubernetes#74839) and let
 /// it through untranslated.
-pub fn escaped_nat(ev: &RstEvent, found: &Found, fits_reply: bool) -> Option<RstDiagnosis> {
+pub(crate) fn escaped_nat(ev: &RstEvent, found: &Found, fits_reply: bool) -> Option<RstDiagnosis> {
     let no_socket = ev.kind == RstKind::Sent && ev.state.is_none();
     (no_socket && fits_reply).then(|| RstDiagnosis {
         cause: Cause::NatEscaped,
@@ -296,7 +300,7 @@ pub fn escaped_nat(ev: &RstEvent, found: &Found, fits_reply: bool) -> Option<Rst
 /// tcp reset` rule calls, has no tracepoint and cannot be hooked on kernels
 /// without kprobes or fentry, so that is the evidence there is: the entry,
 /// and the namespace's INVALID count.
-pub fn rejected_by_conntrack(ev: &RstEvent, found: &Found) -> Option<RstDiagnosis> {
+pub(crate) fn rejected_by_conntrack(ev: &RstEvent, found: &Found) -> Option<RstDiagnosis> {
     let invalid = found.invalid.filter(|n| *n > 0)?;
     (ev.kind == RstKind::Received).then(|| RstDiagnosis {
         cause: Cause::ConntrackInvalidRejected,
@@ -337,14 +341,14 @@ impl KernelView<'_> {
     /// was full and tcp_abort_on_overflow is 1, or for a stray SYN. The
     /// kernel gives both one reason (INVALID_SYN on 6.18), so the sysctl
     /// tells them apart.
-    pub fn ended_a_handshake(&self) -> bool {
+    pub(crate) fn ended_a_handshake(&self) -> bool {
         self.went_through("tcp_check_req")
     }
 }
 
 /// Why a reset happened, where the socket, its close mark or the kernel
 /// says.
-pub fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Option<RstDiagnosis> {
+pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Option<RstDiagnosis> {
     let conn = ctx.conn.as_ref();
     let initiator = conn.and_then(|c| c.initiator.as_ref().zip(c.initiated_at));
     let ago = |at: SystemTime| short(since(at, ev.time));

@@ -83,17 +83,17 @@ impl fmt::Display for Origin {
 }
 
 /// (local, remote) as the receiving end sees them.
-pub type Ends = (SocketAddr, SocketAddr);
+pub(crate) type Ends = (SocketAddr, SocketAddr);
 
 /// What matching needs of a received reset, so its report can move in.
 #[derive(Debug, Clone, Copy)]
-pub struct Receipt {
+pub(crate) struct Receipt {
     ends: Ends,
     kernel_time: Duration,
 }
 
 impl Receipt {
-    pub fn of(ev: &RstEvent) -> Self {
+    pub(crate) fn of(ev: &RstEvent) -> Self {
         Self {
             ends: (ev.local, ev.remote),
             kernel_time: ev.kernel_time,
@@ -103,7 +103,7 @@ impl Receipt {
 
 /// What matching could not do, for the exit summary and metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct OriginStats {
+pub(crate) struct OriginStats {
     /// Sends forgotten while still inside their match window because
     /// `MAX_SENT` newer ones were remembered: a receipt only one of them
     /// explains, read after that, is reported as not local.
@@ -133,7 +133,7 @@ struct Held<T> {
 /// Matches received resets with the sends that explain them; `T` is the
 /// prepared report that waits meanwhile, `S` what a send tells about its
 /// socket (the receipt's peer on this host).
-pub struct Origins<T, S> {
+pub(crate) struct Origins<T, S> {
     /// Remembered sends by the ends of the receipts they explain, each list
     /// in the order read.
     sent: HashMap<Ends, VecDeque<Sent<S>>>,
@@ -160,7 +160,7 @@ pub struct Origins<T, S> {
 
 /// A received reset's report, where it came from, and what its sender
 /// told, when this host sent it.
-pub type Explained<T, S> = (T, Origin, Option<S>);
+pub(crate) type Explained<T, S> = (T, Origin, Option<S>);
 
 impl<T, S: Clone> Origins<T, S> {
     pub fn new(netfilter_watched: bool) -> Self {
@@ -177,13 +177,13 @@ impl<T, S: Clone> Origins<T, S> {
         }
     }
 
-    pub fn stats(&self) -> OriginStats {
+    pub(crate) fn stats(&self) -> OriginStats {
         self.stats
     }
 
     /// Remembers a reset this host sent; returns the held received resets
     /// it explains.
-    pub fn sent(&mut self, ev: &RstEvent, sender: S) -> Vec<Explained<T, S>> {
+    pub(crate) fn sent(&mut self, ev: &RstEvent, sender: S) -> Vec<Explained<T, S>> {
         self.moved_to(ev.kernel_time);
         let origin = match ev.hook {
             ResetHook::NfSendReset | ResetHook::NfSendReset6 => Origin::LocalNetfilter(ev.nf_hook),
@@ -254,20 +254,10 @@ impl<T, S: Clone> Origins<T, S> {
         explained
     }
 
-    /// A received reset: explained now, or held until its send arrives or
-    /// `expired` finds that none can.
-    pub fn received(
-        &mut self,
-        receipt: Receipt,
-        report: T,
-        read_at: Instant,
-    ) -> Option<Explained<T, S>> {
-        self.receive(receipt, report, read_at).ok()
-    }
-
-    /// Like `received`, but a held receipt's number, for `await_lookup` and
-    /// `lookup_done`.
-    pub fn receive(
+    /// A received reset: explained now (Ok), or held until its send arrives
+    /// or `expired` finds that none can (Err: the held receipt's number, for
+    /// `await_lookup` and `lookup_done`).
+    pub(crate) fn receive(
         &mut self,
         receipt: Receipt,
         report: T,
@@ -304,7 +294,7 @@ impl<T, S: Clone> Origins<T, S> {
 
     /// Held receipt `number` waits for a conntrack lookup before it can be
     /// declared not local.
-    pub fn await_lookup(&mut self, number: u64) {
+    pub(crate) fn await_lookup(&mut self, number: u64) {
         if let Some(held) = self.held_mut(number) {
             held.awaiting_lookup = true;
         }
@@ -313,7 +303,7 @@ impl<T, S: Clone> Origins<T, S> {
     /// Receipt `number`'s lookup answered: `update` adds what it found to
     /// the report, and `alias`, the ends its send has across NAT, explains
     /// it now if that send was read, or when it is.
-    pub fn lookup_done(
+    pub(crate) fn lookup_done(
         &mut self,
         number: u64,
         alias: Option<Ends>,
@@ -360,7 +350,7 @@ impl<T, S: Clone> Origins<T, S> {
     /// comment), as not local. `read_all_before`, when known, is an instant
     /// before which everything the kernel wrote has been read: the start of
     /// a drain that read the ring buffer empty.
-    pub fn expired(&mut self, read_all_before: Option<Instant>) -> Vec<Explained<T, S>> {
+    pub(crate) fn expired(&mut self, read_all_before: Option<Instant>) -> Vec<Explained<T, S>> {
         let mut out = Vec::new();
         while let Some(front) = self.held.front() {
             let decided = match front {
@@ -392,7 +382,7 @@ impl<T, S: Clone> Origins<T, S> {
     }
 
     /// Everything still waiting, when tracing stops: nothing is dropped.
-    pub fn flush(&mut self) -> Vec<Explained<T, S>> {
+    pub(crate) fn flush(&mut self) -> Vec<Explained<T, S>> {
         self.held_by_ends.clear();
         self.held_by_alias.clear();
         self.held_before += self.held.len() as u64;
@@ -506,7 +496,7 @@ mod tests {
         assert!(origins.sent(&sent_to(&rx, t(10)), "sender").is_empty());
         let now = Instant::now();
         assert_eq!(
-            origins.received(Receipt::of(&rx), "report", now),
+            origins.receive(Receipt::of(&rx), "report", now).ok(),
             Some(("report", Origin::LocalTcp, Some("sender")))
         );
     }
@@ -516,7 +506,7 @@ mod tests {
         let mut origins = Origins::new(false);
         let rx = received(t(10));
         let now = Instant::now();
-        assert_eq!(origins.received(Receipt::of(&rx), "report", now), None);
+        assert_eq!(origins.receive(Receipt::of(&rx), "report", now).ok(), None);
         assert!(origins.expired(Some(now)).is_empty());
         let mut nf = sent_to(&rx, t(10));
         nf.hook = ResetHook::NfSendReset;
@@ -543,7 +533,7 @@ mod tests {
         other.local = "10.9.9.9:1".parse().unwrap();
         origins.sent(&other, "other");
         origins.sent(&sent_to(&rx, t(2)), "long before");
-        assert_eq!(origins.received(Receipt::of(&rx), "report", now), None);
+        assert_eq!(origins.receive(Receipt::of(&rx), "report", now).ok(), None);
         assert!(origins.expired(Some(now + ms(199))).is_empty());
         // However long it waited, a ring not yet read empty may hold its send.
         assert!(origins.expired(None).is_empty());
@@ -562,12 +552,16 @@ mod tests {
         let mut origins: Origins<_, ()> = Origins::new(false);
         let now = Instant::now();
         let rx = received(t(10));
-        assert_eq!(origins.received(Receipt::of(&rx), "report", now), None);
+        assert_eq!(origins.receive(Receipt::of(&rx), "report", now).ok(), None);
         // A record of another connection a whole window later: a send for
         // this receipt could still come.
-        origins.received(Receipt::of(&received_on(1, t(11))), "other", now);
+        origins
+            .receive(Receipt::of(&received_on(1, t(11))), "other", now)
+            .ok();
         assert!(origins.expired(None).is_empty());
-        origins.received(Receipt::of(&received_on(2, t(11) + ms(1))), "later", now);
+        origins
+            .receive(Receipt::of(&received_on(2, t(11) + ms(1))), "later", now)
+            .ok();
         let out = origins.expired(None);
         assert_eq!(
             out,
@@ -591,14 +585,17 @@ mod tests {
             .map(|n| received_on(n, t(10) + ms(100 * u64::from(n))))
             .collect();
         for (n, rx) in receipts.iter().enumerate() {
-            assert_eq!(origins.received(Receipt::of(rx), n, read_at), None);
+            assert_eq!(origins.receive(Receipt::of(rx), n, read_at).ok(), None);
         }
         // Each drain reads a full batch: the ring is not read empty.
         assert!(origins.expired(None).is_empty());
         let resumed = read_at + Duration::from_secs(2);
         // A receipt read after the stall, with nothing to explain it.
         let stranger = received_on(9, t(10) + ms(500));
-        assert_eq!(origins.received(Receipt::of(&stranger), 9, resumed), None);
+        assert_eq!(
+            origins.receive(Receipt::of(&stranger), 9, resumed).ok(),
+            None
+        );
         let mut explained = Vec::new();
         for rx in &receipts {
             explained.extend(origins.sent(&sent_to(rx, rx.time + ms(1)), "sender"));
@@ -637,7 +634,7 @@ mod tests {
             match ev.kind {
                 RstKind::Sent => explained.extend(origins.sent(ev, *n)),
                 RstKind::Received => {
-                    explained.extend(origins.received(Receipt::of(ev), *n, read_at))
+                    explained.extend(origins.receive(Receipt::of(ev), *n, read_at).ok())
                 }
             }
             // After each batch a drain reads, the ring not yet empty.
@@ -669,11 +666,14 @@ mod tests {
         assert_eq!(origins.stats().sends_overflowed, 904);
         assert!(
             origins
-                .received(Receipt::of(&receipts[904]), 904, read_at)
+                .receive(Receipt::of(&receipts[904]), 904, read_at)
+                .ok()
                 .is_some()
         );
         assert_eq!(
-            origins.received(Receipt::of(&receipts[903]), 903, read_at),
+            origins
+                .receive(Receipt::of(&receipts[903]), 903, read_at)
+                .ok(),
             None
         );
         let out = origins.expired(Some(read_at + ms(200)));
@@ -695,7 +695,8 @@ mod tests {
         assert_eq!(origins.stats().sends_overflowed, 0);
         assert!(
             origins
-                .received(Receipt::of(&receipts[4000]), 4000, read_at)
+                .receive(Receipt::of(&receipts[4000]), 4000, read_at)
+                .ok()
                 .is_some()
         );
     }
@@ -709,7 +710,9 @@ mod tests {
         tx.time = t(10) - Duration::from_secs(3600);
         tx.kernel_time += ms(1);
         assert_eq!(
-            origins.received(Receipt::of(&rx), "report", Instant::now()),
+            origins
+                .receive(Receipt::of(&rx), "report", Instant::now())
+                .ok(),
             None
         );
         assert_eq!(
@@ -776,8 +779,12 @@ mod tests {
     #[test]
     fn stopping_releases_what_waits() {
         let mut origins: Origins<_, ()> = Origins::new(true);
-        origins.received(Receipt::of(&received(t(1))), 1, Instant::now());
-        origins.received(Receipt::of(&received(t(2))), 2, Instant::now());
+        origins
+            .receive(Receipt::of(&received(t(1))), 1, Instant::now())
+            .ok();
+        origins
+            .receive(Receipt::of(&received(t(2))), 2, Instant::now())
+            .ok();
         let out = origins.flush();
         assert_eq!(out.iter().map(|(r, ..)| *r).collect::<Vec<_>>(), [1, 2]);
         assert!(out[0].1.to_string().contains("or netfilter rule"));
