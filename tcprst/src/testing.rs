@@ -6,11 +6,13 @@ use tcprst_common::{AF_INET, RecordKind, RstRecord, TaskInfo, Tuple, rst_flags};
 
 use crate::{
     bpf::layout::ReasonNames,
+    host::enrich::Attribution,
     model::conn::ConnKey,
     model::event::{
         AttachTier, CloseHistory, CloseOp, Errno, ExecContext, Initiator, ResetHook, RstEvent,
         RstKind, ShutHow, SocketFacts, Task, TcpState,
     },
+    output::RstReport,
     pipeline::clock::WallClock,
     pipeline::decode::Decoder,
     pipeline::tracker::ScannedSocket,
@@ -190,4 +192,19 @@ pub fn decoder() -> Decoder {
 
 pub fn rst(bytes: &[u8]) -> RstEvent {
     decoder().decode(bytes).unwrap()
+}
+
+/// A report of `ev` alone: no connection, attribution or explanation.
+pub fn bare_report(ev: RstEvent) -> RstReport {
+    RstReport {
+        ev,
+        conn: None,
+        diagnosis: None,
+        attribution: Attribution::default(),
+        peer: None,
+        caller: None,
+        stack: None,
+        origin: None,
+        conntrack: None,
+    }
 }

@@ -851,7 +851,7 @@ mod tests {
         output::{Peer, testing::Shared},
         pipeline::diagnosis::{self, Blame, WaitingFor},
         pipeline::tracker::{RstContext, Tracker},
-        testing::{facts, proxy_half_close, reset, scanned, t},
+        testing::{bare_report, facts, proxy_half_close, reset, scanned, t},
     };
 
     fn lines(buf: &Shared) -> Vec<serde_json::Value> {
@@ -859,21 +859,6 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
-    }
-
-    /// A report of `ev` alone: no connection, attribution or explanation.
-    fn bare(ev: RstEvent) -> RstReport {
-        RstReport {
-            ev,
-            conn: None,
-            diagnosis: None,
-            attribution: Attribution::default(),
-            peer: None,
-            caller: None,
-            stack: None,
-            origin: None,
-            conntrack: None,
-        }
     }
 
     fn received(at: SystemTime) -> RstEvent {
@@ -1007,7 +992,7 @@ mod tests {
             origin: Some(Origin::NotLocal {
                 netfilter_watched: false,
             }),
-            ..bare(ev)
+            ..bare_report(ev)
         })
         .unwrap();
         let expected = serde_json::json!({
@@ -1100,7 +1085,7 @@ mod tests {
         });
         sink.rst(&RstReport {
             caller: Some("tcp_v4_rcv".into()),
-            ..bare(ev)
+            ..bare_report(ev)
         })
         .unwrap();
         let v = &lines(&buf)[0];

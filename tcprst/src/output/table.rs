@@ -292,7 +292,7 @@ mod tests {
     use super::*;
     use crate::model::event::{Task, TcpState};
     use crate::output::testing::Shared;
-    use crate::testing::reset;
+    use crate::testing::{bare_report, reset};
 
     fn event(kind: RstKind, local: &str, task: Option<Task>) -> RstReport {
         let mut ev = reset(kind, SystemTime::now(), Some(TcpState::Established), None);
@@ -304,15 +304,8 @@ mod tests {
         }
         ev.task = task;
         RstReport {
-            ev,
-            conn: None,
             diagnosis: Some(crate::testing::diagnosis("because of a test")),
-            attribution: Attribution::default(),
-            peer: None,
-            caller: None,
-            stack: None,
-            origin: None,
-            conntrack: None,
+            ..bare_report(ev)
         }
     }
 
