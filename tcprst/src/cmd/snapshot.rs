@@ -8,14 +8,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use comfy_table::{Attribute, ContentArrangement, Table, presets};
-use serde::Serialize;
 
 use crate::{
     host::enrich::{self, FoundSocket, Lookup},
     model::event::{TcpState, process_label},
-    output::terminal::cell,
-    output::{Endpoints, OutputFormat, ProcessJson},
+    output::{
+        Endpoints, OutputFormat, ProcessJson,
+        snapshot::{self, SnapshotRow},
+    },
     pipeline::diagnosis,
     pipeline::tracker::Connection,
 };
@@ -23,22 +23,6 @@ use crate::{
 pub struct SnapshotOptions {
     pub output: OutputFormat,
     pub netns: Option<u32>,
-}
-
-/// One socket in the snapshot, ready to print.
-#[derive(Serialize)]
-struct Row {
-    netns: u32,
-    netns_name: String,
-    #[serde(flatten)]
-    endpoints: Endpoints,
-    state: &'static str,
-    orphaned: bool,
-    owners: Vec<ProcessJson<String>>,
-    uid: u32,
-    inode: u64,
-    timer: Option<String>,
-    diagnosis: String,
 }
 
 fn lingering_diagnosis(state: TcpState) -> &'static str {
@@ -50,7 +34,7 @@ fn lingering_diagnosis(state: TcpState) -> &'static str {
     }
 }
 
-fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
+fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> SnapshotRow {
     let s = &found.socket;
     let owners: Vec<ProcessJson<String>> = lookup
         .owners()
@@ -70,7 +54,7 @@ fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
     } else {
         lingering_diagnosis(s.state).to_owned()
     };
-    Row {
+    SnapshotRow {
         netns: found.netns.inode,
         netns_name: found.netns.name.clone(),
         endpoints: Endpoints::new(s.local, s.remote),
@@ -85,7 +69,7 @@ fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> Row {
 }
 
 /// Rows by namespace, then state, then ports.
-fn order(row: &Row) -> (&str, &str, u16, u16) {
+fn order(row: &SnapshotRow) -> (&str, &str, u16, u16) {
     let ends = &row.endpoints;
     (
         &row.netns_name,
@@ -101,89 +85,10 @@ pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
     let found = enrich::find_sockets(&states, opts.netns);
     let mut lookup = Lookup::default();
     let now = SystemTime::now();
-    let mut rows: Vec<Row> = found.iter().map(|f| row(f, &mut lookup, now)).collect();
+    let mut rows: Vec<SnapshotRow> = found.iter().map(|f| row(f, &mut lookup, now)).collect();
     rows.sort_by(|a, b| order(a).cmp(&order(b)));
-    let written = match opts.output {
-        OutputFormat::Json => rows.iter().try_for_each(|r| {
-            serde_json::to_writer(&mut *out, r)?;
-            writeln!(out)
-        }),
-        OutputFormat::Table => write_table(&rows, out),
-    };
-    match written.and_then(|()| out.flush()) {
+    match snapshot::write(&rows, opts.output, out).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing the snapshot"),
-    }
-}
-
-fn write_table(rows: &[Row], out: &mut dyn Write) -> io::Result<()> {
-    let mut table = Table::new();
-    table
-        .load_preset(presets::NOTHING)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(
-            [
-                "NETNS",
-                "STATE",
-                "LOCAL",
-                "REMOTE",
-                "OWNER",
-                "TIMER",
-                "DIAGNOSIS",
-            ]
-            .map(|h| cell(h).add_attribute(Attribute::Bold)),
-        );
-    for r in rows {
-        let owner = match (r.owners.first(), r.orphaned) {
-            (Some(o), _) => process_label(o.pid, &o.comm),
-            (None, true) => "(orphaned)".to_owned(),
-            (None, false) => "?".to_owned(),
-        };
-        table.add_row(vec![
-            cell(&r.netns_name),
-            cell(r.state),
-            cell(r.endpoints.local()),
-            cell(r.endpoints.remote()),
-            cell(owner),
-            cell(r.timer.as_deref().unwrap_or("-")),
-            cell(&r.diagnosis),
-        ]);
-    }
-    for line in table.lines() {
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    writeln!(out, "{} connections", rows.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hostile_names_print_escaped() {
-        let row = Row {
-            netns: 1,
-            netns_name: "ns\x1b[2J".into(),
-            endpoints: Endpoints::new(
-                "127.0.0.1:5000".parse().unwrap(),
-                "127.0.0.1:40000".parse().unwrap(),
-            ),
-            state: "CLOSE_WAIT",
-            orphaned: false,
-            owners: vec![ProcessJson {
-                pid: 7,
-                comm: "\x1b]0;pwn\x07".into(),
-            }],
-            uid: 0,
-            inode: 1,
-            timer: None,
-            diagnosis: "held by \x1b]0;pwn\x07[7]".into(),
-        };
-        let mut out = Vec::new();
-        write_table(&[row], &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("ns\\e[2J"), "{text}");
-        assert!(text.contains("\\e]0;pwn\\a[7]"), "{text}");
-        assert!(!text.contains(['\x1b', '\x07']), "{text:?}");
     }
 }

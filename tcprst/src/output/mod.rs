@@ -2,7 +2,9 @@
 //! Prometheus metrics; `writer` puts stdout on a thread of its own. Imports
 //! `model`, `bpf`, `host` and `pipeline`.
 
+pub mod doctor;
 pub(crate) mod metrics;
+pub(crate) mod snapshot;
 pub(crate) mod terminal;
 
 mod json;
