@@ -220,6 +220,10 @@ pub struct TraceArgs {
     #[arg(long, value_name = "DIR", default_value = "/run/containerd")]
     pub containerd_state: PathBuf,
 
+    /// CRI-O's socket, whose inspect API gives each CRI-O container's name and image
+    #[arg(long, value_name = "PATH", default_value = "/var/run/crio/crio.sock")]
+    pub crio_socket: PathBuf,
+
     /// Print each reset's whole kernel stack, not just the calling function
     #[arg(long)]
     pub stack: bool,

@@ -67,6 +67,7 @@ pub fn trace_options(args: TraceArgs) -> Result<TraceOptions> {
         runtimes: RuntimeOptions {
             docker_socket: args.docker_socket,
             containerd_state: args.containerd_state,
+            crio_socket: args.crio_socket,
         },
         metrics_addr: args.metrics_addr,
         ready,

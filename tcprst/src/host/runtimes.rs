@@ -28,6 +28,8 @@ pub struct RuntimeOptions {
     pub docker_socket: PathBuf,
     /// containerd's state directory (`state` in its config.toml).
     pub containerd_state: PathBuf,
+    /// CRI-O's socket, which also serves its inspect API.
+    pub crio_socket: PathBuf,
 }
 
 /// What a runtime says about one of its containers.
@@ -43,6 +45,7 @@ pub struct ContainerMeta {
 enum Runtime {
     Docker,
     Containerd,
+    Crio,
 }
 
 /// Who to ask about a container, from the runtime its cgroup path names.
@@ -53,6 +56,7 @@ fn runtimes_for(cgroup_runtime: Option<&str>) -> &'static [Runtime] {
     match cgroup_runtime {
         Some("docker") => &[Runtime::Docker],
         Some("containerd") => &[Runtime::Containerd],
+        Some("cri-o") => &[Runtime::Crio],
         None => &[Runtime::Containerd, Runtime::Docker],
         Some(_) => &[],
     }
@@ -234,12 +238,14 @@ async fn serve(
         "containerd's task state ({})",
         tasks_dir(&opts.containerd_state).display()
     ));
+    let mut crio = Reachability::new(format!("cri-o ({})", opts.crio_socket.display()));
     while let Some((id, runtimes)) = requests.recv().await {
         let mut answer = Answer::Known(None);
         for runtime in runtimes {
             let reachability = match runtime {
                 Runtime::Docker => &mut docker,
                 Runtime::Containerd => &mut containerd,
+                Runtime::Crio => &mut crio,
             };
             if reachability.is_down() {
                 answer = Answer::Unavailable;
@@ -248,6 +254,7 @@ async fn serve(
             let found = match runtime {
                 Runtime::Docker => docker_inspect(&opts.docker_socket, &id).await,
                 Runtime::Containerd => containerd_bundle(&opts.containerd_state, &id).await,
+                Runtime::Crio => crio_inspect(&opts.crio_socket, &id).await,
             };
             reachability.record(&found);
             match found {
@@ -294,24 +301,67 @@ impl DockerInspect {
 /// Docker's answer about one container: Ok(None) if it has no such
 /// container, Err if it could not be asked.
 async fn docker_inspect(socket: &Path, id: &str) -> Found {
-    match tokio::time::timeout(
-        LOOKUP_TIMEOUT,
-        docker_get(socket, &format!("/containers/{id}/json")),
+    inspect(
+        socket,
+        &format!("/containers/{id}/json"),
+        DockerInspect::meta,
     )
     .await
-    {
+}
+
+/// What CRI-O's inspect API (`GET /containers/{id}` on its own socket)
+/// says of a container: the kubelet's name for it in its labels, and the
+/// image.
+#[derive(Deserialize)]
+struct CrioInspect {
+    name: String,
+    image: Option<String>,
+    #[serde(default)]
+    labels: std::collections::HashMap<String, String>,
+}
+
+impl CrioInspect {
+    fn meta(mut self) -> ContainerMeta {
+        // `name` is CRI-O's own (k8s_NAME_POD_NAMESPACE_UID_ATTEMPT); the
+        // label is what the pod spec calls the container.
+        let name = self
+            .labels
+            .remove("io.kubernetes.container.name")
+            .unwrap_or(self.name);
+        ContainerMeta {
+            runtime: "cri-o",
+            name: Some(name).filter(|n| !n.is_empty()),
+            image: self.image.filter(|i| !i.is_empty()),
+        }
+    }
+}
+
+/// CRI-O's answer about one container, as `docker_inspect`.
+async fn crio_inspect(socket: &Path, id: &str) -> Found {
+    inspect(socket, &format!("/containers/{id}"), CrioInspect::meta).await
+}
+
+/// Asks a runtime's HTTP API over `socket` about one container, through
+/// `path`: Ok(None) if it has no such container (404), Err if it could not
+/// be asked or its answer does not parse as `T`.
+async fn inspect<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    path: &str,
+    meta: fn(T) -> ContainerMeta,
+) -> Found {
+    match tokio::time::timeout(LOOKUP_TIMEOUT, unix_get(socket, path)).await {
         Err(_) => Err(format!("no answer within {}s", LOOKUP_TIMEOUT.as_secs())),
         Ok(Err(e)) => Err(e),
         Ok(Ok((StatusCode::NOT_FOUND, _))) => Ok(None),
-        Ok(Ok((StatusCode::OK, body))) => serde_json::from_slice::<DockerInspect>(&body)
-            .map(|inspect| Some(inspect.meta()))
+        Ok(Ok((StatusCode::OK, body))) => serde_json::from_slice::<T>(&body)
+            .map(|inspect| Some(meta(inspect)))
             .map_err(|e| format!("an inspect it answered does not parse: {e}")),
         Ok(Ok((status, _))) => Err(format!("it answered {status} to an inspect")),
     }
 }
 
-/// One GET over the Engine API's unix socket, on a connection of its own.
-async fn docker_get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), String> {
+/// One GET over a unix socket, on a connection of its own.
+async fn unix_get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), String> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|e| e.to_string())?;
@@ -319,8 +369,8 @@ async fn docker_get(socket: &Path, path: &str) -> Result<(StatusCode, Bytes), St
         .await
         .map_err(|e| e.to_string())?;
     let request = Request::get(path)
-        // HTTP/1.1 needs a Host; the daemon ignores it.
-        .header(hyper::header::HOST, "docker")
+        // HTTP/1.1 needs a Host; the daemons ignore it.
+        .header(hyper::header::HOST, "localhost")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let exchange = async {
@@ -433,7 +483,7 @@ mod tests {
         assert_eq!(runtimes_for(Some("docker")), &[Runtime::Docker]);
         assert_eq!(runtimes_for(Some("containerd")), &[Runtime::Containerd]);
         assert_eq!(runtimes_for(None), &[Runtime::Containerd, Runtime::Docker]);
-        assert!(runtimes_for(Some("cri-o")).is_empty());
+        assert_eq!(runtimes_for(Some("cri-o")), &[Runtime::Crio]);
         assert!(runtimes_for(Some("podman")).is_empty());
     }
 
@@ -493,6 +543,7 @@ mod tests {
         let mut names = ContainerNames::start(RuntimeOptions {
             docker_socket: state.join("no-docker.sock"),
             containerd_state: state.clone(),
+            crio_socket: state.join("no-crio.sock"),
         });
         assert_eq!(names.get(ID, Some("containerd")), None, "not asked yet");
         assert_eq!(names.get(ID, Some("containerd")), None);
@@ -510,10 +561,61 @@ mod tests {
             Some("web")
         );
         assert_eq!(names.known_ids(), vec![ID], "docker was unreachable");
-        assert_eq!(names.get("crio-id", Some("cri-o")), None);
-        assert_eq!(names.known_ids(), vec![ID, "crio-id"], "not asked: final");
+        assert_eq!(names.get("podman-id", Some("podman")), None);
+        assert_eq!(names.known_ids(), vec![ID, "podman-id"], "not asked: final");
         names.retain(|id| id != ID);
-        assert_eq!(names.known_ids(), vec!["crio-id"]);
+        assert_eq!(names.known_ids(), vec!["podman-id"]);
         std::fs::remove_dir_all(&state).unwrap();
+    }
+
+    /// CRI-O's inspect API over a unix socket, served here in the shape
+    /// CRI-O's `ContainerInfo` has (no CRI-O package exists for this
+    /// machine to run the real one): the pod spec's name from the labels,
+    /// the image, and 404 for a container it does not have.
+    #[tokio::test]
+    async fn crio_names_come_from_its_inspect_api() {
+        use http_body_util::Full;
+        use hyper::{Response, body::Incoming, service::service_fn};
+
+        let dir = temp_dir("crio");
+        let socket = dir.join("crio.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let serve = service_fn(|req: Request<Incoming>| async move {
+                    let body = (req.uri().path() == format!("/containers/{ID}"))
+                        .then_some(r#"{"name":"k8s_web_shop-7d9_default_1f2e_0","pid":4242,"image":"docker.io/library/nginx:1.27","image_ref":"sha256:ad4b","created_time":1,"labels":{"io.kubernetes.container.name":"web","io.kubernetes.pod.name":"shop-7d9"},"annotations":{},"crio_annotations":{},"log_path":"","root":"","sandbox":"","ip_addresses":["10.88.0.5"]}"#);
+                    let status = if body.is_some() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::NOT_FOUND
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+                            .unwrap(),
+                    )
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), serve),
+                );
+            }
+        });
+        assert_eq!(
+            crio_inspect(&socket, ID).await,
+            Ok(Some(ContainerMeta {
+                runtime: "cri-o",
+                name: Some("web".into()),
+                image: Some("docker.io/library/nginx:1.27".into()),
+            }))
+        );
+        assert_eq!(crio_inspect(&socket, "absent").await, Ok(None));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(crio_inspect(&socket, ID).await.is_err(), "no socket");
     }
 }
