@@ -294,6 +294,26 @@ fn add_invalid(mut datagram: &[u8], total: &mut u64) -> io::Result<bool> {
 /// thread's network namespace for as long as it lives.
 fn ctnetlink() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    // A kernel that never answers must not stall the lookup worker: a
+    // receive that times out is a failed lookup, counted.
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: SO_RCVTIMEO reads one timeval, which `timeout` is, for as
+    // long as the call; the descriptor is the socket just made.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
     Ok(socket)
