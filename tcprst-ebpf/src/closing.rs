@@ -24,8 +24,8 @@ use tcprst_common::{CloseMark, ExecContext, MARK_STEPS, TaskInfo, close_op};
 
 use crate::{
     context::{current_context, fill_task},
-    globals::settings,
-    kernel::{sock_protocol, task_is_exiting},
+    globals::global,
+    kernel::{TypedLoad, sock_protocol, task_is_exiting},
 };
 
 #[btf_map]
@@ -67,7 +67,7 @@ pub fn mark_of(sk: *mut core::ffi::c_void) -> Option<CloseMark> {
 pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     // (const struct sock *sk, const int oldstate, const int newstate)
     let new: i32 = ctx.arg(2);
-    let every = settings().every_transition != 0;
+    let every = global!(SETTINGS.every_transition) != 0;
     let starts_close = new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK;
     let follows_close = new == TCP_FIN_WAIT2 || new == TCP_CLOSING;
     if !(starts_close || follows_close || every) {
@@ -79,7 +79,7 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     }
     let sk: *mut core::ffi::c_void = ctx.arg(0);
     // SCTP shares the tracepoint; MPTCP's subflows are TCP sockets.
-    if sock_protocol(sk as u64).is_some_and(|p| p != IPPROTO_TCP) {
+    if sock_protocol(TypedLoad, sk as u64).is_some_and(|p| p != IPPROTO_TCP) {
         return 0;
     }
     let mut task: TaskInfo = TaskInfo {

@@ -17,31 +17,36 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_probe_read_kernel, generated::bpf_get_func_arg},
     macros::{fentry, kprobe},
-    programs::{BtfTracePointContext, FEntryContext, ProbeContext, tracing::StackIdContext},
+    programs::{FEntryContext, ProbeContext},
 };
-use tcprst_common::{
-    ABSENT, AttachTier, CloseMark, FUNCTION_HOOKS, FunctionArgs, RecordKind, ResetHook, rst_flags,
-};
+use tcprst_common::{ABSENT, AttachTier, FUNCTION_HOOKS, RecordKind, ResetHook, rst_flags};
 
 use crate::{
-    closing::mark_of,
     failure::tuple_unread,
     globals::function_args,
     kernel::{
-        TCP_FLAG_RST, netns_of_net, reply_tuple, skb_netns, sock_netns, sock_state, sock_tuple,
+        ProbeRead, TCP_FLAG_RST, netns_of_net, reply_tuple, skb_netns, sock_netns, sock_state,
+        sock_tuple,
     },
-    reset::{blank, finish, sock_details},
+    reset::{ResetContext, blank, finish, sock_details},
 };
 
-/// Reads argument `n` of the hooked function or tracepoint; 0 when it cannot.
-pub trait ArgReader: StackIdContext {
+/// Reads argument `n` of the hooked function, at a position the loader
+/// found at run time; 0 when it cannot.
+pub trait ArgReader: ResetContext {
     fn arg_u64(&self, n: u32) -> u64;
+}
 
-    /// The close mark of the socket in argument 0, where this program type
-    /// may read socket storage with a typed socket pointer.
-    fn mark(&self) -> Option<CloseMark> {
-        None
-    }
+impl ResetContext for ProbeContext {
+    type Memory = ProbeRead;
+    const MEMORY: ProbeRead = ProbeRead;
+}
+
+// fentry arguments are typed too, but they come through bpf_get_func_arg,
+// which hands back plain numbers.
+impl ResetContext for FEntryContext {
+    type Memory = ProbeRead;
+    const MEMORY: ProbeRead = ProbeRead;
 }
 
 impl ArgReader for ProbeContext {
@@ -79,23 +84,6 @@ impl ArgReader for FEntryContext {
     }
 }
 
-impl ArgReader for BtfTracePointContext {
-    #[inline(always)]
-    fn arg_u64(&self, n: u32) -> u64 {
-        // Through a helper, for the same reason as kprobes: the index is a
-        // run-time value, and the result is a plain number either way.
-        let slot = self.as_ptr().cast::<u64>().wrapping_add(n as usize);
-        // SAFETY: reads one slot of the tracepoint's argument array.
-        unsafe { bpf_probe_read_kernel(slot) }.unwrap_or(0)
-    }
-
-    #[inline(always)]
-    fn mark(&self) -> Option<CloseMark> {
-        // Both reset tracepoints pass the socket first.
-        mark_of(self.arg(0))
-    }
-}
-
 #[inline(always)]
 fn arg_at(ctx: &impl ArgReader, n: u32) -> Option<u64> {
     (n != ABSENT).then(|| ctx.arg_u64(n))
@@ -103,51 +91,73 @@ fn arg_at(ctx: &impl ArgReader, n: u32) -> Option<u64> {
 
 #[inline(always)]
 fn report_function(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier) {
-    if let Some(index) = FUNCTION_HOOKS.iter().position(|h| *h == hook) {
-        report(ctx, hook, tier, function_args(index));
-    }
+    let Some(index) = FUNCTION_HOOKS.iter().position(|h| *h == hook) else {
+        return;
+    };
+    let at = function_args(index);
+    let args = ResetArgs {
+        sk: arg_at(ctx, at.sk).unwrap_or(0),
+        skb: arg_at(ctx, at.skb).unwrap_or(0),
+        reason: arg_at(ctx, at.reason),
+        net: arg_at(ctx, at.net),
+        nf_hook: arg_at(ctx, at.hook),
+    };
+    report(ctx, hook, tier, args);
+}
+
+/// What a reset-sending function (or tracepoint) was called with.
+pub struct ResetArgs {
+    /// The socket resetting, or 0 for an answer to a segment no socket took.
+    pub sk: u64,
+    /// The segment answered, or 0 for an active reset.
+    pub skb: u64,
+    pub reason: Option<u64>,
+    /// netfilter's `struct net *`.
+    pub net: Option<u64>,
+    /// netfilter's hook number.
+    pub nf_hook: Option<u64>,
 }
 
 /// Reports a reset from the arguments of the function (or tracepoint)
-/// that sends it, at the positions `args` gives.
+/// that sends it.
 #[inline(always)]
-pub fn report(ctx: &impl ArgReader, hook: ResetHook, tier: AttachTier, args: FunctionArgs) {
-    let sk = arg_at(ctx, args.sk).unwrap_or(0);
-    let skb = arg_at(ctx, args.skb).unwrap_or(0);
+pub fn report(ctx: &impl ResetContext, hook: ResetHook, tier: AttachTier, args: ResetArgs) {
+    let mem = ctx.memory();
+    let ResetArgs { sk, skb, .. } = args;
     let mut rec = blank(RecordKind::RstSent, hook);
     rec.tier = tier as u8;
     if skb != 0 {
         // An answer to a segment: the kernel never answers a reset, and
         // returns before sending anything when asked to.
-        match reply_tuple(skb, &mut rec.tuple) {
+        match reply_tuple(mem, skb, &mut rec.tuple) {
             Ok(flags) if flags & TCP_FLAG_RST == 0 => {}
             Ok(_) => return,
             Err(unread) => return tuple_unread(ctx, hook, tier, unread),
         }
-    } else if let Err(unread) = sock_tuple(sk, &mut rec.tuple) {
+    } else if let Err(unread) = sock_tuple(mem, sk, &mut rec.tuple) {
         return tuple_unread(ctx, hook, tier, unread);
     }
     if sk == 0 {
         rec.flags |= rst_flags::NO_SOCKET;
-    } else if let Some(state) = sock_state(sk) {
+    } else if let Some(state) = sock_state(mem, sk) {
         rec.state = state;
         rec.flags |= rst_flags::HAS_STATE;
     }
-    if let Some(reason) = arg_at(ctx, args.reason) {
+    if let Some(reason) = args.reason {
         rec.reason = reason as u32;
         rec.flags |= rst_flags::HAS_REASON;
     }
-    if let Some(nf_hook) = arg_at(ctx, args.hook) {
+    if let Some(nf_hook) = args.nf_hook {
         rec.nf_hook = nf_hook as u8;
         rec.flags |= rst_flags::HAS_NF_HOOK;
     }
-    let netns = match arg_at(ctx, args.net) {
-        Some(net) => netns_of_net(net),
-        None if sk != 0 => sock_netns(sk),
-        None => skb_netns(skb),
+    let netns = match args.net {
+        Some(net) => netns_of_net(mem, net),
+        None if sk != 0 => sock_netns(mem, sk),
+        None => skb_netns(mem, skb),
     };
     finish(ctx, &mut rec, netns, |rec| {
-        sock_details(sk, rec);
+        sock_details(mem, sk, rec);
         if sk != 0 { ctx.mark() } else { None }
     });
 }

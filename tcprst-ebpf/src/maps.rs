@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use tcprst_common::{CloseMark, MarkedRstRecord, RstRecord, counters};
 
-use crate::{context::in_softirq, globals::settings};
+use crate::{context::in_softirq, globals::global};
 
 /// Every record for the loader. The loader resizes it (`--buffer-pages`).
 #[map]
@@ -49,7 +49,7 @@ fn count_lost() {
 #[inline(always)]
 fn wakeup_flags(size: usize) -> u64 {
     let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + size as u64;
-    if waiting >= u64::from(settings().wakeup_bytes) {
+    if waiting >= u64::from(global!(SETTINGS.wakeup_bytes)) {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

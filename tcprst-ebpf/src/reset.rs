@@ -9,18 +9,18 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use tcprst_common::{
-    ABSENT, AttachTier, CloseMark, ExecContext, FunctionArgs, RecordKind, ResetHook, RstRecord,
-    rst_flags,
+    AttachTier, CloseMark, ExecContext, RecordKind, ResetHook, RstRecord, rst_flags,
 };
 
 use crate::{
+    closing::mark_of,
     context::context_and_task,
     failure::tuple_unread,
-    function::{ArgReader, report},
-    globals::{filter, receive_reset_fields, send_reset_fields, settings},
+    function::{ResetArgs, report},
+    globals::{global, receive_reset_fields, send_reset_fields},
     kernel::{
-        is_full_sock, segment_ip_version, skb_netns, sock_cgroup_id, sock_netns, sock_state,
-        sock_tuple, socket_facts,
+        KernelMemory, ProbeRead, TypedLoad, is_full_sock, segment_ip_version, skb_netns,
+        sock_cgroup_id, sock_netns, sock_state, sock_tuple, socket_facts,
     },
     maps::{emit, emit_marked, tracepoint_covered},
     stack::{caller_frames, stack_id},
@@ -28,12 +28,47 @@ use crate::{
     tracepoint::{field, read_tuple, tuple_wanted},
 };
 
+/// What the reset paths need of a program's context beyond its stack: how
+/// it reads kernel memory, and its socket's close mark where it may read
+/// socket storage.
+pub trait ResetContext: StackIdContext {
+    type Memory: KernelMemory;
+    const MEMORY: Self::Memory;
+
+    #[inline(always)]
+    fn memory(&self) -> Self::Memory {
+        Self::MEMORY
+    }
+
+    fn mark(&self) -> Option<CloseMark> {
+        None
+    }
+}
+
+/// The classic tracepoints hand over their record, not typed pointers.
+impl ResetContext for TracePointContext {
+    type Memory = ProbeRead;
+    const MEMORY: ProbeRead = ProbeRead;
+}
+
+/// tp_btf arguments are typed pointers: their members are plain loads.
+impl ResetContext for BtfTracePointContext {
+    type Memory = TypedLoad;
+    const MEMORY: TypedLoad = TypedLoad;
+
+    #[inline(always)]
+    fn mark(&self) -> Option<CloseMark> {
+        // Both reset tracepoints pass the socket first.
+        mark_of(self.arg(0))
+    }
+}
+
 #[tracepoint]
 pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
     let fields = send_reset_fields();
     let sk = field::<u64>(&ctx, fields.skaddr).unwrap_or(0);
     let skb = field::<u64>(&ctx, fields.skbaddr).unwrap_or(0);
-    if reported_by_function(skb) {
+    if reported_by_function(ProbeRead, skb) {
         return 0;
     }
     let mut rec = blank(RecordKind::RstSent, ResetHook::SendResetTracepoint);
@@ -50,20 +85,20 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         // A reply to a segment that matched no socket: the tuple came from
         // that segment, and so does the namespace.
         rec.flags |= rst_flags::NO_SOCKET;
-        skb_netns(skb)
+        skb_netns(ProbeRead, skb)
     } else {
         if let Some(state) = field::<i32>(&ctx, fields.state) {
             rec.state = state as u8;
             rec.flags |= rst_flags::HAS_STATE;
         }
-        sock_netns(sk)
+        sock_netns(ProbeRead, sk)
     };
     if let Some(reason) = field::<u32>(&ctx, fields.reason) {
         rec.reason = reason;
         rec.flags |= rst_flags::HAS_REASON;
     }
     finish(&ctx, &mut rec, netns, |rec| {
-        sock_details(sk, rec);
+        sock_details(ProbeRead, sk, rec);
         None
     });
     0
@@ -87,28 +122,24 @@ pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
         rec.sock_cookie = cookie;
         rec.flags |= rst_flags::HAS_COOKIE;
     }
-    received(&ctx, sk, &mut rec, |_| None);
+    received(&ctx, sk, &mut rec);
     0
 }
 
 /// `tcp:tcp_send_reset` as tp_btf: (sk, skb[, reason]). Its arguments are
-/// the reset functions' own, so the function tiers' reader serves it.
+/// the reset functions' own, so the function tiers' report serves it.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcprst_rst_sent_btf(ctx: BtfTracePointContext) -> i32 {
-    let skb = ctx.arg_u64(1);
-    if reported_by_function(skb) {
+    let skb: u64 = ctx.arg(1);
+    if reported_by_function(TypedLoad, skb) {
         return 0;
     }
-    let args = FunctionArgs {
-        sk: 0,
-        skb: 1,
-        reason: if settings().send_reset_has_reason != 0 {
-            2
-        } else {
-            ABSENT
-        },
-        net: ABSENT,
-        hook: ABSENT,
+    let args = ResetArgs {
+        sk: ctx.arg(0),
+        skb,
+        reason: (global!(SETTINGS.send_reset_has_reason) != 0).then(|| ctx.arg(2)),
+        net: None,
+        nf_hook: None,
     };
     report(
         &ctx,
@@ -122,9 +153,9 @@ pub fn tcprst_rst_sent_btf(ctx: BtfTracePointContext) -> i32 {
 /// `tcp:tcp_receive_reset` as tp_btf: (sk).
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcprst_rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
-    let sk = ctx.arg_u64(0);
+    let sk: u64 = ctx.arg(0);
     let mut rec = blank(RecordKind::RstReceived, ResetHook::ReceiveResetTracepoint);
-    if let Err(unread) = sock_tuple(sk, &mut rec.tuple) {
+    if let Err(unread) = sock_tuple(TypedLoad, sk, &mut rec.tuple) {
         tuple_unread(
             &ctx,
             ResetHook::ReceiveResetTracepoint,
@@ -136,38 +167,34 @@ pub fn tcprst_rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: the typed socket argument, as the helper requires.
     rec.sock_cookie = unsafe { bpf_get_socket_cookie(ctx.arg(0)) };
     rec.flags |= rst_flags::HAS_COOKIE;
-    received(&ctx, sk, &mut rec, |_| ctx.mark());
+    received(&ctx, sk, &mut rec);
     0
 }
 
 /// A reset arrived on `sk`, a full socket: tcp_reset() only ever runs on one.
 #[inline(always)]
-fn received(
-    ctx: &impl StackIdContext,
-    sk: u64,
-    rec: &mut RstRecord,
-    mark: impl FnOnce(&RstRecord) -> Option<CloseMark>,
-) {
+fn received(ctx: &impl ResetContext, sk: u64, rec: &mut RstRecord) {
+    let mem = ctx.memory();
     // The tracepoint fires before tcp_reset() changes the state, so this is
     // the state the application was in when the RST hit it.
-    if let Some(state) = sock_state(sk) {
+    if let Some(state) = sock_state(mem, sk) {
         rec.state = state;
         rec.flags |= rst_flags::HAS_STATE;
     }
-    finish(ctx, rec, sock_netns(sk), |rec| {
-        rec.cgroup_id = sock_cgroup_id(sk);
-        socket_facts(sk, rec);
-        mark(rec)
+    finish(ctx, rec, sock_netns(mem, sk), |rec| {
+        rec.cgroup_id = sock_cgroup_id(mem, sk);
+        socket_facts(mem, sk, rec);
+        ctx.mark()
     });
 }
 
 /// What a full socket says of itself, for a reset that gets its own record:
 /// its cgroup, and its shutdown bits, orphan state and inode.
 #[inline(always)]
-pub fn sock_details(sk: u64, rec: &mut RstRecord) {
+pub fn sock_details(mem: impl KernelMemory, sk: u64, rec: &mut RstRecord) {
     if sk != 0 && rec.flags & rst_flags::HAS_STATE != 0 && is_full_sock(rec.state) {
-        rec.cgroup_id = sock_cgroup_id(sk);
-        socket_facts(sk, rec);
+        rec.cgroup_id = sock_cgroup_id(mem, sk);
+        socket_facts(mem, sk, rec);
     }
 }
 
@@ -175,14 +202,14 @@ pub fn sock_details(sk: u64, rec: &mut RstRecord) {
 /// attached, which reported the reset already: tcp_send_active_reset passes
 /// no segment, tcp_v4/v6_send_reset the IPv4/IPv6 segment they answer.
 #[inline(always)]
-fn reported_by_function(skb: u64) -> bool {
+fn reported_by_function(mem: impl KernelMemory, skb: u64) -> bool {
     let covered = tracepoint_covered();
     if covered == 0 {
         return false;
     }
     let function = match skb {
         0 => ResetHook::ActiveReset,
-        skb if segment_ip_version(skb) == 6 => ResetHook::V6SendReset,
+        skb if segment_ip_version(mem, skb) == 6 => ResetHook::V6SendReset,
         _ => ResetHook::V4SendReset,
     };
     covered & function.covered_bit() != 0
@@ -213,7 +240,7 @@ pub fn finish(
         return;
     }
     rec.netns = netns;
-    let tgid = filter().tgid;
+    let tgid = global!(FILTER.tgid);
     if tgid != 0 {
         // The pid filter needs the task before the reset may count.
         let context = context_and_task(&mut rec.task);

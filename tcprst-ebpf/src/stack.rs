@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use tcprst_common::{CALLER_FRAMES, counters};
 
-use crate::{globals::settings, maps::count};
+use crate::{globals::global, maps::count};
 
 /// Without BPF_F_REUSE_STACKID a stack id keeps naming one stack, so the
 /// loader can cache what it symbolized; a colliding new stack gets none.
@@ -19,7 +19,7 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(2048, 0);
 /// The whole stack's id with `--stack`; -1 otherwise or when it failed.
 #[inline(always)]
 pub fn stack_id(ctx: &impl StackIdContext) -> i32 {
-    if settings().whole_stacks == 0 {
+    if global!(SETTINGS.whole_stacks) == 0 {
         return -1;
     }
     ctx.get_stackid(&STACKS, 0).map_or(-1, |id| id as i32)

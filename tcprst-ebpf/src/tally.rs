@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use tcprst_common::{RstKey, RstRecord, RstTally, TALLY_KEYS, TALLY_PORTS, counters, rst_flags};
 
-use crate::{globals::settings, maps::count};
+use crate::{globals::global, maps::count};
 
 #[map]
 static TALLIES_A: HashMap<RstKey, RstTally> = HashMap::with_max_entries(TALLY_KEYS, 0);
@@ -64,7 +64,7 @@ fn key_of(rec: &RstRecord) -> (RstKey, u16) {
 /// already holds, to its key's budget.
 #[inline(always)]
 pub fn tally(rec: &RstRecord) -> Budget {
-    let budget = settings().detail_per_period;
+    let budget = global!(SETTINGS.detail_per_period);
     if budget == 0 {
         return Budget::Untallied;
     }

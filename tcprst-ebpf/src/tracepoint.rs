@@ -3,7 +3,10 @@
 use aya_ebpf::programs::TracePointContext;
 use tcprst_common::{ABSENT, AF_INET, Tuple, TupleFields, tuple_style};
 
-use crate::kernel::{Unread, copy_v4};
+use crate::{
+    globals::global,
+    kernel::{Unread, copy_v4},
+};
 
 #[inline(always)]
 pub fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
@@ -64,9 +67,10 @@ pub fn read_tuple(ctx: &TracePointContext, t: &TupleFields, out: &mut Tuple) -> 
 /// The kernel-side filters every connection record passes: port and netns.
 #[inline(always)]
 pub fn tuple_wanted(tuple: &Tuple, netns: u32) -> bool {
-    let f = crate::globals::filter();
-    if f.port != 0 && tuple.local_port != f.port && tuple.remote_port != f.port {
+    let port = global!(FILTER.port);
+    if port != 0 && tuple.local_port != port && tuple.remote_port != port {
         return false;
     }
-    f.netns == 0 || netns == f.netns
+    let wanted = global!(FILTER.netns);
+    wanted == 0 || netns == wanted
 }
