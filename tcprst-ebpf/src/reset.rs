@@ -259,9 +259,9 @@ pub fn finish(
     }
     let mark = details(rec);
     rec.stack_id = stack_id(ctx);
-    caller_frames(ctx, &mut rec.frames);
     // SAFETY: reads the monotonic clock.
     rec.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    caller_frames(ctx, rec);
     if let Some(tally) = sample {
         // SAFETY: `tally` points at this key's live map value (see `tally`).
         unsafe { (*tally).sample = *rec };
