@@ -25,8 +25,7 @@ use crate::{
     failure::tuple_unread,
     globals::function_args,
     kernel::{
-        ProbeRead, TCP_FLAG_RST, netns_of_net, reply_tuple, skb_netns, sock_netns, sock_state,
-        sock_tuple,
+        TCP_FLAG_RST, netns_of_net, reply_tuple, skb_netns, sock_netns, sock_state, sock_tuple,
     },
     reset::{ResetContext, blank, finish, sock_details},
 };
@@ -35,18 +34,6 @@ use crate::{
 /// found at run time; 0 when it cannot.
 pub trait ArgReader: ResetContext {
     fn arg_u64(&self, n: u32) -> u64;
-}
-
-impl ResetContext for ProbeContext {
-    type Memory = ProbeRead;
-    const MEMORY: ProbeRead = ProbeRead;
-}
-
-// fentry arguments are typed too, but they come through bpf_get_func_arg,
-// which hands back plain numbers.
-impl ResetContext for FEntryContext {
-    type Memory = ProbeRead;
-    const MEMORY: ProbeRead = ProbeRead;
 }
 
 impl ArgReader for ProbeContext {

@@ -6,7 +6,10 @@
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
     macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext,
+        tracing::StackIdContext,
+    },
 };
 use tcprst_common::{
     AttachTier, CloseMark, ExecContext, RecordKind, ResetHook, RstRecord, rst_flags,
@@ -45,11 +48,20 @@ pub trait ResetContext: StackIdContext {
     }
 }
 
-/// The classic tracepoints hand over their record, not typed pointers.
-impl ResetContext for TracePointContext {
-    type Memory = ProbeRead;
-    const MEMORY: ProbeRead = ProbeRead;
+/// Contexts whose addresses the verifier does not type: the classic
+/// tracepoints hand over their record, kprobes registers, and fentry's
+/// arguments (typed, but read through bpf_get_func_arg at positions known
+/// only at run time) plain numbers.
+macro_rules! probe_read_contexts {
+    ($($context:ty),+) => {$(
+        impl ResetContext for $context {
+            type Memory = ProbeRead;
+            const MEMORY: ProbeRead = ProbeRead;
+        }
+    )+};
 }
+
+probe_read_contexts!(TracePointContext, ProbeContext, FEntryContext);
 
 /// tp_btf arguments are typed pointers: their members are plain loads.
 impl ResetContext for BtfTracePointContext {
