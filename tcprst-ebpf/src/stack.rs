@@ -40,13 +40,14 @@ pub fn stack_id(ctx: &impl StackIdContext) -> i32 {
 #[derive(Clone, Copy)]
 struct PathKey {
     reason: u32,
+    /// tcp:tcp_send_reset serves IPv4 and IPv6: tcp_v4_rcv or tcp_v6_rcv.
+    family: u16,
     kind: u8,
     hook: u8,
     tier: u8,
     state: u8,
     context: u8,
     flags: u8,
-    _pad: [u8; 2],
 }
 
 /// The frames of the last unwind for a `PathKey`, and when it was taken.
@@ -101,13 +102,13 @@ pub fn caller_frames(ctx: &impl EbpfContext, rec: &mut RstRecord) {
     let settled = path_is_settled(rec);
     let key = PathKey {
         reason: rec.reason,
+        family: rec.tuple.family,
         kind: rec.kind,
         hook: rec.hook,
         tier: rec.tier,
         state: rec.state,
         context: rec.context,
         flags: rec.flags & (rst_flags::NO_SOCKET | rst_flags::HAS_REASON | rst_flags::HAS_STATE),
-        _pad: [0; 2],
     };
     if settled && let Some(known) = KNOWN_PATHS.get_ptr(key) {
         // SAFETY: a live map value. A CPU refreshing it concurrently
