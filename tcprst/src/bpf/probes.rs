@@ -1,13 +1,16 @@
 //! Loads the kernel programs with the running kernel's layouts and attaches
 //! them. Dropping `Probes` detaches everything.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{Array, Map, MapData, PerCpuArray, RingBuf, StackTraceMap},
-    programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, KProbe, ProgramFd, RawTracePoint, TracePoint},
 };
 use aya_log::EbpfLogger;
 use tcprst_common::{
@@ -514,8 +517,20 @@ impl Probes {
         self.take(maps::STACKS)
     }
 
+    /// The programs' counters, and a descriptor of each loaded program
+    /// for the runs the kernel skipped: taken once every program is loaded.
     pub fn take_counters(&mut self) -> Result<Counters> {
-        Ok(Counters(self.take(maps::COUNTERS)?))
+        let programs = self
+            .ebpf
+            .programs()
+            .filter_map(|(_, program)| program.fd().ok())
+            .map(ProgramFd::try_clone)
+            .collect::<Result<_, _>>()
+            .context("keeping the programs' descriptors")?;
+        Ok(Counters {
+            counts: self.take(maps::COUNTERS)?,
+            programs,
+        })
     }
 
     /// The reader of the programs' failure logs, with `--debug-bpf`.
@@ -666,15 +681,19 @@ fn raise_memlock_limit() {
     }
 }
 
-/// What the programs could not do, counted per CPU and per context.
-pub struct Counters(PerCpuArray<MapData, u64>);
+/// What the programs could not do, counted per CPU and per context by the
+/// programs themselves, and by the kernel for runs it skipped.
+pub struct Counters {
+    counts: PerCpuArray<MapData, u64>,
+    programs: Vec<ProgramFd>,
+}
 
 impl Counters {
     fn total(&self, counter: u32) -> Result<u64> {
         let mut total = 0;
         for softirq in [false, true] {
             total += self
-                .0
+                .counts
                 .get(&counters::slot(counter, softirq), 0)?
                 .iter()
                 .sum::<u64>();
@@ -702,6 +721,32 @@ impl Counters {
     pub fn tuple_failures(&self) -> Result<u64> {
         self.total(counters::TUPLE_FAILURES)
     }
+
+    /// Runs of our programs the kernel skipped, each a reset or a state
+    /// change no record or tally has: a tracing program does not run while
+    /// another (kprobe and tracepoint tiers) or the same one (tp_btf,
+    /// raw_tp, fentry) is running on that CPU, as when a softirq's reset
+    /// interrupts a program in process context. The kernel counts these as
+    /// `recursion_misses` in each program's fdinfo, since 5.12; an older
+    /// kernel reads 0.
+    pub fn skipped_runs(&self) -> Result<u64> {
+        let mut total = 0;
+        for program in &self.programs {
+            let path = format!("/proc/self/fdinfo/{}", program.as_fd().as_raw_fd());
+            let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+            total += recursion_misses(&info);
+        }
+        Ok(total)
+    }
+}
+
+/// The `recursion_misses:` count of a BPF program's fdinfo; 0 without one.
+fn recursion_misses(fdinfo: &str) -> u64 {
+    fdinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("recursion_misses:"))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -739,5 +784,16 @@ mod tests {
         let symbols: BTreeSet<&str> = elf.symbols().filter_map(|s| s.name().ok()).collect();
         let globals = missing(globals::ALL, &|n| symbols.contains(n));
         assert!(globals.is_empty(), "globals not in the object: {globals:?}");
+    }
+
+    #[test]
+    fn skipped_runs_are_read_from_a_programs_fdinfo() {
+        // A 6.18 tp_btf program's fdinfo, with bpf_stats on.
+        let fdinfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t2075\nprog_type:\t26\n\
+            prog_jited:\t1\nprog_tag:\t8dd6b3a7bc9b4a8e\nmemlock:\t4096\nprog_id:\t91\n\
+            run_time_ns:\t1240\nrun_cnt:\t3\nrecursion_misses:\t17\nverified_insns:\t520211\n";
+        assert_eq!(recursion_misses(fdinfo), 17);
+        // 5.10 has no such line: nothing counted there.
+        assert_eq!(recursion_misses("prog_type:\t5\nprog_id:\t7\n"), 0);
     }
 }

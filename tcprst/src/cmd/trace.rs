@@ -140,6 +140,7 @@ struct Counts {
     counted: u64,
     aggregates: u64,
     unwritten_warned: bool,
+    skipped_runs_warned: bool,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -717,6 +718,7 @@ impl Pipeline<'_> {
             tally_full: counters.tally_full().unwrap_or(0),
             unwritten: self.written.dropped(),
             tuple_failures: counters.tuple_failures().unwrap_or(0),
+            skipped_runs: counters.skipped_runs().unwrap_or(0),
             conntrack_skipped: self.conntrack.as_ref().map_or(0, |c| {
                 c.stats.skipped.load(std::sync::atomic::Ordering::Relaxed)
             }),
@@ -734,6 +736,13 @@ impl Pipeline<'_> {
             self.counts.unwritten_warned = true;
             log::warn!(
                 "the reader of stdout is not keeping up: events are dropped whole and counted (tcprst_unwritten_events_total, and the exit summary)"
+            );
+        }
+        if shortfalls.skipped_runs > 0 && !self.counts.skipped_runs_warned {
+            self.counts.skipped_runs_warned = true;
+            log::warn!(
+                "the kernel skipped {} runs of tcprst's programs because a tracing program was already running on that CPU: those resets or state changes are missing (tcprst_skipped_program_runs_total, and the exit summary)",
+                shortfalls.skipped_runs
             );
         }
         self.metrics.shortfalls(&shortfalls);
@@ -949,7 +958,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     let counts = &pipeline.counts;
     let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "{STOPPED}{} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} conntrack lookups skipped, {} conntrack lookups failed",
+        "{STOPPED}{} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} program runs the kernel skipped, {} conntrack lookups skipped, {} conntrack lookups failed",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
@@ -965,6 +974,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         shortfalls.sends_forgotten,
         unwritten,
         shortfalls.tuple_failures,
+        shortfalls.skipped_runs,
         shortfalls.conntrack_skipped,
         shortfalls.conntrack_failed,
     );

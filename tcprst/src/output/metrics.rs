@@ -97,6 +97,7 @@ pub struct Metrics {
     tally_full: Counter,
     unwritten: Counter,
     tuple_failures: Counter,
+    skipped_runs: Counter,
     conntrack_skipped: Counter,
     conntrack_failed: Counter,
     listen_overflows: Family<NetnsLabels, Counter>,
@@ -115,6 +116,7 @@ pub struct Shortfalls {
     pub tally_full: u64,
     pub unwritten: u64,
     pub tuple_failures: u64,
+    pub skipped_runs: u64,
     pub conntrack_skipped: u64,
     pub conntrack_failed: u64,
 }
@@ -199,6 +201,10 @@ impl Default for Metrics {
             "tuple_read_failures",
             "Resets the kernel programs dropped because the connection's ends could not be read (--debug-bpf logs which read)",
         );
+        let skipped_runs = counter(
+            "skipped_program_runs",
+            "Runs of tcprst's kernel programs the kernel skipped because a tracing program was already running on that CPU: resets or state changes nothing recorded or counted",
+        );
         let conntrack_skipped = counter(
             "conntrack_lookups_skipped",
             "Conntrack lookups for resets across NAT skipped under a storm (rate limit or a full queue), or unanswered when tracing stopped",
@@ -224,6 +230,7 @@ impl Default for Metrics {
             tally_full,
             unwritten,
             tuple_failures,
+            skipped_runs,
             conntrack_skipped,
             conntrack_failed,
             listen_overflows,
@@ -327,6 +334,7 @@ impl Metrics {
             (&self.tally_full, totals.tally_full),
             (&self.unwritten, totals.unwritten),
             (&self.tuple_failures, totals.tuple_failures),
+            (&self.skipped_runs, totals.skipped_runs),
             (&self.conntrack_skipped, totals.conntrack_skipped),
             (&self.conntrack_failed, totals.conntrack_failed),
         ] {
@@ -603,6 +611,7 @@ mod tests {
             tally_full: 4,
             unwritten: 5,
             tuple_failures: 7,
+            skipped_runs: 10,
             conntrack_skipped: 8,
             conntrack_failed: 9,
         };
@@ -625,6 +634,7 @@ mod tests {
             "tcprst_tally_full_resets_total 6",
             "tcprst_unwritten_events_total 5",
             "tcprst_tuple_read_failures_total 7",
+            "tcprst_skipped_program_runs_total 10",
             "tcprst_conntrack_lookups_skipped_total 8",
             "tcprst_conntrack_lookup_failures_total 9",
         ] {
