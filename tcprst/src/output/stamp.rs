@@ -15,6 +15,10 @@ const LEN: usize = PREFIX + 8;
 pub struct Stamp([u8; LEN]);
 
 impl Stamp {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn as_str(&self) -> &str {
         // Built only from humantime's ASCII output and ASCII digits.
         std::str::from_utf8(&self.0).expect("an ASCII timestamp")

@@ -6,7 +6,7 @@ use crate::{
     host::conntrack::Found,
     host::sockdiag::AcceptQueue,
     model::event::{CloseOp, RstEvent, RstKind, ShutHow, TcpState},
-    model::text::short,
+    model::text::{Addr, short},
     pipeline::tracker::{Connection, Resolved, RstContext},
 };
 
@@ -420,7 +420,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                     Cause::ConnectionRefused,
                     format!(
                         "connection refused: nothing listens on {}, or a firewall rejected the SYN",
-                        ev.remote
+                        Addr(ev.remote)
                     ),
                 ),
                 TcpState::Established => because(
@@ -485,7 +485,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 Cause::NoSocket,
                 format!(
                     "a segment for {} where no socket exists: nothing listens there, or the connection is long gone",
-                    ev.local
+                    Addr(ev.local)
                 ),
             ),
             "TCP_ABORT_ON_CLOSE" => because(
