@@ -2,7 +2,7 @@
 //! needs, where the NDJSON stream is for reading incidents.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     convert::Infallible,
     net::SocketAddr,
     str::FromStr,
@@ -81,6 +81,10 @@ pub struct Metrics {
     /// The reset series of each (namespace, pod), so they go when the pod
     /// does: pods come and go, and their series would otherwise pile up.
     pod_series: Mutex<HashMap<(String, String), HashSet<RstLabels>>>,
+    /// The reset series counted last, and their counters: a storm counts
+    /// into a few series, and finding one here compares strings, where the
+    /// family would copy four label strings and hash them for each reset.
+    recent_rsts: Mutex<VecDeque<(RstLabels, Counter)>>,
     stuck: Family<StuckLabels, Gauge>,
     /// The stuck series the last scan set, so the next removes those it
     /// does not set: a pod's series lasts only while it has stuck
@@ -217,6 +221,7 @@ impl Default for Metrics {
             registry,
             rsts,
             pod_series: Mutex::default(),
+            recent_rsts: Mutex::default(),
             stuck,
             stuck_series: Mutex::default(),
             lost,
@@ -249,24 +254,45 @@ impl Metrics {
         pod: Option<&str>,
         resets: u64,
     ) {
+        let direction = if sent { "sent" } else { "received" };
+        let [reason, caller, namespace, pod] =
+            [reason, caller, namespace, pod].map(|label| label.unwrap_or(""));
+        let mut recent = lock(&self.recent_rsts);
+        if let Some((_, counter)) = recent.iter().find(|(l, _)| {
+            l.direction == direction
+                && l.reason == reason
+                && l.caller == caller
+                && l.namespace == namespace
+                && l.pod == pod
+        }) {
+            counter.inc_by(resets);
+            return;
+        }
         let labels = RstLabels {
-            direction: if sent { "sent" } else { "received" },
-            reason: reason.unwrap_or("").to_owned(),
-            caller: caller.unwrap_or("").to_owned(),
-            namespace: namespace.unwrap_or("").to_owned(),
-            pod: pod.unwrap_or("").to_owned(),
+            direction,
+            reason: reason.to_owned(),
+            caller: caller.to_owned(),
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
         };
-        self.rsts.get_or_create(&labels).inc_by(resets);
+        let counter = self.rsts.get_or_create(&labels).clone();
+        counter.inc_by(resets);
         if !labels.pod.is_empty() {
             lock(&self.pod_series)
                 .entry((labels.namespace.clone(), labels.pod.clone()))
                 .or_default()
-                .insert(labels);
+                .insert(labels.clone());
         }
+        if recent.len() == RECENT_RST_SERIES {
+            recent.pop_back();
+        }
+        recent.push_front((labels, counter));
     }
 
     /// Drops the reset series of every pod `exists` no longer knows.
     pub fn forget_pods(&self, exists: impl Fn(&str, &str) -> bool) {
+        // A counter kept here may be one about to leave the family.
+        lock(&self.recent_rsts).clear();
         lock(&self.pod_series).retain(|(namespace, pod), series| {
             let keep = exists(namespace, pod);
             if !keep {
@@ -400,6 +426,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Connections served at once; more wait in the listen backlog, so idle
 /// or slow clients cannot take the agent's descriptors or memory.
 const MAX_CONNECTIONS: usize = 64;
+/// Reset series whose counters `Metrics::reset` keeps at hand.
+const RECENT_RST_SERIES: usize = 8;
 /// A client that has not sent its request headers by then is dropped, so
 /// idle connections free their slot for the next scrape.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3);
@@ -503,6 +531,37 @@ mod tests {
         assert!(!text.contains(r#"pod="web-1""#), "{text}");
         assert!(text.contains(r#"pod="web-2"} 1"#), "{text}");
         assert!(text.contains(r#"namespace="",pod=""} 1"#), "{text}");
+        // A pod name seen again (a StatefulSet's) starts a series of its own.
+        m.reset(false, None, None, Some("shop"), Some("web-1"), 2);
+        m.reset(false, None, None, Some("shop"), Some("web-1"), 2);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"namespace="shop",pod="web-1"} 4"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_storm_counts_into_its_series_past_the_kept_counters() {
+        let m = Metrics::default();
+        // More series than are kept at hand, taking turns.
+        for round in 0..3 {
+            for pod in 0..(RECENT_RST_SERIES + 3) {
+                m.reset(
+                    true,
+                    Some("NO_SOCKET"),
+                    None,
+                    Some("shop"),
+                    Some(&format!("web-{pod}")),
+                    round + 1,
+                );
+            }
+        }
+        let text = m.encode();
+        for pod in 0..(RECENT_RST_SERIES + 3) {
+            let series = format!(r#"namespace="shop",pod="web-{pod}"}} 6"#);
+            assert!(text.contains(&series), "{series} missing from:\n{text}");
+        }
     }
 
     #[test]
