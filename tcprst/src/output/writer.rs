@@ -167,10 +167,12 @@ impl QueuedWriter {
 
 impl Write for QueuedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.pending.extend_from_slice(buf);
-        if self.pending.len() >= CHUNK {
+        // Sent before it would grow: a chunk that outgrew its buffer would be
+        // copied whole into one twice its size.
+        if self.pending.len() + buf.len() > CHUNK {
             self.send_lines()?;
         }
+        self.pending.extend_from_slice(buf);
         Ok(buf.len())
     }
 
