@@ -183,7 +183,10 @@ impl Write for QueuedWriter {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Condvar, Mutex};
+    use std::{
+        io::Read as _,
+        sync::{Condvar, Mutex},
+    };
 
     use super::*;
     use crate::output::testing::Shared;
@@ -263,6 +266,57 @@ mod tests {
         // A chunk that fits is one write.
         assert_eq!(pieces(&line(PIPE_BUF)), [PIPE_BUF]);
         assert_eq!(pieces(&[]), Vec::<usize>::new());
+    }
+
+    /// The bytes waiting in a pipe.
+    fn pipe_holds(reader: &io::PipeReader) -> usize {
+        use std::os::fd::AsRawFd as _;
+        let mut held: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer, which
+        // points at `held`; the descriptor is the reader's, open.
+        let rc = unsafe { libc::ioctl(reader.as_raw_fd(), libc::FIONREAD, &mut held) };
+        assert_eq!(rc, 0, "FIONREAD: {}", io::Error::last_os_error());
+        held as usize
+    }
+
+    /// What tcprst leaves in a pipe when it exits with the writer thread
+    /// blocked on it: the reader must find whole lines there.
+    #[test]
+    fn a_full_pipe_holds_whole_lines_only() {
+        let (mut reader, pipe) = io::pipe().unwrap();
+        let (mut writer, _report) = spawn(pipe).unwrap();
+        let line = format!("{}\n", "x".repeat(299));
+        // A small chunk, then a chunk the pipe has room for only part of: a
+        // single write of it would stop wherever the pipe filled.
+        for lines in [10, CHUNK / line.len()] {
+            for _ in 0..lines {
+                writer.write_all(line.as_bytes()).unwrap();
+            }
+            writer.flush().unwrap();
+        }
+        // The thread is blocked once the pipe stops filling.
+        let mut held = pipe_holds(&reader);
+        loop {
+            thread::sleep(Duration::from_millis(200));
+            let now = pipe_holds(&reader);
+            if now == held {
+                break;
+            }
+            held = now;
+        }
+        assert!(
+            held > 0 && held < 10 * line.len() + CHUNK,
+            "{held} bytes held"
+        );
+        let mut bytes = vec![0; held];
+        reader.read_exact(&mut bytes).unwrap();
+        assert_eq!(
+            held % line.len(),
+            0,
+            "{held} bytes: a line cut after {}",
+            held % line.len()
+        );
+        assert!(bytes.ends_with(b"\n"));
     }
 
     #[test]
