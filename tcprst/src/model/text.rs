@@ -22,8 +22,9 @@ pub fn short(d: Duration) -> String {
 }
 
 /// `ip` as Display writes it, appended to `out`. An IPv4 address, which a
-/// storm's every record carries three or four times, is written digit by
-/// digit: `core::fmt` took about a fifth of a reset line's CPU (#11).
+/// storm's every record carries three or four times, is written octet by
+/// octet with itoa: `core::fmt` took about a fifth of a reset line's CPU
+/// (#11).
 pub fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => write_v4(out, v4, None),
