@@ -436,18 +436,6 @@ pub struct Settings {
     /// `--detail-per-sec`: resets of one `RstKey` that get their own record
     /// per tally period; the rest are only counted. 0: every reset.
     pub detail_per_period: u32,
-    /// This kernel's numbers of the reset reasons that several call sites
-    /// give, so a reset's reason does not settle which path sent it (the
-    /// caller frames of one are not reused for another); `ABSENT` where
-    /// the kernel has no such reason. TCP_STATE: tcp_disconnect(), from a
-    /// close() with SO_LINGER 0 and from a listener closing its accept
-    /// queue (inet_csk_listen_stop), whose diagnoses differ.
-    pub reason_tcp_state: u32,
-    /// TCP_DISCONNECT_WITH_DATA: tcp_disconnect() too.
-    pub reason_disconnect_with_data: u32,
-    /// TCP_ABORT_ON_MEMORY: tcp_close() and the retransmit and probe timers
-    /// (tcp_out_of_resources).
-    pub reason_abort_on_memory: u32,
 }
 
 /// What makes two resets "the same" for counting in the kernel: the

@@ -5,7 +5,7 @@
 //! placeholders below.
 
 use tcprst_common::{
-    ABSENT, FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetFields, Settings,
+    FUNCTION_HOOKS, FunctionArgs, KernelFilter, KernelOffsets, ResetFields, Settings,
 };
 
 #[unsafe(no_mangle)]
@@ -32,9 +32,6 @@ pub static SETTINGS: Settings = Settings {
     _pad: 0,
     wakeup_bytes: 0,
     detail_per_period: 0,
-    reason_tcp_state: ABSENT,
-    reason_disconnect_with_data: ABSENT,
-    reason_abort_on_memory: ABSENT,
 };
 
 /// One field of a loader-written global: a single load at a constant

@@ -76,10 +76,9 @@ const REASON_NOT_SPECIFIED: u32 = 0;
 
 /// Whether the record's kind alone tells which code path sent or took the
 /// reset. A reply to a segment no socket took comes from tcp_v4_rcv or
-/// tcp_v6_rcv; a named reason (6.10+) belongs to one call site, but for
-/// those the loader names as shared (`Settings`); a reset received in
-/// SYN_SENT answers our SYN, which one path handles. Without reasons,
-/// tcp_close and tcp_disconnect both reset a socket in CLOSE, and
+/// tcp_v6_rcv; a named reason (6.10+) belongs to one call site; a reset
+/// received in SYN_SENT answers our SYN, which one path handles. Without
+/// reasons, tcp_close and tcp_disconnect both reset a socket in CLOSE, and
 /// netfilter's callers are whichever reject rule matched: those unwind.
 #[inline(always)]
 fn path_is_settled(rec: &RstRecord) -> bool {
@@ -90,11 +89,7 @@ fn path_is_settled(rec: &RstRecord) -> bool {
         return false;
     }
     rec.flags & rst_flags::NO_SOCKET != 0
-        || (rec.flags & rst_flags::HAS_REASON != 0
-            && rec.reason != REASON_NOT_SPECIFIED
-            && rec.reason != global!(SETTINGS.reason_tcp_state)
-            && rec.reason != global!(SETTINGS.reason_disconnect_with_data)
-            && rec.reason != global!(SETTINGS.reason_abort_on_memory))
+        || (rec.flags & rst_flags::HAS_REASON != 0 && rec.reason != REASON_NOT_SPECIFIED)
 }
 
 /// Fills `rec.frames` with the innermost kernel frames: from the last

@@ -93,15 +93,6 @@ impl ReasonNames {
         Self(pairs.into_iter().map(|(v, n)| (v, Arc::from(n))).collect())
     }
 
-    /// This kernel's number for the reason `name`; `ABSENT` without one.
-    pub(crate) fn value(&self, name: &str) -> u32 {
-        self.0
-            .iter()
-            .find(|(_, n)| &***n == name)
-            .and_then(|(v, _)| u32::try_from(*v).ok())
-            .unwrap_or(ABSENT)
-    }
-
     /// The kernel's name, or the number when this kernel gave none.
     pub(crate) fn name(&self, value: u32) -> Arc<str> {
         self.0
@@ -174,9 +165,5 @@ mod tests {
         assert_eq!(&*names.name(1), "NO_SOCKET");
         assert_eq!(&*names.name(8), "TCP_ABORT_ON_DATA");
         assert_eq!(&*names.name(999), "REASON_999");
-        // The loader looks up by name the reasons several paths give.
-        assert_eq!(names.value("TCP_STATE"), 14);
-        assert_eq!(names.value("TCP_ABORT_ON_MEMORY"), 13);
-        assert_eq!(names.value("NO_SUCH_REASON"), ABSENT);
     }
 }

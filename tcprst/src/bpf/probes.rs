@@ -170,9 +170,6 @@ impl Probes {
             wakeup_bytes: cfg.buffer_pages * PAGE_SIZE / 4,
             // The tally period is a second (`Tallies::PERIOD`).
             detail_per_period: cfg.detail_per_sec,
-            reason_tcp_state: reasons.value("TCP_STATE"),
-            reason_disconnect_with_data: reasons.value("TCP_DISCONNECT_WITH_DATA"),
-            reason_abort_on_memory: reasons.value("TCP_ABORT_ON_MEMORY"),
         };
 
         raise_memlock_limit();
