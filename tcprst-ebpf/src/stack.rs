@@ -70,13 +70,25 @@ static BLANK_PATH: Array<KnownPath> = Array::with_max_entries(1, 0);
 /// How long a path's frames are reused before the stack is unwound again.
 const KNOWN_PATH_NS: u64 = 1_000_000_000;
 
+/// The record flags that are part of a path's kind. A few reasons come
+/// from more than one call site, and the orphan bit tells those apart:
+/// tcp_disconnect gives TCP_STATE and TCP_DISCONNECT_WITH_DATA both for a
+/// close() with SO_LINGER 0, whose socket still has its `struct socket`,
+/// and for a listener closing its accept queue, whose children never had
+/// one. (TCP_ABORT_ON_MEMORY from tcp_close and from the timers differs in
+/// context instead.) A mask, not a compare: the older verifiers walk no
+/// more paths for it.
+const PATH_FLAGS: u8 =
+    rst_flags::NO_SOCKET | rst_flags::HAS_REASON | rst_flags::HAS_STATE | rst_flags::ORPHANED;
+
 const TCP_SYN_SENT: u8 = 2;
 /// `SK_RST_REASON_NOT_SPECIFIED`: said by several paths.
 const REASON_NOT_SPECIFIED: u32 = 0;
 
 /// Whether the record's kind alone tells which code path sent or took the
 /// reset. A reply to a segment no socket took comes from tcp_v4_rcv or
-/// tcp_v6_rcv; a named reason (6.10+) belongs to one call site; a reset
+/// tcp_v6_rcv; a named reason (6.10+) belongs to one call site, given the
+/// rest of the key (see `PATH_FLAGS`); a reset
 /// received in SYN_SENT answers our SYN, which one path handles. Without
 /// reasons, tcp_close and tcp_disconnect both reset a socket in CLOSE, and
 /// netfilter's callers are whichever reject rule matched: those unwind.
@@ -108,7 +120,7 @@ pub fn caller_frames(ctx: &impl EbpfContext, rec: &mut RstRecord) {
         tier: rec.tier,
         state: rec.state,
         context: rec.context,
-        flags: rec.flags & (rst_flags::NO_SOCKET | rst_flags::HAS_REASON | rst_flags::HAS_STATE),
+        flags: rec.flags & PATH_FLAGS,
     };
     if settled && let Some(known) = KNOWN_PATHS.get_ptr(key) {
         // SAFETY: a live map value. A CPU refreshing it concurrently

@@ -170,6 +170,37 @@ fn a_listener_closed_with_a_queued_connection() {
     assert_eq!(find(&events, "rst_received")["cause"], "peer_aborted");
 }
 
+/// A close() with SO_LINGER 0 and a listener closing its accept queue both
+/// reset through tcp_disconnect, with reason TCP_STATE, in CLOSE, from a
+/// process: only the frames tell them apart, so the listener's reset right
+/// after a linger-0 close must be unwound, not given the frames of that one.
+#[test]
+fn a_listener_closed_right_after_a_linger_zero_close_is_still_the_listener() {
+    let ns = Netns::new();
+    let mut tracer = Tracer::in_netns(&ns, &[]);
+    make(&ns, "linger0", "127.0.0.1:40010", "127.0.0.1:5005");
+    tracer.wait_for_rsts(2);
+    let listener = ns.listen("127.0.0.1:5006");
+    let mut client = ns.connect("127.0.0.1:40011", "127.0.0.1:5006").unwrap();
+    drop(listener);
+    expect_reset(&mut client);
+    tracer.wait_for_rsts(4);
+    let events = tracer.stop();
+    let sent_from = |port: u16| {
+        events
+            .iter()
+            .find(|v| v["kind"] == "rst_sent" && v["local_port"] == port)
+            .unwrap_or_else(|| panic!("no reset sent from port {port} in {events:#?}"))
+    };
+    assert_eq!(sent_from(40010)["cause"], "abortive_close");
+    assert_eq!(
+        sent_from(5006)["cause"],
+        "listener_closed",
+        "{:#}",
+        sent_from(5006)
+    );
+}
+
 #[test]
 fn port_filter_excludes_other_ports() {
     let ns = Netns::new();
