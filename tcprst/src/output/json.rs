@@ -5,7 +5,9 @@
 //! Lines are written here field by field rather than derived with serde:
 //! serde_json runs every key through its escaping loop, a byte at a time,
 //! and that was half the CPU of a reset record (#11). Keys are literals,
-//! written whole; strings are copied whole unless they need escapes, which
+//! written whole with their comma and quotes (`key!`); tcprst's own names
+//! (`Name`) and the node (`Rendered`) are copied without an escape check;
+//! other strings are copied whole unless they need escapes, which
 //! serde_json then writes by its rules as before. Numbers are itoa's, as in
 //! serde_json, and addresses are written without `core::fmt` (`model::text`).
 
@@ -26,7 +28,7 @@ use crate::{
     bpf::attach::{hook_name, tier_name},
     host::conntrack::{Found, Tuple},
     host::enrich::Attribution,
-    model::event::{CloseOp, Initiator, NfHook, Task},
+    model::event::{CloseOp, Initiator, Task},
     model::{flow::push_flow, text::push_ip},
     pipeline::origin::Origin,
     pipeline::tracker::Connection,
@@ -35,7 +37,7 @@ use crate::{
 pub struct JsonSink {
     lines: Lines,
     /// Every record names the node, for logs shipped off a cluster.
-    node: String,
+    node: Rendered,
     stamps: StampCache,
 }
 
@@ -46,7 +48,7 @@ impl JsonSink {
                 out,
                 line: Vec::new(),
             },
-            node,
+            node: Rendered::new(&*node),
             stamps: StampCache::default(),
         }
     }
@@ -78,31 +80,43 @@ trait Json {
 /// `}` from `end`.
 struct Object<'a> {
     out: &'a mut Vec<u8>,
-    empty: bool,
+    /// Where the object starts in `out`.
+    start: usize,
+}
+
+/// A field's key as `Object::field` writes it, `,"name":`, joined at
+/// compile time (`key!`) so that a field costs one copy of a known length.
+struct Key(&'static [u8]);
+
+macro_rules! key {
+    ($name:literal) => {
+        Key(concat!(",\"", $name, "\":").as_bytes())
+    };
 }
 
 impl<'a> Object<'a> {
     fn new(out: &'a mut Vec<u8>) -> Self {
-        out.push(b'{');
-        Self { out, empty: true }
+        let start = out.len();
+        Self { out, start }
     }
 
-    /// `key` is a literal field name, which needs no escapes. Inlined, so
-    /// that copying each key is a few moves of a known length.
+    /// Every key is written with its comma; the first one's becomes the
+    /// object's `{`. Inlined, so that the copy is a few moves.
     #[inline(always)]
-    fn field(&mut self, key: &'static str, value: &(impl Json + ?Sized)) -> &mut Self {
-        if !self.empty {
-            self.out.push(b',');
+    fn field(&mut self, key: Key, value: &(impl Json + ?Sized)) -> &mut Self {
+        let at = self.out.len();
+        self.out.extend_from_slice(key.0);
+        if at == self.start {
+            self.out[at] = b'{';
         }
-        self.empty = false;
-        self.out.push(b'"');
-        self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
         value.write(self.out);
         self
     }
 
     fn end(&mut self) {
+        if self.out.len() == self.start {
+            self.out.push(b'{');
+        }
         self.out.push(b'}');
     }
 }
@@ -129,6 +143,46 @@ impl Json for str {
         out.push(b'"');
         out.extend_from_slice(self.as_bytes());
         out.push(b'"');
+    }
+}
+
+/// A name tcprst itself defines: a record kind, a state, a hook, a cause.
+/// They are ASCII words, never quotes, backslashes or control characters,
+/// so they are copied without the escape check every other string gets:
+/// a reset line writes a dozen of them (#11).
+#[derive(Clone, Copy)]
+struct Name(&'static str);
+
+impl Json for Name {
+    fn write(&self, out: &mut Vec<u8>) {
+        debug_assert!(!needs_escapes(self.0.as_bytes()), "{:?}", self.0);
+        out.push(b'"');
+        out.extend_from_slice(self.0.as_bytes());
+        out.push(b'"');
+    }
+}
+
+impl serde::Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0)
+    }
+}
+
+/// A value that every record repeats, such as the node's name: escaped and
+/// written once, then copied.
+struct Rendered(Vec<u8>);
+
+impl Rendered {
+    fn new(value: &(impl Json + ?Sized)) -> Self {
+        let mut json = Vec::new();
+        value.write(&mut json);
+        Self(json)
+    }
+}
+
+impl Json for Rendered {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0);
     }
 }
 
@@ -270,7 +324,7 @@ fn ms_before(at: SystemTime, now: SystemTime) -> u64 {
 /// The fields every connection record starts with.
 struct Head {
     time: Stamp,
-    kind: &'static str,
+    kind: Name,
     endpoints: Endpoints,
     netns: Option<u32>,
 }
@@ -279,7 +333,7 @@ impl Head {
     fn new(time: Stamp, kind: &'static str, conn: &Connection) -> Self {
         Self {
             time,
-            kind,
+            kind: Name(kind),
             endpoints: Endpoints::new(conn.key.local, conn.key.remote),
             netns: (conn.key.netns != 0).then_some(conn.key.netns),
         }
@@ -287,9 +341,10 @@ impl Head {
 
     fn fields<'o>(&self, out: &'o mut Vec<u8>) -> Object<'o> {
         let mut o = Object::new(out);
-        o.field("time", &self.time).field("kind", self.kind);
+        o.field(key!("time"), &self.time)
+            .field(key!("kind"), &self.kind);
         self.endpoints.fields(&mut o);
-        o.field("netns", &self.netns);
+        o.field(key!("netns"), &self.netns);
         o
     }
 }
@@ -298,7 +353,7 @@ impl Head {
 /// rows too, through serde.
 #[derive(serde::Serialize)]
 pub(crate) struct Endpoints {
-    family: &'static str,
+    family: Name,
     local_addr: IpAddr,
     pub local_port: u16,
     remote_addr: IpAddr,
@@ -308,7 +363,7 @@ pub(crate) struct Endpoints {
 impl Endpoints {
     pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
         Self {
-            family: if local.is_ipv6() { "ipv6" } else { "ipv4" },
+            family: Name(if local.is_ipv6() { "ipv6" } else { "ipv4" }),
             local_addr: local.ip(),
             local_port: local.port(),
             remote_addr: remote.ip(),
@@ -325,17 +380,17 @@ impl Endpoints {
     }
 
     fn fields(&self, o: &mut Object) {
-        o.field("family", self.family)
-            .field("local_addr", &self.local_addr)
-            .field("local_port", &self.local_port)
-            .field("remote_addr", &self.remote_addr)
-            .field("remote_port", &self.remote_port);
+        o.field(key!("family"), &self.family)
+            .field(key!("local_addr"), &self.local_addr)
+            .field(key!("local_port"), &self.local_port)
+            .field(key!("remote_addr"), &self.remote_addr)
+            .field(key!("remote_port"), &self.remote_port);
     }
 }
 
 struct InitiatorJson<'a> {
-    op: &'static str,
-    how: Option<&'static str>,
+    op: Name,
+    how: Option<Name>,
     pid: u32,
     comm: &'a str,
     ago_ms: u64,
@@ -344,11 +399,11 @@ struct InitiatorJson<'a> {
 impl Json for InitiatorJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
-            .field("op", self.op)
-            .field("how", &self.how)
-            .field("pid", &self.pid)
-            .field("comm", self.comm)
-            .field("ago_ms", &self.ago_ms)
+            .field(key!("op"), &self.op)
+            .field(key!("how"), &self.how)
+            .field(key!("pid"), &self.pid)
+            .field(key!("comm"), self.comm)
+            .field(key!("ago_ms"), &self.ago_ms)
             .end();
     }
 }
@@ -362,8 +417,8 @@ fn initiator(conn: Option<&Connection>, now: SystemTime) -> Option<InitiatorJson
         CloseOp::Exit => ("exit", None),
     };
     Some(InitiatorJson {
-        op,
-        how,
+        op: Name(op),
+        how: how.map(Name),
         pid: task.pid,
         comm: &task.comm,
         ago_ms: conn.initiated_at.map_or(0, |at| ms_before(at, now)),
@@ -371,7 +426,7 @@ fn initiator(conn: Option<&Connection>, now: SystemTime) -> Option<InitiatorJson
 }
 
 struct StepJson<'a> {
-    state: &'static str,
+    state: Name,
     /// None for the state a close mark found, whose start it did not see.
     ago_ms: Option<u64>,
     by: Option<Text<&'a Initiator>>,
@@ -380,9 +435,9 @@ struct StepJson<'a> {
 impl Json for StepJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
-            .field("state", self.state)
-            .field("ago_ms", &self.ago_ms)
-            .field("by", &self.by)
+            .field(key!("state"), &self.state)
+            .field(key!("ago_ms"), &self.ago_ms)
+            .field(key!("by"), &self.by)
             .end();
     }
 }
@@ -392,7 +447,7 @@ fn history(conn: Option<&Connection>, now: SystemTime) -> Vec<StepJson<'_>> {
         c.history
             .iter()
             .map(|step| StepJson {
-                state: step.state.name(),
+                state: Name(step.state.name()),
                 ago_ms: step.at.map(|at| ms_before(at, now)),
                 by: step.by.as_ref().map(Text),
             })
@@ -412,8 +467,8 @@ pub(crate) struct ProcessJson<Comm> {
 impl<Comm: AsRef<str>> Json for ProcessJson<Comm> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
-            .field("pid", &self.pid)
-            .field("comm", self.comm.as_ref())
+            .field(key!("pid"), &self.pid)
+            .field(key!("comm"), self.comm.as_ref())
             .end();
     }
 }
@@ -426,14 +481,14 @@ struct CgroupJson<'a> {
 impl Json for CgroupJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
-            .field("id", &self.id)
-            .field("path", &self.path)
+            .field(key!("id"), &self.id)
+            .field(key!("path"), &self.path)
             .end();
     }
 }
 
 struct ContainerJson<'a> {
-    runtime: Option<&'static str>,
+    runtime: Option<Name>,
     id: &'a str,
     name: Option<&'a str>,
     image: Option<&'a str>,
@@ -442,10 +497,10 @@ struct ContainerJson<'a> {
 impl Json for ContainerJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
-            .field("runtime", &self.runtime)
-            .field("id", self.id)
-            .field("name", &self.name)
-            .field("image", &self.image)
+            .field(key!("runtime"), &self.runtime)
+            .field(key!("id"), self.id)
+            .field(key!("name"), &self.name)
+            .field(key!("image"), &self.image)
             .end();
     }
 }
@@ -454,18 +509,18 @@ struct PodJson<'a> {
     uid: &'a str,
     namespace: Option<&'a str>,
     name: Option<&'a str>,
-    qos: Option<&'static str>,
+    qos: Option<Name>,
     labels: Option<&'a BTreeMap<String, String>>,
 }
 
 impl Json for PodJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
-            .field("uid", self.uid)
-            .field("namespace", &self.namespace)
-            .field("name", &self.name)
-            .field("qos", &self.qos)
-            .field("labels", &self.labels)
+            .field(key!("uid"), self.uid)
+            .field(key!("namespace"), &self.namespace)
+            .field(key!("name"), &self.name)
+            .field(key!("qos"), &self.qos)
+            .field(key!("labels"), &self.labels)
             .end();
     }
 }
@@ -494,7 +549,7 @@ impl<'a> WhoJson<'a> {
                 Some(ContainerJson {
                     // A cgroupfs path (/kubepods/<qos>/pod<uid>/<id>)
                     // names no runtime; the one that answered for it does.
-                    runtime: c.runtime.or(from_runtime.map(|m| m.runtime)),
+                    runtime: c.runtime.or(from_runtime.map(|m| m.runtime)).map(Name),
                     id: c.container_id.as_deref()?,
                     name: a.container_name.as_deref(),
                     image: from_runtime.and_then(|m| m.image.as_deref()),
@@ -505,7 +560,7 @@ impl<'a> WhoJson<'a> {
                     uid: c.pod_uid.as_deref()?,
                     namespace: a.pod.as_ref().map(|p| p.namespace.as_str()),
                     name: a.pod.as_ref().map(|p| p.name.as_str()),
-                    qos: c.qos,
+                    qos: c.qos.map(Name),
                     labels: a.pod.as_ref().map(|p| &p.labels),
                 })
             }),
@@ -518,12 +573,12 @@ impl<'a> WhoJson<'a> {
     }
 
     fn fields(&self, o: &mut Object) {
-        o.field("netns_name", &self.netns_name)
-            .field("cgroup", &self.cgroup)
-            .field("container", &self.container)
-            .field("pod", &self.pod)
-            .field("service", &self.service)
-            .field("owner", &self.owner);
+        o.field(key!("netns_name"), &self.netns_name)
+            .field(key!("cgroup"), &self.cgroup)
+            .field(key!("container"), &self.container)
+            .field(key!("pod"), &self.pod)
+            .field(key!("service"), &self.service)
+            .field(key!("owner"), &self.owner);
     }
 }
 
@@ -535,7 +590,7 @@ struct PeerJson<'a> {
 impl Json for PeerJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         let mut o = Object::new(out);
-        o.field("netns", &self.netns);
+        o.field(key!("netns"), &self.netns);
         self.who.fields(&mut o);
         o.end();
     }
@@ -549,15 +604,15 @@ struct AggregateJson<'a> {
 impl Json for AggregateJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
-            .field("first_time", &self.first_time)
-            .field("ports", self.ports)
+            .field(key!("first_time"), &self.first_time)
+            .field(key!("ports"), self.ports)
             .end();
     }
 }
 
 struct RstJson<'a> {
     time: Stamp,
-    kind: &'static str,
+    kind: Name,
     /// The resets this record stands for: 1, or an aggregate's count.
     count: u64,
     aggregate: Option<AggregateJson<'a>>,
@@ -565,12 +620,12 @@ struct RstJson<'a> {
     /// Both ends in a fixed order: the key another node's record of the
     /// same reset shares (`tcprst correlate`).
     flow: Flow,
-    state: Option<&'static str>,
+    state: Option<Name>,
     reason: Option<&'a str>,
-    errno: Option<&'static str>,
+    errno: Option<Name>,
     socket_cookie: Option<u64>,
     netns: Option<u32>,
-    context: &'static str,
+    context: Name,
     pid: Option<u32>,
     tid: Option<u32>,
     comm: Option<&'a str>,
@@ -578,14 +633,14 @@ struct RstJson<'a> {
     initiator: Option<InitiatorJson<'a>>,
     history: Vec<StepJson<'a>>,
     diagnosis: Option<&'a str>,
-    cause: Option<&'static str>,
+    cause: Option<Name>,
     caller: Option<&'a str>,
     stack: Option<&'a [Arc<str>]>,
-    hook: &'static str,
-    tier: &'static str,
-    nf_hook: Option<&'static str>,
+    hook: Name,
+    tier: Name,
+    nf_hook: Option<Name>,
     origin: Option<Text<&'a Origin>>,
-    node: &'a str,
+    node: &'a Rendered,
     who: WhoJson<'a>,
     peer: Option<PeerJson<'a>>,
     nat: Option<NatJson<'a>>,
@@ -609,8 +664,8 @@ impl TupleJson {
 impl Json for TupleJson {
     fn write(&self, out: &mut Vec<u8>) {
         let mut o = Object::new(out);
-        o.field("src", self.src.as_str())
-            .field("dst", self.dst.as_str())
+        o.field(key!("src"), self.src.as_str())
+            .field(key!("dst"), self.dst.as_str())
             .end();
     }
 }
@@ -619,7 +674,7 @@ impl Json for TupleJson {
 struct NatJson<'a> {
     original: TupleJson,
     reply: TupleJson,
-    state: Option<&'static str>,
+    state: Option<Name>,
     netns: u32,
     netns_name: &'a str,
 }
@@ -629,7 +684,7 @@ impl<'a> NatJson<'a> {
         Self {
             original: TupleJson::new(&found.entry.original),
             reply: TupleJson::new(&found.entry.reply),
-            state: found.entry.tcp_state_name(),
+            state: found.entry.tcp_state_name().map(Name),
             netns: found.netns,
             netns_name: &found.netns_name,
         }
@@ -639,26 +694,26 @@ impl<'a> NatJson<'a> {
 impl Json for NatJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         let mut o = Object::new(out);
-        o.field("original", &self.original)
-            .field("reply", &self.reply)
-            .field("state", &self.state)
-            .field("netns", &self.netns)
-            .field("netns_name", self.netns_name)
+        o.field(key!("original"), &self.original)
+            .field(key!("reply"), &self.reply)
+            .field(key!("state"), &self.state)
+            .field(key!("netns"), &self.netns)
+            .field(key!("netns_name"), self.netns_name)
             .end();
     }
 }
 
 impl<'a> RstJson<'a> {
-    fn new(report: &'a RstReport, node: &'a str, stamps: &mut StampCache) -> Self {
+    fn new(report: &'a RstReport, node: &'a Rendered, stamps: &mut StampCache) -> Self {
         let ev = &report.ev;
         let task: Option<&Task> = ev.task.as_ref();
         let conn = report.conn.as_ref();
         Self {
             time: stamps.stamp(ev.time),
-            kind: match ev.aggregate {
+            kind: Name(match ev.aggregate {
                 Some(_) => ev.kind.aggregate_name(),
                 None => ev.kind.name(),
-            },
+            }),
             count: ev.resets(),
             aggregate: ev.aggregate.as_ref().map(|a| AggregateJson {
                 first_time: stamps.stamp(a.first),
@@ -666,25 +721,25 @@ impl<'a> RstJson<'a> {
             }),
             endpoints: Endpoints::new(ev.local, ev.remote),
             flow: Flow(ev.local, ev.remote),
-            state: ev.state.map(|s| s.name()),
+            state: ev.state.map(|s| Name(s.name())),
             reason: ev.reason.as_deref(),
-            errno: ev.errno.map(|e| e.name()),
+            errno: ev.errno.map(|e| Name(e.name())),
             socket_cookie: ev.sock_cookie,
             netns: ev.netns,
-            context: ev.context.name(),
+            context: Name(ev.context.name()),
             pid: task.map(|t| t.pid),
             tid: task.map(|t| t.tid),
             comm: task.map(|t| &*t.comm),
             uid: task.map(|t| t.uid),
             initiator: initiator(conn, ev.time),
             history: history(conn, ev.time),
-            diagnosis: report.diagnosis.as_ref().map(|d| d.text.as_str()),
-            cause: report.diagnosis.as_ref().map(|d| d.cause.name()),
+            diagnosis: report.diagnosis.as_ref().map(|d| &*d.text),
+            cause: report.diagnosis.as_ref().map(|d| Name(d.cause.name())),
             caller: report.caller.as_deref(),
             stack: report.stack.as_deref(),
-            hook: hook_name(ev.hook),
-            tier: tier_name(ev.tier),
-            nf_hook: ev.nf_hook.map(NfHook::name),
+            hook: Name(hook_name(ev.hook)),
+            tier: Name(tier_name(ev.tier)),
+            nf_hook: ev.nf_hook.map(|h| Name(h.name())),
             origin: report.origin.as_ref().map(Text),
             node,
             who: WhoJson::new(&report.attribution),
@@ -704,70 +759,72 @@ impl<'a> RstJson<'a> {
 impl Json for RstJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         let mut o = Object::new(out);
-        o.field("time", &self.time)
-            .field("kind", self.kind)
-            .field("count", &self.count)
-            .field("aggregate", &self.aggregate);
+        o.field(key!("time"), &self.time)
+            .field(key!("kind"), &self.kind)
+            .field(key!("count"), &self.count)
+            .field(key!("aggregate"), &self.aggregate);
         self.endpoints.fields(&mut o);
-        o.field("flow", &self.flow)
-            .field("state", &self.state)
-            .field("reason", &self.reason)
-            .field("errno", &self.errno)
-            .field("socket_cookie", &self.socket_cookie)
-            .field("netns", &self.netns)
-            .field("context", self.context)
-            .field("pid", &self.pid)
-            .field("tid", &self.tid)
-            .field("comm", &self.comm)
-            .field("uid", &self.uid)
-            .field("initiator", &self.initiator)
-            .field("history", &self.history)
-            .field("diagnosis", &self.diagnosis)
-            .field("cause", &self.cause)
-            .field("caller", &self.caller)
-            .field("stack", &self.stack)
-            .field("hook", self.hook)
-            .field("tier", self.tier)
-            .field("nf_hook", &self.nf_hook)
-            .field("origin", &self.origin)
-            .field("node", self.node);
+        o.field(key!("flow"), &self.flow)
+            .field(key!("state"), &self.state)
+            .field(key!("reason"), &self.reason)
+            .field(key!("errno"), &self.errno)
+            .field(key!("socket_cookie"), &self.socket_cookie)
+            .field(key!("netns"), &self.netns)
+            .field(key!("context"), &self.context)
+            .field(key!("pid"), &self.pid)
+            .field(key!("tid"), &self.tid)
+            .field(key!("comm"), &self.comm)
+            .field(key!("uid"), &self.uid)
+            .field(key!("initiator"), &self.initiator)
+            .field(key!("history"), &self.history)
+            .field(key!("diagnosis"), &self.diagnosis)
+            .field(key!("cause"), &self.cause)
+            .field(key!("caller"), &self.caller)
+            .field(key!("stack"), &self.stack)
+            .field(key!("hook"), &self.hook)
+            .field(key!("tier"), &self.tier)
+            .field(key!("nf_hook"), &self.nf_hook)
+            .field(key!("origin"), &self.origin)
+            .field(key!("node"), self.node);
         self.who.fields(&mut o);
-        o.field("peer", &self.peer).field("nat", &self.nat).end();
+        o.field(key!("peer"), &self.peer)
+            .field(key!("nat"), &self.nat)
+            .end();
     }
 }
 
 struct StuckJson<'a> {
     head: Head,
-    state: &'static str,
+    state: Name,
     stuck_for_ms: u64,
     age_is_lower_bound: bool,
-    waiting_for: &'static str,
-    blame: &'static str,
+    waiting_for: Name,
+    blame: Name,
     orphaned: Option<bool>,
     initiator: Option<InitiatorJson<'a>>,
     our_fin_ago_ms: Option<u64>,
     peer_fin_ago_ms: Option<u64>,
     history: Vec<StepJson<'a>>,
     diagnosis: &'a str,
-    node: &'a str,
+    node: &'a Rendered,
     who: WhoJson<'a>,
 }
 
 impl Json for StuckJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         let mut o = self.head.fields(out);
-        o.field("state", self.state)
-            .field("stuck_for_ms", &self.stuck_for_ms)
-            .field("age_is_lower_bound", &self.age_is_lower_bound)
-            .field("waiting_for", self.waiting_for)
-            .field("blame", self.blame)
-            .field("orphaned", &self.orphaned)
-            .field("initiator", &self.initiator)
-            .field("our_fin_ago_ms", &self.our_fin_ago_ms)
-            .field("peer_fin_ago_ms", &self.peer_fin_ago_ms)
-            .field("history", &self.history)
-            .field("diagnosis", self.diagnosis)
-            .field("node", self.node);
+        o.field(key!("state"), &self.state)
+            .field(key!("stuck_for_ms"), &self.stuck_for_ms)
+            .field(key!("age_is_lower_bound"), &self.age_is_lower_bound)
+            .field(key!("waiting_for"), &self.waiting_for)
+            .field(key!("blame"), &self.blame)
+            .field(key!("orphaned"), &self.orphaned)
+            .field(key!("initiator"), &self.initiator)
+            .field(key!("our_fin_ago_ms"), &self.our_fin_ago_ms)
+            .field(key!("peer_fin_ago_ms"), &self.peer_fin_ago_ms)
+            .field(key!("history"), &self.history)
+            .field(key!("diagnosis"), self.diagnosis)
+            .field(key!("node"), self.node);
         self.who.fields(&mut o);
         o.end();
     }
@@ -775,44 +832,44 @@ impl Json for StuckJson<'_> {
 
 struct ResolvedJson<'a> {
     head: Head,
-    state: &'static str,
-    now_state: &'static str,
+    state: Name,
+    now_state: Name,
     stuck_for_ms: u64,
     initiator: Option<InitiatorJson<'a>>,
     diagnosis: &'a str,
-    node: &'a str,
+    node: &'a Rendered,
 }
 
 impl Json for ResolvedJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         self.head
             .fields(out)
-            .field("state", self.state)
-            .field("now_state", self.now_state)
-            .field("stuck_for_ms", &self.stuck_for_ms)
-            .field("initiator", &self.initiator)
-            .field("diagnosis", self.diagnosis)
-            .field("node", self.node)
+            .field(key!("state"), &self.state)
+            .field(key!("now_state"), &self.now_state)
+            .field(key!("stuck_for_ms"), &self.stuck_for_ms)
+            .field(key!("initiator"), &self.initiator)
+            .field(key!("diagnosis"), self.diagnosis)
+            .field(key!("node"), self.node)
             .end();
     }
 }
 
 struct LostJson<'a> {
     time: Stamp,
-    kind: &'static str,
+    kind: Name,
     lost: u64,
     lost_total: u64,
-    node: &'a str,
+    node: &'a Rendered,
 }
 
 impl Json for LostJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         Object::new(out)
-            .field("time", &self.time)
-            .field("kind", self.kind)
-            .field("lost", &self.lost)
-            .field("lost_total", &self.lost_total)
-            .field("node", self.node)
+            .field(key!("time"), &self.time)
+            .field(key!("kind"), &self.kind)
+            .field(key!("lost"), &self.lost)
+            .field(key!("lost_total"), &self.lost_total)
+            .field(key!("node"), self.node)
             .end();
     }
 }
@@ -827,11 +884,11 @@ impl Sink for JsonSink {
         let conn = &r.conn;
         self.lines.write(&StuckJson {
             head: Head::new(self.stamps.stamp(r.time), "halfclose_stuck", conn),
-            state: conn.state.name(),
+            state: Name(conn.state.name()),
             stuck_for_ms: ms_before(conn.since, r.time),
             age_is_lower_bound: !conn.seen_from_start,
-            waiting_for: r.diagnosis.waiting_for.name(),
-            blame: r.diagnosis.blame.name(),
+            waiting_for: Name(r.diagnosis.waiting_for.name()),
+            blame: Name(r.diagnosis.blame.name()),
             orphaned: conn.orphaned,
             initiator: initiator(Some(conn), r.time),
             our_fin_ago_ms: conn.our_fin_at.map(|at| ms_before(at, r.time)),
@@ -847,8 +904,8 @@ impl Sink for JsonSink {
         let conn = &r.resolved.conn;
         self.lines.write(&ResolvedJson {
             head: Head::new(self.stamps.stamp(conn.since), "halfclose_resolved", conn),
-            state: r.resolved.stuck_state.name(),
-            now_state: conn.state.name(),
+            state: Name(r.resolved.stuck_state.name()),
+            now_state: Name(conn.state.name()),
             stuck_for_ms: r.resolved.stuck_for.as_millis() as u64,
             initiator: initiator(Some(conn), conn.since),
             diagnosis: &r.diagnosis,
@@ -859,7 +916,7 @@ impl Sink for JsonSink {
     fn lost(&mut self, report: &LossReport) -> io::Result<()> {
         self.lines.write(&LostJson {
             time: self.stamps.stamp(SystemTime::now()),
-            kind: "lost",
+            kind: Name("lost"),
             lost: report.lost,
             lost_total: report.lost_total,
             node: &self.node,
@@ -883,6 +940,18 @@ mod tests {
         pipeline::tracker::{RstContext, Tracker},
         testing::{bare_report, facts, proxy_half_close, reset, scanned, t},
     };
+
+    #[test]
+    fn objects_open_at_their_first_field() {
+        let mut out = Vec::new();
+        Object::new(&mut out).end();
+        Object::new(&mut out).field(key!("a"), &1u32).end();
+        Object::new(&mut out)
+            .field(key!("a"), &1u32)
+            .field(key!("b"), &[2u32][..])
+            .end();
+        assert_eq!(out, br#"{}{"a":1}{"a":1,"b":[2]}"#);
+    }
 
     fn lines(buf: &Shared) -> Vec<serde_json::Value> {
         buf.text()
