@@ -123,7 +123,7 @@ pub fn scanned(state: TcpState, history: Option<CloseHistory>, orphaned: bool) -
 pub fn diagnosis(text: &str) -> crate::pipeline::diagnosis::RstDiagnosis {
     crate::pipeline::diagnosis::RstDiagnosis {
         cause: crate::pipeline::diagnosis::Cause::PeerAborted,
-        text: text.to_owned(),
+        text: text.to_owned().into(),
     }
 }
 

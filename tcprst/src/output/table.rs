@@ -231,7 +231,7 @@ impl Sink for TableSink {
                 }
             )
         });
-        let diagnosis = report.diagnosis.as_ref().map(|d| d.text.clone());
+        let diagnosis = report.diagnosis.as_ref().map(|d| d.text.to_string());
         match [counted, diagnosis, origin, netfilter]
             .into_iter()
             .flatten()

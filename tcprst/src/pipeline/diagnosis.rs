@@ -1,6 +1,9 @@
 //! One-line explanations a user can act on, from what the tracker saw.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    borrow::Cow,
+    time::{Duration, SystemTime},
+};
 
 use crate::{
     host::conntrack::Found,
@@ -241,14 +244,16 @@ impl Cause {
     }
 }
 
-/// Why a reset happened: a cause for machines, a line for people.
+/// Why a reset happened: a cause for machines, a line for people. Most
+/// lines name nothing of the reset, so they are borrowed, not copied into
+/// a String for every record of a storm.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RstDiagnosis {
     pub cause: Cause,
-    pub text: String,
+    pub text: Cow<'static, str>,
 }
 
-fn because(cause: Cause, text: impl Into<String>) -> Option<RstDiagnosis> {
+fn because(cause: Cause, text: impl Into<Cow<'static, str>>) -> Option<RstDiagnosis> {
     Some(RstDiagnosis {
         cause,
         text: text.into(),
@@ -271,7 +276,8 @@ pub(crate) fn explained_by_sender(
                 "the peer {} had no socket for this open connection (its stack answered NO_SOCKET): \
                  it restarted or lost the connection's state, so our next segment met a reset; reconnect",
                 ev.remote
-            ),
+            )
+        .into(),
         }
     })
 }
@@ -290,7 +296,8 @@ pub(crate) fn escaped_nat(ev: &RstEvent, found: &Found, fits_reply: bool) -> Opt
              ({} -> {}): conntrack marked it INVALID and it escaped reverse NAT; drop INVALID packets, or set \
              nf_conntrack_tcp_be_liberal",
             ev.remote, found.entry.original.src, found.entry.original.dst
-        ),
+        )
+        .into(),
     })
 }
 
@@ -312,7 +319,8 @@ pub(crate) fn rejected_by_conntrack(ev: &RstEvent, found: &Found) -> Option<RstD
             found.netns_name,
             found.entry.tcp_state_name().unwrap_or("unknown state"),
             ev.remote
-        ),
+        )
+        .into(),
     })
 }
 
@@ -533,7 +541,7 @@ mod tests {
     };
 
     fn explain(ev: &RstEvent) -> Option<String> {
-        diagnose(ev).map(|d| d.text)
+        diagnose(ev).map(|d| d.text.into_owned())
     }
 
     fn diagnose(ev: &RstEvent) -> Option<RstDiagnosis> {
