@@ -88,10 +88,10 @@ const REASON_NOT_SPECIFIED: u32 = 0;
 /// Whether the record's kind alone tells which code path sent or took the
 /// reset. A reply to a segment no socket took comes from tcp_v4_rcv or
 /// tcp_v6_rcv; a named reason (6.10+) belongs to one call site, given the
-/// rest of the key (see `PATH_FLAGS`); a reset
-/// received in SYN_SENT answers our SYN, which one path handles. Without
-/// reasons, tcp_close and tcp_disconnect both reset a socket in CLOSE, and
-/// netfilter's callers are whichever reject rule matched: those unwind.
+/// rest of the key (`PATH_FLAGS`); a reset received in SYN_SENT answers our
+/// SYN, which one path handles. Without reasons, tcp_close and
+/// tcp_disconnect both reset a socket in CLOSE, and netfilter's callers are
+/// whichever reject rule matched: those unwind.
 #[inline(always)]
 fn path_is_settled(rec: &RstRecord) -> bool {
     if rec.kind == RecordKind::RstReceived as u8 {
