@@ -14,18 +14,18 @@ use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, pt_regs},
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_ktime_get_ns,
         generated::{bpf_get_current_task_btf, bpf_sk_storage_get, bpf_task_pt_regs},
     },
     macros::{btf_map, btf_tracepoint},
     programs::BtfTracePointContext,
 };
-use tcprst_common::{CloseMark, ExecContext, MARK_STEPS, TaskInfo, close_op};
+use tcprst_common::{CloseMark, MARK_STEPS, TaskInfo, close_op};
 
 use crate::{
-    context::{current_context, fill_task},
+    context::fill_task,
     globals::global,
-    kernel::{TypedLoad, sock_protocol, task_is_exiting},
+    kernel::{TypedLoad, sock_protocol, task_is_exiting, task_is_kthread},
 };
 
 #[btf_map]
@@ -134,16 +134,22 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// The close a process is doing now: shutdown() (and how), close(), or its
-/// exit; None when no process is acting (softirq, kernel threads) or it
-/// does something else.
+/// exit; None when a kernel thread acts or the process does something
+/// else. A close starts (FIN_WAIT1, LAST_ACK) only in tcp_close() and
+/// tcp_shutdown(), which a task calls, never a softirq: so the current
+/// task is the one closing, and unlike a reset this needs no softirq check
+/// (a map lookup and a probe read each time a connection closes, #10).
 #[inline(always)]
 fn closing_op(task: &mut TaskInfo) -> Option<(u8, u8)> {
-    if current_context() != ExecContext::Process {
+    // SAFETY: the current task, typed by the verifier as `struct
+    // task_struct *`, so its flags are a checked load.
+    let current = unsafe { bpf_get_current_task_btf() };
+    if task_is_kthread(TypedLoad, current as u64) {
         return None;
     }
     // SAFETY: the current task's saved user registers; the verifier types
     // the result as `struct pt_regs *`, so the loads below are checked.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    let regs = unsafe { bpf_task_pt_regs(current) } as *const pt_regs;
     if regs.is_null() {
         return None;
     }
@@ -152,8 +158,7 @@ fn closing_op(task: &mut TaskInfo) -> Option<(u8, u8)> {
     let op = match nr {
         SYS_SHUTDOWN => (close_op::SHUTDOWN, how as u8),
         SYS_CLOSE | SYS_CLOSE_RANGE => (close_op::CLOSE, 0),
-        // SAFETY: bpf_get_current_task returns the current task's address.
-        _ if task_is_exiting(unsafe { bpf_get_current_task() }) => (close_op::EXIT, 0),
+        _ if task_is_exiting(TypedLoad, current as u64) => (close_op::EXIT, 0),
         _ => return None,
     };
     // Only now, for a close that gets a mark: the comm copy is the dearest

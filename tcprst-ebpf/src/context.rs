@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use tcprst_common::{ExecContext, TaskInfo};
 
-use crate::kernel::task_is_kthread;
+use crate::kernel::{ProbeRead, task_is_kthread};
 
 #[map]
 static IN_SOFTIRQ: PerCpuArray<u8> = PerCpuArray::with_max_entries(1, 0);
@@ -55,7 +55,7 @@ pub fn current_context() -> ExecContext {
         return ExecContext::Softirq;
     }
     // SAFETY: bpf_get_current_task returns the current task's address.
-    if task_is_kthread(unsafe { bpf_get_current_task() }) {
+    if task_is_kthread(ProbeRead, unsafe { bpf_get_current_task() }) {
         return ExecContext::KernelThread;
     }
     ExecContext::Process

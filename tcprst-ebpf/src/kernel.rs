@@ -104,23 +104,22 @@ pub fn sock_state(mem: impl KernelMemory, sk: u64) -> Option<u8> {
     mem.read::<u8>(sk, global!(KERNEL_OFFSETS.sk_state))
 }
 
-// Tasks come from bpf_get_current_task, an untyped address: probe reads.
+// A task from bpf_get_current_task is an untyped address (probe reads); one
+// from bpf_get_current_task_btf, in tp_btf programs, is typed.
 
 const PF_KTHREAD: u32 = 0x0020_0000;
 
 #[inline(always)]
-pub fn task_is_kthread(task: u64) -> bool {
-    ProbeRead
-        .read::<u32>(task, global!(KERNEL_OFFSETS.task_flags))
+pub fn task_is_kthread(mem: impl KernelMemory, task: u64) -> bool {
+    mem.read::<u32>(task, global!(KERNEL_OFFSETS.task_flags))
         .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
 const PF_EXITING: u32 = 0x0000_0004;
 
 #[inline(always)]
-pub fn task_is_exiting(task: u64) -> bool {
-    ProbeRead
-        .read::<u32>(task, global!(KERNEL_OFFSETS.task_flags))
+pub fn task_is_exiting(mem: impl KernelMemory, task: u64) -> bool {
+    mem.read::<u32>(task, global!(KERNEL_OFFSETS.task_flags))
         .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
