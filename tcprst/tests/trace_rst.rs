@@ -147,16 +147,22 @@ fn linger_zero_close_is_an_active_reset() {
     assert_eq!(sent["caller"], scenario.caller);
 }
 
+/// A listener on `server` closed while `client`'s connection waits in its
+/// accept queue: the kernel resets that connection.
+fn close_listener_with_queued(ns: &Netns, client: &str, server: &str) {
+    let listener = ns.listen(server);
+    let mut client = ns.connect(client, server).unwrap();
+    drop(listener);
+    expect_reset(&mut client);
+}
+
 /// A server that closes its listener with a connection still queued:
 /// the kernel resets it, which is not the application's abortive close.
 #[test]
 fn a_listener_closed_with_a_queued_connection() {
     let ns = Netns::new();
     let mut tracer = Tracer::in_netns(&ns, &[]);
-    let listener = ns.listen("127.0.0.1:5004");
-    let mut client = ns.connect("127.0.0.1:40009", "127.0.0.1:5004").unwrap();
-    drop(listener);
-    expect_reset(&mut client);
+    close_listener_with_queued(&ns, "127.0.0.1:40009", "127.0.0.1:5004");
     tracer.wait_for_rsts(2);
     let events = tracer.stop();
     let sent = find(&events, "rst_sent");
@@ -172,18 +178,16 @@ fn a_listener_closed_with_a_queued_connection() {
 
 /// A close() with SO_LINGER 0 and a listener closing its accept queue both
 /// reset through tcp_disconnect, with reason TCP_STATE, in CLOSE, from a
-/// process: only the frames tell them apart, so the listener's reset right
-/// after a linger-0 close must be unwound, not given the frames of that one.
+/// process, and only the frames name the listener: its reset right after a
+/// linger-0 close must not be given the frames the kernel kept from that
+/// one (the cache tells them apart by the queued socket being orphaned).
 #[test]
 fn a_listener_closed_right_after_a_linger_zero_close_is_still_the_listener() {
     let ns = Netns::new();
     let mut tracer = Tracer::in_netns(&ns, &[]);
     make(&ns, "linger0", "127.0.0.1:40010", "127.0.0.1:5005");
     tracer.wait_for_rsts(2);
-    let listener = ns.listen("127.0.0.1:5006");
-    let mut client = ns.connect("127.0.0.1:40011", "127.0.0.1:5006").unwrap();
-    drop(listener);
-    expect_reset(&mut client);
+    close_listener_with_queued(&ns, "127.0.0.1:40011", "127.0.0.1:5006");
     tracer.wait_for_rsts(4);
     let events = tracer.stop();
     let sent_from = |port: u16| {
