@@ -108,19 +108,10 @@ impl V4Text {
         if let Some(port) = port {
             v4.text[v4.len] = b':';
             v4.len += 1;
-            let digits = match port {
-                0..=9 => 1,
-                10..=99 => 2,
-                100..=999 => 3,
-                1000..=9999 => 4,
-                _ => 5,
-            };
-            let mut rest = port;
-            for i in (0..digits).rev() {
-                v4.text[v4.len + i] = b'0' + (rest % 10) as u8;
-                rest /= 10;
-            }
-            v4.len += digits;
+            let mut digits = itoa::Buffer::new();
+            let digits = digits.format(port).as_bytes();
+            v4.text[v4.len..v4.len + digits.len()].copy_from_slice(digits);
+            v4.len += digits.len();
         }
         v4
     }
