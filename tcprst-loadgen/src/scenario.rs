@@ -38,6 +38,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sender: End::Server,
         state: None,
         caller: "tcp_v4_rcv",
+        context: "softirq",
         reason: Reason::Passive("NO_SOCKET"),
         received: ("SYN_SENT", "ECONNREFUSED"),
     },
@@ -49,6 +50,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sender: End::Server,
         state: None,
         caller: "tcp_v6_rcv",
+        context: "softirq",
         reason: Reason::Passive("NO_SOCKET"),
         received: ("SYN_SENT", "ECONNREFUSED"),
     },
@@ -61,6 +63,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sender: End::Server,
         state: Some("CLOSE"),
         caller: "tcp_close",
+        context: "process",
         reason: Reason::Active("TCP_ABORT_ON_CLOSE"),
         received: ("ESTABLISHED", "ECONNRESET"),
     },
@@ -74,6 +77,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sender: End::Client,
         state: Some("CLOSE"),
         caller: "tcp_disconnect",
+        context: "process",
         reason: Reason::Active("TCP_STATE"),
         received: ("ESTABLISHED", "ECONNRESET"),
     },
@@ -88,6 +92,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sender: End::Server,
         state: None,
         caller: "nft_reject_inet_eval",
+        context: "softirq",
         reason: Reason::Never,
         received: ("SYN_SENT", "ECONNREFUSED"),
     },
@@ -107,6 +112,10 @@ pub struct Scenario {
     /// The sending socket's state in the record; `None` when none sent it.
     pub state: Option<&'static str>,
     pub caller: &'static str,
+    /// Where the kernel ran when it sent the reset, as the record's
+    /// `context`: `softirq` while it handled the segment that caused it,
+    /// `process` in the closing system call.
+    pub context: &'static str,
     pub reason: Reason,
     /// The receiving socket's state and the error its application gets.
     pub received: (&'static str, &'static str),
