@@ -91,6 +91,8 @@ pub struct KernelOffsets {
     pub dev_nd_net: u32,
     /// `task_struct.flags`
     pub task_flags: u32,
+    /// `task_struct.stack`: the lowest address of the task's kernel stack
+    pub task_stack: u32,
     /// `sock.sk_cgrp_data.cgroup`
     pub sk_cgroup: u32,
     /// `cgroup.kn`
@@ -140,6 +142,7 @@ impl KernelOffsets {
         skb_dev: ABSENT,
         dev_nd_net: ABSENT,
         task_flags: ABSENT,
+        task_stack: ABSENT,
         sk_cgroup: ABSENT,
         cgroup_kn: ABSENT,
         kn_id: ABSENT,
@@ -436,6 +439,15 @@ pub struct Settings {
     /// `--detail-per-sec`: resets of one `RstKey` that get their own record
     /// per tally period; the rest are only counted. 0: every reset.
     pub detail_per_period: u32,
+    /// How a reset program tells softirq from process context: by where its
+    /// own stack lies, when this is the size of every task's kernel stack
+    /// (`THREAD_SIZE`); by the `softirq_entry`/`softirq_exit` programs when
+    /// 0 (`StackLayout` in the loader says when).
+    pub task_stack_size: u32,
+    /// From `task_struct.stack` to the `orig_ax` of the user registers the
+    /// kernel saved at the top of that stack: the system call the task is in,
+    /// or an interrupt's vector (negative). Set with `task_stack_size`.
+    pub user_orig_ax: u32,
 }
 
 /// What makes two resets "the same" for counting in the kernel: the
@@ -529,12 +541,6 @@ pub mod counters {
     /// (`--debug-bpf` logs which field, at which offset).
     pub const TUPLE_FAILURES: u32 = 3;
     pub const SLOTS: u32 = 4;
-
-    /// Where a program counts `counter`: one slot per context, so a softirq
-    /// never interleaves with a process-context update of the same slot.
-    pub const fn slot(counter: u32, softirq: bool) -> u32 {
-        counter * 2 + softirq as u32
-    }
 }
 
 #[cfg(feature = "user")]

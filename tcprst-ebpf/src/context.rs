@@ -1,7 +1,12 @@
-//! Softirq bookkeeping, so a reset sent while handling a packet or a timer is
-//! not blamed on whichever task the softirq interrupted. Tracepoint programs
-//! cannot see `preempt_count` portably, so each CPU records whether it is
-//! between `softirq_entry` and `softirq_exit` (softirqs do not nest on a CPU).
+//! Where a reset is sent from, so one sent while handling a packet or a
+//! timer is not blamed on whichever task the softirq interrupted.
+//! Tracepoint programs cannot see `preempt_count` portably. Where the
+//! loader knows the kernel's stack layout (`Settings::task_stack_size`) and
+//! the program's context lies on the kernel stack it runs on, a reset
+//! program tells softirq by where that context lies, and nothing runs per
+//! softirq. Elsewhere (the classic tracepoint programs, whose context is a
+//! per-CPU buffer) two programs keep a per-CPU "in softirq" flag between
+//! `softirq_entry` and `softirq_exit`, on every softirq of the host.
 
 use aya_ebpf::{
     helpers::{
@@ -14,7 +19,10 @@ use aya_ebpf::{
 };
 use tcprst_common::{ExecContext, TaskInfo};
 
-use crate::kernel::{ProbeRead, task_is_kthread};
+use crate::{
+    globals::global,
+    kernel::{KernelMemory, ProbeRead, task_is_exiting, task_is_kthread},
+};
 
 #[map]
 static IN_SOFTIRQ: PerCpuArray<u8> = PerCpuArray::with_max_entries(1, 0);
@@ -41,13 +49,14 @@ pub fn tcprst_sirq_out(_ctx: RawTracePointContext) -> i32 {
 
 /// Whether this CPU is between softirq_entry and softirq_exit.
 #[inline(always)]
-pub fn in_softirq() -> bool {
+fn softirq_flag() -> bool {
     IN_SOFTIRQ.get(0).is_some_and(|v| *v != 0)
 }
 
+/// By the flag the softirq programs keep.
 #[inline(always)]
-pub fn current_context() -> ExecContext {
-    if in_softirq() {
+fn context_by_flag() -> ExecContext {
+    if softirq_flag() {
         return ExecContext::Softirq;
     }
     // pid 0 is the idle task: only interrupts run "in" it.
@@ -61,11 +70,53 @@ pub fn current_context() -> ExecContext {
     ExecContext::Process
 }
 
-/// Where the kernel runs now, with the current task filled in unless that
-/// is softirq (where the task is whoever was interrupted).
+/// By where `context` lies (x86-64): the program's context, which the
+/// kernel built on the stack it runs on. (The program's own frame may be
+/// elsewhere: since 6.14 the JIT may give a program a per-CPU stack.) A
+/// softirq runs on the CPU's interrupt stack, whether an interrupt's exit or
+/// `local_bh_enable()` runs it, except right after an interrupt from user
+/// mode: since 5.12 that one runs on the interrupted task's stack, which is
+/// empty then. Such a task entered the kernel by an interrupt, which its
+/// saved `orig_ax` says (a negative vector), while a task sends a reset
+/// itself only inside a system call (`orig_ax` its number) or while it
+/// exits (a fatal signal may arrive at an interrupt's return).
 #[inline(always)]
-pub fn context_and_task(task: &mut TaskInfo) -> ExecContext {
-    let context = current_context();
+fn context_by_stack(context: u64, stack_size: u32) -> ExecContext {
+    // SAFETY: bpf_get_current_task returns the current task's address.
+    let task = unsafe { bpf_get_current_task() };
+    let Some(stack) = ProbeRead.read::<u64>(task, global!(KERNEL_OFFSETS.task_stack)) else {
+        return ExecContext::Process;
+    };
+    // A pointer compared with a number: allowed to the privileged loaders
+    // tcprst needs anyway (allow_ptr_leaks).
+    if context < stack || context >= stack + u64::from(stack_size) {
+        return ExecContext::Softirq;
+    }
+    if task_is_kthread(ProbeRead, task) {
+        return ExecContext::KernelThread;
+    }
+    let orig_ax = ProbeRead
+        .read::<i64>(stack, global!(SETTINGS.user_orig_ax))
+        .unwrap_or(0);
+    if orig_ax < 0 && !task_is_exiting(ProbeRead, task) {
+        return ExecContext::Softirq;
+    }
+    ExecContext::Process
+}
+
+/// Where the kernel runs now, with the current task filled in unless that
+/// is softirq (where the task is whoever was interrupted). `context` is the
+/// address of the program's context when that lies on the kernel stack.
+#[inline(always)]
+pub fn context_and_task(task: &mut TaskInfo, context: Option<u64>) -> ExecContext {
+    let stack_size = global!(SETTINGS.task_stack_size);
+    let context = match context {
+        Some(context) if stack_size != 0 => context_by_stack(context, stack_size),
+        _ => context_by_flag(),
+    };
+    // ksoftirqd, which runs softirqs on its own stack when they pile up, is
+    // a kernel thread here: userspace tells it by name, which costs the
+    // verifier no path more on every older kernel.
     if context != ExecContext::Softirq {
         fill_task(task);
     }

@@ -32,6 +32,8 @@ pub static SETTINGS: Settings = Settings {
     _pad: 0,
     wakeup_bytes: 0,
     detail_per_period: 0,
+    task_stack_size: 0,
+    user_orig_ax: 0,
 };
 
 /// One field of a loader-written global: a single load at a constant

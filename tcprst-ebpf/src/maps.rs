@@ -1,3 +1,5 @@
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
@@ -5,16 +7,16 @@ use aya_ebpf::{
 };
 use tcprst_common::{CloseMark, MarkedRstRecord, RstRecord, counters};
 
-use crate::{context::in_softirq, globals::global};
+use crate::globals::global;
 
 /// Every record for the loader. The loader resizes it (`--buffer-pages`).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 4096, 0);
 
 /// What the programs could not do (`counters::*`), so none of it is lost
-/// silently: per CPU, and per context on it (`counters::slot`).
+/// silently: per CPU.
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::SLOTS * 2, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::SLOTS, 0);
 
 /// `ResetHook::covered_bit`s of the reset functions whose own programs are
 /// attached. A map, not a global: the loader learns which attach only after
@@ -28,13 +30,14 @@ pub fn tracepoint_covered() -> u32 {
 }
 
 /// Adds one to `counter`. A softirq can interrupt a process-context program
-/// on the same CPU mid-update, and the bpf target has no atomic add in
-/// Rust's core, so each context has its own slot: softirqs do not nest.
+/// on the same CPU mid-update, so the add is atomic (the intrinsic: the bpf
+/// target's core has no atomic types; its result unused, it is the plain
+/// atomic add every kernel's verifier takes).
 #[inline(always)]
 pub fn count(counter: u32) {
-    if let Some(n) = COUNTERS.get_ptr_mut(counters::slot(counter, in_softirq())) {
-        // SAFETY: this CPU's slot for this context: nothing else writes it now.
-        unsafe { *n += 1 };
+    if let Some(n) = COUNTERS.get_ptr_mut(counter) {
+        // SAFETY: this CPU's slot of a live map value.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
     }
 }
 

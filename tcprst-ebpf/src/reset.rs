@@ -32,11 +32,21 @@ use crate::{
 };
 
 /// What the reset paths need of a program's context beyond its stack: how
-/// it reads kernel memory, and its socket's close mark where it may read
-/// socket storage.
+/// it reads kernel memory, where the context lies, and its socket's close
+/// mark where it may read socket storage.
 pub trait ResetContext: StackIdContext {
     type Memory: KernelMemory;
     const MEMORY: Self::Memory;
+    /// Whether the kernel builds this context on the stack the program runs
+    /// on: tp_btf's argument array, a kprobe's saved registers, fentry's
+    /// trampoline frame. A classic tracepoint's record is a per-CPU buffer.
+    const ON_KERNEL_STACK: bool;
+
+    /// The context's address, where it tells softirq (`context.rs`).
+    #[inline(always)]
+    fn stack_address(&self) -> Option<u64> {
+        Self::ON_KERNEL_STACK.then(|| self.as_ptr() as u64)
+    }
 
     #[inline(always)]
     fn memory(&self) -> Self::Memory {
@@ -53,20 +63,22 @@ pub trait ResetContext: StackIdContext {
 /// arguments (typed, but read through bpf_get_func_arg at positions known
 /// only at run time) plain numbers.
 macro_rules! probe_read_contexts {
-    ($($context:ty),+) => {$(
+    ($($context:ty: $on_stack:expr),+) => {$(
         impl ResetContext for $context {
             type Memory = ProbeRead;
             const MEMORY: ProbeRead = ProbeRead;
+            const ON_KERNEL_STACK: bool = $on_stack;
         }
     )+};
 }
 
-probe_read_contexts!(TracePointContext, ProbeContext, FEntryContext);
+probe_read_contexts!(TracePointContext: false, ProbeContext: true, FEntryContext: true);
 
 /// tp_btf arguments are typed pointers: their members are plain loads.
 impl ResetContext for BtfTracePointContext {
     type Memory = TypedLoad;
     const MEMORY: TypedLoad = TypedLoad;
+    const ON_KERNEL_STACK: bool = true;
 
     #[inline(always)]
     fn mark(&self) -> Option<CloseMark> {
@@ -243,7 +255,7 @@ pub fn blank(kind: RecordKind, hook: ResetHook) -> RstRecord {
 /// and the caller; it is emitted with the mark when there is one.
 #[inline(always)]
 pub fn finish(
-    ctx: &impl StackIdContext,
+    ctx: &impl ResetContext,
     rec: &mut RstRecord,
     netns: u32,
     details: impl FnOnce(&mut RstRecord) -> Option<CloseMark>,
@@ -255,7 +267,7 @@ pub fn finish(
     let tgid = global!(FILTER.tgid);
     if tgid != 0 {
         // The pid filter needs the task before the reset may count.
-        let context = context_and_task(&mut rec.task);
+        let context = context_and_task(&mut rec.task, ctx.stack_address());
         rec.context = context as u8;
         if context != ExecContext::Process || rec.task.tgid != tgid {
             return;
@@ -267,7 +279,7 @@ pub fn finish(
         Budget::Untallied => None,
     };
     if tgid == 0 {
-        rec.context = context_and_task(&mut rec.task) as u8;
+        rec.context = context_and_task(&mut rec.task, ctx.stack_address()) as u8;
     }
     let mark = details(rec);
     rec.stack_id = stack_id(ctx);

@@ -20,6 +20,7 @@ __attribute__((section("tracepoint/x"), used)) int offsets(void *ctx)
 	struct kernfs_node *kn = ctx;
 	struct inet_sock *inet = ctx;
 	struct socket_alloc *alloc = ctx;
+	struct pt_regs *regs = ctx;
 	unsigned long sum = 0;
 
 	sum += OFFSET(sk->__sk_common.skc_state);
@@ -41,6 +42,10 @@ __attribute__((section("tracepoint/x"), used)) int offsets(void *ctx)
 	sum += OFFSET(skb->transport_header);
 	sum += OFFSET(dev->nd_net.net);
 	sum += OFFSET(task->flags);
+	sum += OFFSET(task->stack);
+	sum += OFFSET(regs->orig_ax);
+	// The size of the registers saved at the top of a task's stack.
+	sum += __builtin_preserve_type_info(*regs, 1 /* BPF_TYPE_SIZE */);
 	sum += OFFSET(cgroup->kn);
 	sum += OFFSET(kn->id);
 	sum += OFFSET(inet->inet_sport);

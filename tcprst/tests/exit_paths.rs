@@ -24,15 +24,11 @@ use common::{
 /// can tell its own tcprst's programs from another test's.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Programs every tcprst trace loads, whatever the kernel: softirq context
-/// and both reset tracepoints, as the kernel names them (15 characters:
-/// `tcprst_rst_sent_btf` is `tcprst_rst_sent` too).
-const ALWAYS_LOADED: [&str; 4] = [
-    "tcprst_sirq_in",
-    "tcprst_sirq_out",
-    "tcprst_rst_sent",
-    "tcprst_rst_recv",
-];
+/// Programs every tcprst trace loads, whatever the kernel: both reset
+/// tracepoints, as the kernel names them (15 characters:
+/// `tcprst_rst_sent_btf` is `tcprst_rst_sent` too). The softirq programs
+/// load only where the reset programs cannot tell softirq by themselves.
+const ALWAYS_LOADED: [&str; 2] = ["tcprst_rst_sent", "tcprst_rst_recv"];
 
 /// BPF program ids held by a process's file descriptors (programs, links,
 /// perf events); none once it has exited.

@@ -91,6 +91,9 @@ fn doctor_checks_every_hook_at_every_tier() {
     );
     // This kernel has tp_btf, socket storage for it and bpf_task_pt_regs.
     assert_eq!(report["close_marks"], true, "{report:#}");
+    // Its build config is readable and says nothing of KASAN, FRED or
+    // PREEMPT_RT, and its reset programs are tp_btf: no softirq programs.
+    assert_eq!(report["softirq_by_stack"], true, "{report:#}");
     let hooks = report["hooks"].as_array().unwrap();
     let names: Vec<&str> = hooks.iter().map(|h| h["hook"].as_str().unwrap()).collect();
     assert_eq!(names, FUNCTIONS);

@@ -455,6 +455,14 @@ impl KernelBtf {
         Ok(None)
     }
 
+    /// The size of `struct <name>`, in bytes.
+    pub(crate) fn size_of(&self, name: &str) -> Result<u32> {
+        let ty = self
+            .find(name, |t| t.kind == STRUCT && t.vlen > 0)?
+            .ok_or_else(|| anyhow!("no struct {name} in BTF"))?;
+        Ok(ty.size_or_type)
+    }
+
     /// The parameter names of function `name`, in order.
     pub(crate) fn function_params(&self, name: &str) -> Result<Vec<String>> {
         let func = self
@@ -528,6 +536,7 @@ impl KernelBtf {
             skb_dev: optional(NO_SOCKET_NETNS, &[("sk_buff", &["dev"])]),
             dev_nd_net: optional(NO_SOCKET_NETNS, &[("net_device", &["nd_net", "net"])]),
             task_flags: optional(CONTEXT, &[("task_struct", &["flags"])]),
+            task_stack: optional(CONTEXT, &[("task_struct", &["stack"])]),
             sk_cgroup: optional(CGROUP, &[("sock", &["sk_cgrp_data", "cgroup"])]),
             cgroup_kn: optional(CGROUP, &[("cgroup", &["kn"])]),
             kn_id: optional(CGROUP, &[("kernfs_node", &["id"])]),
@@ -613,6 +622,7 @@ mod tests {
                 skb_dev: 16,
                 dev_nd_net: 264,
                 task_flags: 44,
+                task_stack: 32,
                 sk_cgroup: 672,
                 cgroup_kn: 256,
                 kn_id: 96,

@@ -8,6 +8,7 @@ pub mod btf;
 pub mod layout;
 pub(crate) mod privileges;
 pub(crate) mod probes;
+pub(crate) mod stack_layout;
 pub mod stacks;
 pub(crate) mod tallies;
 pub mod tracefs;

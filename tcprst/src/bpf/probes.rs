@@ -26,6 +26,7 @@ use crate::{
     },
     bpf::btf::{BtfBytes, FUNCTION_TIERS, KernelBtf, VMLINUX},
     bpf::layout::{ReasonNames, reset_fields},
+    bpf::stack_layout::StackLayout,
     bpf::tallies::Tallies,
     bpf::tracefs::{INET_SOCK_SET_STATE, TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint},
     errors::one_line,
@@ -74,9 +75,14 @@ pub struct Probes {
     /// Close marks (who shut down or closed a socket, and its steps since),
     /// or why this kernel cannot keep them.
     pub marks: Result<(), String>,
+    /// Whether the reset programs tell softirq context by where their
+    /// context lies on the kernel stack, or why two programs run on every
+    /// softirq instead (for some reset programs, or all).
+    pub softirq_by_stack: Result<(), String>,
 }
 
 const RAW_TRACEPOINT: &str = "raw_tracepoint";
+const SOFTIRQ_ENTRY: &str = "softirq_entry";
 const TP_BTF: &str = "tp_btf";
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 
@@ -132,6 +138,10 @@ impl Probes {
                 KernelOffsets::UNSET
             }
         };
+        let stack_layout = match &btf {
+            Some(btf) => StackLayout::of_this_kernel(btf, &offsets),
+            None => Err("no kernel BTF".to_owned()),
+        };
         let reasons = ReasonNames::load(&send_format, btf.as_ref());
         let functions = if cfg.rst_sent {
             locate_functions(btf.as_ref(), function_tiers)
@@ -170,6 +180,8 @@ impl Probes {
             wakeup_bytes: cfg.buffer_pages * PAGE_SIZE / 4,
             // The tally period is a second (`Tallies::PERIOD`).
             detail_per_period: cfg.detail_per_sec,
+            task_stack_size: stack_layout.as_ref().map_or(0, |l| l.task_stack_size),
+            user_orig_ax: stack_layout.as_ref().map_or(0, |l| l.user_orig_ax),
         };
 
         raise_memlock_limit();
@@ -204,10 +216,12 @@ impl Probes {
             limitations,
             misses_socketless_resets: false,
             marks: Err("not tried".to_owned()),
+            softirq_by_stack: stack_layout.map(drop),
         };
         // Context tracking first, so the first reset is already attributed.
-        probes.attach_raw(programs::SIRQ_IN, "softirq_entry")?;
-        probes.attach_raw(programs::SIRQ_OUT, "softirq_exit")?;
+        if probes.softirq_by_stack.is_err() {
+            probes.track_softirqs()?;
+        }
         // Marks before the reset programs that read them.
         probes.marks = probes
             .attach_btf_tracepoint(programs::CLOSE_MARK, INET_SOCK_SET_STATE, &vmlinux)
@@ -239,7 +253,27 @@ impl Probes {
         Ok(probes)
     }
 
+    /// Attaches the softirq-flag programs, for reset programs that cannot
+    /// tell softirq by where their context lies.
+    fn track_softirqs(&mut self) -> Result<()> {
+        if self.attached.iter().any(|(_, what)| what == SOFTIRQ_ENTRY) {
+            return Ok(());
+        }
+        if let Err(why) = &self.softirq_by_stack {
+            log::info!("softirq context from programs on every softirq: {why}");
+        }
+        self.attach_raw(programs::SIRQ_IN, SOFTIRQ_ENTRY)?;
+        self.attach_raw(programs::SIRQ_OUT, "softirq_exit")
+    }
+
     fn attach_tracepoint(&mut self, program: &str, tp: Tracepoint) -> Result<()> {
+        // A classic tracepoint's context is a per-CPU buffer, off the stack.
+        if self.softirq_by_stack.is_ok() {
+            self.softirq_by_stack = Err(format!(
+                "a classic tracepoint program ({tp}) has no context on the kernel stack"
+            ));
+        }
+        self.track_softirqs()?;
         let prog: &mut TracePoint = self
             .ebpf
             .program_mut(program)
@@ -681,8 +715,8 @@ fn raise_memlock_limit() {
     }
 }
 
-/// What the programs could not do, counted per CPU and per context by the
-/// programs themselves, and by the kernel for runs it skipped.
+/// What the programs could not do, counted per CPU by the programs
+/// themselves, and by the kernel for runs it skipped.
 pub struct Counters {
     counts: PerCpuArray<MapData, u64>,
     programs: Vec<ProgramFd>,
@@ -690,15 +724,7 @@ pub struct Counters {
 
 impl Counters {
     fn total(&self, counter: u32) -> Result<u64> {
-        let mut total = 0;
-        for softirq in [false, true] {
-            total += self
-                .counts
-                .get(&counters::slot(counter, softirq), 0)?
-                .iter()
-                .sum::<u64>();
-        }
-        Ok(total)
+        Ok(self.counts.get(&counter, 0)?.iter().sum())
     }
 
     /// Records that found the ring buffer full.

@@ -48,6 +48,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         load_error: None,
         hooks: Vec::new(),
         close_marks: Err("not tried: tracing cannot start".to_owned()),
+        softirq_by_stack: Err("not tried: tracing cannot start".to_owned()),
         callers: Kallsyms::load().map(drop),
         limitations: Vec::new(),
     };
@@ -72,6 +73,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         Ok(probes) => {
             report.hooks = probes.plans.clone();
             report.close_marks = probes.marks.clone();
+            report.softirq_by_stack = probes.softirq_by_stack.clone();
             report.limitations = probes.limitations.clone();
         }
         Err(e) => report.load_error = Some(format!("{e:#}")),

@@ -24,6 +24,9 @@ pub struct DoctorReport {
     pub(crate) hooks: Vec<HookPlan>,
     /// Whether close marks work: who shut down or closed a socket, and when.
     pub(crate) close_marks: Result<(), String>,
+    /// Whether reset programs tell softirq by their own stack, or why two
+    /// programs run on every softirq instead.
+    pub(crate) softirq_by_stack: Result<(), String>,
     /// Whether /proc/kallsyms can name the kernel function behind a reset.
     pub(crate) callers: Result<(), String>,
     pub(crate) limitations: Vec<String>,
@@ -97,6 +100,10 @@ impl DoctorReport {
                 Ok(()) => json!(true),
                 Err(why) => json!({ "error": why }),
             },
+            "softirq_by_stack": match &self.softirq_by_stack {
+                Ok(()) => json!(true),
+                Err(why) => json!({ "error": why }),
+            },
             "callers": match &self.callers {
                 Ok(()) => json!(true),
                 Err(why) => json!({ "error": why }),
@@ -143,6 +150,18 @@ impl DoctorReport {
             match &self.close_marks {
                 Ok(()) => "yes: tp_btf on sock:inet_sock_set_state, in socket storage".to_owned(),
                 Err(why) => format!("no: {why}"),
+            },
+        ));
+        rows.push((
+            "softirq context".to_owned(),
+            match &self.softirq_by_stack {
+                Ok(()) => {
+                    "told by where a reset program's context lies: nothing runs per softirq"
+                        .to_owned()
+                }
+                Err(why) => format!(
+                    "told by programs on irq:softirq_entry and softirq_exit, which run on every softirq: {why}"
+                ),
             },
         ));
         rows.push((
@@ -208,6 +227,7 @@ mod tests {
             load_error: None,
             hooks: Vec::new(),
             close_marks: Ok(()),
+            softirq_by_stack: Ok(()),
             callers: Ok(()),
             limitations: Vec::new(),
         }

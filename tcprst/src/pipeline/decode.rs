@@ -90,7 +90,14 @@ impl Decoder {
     }
 
     fn rst(&mut self, rec: RstRecord, mark: Option<&CloseMark>, kind: RstKind) -> Result<RstEvent> {
-        let context = exec_context(rec.context)?;
+        let context = match exec_context(rec.context)? {
+            // ksoftirqd runs the softirqs that pile up, on its own stack: the
+            // kernel programs see a kernel thread (tcprst-ebpf's context.rs).
+            ExecContext::KernelThread if rec.task.comm.starts_with(KSOFTIRQD) => {
+                ExecContext::Softirq
+            }
+            context => context,
+        };
         let has = |flag: u8| rec.flags & flag != 0;
         let state = has(rst_flags::HAS_STATE)
             .then(|| TcpState::from_kernel(rec.state))
@@ -201,6 +208,9 @@ fn known_netns(inode: u32) -> Option<u32> {
 fn nonzero(id: u64) -> Option<u64> {
     (id != 0).then_some(id)
 }
+
+/// The start of the comm of every ksoftirqd (`ksoftirqd/CPU`).
+const KSOFTIRQD: &[u8] = b"ksoftirqd/";
 
 fn exec_context(raw: u8) -> Result<ExecContext> {
     Ok(match tcprst_common::ExecContext::from_u8(raw) {
@@ -363,6 +373,20 @@ mod tests {
         assert_eq!(ev.task, None);
         assert_eq!(ev.state, None);
         assert_eq!(ev.reason.as_deref(), Some("NO_SOCKET"));
+    }
+
+    /// Softirqs that pile up run in ksoftirqd, a kernel thread to the
+    /// kernel programs; other kernel threads stay themselves.
+    #[test]
+    fn ksoftirqd_is_softirq() {
+        let mut rec = record(RecordKind::RstSent);
+        rec.context = tcprst_common::ExecContext::KernelThread as u8;
+        rec.task.comm = *b"ksoftirqd/1\0\0\0\0\0";
+        let ev = rst(&bytes(&rec));
+        assert_eq!(ev.context, ExecContext::Softirq);
+        assert_eq!(ev.task, None);
+        rec.task.comm = *b"kworker/1:2\0\0\0\0\0";
+        assert_eq!(rst(&bytes(&rec)).context, ExecContext::KernelThread);
     }
 
     #[test]

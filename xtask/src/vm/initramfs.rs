@@ -1,5 +1,6 @@
 //! The guest's initramfs: busybox, the static binaries, nft with its
-//! libraries, the reject modules, and what /init reads under /vm.
+//! libraries, the reject modules, the kernel's build config, and what /init
+//! reads under /vm.
 
 use std::{
     collections::BTreeSet,
@@ -35,6 +36,9 @@ pub(crate) fn initramfs_archive(kernel: &KernelTree, binaries: &Path) -> Result<
     for bin in BINARIES {
         cpio.copy(&format!("bin/{bin}"), &binaries.join(bin))?;
     }
+    let (config, from) = kernel.config();
+    let bytes = fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+    cpio.file(&config, 0o644, &bytes);
     for path in with_libraries(Path::new("/usr/sbin/nft"))? {
         let inside = path.to_str().context("a non-UTF-8 path")?;
         cpio.copy(inside.trim_start_matches('/'), &path)?;

@@ -87,6 +87,10 @@ pub(crate) fn judge(guest: &Guest, sections: &HashMap<&str, String>) -> Vec<Plan
         Some(Ok(doctor)) => {
             rows.push(row("doctor", judge_doctor(&doctor, guest.hooks)));
             rows.push(row("close-marks", judge_close_marks(&doctor, version)));
+            rows.push(row(
+                "softirq-context",
+                judge_softirq_context(&doctor, version),
+            ));
         }
         _ => {
             let err = sections.get("doctor.err").map_or("", |s| s.trim());
@@ -151,16 +155,35 @@ pub(crate) fn describe_expect(expect: Expect) -> String {
 /// (5.15): a kernel that has both must keep them, an older one must say why
 /// not. Either way tracing ran, which the plans above check.
 pub(crate) fn judge_close_marks(doctor: &Value, version: (u32, u32)) -> Verdict {
-    let expected = version >= (5, 15);
-    let marks = &doctor["close_marks"];
-    match (expected, marks.as_bool()) {
+    judge_works(doctor, "close_marks", "close marks", version >= (5, 15))
+}
+
+/// The reset programs tell softirq by where their context lies (no program
+/// per softirq) when every one of them is tp_btf, kprobe or fentry, which
+/// is so where close marks work; before, the reset tracepoints keep their
+/// classic programs, whose context is not on the stack, and the softirq
+/// programs run.
+pub(crate) fn judge_softirq_context(doctor: &Value, version: (u32, u32)) -> Verdict {
+    judge_works(
+        doctor,
+        "softirq_by_stack",
+        "softirq context by the stack",
+        version >= (5, 15),
+    )
+}
+
+/// The doctor's `key` is `true` when `expected`, and otherwise an error
+/// saying why not.
+fn judge_works(doctor: &Value, key: &str, what: &str, expected: bool) -> Verdict {
+    let says = &doctor[key];
+    match (expected, says.as_bool()) {
         (true, Some(true)) => Verdict::Pass(Vec::new()),
-        (false, None) if marks["error"].is_string() => Verdict::Pass(vec![format!(
+        (false, None) if says["error"].is_string() => Verdict::Pass(vec![format!(
             "fallback: {}",
-            marks["error"].as_str().unwrap_or("")
+            says["error"].as_str().unwrap_or("")
         )]),
         _ => Verdict::Fail(vec![format!(
-            "close marks expected {}, doctor says {marks}",
+            "{what} expected {}, doctor says {says}",
             if expected { "to work" } else { "to be refused" }
         )]),
     }
@@ -458,6 +481,7 @@ impl Check<'_> {
                     ("tier", Some(tier)),
                     ("state", self.scenario.state),
                     ("caller", Some(self.scenario.caller)),
+                    ("context", Some(self.scenario.context)),
                     ("reason", self.reason()),
                 ];
                 mismatches(name, "rst_sent", record, &want)
@@ -647,6 +671,28 @@ mod tests {
         ));
         assert!(matches!(
             judge_close_marks(&json!({}), (6, 12)),
+            Verdict::Fail(_)
+        ));
+    }
+
+    #[test]
+    fn softirq_context_must_match_the_kernel() {
+        let by_stack = json!({"softirq_by_stack": true});
+        let by_programs = json!({"softirq_by_stack": {"error": "a classic tracepoint program (tcp:tcp_send_reset) has no context on the kernel stack"}});
+        assert!(matches!(
+            judge_softirq_context(&by_stack, (6, 12)),
+            Verdict::Pass(_)
+        ));
+        assert!(matches!(
+            judge_softirq_context(&by_programs, (5, 10)),
+            Verdict::Pass(_)
+        ));
+        assert!(matches!(
+            judge_softirq_context(&by_programs, (6, 1)),
+            Verdict::Fail(_)
+        ));
+        assert!(matches!(
+            judge_softirq_context(&by_stack, (5, 10)),
             Verdict::Fail(_)
         ));
     }
@@ -847,7 +893,7 @@ mod tests {
             "rst_sent",
             "127.0.0.1:4103",
             "127.0.0.1:40000",
-            json!({"hook": "tcp_send_active_reset", "tier": "kprobe", "state": "CLOSE", "caller": "tcp_close", "reason": "NOT_SPECIFIED"}),
+            json!({"hook": "tcp_send_active_reset", "tier": "kprobe", "state": "CLOSE", "caller": "tcp_close", "context": "process", "reason": "NOT_SPECIFIED"}),
         );
         let received = reset(
             "rst_received",

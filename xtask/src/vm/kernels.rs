@@ -317,6 +317,14 @@ impl KernelTree {
             .join(format!("vmlinuz-{}", self.release))
     }
 
+    /// The build config, which tcprst reads (as `/boot/config-RELEASE`) to
+    /// know the layout of task stacks.
+    pub(crate) fn config(&self) -> (String, PathBuf) {
+        let name = format!("boot/config-{}", self.release);
+        let path = self.root.join(&name);
+        (name, path)
+    }
+
     pub(crate) fn modules(&self) -> PathBuf {
         self.root.join("lib/modules").join(&self.release)
     }
