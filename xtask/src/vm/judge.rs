@@ -649,52 +649,36 @@ mod tests {
     use super::*;
     use crate::vm::kernels::{HOOKS_5_10, HOOKS_SINCE_5_17};
 
+    /// Close marks and the softirq test by the stack both come with 5.15's
+    /// tp_btf programs: true from there, an error saying why before.
     #[test]
-    fn close_marks_must_match_the_kernel() {
-        let works = json!({"close_marks": true});
-        let refused = json!({"close_marks": {"error": "unknown func bpf_sk_storage_get#107"}});
-        assert!(matches!(
-            judge_close_marks(&works, (6, 1)),
-            Verdict::Pass(_)
-        ));
-        assert!(matches!(
-            judge_close_marks(&refused, (5, 10)),
-            Verdict::Pass(_)
-        ));
-        assert!(matches!(
-            judge_close_marks(&refused, (6, 12)),
-            Verdict::Fail(_)
-        ));
-        assert!(matches!(
-            judge_close_marks(&works, (5, 10)),
-            Verdict::Fail(_)
-        ));
-        assert!(matches!(
-            judge_close_marks(&json!({}), (6, 12)),
-            Verdict::Fail(_)
-        ));
-    }
-
-    #[test]
-    fn softirq_context_must_match_the_kernel() {
-        let by_stack = json!({"softirq_by_stack": true});
-        let by_programs = json!({"softirq_by_stack": {"error": "a classic tracepoint program (tcp:tcp_send_reset) has no context on the kernel stack"}});
-        assert!(matches!(
-            judge_softirq_context(&by_stack, (6, 12)),
-            Verdict::Pass(_)
-        ));
-        assert!(matches!(
-            judge_softirq_context(&by_programs, (5, 10)),
-            Verdict::Pass(_)
-        ));
-        assert!(matches!(
-            judge_softirq_context(&by_programs, (6, 1)),
-            Verdict::Fail(_)
-        ));
-        assert!(matches!(
-            judge_softirq_context(&by_stack, (5, 10)),
-            Verdict::Fail(_)
-        ));
+    fn the_doctor_must_match_the_kernel() {
+        type Judge = fn(&Value, (u32, u32)) -> Verdict;
+        let cases: [(Judge, &str, &str); 2] = [
+            (
+                judge_close_marks,
+                "close_marks",
+                "unknown func bpf_sk_storage_get#107",
+            ),
+            (
+                judge_softirq_context,
+                "softirq_by_stack",
+                "a classic tracepoint program (tcp:tcp_send_reset) has no context on the kernel stack",
+            ),
+        ];
+        for (judge, key, why) in cases {
+            let works = json!({ key: true });
+            let refused = json!({ key: { "error": why } });
+            let passes =
+                |doctor: &Value, version| matches!(judge(doctor, version), Verdict::Pass(_));
+            let fails =
+                |doctor: &Value, version| matches!(judge(doctor, version), Verdict::Fail(_));
+            assert!(passes(&works, (6, 1)), "{key}");
+            assert!(passes(&refused, (5, 10)), "{key}");
+            assert!(fails(&refused, (6, 12)), "{key}");
+            assert!(fails(&works, (5, 10)), "{key}");
+            assert!(fails(&json!({}), (6, 12)), "{key}");
+        }
     }
 
     /// tcprst's hook lines: `(hook, what it says)`.
