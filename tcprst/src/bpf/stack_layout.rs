@@ -1,9 +1,9 @@
 //! Whether the reset programs can tell softirq from process context by
-//! where their own stack lies (tcprst-ebpf's `context.rs` says how), and the
-//! two numbers that needs. Where they cannot, two programs on
-//! `softirq_entry` and `softirq_exit` keep a per-CPU flag instead, and run
-//! on every softirq of the host, hundreds of thousands a second on a busy
-//! node.
+//! whether their context lies on the current task's stack (tcprst-ebpf's
+//! `context.rs` says how), and the two numbers that needs. Where they
+//! cannot, two programs on `softirq_entry` and `softirq_exit` keep a per-CPU
+//! flag instead, and run on every softirq of the host, which on a busy node
+//! may be hundreds of thousands a second.
 
 use tcprst_common::{ABSENT, KernelOffsets};
 
