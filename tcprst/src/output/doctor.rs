@@ -24,8 +24,8 @@ pub struct DoctorReport {
     pub(crate) hooks: Vec<HookPlan>,
     /// Whether close marks work: who shut down or closed a socket, and when.
     pub(crate) close_marks: Result<(), String>,
-    /// Whether reset programs tell softirq by their own stack, or why two
-    /// programs run on every softirq instead.
+    /// Whether reset programs tell softirq by where their context lies, or
+    /// why two programs run on every softirq instead.
     pub(crate) softirq_by_stack: Result<(), String>,
     /// Whether /proc/kallsyms can name the kernel function behind a reset.
     pub(crate) callers: Result<(), String>,
