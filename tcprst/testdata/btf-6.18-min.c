@@ -1,4 +1,4 @@
-// What the BTF unit tests in tcprst/src/btf.rs read, as CO-RE relocations:
+// What the BTF unit tests in tcprst/src/bpf/btf.rs read, as CO-RE relocations:
 // `bpftool gen min_core_btf` keeps only the types and members an object
 // relocates, at the kernel's own offsets. Made on Linux 6.18 (x86_64) with
 //   bpftool btf dump file /sys/kernel/btf/vmlinux format c > vmlinux.h

@@ -644,6 +644,15 @@ mod tests {
         );
     }
 
+    /// The registers a task saves at the top of its stack, whose `orig_ax`
+    /// tells a softirq on that stack (`stack_layout.rs`).
+    #[test]
+    fn linux_6_18_pt_regs() {
+        let btf = linux_6_18();
+        assert_eq!(btf.size_of("pt_regs").unwrap(), 168);
+        assert_eq!(btf.offset_of("pt_regs", &["orig_ax"]).unwrap(), 120);
+    }
+
     /// Without the socket's namespace and state there is nothing to run.
     #[test]
     fn missing_required_members_are_an_error() {

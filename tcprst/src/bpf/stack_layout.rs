@@ -101,12 +101,4 @@ mod tests {
         let why = layout(&[PREEMPT_RT, KASAN]).unwrap_err();
         assert!(why.contains("PREEMPT_RT"), "{why}");
     }
-
-    /// Linux 6.18's own `struct pt_regs`, as its BTF gives it.
-    #[test]
-    fn linux_6_18_pt_regs() {
-        let btf = KernelBtf::from_bytes(include_bytes!("../../testdata/btf-6.18-min")).unwrap();
-        assert_eq!(btf.size_of("pt_regs").unwrap(), PT_REGS.0);
-        assert_eq!(btf.offset_of("pt_regs", &["orig_ax"]).unwrap(), PT_REGS.1);
-    }
 }
