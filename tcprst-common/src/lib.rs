@@ -389,11 +389,11 @@ pub const CALLER_FRAMES: usize = 8;
 /// Steps a `CloseMark` keeps.
 pub const MARK_STEPS: usize = 6;
 
-/// What a socket's own storage (`BPF_MAP_TYPE_SK_STORAGE`, freed with the
-/// socket) remembers of its close: who started it and how, and the state
-/// changes since. By default it is created only when a process shuts down
-/// or closes a connection, so a connection nobody half-closes costs nothing;
-/// with `--history` every state change of every socket is kept.
+/// What tcprst knows of a socket's close: who started it and how, and the
+/// state changes since. With `--history` the programs keep one in each
+/// socket's own storage (`BPF_MAP_TYPE_SK_STORAGE`, freed with the socket),
+/// with every state change; by default userspace assembles one from the
+/// socket's `CloseNote`s.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CloseMark {
@@ -414,6 +414,46 @@ pub struct CloseMark {
     pub step_at_ns: [u64; MARK_STEPS],
 }
 
+/// Memory the `CLOSE_NOTES` rings take together, at most: each CPU has
+/// its own ring of `2^Settings::note_slots_shift` slots, so a program never
+/// shares a head or a slot with another CPU's. 3 MiB is 65,536 notes: two
+/// seconds of a 10,000-connection/s churn (three notes a connection) before
+/// the oldest is overwritten. Userspace scans whenever a ring is half full
+/// (`tcprst/src/bpf/close_notes.rs`).
+pub const CLOSE_NOTES_BYTES: u32 = 3 << 20;
+
+/// `CloseNote::seq` while a program writes the note.
+pub const NOTE_WRITING: u64 = u64::MAX;
+
+/// One step of a socket's close, by default: the start of a close by a
+/// process (FIN_WAIT1 or LAST_ACK: who, how, and when) or a step after it
+/// (FIN_WAIT2, CLOSING). Notes go into rings that userspace maps and reads
+/// only for the sockets it reports: writing one costs a slot and no
+/// allocation, where a `CloseMark` in socket storage costs an allocation
+/// when created and another free with its socket (#10).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseNote {
+    /// The note's number in its CPU's ring, whose slot it takes modulo the
+    /// ring's size. Written `NOTE_WRITING` first and `seq` last, so a reader
+    /// can tell a copy the writer tore, or a slot a later note took.
+    pub seq: u64,
+    /// The socket's cookie, as sock_diag and the reset records give it.
+    pub cookie: u64,
+    /// CLOCK_MONOTONIC ns.
+    pub at_ns: u64,
+    pub tgid: u32,
+    /// `close_op::*`; `NONE` for a step after the start.
+    pub op: u8,
+    /// As `CloseMark::how`.
+    pub how: u8,
+    /// `TCP_*` states, before and after.
+    pub old_state: u8,
+    pub new_state: u8,
+    /// The process's command, with an op.
+    pub comm: [u8; 16],
+}
+
 /// A reset whose socket had a `CloseMark`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -426,13 +466,15 @@ pub struct MarkedRstRecord {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// `--history`: keep every state change of every socket.
+    /// `--history`: keep every state change of every socket in its storage;
+    /// otherwise only `CloseNote`s are written.
     pub every_transition: u8,
     /// `tcp:tcp_send_reset` has a `reason` argument (Linux 6.10+).
     pub send_reset_has_reason: u8,
     /// `--stack`: also store each reset's whole stack in `STACKS`.
     pub whole_stacks: u8,
-    pub _pad: u8,
+    /// Each CPU's `CLOSE_NOTES` ring has `1 << note_slots_shift` slots.
+    pub note_slots_shift: u8,
     /// Records wake the reader only once this many bytes wait in the ring
     /// buffer; the reader also drains on a short timer.
     pub wakeup_bytes: u32,
@@ -525,6 +567,7 @@ pub mod close_op {
 // The loader decodes records by size; a silent layout change must not build.
 const _: () = assert!(core::mem::size_of::<RstRecord>() == 184);
 const _: () = assert!(core::mem::size_of::<CloseMark>() == 88);
+const _: () = assert!(core::mem::size_of::<CloseNote>() == 48);
 const _: () = assert!(core::mem::size_of::<RstKey>() == 52);
 
 /// Slots of the per-CPU `COUNTERS` array: what the programs could not do,
@@ -562,6 +605,7 @@ mod user {
         Settings,
         FunctionArgs,
         CloseMark,
+        CloseNote,
         RstKey,
         RstTally
     );
@@ -679,6 +723,8 @@ pub mod names {
             COUNTERS = "COUNTERS";
             TRACEPOINT_COVERED = "TRACEPOINT_COVERED";
             MARKS = "MARKS";
+            CLOSE_NOTES = "CLOSE_NOTES";
+            CLOSE_NOTE_HEADS = "CLOSE_NOTE_HEADS";
             TALLIES_A = "TALLIES_A";
             TALLIES_B = "TALLIES_B";
             TALLY_TURN = "TALLY_TURN";

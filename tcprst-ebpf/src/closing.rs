@@ -1,26 +1,32 @@
-//! Who started closing a socket, and its steps since: a `CloseMark` in the
-//! socket's own storage, freed with the socket, so nothing leaks and a
-//! reused `struct sock` never inherits an old mark.
+//! Who started closing a socket, and its steps since.
 //!
 //! One tp_btf program on `inet_sock_set_state` returns at its first compare
-//! for every state change but the few a close goes through. A mark is
-//! created only when a process shuts down or closes a connection (or exits
-//! holding it); with `--history` (`Settings::every_transition`) every
-//! state change of every socket is kept instead. The reset programs read the
-//! mark at reset time, and userspace reads it through sock_diag
-//! (`INET_DIAG_REQ_SK_BPF_STORAGES`) when it scans for stuck sockets.
+//! for every state change but the few a close goes through. By default it
+//! writes a `CloseNote` into its CPU's ring when a process shuts down or
+//! closes a connection (or exits holding it), and at the steps after
+//! (FIN_WAIT2, CLOSING): no allocation, nothing to free, and nothing read
+//! until userspace reports the socket, by its cookie. With `--history`
+//! (`Settings::every_transition`) every state change of every socket goes
+//! into a `CloseMark` in the socket's own storage, freed with the socket;
+//! the reset programs add it to their record, and userspace reads it
+//! through sock_diag (`INET_DIAG_REQ_SK_BPF_STORAGES`) when it scans.
+
+use core::ptr::write_volatile;
 
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, pt_regs},
+    bindings::{BPF_F_MMAPABLE, BPF_SK_STORAGE_GET_F_CREATE, pt_regs},
     btf_maps::SkStorage,
     helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_get_current_task_btf, bpf_sk_storage_get, bpf_task_pt_regs},
+        bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_sk_storage_get, bpf_task_pt_regs,
+        },
     },
-    macros::{btf_map, btf_tracepoint},
+    macros::{btf_map, btf_tracepoint, map},
+    maps::Array,
     programs::BtfTracePointContext,
 };
-use tcprst_common::{CloseMark, MARK_STEPS, TaskInfo, close_op};
+use tcprst_common::{CloseMark, CloseNote, MARK_STEPS, NOTE_WRITING, TaskInfo, close_op};
 
 use crate::{
     context::fill_task,
@@ -93,17 +99,99 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     } else {
         None
     };
-    let create = every || op.is_some();
-    let flags = if create {
-        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
-    } else {
-        0
+    let step = Step {
+        old: old as u8,
+        new: new as u8,
+        op,
     };
+    if every {
+        keep_in_storage(sk, &step, &task);
+    } else if op.is_some() || follows_close {
+        // A close no process started (a kernel thread's) gets no note, as
+        // it got no mark; a later step is noted all the same, and userspace
+        // drops the steps of sockets whose start it has no note of.
+        note(sk, &step, &task);
+    }
+    0
+}
+
+/// A state change of a closing socket, and the op that made it, if a
+/// process's.
+struct Step {
+    old: u8,
+    new: u8,
+    op: Option<(u8, u8)>,
+}
+
+/// Each CPU's ring of `CloseNote`s, one after the other; userspace maps
+/// them. The loader sizes it (`Settings::note_slots_shift`).
+#[map]
+static CLOSE_NOTES: Array<CloseNote> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The number of the next note of each CPU's ring: its notes so far.
+#[map]
+static CLOSE_NOTE_HEADS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Writes `step` as the next note of this CPU's ring. The head needs no
+/// atomic add: the kernel never runs this program twice at once on one CPU
+/// (a run that would nest, in a preempting task or an interrupt, is skipped
+/// and counted as a missed run, which tcprst reports).
+#[inline(always)]
+fn note(sk: *mut core::ffi::c_void, step: &Step, task: &TaskInfo) {
+    // SAFETY: reads this CPU's number.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(head) = CLOSE_NOTE_HEADS.get_ptr_mut(cpu) else {
+        return;
+    };
+    // SAFETY: this CPU's head, which only this program on this CPU writes.
+    let seq = unsafe {
+        let seq = *head;
+        *head = seq + 1;
+        seq
+    };
+    let shift = u32::from(global!(SETTINGS.note_slots_shift));
+    let index = (cpu << shift) | (seq as u32 & ((1 << shift) - 1));
+    let Some(slot) = CLOSE_NOTES.get_ptr_mut(index) else {
+        return;
+    };
+    let (op, how) = step.op.unwrap_or((close_op::NONE, 0));
+    // SAFETY: `sk` is the tracepoint's typed socket, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    // SAFETY: reads the monotonic clock.
+    let at_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `slot` is this note's slot of a live map value. The volatile
+    // writes keep `seq` first and last (x86-64 keeps stores in order), so a
+    // reader that sees the same `seq` before and after its copy has a whole
+    // note.
+    unsafe {
+        write_volatile(&raw mut (*slot).seq, NOTE_WRITING);
+        (*slot).cookie = cookie;
+        (*slot).at_ns = at_ns;
+        (*slot).tgid = task.tgid;
+        (*slot).op = op;
+        (*slot).how = how;
+        (*slot).old_state = step.old;
+        (*slot).new_state = step.new;
+        (*slot).comm = task.comm;
+        write_volatile(&raw mut (*slot).seq, seq);
+    }
+}
+
+/// Adds `step` to the socket's `CloseMark`, creating it. `--history`.
+#[inline(always)]
+fn keep_in_storage(sk: *mut core::ffi::c_void, step: &Step, task: &TaskInfo) {
     // SAFETY: `sk` is the tracepoint's typed socket; a NULL value pointer
     // makes F_CREATE start from zeroes.
-    let mark = unsafe { bpf_sk_storage_get(marks(), sk, core::ptr::null_mut(), flags) };
+    let mark = unsafe {
+        bpf_sk_storage_get(
+            marks(),
+            sk,
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    };
     if mark.is_null() {
-        return 0;
+        return;
     }
     // SAFETY: the helper returned this socket's CloseMark, which lives as
     // long as the socket; concurrent writers only race on advisory fields.
@@ -111,9 +199,9 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: reads the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };
     if mark.steps == 0 {
-        mark.first_state = old as u8;
+        mark.first_state = step.old;
     }
-    if let Some((op, how)) = op
+    if let Some((op, how)) = step.op
         && mark.op == close_op::NONE
     {
         mark.op = op;
@@ -125,12 +213,11 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     // A later close() after shutdown() keeps the first op and its caller:
     // the socket itself says it is orphaned now.
     let i = (mark.steps as usize).min(MARK_STEPS - 1);
-    mark.step_state[i] = new as u8;
+    mark.step_state[i] = step.new;
     mark.step_at_ns[i] = now;
     if (mark.steps as usize) < MARK_STEPS {
         mark.steps += 1;
     }
-    0
 }
 
 /// The close a process is doing now: shutdown() (and how), close(), or its

@@ -145,7 +145,7 @@ pub fn report(ctx: &impl ResetContext, hook: ResetHook, tier: AttachTier, args: 
     };
     finish(ctx, &mut rec, netns, |rec| {
         sock_details(mem, sk, rec);
-        if sk != 0 { ctx.mark() } else { None }
+        if sk != 0 { ctx.close_facts(rec) } else { None }
     });
 }
 

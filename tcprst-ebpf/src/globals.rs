@@ -29,7 +29,7 @@ pub static SETTINGS: Settings = Settings {
     every_transition: 0,
     send_reset_has_reason: 0,
     whole_stacks: 0,
-    _pad: 0,
+    note_slots_shift: 0,
     wakeup_bytes: 0,
     detail_per_period: 0,
     task_stack_size: 0,

@@ -1,7 +1,8 @@
 //! `tcp:tcp_send_reset` and `tcp:tcp_receive_reset`: every RST this host's
 //! TCP stack sends or receives. Where the kernel allows (tp_btf with socket
-//! storage), the tp_btf programs serve these tracepoints and add the
-//! socket's `CloseMark`; elsewhere the classic tracepoint programs do.
+//! storage), the tp_btf programs serve these tracepoints and add what finds
+//! the socket's close (`ResetContext::close_facts`); elsewhere the classic
+//! tracepoint programs do.
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
@@ -32,8 +33,8 @@ use crate::{
 };
 
 /// What the reset paths need of a program's context beyond its stack: how
-/// it reads kernel memory, where the context lies, and its socket's close
-/// mark where it may read socket storage.
+/// it reads kernel memory, where the context lies, and what finds its
+/// socket's close, where the verifier types the socket.
 pub trait ResetContext: StackIdContext {
     type Memory: KernelMemory;
     const MEMORY: Self::Memory;
@@ -53,7 +54,11 @@ pub trait ResetContext: StackIdContext {
         Self::MEMORY
     }
 
-    fn mark(&self) -> Option<CloseMark> {
+    /// What finds the close of the record's socket, which the details of a
+    /// reset on a full socket add: its cookie, by which userspace finds its
+    /// `CloseNote`s, and with `--history` its `CloseMark`. Only where the
+    /// verifier knows the socket's type.
+    fn close_facts(&self, _rec: &mut RstRecord) -> Option<CloseMark> {
         None
     }
 }
@@ -81,9 +86,21 @@ impl ResetContext for BtfTracePointContext {
     const ON_KERNEL_STACK: bool = true;
 
     #[inline(always)]
-    fn mark(&self) -> Option<CloseMark> {
+    fn close_facts(&self, rec: &mut RstRecord) -> Option<CloseMark> {
         // Both reset tracepoints pass the socket first.
-        mark_of(self.arg(0))
+        let sk: *mut core::ffi::c_void = self.arg(0);
+        if sk.is_null() {
+            return None;
+        }
+        if rec.flags & rst_flags::HAS_COOKIE == 0 {
+            // SAFETY: the typed socket argument, checked non-NULL.
+            rec.sock_cookie = unsafe { bpf_get_socket_cookie(sk) };
+            rec.flags |= rst_flags::HAS_COOKIE;
+        }
+        if global!(SETTINGS.every_transition) == 0 {
+            return None;
+        }
+        mark_of(sk)
     }
 }
 
@@ -208,7 +225,7 @@ fn received(ctx: &impl ResetContext, sk: u64, rec: &mut RstRecord) {
     finish(ctx, rec, sock_netns(mem, sk), |rec| {
         rec.cgroup_id = sock_cgroup_id(mem, sk);
         socket_facts(mem, sk, rec);
-        ctx.mark()
+        ctx.close_facts(rec)
     });
 }
 

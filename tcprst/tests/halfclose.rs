@@ -18,8 +18,27 @@ use serde_json::Value;
 /// with a reset instead of a FIN (what slirp4netns did).
 #[test]
 fn seed_000_peer_resets_a_half_closed_connection() {
+    let history = peer_resets_a_half_closed_connection(&[]);
+    // By default: the close from its start, from the kernel's close notes.
+    assert_eq!(history, ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]);
+}
+
+/// Seed 000 with `--history`: every state change the socket went through,
+/// kept in its own storage from the connect on.
+#[test]
+fn seed_000_with_every_state_change() {
+    let history = peer_resets_a_half_closed_connection(&["--history"]);
+    assert_eq!(
+        history,
+        ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]
+    );
+}
+
+/// The seed 000 reset as tcprst traces it with `extra` flags: the reset's
+/// initiator and diagnosis checked, its history's states returned.
+fn peer_resets_a_half_closed_connection(extra: &[&str]) -> Vec<String> {
     let ns = Netns::new();
-    let mut tracer = Tracer::in_netns(&ns, &[]);
+    let mut tracer = Tracer::in_netns(&ns, extra);
     let (mut client, mut server) = ns.pair("127.0.0.1:43108", "127.0.0.1:9999");
     client.shutdown(Shutdown::Write).unwrap();
     server.write_all(b"Accepted.. sending pulses").unwrap();
@@ -49,14 +68,13 @@ fn seed_000_peer_resets_a_half_closed_connection() {
         )),
         "{diagnosis}"
     );
-    let states: Vec<&str> = rst["history"]
+    tracer.stop();
+    rst["history"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s["state"].as_str().unwrap())
-        .collect();
-    assert_eq!(states, ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]);
-    tracer.stop();
+        .map(|s| s["state"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// Seed 002: a proxy forwards the upstream's FIN with shutdown(SHUT_WR);

@@ -25,6 +25,7 @@ use crate::{
         plans_summary, tier_name,
     },
     bpf::btf::{BtfBytes, FUNCTION_TIERS, KernelBtf, VMLINUX},
+    bpf::close_notes::{CloseNotes, NoteRings},
     bpf::layout::{ReasonNames, reset_fields},
     bpf::stack_layout::StackLayout,
     bpf::tallies::Tallies,
@@ -79,6 +80,8 @@ pub struct Probes {
     /// context lies on the kernel stack, or why two programs run on every
     /// softirq instead (for some reset programs, or all).
     pub softirq_by_stack: Result<(), String>,
+    /// How the close-note rings are laid out.
+    note_rings: NoteRings,
 }
 
 const RAW_TRACEPOINT: &str = "raw_tracepoint";
@@ -171,11 +174,16 @@ impl Probes {
                 Btf::parse(&bytes, Endianness::default()).map_err(|e| format!("reading BTF: {e}"))
             });
 
+        let note_rings = if cfg.history {
+            NoteRings::UNUSED
+        } else {
+            NoteRings::for_this_machine()?
+        };
         let settings = Settings {
             every_transition: cfg.history.into(),
             send_reset_has_reason: (send_fields.reason != ABSENT).into(),
             whole_stacks: cfg.whole_stacks.into(),
-            _pad: 0,
+            note_slots_shift: note_rings.slots_shift,
             // A quarter of the buffer: room left while the reader wakes.
             wakeup_bytes: cfg.buffer_pages * PAGE_SIZE / 4,
             // The tally period is a second (`Tallies::PERIOD`).
@@ -202,6 +210,9 @@ impl Probes {
                 if cfg.debug_bpf { 128 * 1024 } else { PAGE_SIZE },
             )
             .map_max_entries(maps::EVENTS, cfg.buffer_pages * PAGE_SIZE)
+            // The close-note rings, only written without --history.
+            .map_max_entries(maps::CLOSE_NOTES, note_rings.slots())
+            .map_max_entries(maps::CLOSE_NOTE_HEADS, note_rings.cpus)
             // Whole stacks only with --stack: a full map holds ~2 MB.
             .map_max_entries(maps::STACKS, if cfg.whole_stacks { 2048 } else { 1 })
             .load(OBJECT)
@@ -217,6 +228,7 @@ impl Probes {
             misses_socketless_resets: false,
             marks: Err("not tried".to_owned()),
             softirq_by_stack: stack_layout.map(drop),
+            note_rings,
         };
         // Context tracking first, so the first reset is already attributed.
         if probes.softirq_by_stack.is_err() {
@@ -580,8 +592,23 @@ impl Probes {
         ))
     }
 
-    /// The close-mark map, which sock_diag dumps beside each socket; None
+    /// The ring of close notes the programs write by default, mapped; None
     /// where marks are unavailable.
+    pub fn take_close_notes(&mut self) -> Result<Option<CloseNotes>> {
+        if self.marks.is_err() {
+            return Ok(None);
+        }
+        let mut array = |name: &str| match self.ebpf.take_map(name) {
+            Some(Map::Array(data)) => Ok(data),
+            _ => Err(anyhow!("{name} array missing from the object")),
+        };
+        let notes = array(maps::CLOSE_NOTES)?;
+        let heads = array(maps::CLOSE_NOTE_HEADS)?;
+        CloseNotes::new(notes, heads, self.note_rings).map(Some)
+    }
+
+    /// The close-mark map the programs keep with `--history`, which
+    /// sock_diag dumps beside each socket; None where marks are unavailable.
     pub fn take_marks(&mut self) -> Option<MapData> {
         self.marks.as_ref().ok()?;
         match self.ebpf.take_map(maps::MARKS)? {

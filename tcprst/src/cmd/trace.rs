@@ -28,6 +28,7 @@ use tokio::{
 };
 
 use crate::{
+    bpf::close_notes::CloseNotes,
     bpf::probes::{Counters, ProbeConfig, Probes},
     bpf::stacks::{Kallsyms, KernelPath, Stacks},
     bpf::tallies::Tallies,
@@ -57,6 +58,8 @@ use crate::{
 /// (sock_diag), each namespace's listen-queue overflows, and when it began.
 struct Scan {
     began: SystemTime,
+    /// The close-note rings' heads as the walk began (`CloseNotes::scanned`).
+    notes_from: Vec<u64>,
     sockets: Vec<enrich::FoundSocket>,
     overflows: Vec<overflows::Sample>,
 }
@@ -141,6 +144,7 @@ struct Counts {
     aggregates: u64,
     unwritten_warned: bool,
     skipped_runs_warned: bool,
+    notes_warned: bool,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -219,9 +223,12 @@ struct Pipeline<'a> {
     /// None when kernel-side filters hide the sends that would explain
     /// received resets.
     origins: Option<Origins<RstReport, Peer>>,
-    /// The close-mark map sock_diag dumps beside each socket; None where the
-    /// kernel keeps no marks. Held here so its descriptor stays open.
+    /// The close-mark map sock_diag dumps beside each socket, with
+    /// `--history`. Held here so its descriptor stays open.
     marks: Option<MapData>,
+    /// The ring of close notes, by default; None with `--history` or where
+    /// the kernel keeps no marks.
+    notes: Option<CloseNotes>,
     /// What became of the lines the sink wrote.
     written: WriterReport,
     overflows: OverflowWatch,
@@ -332,7 +339,10 @@ impl Pipeline<'_> {
             dump.keep(bytes);
         }
         match self.decoder.decode(bytes) {
-            Ok(ev) => self.rst(ev),
+            Ok(mut ev) => {
+                self.add_close_notes(&mut ev);
+                self.rst(ev)
+            }
             Err(e) => {
                 if self.counts.undecodable == 0 {
                     log::warn!("undecodable record: {e}");
@@ -341,6 +351,18 @@ impl Pipeline<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// The close history of a reset's socket that sent its FIN, from the
+    /// close notes (with `--history` the record carries it).
+    fn add_close_notes(&mut self, ev: &mut RstEvent) {
+        if ev.history.is_some() || !ev.socket.is_some_and(|s| s.sent_fin) {
+            return;
+        }
+        let (Some(notes), Some(cookie)) = (&mut self.notes, ev.sock_cookie) else {
+            return;
+        };
+        ev.history = notes.mark_of(cookie).map(|m| self.decoder.history(&m));
     }
 
     /// Whose socket it is: the task acting on it in process context, which
@@ -597,6 +619,7 @@ impl Pipeline<'_> {
             .marks
             .as_ref()
             .and_then(|m| m.fd().as_fd().try_clone_to_owned().ok());
+        let notes_from = self.notes.as_ref().map_or_else(Vec::new, CloseNotes::heads);
         move || {
             let began = SystemTime::now();
             let extras = DumpExtras {
@@ -623,6 +646,7 @@ impl Pipeline<'_> {
             }
             Scan {
                 began,
+                notes_from,
                 sockets: enrich::found_sockets(dumps),
                 overflows: counts,
             }
@@ -645,6 +669,13 @@ impl Pipeline<'_> {
         }
         self.metrics.listen_overflows(&scan.overflows);
         let now = scan.began;
+        let noted = match &mut self.notes {
+            Some(notes) => notes.scanned(
+                &scan.notes_from,
+                scan.sockets.iter().map(|f| f.socket.cookie),
+            ),
+            None => HashMap::new(),
+        };
         let port = opts.probes.filter.port;
         let sockets = scan
             .sockets
@@ -658,7 +689,11 @@ impl Pipeline<'_> {
                 orphaned: f.socket.inode == 0,
                 inode: (f.socket.inode != 0).then_some(f.socket.inode),
                 cgroup_id: f.socket.cgroup_id.filter(|id| *id != 0),
-                history: f.socket.mark.map(|m| self.decoder.history(&m)),
+                history: f
+                    .socket
+                    .mark
+                    .or_else(|| noted.get(&f.socket.cookie).copied())
+                    .map(|m| self.decoder.history(&m)),
             })
             .collect();
         for resolved in self.tracker.scan(now, sockets) {
@@ -725,6 +760,7 @@ impl Pipeline<'_> {
             conntrack_failed: self.conntrack.as_ref().map_or(0, |c| {
                 c.stats.failed.load(std::sync::atomic::Ordering::Relaxed)
             }),
+            close_notes_overwritten: self.notes.as_ref().map_or(0, CloseNotes::overwritten),
         }
     }
 
@@ -736,6 +772,13 @@ impl Pipeline<'_> {
             self.counts.unwritten_warned = true;
             log::warn!(
                 "the reader of stdout is not keeping up: events are dropped whole and counted (tcprst_unwritten_events_total, and the exit summary)"
+            );
+        }
+        if shortfalls.close_notes_overwritten > 0 && !self.counts.notes_warned {
+            self.counts.notes_warned = true;
+            log::warn!(
+                "connections close faster than scans read the kernel's close notes: {} were overwritten unread, so some half-closed sockets may be reported without who started their close (tcprst_close_notes_overwritten_total, and the exit summary)",
+                shortfalls.close_notes_overwritten
             );
         }
         if shortfalls.skipped_runs > 0 && !self.counts.skipped_runs_warned {
@@ -803,7 +846,12 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     if opts.probes.debug_bpf {
         spawn_bpf_logs(probes.take_logger()?)?;
     }
-    let marks = probes.take_marks();
+    // Socket storage with --history; the ring of close notes otherwise.
+    let (marks, notes) = if opts.probes.history {
+        (probes.take_marks(), None)
+    } else {
+        (None, probes.take_close_notes()?)
+    };
     let stacks = match Kallsyms::load() {
         Ok(kallsyms) => {
             let whole = opts
@@ -852,6 +900,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         counts: Counts::default(),
         origins: origins_for(&probes, &opts),
         marks,
+        notes,
         written,
         overflows: OverflowWatch::default(),
         conntrack,
@@ -924,6 +973,11 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
                 // received reset decided once the ring is read empty.
                 _ = drain_tick.tick() => {
                     pipeline.drain(ring.get_mut())?;
+                    // Connections close fast: scan before a close-note ring
+                    // overwrites notes no scan has looked at.
+                    if walk.is_none() && pipeline.notes.as_ref().is_some_and(CloseNotes::due) {
+                        walk = Some(tokio::task::spawn_blocking(pipeline.namespace_walk(&opts)));
+                    }
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
@@ -958,7 +1012,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     let counts = &pipeline.counts;
     let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "{STOPPED}{} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} program runs the kernel skipped, {} conntrack lookups skipped, {} conntrack lookups failed",
+        "{STOPPED}{} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} program runs the kernel skipped, {} conntrack lookups skipped, {} conntrack lookups failed, {} close notes overwritten unread",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
@@ -977,6 +1031,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         shortfalls.skipped_runs,
         shortfalls.conntrack_skipped,
         shortfalls.conntrack_failed,
+        shortfalls.close_notes_overwritten,
     );
     Ok(())
 }

@@ -148,7 +148,7 @@ impl DoctorReport {
         rows.push((
             "close marks".to_owned(),
             match &self.close_marks {
-                Ok(()) => "yes: tp_btf on sock:inet_sock_set_state, in socket storage".to_owned(),
+                Ok(()) => "yes: tp_btf on sock:inet_sock_set_state; notes in per-CPU rings, socket storage with --history".to_owned(),
                 Err(why) => format!("no: {why}"),
             },
         ));

@@ -104,6 +104,7 @@ pub struct Metrics {
     skipped_runs: Counter,
     conntrack_skipped: Counter,
     conntrack_failed: Counter,
+    close_notes_overwritten: Counter,
     listen_overflows: Family<NetnsLabels, Counter>,
     /// The namespaces `listen_overflows` has a series for, so those of
     /// namespaces gone go too.
@@ -123,6 +124,7 @@ pub struct Shortfalls {
     pub skipped_runs: u64,
     pub conntrack_skipped: u64,
     pub conntrack_failed: u64,
+    pub close_notes_overwritten: u64,
 }
 
 impl Default for Metrics {
@@ -217,6 +219,10 @@ impl Default for Metrics {
             "conntrack_lookup_failures",
             "Conntrack lookups that failed in some network namespace for a reason other than no such entry",
         );
+        let close_notes_overwritten = counter(
+            "close_notes_overwritten",
+            "Close notes (who started closing a socket, and its steps) the kernel's ring overwrote before a scan read them: a socket they belong to is reported without who started its close",
+        );
         Self {
             registry,
             rsts,
@@ -238,6 +244,7 @@ impl Default for Metrics {
             skipped_runs,
             conntrack_skipped,
             conntrack_failed,
+            close_notes_overwritten,
             listen_overflows,
             overflow_series: Mutex::default(),
         }
@@ -363,6 +370,10 @@ impl Metrics {
             (&self.skipped_runs, totals.skipped_runs),
             (&self.conntrack_skipped, totals.conntrack_skipped),
             (&self.conntrack_failed, totals.conntrack_failed),
+            (
+                &self.close_notes_overwritten,
+                totals.close_notes_overwritten,
+            ),
         ] {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
@@ -673,6 +684,7 @@ mod tests {
             skipped_runs: 10,
             conntrack_skipped: 8,
             conntrack_failed: 9,
+            close_notes_overwritten: 11,
         };
         m.shortfalls(&shortfalls);
         shortfalls.tally_full = 6;
@@ -696,6 +708,7 @@ mod tests {
             "tcprst_skipped_program_runs_total 10",
             "tcprst_conntrack_lookups_skipped_total 8",
             "tcprst_conntrack_lookup_failures_total 9",
+            "tcprst_close_notes_overwritten_total 11",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
