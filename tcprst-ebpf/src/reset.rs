@@ -92,15 +92,17 @@ impl ResetContext for BtfTracePointContext {
         if sk.is_null() {
             return None;
         }
+        // One or the other, by a constant the verifier prunes on: both in
+        // one program took the sent reset's past a million instructions.
+        if global!(SETTINGS.every_transition) != 0 {
+            return mark_of(sk);
+        }
         if rec.flags & rst_flags::HAS_COOKIE == 0 {
             // SAFETY: the typed socket argument, checked non-NULL.
             rec.sock_cookie = unsafe { bpf_get_socket_cookie(sk) };
             rec.flags |= rst_flags::HAS_COOKIE;
         }
-        if global!(SETTINGS.every_transition) == 0 {
-            return None;
-        }
-        mark_of(sk)
+        None
     }
 }
 

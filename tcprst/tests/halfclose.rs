@@ -18,25 +18,31 @@ use serde_json::Value;
 /// with a reset instead of a FIN (what slirp4netns did).
 #[test]
 fn seed_000_peer_resets_a_half_closed_connection() {
-    let history = peer_resets_a_half_closed_connection(&[]);
+    let (received, sent) = peer_resets_a_half_closed_connection(&[]);
     // By default: the close from its start, from the kernel's close notes.
-    assert_eq!(history, ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]);
+    assert_eq!(received, ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]);
+    // The server reset without closing first: nothing noted.
+    assert!(sent.is_empty(), "{sent:?}");
 }
 
 /// Seed 000 with `--history`: every state change the socket went through,
 /// kept in its own storage from the connect on.
 #[test]
 fn seed_000_with_every_state_change() {
-    let history = peer_resets_a_half_closed_connection(&["--history"]);
+    let (received, sent) = peer_resets_a_half_closed_connection(&["--history"]);
     assert_eq!(
-        history,
+        received,
         ["CLOSE", "SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"]
     );
+    // The server's socket has one too, from its handshake: the sent reset's
+    // program reads socket storage as the received one's does.
+    assert!(sent.iter().any(|s| s == "ESTABLISHED"), "{sent:?}");
 }
 
-/// The seed 000 reset as tcprst traces it with `extra` flags: the reset's
-/// initiator and diagnosis checked, its history's states returned.
-fn peer_resets_a_half_closed_connection(extra: &[&str]) -> Vec<String> {
+/// The seed 000 resets as tcprst traces them with `extra` flags: the
+/// received reset's initiator and diagnosis checked, and the states of its
+/// history and of the sent reset's returned.
+fn peer_resets_a_half_closed_connection(extra: &[&str]) -> (Vec<String>, Vec<String>) {
     let ns = Netns::new();
     let mut tracer = Tracer::in_netns(&ns, extra);
     let (mut client, mut server) = ns.pair("127.0.0.1:43108", "127.0.0.1:9999");
@@ -68,8 +74,14 @@ fn peer_resets_a_half_closed_connection(extra: &[&str]) -> Vec<String> {
         )),
         "{diagnosis}"
     );
+    let sent = tracer.wait_for("the server's rst_sent", |v| is(v, "rst_sent", 9999, 43108));
     tracer.stop();
-    rst["history"]
+    (states(&rst["history"]), states(&sent["history"]))
+}
+
+/// The states of an event's `history`, oldest first.
+fn states(history: &Value) -> Vec<String> {
+    history
         .as_array()
         .unwrap()
         .iter()

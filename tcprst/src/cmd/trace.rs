@@ -226,8 +226,8 @@ struct Pipeline<'a> {
     /// The close-mark map sock_diag dumps beside each socket, with
     /// `--history`. Held here so its descriptor stays open.
     marks: Option<MapData>,
-    /// The ring of close notes, by default; None with `--history` or where
-    /// the kernel keeps no marks.
+    /// The close-note rings, by default; None with `--history` or where the
+    /// kernel keeps no marks.
     notes: Option<CloseNotes>,
     /// What became of the lines the sink wrote.
     written: WriterReport,
