@@ -132,10 +132,14 @@ static CLOSE_NOTES: Array<CloseNote> = Array::with_max_entries(1, BPF_F_MMAPABLE
 #[map]
 static CLOSE_NOTE_HEADS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Writes `step` as the next note of this CPU's ring. The head needs no
-/// atomic add: the kernel never runs this program twice at once on one CPU
-/// (a run that would nest, in a preempting task or an interrupt, is skipped
-/// and counted as a missed run, which tcprst reports).
+/// Writes `step` as the next note of this CPU's ring. The head takes no
+/// atomic add (a fetching one needs a newer BPF instruction set than the
+/// object is built for): kernels from late 2022 on (about 6.1) never run
+/// a tp_btf program twice at once on one CPU (a run that would nest, in a
+/// preempting task or an interrupt, is skipped and counted as a missed
+/// run, which tcprst reports). On older ones a softirq that interrupts this
+/// program between reading the head and bumping it takes the same slot,
+/// and one of the two notes is lost: a window of two instructions.
 #[inline(always)]
 fn note(sk: *mut core::ffi::c_void, step: &Step, task: &TaskInfo) {
     // SAFETY: reads this CPU's number.
