@@ -592,7 +592,7 @@ impl Probes {
         ))
     }
 
-    /// The ring of close notes the programs write by default, mapped; None
+    /// The close-note rings the programs write by default, mapped; None
     /// where marks are unavailable.
     pub fn take_close_notes(&mut self) -> Result<Option<CloseNotes>> {
         if self.marks.is_err() {

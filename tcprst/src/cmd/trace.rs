@@ -609,9 +609,9 @@ impl Pipeline<'_> {
     }
 
     /// The part of a scan that walks every namespace, as a job that can run
-    /// off the event loop: the half-closed sockets (with their close marks)
-    /// from sock_diag, and the namespace's listen-queue overflows, read in
-    /// the same visit.
+    /// off the event loop: the half-closed sockets from sock_diag (with
+    /// their marks, with `--history`), and the namespace's listen-queue
+    /// overflows, read in the same visit.
     fn namespace_walk(&self, opts: &TraceOptions) -> impl FnOnce() -> Scan + Send + 'static {
         let only = (opts.probes.filter.netns != 0).then_some(opts.probes.filter.netns);
         // Its own descriptor of the mark map, which the job closes.
@@ -850,7 +850,13 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     let (marks, notes) = if opts.probes.history {
         (probes.take_marks(), None)
     } else {
-        (None, probes.take_close_notes()?)
+        // Tracing goes on without them: a reset or a stuck report then
+        // names no initiator, as on a kernel without marks.
+        let notes = probes.take_close_notes().unwrap_or_else(|e| {
+            log::warn!("who shut down or closed a socket is unknown: {e:#}");
+            None
+        });
+        (None, notes)
     };
     let stacks = match Kallsyms::load() {
         Ok(kallsyms) => {
