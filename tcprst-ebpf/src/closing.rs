@@ -11,7 +11,7 @@
 //! the reset programs add it to their record, and userspace reads it
 //! through sock_diag (`INET_DIAG_REQ_SK_BPF_STORAGES`) when it scans.
 
-use core::ptr::write_volatile;
+use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_SK_STORAGE_GET_F_CREATE, pt_regs},
@@ -32,6 +32,7 @@ use crate::{
     context::fill_task,
     globals::global,
     kernel::{TypedLoad, sock_protocol, task_is_exiting, task_is_kthread},
+    words,
 };
 
 #[btf_map]
@@ -88,29 +89,22 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     if sock_protocol(TypedLoad, sk as u64).is_some_and(|p| p != IPPROTO_TCP) {
         return 0;
     }
-    let mut task: TaskInfo = TaskInfo {
-        tgid: 0,
-        tid: 0,
-        uid: 0,
-        comm: [0; 16],
-    };
-    let op = if starts_close {
-        closing_op(&mut task)
-    } else {
-        None
-    };
+    let mut slot = MaybeUninit::<TaskInfo>::uninit();
+    // SAFETY: all zero bytes is a valid TaskInfo: integers and a byte array.
+    let task = unsafe { words::zeroed(&mut slot) };
+    let op = if starts_close { closing_op(task) } else { None };
     let step = Step {
         old: old as u8,
         new: new as u8,
         op,
     };
     if every {
-        keep_in_storage(sk, &step, &task);
+        keep_in_storage(sk, &step, task);
     } else if op.is_some() || follows_close {
         // A close no process started (a kernel thread's) gets no note, as
         // it got no mark; a later step is noted all the same, and userspace
         // drops the steps of sockets whose start it has no note of.
-        note(sk, &step, &task);
+        note(sk, &step, task);
     }
     0
 }

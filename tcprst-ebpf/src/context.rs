@@ -10,8 +10,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_get_current_uid_gid,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+        generated::bpf_get_current_comm,
     },
     macros::{map, raw_tracepoint},
     maps::PerCpuArray,
@@ -129,5 +129,14 @@ pub fn fill_task(task: &mut TaskInfo) {
     task.tgid = (pid_tgid >> 32) as u32;
     task.tid = pid_tgid as u32;
     task.uid = bpf_get_current_uid_gid() as u32;
-    task.comm = bpf_get_current_comm().unwrap_or_default();
+    // Straight into the record: aya's wrapper zeroes a buffer of its own
+    // first, a call of the byte-wise `memset` (see `words`), and the helper
+    // pads the name with zeros anyway.
+    // SAFETY: `comm` is writable for its length.
+    unsafe {
+        bpf_get_current_comm(
+            task.comm.as_mut_ptr().cast(),
+            core::mem::size_of_val(&task.comm) as u32,
+        )
+    };
 }

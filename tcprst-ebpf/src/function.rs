@@ -6,7 +6,7 @@
 //! program; the loader attaches the best one the kernel allows and tells the
 //! tracepoint program to skip what these report.
 
-use core::ptr::addr_of;
+use core::{mem::MaybeUninit, ptr::addr_of};
 
 // The argument registers below are x86-64's (rdi, rsi, rdx, rcx, r8), the
 // only architecture this has run on.
@@ -111,7 +111,8 @@ pub struct ResetArgs {
 pub fn report(ctx: &impl ResetContext, hook: ResetHook, tier: AttachTier, args: ResetArgs) {
     let mem = ctx.memory();
     let ResetArgs { sk, skb, .. } = args;
-    let mut rec = blank(RecordKind::RstSent, hook);
+    let mut slot = MaybeUninit::uninit();
+    let rec = blank(&mut slot, RecordKind::RstSent, hook);
     rec.tier = tier as u8;
     if skb != 0 {
         // An answer to a segment: the kernel never answers a reset, and
@@ -143,7 +144,7 @@ pub fn report(ctx: &impl ResetContext, hook: ResetHook, tier: AttachTier, args: 
         None if sk != 0 => sock_netns(mem, sk),
         None => skb_netns(mem, skb),
     };
-    finish(ctx, &mut rec, netns, |rec| {
+    finish(ctx, rec, netns, |rec| {
         sock_details(mem, sk, rec);
         if sk != 0 { ctx.close_facts(rec) } else { None }
     });

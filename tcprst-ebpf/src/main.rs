@@ -18,6 +18,7 @@ mod reset;
 mod stack;
 mod tally;
 mod tracepoint;
+mod words;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -4,6 +4,8 @@
 //! the socket's close (`ResetContext::close_facts`); elsewhere the classic
 //! tracepoint programs do.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
     macros::{btf_tracepoint, tracepoint},
@@ -30,6 +32,7 @@ use crate::{
     stack::{caller_frames, stack_id},
     tally::{Budget, tally},
     tracepoint::{field, read_tuple, tuple_wanted},
+    words,
 };
 
 /// What the reset paths need of a program's context beyond its stack: how
@@ -114,7 +117,12 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
     if reported_by_function(ProbeRead, skb) {
         return 0;
     }
-    let mut rec = blank(RecordKind::RstSent, ResetHook::SendResetTracepoint);
+    let mut slot = MaybeUninit::uninit();
+    let rec = blank(
+        &mut slot,
+        RecordKind::RstSent,
+        ResetHook::SendResetTracepoint,
+    );
     if let Err(unread) = read_tuple(&ctx, &fields.tuple, &mut rec.tuple) {
         tuple_unread(
             &ctx,
@@ -140,7 +148,7 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
         rec.reason = reason;
         rec.flags |= rst_flags::HAS_REASON;
     }
-    finish(&ctx, &mut rec, netns, |rec| {
+    finish(&ctx, rec, netns, |rec| {
         sock_details(ProbeRead, sk, rec);
         None
     });
@@ -150,7 +158,12 @@ pub fn tcprst_rst_sent(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
     let fields = receive_reset_fields();
-    let mut rec = blank(RecordKind::RstReceived, ResetHook::ReceiveResetTracepoint);
+    let mut slot = MaybeUninit::uninit();
+    let rec = blank(
+        &mut slot,
+        RecordKind::RstReceived,
+        ResetHook::ReceiveResetTracepoint,
+    );
     if let Err(unread) = read_tuple(&ctx, &fields.tuple, &mut rec.tuple) {
         tuple_unread(
             &ctx,
@@ -165,7 +178,7 @@ pub fn tcprst_rst_recv(ctx: TracePointContext) -> u32 {
         rec.sock_cookie = cookie;
         rec.flags |= rst_flags::HAS_COOKIE;
     }
-    received(&ctx, sk, &mut rec);
+    received(&ctx, sk, rec);
     0
 }
 
@@ -197,7 +210,12 @@ pub fn tcprst_rst_sent_btf(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcprst_rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    let mut rec = blank(RecordKind::RstReceived, ResetHook::ReceiveResetTracepoint);
+    let mut slot = MaybeUninit::uninit();
+    let rec = blank(
+        &mut slot,
+        RecordKind::RstReceived,
+        ResetHook::ReceiveResetTracepoint,
+    );
     if let Err(unread) = sock_tuple(TypedLoad, sk, &mut rec.tuple) {
         tuple_unread(
             &ctx,
@@ -210,7 +228,7 @@ pub fn tcprst_rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: the typed socket argument, as the helper requires.
     rec.sock_cookie = unsafe { bpf_get_socket_cookie(ctx.arg(0)) };
     rec.flags |= rst_flags::HAS_COOKIE;
-    received(&ctx, sk, &mut rec);
+    received(&ctx, sk, rec);
     0
 }
 
@@ -258,10 +276,17 @@ fn reported_by_function(mem: impl KernelMemory, skb: u64) -> bool {
     covered & function.covered_bit() != 0
 }
 
+/// A zeroed record of `kind` from `hook`, in `slot`: in place, since a
+/// record returned by value is copied, and two do not fit the BPF stack.
 #[inline(always)]
-pub fn blank(kind: RecordKind, hook: ResetHook) -> RstRecord {
-    // SAFETY: RstRecord is plain integers and byte arrays.
-    let mut rec: RstRecord = unsafe { core::mem::zeroed() };
+pub fn blank(
+    slot: &mut MaybeUninit<RstRecord>,
+    kind: RecordKind,
+    hook: ResetHook,
+) -> &mut RstRecord {
+    // SAFETY: all zero bytes is a valid RstRecord: plain integers and
+    // byte arrays.
+    let rec = unsafe { words::zeroed(slot) };
     rec.kind = kind as u8;
     rec.hook = hook as u8;
     rec.tier = AttachTier::Tracepoint as u8;
@@ -307,7 +332,7 @@ pub fn finish(
     caller_frames(ctx, rec);
     if let Some(tally) = sample {
         // SAFETY: `tally` points at this key's live map value (see `tally`).
-        unsafe { (*tally).sample = *rec };
+        unsafe { words::copy(&raw mut (*tally).sample, rec) };
     }
     match mark {
         Some(mark) => {

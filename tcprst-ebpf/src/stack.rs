@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use tcprst_common::{CALLER_FRAMES, RecordKind, ResetHook, RstRecord, counters, rst_flags};
 
-use crate::{globals::global, maps::count};
+use crate::{globals::global, maps::count, words};
 
 /// Without BPF_F_REUSE_STACKID a stack id keeps naming one stack, so the
 /// loader can cache what it symbolized; a colliding new stack gets none.
@@ -127,7 +127,7 @@ pub fn caller_frames(ctx: &impl EbpfContext, rec: &mut RstRecord) {
         // writes the same frames: the path is settled.
         unsafe {
             if rec.timestamp_ns.wrapping_sub((*known).at_ns) < KNOWN_PATH_NS {
-                rec.frames = (*known).frames;
+                words::copy(&raw mut rec.frames, &raw const (*known).frames);
                 return;
             }
         }
@@ -163,7 +163,7 @@ fn remember(key: &PathKey, rec: &RstRecord) {
     };
     // SAFETY: a live map value; concurrent writers write the same frames.
     unsafe {
-        (*known).frames = rec.frames;
+        words::copy(&raw mut (*known).frames, &raw const rec.frames);
         (*known).at_ns = rec.timestamp_ns;
     }
 }
