@@ -64,6 +64,9 @@ pub trait ResetContext: StackIdContext {
     fn close_facts(&self, _rec: &mut RstRecord) -> Option<CloseMark> {
         None
     }
+
+    /// The socket's cookie, where the verifier knows the socket's type.
+    fn socket_cookie(&self, _rec: &mut RstRecord) {}
 }
 
 /// Contexts whose addresses the verifier does not type: the classic
@@ -100,12 +103,20 @@ impl ResetContext for BtfTracePointContext {
         if global!(SETTINGS.every_transition) != 0 {
             return mark_of(sk);
         }
-        if rec.flags & rst_flags::HAS_COOKIE == 0 {
-            // SAFETY: the typed socket argument, checked non-NULL.
-            rec.sock_cookie = unsafe { bpf_get_socket_cookie(sk) };
-            rec.flags |= rst_flags::HAS_COOKIE;
-        }
+        self.socket_cookie(rec);
         None
+    }
+
+    #[inline(always)]
+    fn socket_cookie(&self, rec: &mut RstRecord) {
+        // Both reset tracepoints pass the socket first.
+        let sk: *mut core::ffi::c_void = self.arg(0);
+        if sk.is_null() || rec.flags & rst_flags::HAS_COOKIE != 0 {
+            return;
+        }
+        // SAFETY: the typed socket argument, checked non-NULL.
+        rec.sock_cookie = unsafe { bpf_get_socket_cookie(sk) };
+        rec.flags |= rst_flags::HAS_COOKIE;
     }
 }
 
@@ -225,9 +236,6 @@ pub fn tcprst_rst_recv_btf(ctx: BtfTracePointContext) -> i32 {
         );
         return 0;
     }
-    // SAFETY: the typed socket argument, as the helper requires.
-    rec.sock_cookie = unsafe { bpf_get_socket_cookie(ctx.arg(0)) };
-    rec.flags |= rst_flags::HAS_COOKIE;
     received(&ctx, sk, rec);
     0
 }
@@ -245,6 +253,9 @@ fn received(ctx: &impl ResetContext, sk: u64, rec: &mut RstRecord) {
     finish(ctx, rec, sock_netns(mem, sk), |rec| {
         rec.cgroup_id = sock_cgroup_id(mem, sk);
         socket_facts(mem, sk, rec);
+        // Received resets carry the cookie with `--history` too, which only
+        // the sent reset's program has no room for.
+        ctx.socket_cookie(rec);
         ctx.close_facts(rec)
     });
 }
