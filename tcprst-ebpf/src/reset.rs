@@ -253,8 +253,8 @@ fn received(ctx: &impl ResetContext, sk: u64, rec: &mut RstRecord) {
     finish(ctx, rec, sock_netns(mem, sk), |rec| {
         rec.cgroup_id = sock_cgroup_id(mem, sk);
         socket_facts(mem, sk, rec);
-        // Received resets carry the cookie with `--history` too, which only
-        // the sent reset's program has no room for.
+        // With `--history` too: only the sent reset's program has no room
+        // for both the cookie and the mark.
         ctx.socket_cookie(rec);
         ctx.close_facts(rec)
     });
