@@ -3,12 +3,13 @@
 //! event loop, so signals, /metrics and the ring buffer keep being served.
 //! Lines that do not fit in the queue are dropped whole and counted, never
 //! written in part; nor is the last one when tcprst exits with its reader
-//! behind (see `whole_lines`).
+//! behind (see `whole_lines`). Once the lines left are counted the thread
+//! writes no more, so a slow reader cannot get lines counted as lost.
 
 use std::{
     io::{self, Write},
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard, PoisonError, TryLockError,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
@@ -20,6 +21,10 @@ use std::{
 const QUEUED_CHUNKS: usize = 64;
 /// Pending bytes that make a chunk before a flush asks for one.
 const CHUNK: usize = 64 * 1024;
+/// How long the final count waits for a piece being written to land: a
+/// reader that is still reading takes a piece in far less; one that
+/// stopped never takes it.
+const PIECE_GRACE: Duration = Duration::from_millis(100);
 
 /// What the writer thread and the queue share.
 #[derive(Default)]
@@ -30,6 +35,34 @@ struct Progress {
     dropped_lines: AtomicU64,
     /// The reader went away (EPIPE): tracing should end.
     closed: AtomicBool,
+    /// The lines left were counted: the thread starts no piece after.
+    stopped: AtomicBool,
+    /// Held by the thread from writing a piece to counting it written, so
+    /// that the final count never falls between the two.
+    piece: Mutex<()>,
+}
+
+impl Progress {
+    /// The thread's hold on the output, for one piece.
+    fn lock_piece(&self) -> MutexGuard<'_, ()> {
+        self.piece.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The piece lock, once the piece being written landed; `None` if it
+    /// is still blocked on the reader after `grace`.
+    fn piece_landed(&self, grace: Duration) -> Option<MutexGuard<'_, ()>> {
+        let deadline = Instant::now() + grace;
+        loop {
+            match self.piece.try_lock() {
+                Ok(held) => return Some(held),
+                Err(TryLockError::Poisoned(held)) => return Some(held.into_inner()),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(1))
+                }
+                Err(TryLockError::WouldBlock) => return None,
+            }
+        }
+    }
 }
 
 /// The `Write` end the sinks write into.
@@ -49,9 +82,9 @@ impl WriterReport {
         self.0.dropped_lines.load(Ordering::Relaxed)
     }
 
-    /// Waits up to `limit` for the queue to be written out, and returns the
-    /// lines that never were: dropped, or still queued behind a reader that
-    /// stopped reading.
+    /// Waits up to `limit` for the queue to be written out, stops the
+    /// writes, and returns the lines that never were: dropped, or still
+    /// queued behind a reader that fell behind or stopped reading.
     pub fn unwritten_after(&self, limit: Duration) -> u64 {
         let deadline = Instant::now() + limit;
         while self.0.queued_lines.load(Ordering::Relaxed) > 0
@@ -60,6 +93,13 @@ impl WriterReport {
         {
             thread::sleep(Duration::from_millis(5));
         }
+        self.0.stopped.store(true, Ordering::Relaxed);
+        // A reader still reading takes the piece being written, which is
+        // then counted written. Only a piece blocked on a reader that
+        // stopped is counted unwritten without the lock: should that
+        // reader resume in the moment before tcprst exits, it gets lines
+        // counted as unwritten.
+        let _landed = self.0.piece_landed(PIECE_GRACE);
         self.dropped() + self.0.queued_lines.load(Ordering::Relaxed)
     }
 }
@@ -85,6 +125,10 @@ pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(QueuedWriter, Writ
 fn write_out(mut out: impl Write, chunks: Receiver<Vec<u8>>, progress: &Progress) {
     for chunk in chunks {
         for piece in whole_lines(&chunk) {
+            let _writing = progress.lock_piece();
+            if progress.stopped.load(Ordering::Relaxed) {
+                return;
+            }
             if let Err(e) = out.write_all(piece).and_then(|()| out.flush()) {
                 if e.kind() != io::ErrorKind::BrokenPipe {
                     log::warn!("writing events: {e}");
@@ -220,30 +264,87 @@ mod tests {
         }
     }
 
+    /// Fills `writer` with far more flushed chunks than the queue holds,
+    /// none of which waits; returns how many lines that was.
+    fn overfill(writer: &mut QueuedWriter) -> u64 {
+        let lines = QUEUED_CHUNKS * 4;
+        for i in 0..lines {
+            writeln!(writer, "line {i}").unwrap();
+            writer.flush().unwrap();
+        }
+        lines as u64
+    }
+
     #[test]
     fn a_blocked_reader_costs_whole_lines_counted_not_a_stall() {
         let gate = Gate::default();
         let (mut writer, report) = spawn(gate.clone()).unwrap();
-        // Far more flushed chunks than the queue holds, none of them waits.
-        for i in 0..(QUEUED_CHUNKS * 4) {
-            writeln!(writer, "line {i}").unwrap();
-            writer.flush().unwrap();
-        }
+        let lines = overfill(&mut writer);
         let dropped = report.dropped();
         // The thread holds one chunk and the queue the next QUEUED_CHUNKS.
-        let kept = (QUEUED_CHUNKS * 4) as u64 - dropped;
+        let kept = lines - dropped;
         assert!(
             (QUEUED_CHUNKS as u64..=QUEUED_CHUNKS as u64 + 1).contains(&kept),
             "{dropped} dropped"
         );
+        let began = Instant::now();
         assert_eq!(
             report.unwritten_after(Duration::from_millis(50)),
-            (QUEUED_CHUNKS * 4) as u64,
-            "nothing was written yet"
+            lines,
+            "nothing was written"
         );
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_reader_that_catches_up_in_time_gets_every_line_kept() {
+        let gate = Gate::default();
+        let (mut writer, report) = spawn(gate.clone()).unwrap();
+        overfill(&mut writer);
+        let dropped = report.dropped();
+        assert!(dropped > 0);
         *gate.0.0.lock().unwrap() = true;
         gate.0.1.notify_all();
         assert_eq!(report.unwritten_after(Duration::from_secs(5)), dropped);
+    }
+
+    /// An output that takes each write after a pause: a reader that keeps
+    /// reading, behind.
+    struct Slow(Shared);
+
+    impl Write for Slow {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            thread::sleep(Duration::from_millis(2));
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// tcprst counts the lines left as it exits, and a reader that is only
+    /// slow goes on reading until then: what it gets after the count must
+    /// not be lines the count called unwritten.
+    #[test]
+    fn lines_counted_unwritten_never_arrive() {
+        let out = Shared::default();
+        let (mut writer, report) = spawn(Slow(out.clone())).unwrap();
+        let line = format!("{}\n", "x".repeat(99));
+        let lines = 2000;
+        for _ in 0..lines {
+            writer.write_all(line.as_bytes()).unwrap();
+        }
+        writer.flush().unwrap();
+        // About 40 lines a piece, 2 ms a piece: not nearly all in 20 ms.
+        let unwritten = report.unwritten_after(Duration::from_millis(20));
+        assert!(unwritten > 0);
+        thread::sleep(Duration::from_millis(200));
+        let written = out.text().lines().count() as u64;
+        assert_eq!(written + unwritten, lines, "{written} written");
     }
 
     #[test]
