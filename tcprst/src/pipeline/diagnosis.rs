@@ -9,7 +9,7 @@ use crate::{
     host::conntrack::Found,
     host::sockdiag::AcceptQueue,
     model::event::{CloseOp, RstEvent, RstKind, ShutHow, TcpState},
-    model::text::{Addr, short},
+    model::text::{around_addr, short},
     pipeline::tracker::{Connection, Resolved, RstContext},
 };
 
@@ -426,9 +426,10 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 }
                 TcpState::SynSent => because(
                     Cause::ConnectionRefused,
-                    format!(
-                        "connection refused: nothing listens on {}, or a firewall rejected the SYN",
-                        Addr(ev.remote)
+                    around_addr(
+                        "connection refused: nothing listens on ",
+                        ev.remote,
+                        ", or a firewall rejected the SYN",
                     ),
                 ),
                 TcpState::Established => because(
@@ -491,9 +492,10 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
             },
             "NO_SOCKET" => because(
                 Cause::NoSocket,
-                format!(
-                    "a segment for {} where no socket exists: nothing listens there, or the connection is long gone",
-                    Addr(ev.local)
+                around_addr(
+                    "a segment for ",
+                    ev.local,
+                    " where no socket exists: nothing listens there, or the connection is long gone",
                 ),
             ),
             "TCP_ABORT_ON_CLOSE" => because(
