@@ -12,6 +12,7 @@
 //! serde_json, and addresses are written without `core::fmt` (`model::text`).
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fmt::Display,
     io::{self, Write},
@@ -639,7 +640,7 @@ struct RstJson<'a> {
     hook: Name,
     tier: Name,
     nf_hook: Option<Name>,
-    origin: Option<Text<&'a Origin>>,
+    origin: Option<Cow<'static, str>>,
     node: &'a Rendered,
     who: WhoJson<'a>,
     peer: Option<PeerJson<'a>>,
@@ -740,7 +741,7 @@ impl<'a> RstJson<'a> {
             hook: Name(hook_name(ev.hook)),
             tier: Name(tier_name(ev.tier)),
             nf_hook: ev.nf_hook.map(|h| Name(h.name())),
-            origin: report.origin.as_ref().map(Text),
+            origin: report.origin.as_ref().map(Origin::text),
             node,
             who: WhoJson::new(&report.attribution),
             peer: report.peer.as_ref().map(|p| PeerJson {
@@ -784,7 +785,7 @@ impl Json for RstJson<'_> {
             .field(key!("hook"), &self.hook)
             .field(key!("tier"), &self.tier)
             .field(key!("nf_hook"), &self.nf_hook)
-            .field(key!("origin"), &self.origin)
+            .field(key!("origin"), &self.origin.as_deref())
             .field(key!("node"), self.node);
         self.who.fields(&mut o);
         o.field(key!("peer"), &self.peer)

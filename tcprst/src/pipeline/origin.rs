@@ -31,6 +31,7 @@
 //! not declared not local, for at most `LOOKUP_WAIT`.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, VecDeque},
     fmt,
     net::SocketAddr,
@@ -62,23 +63,31 @@ pub enum Origin {
     },
 }
 
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Origin {
+    /// What the origin reads as; fixed text, but for a netfilter rule's
+    /// hook. A storm's every received reset carries one, and `core::fmt`
+    /// cost more than writing the text (#11).
+    pub fn text(&self) -> Cow<'static, str> {
         match self {
-            Self::LocalTcp => f.write_str("this host's TCP stack"),
+            Self::LocalTcp => "this host's TCP stack".into(),
             Self::LocalNetfilter(Some(hook)) => {
-                write!(f, "a netfilter reject rule on this host ({})", hook.name())
+                format!("a netfilter reject rule on this host ({})", hook.name()).into()
             }
-            Self::LocalNetfilter(None) => f.write_str("a netfilter reject rule on this host"),
+            Self::LocalNetfilter(None) => "a netfilter reject rule on this host".into(),
             Self::NotLocal {
                 netfilter_watched: false,
-            } => f.write_str("not a local TCP socket (netfilter, middlebox or userspace stack)"),
+            } => "not a local TCP socket (netfilter, middlebox or userspace stack)".into(),
             Self::NotLocal {
                 netfilter_watched: true,
-            } => f.write_str(
-                "not a local TCP socket or netfilter rule (another host, a middlebox or a userspace stack)",
-            ),
+            } => "not a local TCP socket or netfilter rule (another host, a middlebox or a userspace stack)"
+                .into(),
         }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text())
     }
 }
 
