@@ -218,7 +218,7 @@ fn selected(query: &str) -> Vec<(String, Vec<String>)> {
 #[test]
 fn the_rules_and_the_dashboard_query_only_what_tcprst_serves() {
     let ns = Netns::new();
-    let (mut tracer, addr) = trace_with_metrics(&ns);
+    let (mut tracer, addr) = trace_with_metrics(&ns, &[]);
     // A reset sent and received: a labelled family shows only the series it has.
     assert!(ns.connect("127.0.0.1:40310", "127.0.0.1:9").is_err());
     tracer.wait_for_rsts(2);
@@ -360,7 +360,7 @@ impl Drop for Prometheus {
 #[test]
 fn a_stuck_close_wait_fires_the_shipped_alert_in_prometheus() {
     let ns = Netns::new();
-    let (tracer, addr) = trace_with_metrics(&ns);
+    let (tracer, addr) = trace_with_metrics(&ns, &[]);
     let mut prometheus = Prometheus::start(&addr, &rules_with_stuck_alert_for("1s"));
     let (client, server) = ns.pair("127.0.0.1:40311", "127.0.0.1:8080");
     client.shutdown(Shutdown::Write).unwrap();

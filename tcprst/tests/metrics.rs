@@ -13,7 +13,7 @@ use common::{Netns, metric, scrape, trace_with_metrics};
 #[test]
 fn a_scrape_answers_behind_a_thousand_idle_connections() {
     let ns = Netns::new();
-    let (tracer, addr) = trace_with_metrics(&ns);
+    let (tracer, addr) = trace_with_metrics(&ns, &[]);
     // SAFETY: raises this test process's own descriptor limit to its hard limit.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
@@ -45,7 +45,7 @@ fn a_scrape_answers_behind_a_thousand_idle_connections() {
 #[test]
 fn metrics_count_resets_programs_and_losses() {
     let ns = Netns::new();
-    let (mut tracer, addr) = trace_with_metrics(&ns);
+    let (mut tracer, addr) = trace_with_metrics(&ns, &[]);
     for port in [40200, 40201] {
         assert!(
             ns.connect(&format!("127.0.0.1:{port}"), "127.0.0.1:9")
@@ -113,4 +113,43 @@ fn metrics_count_resets_programs_and_losses() {
     );
     drop((client, server));
     tracer.stop();
+}
+
+/// The stuck gauges count what the filters keep, as the stuck reports do:
+/// a half-close between addresses `--addr` leaves out is neither. (The
+/// scan itself drops what `--port` leaves out; `--addr` is applied after.)
+#[test]
+fn stuck_gauges_count_only_what_the_filters_keep() {
+    let ns = Netns::new();
+    let (mut tracer, addr) = trace_with_metrics(&ns, &["--addr", "127.0.0.1"]);
+    // Left out, and half-closed first: the scan that finds the kept pair
+    // stuck finds this one stuck too.
+    let (other_client, other_server) = ns.pair("127.0.0.2:40210", "127.0.0.2:8090");
+    other_client.shutdown(std::net::Shutdown::Write).unwrap();
+    let (client, server) = ns.pair("127.0.0.1:40211", "127.0.0.1:8080");
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    tracer.wait_for("the kept server's stuck report", |v| {
+        v["kind"] == "halfclose_stuck" && v["local_port"] == 8080
+    });
+    tracer.wait_for("the kept client's stuck report", |v| {
+        v["kind"] == "halfclose_stuck" && v["local_port"] == 40211
+    });
+    let m = scrape(&addr);
+    assert_eq!(
+        metric(&m, "tcprst_halfclose_stuck", &[("state", "FIN_WAIT2")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "tcprst_halfclose_stuck", &[("state", "CLOSE_WAIT")]),
+        Some(1.0)
+    );
+    drop((client, server, other_client, other_server));
+    let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        !records
+            .iter()
+            .any(|v| v["local_port"] == 8090 || v["remote_port"] == 8090),
+        "a record of the left-out pair"
+    );
 }

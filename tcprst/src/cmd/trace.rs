@@ -718,11 +718,16 @@ impl Pipeline<'_> {
             })?;
             self.counts.shown += 1;
         }
-        // Every stuck connection, not only those due a report now: the
-        // gauges say how many are stuck, and where, at each scan.
+        // Every stuck connection the filters keep, not only those due a
+        // report now: the gauges say how many are stuck, and where, at each
+        // scan. Who holds a socket filters nothing, so it is not looked up.
+        let (filter, enricher) = (&self.filter, &mut self.enricher);
         let stuck: Vec<_> = self
             .tracker
-            .stuck_counts()
+            .stuck_counts(|conn| {
+                let attribution = enricher.attribute(&conn.key, conn.cgroup_id, None);
+                filter.wants_halfclose(&conn.key, &attribution)
+            })
             .into_iter()
             .map(|((state, cgroup_id), n)| {
                 (state, cgroup_id.and_then(|id| self.enricher.pod(id)), n)

@@ -276,13 +276,18 @@ impl Tracker {
         due
     }
 
-    /// How many connections are stuck now (reported and not yet moved on),
-    /// per state and the cgroup they were created in: the caller names each
-    /// cgroup's pod once, however many of its connections are stuck.
-    pub fn stuck_counts(&self) -> HashMap<(TcpState, Option<u64>), usize> {
+    /// How many of the connections `wanted` keeps are stuck now (due a
+    /// report and not yet moved on), per state and the cgroup they were
+    /// created in: the caller names each cgroup's pod once, however many of
+    /// its connections are stuck. `stuck` marks every connection due, the
+    /// ones the caller's filters then drop too.
+    pub fn stuck_counts(
+        &self,
+        mut wanted: impl FnMut(&Connection) -> bool,
+    ) -> HashMap<(TcpState, Option<u64>), usize> {
         let mut counts = HashMap::new();
         for conn in self.half_closed.values() {
-            if conn.stuck_reported_at.is_some() {
+            if conn.stuck_reported_at.is_some() && wanted(conn) {
                 *counts.entry((conn.state, conn.cgroup_id)).or_default() += 1;
             }
         }
@@ -354,9 +359,10 @@ mod tests {
         assert!(tracker.stuck(t(41), AFTER, REPEAT).is_empty());
         assert_eq!(tracker.stuck(t(101), AFTER, REPEAT).len(), 1);
         assert_eq!(
-            tracker.stuck_counts(),
+            tracker.stuck_counts(|_| true),
             HashMap::from([((TcpState::FinWait2, None), 1)])
         );
+        assert_eq!(tracker.stuck_counts(|_| false), HashMap::new());
     }
 
     #[test]

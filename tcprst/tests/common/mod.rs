@@ -747,16 +747,18 @@ pub fn find<'a>(events: &'a [Value], kind: &str) -> &'a Value {
 
 /// tcprst tracing `ns` with metrics on a free loopback port, and that
 /// port's address. Connections count as stuck after a second, so tests
-/// need not wait.
-pub fn trace_with_metrics(ns: &Netns) -> (Tracer, String) {
-    let tracer = Tracer::start(&[
+/// need not wait; `extra` are more arguments.
+pub fn trace_with_metrics(ns: &Netns, extra: &[&str]) -> (Tracer, String) {
+    let mut args = vec![
         "--netns",
         &ns.name,
         "--metrics-addr",
         "127.0.0.1:0",
         "--stuck-after",
         "1s",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let tracer = Tracer::start(&args);
     let addr = metrics_addr(&tracer.stderr_text());
     (tracer, addr)
 }
