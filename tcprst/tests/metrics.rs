@@ -5,7 +5,7 @@ mod common;
 
 use std::{net::TcpStream, time::Duration};
 
-use common::{Netns, metric, scrape, trace_with_metrics};
+use common::{Netns, Tracer, metric, scrape, trace_with_metrics};
 
 /// Idle clients cannot take the endpoint: connections are capped, the
 /// rest wait in the backlog, and one that sends no request is dropped
@@ -54,14 +54,7 @@ fn metrics_count_resets_programs_and_losses() {
     }
     tracer.wait_for_rsts(4);
     // One half-close, stuck on both ends.
-    let (client, server) = ns.pair("127.0.0.1:40202", "127.0.0.1:8080");
-    client.shutdown(std::net::Shutdown::Write).unwrap();
-    tracer.wait_for("the server's stuck report", |v| {
-        v["kind"] == "halfclose_stuck" && v["local_port"] == 8080
-    });
-    tracer.wait_for("the client's stuck report", |v| {
-        v["kind"] == "halfclose_stuck" && v["local_port"] == 40202
-    });
+    let pair = half_closed_until_stuck(&ns, &mut tracer, "127.0.0.1:40202", "127.0.0.1:8080");
 
     let m = scrape(&addr);
     let sent = [
@@ -99,19 +92,10 @@ fn metrics_count_resets_programs_and_losses() {
         metric(&m, "tcprst_stack_capture_failures_total", &[]),
         Some(0.0)
     );
-    assert_eq!(
-        metric(&m, "tcprst_halfclose_stuck", &[("state", "FIN_WAIT2")]),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&m, "tcprst_halfclose_stuck", &[("state", "CLOSE_WAIT")]),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&m, "tcprst_halfclose_stuck", &[("state", "LAST_ACK")]),
-        Some(0.0)
-    );
-    drop((client, server));
+    assert_eq!(stuck_now(&m, "FIN_WAIT2"), Some(1.0));
+    assert_eq!(stuck_now(&m, "CLOSE_WAIT"), Some(1.0));
+    assert_eq!(stuck_now(&m, "LAST_ACK"), Some(0.0));
+    drop(pair);
     tracer.stop();
 }
 
@@ -126,24 +110,11 @@ fn stuck_gauges_count_only_what_the_filters_keep() {
     // stuck finds this one stuck too.
     let (other_client, other_server) = ns.pair("127.0.0.2:40210", "127.0.0.2:8090");
     other_client.shutdown(std::net::Shutdown::Write).unwrap();
-    let (client, server) = ns.pair("127.0.0.1:40211", "127.0.0.1:8080");
-    client.shutdown(std::net::Shutdown::Write).unwrap();
-    tracer.wait_for("the kept server's stuck report", |v| {
-        v["kind"] == "halfclose_stuck" && v["local_port"] == 8080
-    });
-    tracer.wait_for("the kept client's stuck report", |v| {
-        v["kind"] == "halfclose_stuck" && v["local_port"] == 40211
-    });
+    let kept = half_closed_until_stuck(&ns, &mut tracer, "127.0.0.1:40211", "127.0.0.1:8080");
     let m = scrape(&addr);
-    assert_eq!(
-        metric(&m, "tcprst_halfclose_stuck", &[("state", "FIN_WAIT2")]),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(&m, "tcprst_halfclose_stuck", &[("state", "CLOSE_WAIT")]),
-        Some(1.0)
-    );
-    drop((client, server, other_client, other_server));
+    assert_eq!(stuck_now(&m, "FIN_WAIT2"), Some(1.0));
+    assert_eq!(stuck_now(&m, "CLOSE_WAIT"), Some(1.0));
+    drop((kept, other_client, other_server));
     let (status, records, stderr) = tracer.stop_with(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
     assert!(
@@ -152,4 +123,29 @@ fn stuck_gauges_count_only_what_the_filters_keep() {
             .any(|v| v["local_port"] == 8090 || v["remote_port"] == 8090),
         "a record of the left-out pair"
     );
+}
+
+/// A pair from `client` to `server` whose client half-closed, once tcprst
+/// reported both ends stuck.
+fn half_closed_until_stuck(
+    ns: &Netns,
+    tracer: &mut Tracer,
+    client: &str,
+    server: &str,
+) -> (TcpStream, TcpStream) {
+    let (client_end, server_end) = ns.pair(client, server);
+    client_end.shutdown(std::net::Shutdown::Write).unwrap();
+    for (end, addr) in [("server", server), ("client", client)] {
+        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        tracer.wait_for(&format!("the {end}'s stuck report"), |v| {
+            v["kind"] == "halfclose_stuck" && v["local_port"] == port
+        });
+    }
+    (client_end, server_end)
+}
+
+/// `tcprst_halfclose_stuck` for `state`: one series, as these tests make
+/// connections in no pod.
+fn stuck_now(m: &prometheus_parse::Scrape, state: &str) -> Option<f64> {
+    metric(m, "tcprst_halfclose_stuck", &[("state", state)])
 }
