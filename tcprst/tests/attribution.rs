@@ -159,6 +159,38 @@ fn container_filter_keeps_only_its_sockets() {
     );
 }
 
+/// A container started while tcprst runs is named from its first reset:
+/// its cgroup is newer than the walk of the tree tcprst made at startup, and
+/// the next walk is not due yet, so tcprst asks the kernel for that one
+/// cgroup by its id.
+#[test]
+fn a_container_started_after_the_last_walk_is_named_from_its_first_reset() {
+    let ns = Netns::new();
+    let mut tracer = Tracer::start(&["--netns", &ns.name, "--kind", "rst_received"]);
+    let cgroup = container_cgroup("new", &format!("system.slice/docker-{ID}.scope"));
+    let client = ChildGuard::python(
+        &ns,
+        &cgroup,
+        "import socket, time\n\
+         s = socket.socket()\n\
+         s.bind(('127.0.0.1', 40120))\n\
+         try:\n    s.connect(('127.0.0.1', 9))\nexcept OSError:\n    pass\n\
+         time.sleep(600)\n",
+    );
+    let refused = tracer.wait_for("the container's refused connect", |v| {
+        v["kind"] == "rst_received" && v["local_port"] == 40120
+    });
+    assert_eq!(
+        refused["cgroup"]["path"],
+        cgroup.path.as_str(),
+        "{refused:#}"
+    );
+    assert_eq!(refused["container"]["id"], ID);
+    assert_eq!(refused["container"]["runtime"], "docker");
+    drop(client);
+    tracer.stop();
+}
+
 /// Both ends on this host, in different namespaces (a container talking to
 /// a server across a veth): each reset names its own socket's owner and the
 /// other end's.

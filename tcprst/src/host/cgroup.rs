@@ -6,9 +6,12 @@
 
 use crate::mountinfo::mount_point;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
-    os::unix::fs::MetadataExt as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -123,7 +126,20 @@ pub fn parse_path(path: &str) -> CgroupInfo {
 
 /// Rescans of the cgroup tree for an unknown id happen at most this often,
 /// so a stream of resets from an unknown cgroup does not walk it each time.
+/// Between them, an unknown id is asked of the kernel alone (`by_handle`).
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// The file handle type of a kernfs node, which cgroup2's directories are
+/// (include/linux/exportfs.h).
+const FILEID_KERNFS: i32 = 0xfe;
+
+/// A kernfs file handle: the node's id, which for a cgroup is its id.
+#[repr(C)]
+struct KernfsHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    id: u64,
+}
 
 pub(crate) struct CgroupResolver {
     root: Option<PathBuf>,
@@ -132,6 +148,9 @@ pub(crate) struct CgroupResolver {
     /// How many times the tree was walked: what was learnt about the
     /// containers in it is checked against it after each walk.
     scans: u64,
+    /// Ids asked by handle since the last walk: each is asked once, so a
+    /// storm from a cgroup already gone costs a lookup, not one a reset.
+    asked: HashSet<u64>,
 }
 
 impl CgroupResolver {
@@ -152,6 +171,7 @@ impl CgroupResolver {
             by_id: HashMap::new(),
             scanned_at: None,
             scans: 0,
+            asked: HashSet::new(),
         }
     }
 
@@ -178,11 +198,18 @@ impl CgroupResolver {
         if let Some(info) = self.by_id.get(&id) {
             return Some(info.clone());
         }
+        let root = self.root.clone()?;
         let due = self
             .scanned_at
             .is_none_or(|at| at.elapsed() >= RESCAN_EVERY);
-        if due && let Some(root) = self.root.clone() {
+        if due {
             self.scan(&root);
+        } else if self.asked.insert(id)
+            && let Some(path) = by_handle(&root, id)
+        {
+            // A container made since the last walk, named from its first
+            // reset rather than from the first after the next walk.
+            self.by_id.insert(id, Arc::new(parse_path(&path)));
         }
         self.by_id.get(&id).cloned()
     }
@@ -193,6 +220,7 @@ impl CgroupResolver {
     fn scan(&mut self, root: &Path) {
         self.scanned_at = Some(Instant::now());
         self.scans += 1;
+        self.asked.clear();
         let mut known = std::mem::take(&mut self.by_id);
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
@@ -217,6 +245,39 @@ impl CgroupResolver {
             );
         }
     }
+}
+
+/// The path of cgroup `id` under `root`, the cgroup2 mount, starting with
+/// `/`: the kernel opens a cgroup's directory from its id as a file handle,
+/// without a walk of the tree. It needs CAP_DAC_READ_SEARCH, which tracing
+/// as root has; None without it, or once the cgroup is gone.
+fn by_handle(root: &Path, id: u64) -> Option<String> {
+    let mount = fs::File::open(root).ok()?;
+    let mut handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: `handle` is a file_handle header followed by its 8 bytes of
+    // handle, as handle_bytes says, and lives across the call; `mount` is
+    // an open descriptor.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&raw mut handle).cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: open_by_handle_at returned a new descriptor that nothing
+    // else owns.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    let target = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+    // A directory removed since reads "… (deleted)"; nothing to name then.
+    let relative = target.strip_prefix(root).ok()?.to_str()?;
+    (!relative.ends_with(" (deleted)")).then(|| format!("/{relative}"))
 }
 
 #[cfg(test)]
