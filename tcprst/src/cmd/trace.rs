@@ -902,7 +902,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         dump: RecordDump::from_env(),
         decoder: Decoder::new(std::mem::take(&mut probes.reasons), WallClock::now()),
         tracker: Tracker::new(opts.max_connections),
-        enricher: Enricher::new(CgroupResolver::discover(), pods, opts.pod_labels.clone()),
+        enricher: Enricher::new(CgroupResolver::discover(), pods),
         owners: OwnerCache::default(),
         stacks,
         filter: &opts.filter,
@@ -1121,7 +1121,7 @@ fn origins_for(probes: &Probes, opts: &TraceOptions) -> Option<Origins<RstReport
 async fn start_pod_watcher(opts: &TraceOptions, node: &str) -> Option<PodIndex> {
     match k8s::client_config(opts.kubeconfig.as_deref()).await {
         Ok(Some(config)) => {
-            let index = PodIndex::default();
+            let index = PodIndex::new(opts.pod_labels.clone());
             tokio::spawn(k8s::watch_pods(config, node.to_owned(), index.clone()));
             log::info!("watching the pods of node {node}");
             Some(index)

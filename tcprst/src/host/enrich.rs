@@ -206,9 +206,9 @@ pub struct Attribution {
     pub netns_name: Option<Arc<str>>,
     pub cgroup_id: Option<u64>,
     pub cgroup: Option<Arc<CgroupInfo>>,
-    pub pod: Option<PodMeta>,
+    pub pod: Option<Arc<PodMeta>>,
     /// The pod watch's name for the container, else its runtime's.
-    pub container_name: Option<String>,
+    pub container_name: Option<Arc<str>>,
     /// What the container's runtime says about it, once it has answered.
     pub from_runtime: Option<Arc<ContainerMeta>>,
     /// The process holding the socket (not the task running when the
@@ -224,8 +224,6 @@ const NETNS_REFRESH_EVERY: Duration = Duration::from_secs(30);
 pub(crate) struct Enricher {
     cgroups: CgroupResolver,
     pods: Option<PodIndex>,
-    /// The pod labels events carry; pods can have many.
-    pod_labels: Vec<String>,
     netns_names: HashMap<u32, Arc<str>>,
     netns_scanned_at: Option<Instant>,
     /// None without a tokio runtime to ask the container runtimes from.
@@ -235,11 +233,10 @@ pub(crate) struct Enricher {
 }
 
 impl Enricher {
-    pub fn new(cgroups: CgroupResolver, pods: Option<PodIndex>, pod_labels: Vec<String>) -> Self {
+    pub fn new(cgroups: CgroupResolver, pods: Option<PodIndex>) -> Self {
         Self {
             cgroups,
             pods,
-            pod_labels,
             netns_names: HashMap::new(),
             netns_scanned_at: None,
             runtimes: None,
@@ -306,15 +303,13 @@ impl Enricher {
 
     /// The pod whose container made cgroup `cgroup_id`, as the pod watch
     /// knows it now.
-    pub(crate) fn pod(&mut self, cgroup_id: u64) -> Option<PodMeta> {
+    pub(crate) fn pod(&mut self, cgroup_id: u64) -> Option<Arc<PodMeta>> {
         let cgroup = self.cgroups.resolve(cgroup_id)?;
         self.pod_in(&cgroup)
     }
 
-    fn pod_in(&self, cgroup: &CgroupInfo) -> Option<PodMeta> {
-        let mut pod = self.pods.as_ref()?.get(cgroup.pod_uid.as_deref()?)?;
-        pod.labels.retain(|k, _| self.pod_labels.contains(k));
-        Some(pod)
+    fn pod_in(&self, cgroup: &CgroupInfo) -> Option<Arc<PodMeta>> {
+        self.pods.as_ref()?.get(cgroup.pod_uid.as_deref()?)
     }
 
     /// Whether pod `namespace`/`name` is still on this node, as far as the

@@ -36,7 +36,8 @@ pub struct RuntimeOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContainerMeta {
     pub runtime: &'static str,
-    pub name: Option<String>,
+    /// Shared by every event of the container, as the pod watch's names are.
+    pub name: Option<Arc<str>>,
     /// The image as it was asked for (`nginx:1.27`), not its digest.
     pub image: Option<String>,
 }
@@ -292,7 +293,9 @@ impl DockerInspect {
         ContainerMeta {
             runtime: "docker",
             // The API names containers with a leading slash.
-            name: Some(self.name.trim_start_matches('/').to_owned()).filter(|n| !n.is_empty()),
+            name: Some(self.name.trim_start_matches('/'))
+                .filter(|n| !n.is_empty())
+                .map(Arc::from),
             image: self.config.and_then(|c| c.image).filter(|i| !i.is_empty()),
         }
     }
@@ -330,7 +333,7 @@ impl CrioInspect {
             .unwrap_or(self.name);
         ContainerMeta {
             runtime: "cri-o",
-            name: Some(name).filter(|n| !n.is_empty()),
+            name: Some(name).filter(|n| !n.is_empty()).map(Arc::from),
             image: self.image.filter(|i| !i.is_empty()),
         }
     }
@@ -442,7 +445,7 @@ fn read_bundle(tasks: &Path, id: &str) -> Found {
         let annotation = |key| spec.annotations.get(key).filter(|v| !v.is_empty()).cloned();
         return Ok(Some(ContainerMeta {
             runtime: "containerd",
-            name: annotation(CRI_CONTAINER_NAME),
+            name: annotation(CRI_CONTAINER_NAME).map(Arc::from),
             image: annotation(CRI_IMAGE_NAME),
         }));
     }

@@ -989,13 +989,13 @@ mod tests {
             netns_name: Some("cri-containerd:0e7859b44b4e".into()),
             cgroup_id: Some(8812),
             cgroup: Some(std::sync::Arc::new(crate::host::cgroup::parse_path(&path))),
-            pod: Some(crate::host::k8s::PodMeta {
+            pod: Some(std::sync::Arc::new(crate::host::k8s::PodMeta {
                 namespace: "shop".into(),
                 name: "web-1".into(),
                 uid: POD.into(),
                 labels: [("app".to_owned(), "web".to_owned())].into(),
-                containers: [(CONTAINER.to_owned(), "web".to_owned())].into(),
-            }),
+                containers: [(CONTAINER.to_owned(), "web".into())].into(),
+            })),
             container_name: Some("web".into()),
             from_runtime: Some(std::sync::Arc::new(crate::host::runtimes::ContainerMeta {
                 runtime: "containerd",

@@ -20,26 +20,34 @@ use crate::errors::one_line;
 /// never seen on the node.
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
-/// What an event needs to know about a pod.
+/// What an event needs to know about a pod. Events share it (`Arc`): a
+/// storm from one pod must not copy its labels and containers per reset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodMeta {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+    /// Only the labels events carry (`--pod-labels`): pods can have many.
     pub labels: BTreeMap<String, String>,
     /// Container id (hex, without the "containerd://", "cri-o://", "docker://" scheme) ->
     /// container name, for regular, init and ephemeral containers.
-    pub containers: HashMap<String, String>,
+    pub containers: HashMap<String, Arc<str>>,
 }
 
 impl PodMeta {
-    fn from_pod(pod: &Pod) -> Self {
+    fn from_pod(pod: &Pod, wanted_labels: &[String]) -> Self {
         let meta = &pod.metadata;
         Self {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
             uid: meta.uid.clone().unwrap_or_default(),
-            labels: meta.labels.clone().unwrap_or_default(),
+            labels: meta
+                .labels
+                .iter()
+                .flatten()
+                .filter(|(key, _)| wanted_labels.contains(key))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
             containers: pod
                 .status
                 .iter()
@@ -60,7 +68,7 @@ impl PodMeta {
 
 /// A container's current id and, after a restart, the previous one: sockets of a crashed
 /// instance are often reset just as the status moves on to its successor.
-fn container_ids(status: &ContainerStatus) -> impl Iterator<Item = (String, String)> + '_ {
+fn container_ids(status: &ContainerStatus) -> impl Iterator<Item = (String, Arc<str>)> + '_ {
     let previous = status
         .last_state
         .as_ref()
@@ -70,7 +78,7 @@ fn container_ids(status: &ContainerStatus) -> impl Iterator<Item = (String, Stri
         .into_iter()
         .flatten()
         .filter_map(bare_container_id)
-        .map(|id| (id.to_owned(), status.name.clone()))
+        .map(|id| (id.to_owned(), Arc::from(status.name.as_str())))
 }
 
 /// "containerd://<hex>" -> "<hex>"; None for the empty id of a container that has not started.
@@ -98,20 +106,31 @@ fn api_uid(uid: &str) -> Cow<'_, str> {
     }
 }
 
-type Pods = HashMap<String, PodMeta>;
+type Pods = HashMap<String, Arc<PodMeta>>;
 
 /// Pods on this node by the UID their cgroup paths carry; cheap to clone and share, kept
 /// current by [`watch_pods`].
-#[derive(Clone, Default)]
-pub struct PodIndex(Arc<RwLock<Pods>>);
+#[derive(Clone)]
+pub struct PodIndex {
+    pods: Arc<RwLock<Pods>>,
+    /// The labels kept of each pod, all others dropped as the pod is stored.
+    wanted_labels: Arc<[String]>,
+}
 
 impl PodIndex {
-    pub fn get(&self, pod_uid: &str) -> Option<PodMeta> {
+    pub fn new(wanted_labels: Vec<String>) -> Self {
+        Self {
+            pods: Arc::default(),
+            wanted_labels: wanted_labels.into(),
+        }
+    }
+
+    pub fn get(&self, pod_uid: &str) -> Option<Arc<PodMeta>> {
         self.read().get(api_uid(pod_uid).as_ref()).cloned()
     }
 
     /// Accepts the container id with or without its runtime scheme.
-    pub fn container_name(&self, pod_uid: &str, container_id: &str) -> Option<String> {
+    pub fn container_name(&self, pod_uid: &str, container_id: &str) -> Option<Arc<str>> {
         let id = bare_container_id(container_id)?;
         self.read()
             .get(api_uid(pod_uid).as_ref())?
@@ -138,17 +157,20 @@ impl PodIndex {
     // A panic elsewhere cannot leave the map half-updated (every write is a single insert,
     // remove or swap), so a poisoned lock is still safe to use.
     fn read(&self) -> RwLockReadGuard<'_, Pods> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner)
+        self.pods.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Pods> {
-        self.0.write().unwrap_or_else(PoisonError::into_inner)
+        self.pods.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A (re-)list is collected in `relist` and swapped in whole at InitDone, so lookups keep
     /// answering meanwhile and pods deleted while the watch was down disappear.
     fn apply(&self, event: watcher::Event<Pod>, relist: &mut Option<Pods>) {
-        let entry = |pod: &Pod| Some((cgroup_uid(pod)?.to_owned(), PodMeta::from_pod(pod)));
+        let entry = |pod: &Pod| {
+            let meta = PodMeta::from_pod(pod, &self.wanted_labels);
+            Some((cgroup_uid(pod)?.to_owned(), Arc::new(meta)))
+        };
         match event {
             watcher::Event::Init => *relist = Some(Pods::new()),
             watcher::Event::InitApply(pod) => relist.get_or_insert_default().extend(entry(&pod)),

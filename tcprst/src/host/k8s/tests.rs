@@ -222,7 +222,7 @@ async fn watch_pods_follows_list_and_watch() {
         watches: Mutex::new([first_watch, second_watch].into()),
         requests: Mutex::default(),
     });
-    let index = PodIndex::default();
+    let index = PodIndex::new(vec!["app".into()]);
     let watching = tokio::spawn(watch_pods(
         config_for(serve(api.clone()).await),
         NODE.into(),
@@ -236,11 +236,11 @@ async fn watch_pods_follows_list_and_watch() {
         uid: WEB_UID.into(),
         labels: [("app".to_owned(), "web".to_owned())].into(),
         containers: [(HEX_A, "migrate"), (HEX_B, "web")]
-            .map(|(id, name)| (id.to_owned(), name.to_owned()))
+            .map(|(id, name)| (id.to_owned(), name.into()))
             .into(),
     };
-    assert_eq!(index.get(WEB_UID), Some(web.clone()));
-    assert_eq!(index.get(&WEB_UID.replace('-', "_")), Some(web));
+    assert_eq!(index.get(WEB_UID).as_deref(), Some(&web));
+    assert_eq!(index.get(&WEB_UID.replace('-', "_")).as_deref(), Some(&web));
     assert_eq!(
         index
             .container_name(WEB_UID, &format!("containerd://{HEX_B}"))
@@ -316,7 +316,7 @@ async fn watch_pods_keeps_retrying_when_unreachable() {
         .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
     let addr = socket.local_addr().unwrap().as_socket().unwrap();
-    let index = PodIndex::default();
+    let index = PodIndex::new(vec!["app".into()]);
     let watching = watch_pods(config_for(addr), NODE.into(), index.clone());
     let result = tokio::time::timeout(Duration::from_millis(1500), watching).await;
     assert!(result.is_err(), "watch_pods gave up instead of retrying");
@@ -325,7 +325,7 @@ async fn watch_pods_keeps_retrying_when_unreachable() {
 
 #[test]
 fn relist_replaces_the_index_when_complete() {
-    let index = PodIndex::default();
+    let index = PodIndex::new(vec!["app".into()]);
     let mut relist = None;
     let gone = pod("gone", "uid-gone", NODE, "1");
     index.apply(watcher::Event::Apply(gone), &mut relist);
@@ -341,6 +341,34 @@ fn relist_replaces_the_index_when_complete() {
     index.apply(watcher::Event::InitDone, &mut relist);
     assert_eq!(index.get("uid-gone"), None);
     assert_eq!(index.get("uid-kept").unwrap().name, "kept");
+}
+
+#[test]
+fn a_pod_keeps_only_the_wanted_labels_and_is_shared_not_copied() {
+    let index = PodIndex::new(vec!["app".into(), "team".into()]);
+    let mut web = web_pod("3");
+    web.metadata.labels = Some(
+        [
+            ("app", "web"),
+            ("team", "shop"),
+            ("pod-template-hash", "7d9"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into(),
+    );
+    index.apply(watcher::Event::Apply(web), &mut None);
+
+    let pod = index.get(WEB_UID).unwrap();
+    let kept: Vec<_> = pod.labels.keys().map(String::as_str).collect();
+    assert_eq!(kept, ["app", "team"]);
+    // Every reset of a storm from this pod asks again: each answer is the
+    // one stored copy.
+    assert!(Arc::ptr_eq(&pod, &index.get(WEB_UID).unwrap()));
+    let name = index.container_name(WEB_UID, HEX_B).unwrap();
+    assert!(Arc::ptr_eq(
+        &name,
+        &index.container_name(WEB_UID, HEX_B).unwrap()
+    ));
 }
 
 #[test]
