@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::{thread, time::Duration};
+
 use common::{Netns, Tracer, summary_count};
 
 const LOGGED: &str = "tcp:tcp_receive_reset (tracepoint): reading the connection's ends failed at sock_common.skc_family (offset 4294967295)";
@@ -26,7 +28,20 @@ fn trace_one_refusal(btf: &str, extra: &[&str]) -> String {
     assert!(ns.connect("127.0.0.1:40300", "127.0.0.1:9").is_err());
     // The sent reset is still read (from the segment); wait for it.
     tracer.wait_for("the sent reset", |v| v["kind"] == "rst_sent");
-    let (status, _, stderr) = tracer.stop_with(libc::SIGTERM);
+    // Failures right up to the stop: the last ones logged must still come
+    // out, as the summary counts them. Paced, so that the log ring (128 KiB)
+    // cannot fill: past that, aya-log drops lines, and only the count is
+    // whole.
+    let (status, _, stderr) = thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..1000 {
+                assert!(ns.connect("127.0.0.1:0", "127.0.0.1:9").is_err());
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        thread::sleep(Duration::from_millis(500));
+        tracer.stop_with(libc::SIGTERM)
+    });
     assert!(status.success(), "{stderr}");
     stderr
 }

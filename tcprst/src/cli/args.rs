@@ -235,7 +235,8 @@ pub struct TraceArgs {
     pub detail_per_sec: u32,
 
     /// Log on stderr each read the kernel programs could not do (which hook, which member,
-    /// at which offset), for bug reports from kernels tcprst was not tried on
+    /// at which offset), for bug reports from kernels tcprst was not tried on. A flood of
+    /// failures can fill the 128 KiB log and skip lines; the exit summary's count is exact
     #[arg(long)]
     pub debug_bpf: bool,
 

@@ -848,9 +848,11 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     let ring = probes.take_ring()?;
     let counters = probes.take_counters()?;
     let mut tallies = probes.take_tallies()?;
-    if opts.probes.debug_bpf {
-        spawn_bpf_logs(probes.take_logger()?)?;
-    }
+    let mut bpf_logs = if opts.probes.debug_bpf {
+        Some(poll_bpf_logs(probes.take_logger()?)?)
+    } else {
+        None
+    };
     // Socket storage with --history; the ring of close notes otherwise.
     let (marks, notes) = if opts.probes.history {
         (probes.take_marks(), None)
@@ -990,6 +992,15 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
                         walk = Some(tokio::task::spawn_blocking(pipeline.namespace_walk(&opts)));
                     }
                 }
+                guard = bpf_logs_ready(&mut bpf_logs) => {
+                    // Cleared first, then read empty: the kernel wakes a
+                    // reader only for a line written after it caught up, so
+                    // clearing after the read could lose that wake-up and
+                    // stall the log for good.
+                    let mut guard = guard?;
+                    guard.clear_ready();
+                    guard.get_inner_mut().flush();
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard?;
                     if pipeline.drain(guard.get_inner_mut())? < DRAIN_BATCH {
@@ -1018,6 +1029,11 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         Err(e) => return Err(e).context("writing events"),
     }
     drop(probes);
+    // The programs are detached: what they logged before is all there is,
+    // and the summary's counts below say as much as the log says.
+    if let Some(logs) = &mut bpf_logs {
+        logs.get_mut().flush();
+    }
     // A reader that stopped reading gets a moment, not a hang.
     let unwritten = pipeline.written.unwritten_after(UNWRITTEN_WAIT);
     let counts = &pipeline.counts;
@@ -1068,20 +1084,27 @@ async fn stop(
     pipeline.finish_lookups(answers).await
 }
 
-/// Forwards the programs' failure logs (`--debug-bpf`) to stderr as they
-/// come; a task of its own, since they come rarely and never in bulk.
-fn spawn_bpf_logs(logger: EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+type BpfLogs = AsyncFd<EbpfLogger<&'static dyn log::Log>>;
+
+/// The programs' failure logs (`--debug-bpf`), forwarded to stderr as they
+/// come. The trace loop owns them, not a task of their own, so that it can
+/// read them a last time once the programs are detached: a task dropped at
+/// exit took the last lines with it, while the summary counted them.
+fn poll_bpf_logs(logger: EbpfLogger<&'static dyn log::Log>) -> Result<BpfLogs> {
     // SAFETY: the log ring's fd stays open for as long as the AsyncFd owns it.
-    let mut logs = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+    unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
         .map_err(io::Error::from)
-        .context("polling the programs' logs")?;
-    tokio::spawn(async move {
-        while let Ok(mut ready) = logs.readable_mut().await {
-            ready.get_inner_mut().flush();
-            ready.clear_ready();
-        }
-    });
-    Ok(())
+        .context("polling the programs' logs")
+}
+
+/// The logs once readable; never, without `--debug-bpf`.
+async fn bpf_logs_ready(
+    logs: &mut Option<BpfLogs>,
+) -> io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, EbpfLogger<&'static dyn log::Log>>> {
+    match logs {
+        Some(logs) => logs.readable_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The tallies a turn read; a map that cannot be read is reported, and
