@@ -20,7 +20,7 @@ fn dropped(stderr: &str) -> u64 {
     )
 }
 
-fn trace_one_refusal(btf: &str, extra: &[&str]) -> String {
+fn trace_refusals_until_the_stop(btf: &str, extra: &[&str]) -> String {
     let ns = Netns::new();
     let mut args = vec!["--netns", ns.name.as_str(), "--btf", btf];
     args.extend_from_slice(extra);
@@ -59,12 +59,12 @@ fn unreadable_tuples_are_counted_and_logged_on_request() {
     std::fs::write(&path, &bytes).unwrap();
     let btf = path.to_str().unwrap();
 
-    let logged = trace_one_refusal(btf, &["--debug-bpf"]);
+    let logged = trace_refusals_until_the_stop(btf, &["--debug-bpf"]);
     let n = dropped(&logged);
     assert!(n >= 1, "{logged}");
     assert_eq!(logged.matches(LOGGED).count() as u64, n, "{logged}");
 
-    let quiet = trace_one_refusal(btf, &[]);
+    let quiet = trace_refusals_until_the_stop(btf, &[]);
     assert!(dropped(&quiet) >= 1, "{quiet}");
     assert!(
         !quiet.contains("reading the connection's ends failed"),

@@ -168,8 +168,8 @@ impl PodIndex {
     /// answering meanwhile and pods deleted while the watch was down disappear.
     fn apply(&self, event: watcher::Event<Pod>, relist: &mut Option<Pods>) {
         let entry = |pod: &Pod| {
-            let meta = PodMeta::from_pod(pod, &self.wanted_labels);
-            Some((cgroup_uid(pod)?.to_owned(), Arc::new(meta)))
+            let uid = cgroup_uid(pod)?.to_owned();
+            Some((uid, Arc::new(PodMeta::from_pod(pod, &self.wanted_labels))))
         };
         match event {
             watcher::Event::Init => *relist = Some(Pods::new()),
