@@ -28,7 +28,7 @@ use super::{
 use crate::{
     bpf::attach::{hook_name, tier_name},
     host::conntrack::{Found, Tuple},
-    host::enrich::Attribution,
+    host::{cgroup::CgroupInfo, enrich::Attribution, k8s::PodMeta, runtimes::ContainerMeta},
     model::event::{CloseOp, Initiator, Task},
     model::{flow::push_flow, text::push_ip},
     pipeline::origin::Origin,
@@ -40,6 +40,7 @@ pub struct JsonSink {
     /// Every record names the node, for logs shipped off a cluster.
     node: Rendered,
     stamps: StampCache,
+    places: Places,
 }
 
 impl JsonSink {
@@ -51,6 +52,7 @@ impl JsonSink {
             },
             node: Rendered::new(&*node),
             stamps: StampCache::default(),
+            places: Places::default(),
         }
     }
 }
@@ -111,6 +113,25 @@ impl<'a> Object<'a> {
             self.out[at] = b'{';
         }
         value.write(self.out);
+        self
+    }
+
+    /// Fields to be copied into objects begun elsewhere
+    /// (`rendered_fields`): every one keeps its comma.
+    fn continuing(out: &'a mut Vec<u8>) -> Self {
+        Self {
+            out,
+            start: usize::MAX,
+        }
+    }
+
+    /// Fields a `continuing` object wrote, copied whole.
+    fn rendered_fields(&mut self, fields: &[u8]) -> &mut Self {
+        let at = self.out.len();
+        self.out.extend_from_slice(fields);
+        if at == self.start && !fields.is_empty() {
+            self.out[at] = b'{';
+        }
         self
     }
 
@@ -526,17 +547,17 @@ impl Json for PodJson<'_> {
     }
 }
 
-/// Whose socket it is: namespace, cgroup, container, pod, service, owner.
-struct WhoJson<'a> {
+/// Where a socket is: namespace, cgroup, container, pod, service. Rendered
+/// once for each place (`Places`), not once per record.
+struct PlaceJson<'a> {
     netns_name: Option<&'a str>,
     cgroup: Option<CgroupJson<'a>>,
     container: Option<ContainerJson<'a>>,
     pod: Option<PodJson<'a>>,
     service: Option<&'a str>,
-    owner: Option<ProcessJson<&'a str>>,
 }
 
-impl<'a> WhoJson<'a> {
+impl<'a> PlaceJson<'a> {
     fn new(a: &'a Attribution) -> Self {
         let cgroup = a.cgroup.as_deref();
         Self {
@@ -566,10 +587,6 @@ impl<'a> WhoJson<'a> {
                 })
             }),
             service: cgroup.and_then(|c| c.service.as_deref()),
-            owner: a.owner.as_ref().map(|o| ProcessJson {
-                pid: o.pid,
-                comm: &*o.comm,
-            }),
         }
     }
 
@@ -578,7 +595,110 @@ impl<'a> WhoJson<'a> {
             .field(key!("cgroup"), &self.cgroup)
             .field(key!("container"), &self.container)
             .field(key!("pod"), &self.pod)
-            .field(key!("service"), &self.service)
+            .field(key!("service"), &self.service);
+    }
+}
+
+/// Places rendered lately, each as its fields (`,"netns_name":…` through
+/// `"service":…`). Every reset of a storm from one container or namespace
+/// has the same place, and in a cluster it is the longest part of a line:
+/// pod labels, the container's name and image (#11).
+#[derive(Default)]
+struct Places {
+    slots: [Option<(PlaceKey, Arc<[u8]>)>; PLACE_SLOTS],
+}
+
+/// Enough for the places one storm alternates between: each end's, and the
+/// peer's.
+const PLACE_SLOTS: usize = 8;
+
+/// What a place is rendered from: the shared parts of an `Attribution`,
+/// each compared by address. The enricher hands out one `Arc` per
+/// namespace name, cgroup, pod, container name and runtime answer, so the
+/// same place has the same addresses; a changed one (a pod relabelled, a
+/// container's runtime answering) is a new `Arc`, and rendered anew. The
+/// key holds its `Arc`s, so no address can be reused while it is cached.
+struct PlaceKey {
+    netns_name: Option<Arc<str>>,
+    cgroup_id: Option<u64>,
+    cgroup: Option<Arc<CgroupInfo>>,
+    pod: Option<Arc<PodMeta>>,
+    container_name: Option<Arc<str>>,
+    from_runtime: Option<Arc<ContainerMeta>>,
+}
+
+fn same<T: ?Sized>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+impl PlaceKey {
+    fn of(a: &Attribution) -> Self {
+        Self {
+            netns_name: a.netns_name.clone(),
+            cgroup_id: a.cgroup_id,
+            cgroup: a.cgroup.clone(),
+            pod: a.pod.clone(),
+            container_name: a.container_name.clone(),
+            from_runtime: a.from_runtime.clone(),
+        }
+    }
+
+    fn is(&self, a: &Attribution) -> bool {
+        self.cgroup_id == a.cgroup_id
+            && same(&self.netns_name, &a.netns_name)
+            && same(&self.cgroup, &a.cgroup)
+            && same(&self.pod, &a.pod)
+            && same(&self.container_name, &a.container_name)
+            && same(&self.from_runtime, &a.from_runtime)
+    }
+}
+
+impl Places {
+    fn rendered(&mut self, a: &Attribution) -> Arc<[u8]> {
+        // The cgroup tells containers apart, the namespace's name the
+        // sockets of hosts and bare namespaces.
+        let netns = a
+            .netns_name
+            .as_ref()
+            .map_or(0, |n| Arc::as_ptr(n).cast::<u8>() as u64);
+        let mixed = (a.cgroup_id.unwrap_or(0) ^ netns).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let slot = &mut self.slots[(mixed >> 32) as usize % PLACE_SLOTS];
+        if let Some((key, fields)) = slot
+            && key.is(a)
+        {
+            return fields.clone();
+        }
+        let mut fields = Vec::new();
+        PlaceJson::new(a).fields(&mut Object::continuing(&mut fields));
+        let fields: Arc<[u8]> = fields.into();
+        *slot = Some((PlaceKey::of(a), fields.clone()));
+        fields
+    }
+}
+
+/// Whose socket it is: its place, then the process holding it.
+struct WhoJson<'a> {
+    place: Arc<[u8]>,
+    owner: Option<ProcessJson<&'a str>>,
+}
+
+impl<'a> WhoJson<'a> {
+    fn new(a: &'a Attribution, places: &mut Places) -> Self {
+        Self {
+            place: places.rendered(a),
+            owner: a.owner.as_ref().map(|o| ProcessJson {
+                pid: o.pid,
+                comm: &*o.comm,
+            }),
+        }
+    }
+
+    fn fields(&self, o: &mut Object) {
+        o.rendered_fields(&self.place)
             .field(key!("owner"), &self.owner);
     }
 }
@@ -705,7 +825,12 @@ impl Json for NatJson<'_> {
 }
 
 impl<'a> RstJson<'a> {
-    fn new(report: &'a RstReport, node: &'a Rendered, stamps: &mut StampCache) -> Self {
+    fn new(
+        report: &'a RstReport,
+        node: &'a Rendered,
+        stamps: &mut StampCache,
+        places: &mut Places,
+    ) -> Self {
         let ev = &report.ev;
         let task: Option<&Task> = ev.task.as_ref();
         let conn = report.conn.as_ref();
@@ -743,10 +868,10 @@ impl<'a> RstJson<'a> {
             nf_hook: ev.nf_hook.map(|h| Name(h.name())),
             origin: report.origin.as_ref().map(Origin::text),
             node,
-            who: WhoJson::new(&report.attribution),
+            who: WhoJson::new(&report.attribution, places),
             peer: report.peer.as_ref().map(|p| PeerJson {
                 netns: p.netns,
-                who: WhoJson::new(&p.attribution),
+                who: WhoJson::new(&p.attribution, places),
             }),
             nat: report
                 .conntrack
@@ -877,7 +1002,7 @@ impl Json for LostJson<'_> {
 
 impl Sink for JsonSink {
     fn rst(&mut self, report: &RstReport) -> io::Result<()> {
-        let line = RstJson::new(report, &self.node, &mut self.stamps);
+        let line = RstJson::new(report, &self.node, &mut self.stamps, &mut self.places);
         self.lines.write(&line)
     }
 
@@ -897,7 +1022,7 @@ impl Sink for JsonSink {
             history: history(Some(conn), r.time),
             diagnosis: &r.diagnosis.text,
             node: &self.node,
-            who: WhoJson::new(&r.attribution),
+            who: WhoJson::new(&r.attribution, &mut self.places),
         })
     }
 
@@ -1232,6 +1357,70 @@ mod tests {
                 "pod": null, "service": null, "owner": {"pid": 99, "comm": "curl"},
             })
         );
+    }
+
+    #[test]
+    fn a_place_is_rendered_anew_when_any_of_its_parts_changes() {
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
+        let mut write = |attribution: &Attribution| {
+            let mut report = bare_report(received(t(1)));
+            report.attribution = attribution.clone();
+            sink.rst(&report).unwrap();
+        };
+        let web = attribution();
+        write(&web);
+        // The runtime answers later, with another name: a new Arc.
+        let renamed = Attribution {
+            container_name: Some("web-2".into()),
+            ..web.clone()
+        };
+        write(&renamed);
+        // Relabelled: the pod watch stores a new PodMeta.
+        let mut pod = crate::host::k8s::PodMeta::clone(web.pod.as_deref().unwrap());
+        pod.labels.insert("app".into(), "shop".into());
+        let relabelled = Attribution {
+            pod: Some(Arc::new(pod)),
+            ..web.clone()
+        };
+        write(&relabelled);
+        // Another process, the same place.
+        let other_owner = Attribution {
+            owner: Some(crate::model::event::Process {
+                pid: 8,
+                comm: "nginx".into(),
+            }),
+            ..web.clone()
+        };
+        write(&other_owner);
+        // The same namespace name, with no cgroup.
+        write(&Attribution {
+            netns_name: web.netns_name.clone(),
+            ..Attribution::default()
+        });
+        write(&web);
+
+        let v = lines(&buf);
+        let names: Vec<_> = v.iter().map(|v| v["container"]["name"].as_str()).collect();
+        let web_named = Some("web");
+        assert_eq!(
+            names,
+            [
+                web_named,
+                Some("web-2"),
+                web_named,
+                web_named,
+                None,
+                web_named
+            ]
+        );
+        assert_eq!(v[2]["pod"]["labels"]["app"], "shop");
+        assert_eq!(v[3]["pod"]["labels"]["app"], "web");
+        assert_eq!(v[3]["owner"]["comm"], "nginx");
+        assert!(v[4]["cgroup"].is_null());
+        assert_eq!(v[4]["netns_name"], "cri-containerd:0e7859b44b4e");
+        assert!(v[4]["owner"].is_null());
+        assert_eq!(v[5], v[0]);
     }
 
     #[test]
