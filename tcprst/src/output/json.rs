@@ -10,6 +10,8 @@
 //! other strings are copied whole unless they need escapes, which
 //! serde_json then writes by its rules as before. Numbers are itoa's, as in
 //! serde_json, and addresses are written without `core::fmt` (`model::text`).
+//! Where a socket is (namespace, cgroup, container, pod, service) is
+//! rendered once per place and copied into each record after (`Places`).
 
 use std::{
     borrow::Cow,
