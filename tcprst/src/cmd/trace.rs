@@ -41,7 +41,7 @@ use crate::{
     host::sockdiag::{DumpExtras, dump_tcp_with},
     model::conn::ConnKey,
     model::event::{Process, ResetHook, RstEvent, RstKind, TcpState},
-    output::metrics::{self, Metrics, MetricsAddr, Shortfalls},
+    output::metrics::{self, Metrics, MetricsAddr, ResetSeries, Shortfalls},
     output::{
         self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport,
         writer::{self, WriterReport},
@@ -496,15 +496,13 @@ impl Pipeline<'_> {
     }
 
     fn count_reset(&self, report: &RstReport) {
-        let pod = report.attribution.pod.as_ref();
-        self.metrics.reset(
-            report.ev.kind == RstKind::Sent,
-            report.ev.reason.as_deref(),
-            report.caller.as_deref(),
-            pod.map(|p| p.namespace.as_str()),
-            pod.map(|p| p.name.as_str()),
-            report.ev.resets(),
-        );
+        let series = ResetSeries {
+            sent: report.ev.kind == RstKind::Sent,
+            reason: report.ev.reason.as_ref(),
+            caller: report.caller.as_ref(),
+            pod: report.attribution.pod.as_ref(),
+        };
+        self.metrics.reset(series, report.ev.resets());
     }
 
     /// The resets the kernel only counted, one aggregate event per key.

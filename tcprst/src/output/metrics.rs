@@ -27,7 +27,10 @@ use prometheus_client::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 
-use crate::{host::overflows::Sample, model::event::TcpState};
+use crate::{
+    host::{k8s::PodMeta, overflows::Sample},
+    model::event::TcpState,
+};
 
 /// Where to serve: `IP:PORT`, or a bare `PORT` (or `:PORT`) on 127.0.0.1 so
 /// nothing is exposed beyond the host unless asked for.
@@ -82,9 +85,10 @@ pub struct Metrics {
     /// does: pods come and go, and their series would otherwise pile up.
     pod_series: Mutex<HashMap<(String, String), HashSet<RstLabels>>>,
     /// The reset series counted last, and their counters: a storm counts
-    /// into a few series, and finding one here compares strings, where the
-    /// family would copy four label strings and hash them for each reset.
-    recent_rsts: Mutex<VecDeque<(RstLabels, Counter)>>,
+    /// into a few series, and finding one here compares addresses, where
+    /// the family would copy four label strings and hash them for each
+    /// reset.
+    recent_rsts: Mutex<VecDeque<(RecentSeries, Counter)>>,
     stuck: Family<StuckLabels, Gauge>,
     /// The stuck series the last scan set, so the next removes those it
     /// does not set: a pod's series lasts only while it has stuck
@@ -251,36 +255,59 @@ impl Default for Metrics {
     }
 }
 
+/// The labels of a reset, as a record carries them: each a value the
+/// decoder, the caller's cache and the pod watch share among records.
+#[derive(Clone, Copy)]
+pub struct ResetSeries<'a> {
+    pub sent: bool,
+    pub reason: Option<&'a Arc<str>>,
+    pub caller: Option<&'a Arc<str>>,
+    pub pod: Option<&'a Arc<PodMeta>>,
+}
+
+/// A series counted lately, by the addresses of its labels. It holds them,
+/// so no address can be reused by another value while it is kept; equal
+/// labels at other addresses only take another entry for the same counter.
+struct RecentSeries {
+    sent: bool,
+    reason: Option<Arc<str>>,
+    caller: Option<Arc<str>>,
+    pod: Option<Arc<PodMeta>>,
+}
+
+fn same<T: ?Sized>(kept: &Option<Arc<T>>, asked: Option<&Arc<T>>) -> bool {
+    match (kept, asked) {
+        (Some(kept), Some(asked)) => Arc::ptr_eq(kept, asked),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+impl RecentSeries {
+    fn is(&self, s: &ResetSeries) -> bool {
+        self.sent == s.sent
+            && same(&self.reason, s.reason)
+            && same(&self.caller, s.caller)
+            && same(&self.pod, s.pod)
+    }
+}
+
 impl Metrics {
-    pub fn reset(
-        &self,
-        sent: bool,
-        reason: Option<&str>,
-        caller: Option<&str>,
-        namespace: Option<&str>,
-        pod: Option<&str>,
-        resets: u64,
-    ) {
-        let direction = if sent { "sent" } else { "received" };
-        let [reason, caller, namespace, pod] =
-            [reason, caller, namespace, pod].map(|label| label.unwrap_or(""));
+    /// Counts `resets` resets into their series.
+    pub fn reset(&self, series: ResetSeries, resets: u64) {
         let mut recent = lock(&self.recent_rsts);
-        if let Some((_, counter)) = recent.iter().find(|(l, _)| {
-            l.direction == direction
-                && l.reason == reason
-                && l.caller == caller
-                && l.namespace == namespace
-                && l.pod == pod
-        }) {
+        if let Some((_, counter)) = recent.iter().find(|(kept, _)| kept.is(&series)) {
             counter.inc_by(resets);
             return;
         }
+        let text = |label: Option<&Arc<str>>| label.map_or(String::new(), |l| l.to_string());
+        let pod = series.pod;
         let labels = RstLabels {
-            direction,
-            reason: reason.to_owned(),
-            caller: caller.to_owned(),
-            namespace: namespace.to_owned(),
-            pod: pod.to_owned(),
+            direction: if series.sent { "sent" } else { "received" },
+            reason: text(series.reason),
+            caller: text(series.caller),
+            namespace: pod.map_or(String::new(), |p| p.namespace.clone()),
+            pod: pod.map_or(String::new(), |p| p.name.clone()),
         };
         let counter = self.rsts.get_or_create(&labels).clone();
         counter.inc_by(resets);
@@ -293,7 +320,13 @@ impl Metrics {
         if recent.len() == RECENT_RST_SERIES {
             recent.pop_back();
         }
-        recent.push_front((labels, counter));
+        let kept = RecentSeries {
+            sent: series.sent,
+            reason: series.reason.cloned(),
+            caller: series.caller.cloned(),
+            pod: series.pod.cloned(),
+        };
+        recent.push_front((kept, counter));
     }
 
     /// Drops the reset series of every pod `exists` no longer knows.
@@ -512,6 +545,33 @@ async fn answer(
 mod tests {
     use super::*;
 
+    /// Counts as a record would, its labels in values of their own.
+    fn count(
+        m: &Metrics,
+        sent: bool,
+        reason: Option<&str>,
+        caller: Option<&str>,
+        pod: Option<(&str, &str)>,
+        resets: u64,
+    ) {
+        let text = |t: Option<&str>| t.map(Arc::<str>::from);
+        let (reason, caller) = (text(reason), text(caller));
+        let pod = pod.map(|(namespace, name)| {
+            Arc::new(PodMeta {
+                namespace: namespace.into(),
+                name: name.into(),
+                ..PodMeta::default()
+            })
+        });
+        let series = ResetSeries {
+            sent,
+            reason: reason.as_ref(),
+            caller: caller.as_ref(),
+            pod: pod.as_ref(),
+        };
+        m.reset(series, resets);
+    }
+
     #[test]
     fn addresses_default_to_loopback() {
         let parse = |s: &str| s.parse::<MetricsAddr>().map(|a| a.0.to_string());
@@ -526,25 +586,25 @@ mod tests {
     #[test]
     fn a_gone_pods_series_go_with_it() {
         let m = Metrics::default();
-        m.reset(
+        count(
+            &m,
             true,
             Some("NO_SOCKET"),
             None,
-            Some("shop"),
-            Some("web-1"),
+            Some(("shop", "web-1")),
             3,
         );
-        m.reset(false, None, None, Some("shop"), Some("web-1"), 1);
-        m.reset(false, None, None, Some("shop"), Some("web-2"), 1);
-        m.reset(false, None, None, None, None, 1);
+        count(&m, false, None, None, Some(("shop", "web-1")), 1);
+        count(&m, false, None, None, Some(("shop", "web-2")), 1);
+        count(&m, false, None, None, None, 1);
         m.forget_pods(|namespace, pod| (namespace, pod) != ("shop", "web-1"));
         let text = m.encode();
         assert!(!text.contains(r#"pod="web-1""#), "{text}");
         assert!(text.contains(r#"pod="web-2"} 1"#), "{text}");
         assert!(text.contains(r#"namespace="",pod=""} 1"#), "{text}");
         // A pod name seen again (a StatefulSet's) starts a series of its own.
-        m.reset(false, None, None, Some("shop"), Some("web-1"), 2);
-        m.reset(false, None, None, Some("shop"), Some("web-1"), 2);
+        count(&m, false, None, None, Some(("shop", "web-1")), 2);
+        count(&m, false, None, None, Some(("shop", "web-1")), 2);
         let text = m.encode();
         assert!(
             text.contains(r#"namespace="shop",pod="web-1"} 4"#),
@@ -558,12 +618,12 @@ mod tests {
         // More series than are kept at hand, taking turns.
         for round in 0..3 {
             for pod in 0..(RECENT_RST_SERIES + 3) {
-                m.reset(
+                count(
+                    &m,
                     true,
                     Some("NO_SOCKET"),
                     None,
-                    Some("shop"),
-                    Some(&format!("web-{pod}")),
+                    Some(("shop", &format!("web-{pod}"))),
                     round + 1,
                 );
             }
@@ -656,19 +716,59 @@ mod tests {
     }
 
     #[test]
-    fn encodes_counters_with_labels() {
+    fn a_storm_counts_into_its_series_by_the_values_its_records_share() {
         let m = Metrics::default();
-        m.reset(true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, None, 1);
-        // An aggregate event counts every reset it stands for.
-        m.reset(
+        let reason: Arc<str> = "NO_SOCKET".into();
+        let caller: Arc<str> = "tcp_v4_rcv".into();
+        let pod = Arc::new(PodMeta {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            ..PodMeta::default()
+        });
+        let sent = ResetSeries {
+            sent: true,
+            reason: Some(&reason),
+            caller: Some(&caller),
+            pod: Some(&pod),
+        };
+        let received = ResetSeries {
+            sent: false,
+            ..sent
+        };
+        let elsewhere = ResetSeries { pod: None, ..sent };
+        for _ in 0..1000 {
+            m.reset(sent, 1);
+            m.reset(received, 2);
+            m.reset(elsewhere, 3);
+        }
+        // The same labels in values of their own (the pod stored anew by
+        // the watch, another caller's cache entry) are the same series.
+        count(
+            &m,
             true,
             Some("NO_SOCKET"),
             Some("tcp_v4_rcv"),
-            None,
-            None,
-            48211,
+            Some(("shop", "web-1")),
+            5,
         );
-        m.reset(false, None, None, Some("shop"), Some("web-1"), 1);
+        let text = m.encode();
+        for line in [
+            r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="shop",pod="web-1"} 1005"#,
+            r#"tcprst_resets_total{direction="received",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="shop",pod="web-1"} 2000"#,
+            r#"tcprst_resets_total{direction="sent",reason="NO_SOCKET",caller="tcp_v4_rcv",namespace="",pod=""} 3000"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert_eq!(text.matches("tcprst_resets_total{").count(), 3, "{text}");
+    }
+
+    #[test]
+    fn encodes_counters_with_labels() {
+        let m = Metrics::default();
+        count(&m, true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, 1);
+        // An aggregate event counts every reset it stands for.
+        count(&m, true, Some("NO_SOCKET"), Some("tcp_v4_rcv"), None, 48211);
+        count(&m, false, None, None, Some(("shop", "web-1")), 1);
         m.set_stuck([(TcpState::FinWait2, None, 3)]);
         m.lost(7);
         m.stack_failures(2);

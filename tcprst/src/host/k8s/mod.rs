@@ -22,7 +22,7 @@ const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// What an event needs to know about a pod. Events share it (`Arc`): a
 /// storm from one pod must not copy its labels and containers per reset.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodMeta {
     pub namespace: String,
     pub name: String,
