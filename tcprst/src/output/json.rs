@@ -19,6 +19,7 @@ use std::{
     fmt::Display,
     io::{self, Write},
     net::{IpAddr, SocketAddr},
+    rc::Rc,
     sync::Arc,
     time::SystemTime,
 };
@@ -607,7 +608,7 @@ impl<'a> PlaceJson<'a> {
 /// pod labels, the container's name and image (#11).
 #[derive(Default)]
 struct Places {
-    slots: [Option<(PlaceKey, Arc<[u8]>)>; PLACE_SLOTS],
+    slots: [Option<(PlaceKey, Rc<[u8]>)>; PLACE_SLOTS],
 }
 
 /// Enough for the places one storm alternates between: each end's, and the
@@ -660,7 +661,7 @@ impl PlaceKey {
 }
 
 impl Places {
-    fn rendered(&mut self, a: &Attribution) -> Arc<[u8]> {
+    fn rendered(&mut self, a: &Attribution) -> Rc<[u8]> {
         // The cgroup tells containers apart, the namespace's name the
         // sockets of hosts and bare namespaces.
         let netns = a
@@ -676,7 +677,7 @@ impl Places {
         }
         let mut fields = Vec::new();
         PlaceJson::new(a).fields(&mut Object::continuing(&mut fields));
-        let fields: Arc<[u8]> = fields.into();
+        let fields: Rc<[u8]> = fields.into();
         *slot = Some((PlaceKey::of(a), fields.clone()));
         fields
     }
@@ -684,7 +685,7 @@ impl Places {
 
 /// Whose socket it is: its place, then the process holding it.
 struct WhoJson<'a> {
-    place: Arc<[u8]>,
+    place: Rc<[u8]>,
     owner: Option<ProcessJson<&'a str>>,
 }
 
