@@ -1,6 +1,18 @@
 //! Values made once per key and shared after, within a bound.
 
-use std::{collections::HashMap, hash::Hash};
+use std::{collections::HashMap, hash::Hash, sync::Arc};
+
+/// Whether a kept value and an asked-for one are the same shared value, by
+/// address: what rendered or counted for one stands for the other. The
+/// keeper must hold its `Arc`, so that its address cannot be reused by
+/// another value while kept.
+pub fn same_value<T: ?Sized>(kept: Option<&Arc<T>>, asked: Option<&Arc<T>>) -> bool {
+    match (kept, asked) {
+        (Some(kept), Some(asked)) => Arc::ptr_eq(kept, asked),
+        (None, None) => true,
+        _ => false,
+    }
+}
 
 /// A table of values made once per key. Past `max` keys it starts over:
 /// inputs that keep bringing new keys cost a refill now and then, never

@@ -32,6 +32,7 @@ use crate::{
     bpf::attach::{hook_name, tier_name},
     host::conntrack::{Found, Tuple},
     host::{cgroup::CgroupInfo, enrich::Attribution, k8s::PodMeta, runtimes::ContainerMeta},
+    memo::same_value,
     model::event::{CloseOp, Initiator, Task},
     model::{flow::push_flow, text::push_ip},
     pipeline::origin::Origin,
@@ -630,14 +631,6 @@ struct PlaceKey {
     from_runtime: Option<Arc<ContainerMeta>>,
 }
 
-fn same<T: ?Sized>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (None, None) => true,
-        _ => false,
-    }
-}
-
 impl PlaceKey {
     fn of(a: &Attribution) -> Self {
         Self {
@@ -652,11 +645,11 @@ impl PlaceKey {
 
     fn is(&self, a: &Attribution) -> bool {
         self.cgroup_id == a.cgroup_id
-            && same(&self.netns_name, &a.netns_name)
-            && same(&self.cgroup, &a.cgroup)
-            && same(&self.pod, &a.pod)
-            && same(&self.container_name, &a.container_name)
-            && same(&self.from_runtime, &a.from_runtime)
+            && same_value(self.netns_name.as_ref(), a.netns_name.as_ref())
+            && same_value(self.cgroup.as_ref(), a.cgroup.as_ref())
+            && same_value(self.pod.as_ref(), a.pod.as_ref())
+            && same_value(self.container_name.as_ref(), a.container_name.as_ref())
+            && same_value(self.from_runtime.as_ref(), a.from_runtime.as_ref())
     }
 }
 

@@ -29,6 +29,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     host::{k8s::PodMeta, overflows::Sample},
+    memo::same_value,
     model::event::TcpState,
 };
 
@@ -275,20 +276,12 @@ struct RecentSeries {
     pod: Option<Arc<PodMeta>>,
 }
 
-fn same<T: ?Sized>(kept: &Option<Arc<T>>, asked: Option<&Arc<T>>) -> bool {
-    match (kept, asked) {
-        (Some(kept), Some(asked)) => Arc::ptr_eq(kept, asked),
-        (None, None) => true,
-        _ => false,
-    }
-}
-
 impl RecentSeries {
     fn is(&self, s: &ResetSeries) -> bool {
         self.sent == s.sent
-            && same(&self.reason, s.reason)
-            && same(&self.caller, s.caller)
-            && same(&self.pod, s.pod)
+            && same_value(self.reason.as_ref(), s.reason)
+            && same_value(self.caller.as_ref(), s.caller)
+            && same_value(self.pod.as_ref(), s.pod)
     }
 }
 
