@@ -3,7 +3,7 @@
 //! map, symbolized with /proc/kallsyms.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     io::{BufRead, BufReader},
     str::FromStr,
@@ -175,6 +175,18 @@ pub(crate) struct Stacks {
     /// naming one is a symbol lookup per frame and new strings.
     paths: Memo<[u64; CALLER_FRAMES], KernelPath>,
     whole: HashMap<u32, Stack>,
+    /// One `Arc` per caller name, however many paths and stacks name it:
+    /// the metrics find a storm's series by the address of its caller.
+    callers: HashSet<Arc<str>>,
+}
+
+fn interned(callers: &mut HashSet<Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(known) = callers.get(name) {
+        return known.clone();
+    }
+    let name: Arc<str> = name.into();
+    callers.insert(name.clone());
+    name
 }
 
 impl Stacks {
@@ -185,6 +197,7 @@ impl Stacks {
             symbols: HashMap::new(),
             paths: Memo::new(Self::MAX_PATHS),
             whole: HashMap::new(),
+            callers: HashSet::new(),
         }
     }
 
@@ -198,6 +211,7 @@ impl Stacks {
             paths,
             symbols,
             kallsyms,
+            callers,
             ..
         } = self;
         paths.get(frames, || {
@@ -211,7 +225,7 @@ impl Stacks {
                         .clone()
                 })
                 .collect();
-            let caller = caller(functions.iter().map(|f| &**f)).map(Arc::from);
+            let caller = caller(functions.iter().map(|f| &**f)).map(|c| interned(callers, c));
             KernelPath { functions, caller }
         })
     }
@@ -230,7 +244,7 @@ impl Stacks {
             .filter_map(|f| self.kallsyms.symbol(f.ip).map(Arc::from))
             .collect();
         let stack = Stack {
-            caller: caller(frames.iter().map(|f| &**f)).map(Arc::from),
+            caller: caller(frames.iter().map(|f| &**f)).map(|c| interned(&mut self.callers, c)),
             frames,
         };
         self.whole.insert(stack_id, stack.clone());
@@ -327,9 +341,15 @@ mod tests {
         let path = stacks.path(&frames);
         assert_eq!(path.functions.len(), 3);
         assert_eq!(path.caller.as_deref(), Some("tcp_v4_rcv"));
-        // Named once: the same frames give the same string.
+        // Named once: the same frames give the same string, and so do
+        // other frames with the same caller.
         let again = stacks.path(&frames).caller.unwrap();
-        assert!(Arc::ptr_eq(&path.caller.unwrap(), &again));
+        let first = path.caller.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        frames[2] = 0;
+        let shorter = stacks.path(&frames);
+        assert_eq!(shorter.functions.len(), 2);
+        assert!(Arc::ptr_eq(&first, &shorter.caller.unwrap()));
         assert_eq!(stacks.path(&[0; 8]).caller, None);
         // No whole stacks without --stack.
         assert_eq!(stacks.whole(3), None);
