@@ -85,6 +85,8 @@ pub struct KernelOffsets {
     pub sk_net: u32,
     /// `net.ns.inum`
     pub net_ns_inum: u32,
+    /// `net.net_cookie` (5.7+), by which each CPU caches namespaces' inodes
+    pub net_cookie: u32,
     /// `sk_buff.dev`
     pub skb_dev: u32,
     /// `net_device.nd_net`
@@ -139,6 +141,7 @@ impl KernelOffsets {
         sk_state: ABSENT,
         sk_net: ABSENT,
         net_ns_inum: ABSENT,
+        net_cookie: ABSENT,
         skb_dev: ABSENT,
         dev_nd_net: ABSENT,
         task_flags: ABSENT,

@@ -24,9 +24,8 @@ use tcprst_common::{ABSENT, AttachTier, FUNCTION_HOOKS, RecordKind, ResetHook, r
 use crate::{
     failure::tuple_unread,
     globals::function_args,
-    kernel::{
-        TCP_FLAG_RST, netns_of_net, reply_tuple, skb_netns, sock_netns, sock_state, sock_tuple,
-    },
+    kernel::{TCP_FLAG_RST, reply_tuple, sock_state, sock_tuple},
+    netns::{netns_of_net, skb_netns, sock_netns},
     reset::{ResetContext, blank, finish, sock_details},
 };
 

@@ -73,32 +73,6 @@ fn member<T: Copy>(
     mem.read(base, offset).ok_or(Unread { what, offset })
 }
 
-// Namespaces travel as plain u32s, 0 meaning unknown (no namespace has
-// inode 0): comparing an Option<u32> lets LLVM read the undefined payload of
-// a None, which the verifier rejects as an uninitialised register.
-
-#[inline(always)]
-pub fn netns_of_net(mem: impl KernelMemory, net: u64) -> u32 {
-    mem.read::<u32>(net, global!(KERNEL_OFFSETS.net_ns_inum))
-        .unwrap_or(0)
-}
-
-/// The network namespace inode of a socket (full, request or timewait: all
-/// start with `sock_common`).
-#[inline(always)]
-pub fn sock_netns(mem: impl KernelMemory, sk: u64) -> u32 {
-    mem.read::<u64>(sk, global!(KERNEL_OFFSETS.sk_net))
-        .map_or(0, |net| netns_of_net(mem, net))
-}
-
-/// The namespace a segment arrived in, for resets sent with no socket.
-#[inline(always)]
-pub fn skb_netns(mem: impl KernelMemory, skb: u64) -> u32 {
-    mem.read::<u64>(skb, global!(KERNEL_OFFSETS.skb_dev))
-        .and_then(|dev| mem.read::<u64>(dev, global!(KERNEL_OFFSETS.dev_nd_net)))
-        .map_or(0, |net| netns_of_net(mem, net))
-}
-
 #[inline(always)]
 pub fn sock_state(mem: impl KernelMemory, sk: u64) -> Option<u8> {
     mem.read::<u8>(sk, global!(KERNEL_OFFSETS.sk_state))

@@ -1,6 +1,6 @@
 //! tcprst's kernel programs. Each hook family has its own module; they share
 //! the ring buffer and counters in `maps`, the loader-filled globals in
-//! `globals`, and the offset-driven readers in `kernel`.
+//! `globals`, and the offset-driven readers in `kernel` and `netns`.
 #![no_std]
 #![no_main]
 // Atomic adds: the bpf target's core has no atomic types.
@@ -14,6 +14,7 @@ mod function;
 mod globals;
 mod kernel;
 mod maps;
+mod netns;
 mod reset;
 mod stack;
 mod tally;

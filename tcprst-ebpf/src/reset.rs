@@ -25,10 +25,11 @@ use crate::{
     function::{ResetArgs, report},
     globals::{global, receive_reset_fields, send_reset_fields},
     kernel::{
-        KernelMemory, ProbeRead, TypedLoad, is_full_sock, segment_ip_version, skb_netns,
-        sock_cgroup_id, sock_netns, sock_state, sock_tuple, socket_facts,
+        KernelMemory, ProbeRead, TypedLoad, is_full_sock, segment_ip_version, sock_cgroup_id,
+        sock_state, sock_tuple, socket_facts,
     },
     maps::{emit, emit_marked, tracepoint_covered},
+    netns::{skb_netns, sock_netns},
     stack::{caller_frames, stack_id},
     tally::{Budget, tally},
     tracepoint::{field, read_tuple, tuple_wanted},

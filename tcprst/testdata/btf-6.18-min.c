@@ -36,6 +36,7 @@ __attribute__((section("tracepoint/x"), used)) int offsets(void *ctx)
 	sum += OFFSET(sk->sk_socket);
 	sum += OFFSET(sk->sk_protocol);
 	sum += OFFSET(net->ns.inum);
+	sum += OFFSET(net->net_cookie);
 	sum += OFFSET(skb->dev);
 	sum += OFFSET(skb->head);
 	sum += OFFSET(skb->network_header);

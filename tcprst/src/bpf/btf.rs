@@ -533,6 +533,9 @@ impl KernelBtf {
             sk_state,
             sk_net,
             net_ns_inum,
+            // Only a cache's key: without it the programs read the inode
+            // each time, which costs speed, not facts.
+            net_cookie: self.offset_of("net", &["net_cookie"]).unwrap_or(ABSENT),
             skb_dev: optional(NO_SOCKET_NETNS, &[("sk_buff", &["dev"])]),
             dev_nd_net: optional(NO_SOCKET_NETNS, &[("net_device", &["nd_net", "net"])]),
             task_flags: optional(CONTEXT, &[("task_struct", &["flags"])]),
@@ -619,6 +622,7 @@ mod tests {
                 sk_state: 18,
                 sk_net: 48,
                 net_ns_inum: 176,
+                net_cookie: 4160,
                 skb_dev: 16,
                 dev_nd_net: 264,
                 task_flags: 44,
