@@ -322,7 +322,7 @@ pub mod shutdown_bits {
 
 /// A connection's two ends. IPv4 addresses use the first four bytes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tuple {
     pub family: u16,
     /// Host order.
@@ -506,7 +506,7 @@ pub struct Settings {
 /// hardly ever differs; each key's detailed records still show theirs. No
 /// implicit padding: the kernel hashes every byte.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RstKey {
     /// The higher of the two ports is 0.
     pub ends: Tuple,
@@ -522,39 +522,60 @@ pub struct RstKey {
     pub flags: u8,
 }
 
-/// Ephemeral ports an `RstTally` keeps as a sample.
+/// Ephemeral ports an `RstCount` keeps as a sample.
 pub const TALLY_PORTS: usize = 4;
 
-/// One key's resets in one tally period: the first `detail_per_period` got
-/// their own record, the rest are counted here. Userspace turns each
-/// tally with `counted > 0` into one aggregate record.
+/// One key's budget in one tally period, shared by every CPU: the first
+/// `detail_per_period` resets get their own record. Written only by those,
+/// so once the budget is spent every CPU reads it from its own cache.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RstTally {
+pub struct RstBudget {
     /// Resets that got their own record (may pass the budget by the few
     /// that raced on other CPUs).
     pub detailed: u32,
     pub _pad: u32,
-    /// Resets only counted here.
-    pub counted: u64,
-    /// CLOCK_MONOTONIC ns of the first and the last counted reset.
-    pub first_ns: u64,
-    pub last_ns: u64,
-    /// The first distinct ports of counted resets on the side the key
-    /// zeroed; 0 is unused.
-    pub ports: [u16; TALLY_PORTS],
     /// The key's last detailed record: the attribution (process, cgroup,
     /// caller) the aggregate reports.
     pub sample: RstRecord,
 }
 
-/// Two tally maps take turns, one period each: the programs count into the
-/// one `names::maps::TALLY_TURN` (a one-entry array) names, while userspace
-/// empties the other, which no program has written for a whole period, so
-/// draining it races nothing.
-pub const TALLY_MAPS: [&str; 2] = [names::maps::TALLIES_A, names::maps::TALLIES_B];
-/// Keys each tally map holds; past that, resets get their own record.
+/// One CPU's count of a key's resets past its budget in one tally period.
+/// Per CPU, so that counting a reset writes only this CPU's memory: a
+/// shared count is written by every CPU a storm runs on, and each write
+/// takes the line from the others. Userspace adds the CPUs up and turns
+/// each key with resets counted into one aggregate record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RstCount {
+    /// Resets only counted here.
+    pub counted: u64,
+    /// CLOCK_MONOTONIC ns of this CPU's first and last counted reset.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The first distinct ports of counted resets on the side the key
+    /// zeroed; 0 is unused.
+    pub ports: [u16; TALLY_PORTS],
+    /// This CPU found the key's budget spent: it counts without looking.
+    pub spent: u32,
+    pub _pad: u32,
+}
+
+/// Two sets of tally maps take turns, one period each: the programs count
+/// into the set `names::maps::TALLY_TURN` (a one-entry array) names, while
+/// userspace empties the other, which no program has written for a whole
+/// period, so draining it races nothing. Each set is a budget map and a
+/// per-CPU count map.
+pub const TALLY_MAPS: [(&str, &str); 2] = [
+    (names::maps::BUDGETS_A, names::maps::COUNTS_A),
+    (names::maps::BUDGETS_B, names::maps::COUNTS_B),
+];
+/// Keys each budget map holds; past that, resets get their own record.
 pub const TALLY_KEYS: u32 = 2048;
+/// Keys past their budget each count map holds, per CPU. Only a storm's
+/// keys spend their budget, and they are few; a port scan's keys are many
+/// but each one small.
+pub const COUNTED_KEYS: u32 = 512;
 
 /// What made a socket start closing, when a process did.
 pub mod close_op {
@@ -581,7 +602,7 @@ pub mod counters {
     /// Resets whose caller frames could not be taken.
     pub const STACK_FAILURES: u32 = 1;
     /// Resets that got their own record past their key's budget because
-    /// the tally map was full: nothing is lost, but the storm costs more.
+    /// a tally map was full: nothing is lost, but the storm costs more.
     pub const TALLY_FULL: u32 = 2;
     /// Resets dropped because their connection's ends could not be read
     /// (`--debug-bpf` logs which field, at which offset).
@@ -610,7 +631,8 @@ mod user {
         CloseMark,
         CloseNote,
         RstKey,
-        RstTally
+        RstBudget,
+        RstCount
     );
 
     impl RecordKind {
@@ -728,8 +750,10 @@ pub mod names {
             MARKS = "MARKS";
             CLOSE_NOTES = "CLOSE_NOTES";
             CLOSE_NOTE_HEADS = "CLOSE_NOTE_HEADS";
-            TALLIES_A = "TALLIES_A";
-            TALLIES_B = "TALLIES_B";
+            BUDGETS_A = "BUDGETS_A";
+            BUDGETS_B = "BUDGETS_B";
+            COUNTS_A = "COUNTS_A";
+            COUNTS_B = "COUNTS_B";
             TALLY_TURN = "TALLY_TURN";
             // aya-log-ebpf's, for --debug-bpf.
             AYA_LOGS = "AYA_LOGS";

@@ -331,7 +331,7 @@ pub fn finish(
     }
     let sample = match tally(rec) {
         Budget::Counted => return,
-        Budget::Detailed(tally) => Some(tally),
+        Budget::Detailed(sample) => Some(sample),
         Budget::Untallied => None,
     };
     if tgid == 0 {
@@ -342,9 +342,9 @@ pub fn finish(
     // SAFETY: reads the monotonic clock.
     rec.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     caller_frames(ctx, rec);
-    if let Some(tally) = sample {
-        // SAFETY: `tally` points at this key's live map value (see `tally`).
-        unsafe { words::copy(&raw mut (*tally).sample, rec) };
+    if let Some(sample) = sample {
+        // SAFETY: `sample` is in this key's live budget (see `tally`).
+        unsafe { words::copy(sample, rec) };
     }
     match mark {
         Some(mark) => {

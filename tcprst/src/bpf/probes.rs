@@ -28,7 +28,7 @@ use crate::{
     bpf::close_notes::{CloseNotes, NoteRings},
     bpf::layout::{ReasonNames, reset_fields},
     bpf::stack_layout::StackLayout,
-    bpf::tallies::Tallies,
+    bpf::tallies::{Tallies, TallyMaps},
     bpf::tracefs::{INET_SOCK_SET_STATE, TCP_RECEIVE_RESET, TCP_SEND_RESET, Tracefs, Tracepoint},
     errors::one_line,
 };
@@ -585,11 +585,13 @@ impl Probes {
     }
 
     pub fn take_tallies(&mut self) -> Result<Tallies> {
-        let [a, b] = TALLY_MAPS;
-        Ok(Tallies::new(
-            [self.take(a)?, self.take(b)?],
-            self.take(maps::TALLY_TURN)?,
-        ))
+        let [a, b] = TALLY_MAPS.map(|(budgets, counts)| {
+            Ok::<_, anyhow::Error>(TallyMaps {
+                budgets: self.take(budgets)?,
+                counts: self.take(counts)?,
+            })
+        });
+        Ok(Tallies::new([a?, b?], self.take(maps::TALLY_TURN)?))
     }
 
     /// The close-note rings the programs write by default, mapped; None

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
 use tcprst_common::{
-    READY_LINE, RstKey, RstTally,
+    READY_LINE, RstKey,
     stderr::{STOPPED, TRACING},
 };
 use tokio::{
@@ -31,7 +31,7 @@ use crate::{
     bpf::close_notes::CloseNotes,
     bpf::probes::{Counters, ProbeConfig, Probes},
     bpf::stacks::{Kallsyms, KernelPath, Stacks},
-    bpf::tallies::Tallies,
+    bpf::tallies::{Tallies, Tally},
     host::cgroup::CgroupResolver,
     host::conntrack::{self, Conntrack, Tuple},
     host::enrich::{self, Attribution, Enricher, OwnerCache},
@@ -508,7 +508,7 @@ impl Pipeline<'_> {
     /// The resets the kernel only counted, one aggregate event per key.
     /// They skip origin matching: a count has no single send to pair with,
     /// and the key's detailed records were matched already.
-    fn aggregates(&mut self, tallies: Vec<(RstKey, RstTally)>) -> io::Result<()> {
+    fn aggregates(&mut self, tallies: Vec<(RstKey, Tally)>) -> io::Result<()> {
         for (key, tally) in tallies {
             let ev = match self.decoder.aggregate(&key, &tally) {
                 Ok(ev) => ev,
@@ -1107,7 +1107,7 @@ async fn bpf_logs_ready(
 
 /// The tallies a turn read; a map that cannot be read is reported, and
 /// tracing goes on with the records it has.
-fn read_tallies(turned: Result<Vec<(RstKey, RstTally)>>) -> Vec<(RstKey, RstTally)> {
+fn read_tallies(turned: Result<Vec<(RstKey, Tally)>>) -> Vec<(RstKey, Tally)> {
     turned.unwrap_or_else(|e| {
         log::warn!("{e:#}: the resets counted in the kernel this second are not reported");
         Vec::new()

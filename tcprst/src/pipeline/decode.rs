@@ -9,11 +9,11 @@ use std::{
 use anyhow::{Result, anyhow, bail};
 use tcprst_common::{
     AF_INET, AF_INET6, CloseMark, MARK_STEPS, MarkedRstRecord, RecordKind, RstKey, RstRecord,
-    RstTally, Tuple, close_op, rst_flags, shutdown_bits,
+    Tuple, close_op, rst_flags, shutdown_bits,
 };
 
 use crate::{
-    bpf::layout::ReasonNames,
+    bpf::{layout::ReasonNames, tallies::Tally},
     memo::Memo,
     model::event::{
         Aggregate, AttachTier, CALLER_FRAMES, CloseHistory, CloseOp, Errno, ExecContext, Initiator,
@@ -150,7 +150,7 @@ impl Decoder {
     /// key's ends and verdict, with the attribution of its last detailed
     /// record. What belonged to that one socket (cookie, inode, close mark,
     /// whole stack) is left out.
-    pub(crate) fn aggregate(&mut self, key: &RstKey, tally: &RstTally) -> Result<RstEvent> {
+    pub(crate) fn aggregate(&mut self, key: &RstKey, tally: &Tally) -> Result<RstEvent> {
         let mut rec = tally.sample;
         if rec.kind == 0 {
             // The detailed record that should have left its sample was still
@@ -254,7 +254,7 @@ mod tests {
     use super::*;
     use crate::testing::{bytes, decoder, record, rst, tuple};
 
-    fn tally_of(sample: RstRecord) -> (RstKey, RstTally) {
+    fn tally_of(sample: RstRecord) -> (RstKey, Tally) {
         let mut ends = tuple();
         ends.remote_port = 0;
         let key = RstKey {
@@ -266,9 +266,7 @@ mod tests {
             state: 0,
             flags: rst_flags::NO_SOCKET | rst_flags::HAS_REASON,
         };
-        let tally = RstTally {
-            detailed: 20,
-            _pad: 0,
+        let tally = Tally {
             counted: 48211,
             first_ns: 2_000,
             last_ns: 1_000_002_000,
