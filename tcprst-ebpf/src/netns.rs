@@ -36,9 +36,11 @@ pub fn netns_of_net(mem: impl KernelMemory, net: u64) -> u32 {
         mem.read::<u32>(net, global!(KERNEL_OFFSETS.net_ns_inum))
             .unwrap_or(0)
     };
-    // Cookies start at 1; a kernel without them reads the inode each time.
+    // A kernel without cookies reads the inode each time. So does a cookie
+    // whose low 32 bits are 0, which an empty slot would match; 0 itself is
+    // a cookie not yet given, before 5.12.
     let cookie = match mem.read::<u64>(net, global!(KERNEL_OFFSETS.net_cookie)) {
-        Some(cookie) if cookie != 0 => cookie as u32,
+        Some(cookie) if cookie as u32 != 0 => cookie as u32,
         _ => return read_inode(),
     };
     let Some(slot) = NETNS_INODES.get_ptr_mut(cookie & (SLOTS - 1)) else {
