@@ -113,8 +113,8 @@ impl Tallies {
         Ok(counted
             .into_iter()
             .filter_map(|(key, per_cpu)| {
-                // A key is counted only once its budget exists, unless
-                // the budget map was full for it and it got no record.
+                // A key is counted only past its budget, which is in the
+                // same set; the zero record stands in should it be gone.
                 let sample = samples.get(&key).map_or(ZERO_RECORD, |b| b.sample);
                 Some((key, Tally::of(&per_cpu, sample)?))
             })
