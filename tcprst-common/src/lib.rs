@@ -419,19 +419,22 @@ pub struct CloseMark {
 
 /// Memory the `CLOSE_NOTES` rings take together, at most: each CPU has
 /// its own ring of `2^Settings::note_slots_shift` slots, so a program never
-/// shares a head or a slot with another CPU's. 3 MiB is 65,536 notes: two
-/// seconds of a 10,000-connection/s churn (three notes a connection) before
-/// the oldest is overwritten. Userspace scans whenever a ring is half full
-/// (`tcprst/src/bpf/close_notes.rs`).
+/// shares a head or a slot with another CPU's. 3 MiB is 65,536 notes: at
+/// five notes a connection (start, FIN_WAIT2 and end on the side that
+/// closes first; start and end on the other), 0.65 s of a
+/// 20,000-connection/s churn before the oldest is
+/// overwritten. Userspace reads the rings every 50 ms
+/// (`tcprst/src/bpf/close_notes.rs`), so a stalled reader has margin.
 pub const CLOSE_NOTES_BYTES: u32 = 3 << 20;
 
 /// `CloseNote::seq` while a program writes the note.
 pub const NOTE_WRITING: u64 = u64::MAX;
 
 /// One step of a socket's close, by default: the start of a close by a
-/// process (FIN_WAIT1 or LAST_ACK: who, how, and when) or a step after it
-/// (FIN_WAIT2, CLOSING). Notes go into rings that userspace maps and reads
-/// only for the sockets it reports: writing one costs a slot and no
+/// process (FIN_WAIT1 or LAST_ACK: who, how, and when), a step after it
+/// (FIN_WAIT2, CLOSING), or its end (CLOSE, from one of those states).
+/// Notes go into rings that userspace maps and reads as they fill, keeping
+/// those of closes not ended: writing one costs a slot and no
 /// allocation, where a `CloseMark` in socket storage costs an allocation
 /// when created and another free with its socket (#10).
 #[repr(C)]

@@ -4,8 +4,9 @@
 //! for every state change but the few a close goes through. By default it
 //! writes a `CloseNote` into its CPU's ring when a process shuts down or
 //! closes a connection (or exits holding it), and at the steps after
-//! (FIN_WAIT2, CLOSING): no allocation, nothing to free, and nothing read
-//! until userspace reports the socket, by its cookie. With `--history`
+//! (FIN_WAIT2, CLOSING), and when such a close ends (CLOSE): no
+//! allocation and nothing to free. Userspace reads the rings as they fill
+//! and keeps the notes of the closes that have not ended. With `--history`
 //! (`Settings::every_transition`) every state change of every socket goes
 //! into a `CloseMark` in the socket's own storage, freed with the socket;
 //! the reset programs add it to their record, and userspace reads it
@@ -48,6 +49,7 @@ fn marks() -> *mut core::ffi::c_void {
 const IPPROTO_TCP: u16 = 6;
 const TCP_FIN_WAIT1: i32 = 4;
 const TCP_FIN_WAIT2: i32 = 5;
+const TCP_CLOSE: i32 = 7;
 const TCP_LAST_ACK: i32 = 9;
 const TCP_LISTEN: i32 = 10;
 const TCP_CLOSING: i32 = 11;
@@ -77,11 +79,18 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     let every = global!(SETTINGS.every_transition) != 0;
     let starts_close = new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK;
     let follows_close = new == TCP_FIN_WAIT2 || new == TCP_CLOSING;
-    if !(starts_close || follows_close || every) {
+    if !(starts_close || follows_close || new == TCP_CLOSE || every) {
         return 0;
     }
     let old: i32 = ctx.arg(1);
     if old == TCP_LISTEN || new == TCP_LISTEN {
+        return 0;
+    }
+    // The end of a close that was noted, so that userspace can forget its
+    // notes (and need not scan sockets to learn which it may forget).
+    let ends_close = new == TCP_CLOSE
+        && matches!(old, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK);
+    if new == TCP_CLOSE && !(ends_close || every) {
         return 0;
     }
     let sk: *mut core::ffi::c_void = ctx.arg(0);
@@ -100,7 +109,7 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     };
     if every {
         keep_in_storage(sk, &step, task);
-    } else if op.is_some() || follows_close {
+    } else if op.is_some() || follows_close || ends_close {
         // A close no process started (a kernel thread's) gets no note, as
         // it got no mark; a later step is noted all the same, and userspace
         // drops the steps of sockets whose start it has no note of.

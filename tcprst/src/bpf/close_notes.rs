@@ -1,14 +1,21 @@
 //! The kernel's rings of `CloseNote`s (tcprst-ebpf's closing.rs), one per
-//! CPU, mapped read-only: who started closing each socket, and its steps
-//! since, written as they happen and read only for the sockets tcprst
-//! reports.
+//! CPU, mapped read-only: who started closing each socket, its steps since,
+//! and the end of its close.
 //!
-//! Nothing here reads the rings per connection. A scan for stuck sockets
-//! looks through the notes written since the previous scan began, for the
-//! cookies of the half-closed sockets it found, and keeps what it finds
-//! while they stay half-closed; a reset on a socket that sent its FIN looks
-//! through the rings for its cookie. A note overwritten before any scan
-//! looked at it is counted.
+//! The rings are read every 50 ms, and a close's notes are kept by cookie
+//! from its start until its end note: what is kept at any moment is the
+//! closes in progress, not the connections that came and went. A scan for
+//! stuck sockets takes the notes of the half-closed sockets it found from
+//! there, and forgets the closes it did not find whose notes predate it
+//! (their end went unread); a reset on a socket that sent its FIN looks
+//! there, then through the rings for its cookie. A note overwritten before
+//! it was read, or one no room was left for, is counted.
+//!
+//! Reading every close's notes costs userspace a few hash-map operations a
+//! connection. It replaced a scan of every namespace's sockets whenever a
+//! ring was half full, which on a churning host ran several times a second
+//! and walked the kernel's whole socket table, TIME_WAIT included, each
+//! time (#10).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -20,9 +27,9 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::maps::MapData;
 use memmap2::{Mmap, MmapOptions};
-use tcprst_common::{CLOSE_NOTES_BYTES, CloseMark, CloseNote, MARK_STEPS, close_op};
+use tcprst_common::{CLOSE_NOTES_BYTES, CloseMark, CloseNote, MARK_STEPS, NOTE_WRITING, close_op};
 
-use crate::memo::Memo;
+use crate::{memo::Memo, model::event::TcpState};
 
 /// How the rings are laid out: the loader sizes the maps by it, and the
 /// programs and this reader index them by it.
@@ -79,6 +86,16 @@ struct Rings {
     layout: NoteRings,
 }
 
+/// What a ring's slot holds of the note asked for.
+#[derive(Debug, PartialEq)]
+enum Slot {
+    Note(CloseNote),
+    /// Not written yet: the program takes its number before it writes it.
+    Pending,
+    /// A later note took the slot.
+    Overwritten,
+}
+
 impl Rings {
     fn map(notes: &MapData, heads: &MapData, layout: NoteRings) -> Result<Self> {
         let map = |data: &MapData, len: usize| {
@@ -108,12 +125,8 @@ impl Rings {
         unsafe { AtomicU64::from_ptr(head.cast_mut()) }.load(Ordering::Acquire)
     }
 
-    fn heads(&self) -> Vec<u64> {
-        (0..self.layout.cpus).map(|cpu| self.head(cpu)).collect()
-    }
-
-    /// Note `seq` of CPU `cpu`, if its slot still holds all of it.
-    fn read(&self, cpu: u32, seq: u64) -> Option<CloseNote> {
+    /// Note `seq` of CPU `cpu`, if its slot holds all of it.
+    fn read(&self, cpu: u32, seq: u64) -> Slot {
         let slots = self.layout.ring_slots();
         let index = (u64::from(cpu) * slots + seq % slots) as usize;
         let slot = self.notes.as_ptr().cast::<CloseNote>().wrapping_add(index);
@@ -123,37 +136,59 @@ impl Rings {
         // `seq` last, so the same `seq` before and after means a whole note.
         unsafe {
             let seq_now = || AtomicU64::from_ptr(slot.cast_mut().cast()).load(Ordering::Acquire);
-            if seq_now() != seq {
-                return None;
+            let before = seq_now();
+            if before != seq {
+                return Self::not_there(before, seq);
             }
             let note = slot.read_volatile();
             fence(Ordering::Acquire);
-            (seq_now() == seq && note.seq == seq).then_some(note)
+            match seq_now() {
+                after if after == seq && note.seq == seq => Slot::Note(note),
+                // It was whole before the copy: whoever wrote it since is a
+                // later note.
+                _ => Slot::Overwritten,
+            }
+        }
+    }
+
+    /// What a slot holding note `found` says of note `seq`.
+    fn not_there(found: u64, seq: u64) -> Slot {
+        if found == NOTE_WRITING || found < seq {
+            Slot::Pending
+        } else {
+            Slot::Overwritten
         }
     }
 }
 
-/// The notes tcprst reads, and what it kept of them.
+/// The notes tcprst reads, and what it keeps of them.
 pub struct CloseNotes {
     rings: Rings,
     /// The rings' two maps, held while they are mapped.
     _maps: Vec<MapData>,
-    /// The notes of the sockets the last scan found half-closed, by cookie.
-    kept: HashMap<u64, Vec<CloseNote>>,
-    /// Where the next scan looks from, per CPU: the heads when the last
-    /// scan's dump began.
-    search_from: Vec<u64>,
-    /// Every note below this, per CPU, was looked at by a scan or counted.
-    looked_to: Vec<u64>,
-    /// Notes overwritten before a scan looked at them.
+    /// The notes of each close read and not seen to end, by cookie. The
+    /// cookies come from the kernel, not from the network, so a fast hash
+    /// is safe.
+    open: HashMap<u64, Vec<CloseNote>, foldhash::fast::RandomState>,
+    /// Per CPU, the next note to read.
+    read_to: Vec<u64>,
+    /// Notes lost unread: overwritten before a read, or not kept because
+    /// `MAX_OPEN` closes were in progress.
     overwritten: u64,
-    /// What resets found, by cookie: a storm on one socket looks once.
+    /// What resets found in the rings, by cookie: a storm on one socket
+    /// looks once.
     found: Memo<u64, Option<CloseMark>>,
 }
 
 impl CloseNotes {
     /// Sockets whose lookups `found` keeps.
     const MAX_FOUND: usize = 4096;
+    /// Closes kept in progress at once, a few hundred bytes each: sockets
+    /// stuck half-closed stay here as long as they are stuck.
+    const MAX_OPEN: usize = 65_536;
+    /// Notes kept of one close: a start, its steps, and a second start (a
+    /// close() after a shutdown()) fit several times over.
+    const MAX_NOTES: usize = 2 * MARK_STEPS;
 
     pub fn new(notes: MapData, heads: MapData, layout: NoteRings) -> Result<Self> {
         let rings = Rings::map(&notes, &heads, layout)?;
@@ -165,77 +200,86 @@ impl CloseNotes {
         Self {
             rings,
             _maps: maps,
-            kept: HashMap::new(),
-            search_from: vec![0; cpus],
-            looked_to: vec![0; cpus],
+            open: HashMap::default(),
+            read_to: vec![0; cpus],
             overwritten: 0,
             found: Memo::new(Self::MAX_FOUND),
         }
     }
 
-    /// The heads as a scan's dump begins: every socket the dump finds
-    /// half-closed started closing after the previous scan's heads, and
-    /// noted it before the dump saw it.
-    pub fn heads(&self) -> Vec<u64> {
-        self.rings.heads()
-    }
-
-    /// Whether notes pile up fast enough that the next scan must come
-    /// early, before a ring overwrites what no scan has looked at.
-    pub fn due(&self) -> bool {
-        let half = self.rings.layout.ring_slots() / 2;
-        (0..self.rings.layout.cpus)
-            .zip(&self.search_from)
-            .any(|(cpu, from)| self.rings.head(cpu).saturating_sub(*from) > half)
-    }
-
-    /// Notes overwritten before a scan looked at them: the sockets they
-    /// belong to, if reported, show no initiator.
-    pub fn overwritten(&self) -> u64 {
-        self.overwritten
-    }
-
-    /// The close marks of the sockets a scan found, by cookie, from the
-    /// notes written since the previous scan began and those kept from
-    /// before. `dump_began` is `heads()` as this scan's dump began.
-    pub fn scanned(
-        &mut self,
-        dump_began: &[u64],
-        cookies: impl IntoIterator<Item = u64>,
-    ) -> HashMap<u64, CloseMark> {
-        let wanted: HashSet<u64> = cookies.into_iter().collect();
-        self.kept.retain(|cookie, _| wanted.contains(cookie));
+    /// Reads every note written since the last read: a close's notes are
+    /// kept from its start, and forgotten at its end.
+    pub fn read(&mut self) {
         let slots = self.rings.layout.ring_slots();
         for cpu in 0..self.rings.layout.cpus {
             let i = cpu as usize;
-            let head = self.rings.head(cpu);
-            let look = Looked::at(self.search_from[i]..head, self.looked_to[i], slots);
-            self.overwritten += look.lost;
-            self.looked_to[i] = self.looked_to[i].max(head);
-            self.search_from[i] = dump_began.get(i).copied().unwrap_or(head);
-            for seq in look.range {
-                let Some(note) = self.rings.read(cpu, seq) else {
-                    continue;
-                };
-                if wanted.contains(&note.cookie) {
-                    let notes = self.kept.entry(note.cookie).or_default();
-                    // The ranges of two scans overlap.
-                    if !notes.contains(&note) {
-                        notes.push(note);
+            let unread = Unread::at(self.read_to[i], self.rings.head(cpu), slots);
+            self.overwritten += unread.lost;
+            self.read_to[i] = unread.range.end;
+            for seq in unread.range {
+                match self.rings.read(cpu, seq) {
+                    Slot::Note(note) => self.keep(note),
+                    Slot::Overwritten => self.overwritten += 1,
+                    // The next read starts here.
+                    Slot::Pending => {
+                        self.read_to[i] = seq;
+                        break;
                     }
                 }
             }
         }
-        self.kept
+    }
+
+    fn keep(&mut self, note: CloseNote) {
+        if note.new_state == TcpState::Close as u8 {
+            self.open.remove(&note.cookie);
+            return;
+        }
+        // A step may be read before its start when the two were written on
+        // different CPUs: each is kept, and `close_mark` orders them.
+        if let Some(notes) = self.open.get_mut(&note.cookie) {
+            if notes.len() < Self::MAX_NOTES {
+                notes.push(note);
+            }
+        } else if self.open.len() < Self::MAX_OPEN {
+            self.open.insert(note.cookie, vec![note]);
+        } else {
+            self.overwritten += 1;
+        }
+    }
+
+    /// Notes lost unread: the sockets they belong to, if reported, show no
+    /// initiator.
+    pub fn overwritten(&self) -> u64 {
+        self.overwritten
+    }
+
+    /// The close marks of the sockets a scan found, by cookie. A close the
+    /// scan did not find ended, unless it started after the dump began
+    /// (`dump_began_ns`, CLOCK_MONOTONIC), where the dump may have missed
+    /// it: the others are forgotten, since their end notes, which the
+    /// rings order only within one CPU, may have been read before them.
+    pub fn scanned(
+        &mut self,
+        dump_began_ns: u64,
+        cookies: impl IntoIterator<Item = u64>,
+    ) -> HashMap<u64, CloseMark> {
+        self.read();
+        let wanted: HashSet<u64> = cookies.into_iter().collect();
+        self.open.retain(|cookie, notes| {
+            wanted.contains(cookie) || notes.iter().any(|n| n.at_ns >= dump_began_ns)
+        });
+        wanted
             .iter()
-            .filter_map(|(cookie, notes)| Some((*cookie, close_mark(notes)?)))
+            .filter_map(|cookie| Some((*cookie, close_mark(self.open.get(cookie)?)?)))
             .collect()
     }
 
     /// The close mark of a socket a reset came on, which sent its FIN: from
-    /// what the last scan kept, or every note the rings hold for it.
+    /// the closes in progress, or every note the rings hold for it (its
+    /// close may have ended, by this reset, before the reset was read).
     pub fn mark_of(&mut self, cookie: u64) -> Option<CloseMark> {
-        if let Some(notes) = self.kept.get(&cookie) {
+        if let Some(notes) = self.open.get(&cookie) {
             return close_mark(notes);
         }
         let rings = &self.rings;
@@ -246,7 +290,10 @@ impl CloseNotes {
                 let head = rings.head(cpu);
                 notes.extend(
                     (head.saturating_sub(slots)..head)
-                        .filter_map(|seq| rings.read(cpu, seq))
+                        .filter_map(|seq| match rings.read(cpu, seq) {
+                            Slot::Note(note) => Some(note),
+                            Slot::Pending | Slot::Overwritten => None,
+                        })
                         .filter(|n| n.cookie == cookie),
                 );
             }
@@ -255,31 +302,36 @@ impl CloseNotes {
     }
 }
 
-/// Which notes of `want` a scan can still read in a ring of `slots`, and
-/// how many it lost.
+/// The notes a read can still get from a ring of `slots`, and how many it
+/// lost.
 #[derive(Debug, PartialEq)]
-struct Looked {
+struct Unread {
     range: Range<u64>,
     lost: u64,
 }
 
-impl Looked {
-    /// `want` ends at the head; `looked_to` is where earlier scans looked
-    /// up to, so a note is counted lost once, however the ranges overlap.
-    fn at(want: Range<u64>, looked_to: u64, slots: u64) -> Self {
-        let oldest = want.end.saturating_sub(slots);
+impl Unread {
+    /// Notes from `read_to` up to `head`; those below `head - slots` were
+    /// overwritten.
+    fn at(read_to: u64, head: u64, slots: u64) -> Self {
+        let oldest = head.saturating_sub(slots);
         Self {
-            range: want.start.max(oldest)..want.end,
-            lost: oldest.saturating_sub(looked_to),
+            range: read_to.max(oldest)..head.max(read_to),
+            lost: oldest.saturating_sub(read_to),
         }
     }
 }
 
 /// A socket's notes, from any CPUs, as the mark `--history` would keep:
 /// from its first note of a process starting the close, with the steps
-/// since in time order; None without such a note.
+/// since in time order; None without such a note. The end of the close is
+/// not a step: a mark is read before it.
 fn close_mark(notes: &[CloseNote]) -> Option<CloseMark> {
-    let mut sorted = notes.to_vec();
+    let mut sorted: Vec<CloseNote> = notes
+        .iter()
+        .filter(|n| n.new_state != TcpState::Close as u8)
+        .copied()
+        .collect();
     sorted.sort_by_key(|n| n.at_ns);
     let start = sorted.iter().position(|n| n.op != close_op::NONE)?;
     let first = sorted[start];
@@ -363,59 +415,83 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_being_written_or_taken_by_a_later_note_reads_as_nothing() {
+    fn a_slot_not_yet_written_is_read_later_and_one_taken_by_a_later_note_is_lost() {
         use TcpState::*;
         let whole = note(5, 7, close_op::CLOSE, CloseWait, LastAck);
         let writing = CloseNote {
-            seq: tcprst_common::NOTE_WRITING,
+            seq: NOTE_WRITING,
             ..note(6, 8, close_op::CLOSE, CloseWait, LastAck)
         };
         let later = note(7 + SLOTS, 9, close_op::CLOSE, CloseWait, LastAck);
         let rings = rings(&[(1, whole), (1, writing), (1, later)], [0, 8 + SLOTS]);
-        assert_eq!(rings.heads(), [0, 8 + SLOTS]);
-        assert_eq!(rings.read(1, 5), Some(whole));
-        // The same slot of the other CPU's ring is empty.
-        assert_eq!(rings.read(0, 5), None);
-        assert_eq!(rings.read(1, 6), None);
-        assert_eq!(rings.read(1, 7), None);
-        assert_eq!(rings.read(1, 7 + SLOTS), Some(later));
+        assert_eq!(rings.read(1, 5), Slot::Note(whole));
+        // The same slot of the other CPU's ring: nothing written there yet.
+        assert_eq!(rings.read(0, 5), Slot::Pending);
+        assert_eq!(rings.read(1, 6), Slot::Pending);
+        assert_eq!(rings.read(1, 7), Slot::Overwritten);
+        assert_eq!(rings.read(1, 7 + SLOTS), Slot::Note(later));
     }
 
     #[test]
-    fn scans_keep_the_notes_of_sockets_still_half_closed() {
+    fn a_close_is_kept_from_its_start_to_its_end() {
         use TcpState::*;
         let client = 70;
         let server = 80;
+        let other = 99;
         // The processes closed on CPU 0; the client's FIN_WAIT2 came in a
-        // softirq on CPU 1.
+        // softirq on CPU 1. Another connection came and went.
         let notes = [
-            (
-                0,
-                note(0, client, close_op::SHUTDOWN, Established, FinWait1),
-            ),
-            (0, note(1, 99, close_op::CLOSE, CloseWait, LastAck)),
+            (0, note(0, client, close_op::SHUTDOWN, Established, FinWait1)),
+            (0, note(1, other, close_op::CLOSE, CloseWait, LastAck)),
             (0, note(2, server, close_op::CLOSE, CloseWait, LastAck)),
+            (0, note(3, other, close_op::NONE, LastAck, Close)),
             (1, note(0, client, close_op::NONE, FinWait1, FinWait2)),
         ];
-        // The first scan's dump began when two notes were written on CPU 0
-        // and one on CPU 1: it found the client only.
-        let mut reader = CloseNotes::reading(rings(&notes, [3, 1]), Vec::new());
-        let marks = reader.scanned(&[2, 1], [client]);
+        let mut reader = CloseNotes::reading(rings(&notes, [4, 1]), Vec::new());
+        reader.read();
+        let mut open: Vec<_> = reader.open.keys().copied().collect();
+        open.sort();
+        assert_eq!(open, [client, server]);
+        // A scan found the client half-closed; the server's close started
+        // after its dump began (at 2,000 ns), so it may have been missed.
+        let marks = reader.scanned(2_000, [client]);
         assert_eq!(marks.keys().collect::<Vec<_>>(), [&client]);
         assert_eq!(marks[&client].steps, 2);
-        // The server's note came after that dump began: the next scan still
-        // finds it, and does not keep the client's notes twice.
-        let marks = reader.scanned(&[3, 1], [client, server]);
-        assert_eq!(marks[&client].steps, 2);
-        assert_eq!(marks[&server].op, close_op::CLOSE);
-        // A reset finds a socket no scan kept by looking back.
-        assert_eq!(reader.mark_of(99).unwrap().first_state, CloseWait as u8);
+        assert!(reader.open.contains_key(&server));
+        // A later scan that does not find it forgets it.
+        assert!(reader.scanned(10_000, [client]).contains_key(&client));
+        assert!(!reader.open.contains_key(&server));
+        // A reset on a socket whose close ended finds its notes in the
+        // rings, without the end.
+        let mark = reader.mark_of(other).unwrap();
+        assert_eq!((mark.first_state, mark.steps), (CloseWait as u8, 1));
         assert_eq!(reader.mark_of(12345), None);
-        // Gone from the dump, gone from what is kept.
-        let marks = reader.scanned(&[3, 1], [server]);
-        assert!(!marks.contains_key(&client));
         assert_eq!(reader.overwritten(), 0);
-        assert!(!reader.due());
+    }
+
+    #[test]
+    fn a_read_waits_for_a_note_being_written_and_counts_the_overwritten() {
+        use TcpState::*;
+        let first = note(0, 70, close_op::SHUTDOWN, Established, FinWait1);
+        let writing = CloseNote {
+            seq: NOTE_WRITING,
+            ..note(1, 80, close_op::CLOSE, CloseWait, LastAck)
+        };
+        let mut reader = CloseNotes::reading(rings(&[(0, first), (0, writing)], [2, 0]), Vec::new());
+        reader.read();
+        assert_eq!(reader.read_to, [1, 0]);
+        assert!(reader.open.contains_key(&70));
+        // The ring went round before the next read: the note being
+        // written then and the one after it are gone.
+        let mut later: Vec<_> = (3..SLOTS + 2)
+            .map(|seq| (0, note(seq, 5, close_op::NONE, LastAck, Close)))
+            .collect();
+        later.push((0, note(SLOTS + 2, 90, close_op::CLOSE, CloseWait, LastAck)));
+        reader.rings = rings(&later, [SLOTS + 3, 0]);
+        reader.read();
+        assert_eq!(reader.overwritten(), 2);
+        assert!(reader.open.contains_key(&90));
+        assert_eq!(reader.read_to, [SLOTS + 3, 0]);
     }
 
     #[test]
@@ -459,29 +535,25 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_reads_what_the_ring_still_holds_and_counts_the_rest_once() {
+    fn a_read_gets_what_the_ring_still_holds_and_counts_the_rest() {
         // Everything still there.
         assert_eq!(
-            Looked::at(10..500, 0, SLOTS),
-            Looked {
+            Unread::at(10, 500, SLOTS),
+            Unread {
                 range: 10..500,
                 lost: 0
             }
         );
-        // The ring went round: notes below head - SLOTS are gone, and those
-        // no scan had looked at are lost.
+        // The ring went round: notes below head - SLOTS are gone.
         let head = SLOTS + 1_000;
         assert_eq!(
-            Looked::at(200..head, 300, SLOTS),
-            Looked {
+            Unread::at(300, head, SLOTS),
+            Unread {
                 range: 1_000..head,
                 lost: 700
             }
         );
-        // The next scan starts where the last dump began (overlapping what
-        // was looked at): nothing is counted twice.
-        let later = head + SLOTS + 10;
-        assert_eq!(Looked::at(head - 5..later, head, SLOTS).lost, 10);
-        assert_eq!(Looked::at(head - 5..head + 3, head, SLOTS).lost, 0);
+        // Nothing new.
+        assert_eq!(Unread::at(head, head, SLOTS).range, head..head);
     }
 }

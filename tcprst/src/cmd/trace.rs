@@ -46,7 +46,7 @@ use crate::{
         self, LossReport, OutputFormat, Peer, ResolvedReport, RstReport, Sink, StuckReport,
         writer::{self, WriterReport},
     },
-    pipeline::clock::WallClock,
+    pipeline::clock::{self, WallClock},
     pipeline::decode::Decoder,
     pipeline::diagnosis::{self, KernelView},
     pipeline::filter::EventFilter,
@@ -58,8 +58,8 @@ use crate::{
 /// (sock_diag), each namespace's listen-queue overflows, and when it began.
 struct Scan {
     began: SystemTime,
-    /// The close-note rings' heads as the walk began (`CloseNotes::scanned`).
-    notes_from: Vec<u64>,
+    /// CLOCK_MONOTONIC as the walk began (`CloseNotes::scanned`).
+    began_ns: u64,
     sockets: Vec<enrich::FoundSocket>,
     overflows: Vec<overflows::Sample>,
 }
@@ -617,9 +617,9 @@ impl Pipeline<'_> {
             .marks
             .as_ref()
             .and_then(|m| m.fd().as_fd().try_clone_to_owned().ok());
-        let notes_from = self.notes.as_ref().map_or_else(Vec::new, CloseNotes::heads);
         move || {
             let began = SystemTime::now();
+            let began_ns = clock::monotonic_ns();
             let extras = DumpExtras {
                 marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
             };
@@ -644,7 +644,7 @@ impl Pipeline<'_> {
             }
             Scan {
                 began,
-                notes_from,
+                began_ns,
                 sockets: enrich::found_sockets(dumps),
                 overflows: counts,
             }
@@ -669,7 +669,7 @@ impl Pipeline<'_> {
         let now = scan.began;
         let noted = match &mut self.notes {
             Some(notes) => notes.scanned(
-                &scan.notes_from,
+                scan.began_ns,
                 scan.sockets.iter().map(|f| f.socket.cookie),
             ),
             None => HashMap::new(),
@@ -780,7 +780,7 @@ impl Pipeline<'_> {
         if shortfalls.close_notes_overwritten > 0 && !self.counts.notes_warned {
             self.counts.notes_warned = true;
             log::warn!(
-                "connections close faster than scans read the kernel's close notes: {} were overwritten unread, so some half-closed sockets may be reported without who started their close (tcprst_close_notes_overwritten_total, and the exit summary)",
+                "connections close faster than tcprst reads the kernel's close notes, or too many closes are in progress: {} notes were lost unread, so some half-closed sockets may be reported without who started their close (tcprst_close_notes_overwritten_total, and the exit summary)",
                 shortfalls.close_notes_overwritten
             );
         }
@@ -984,10 +984,8 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
                 // received reset decided once the ring is read empty.
                 _ = drain_tick.tick() => {
                     pipeline.drain(ring.get_mut())?;
-                    // Connections close fast: scan before a close-note ring
-                    // overwrites notes no scan has looked at.
-                    if walk.is_none() && pipeline.notes.as_ref().is_some_and(CloseNotes::due) {
-                        walk = Some(tokio::task::spawn_blocking(pipeline.namespace_walk(&opts)));
+                    if let Some(notes) = &mut pipeline.notes {
+                        notes.read();
                     }
                 }
                 guard = bpf_logs_ready(&mut bpf_logs) => {

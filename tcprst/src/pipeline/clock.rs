@@ -10,6 +10,11 @@ pub struct WallClock {
     offset_ns: i128,
 }
 
+/// CLOCK_MONOTONIC now, in nanoseconds, as the kernel's timestamps are.
+pub(crate) fn monotonic_ns() -> u64 {
+    now_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
 fn now_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
