@@ -32,7 +32,7 @@ use tcprst_common::{CloseMark, CloseNote, MARK_STEPS, NOTE_WRITING, TaskInfo, cl
 use crate::{
     context::fill_task,
     globals::global,
-    kernel::{TypedLoad, sock_protocol, task_is_exiting, task_is_kthread},
+    kernel::{TypedLoad, sock_protocol, sock_socket, task_is_exiting, task_is_kthread},
     words,
 };
 
@@ -86,14 +86,18 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     if old == TCP_LISTEN || new == TCP_LISTEN {
         return 0;
     }
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
     // The end of a close that was noted, so that userspace can forget its
     // notes (and need not scan sockets to learn which it may forget).
     let ends_close = new == TCP_CLOSE
-        && matches!(old, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK);
+        && match old {
+            TCP_FIN_WAIT1 | TCP_CLOSING | TCP_LAST_ACK => true,
+            TCP_FIN_WAIT2 => held_socket_leaves(sk),
+            _ => false,
+        };
     if new == TCP_CLOSE && !(ends_close || every) {
         return 0;
     }
-    let sk: *mut core::ffi::c_void = ctx.arg(0);
     // SCTP shares the tracepoint; MPTCP's subflows are TCP sockets.
     if sock_protocol(TypedLoad, sk as u64).is_some_and(|p| p != IPPROTO_TCP) {
         return 0;
@@ -116,6 +120,19 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
         note(sk, &step, task);
     }
     0
+}
+
+/// Whether a socket leaving FIN_WAIT2 ends its close. One a process still
+/// holds goes on to TIME_WAIT (the peer's FIN came) or dies. An orphan may
+/// instead live on as a timewait socket still in FIN_WAIT2
+/// (`tcp_time_wait(sk, TCP_FIN_WAIT2, …)`, until tcp_fin_timeout), which
+/// scans find half-closed and which no state change marks the end of: its
+/// notes stay until a scan no longer finds it. Where `sk_socket` cannot be
+/// read, every such step is an end, so that what userspace keeps does not
+/// grow with churn.
+#[inline(always)]
+fn held_socket_leaves(sk: *mut core::ffi::c_void) -> bool {
+    sock_socket(TypedLoad, sk as u64).is_none_or(|socket| socket != 0)
 }
 
 /// A state change of a closing socket, and the op that made it, if a

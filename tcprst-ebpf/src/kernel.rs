@@ -103,6 +103,13 @@ pub fn sock_protocol(mem: impl KernelMemory, sk: u64) -> Option<u16> {
     mem.read::<u16>(sk, global!(KERNEL_OFFSETS.sk_protocol))
 }
 
+/// `sock.sk_socket`: the `struct socket` a process holds, 0 once the
+/// socket is orphaned; None where the loader found no member.
+#[inline(always)]
+pub fn sock_socket(mem: impl KernelMemory, sk: u64) -> Option<u64> {
+    mem.read::<u64>(sk, global!(KERNEL_OFFSETS.sk_socket))
+}
+
 /// What a full socket records about its own close: `sk_shutdown`, and its
 /// inode unless it is orphaned (no `struct socket` left). Request and
 /// timewait mini-sockets have neither.
@@ -113,7 +120,7 @@ pub fn socket_facts(mem: impl KernelMemory, sk: u64, rec: &mut RstRecord) {
     };
     rec.shutdown = shutdown;
     rec.flags |= rst_flags::HAS_SOCKET_FACTS;
-    match mem.read::<u64>(sk, global!(KERNEL_OFFSETS.sk_socket)) {
+    match sock_socket(mem, sk) {
         Some(0) => rec.flags |= rst_flags::ORPHANED,
         // The inode lies past `struct socket`, in the `socket_alloc` around
         // it, where no typed load may go.

@@ -227,6 +227,38 @@ fn seed_003_peer_never_sends_fin() {
     tracer.stop();
 }
 
+/// The client close()s while the server keeps its end open: the client's
+/// socket is orphaned in FIN_WAIT2, and the kernel makes it a timewait
+/// socket that stays in FIN_WAIT2 for tcp_fin_timeout (60 s here). That
+/// step leaves FIN_WAIT2 for CLOSE without the peer's FIN, which is not the
+/// end of the close: the report still names the close() that started it.
+#[test]
+fn an_orphan_in_fin_wait2_is_reported_with_the_close_that_left_it() {
+    let ns = Netns::new();
+    let mut tracer = Tracer::in_netns(&ns, &["--stuck-after", "1s"]);
+    let (client, server) = ns.pair("127.0.0.1:45012", "127.0.0.1:8012");
+    drop(client);
+
+    let orphan = tracer.wait_for("the orphan's stuck report", |v| {
+        is(v, "halfclose_stuck", 45012, 8012)
+    });
+    assert_eq!(orphan["state"], "FIN_WAIT2");
+    assert_eq!(orphan["orphaned"], true);
+    assert_eq!(orphan["waiting_for"], "peer_fin");
+    let initiator = &orphan["initiator"];
+    assert_eq!(initiator["op"], "close", "{orphan}");
+    assert_eq!(initiator["pid"], std::process::id());
+    assert!(
+        orphan["diagnosis"]
+            .as_str()
+            .unwrap()
+            .contains("the socket is orphaned, so the kernel reaps it after tcp_fin_timeout"),
+        "{orphan}"
+    );
+    drop(server);
+    tracer.stop();
+}
+
 /// A connection half-closed before tracing starts is found with sock_diag
 /// and tracked, its age a lower bound.
 #[test]

@@ -6,16 +6,19 @@
 //! from its start until its end note: what is kept at any moment is the
 //! closes in progress, not the connections that came and went. A scan for
 //! stuck sockets takes the notes of the half-closed sockets it found from
-//! there, and forgets the closes it did not find whose notes predate it
-//! (their end went unread); a reset on a socket that sent its FIN looks
-//! there, then through the rings for its cookie. A note overwritten before
-//! it was read, or one no room was left for, is counted.
+//! there, and forgets the closes it did not find whose notes predate it:
+//! their end went unread, or no state change marks it (an orphan that
+//! lives on as a timewait socket in FIN_WAIT2). When those pile up, a scan
+//! comes early (`due`). A reset on a socket that sent its FIN looks there,
+//! then through the rings for its cookie. A note overwritten before it was
+//! read, or one no room was left for, is counted.
 //!
 //! Reading every close's notes costs userspace a few hash-map operations a
 //! connection. It replaced a scan of every namespace's sockets whenever a
 //! ring was half full, which on a churning host ran several times a second
 //! and walked the kernel's whole socket table, TIME_WAIT included, each
-//! time (#10).
+//! time (#10). Now only closes that orphan their sockets before the peer's
+//! FIN, at thousands a second, bring scans early.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -175,6 +178,8 @@ pub struct CloseNotes {
     /// Notes lost unread: overwritten before a read, or not kept because
     /// `MAX_OPEN` closes were in progress.
     overwritten: u64,
+    /// Closes kept as the last scan ended, after it forgot what it could.
+    open_after_scan: usize,
     /// What resets found in the rings, by cookie: a storm on one socket
     /// looks once.
     found: Memo<u64, Option<CloseMark>>,
@@ -203,6 +208,7 @@ impl CloseNotes {
             open: HashMap::default(),
             read_to: vec![0; cpus],
             overwritten: 0,
+            open_after_scan: 0,
             found: Memo::new(Self::MAX_FOUND),
         }
     }
@@ -248,6 +254,15 @@ impl CloseNotes {
         }
     }
 
+    /// Whether closes pile up that only a scan can forget, so that one must
+    /// come early, well before `MAX_OPEN`: orphans the kernel keeps as
+    /// timewait sockets in FIN_WAIT2 (closed before the peer's FIN came),
+    /// whose end no state change marks. Closes still in progress after a
+    /// scan do not count again.
+    pub fn due(&self) -> bool {
+        self.open.len() > self.open_after_scan + Self::MAX_OPEN / 2
+    }
+
     /// Notes lost unread: the sockets they belong to, if reported, show no
     /// initiator.
     pub fn overwritten(&self) -> u64 {
@@ -269,6 +284,7 @@ impl CloseNotes {
         self.open.retain(|cookie, notes| {
             wanted.contains(cookie) || notes.iter().any(|n| n.at_ns >= dump_began_ns)
         });
+        self.open_after_scan = self.open.len();
         wanted
             .iter()
             .filter_map(|cookie| Some((*cookie, close_mark(self.open.get(cookie)?)?)))
@@ -467,6 +483,24 @@ mod tests {
         assert_eq!((mark.first_state, mark.steps), (CloseWait as u8, 1));
         assert_eq!(reader.mark_of(12345), None);
         assert_eq!(reader.overwritten(), 0);
+    }
+
+    #[test]
+    fn closes_that_pile_up_unended_bring_a_scan_early() {
+        use TcpState::*;
+        let mut reader = CloseNotes::reading(rings(&[], [0, 0]), Vec::new());
+        let half = (CloseNotes::MAX_OPEN / 2) as u64;
+        for cookie in 1..=half {
+            reader.keep(note(cookie, cookie, close_op::CLOSE, Established, FinWait1));
+        }
+        assert!(!reader.due());
+        reader.keep(note(half + 1, half + 1, close_op::CLOSE, Established, FinWait1));
+        assert!(reader.due());
+        // A scan forgets the closes it did not find; those it found stay,
+        // and do not bring the next one early.
+        reader.scanned(u64::MAX, 1..=1_000);
+        assert_eq!(reader.open.len(), 1_000);
+        assert!(!reader.due());
     }
 
     #[test]

@@ -986,6 +986,9 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
                     pipeline.drain(ring.get_mut())?;
                     if let Some(notes) = &mut pipeline.notes {
                         notes.read();
+                        if walk.is_none() && notes.due() {
+                            walk = Some(tokio::task::spawn_blocking(pipeline.namespace_walk(&opts)));
+                        }
                     }
                 }
                 guard = bpf_logs_ready(&mut bpf_logs) => {
