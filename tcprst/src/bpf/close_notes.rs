@@ -248,7 +248,11 @@ impl CloseNotes {
                 notes.push(note);
             }
         } else if self.open.len() < Self::MAX_OPEN {
-            self.open.insert(note.cookie, vec![note]);
+            // Room for the usual start, step and second start, so that
+            // the steps after do not reallocate.
+            let mut notes = Vec::with_capacity(4);
+            notes.push(note);
+            self.open.insert(note.cookie, notes);
         } else {
             self.overwritten += 1;
         }
