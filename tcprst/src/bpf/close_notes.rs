@@ -393,6 +393,20 @@ mod tests {
         }
     }
 
+    /// Note `seq` as a program leaves it while writing it.
+    fn being_written(seq: u64, cookie: u64) -> CloseNote {
+        CloseNote {
+            seq: NOTE_WRITING,
+            ..note(
+                seq,
+                cookie,
+                close_op::CLOSE,
+                TcpState::CloseWait,
+                TcpState::LastAck,
+            )
+        }
+    }
+
     const LAYOUT: NoteRings = NoteRings {
         cpus: 2,
         slots_shift: 10,
@@ -438,10 +452,7 @@ mod tests {
     fn a_slot_not_yet_written_is_read_later_and_one_taken_by_a_later_note_is_lost() {
         use TcpState::*;
         let whole = note(5, 7, close_op::CLOSE, CloseWait, LastAck);
-        let writing = CloseNote {
-            seq: NOTE_WRITING,
-            ..note(6, 8, close_op::CLOSE, CloseWait, LastAck)
-        };
+        let writing = being_written(6, 8);
         let later = note(7 + SLOTS, 9, close_op::CLOSE, CloseWait, LastAck);
         let rings = rings(&[(1, whole), (1, writing), (1, later)], [0, 8 + SLOTS]);
         assert_eq!(rings.read(1, 5), Slot::Note(whole));
@@ -461,7 +472,10 @@ mod tests {
         // The processes closed on CPU 0; the client's FIN_WAIT2 came in a
         // softirq on CPU 1. Another connection came and went.
         let notes = [
-            (0, note(0, client, close_op::SHUTDOWN, Established, FinWait1)),
+            (
+                0,
+                note(0, client, close_op::SHUTDOWN, Established, FinWait1),
+            ),
             (0, note(1, other, close_op::CLOSE, CloseWait, LastAck)),
             (0, note(2, server, close_op::CLOSE, CloseWait, LastAck)),
             (0, note(3, other, close_op::NONE, LastAck, Close)),
@@ -498,7 +512,13 @@ mod tests {
             reader.keep(note(cookie, cookie, close_op::CLOSE, Established, FinWait1));
         }
         assert!(!reader.due());
-        reader.keep(note(half + 1, half + 1, close_op::CLOSE, Established, FinWait1));
+        reader.keep(note(
+            half + 1,
+            half + 1,
+            close_op::CLOSE,
+            Established,
+            FinWait1,
+        ));
         assert!(reader.due());
         // A scan forgets the closes it did not find; those it found stay,
         // and do not bring the next one early.
@@ -511,11 +531,9 @@ mod tests {
     fn a_read_waits_for_a_note_being_written_and_counts_the_overwritten() {
         use TcpState::*;
         let first = note(0, 70, close_op::SHUTDOWN, Established, FinWait1);
-        let writing = CloseNote {
-            seq: NOTE_WRITING,
-            ..note(1, 80, close_op::CLOSE, CloseWait, LastAck)
-        };
-        let mut reader = CloseNotes::reading(rings(&[(0, first), (0, writing)], [2, 0]), Vec::new());
+        let writing = being_written(1, 80);
+        let mut reader =
+            CloseNotes::reading(rings(&[(0, first), (0, writing)], [2, 0]), Vec::new());
         reader.read();
         assert_eq!(reader.read_to, [1, 0]);
         assert!(reader.open.contains_key(&70));

@@ -668,10 +668,9 @@ impl Pipeline<'_> {
         self.metrics.listen_overflows(&scan.overflows);
         let now = scan.began;
         let noted = match &mut self.notes {
-            Some(notes) => notes.scanned(
-                scan.began_ns,
-                scan.sockets.iter().map(|f| f.socket.cookie),
-            ),
+            Some(notes) => {
+                notes.scanned(scan.began_ns, scan.sockets.iter().map(|f| f.socket.cookie))
+            }
             None => HashMap::new(),
         };
         let port = opts.probes.filter.port;
