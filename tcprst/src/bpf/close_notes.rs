@@ -146,6 +146,9 @@ impl Rings {
             let note = slot.read_volatile();
             fence(Ordering::Acquire);
             match seq_now() {
+                // The maps start zeroed, so note 0's slot reads as written
+                // before its program has begun; no socket has cookie 0.
+                after if after == seq && note.seq == seq && note.cookie == 0 => Slot::Pending,
                 after if after == seq && note.seq == seq => Slot::Note(note),
                 // It was whole before the copy: whoever wrote it since is a
                 // later note.
@@ -461,6 +464,8 @@ mod tests {
         assert_eq!(rings.read(1, 6), Slot::Pending);
         assert_eq!(rings.read(1, 7), Slot::Overwritten);
         assert_eq!(rings.read(1, 7 + SLOTS), Slot::Note(later));
+        // Note 0's slot holds zeroes, and seq 0, until it is written.
+        assert_eq!(rings.read(0, 0), Slot::Pending);
     }
 
     #[test]
