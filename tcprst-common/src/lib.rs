@@ -421,9 +421,8 @@ pub struct CloseMark {
 /// its own ring of `2^Settings::note_slots_shift` slots, so a program never
 /// shares a head or a slot with another CPU's. 3 MiB is 65,536 notes: at
 /// five notes a connection (start, FIN_WAIT2 and end on the side that
-/// closes first; start and end on the other), 0.65 s of a
-/// 20,000-connection/s churn before the oldest is
-/// overwritten. Userspace reads the rings every 50 ms
+/// closes first; start and end on the other), 0.65 s of a 20,000/s churn
+/// before the oldest is overwritten. Userspace reads the rings every 50 ms
 /// (`tcprst/src/bpf/close_notes.rs`), so a stalled reader has margin.
 pub const CLOSE_NOTES_BYTES: u32 = 3 << 20;
 
