@@ -87,15 +87,10 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let sk: *mut core::ffi::c_void = ctx.arg(0);
-    // The end of a close that was noted, so that userspace can forget its
-    // notes (and need not scan sockets to learn which it may forget).
-    let ends_close = new == TCP_CLOSE
-        && match old {
-            TCP_FIN_WAIT1 | TCP_CLOSING | TCP_LAST_ACK => true,
-            TCP_FIN_WAIT2 => held_socket_leaves(sk),
-            _ => false,
-        };
-    if new == TCP_CLOSE && !(ends_close || every) {
+    // By default a death is noted only as the end of a noted close, so
+    // that userspace can forget its notes (and need not scan sockets to
+    // learn which it may forget).
+    if new == TCP_CLOSE && !every && !ends_close(old, sk) {
         return 0;
     }
     // SCTP shares the tracepoint; MPTCP's subflows are TCP sockets.
@@ -113,26 +108,31 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     };
     if every {
         keep_in_storage(sk, &step, task);
-    } else if op.is_some() || follows_close || ends_close {
+    } else if op.is_some() || follows_close || new == TCP_CLOSE {
         // A close no process started (a kernel thread's) gets no note, as
         // it got no mark; a later step is noted all the same, and userspace
-        // drops the steps of sockets whose start it has no note of.
+        // drops the steps of sockets whose start it has no note of. A step
+        // to CLOSE that got here is the end of a noted close.
         note(sk, &step, task);
     }
     0
 }
 
-/// Whether a socket leaving FIN_WAIT2 ends its close. One a process still
-/// holds goes on to TIME_WAIT (the peer's FIN came) or dies. An orphan may
-/// instead live on as a timewait socket still in FIN_WAIT2
-/// (`tcp_time_wait(sk, TCP_FIN_WAIT2, …)`, until tcp_fin_timeout), which
-/// scans find half-closed and which no state change marks the end of: its
-/// notes stay until a scan no longer finds it. Where `sk_socket` cannot be
-/// read, every such step is an end, so that what userspace keeps does not
-/// grow with churn.
+/// Whether a step from `old` to CLOSE ends a close that was noted. From
+/// FIN_WAIT2, a socket a process still holds goes on to TIME_WAIT (the
+/// peer's FIN came) or dies; an orphan may instead live on as a timewait
+/// socket still in FIN_WAIT2 (`tcp_time_wait(sk, TCP_FIN_WAIT2, …)`, until
+/// tcp_fin_timeout), which scans find half-closed and which no state change
+/// marks the end of: its notes stay until a scan no longer finds it. Where
+/// `sk_socket` cannot be read, every such step is an end, so that what
+/// userspace keeps does not grow with churn.
 #[inline(always)]
-fn held_socket_leaves(sk: *mut core::ffi::c_void) -> bool {
-    sock_socket(TypedLoad, sk as u64).is_none_or(|socket| socket != 0)
+fn ends_close(old: i32, sk: *mut core::ffi::c_void) -> bool {
+    match old {
+        TCP_FIN_WAIT1 | TCP_CLOSING | TCP_LAST_ACK => true,
+        TCP_FIN_WAIT2 => sock_socket(TypedLoad, sk as u64).is_none_or(|socket| socket != 0),
+        _ => false,
+    }
 }
 
 /// A state change of a closing socket, and the op that made it, if a
