@@ -176,6 +176,8 @@ pub struct CloseNotes {
     /// cookies come from the kernel, not from the network, so a fast hash
     /// is safe.
     open: HashMap<u64, Vec<CloseNote>, foldhash::fast::RandomState>,
+    /// The closes whose end was read lately.
+    ended: RecentEnds,
     /// Per CPU, the next note to read.
     read_to: Vec<u64>,
     /// Notes lost unread: overwritten before a read, or not kept because
@@ -209,6 +211,7 @@ impl CloseNotes {
             rings,
             _maps: maps,
             open: HashMap::default(),
+            ended: RecentEnds::default(),
             read_to: vec![0; cpus],
             overwritten: 0,
             open_after_scan: 0,
@@ -220,6 +223,7 @@ impl CloseNotes {
     /// kept from its start, and forgotten at its end.
     pub fn read(&mut self) {
         let slots = self.rings.layout.ring_slots();
+        let mut to_heads = true;
         for cpu in 0..self.rings.layout.cpus {
             let i = cpu as usize;
             let unread = Unread::at(self.read_to[i], self.rings.head(cpu), slots);
@@ -232,16 +236,24 @@ impl CloseNotes {
                     // The next read starts here.
                     Slot::Pending => {
                         self.read_to[i] = seq;
+                        to_heads = false;
                         break;
                     }
                 }
             }
+        }
+        if to_heads {
+            self.ended.read_past();
         }
     }
 
     fn keep(&mut self, note: CloseNote) {
         if note.new_state == TcpState::Close as u8 {
             self.open.remove(&note.cookie);
+            self.ended.insert(&note);
+            return;
+        }
+        if self.ended.before(&note) {
             return;
         }
         // A step may be read before its start when the two were written on
@@ -322,6 +334,47 @@ impl CloseNotes {
             }
             close_mark(&notes)
         })
+    }
+}
+
+/// The ends of closes read lately, by cookie, with their times. The rings
+/// are read one CPU after the other, so a close's end, written in a
+/// softirq on one CPU, can be read before its start, written earlier by
+/// the closing process on another: the end must not leave the start to
+/// open the close again, for good. A close's notes are all written before
+/// its end, so every read that reaches all the heads after its end was read
+/// has read them: an end is kept until then.
+#[derive(Default)]
+struct RecentEnds {
+    /// Ends read since the last read that reached every head.
+    now: HashMap<u64, u64, foldhash::fast::RandomState>,
+    /// Ends read before it.
+    earlier: HashMap<u64, u64, foldhash::fast::RandomState>,
+}
+
+impl RecentEnds {
+    fn insert(&mut self, end: &CloseNote) {
+        // Bounded as the closes kept are; past it a start read late is
+        // forgotten by the next scan.
+        if self.now.len() < CloseNotes::MAX_OPEN {
+            self.now.insert(end.cookie, end.at_ns);
+        }
+    }
+
+    /// Whether `note` belongs to a close whose end was read already. A
+    /// socket disconnected and connected again closes again later, under
+    /// the same cookie.
+    fn before(&self, note: &CloseNote) -> bool {
+        [&self.now, &self.earlier]
+            .iter()
+            .any(|ends| ends.get(&note.cookie).is_some_and(|&end| note.at_ns <= end))
+    }
+
+    /// A read reached every ring's head, as it was when the read began.
+    fn read_past(&mut self) {
+        std::mem::swap(&mut self.now, &mut self.earlier);
+        // Clearing keeps the allocation for the next reads.
+        self.now.clear();
     }
 }
 
@@ -506,6 +559,58 @@ mod tests {
         assert_eq!((mark.first_state, mark.steps), (CloseWait as u8, 1));
         assert_eq!(reader.mark_of(12345), None);
         assert_eq!(reader.overwritten(), 0);
+    }
+
+    #[test]
+    fn a_close_whose_end_is_read_before_its_start_is_not_kept() {
+        use TcpState::*;
+        let (early, late) = (70, 80);
+        // Note `seq` of its CPU's ring, written at `at_ns`.
+        let at = |at_ns, note: CloseNote| CloseNote { at_ns, ..note };
+        // Each client shut down on CPU 1; the server's FIN came in a
+        // softirq on CPU 0, whose ring is read first. The early close was
+        // whole before this read began.
+        let mut notes = vec![
+            (
+                1,
+                at(
+                    10,
+                    note(0, early, close_op::SHUTDOWN, Established, FinWait1),
+                ),
+            ),
+            (
+                0,
+                at(20, note(0, early, close_op::NONE, FinWait1, FinWait2)),
+            ),
+            (0, at(30, note(1, early, close_op::NONE, FinWait2, Close))),
+        ];
+        let mut reader = CloseNotes::reading(rings(&notes, [2, 1]), Vec::new());
+        reader.read();
+        assert!(reader.open.is_empty());
+        // The late close ended between this read's look at CPU 1's head
+        // and its look at CPU 0's: its start is read only by the next read.
+        notes.extend([
+            (
+                1,
+                at(40, note(1, late, close_op::SHUTDOWN, Established, FinWait1)),
+            ),
+            (0, at(50, note(2, late, close_op::NONE, FinWait1, FinWait2))),
+            (0, at(60, note(3, late, close_op::NONE, FinWait2, Close))),
+        ]);
+        reader.rings = rings(&notes, [4, 1]);
+        reader.read();
+        reader.rings = rings(&notes, [4, 2]);
+        reader.read();
+        assert!(reader.open.is_empty());
+        assert_eq!(reader.read_to, [4, 2]);
+        // Once a read has passed it, an end is forgotten: a socket that
+        // connects again and closes again is kept anew.
+        reader.read();
+        reader.keep(at(
+            70,
+            note(2, late, close_op::SHUTDOWN, Established, FinWait1),
+        ));
+        assert!(reader.open.contains_key(&late));
     }
 
     #[test]
