@@ -226,7 +226,7 @@ impl Default for Metrics {
         );
         let close_notes_overwritten = counter(
             "close_notes_overwritten",
-            "Close notes (who started closing a socket, and its steps) the kernel's ring overwrote before a scan read them: a socket they belong to is reported without who started its close",
+            "Close notes (who started closing a socket, and its steps) lost unread: overwritten in the kernel's ring before tcprst read them, or not kept because 65,536 closes were in progress. A socket they belong to is reported without who started its close",
         );
         Self {
             registry,
