@@ -95,6 +95,16 @@ fn metrics_count_resets_programs_and_losses() {
     assert_eq!(stuck_now(&m, "FIN_WAIT2"), Some(1.0));
     assert_eq!(stuck_now(&m, "CLOSE_WAIT"), Some(1.0));
     assert_eq!(stuck_now(&m, "LAST_ACK"), Some(0.0));
+    // The scans that found them, and what they cost: --netns walks one
+    // namespace.
+    let scans = metric(&m, "tcprst_scans_total", &[]).unwrap();
+    assert!(scans >= 2.0, "{scans} scans found a stuck pair");
+    assert_eq!(metric(&m, "tcprst_scan_namespaces", &[]), Some(1.0));
+    let seconds = metric(&m, "tcprst_scan_seconds_total", &[]).unwrap();
+    assert!(
+        seconds > 0.0 && seconds < scans,
+        "{scans} scans took {seconds} s"
+    );
     drop(pair);
     tracer.stop();
 }

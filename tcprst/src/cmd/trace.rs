@@ -62,6 +62,21 @@ struct Scan {
     began_ns: u64,
     sockets: Vec<enrich::FoundSocket>,
     overflows: Vec<overflows::Sample>,
+    /// How long the walk took, and over how many namespaces.
+    took: Duration,
+    namespaces: usize,
+}
+
+/// Whether a scan that took `took`, one every `every`, costs enough of a
+/// CPU (a tenth) that the user should hear why and what spaces them out.
+fn scans_are_dear(took: Duration, every: Duration) -> bool {
+    took * 10 > every
+}
+
+/// How often stuck half-closed connections are looked for: twice within
+/// `--stuck-after`, so a connection is reported at most half of it late.
+fn scan_every(opts: &TraceOptions) -> Duration {
+    (opts.stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY)
 }
 
 /// Records handled per wake-up before signals and the loss report get a turn.
@@ -145,6 +160,8 @@ struct Counts {
     unwritten_warned: bool,
     skipped_runs_warned: bool,
     notes_warned: bool,
+    /// Whether the cost of the scans was warned of.
+    scans_warned: bool,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -620,6 +637,7 @@ impl Pipeline<'_> {
         move || {
             let began = SystemTime::now();
             let began_ns = clock::monotonic_ns();
+            let started = Instant::now();
             let extras = DumpExtras {
                 marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
             };
@@ -629,6 +647,8 @@ impl Pipeline<'_> {
                     overflows::read(),
                 )
             });
+            let took = started.elapsed();
+            let namespaces = visits.len();
             let mut dumps = Vec::with_capacity(visits.len());
             let mut counts = Vec::with_capacity(visits.len());
             for (ns, (dump, count)) in visits {
@@ -647,6 +667,8 @@ impl Pipeline<'_> {
                 began_ns,
                 sockets: enrich::found_sockets(dumps),
                 overflows: counts,
+                took,
+                namespaces,
             }
         }
     }
@@ -666,6 +688,17 @@ impl Pipeline<'_> {
             log::warn!("{warning}");
         }
         self.metrics.listen_overflows(&scan.overflows);
+        self.metrics.scanned(scan.took, scan.namespaces);
+        let every = scan_every(opts);
+        if scans_are_dear(scan.took, every) && !self.counts.scans_warned {
+            self.counts.scans_warned = true;
+            log::warn!(
+                "a scan for stuck half-closed connections took {} ms over {} network namespaces, and one runs every {} ms: the kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace. A longer --stuck-after spaces scans out, and --netns scans one namespace (tcprst_scan_seconds_total)",
+                scan.took.as_millis(),
+                scan.namespaces,
+                every.as_millis()
+            );
+        }
         let now = scan.began;
         let noted = match &mut self.notes {
             Some(notes) => {
@@ -928,7 +961,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     // The first scan, before tracing is announced, finds what was already
     // half-closed: only those ages are lower bounds.
     pipeline.first_scan(&opts)?;
-    let scan_every = (opts.stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY);
+    let scan_every = scan_every(&opts);
     let mut scan_tick = interval_at(tokio::time::Instant::now() + scan_every, scan_every);
     let mut walk: Option<tokio::task::JoinHandle<Scan>> = None;
     scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -1152,5 +1185,23 @@ async fn start_pod_watcher(opts: &TraceOptions, node: &str) -> Option<PodIndex> 
             log::warn!("no Kubernetes client: {e:#}; events keep cgroup-derived ids");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_are_dear_past_a_tenth_of_their_interval() {
+        let every = Duration::from_secs(5);
+        assert!(!scans_are_dear(Duration::from_millis(40), every));
+        assert!(!scans_are_dear(Duration::from_millis(500), every));
+        assert!(scans_are_dear(Duration::from_millis(501), every));
+        // Scans every 100 ms (--stuck-after 200ms) are dear sooner.
+        assert!(scans_are_dear(
+            Duration::from_millis(20),
+            Duration::from_millis(100)
+        ));
     }
 }

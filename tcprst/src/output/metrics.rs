@@ -6,7 +6,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     str::FromStr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, atomic::AtomicU64},
     time::Duration,
 };
 
@@ -110,6 +110,9 @@ pub struct Metrics {
     conntrack_skipped: Counter,
     conntrack_failed: Counter,
     close_notes_overwritten: Counter,
+    scans: Counter,
+    scan_seconds: Counter<f64, AtomicU64>,
+    scan_namespaces: Gauge,
     listen_overflows: Family<NetnsLabels, Counter>,
     /// The namespaces `listen_overflows` has a series for, so those of
     /// namespaces gone go too.
@@ -228,6 +231,22 @@ impl Default for Metrics {
             "close_notes_overwritten",
             "Close notes (who started closing a socket, and its steps) lost unread: overwritten in the kernel's ring before tcprst read them, or not kept because 65,536 closes were in progress. A socket they belong to is reported without who started its close",
         );
+        let scans = counter(
+            "scans",
+            "Scans for stuck half-closed connections: each asks sock_diag for the half-closed sockets of every network namespace tcprst watches",
+        );
+        let scan_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "scan_seconds",
+            "Time the scans took. The kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace, so this grows with namespaces times sockets",
+            scan_seconds.clone(),
+        );
+        let scan_namespaces = Gauge::default();
+        registry.register(
+            "scan_namespaces",
+            "Network namespaces the last scan visited",
+            scan_namespaces.clone(),
+        );
         Self {
             registry,
             rsts,
@@ -250,6 +269,9 @@ impl Default for Metrics {
             conntrack_skipped,
             conntrack_failed,
             close_notes_overwritten,
+            scans,
+            scan_seconds,
+            scan_namespaces,
             listen_overflows,
             overflow_series: Mutex::default(),
         }
@@ -403,6 +425,13 @@ impl Metrics {
         ] {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
+    }
+
+    /// One scan, which took `took` over `namespaces` network namespaces.
+    pub fn scanned(&self, took: Duration, namespaces: usize) {
+        self.scans.inc();
+        self.scan_seconds.inc_by(took.as_secs_f64());
+        self.scan_namespaces.set(namespaces as i64);
     }
 
     /// Each sampled namespace's count, as the kernel has it; namespaces
@@ -780,6 +809,8 @@ mod tests {
             close_notes_overwritten: 11,
         };
         m.shortfalls(&shortfalls);
+        m.scanned(Duration::from_millis(250), 4);
+        m.scanned(Duration::from_millis(500), 3);
         shortfalls.tally_full = 6;
         m.shortfalls(&shortfalls);
         let text = m.encode();
@@ -798,6 +829,9 @@ mod tests {
             "tcprst_tally_full_resets_total 6",
             "tcprst_unwritten_events_total 5",
             "tcprst_tuple_read_failures_total 7",
+            "tcprst_scans_total 2",
+            "tcprst_scan_seconds_total 0.75",
+            "tcprst_scan_namespaces 3",
             "tcprst_skipped_program_runs_total 10",
             "tcprst_conntrack_lookups_skipped_total 8",
             "tcprst_conntrack_lookup_failures_total 9",
