@@ -567,9 +567,9 @@ mod tests {
         let (early, late) = (70, 80);
         // Note `seq` of its CPU's ring, written at `at_ns`.
         let at = |at_ns, note: CloseNote| CloseNote { at_ns, ..note };
-        // Each client shut down on CPU 1; the server's FIN came in a
-        // softirq on CPU 0, whose ring is read first. The early close was
-        // whole before this read began.
+        // The early client shut down on CPU 1; the server's FIN came in a
+        // softirq on CPU 0, whose ring is read first. That close was whole
+        // before this read began.
         let mut notes = vec![
             (
                 1,
@@ -587,22 +587,23 @@ mod tests {
         let mut reader = CloseNotes::reading(rings(&notes, [2, 1]), Vec::new());
         reader.read();
         assert!(reader.open.is_empty());
-        // The late close ended between this read's look at CPU 1's head
-        // and its look at CPU 0's: its start is read only by the next read.
+        // The late close began on CPU 0 just after this read took CPU 0's
+        // head, and ended on CPU 1 before it took CPU 1's: its start is read
+        // only by the next read.
         notes.extend([
             (
-                1,
-                at(40, note(1, late, close_op::SHUTDOWN, Established, FinWait1)),
+                0,
+                at(40, note(2, late, close_op::SHUTDOWN, Established, FinWait1)),
             ),
-            (0, at(50, note(2, late, close_op::NONE, FinWait1, FinWait2))),
-            (0, at(60, note(3, late, close_op::NONE, FinWait2, Close))),
+            (1, at(50, note(1, late, close_op::NONE, FinWait1, FinWait2))),
+            (1, at(60, note(2, late, close_op::NONE, FinWait2, Close))),
         ]);
-        reader.rings = rings(&notes, [4, 1]);
+        reader.rings = rings(&notes, [2, 3]);
         reader.read();
-        reader.rings = rings(&notes, [4, 2]);
+        reader.rings = rings(&notes, [3, 3]);
         reader.read();
         assert!(reader.open.is_empty());
-        assert_eq!(reader.read_to, [4, 2]);
+        assert_eq!(reader.read_to, [3, 3]);
         // Once a read has passed it, an end is forgotten: a socket that
         // connects again and closes again is kept anew.
         reader.read();
