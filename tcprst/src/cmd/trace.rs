@@ -67,16 +67,26 @@ struct Scan {
     namespaces: usize,
 }
 
-/// Whether a scan that took `took`, one every `every`, costs enough of a
-/// CPU (a tenth) that the user should hear why and what spaces them out.
-fn scans_are_dear(took: Duration, every: Duration) -> bool {
-    took * 10 > every
+/// How often stuck half-closed connections are looked for while scans are
+/// cheap: twice within `--stuck-after`, and at least every 5 s.
+fn scan_every(stuck_after: Duration) -> Duration {
+    (stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY)
 }
 
-/// How often stuck half-closed connections are looked for: twice within
-/// `--stuck-after`, so a connection is reported at most half of it late.
-fn scan_every(opts: &TraceOptions) -> Duration {
-    (opts.stuck_after / 2).clamp(Duration::from_millis(100), MAX_SCAN_EVERY)
+/// The wait after a scan that took `took` before the next. A scan walks
+/// the kernel's TCP table once per namespace, so on a host with many of
+/// them it can take seconds: the wait then stretches until scanning takes
+/// a tenth of a CPU, up to half of `--stuck-after`, the latest a stuck
+/// connection may be reported.
+fn wait_after_scan(took: Duration, stuck_after: Duration) -> Duration {
+    let every = scan_every(stuck_after);
+    (took * 10).clamp(every, (stuck_after / 2).max(every))
+}
+
+/// Whether a scan that took `took` still costs over a tenth of a CPU with
+/// `wait` between scans: the user should hear why, and what helps.
+fn scans_are_dear(took: Duration, wait: Duration) -> bool {
+    took * 10 > wait
 }
 
 /// Records handled per wake-up before signals and the loss report get a turn.
@@ -675,28 +685,30 @@ impl Pipeline<'_> {
 
     /// Scans every namespace, on the event loop: the first scan, which must
     /// end before tracing is announced, so that what it finds half-closed
-    /// and the overflows it counts predate tracing.
-    fn first_scan(&mut self, opts: &TraceOptions) -> io::Result<()> {
+    /// and the overflows it counts predate tracing. Returns the wait before
+    /// the next scan.
+    fn first_scan(&mut self, opts: &TraceOptions) -> io::Result<Duration> {
         let scan = self.namespace_walk(opts)();
         self.scanned(opts, scan)
     }
 
     /// Resolves what moved on since the last dump, reports the stuck, and
-    /// warns of new listen-queue overflows.
-    fn scanned(&mut self, opts: &TraceOptions, scan: Scan) -> io::Result<()> {
+    /// warns of new listen-queue overflows. Returns the wait before the
+    /// next scan (`wait_after_scan`).
+    fn scanned(&mut self, opts: &TraceOptions, scan: Scan) -> io::Result<Duration> {
         for warning in self.overflows.sample(Instant::now(), &scan.overflows) {
             log::warn!("{warning}");
         }
         self.metrics.listen_overflows(&scan.overflows);
         self.metrics.scanned(scan.took, scan.namespaces);
-        let every = scan_every(opts);
-        if scans_are_dear(scan.took, every) && !self.counts.scans_warned {
+        let wait = wait_after_scan(scan.took, opts.stuck_after);
+        if scans_are_dear(scan.took, wait) && !self.counts.scans_warned {
             self.counts.scans_warned = true;
             log::warn!(
-                "a scan for stuck half-closed connections took {} ms over {} network namespaces, and one runs every {} ms: the kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace. A longer --stuck-after spaces scans out, and --netns scans one namespace (tcprst_scan_seconds_total)",
+                "a scan for stuck half-closed connections took {} ms over {} network namespaces, and scans cannot be further apart than {} ms (half of --stuck-after): the kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace. A longer --stuck-after lets scans space out, and --netns scans one namespace (tcprst_scan_seconds_total)",
                 scan.took.as_millis(),
                 scan.namespaces,
-                every.as_millis()
+                wait.as_millis()
             );
         }
         let now = scan.began;
@@ -771,7 +783,8 @@ impl Pipeline<'_> {
         }));
         self.metrics
             .tracker(self.tracker.tracked(), self.tracker.untracked);
-        self.sink.flush()
+        self.sink.flush()?;
+        Ok(wait)
     }
 
     /// What tcprst could not do or decide, since start.
@@ -960,9 +973,12 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // The first scan, before tracing is announced, finds what was already
     // half-closed: only those ages are lower bounds.
-    pipeline.first_scan(&opts)?;
-    let scan_every = scan_every(&opts);
-    let mut scan_tick = interval_at(tokio::time::Instant::now() + scan_every, scan_every);
+    let first_wait = pipeline.first_scan(&opts)?;
+    // Each scan sets the wait before the next (`wait_after_scan`).
+    let mut scan_tick = interval_at(
+        tokio::time::Instant::now() + first_wait,
+        scan_every(opts.stuck_after),
+    );
     let mut walk: Option<tokio::task::JoinHandle<Scan>> = None;
     scan_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut drain_tick = interval(DRAIN_EVERY);
@@ -1008,7 +1024,8 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
                 }
                 found = async { walk.as_mut().expect("guarded by is_some").await }, if walk.is_some() => {
                     walk = None;
-                    pipeline.scanned(&opts, found.map_err(io::Error::other)?)?;
+                    let wait = pipeline.scanned(&opts, found.map_err(io::Error::other)?)?;
+                    scan_tick.reset_after(wait);
                 }
                 _ = tally_tick.tick() => pipeline.aggregates(read_tallies(tallies.turn()))?,
                 Some(answer) = next_answer(&mut answers) => pipeline.conntrack_answer(answer)?,
@@ -1193,15 +1210,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scans_are_dear_past_a_tenth_of_their_interval() {
-        let every = Duration::from_secs(5);
-        assert!(!scans_are_dear(Duration::from_millis(40), every));
-        assert!(!scans_are_dear(Duration::from_millis(500), every));
-        assert!(scans_are_dear(Duration::from_millis(501), every));
-        // Scans every 100 ms (--stuck-after 200ms) are dear sooner.
-        assert!(scans_are_dear(
-            Duration::from_millis(20),
-            Duration::from_millis(100)
+    fn slow_scans_space_out_up_to_half_of_stuck_after() {
+        let ms = Duration::from_millis;
+        let default = Duration::from_secs(30);
+        // Cheap scans come every 5 s.
+        assert_eq!(wait_after_scan(ms(40), default), ms(5_000));
+        // A scan of 1.2 s waits 12 s, so that scanning takes a tenth of a
+        // CPU; one of 3 s waits no longer than 15 s, and is still dear.
+        assert_eq!(wait_after_scan(ms(1_200), default), ms(12_000));
+        assert!(!scans_are_dear(
+            ms(1_200),
+            wait_after_scan(ms(1_200), default)
         ));
+        assert_eq!(wait_after_scan(ms(3_000), default), ms(15_000));
+        assert!(scans_are_dear(
+            ms(3_000),
+            wait_after_scan(ms(3_000), default)
+        ));
+        // Below 10 s, scans come at half of --stuck-after, however slow.
+        let short = Duration::from_secs(1);
+        assert_eq!(wait_after_scan(ms(300), short), ms(500));
+        assert!(scans_are_dear(ms(300), ms(500)));
+        assert!(!scans_are_dear(ms(50), ms(500)));
     }
 }
