@@ -1,6 +1,12 @@
 //! Userspace cost per reset record (#11): decoding alone, and decoding plus
-//! the NDJSON line, over records a real `tcprst trace` dumped with
-//! `TCPRST_DUMP_RECORDS` (they are also the decoder's fuzz seeds).
+//! the NDJSON line, over two streams of records a real `tcprst trace`
+//! dumped with `TCPRST_DUMP_RECORDS`:
+//! - `fuzz/seeds/decode_record/` (the decoder's fuzz seeds): resets of
+//!   every kind, each of its own key, so what one line renders is of no
+//!   use to the next;
+//! - `tcprst/testdata/storm-records/`: 64 records of a refused-connect
+//!   storm in a namespace (`tcprst-loadgen rst`), which alternate between
+//!   two keys, as a storm's lines do.
 //!
 //! Criterion times one record per iteration, cycling through the stream, so
 //! its time per iteration is the CPU time one record costs. Allocations per record
@@ -64,8 +70,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn recorded_stream() -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/decode_record");
+fn recorded_stream(from_manifest: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(from_manifest);
     let mut paths: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|entry| entry.unwrap().path())
@@ -148,34 +154,40 @@ fn allocations_per_record(stream: &[Vec<u8>], mut each: impl FnMut(&[u8])) -> f6
 }
 
 fn records(c: &mut Criterion) {
-    let stream = recorded_stream();
-    let mut pipeline = Pipeline::new();
-    let decode = allocations_per_record(&stream, |r| drop(black_box(pipeline.decode(r))));
-    let line = allocations_per_record(&stream, |r| pipeline.line(r));
-    println!(
-        "{} recorded records; allocations per record: decode {decode:.2}, decode+json {line:.2}",
-        stream.len()
-    );
+    for (name, dir) in [
+        ("", "../fuzz/seeds/decode_record"),
+        ("storm ", "testdata/storm-records"),
+    ] {
+        let stream = recorded_stream(dir);
+        let mut pipeline = Pipeline::new();
+        let decode = allocations_per_record(&stream, |r| drop(black_box(pipeline.decode(r))));
+        let line = allocations_per_record(&stream, |r| pipeline.line(r));
+        println!(
+            "{}: {} recorded records; allocations per record: decode {decode:.2}, decode+json {line:.2}",
+            dir,
+            stream.len()
+        );
 
-    let mut next = stream.iter().cycle();
-    c.bench_function("decode", |b| {
-        b.iter_custom(|iters| {
-            on_cpu(|| {
-                for _ in 0..iters {
-                    black_box(pipeline.decode(next.next().unwrap()));
-                }
+        let mut next = stream.iter().cycle();
+        c.bench_function(&format!("{name}decode"), |b| {
+            b.iter_custom(|iters| {
+                on_cpu(|| {
+                    for _ in 0..iters {
+                        black_box(pipeline.decode(next.next().unwrap()));
+                    }
+                })
             })
-        })
-    });
-    c.bench_function("decode+json", |b| {
-        b.iter_custom(|iters| {
-            on_cpu(|| {
-                for _ in 0..iters {
-                    pipeline.line(black_box(next.next().unwrap()));
-                }
+        });
+        c.bench_function(&format!("{name}decode+json"), |b| {
+            b.iter_custom(|iters| {
+                on_cpu(|| {
+                    for _ in 0..iters {
+                        pipeline.line(black_box(next.next().unwrap()));
+                    }
+                })
             })
-        })
-    });
+        });
+    }
 }
 
 /// The CPU time this thread spent in `f`. Wall time would count the time
