@@ -33,11 +33,15 @@ use crate::{
     host::conntrack::{Found, Tuple},
     host::{cgroup::CgroupInfo, enrich::Attribution, k8s::PodMeta, runtimes::ContainerMeta},
     memo::same_value,
-    model::event::{CloseOp, Initiator, Task},
+    model::event::{
+        CloseOp, Errno, ExecContext, Initiator, NfHook, Process, RstEvent, RstKind, Task, TcpState,
+    },
     model::{flow::push_flow, text::push_ip},
+    pipeline::diagnosis::RstDiagnosis,
     pipeline::origin::Origin,
     pipeline::tracker::Connection,
 };
+use tcprst_common::{AttachTier, ResetHook};
 
 pub struct JsonSink {
     lines: Lines,
@@ -45,6 +49,7 @@ pub struct JsonSink {
     node: Rendered,
     stamps: StampCache,
     places: Places,
+    runs: RunsCache,
 }
 
 impl JsonSink {
@@ -57,6 +62,7 @@ impl JsonSink {
             node: Rendered::new(&*node),
             stamps: StampCache::default(),
             places: Places::default(),
+            runs: RunsCache::default(),
         }
     }
 }
@@ -137,6 +143,11 @@ impl<'a> Object<'a> {
             self.out[at] = b'{';
         }
         self
+    }
+
+    /// Where the next field will start in the buffer.
+    fn written(&self) -> usize {
+        self.out.len()
     }
 
     fn end(&mut self) {
@@ -406,11 +417,21 @@ impl Endpoints {
     }
 
     fn fields(&self, o: &mut Object) {
+        self.local_addr_fields(o);
+        o.field(key!("local_port"), &self.local_port);
+        self.remote_addr_field(o);
+        o.field(key!("remote_port"), &self.remote_port);
+    }
+
+    /// The fields before the local port, which a reset line shares with
+    /// every reset of its key (`KeyRuns`), as it does the remote address.
+    fn local_addr_fields(&self, o: &mut Object) {
         o.field(key!("family"), &self.family)
-            .field(key!("local_addr"), &self.local_addr)
-            .field(key!("local_port"), &self.local_port)
-            .field(key!("remote_addr"), &self.remote_addr)
-            .field(key!("remote_port"), &self.remote_port);
+            .field(key!("local_addr"), &self.local_addr);
+    }
+
+    fn remote_addr_field(&self, o: &mut Object) {
+        o.field(key!("remote_addr"), &self.remote_addr);
     }
 }
 
@@ -727,28 +748,41 @@ impl Json for AggregateJson<'_> {
     }
 }
 
+/// A reset line: the fields each reset has of its own, between the runs of
+/// fields that its key fixes (`KeyRuns`).
 struct RstJson<'a> {
     time: Stamp,
-    kind: Name,
-    /// The resets this record stands for: 1, or an aggregate's count.
-    count: u64,
-    aggregate: Option<AggregateJson<'a>>,
-    endpoints: Endpoints,
+    local_port: u16,
+    remote_port: u16,
     /// Both ends in a fixed order: the key another node's record of the
     /// same reset shares (`tcprst correlate`).
     flow: Flow,
-    state: Option<Name>,
-    reason: Option<&'a str>,
-    errno: Option<Name>,
     socket_cookie: Option<u64>,
-    netns: Option<u32>,
-    context: Name,
     pid: Option<u32>,
     tid: Option<u32>,
     comm: Option<&'a str>,
     uid: Option<u32>,
     initiator: Option<InitiatorJson<'a>>,
     history: Vec<StepJson<'a>>,
+    shared: &'a KeyRuns,
+}
+
+/// The fields of a reset line that every reset of one key has alike:
+/// every one but the time, the ports and flow, the cookie, the task and
+/// the connection's history. In a storm they are most of the line, and
+/// the same from one reset to the next (#11), so they are rendered once
+/// per key (`KeyRuns`) and copied.
+struct SharedFields<'a> {
+    kind: Name,
+    /// The resets this record stands for: 1, or an aggregate's count.
+    count: u64,
+    aggregate: Option<AggregateJson<'a>>,
+    endpoints: Endpoints,
+    state: Option<Name>,
+    reason: Option<&'a str>,
+    errno: Option<Name>,
+    netns: Option<u32>,
+    context: Name,
     diagnosis: Option<&'a str>,
     cause: Option<Name>,
     caller: Option<&'a str>,
@@ -826,35 +860,33 @@ impl<'a> RstJson<'a> {
         node: &'a Rendered,
         stamps: &mut StampCache,
         places: &mut Places,
+        runs: &'a mut RunsCache,
     ) -> Self {
         let ev = &report.ev;
         let task: Option<&Task> = ev.task.as_ref();
         let conn = report.conn.as_ref();
-        Self {
-            time: stamps.stamp(ev.time),
+        let who = WhoJson::new(&report.attribution, places);
+        let peer = report.peer.as_ref().map(|p| PeerJson {
+            netns: p.netns,
+            who: WhoJson::new(&p.attribution, places),
+        });
+        let aggregate = ev.aggregate.as_ref().map(|a| AggregateJson {
+            first_time: stamps.stamp(a.first),
+            ports: &a.ports,
+        });
+        let shared = runs.of(report, who, peer, |who, peer| SharedFields {
             kind: Name(match ev.aggregate {
                 Some(_) => ev.kind.aggregate_name(),
                 None => ev.kind.name(),
             }),
             count: ev.resets(),
-            aggregate: ev.aggregate.as_ref().map(|a| AggregateJson {
-                first_time: stamps.stamp(a.first),
-                ports: &a.ports,
-            }),
+            aggregate,
             endpoints: Endpoints::new(ev.local, ev.remote),
-            flow: Flow(ev.local, ev.remote),
             state: ev.state.map(|s| Name(s.name())),
             reason: ev.reason.as_deref(),
             errno: ev.errno.map(|e| Name(e.name())),
-            socket_cookie: ev.sock_cookie,
             netns: ev.netns,
             context: Name(ev.context.name()),
-            pid: task.map(|t| t.pid),
-            tid: task.map(|t| t.tid),
-            comm: task.map(|t| &*t.comm),
-            uid: task.map(|t| t.uid),
-            initiator: initiator(conn, ev.time),
-            history: history(conn, ev.time),
             diagnosis: report.diagnosis.as_ref().map(|d| &*d.text),
             cause: report.diagnosis.as_ref().map(|d| Name(d.cause.name())),
             caller: report.caller.as_deref(),
@@ -864,54 +896,267 @@ impl<'a> RstJson<'a> {
             nf_hook: ev.nf_hook.map(|h| Name(h.name())),
             origin: report.origin.as_ref().map(Origin::text),
             node,
-            who: WhoJson::new(&report.attribution, places),
-            peer: report.peer.as_ref().map(|p| PeerJson {
-                netns: p.netns,
-                who: WhoJson::new(&p.attribution, places),
-            }),
+            who,
+            peer,
             nat: report
                 .conntrack
                 .as_ref()
                 .filter(|found| found.entry.natted())
                 .map(NatJson::new),
+        });
+        Self {
+            time: stamps.stamp(ev.time),
+            local_port: ev.local.port(),
+            remote_port: ev.remote.port(),
+            flow: Flow(ev.local, ev.remote),
+            socket_cookie: ev.sock_cookie,
+            pid: task.map(|t| t.pid),
+            tid: task.map(|t| t.tid),
+            comm: task.map(|t| &*t.comm),
+            uid: task.map(|t| t.uid),
+            initiator: initiator(conn, ev.time),
+            history: history(conn, ev.time),
+            shared,
         }
     }
 }
 
 impl Json for RstJson<'_> {
     fn write(&self, out: &mut Vec<u8>) {
-        let mut o = Object::new(out);
-        o.field(key!("time"), &self.time)
-            .field(key!("kind"), &self.kind)
-            .field(key!("count"), &self.count)
-            .field(key!("aggregate"), &self.aggregate);
-        self.endpoints.fields(&mut o);
-        o.field(key!("flow"), &self.flow)
-            .field(key!("state"), &self.state)
-            .field(key!("reason"), &self.reason)
-            .field(key!("errno"), &self.errno)
+        let [head, remote_addr, reason, place, tail] = self.shared.runs();
+        Object::new(out)
+            .field(key!("time"), &self.time)
+            .rendered_fields(head)
+            .field(key!("local_port"), &self.local_port)
+            .rendered_fields(remote_addr)
+            .field(key!("remote_port"), &self.remote_port)
+            .field(key!("flow"), &self.flow)
+            .rendered_fields(reason)
             .field(key!("socket_cookie"), &self.socket_cookie)
-            .field(key!("netns"), &self.netns)
-            .field(key!("context"), &self.context)
+            .rendered_fields(place)
             .field(key!("pid"), &self.pid)
             .field(key!("tid"), &self.tid)
             .field(key!("comm"), &self.comm)
             .field(key!("uid"), &self.uid)
             .field(key!("initiator"), &self.initiator)
             .field(key!("history"), &self.history)
-            .field(key!("diagnosis"), &self.diagnosis)
-            .field(key!("cause"), &self.cause)
-            .field(key!("caller"), &self.caller)
-            .field(key!("stack"), &self.stack)
-            .field(key!("hook"), &self.hook)
-            .field(key!("tier"), &self.tier)
-            .field(key!("nf_hook"), &self.nf_hook)
-            .field(key!("origin"), &self.origin.as_deref())
-            .field(key!("node"), self.node);
-        self.who.fields(&mut o);
-        o.field(key!("peer"), &self.peer)
-            .field(key!("nat"), &self.nat)
+            .rendered_fields(tail)
             .end();
+    }
+}
+
+/// A key's shared fields (`SharedFields`) rendered, as the five runs a
+/// reset line puts them in, one after the other.
+#[derive(Default)]
+struct KeyRuns {
+    bytes: Vec<u8>,
+    /// Where each run ends in `bytes`.
+    ends: [usize; 5],
+}
+
+impl KeyRuns {
+    fn render(&mut self, fields: &SharedFields) {
+        let f = fields;
+        self.bytes.clear();
+        let mut o = Object::continuing(&mut self.bytes);
+        o.field(key!("kind"), &f.kind)
+            .field(key!("count"), &f.count)
+            .field(key!("aggregate"), &f.aggregate);
+        f.endpoints.local_addr_fields(&mut o);
+        let head = o.written();
+        f.endpoints.remote_addr_field(&mut o);
+        let remote_addr = o.written();
+        o.field(key!("state"), &f.state)
+            .field(key!("reason"), &f.reason)
+            .field(key!("errno"), &f.errno);
+        let reason = o.written();
+        o.field(key!("netns"), &f.netns)
+            .field(key!("context"), &f.context);
+        let place = o.written();
+        o.field(key!("diagnosis"), &f.diagnosis)
+            .field(key!("cause"), &f.cause)
+            .field(key!("caller"), &f.caller)
+            .field(key!("stack"), &f.stack)
+            .field(key!("hook"), &f.hook)
+            .field(key!("tier"), &f.tier)
+            .field(key!("nf_hook"), &f.nf_hook)
+            .field(key!("origin"), &f.origin.as_deref())
+            .field(key!("node"), f.node);
+        f.who.fields(&mut o);
+        o.field(key!("peer"), &f.peer).field(key!("nat"), &f.nat);
+        let tail = o.written();
+        self.ends = [head, remote_addr, reason, place, tail];
+    }
+
+    fn runs(&self) -> [&[u8]; 5] {
+        let mut start = 0;
+        self.ends.map(|end| {
+            let run = &self.bytes[start..end];
+            start = end;
+            run
+        })
+    }
+}
+
+/// The runs of the keys reset lines had lately. A storm alternates
+/// between a few keys (the sent and the received reset of each
+/// connection, a few listeners), each of whose resets differ only in the
+/// ports, the cookie and the task.
+#[derive(Default)]
+struct RunsCache {
+    slots: [Option<(RunsKey, KeyRuns)>; RUN_SLOTS],
+    /// For a line no key stands for: an aggregate (its count), a whole
+    /// stack, a NAT'd connection's conntrack entry.
+    once: KeyRuns,
+}
+
+const RUN_SLOTS: usize = 16;
+
+impl RunsCache {
+    /// The runs of `report`'s key, rendered from `fields` unless they are
+    /// cached.
+    fn of<'a>(
+        &mut self,
+        report: &RstReport,
+        who: WhoJson<'a>,
+        peer: Option<PeerJson<'a>>,
+        fields: impl FnOnce(WhoJson<'a>, Option<PeerJson<'a>>) -> SharedFields<'a>,
+    ) -> &KeyRuns {
+        let ev = &report.ev;
+        let keyed = ev.aggregate.is_none()
+            && report.stack.is_none()
+            && !report
+                .conntrack
+                .as_ref()
+                .is_some_and(|found| found.entry.natted());
+        if !keyed {
+            self.once.render(&fields(who, peer));
+            return &self.once;
+        }
+        let slot = &mut self.slots[RunsKey::slot(ev)];
+        let cached = slot
+            .as_ref()
+            .is_some_and(|(key, _)| key.is(report, &who, peer.as_ref()));
+        if !cached {
+            let key = RunsKey::of(report, &who, peer.as_ref());
+            let mut runs = slot.take().map(|(_, runs)| runs).unwrap_or_default();
+            runs.render(&fields(who, peer));
+            *slot = Some((key, runs));
+        }
+        &slot.as_ref().expect("filled above").1
+    }
+}
+
+/// What a reset line's shared fields are rendered from, short of the
+/// node, which is the sink's. Places are compared by address, as
+/// `Places` hands out one `Rc` for each place it has rendered.
+struct RunsKey {
+    kind: RstKind,
+    local: IpAddr,
+    remote: IpAddr,
+    state: Option<TcpState>,
+    reason: Option<Arc<str>>,
+    errno: Option<Errno>,
+    netns: Option<u32>,
+    context: ExecContext,
+    diagnosis: Option<RstDiagnosis>,
+    caller: Option<Arc<str>>,
+    hook: ResetHook,
+    tier: AttachTier,
+    nf_hook: Option<NfHook>,
+    origin: Option<Origin>,
+    who: WhoKey,
+    peer: Option<(Option<u32>, WhoKey)>,
+}
+
+struct WhoKey {
+    place: Rc<[u8]>,
+    owner: Option<Process>,
+}
+
+impl WhoKey {
+    fn of(a: &Attribution, who: &WhoJson) -> Self {
+        Self {
+            place: who.place.clone(),
+            owner: a.owner.clone(),
+        }
+    }
+
+    fn is(&self, a: &Attribution, who: &WhoJson) -> bool {
+        Rc::ptr_eq(&self.place, &who.place) && self.owner == a.owner
+    }
+}
+
+impl RunsKey {
+    /// A slot for `ev`'s key, from the parts that tell a storm's keys
+    /// apart.
+    fn slot(ev: &RstEvent) -> usize {
+        let mixed = (ip_bits(ev.local.ip()) ^ ip_bits(ev.remote.ip()).rotate_left(32))
+            ^ ((ev.kind as u64) << 8 | ev.state.map_or(0, |s| s as u64 + 1));
+        (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % RUN_SLOTS
+    }
+
+    fn of(report: &RstReport, who: &WhoJson, peer: Option<&PeerJson>) -> Self {
+        let ev = &report.ev;
+        Self {
+            kind: ev.kind,
+            local: ev.local.ip(),
+            remote: ev.remote.ip(),
+            state: ev.state,
+            reason: ev.reason.clone(),
+            errno: ev.errno,
+            netns: ev.netns,
+            context: ev.context,
+            diagnosis: report.diagnosis.clone(),
+            caller: report.caller.clone(),
+            hook: ev.hook,
+            tier: ev.tier,
+            nf_hook: ev.nf_hook,
+            origin: report.origin.clone(),
+            who: WhoKey::of(&report.attribution, who),
+            peer: report
+                .peer
+                .as_ref()
+                .zip(peer)
+                .map(|(p, json)| (p.netns, WhoKey::of(&p.attribution, &json.who))),
+        }
+    }
+
+    fn is(&self, report: &RstReport, who: &WhoJson, peer: Option<&PeerJson>) -> bool {
+        let ev = &report.ev;
+        self.kind == ev.kind
+            && self.local == ev.local.ip()
+            && self.remote == ev.remote.ip()
+            && self.state == ev.state
+            && self.reason == ev.reason
+            && self.errno == ev.errno
+            && self.netns == ev.netns
+            && self.context == ev.context
+            && self.diagnosis == report.diagnosis
+            && self.caller == report.caller
+            && self.hook == ev.hook
+            && self.tier == ev.tier
+            && self.nf_hook == ev.nf_hook
+            && self.origin == report.origin
+            && self.who.is(&report.attribution, who)
+            && match (&self.peer, report.peer.as_ref().zip(peer)) {
+                (Some((netns, kept)), Some((p, json))) => {
+                    *netns == p.netns && kept.is(&p.attribution, &json.who)
+                }
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+/// An address's bits, folded to 64 for `RunsKey::slot`.
+fn ip_bits(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => u64::from(v4.to_bits()),
+        IpAddr::V6(v6) => {
+            let bits = v6.to_bits();
+            (bits >> 64) as u64 ^ bits as u64
+        }
     }
 }
 
@@ -998,7 +1243,13 @@ impl Json for LostJson<'_> {
 
 impl Sink for JsonSink {
     fn rst(&mut self, report: &RstReport) -> io::Result<()> {
-        let line = RstJson::new(report, &self.node, &mut self.stamps, &mut self.places);
+        let line = RstJson::new(
+            report,
+            &self.node,
+            &mut self.stamps,
+            &mut self.places,
+            &mut self.runs,
+        );
         self.lines.write(&line)
     }
 
@@ -1271,6 +1522,94 @@ mod tests {
                 "\n"
             )
         );
+    }
+
+    /// A storm's resets of one key, and resets that differ from them in one
+    /// part of the key each: every line written by one sink, whose runs
+    /// are cached, is the line a new sink writes for that reset alone.
+    #[test]
+    fn a_key_s_runs_serve_only_resets_of_that_key() {
+        // One place for every reset, as the enricher shares it.
+        let place = attribution();
+        let storm = |port: u16, at: u64| {
+            let mut ev = reset(RstKind::Sent, t(at), None, Some("NO_SOCKET"));
+            ev.remote.set_port(port);
+            let mut report = bare_report(ev);
+            report.diagnosis = diagnosis::rst(
+                &report.ev,
+                &RstContext::of(&report.ev),
+                &diagnosis::KernelView::default(),
+            );
+            report.caller = Some("tcp_v4_rcv".into());
+            report.attribution = place.clone();
+            report
+        };
+        let name: Arc<str> = "other".into();
+        let variants: Vec<fn(&mut RstReport, &Arc<str>)> = vec![
+            |_, _| {},
+            |r, _| r.ev.kind = RstKind::Received,
+            |r, _| r.ev.local.set_ip("10.9.9.9".parse().unwrap()),
+            |r, _| r.ev.remote.set_ip("::1".parse().unwrap()),
+            |r, _| r.ev.state = Some(TcpState::Established),
+            |r, _| r.ev.reason = Some("TCP_ABORT_ON_CLOSE".into()),
+            |r, _| r.ev.errno = Some(Errno::ConnReset),
+            |r, _| r.ev.netns = Some(7),
+            |r, _| r.ev.context = ExecContext::Process,
+            |r, _| r.diagnosis = None,
+            |r, _| r.diagnosis.as_mut().unwrap().text = "another text".into(),
+            |r, _| r.caller = Some("tcp_v6_rcv".into()),
+            |r, _| r.ev.hook = ResetHook::V4SendReset,
+            |r, _| r.ev.tier = AttachTier::Kprobe,
+            |r, _| r.ev.nf_hook = Some(NfHook::Input),
+            |r, _| r.origin = Some(Origin::LocalTcp),
+            |r, name| r.attribution.netns_name = Some(name.clone()),
+            |r, _| r.attribution.owner.as_mut().unwrap().pid = 8,
+            |r, _| r.attribution.owner.as_mut().unwrap().comm = "nginx".into(),
+            |r, _| r.attribution.owner = None,
+            |r, _| {
+                r.peer = Some(Peer {
+                    sent_reason: None,
+                    netns: Some(5),
+                    attribution: Attribution::default(),
+                })
+            },
+            |r, _| r.stack = Some(["tcp_v4_send_reset"].map(Arc::from).into()),
+            |r, _| {
+                r.ev.aggregate = Some(crate::model::event::Aggregate {
+                    count: 9,
+                    first: t(1),
+                    last: t(2),
+                    ports: vec![1, 2],
+                })
+            },
+        ];
+        let buf = Shared::default();
+        let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
+        let mut expected = String::new();
+        for (i, change) in variants.iter().enumerate() {
+            // Each variant between two resets of the storm's key.
+            for (port, change) in [
+                (40000, None),
+                (40001 + i as u16, Some(change)),
+                (50000, None),
+            ] {
+                let mut report = storm(port, 10 + i as u64);
+                if let Some(change) = change {
+                    change(&mut report, &name);
+                }
+                sink.rst(&report).unwrap();
+                let alone = Shared::default();
+                JsonSink::new(Box::new(alone.clone()), "node-a".into())
+                    .rst(&report)
+                    .unwrap();
+                expected.push_str(&alone.text());
+            }
+        }
+        let written = buf.text();
+        for (i, (got, want)) in written.lines().zip(expected.lines()).enumerate() {
+            assert_eq!(got, want, "line {i}");
+        }
+        assert_eq!(written.lines().count(), 3 * variants.len());
     }
 
     #[test]
