@@ -3,9 +3,14 @@
 //! One tp_btf program on `inet_sock_set_state` returns at its first compare
 //! for every state change but the few a close goes through. By default it
 //! writes a `CloseNote` into its CPU's ring when a process shuts down or
-//! closes a connection (or exits holding it), and at the steps after
+//! closes an open connection (or exits holding it), and at the steps after
 //! (FIN_WAIT2, CLOSING), and when such a close ends (CLOSE): no
-//! allocation and nothing to free. Userspace reads the rings as they fill
+//! allocation and nothing to free. A close that answers the peer's FIN
+//! (CLOSE_WAIT to LAST_ACK) gets no note: it is how a server's connection
+//! ends when its client closes first, and only the peer can leave it stuck
+//! (by never acknowledging our FIN), which a scan finds. Its start and end
+//! were two of the five notes of such a connection, and the dearer of its
+//! two starts (#10). Userspace reads the rings as they fill
 //! and keeps the notes of the closes that have not ended. With `--history`
 //! (`Settings::every_transition`) every state change of every socket goes
 //! into a `CloseMark` in the socket's own storage, freed with the socket;
@@ -77,7 +82,7 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     // (const struct sock *sk, const int oldstate, const int newstate)
     let new: i32 = ctx.arg(2);
     let every = global!(SETTINGS.every_transition) != 0;
-    let starts_close = new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK;
+    let starts_close = new == TCP_FIN_WAIT1 || (every && new == TCP_LAST_ACK);
     let follows_close = new == TCP_FIN_WAIT2 || new == TCP_CLOSING;
     if !(starts_close || follows_close || new == TCP_CLOSE || every) {
         return 0;
@@ -118,7 +123,8 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Whether a step from `old` to CLOSE ends a close that was noted. From
+/// Whether a step from `old` to CLOSE ends a close that was noted: one
+/// that began in FIN_WAIT1, never LAST_ACK (see the module). From
 /// FIN_WAIT2, a socket a process still holds goes on to TIME_WAIT (the
 /// peer's FIN came) or dies; an orphan may instead live on as a timewait
 /// socket still in FIN_WAIT2 (`tcp_time_wait(sk, TCP_FIN_WAIT2, …)`, until
@@ -129,7 +135,7 @@ pub fn tcprst_close_mark(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn ends_close(old: i32, sk: *mut core::ffi::c_void) -> bool {
     match old {
-        TCP_FIN_WAIT1 | TCP_CLOSING | TCP_LAST_ACK => true,
+        TCP_FIN_WAIT1 | TCP_CLOSING => true,
         TCP_FIN_WAIT2 => sock_socket(TypedLoad, sk as u64).is_none_or(|socket| socket != 0),
         _ => false,
     }

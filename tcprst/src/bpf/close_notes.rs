@@ -457,8 +457,8 @@ mod tests {
                 seq,
                 cookie,
                 close_op::CLOSE,
-                TcpState::CloseWait,
-                TcpState::LastAck,
+                TcpState::Established,
+                TcpState::FinWait1,
             )
         }
     }
@@ -507,9 +507,9 @@ mod tests {
     #[test]
     fn a_slot_not_yet_written_is_read_later_and_one_taken_by_a_later_note_is_lost() {
         use TcpState::*;
-        let whole = note(5, 7, close_op::CLOSE, CloseWait, LastAck);
+        let whole = note(5, 7, close_op::CLOSE, Established, FinWait1);
         let writing = being_written(6, 8);
-        let later = note(7 + SLOTS, 9, close_op::CLOSE, CloseWait, LastAck);
+        let later = note(7 + SLOTS, 9, close_op::CLOSE, Established, FinWait1);
         let rings = rings(&[(1, whole), (1, writing), (1, later)], [0, 8 + SLOTS]);
         assert_eq!(rings.read(1, 5), Slot::Note(whole));
         // The same slot of the other CPU's ring: nothing written there yet.
@@ -534,9 +534,9 @@ mod tests {
                 0,
                 note(0, client, close_op::SHUTDOWN, Established, FinWait1),
             ),
-            (0, note(1, other, close_op::CLOSE, CloseWait, LastAck)),
-            (0, note(2, server, close_op::CLOSE, CloseWait, LastAck)),
-            (0, note(3, other, close_op::NONE, LastAck, Close)),
+            (0, note(1, other, close_op::CLOSE, Established, FinWait1)),
+            (0, note(2, server, close_op::CLOSE, Established, FinWait1)),
+            (0, note(3, other, close_op::NONE, FinWait1, Close)),
             (1, note(0, client, close_op::NONE, FinWait1, FinWait2)),
         ];
         let mut reader = CloseNotes::reading(rings(&notes, [4, 1]), Vec::new());
@@ -556,7 +556,7 @@ mod tests {
         // A reset on a socket whose close ended finds its notes in the
         // rings, without the end.
         let mark = reader.mark_of(other).unwrap();
-        assert_eq!((mark.first_state, mark.steps), (CloseWait as u8, 1));
+        assert_eq!((mark.first_state, mark.steps), (Established as u8, 1));
         assert_eq!(reader.mark_of(12345), None);
         assert_eq!(reader.overwritten(), 0);
     }
@@ -651,9 +651,12 @@ mod tests {
         // The ring went round before the next read: the note being
         // written then and the one after it are gone.
         let mut later: Vec<_> = (3..SLOTS + 2)
-            .map(|seq| (0, note(seq, 5, close_op::NONE, LastAck, Close)))
+            .map(|seq| (0, note(seq, 5, close_op::NONE, FinWait1, Close)))
             .collect();
-        later.push((0, note(SLOTS + 2, 90, close_op::CLOSE, CloseWait, LastAck)));
+        later.push((
+            0,
+            note(SLOTS + 2, 90, close_op::CLOSE, Established, FinWait1),
+        ));
         reader.rings = rings(&later, [SLOTS + 3, 0]);
         reader.read();
         assert_eq!(reader.overwritten(), 2);
@@ -696,8 +699,8 @@ mod tests {
     #[test]
     fn a_mark_keeps_as_many_steps_as_the_kernel_would() {
         use TcpState::*;
-        let mut notes = vec![note(0, 7, close_op::CLOSE, CloseWait, LastAck)];
-        notes.extend((1..10).map(|seq| note(seq, 7, close_op::NONE, LastAck, Closing)));
+        let mut notes = vec![note(0, 7, close_op::CLOSE, Established, FinWait1)];
+        notes.extend((1..10).map(|seq| note(seq, 7, close_op::NONE, FinWait1, Closing)));
         assert_eq!(close_mark(&notes).unwrap().steps as usize, MARK_STEPS);
     }
 
