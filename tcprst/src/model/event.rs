@@ -273,7 +273,17 @@ impl Process {
 
 /// `comm[pid]`, the way people name processes.
 pub(crate) fn process_label(pid: impl std::fmt::Display, comm: &str) -> String {
-    format!("{comm}[{pid}]")
+    Label(pid, comm).to_string()
+}
+
+/// A process as people read it, "comm[pid]", written where it is wanted
+/// rather than into a String of its own first.
+pub(crate) struct Label<'a, Pid>(pub Pid, pub &'a str);
+
+impl<Pid: std::fmt::Display> std::fmt::Display for Label<'_, Pid> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.1, self.0)
+    }
 }
 
 /// The direction `shutdown(2)` closed.
@@ -312,11 +322,13 @@ pub enum CloseOp {
 }
 
 impl CloseOp {
-    pub(crate) fn name(self) -> String {
+    pub(crate) fn name(self) -> &'static str {
         match self {
-            Self::Shutdown(how) => format!("shutdown({})", how.name()),
-            Self::Close => "close()".to_owned(),
-            Self::Exit => "process exit".to_owned(),
+            Self::Shutdown(ShutHow::Read) => "shutdown(SHUT_RD)",
+            Self::Shutdown(ShutHow::Write) => "shutdown(SHUT_WR)",
+            Self::Shutdown(ShutHow::Both) => "shutdown(SHUT_RDWR)",
+            Self::Close => "close()",
+            Self::Exit => "process exit",
         }
     }
 }
@@ -330,7 +342,12 @@ pub struct Initiator {
 
 impl std::fmt::Display for Initiator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} by {}", self.op.name(), self.task.label())
+        write!(
+            f,
+            "{} by {}",
+            self.op.name(),
+            Label(self.task.pid, &self.task.comm)
+        )
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 use crate::{
     host::conntrack::Found,
     host::sockdiag::AcceptQueue,
-    model::event::{CloseOp, RstEvent, RstKind, ShutHow, TcpState},
+    model::event::{CloseOp, Label, RstEvent, RstKind, ShutHow, TcpState},
     model::text::{around_addr, short},
     pipeline::tracker::{Connection, Resolved, RstContext},
 };
@@ -354,6 +354,18 @@ impl KernelView<'_> {
     }
 }
 
+/// `format!` into a String sized once for a diagnosis: they run to 100-300
+/// bytes, and `format!` sizes its String from the literal pieces alone, so
+/// it grew, a copy at a time, several times per reset (#11).
+macro_rules! text {
+    ($($arg:tt)*) => {{
+        let mut text = String::with_capacity(320);
+        std::fmt::Write::write_fmt(&mut text, format_args!($($arg)*))
+            .expect("writing into a String cannot fail");
+        text
+    }};
+}
+
 /// Why a reset happened, where the socket, its close mark or the kernel
 /// says.
 pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Option<RstDiagnosis> {
@@ -364,16 +376,16 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
     if ctx.ended_before {
         return because(
             Cause::LateSegment,
-            format!(
+            text!(
                 "late segment: the peer sent to a connection that had closed (TIME_WAIT on {}); its socket is gone",
                 ev.local
             ),
         );
     }
     let by_task = |what: &str| {
-        ev.task
-            .as_ref()
-            .map_or(what.to_owned(), |t| format!("{what} by {}", t.label()))
+        ev.task.as_ref().map_or(what.to_owned(), |t| {
+            text!("{what} by {}", Label(t.pid, &t.comm))
+        })
     };
     match ev.kind {
         RstKind::Received => {
@@ -384,7 +396,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 {
                     return because(
                         Cause::PeerResetHalfClose,
-                        format!(
+                        text!(
                             "the peer reset a connection we half-closed ({i}, {} ago) instead of sending FIN; \
                              a proxy, middlebox or userspace stack (slirp4netns-like) may turn the FIN exchange into a reset",
                             ago(at)
@@ -394,7 +406,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 (true, Some((i, at))) => {
                     return because(
                         Cause::PeerResetClosing,
-                        format!(
+                        text!(
                             "the peer reset the connection after our {i} ({} ago) instead of finishing the close",
                             ago(at)
                         ),
@@ -415,11 +427,11 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 TcpState::CloseWait => {
                     let fin = conn
                         .and_then(|c| c.peer_fin_at)
-                        .map(|at| format!(" {} ago", ago(at)))
+                        .map(|at| text!(" {} ago", ago(at)))
                         .unwrap_or_default();
                     because(
                         Cause::PeerResetAfterFin,
-                        format!(
+                        text!(
                             "the peer sent FIN{fin} and then reset while we had not closed: the application's next write fails with EPIPE"
                         ),
                     )
@@ -447,7 +459,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
         // reason the kernel gives the reset (TCP_STATE on 6.18).
         RstKind::Sent if kernel.went_through("inet_csk_listen_stop") => because(
             Cause::ListenerClosed,
-            format!(
+            text!(
                 "the listener on {} closed ({}) with this connection still in its accept queue, never accepted: \
                  the kernel resets every such connection; a server restart or crash, or a shutdown that does not drain the queue",
                 ev.local,
@@ -463,11 +475,11 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 } else {
                     " by the time tcprst looked"
                 };
-                format!(" (backlog {}, {} waiting{when})", q.backlog, q.waiting)
+                text!(" (backlog {}, {} waiting{when})", q.backlog, q.waiting)
             });
             because(
                 Cause::AcceptQueueOverflow,
-                format!(
+                text!(
                     "the accept queue of {}{} was full: the application accepts too slowly; \
                      with tcp_abort_on_overflow=1 the kernel resets instead of dropping",
                     ev.local,
@@ -479,7 +491,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
             "TCP_ABORT_ON_DATA" => match initiator {
                 Some((i, at)) => because(
                     Cause::DataAfterClose,
-                    format!(
+                    text!(
                         "data arrived after {i} ({} ago): the application closed while the peer was still sending; \
                          read to EOF, or shutdown(SHUT_WR) first",
                         ago(at)
@@ -500,14 +512,14 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
             ),
             "TCP_ABORT_ON_CLOSE" => because(
                 Cause::UnreadDataOnClose,
-                format!(
+                text!(
                     "{} with unread data: the application closed before reading everything the peer sent",
                     by_task("close()")
                 ),
             ),
             "TCP_ABORT_ON_LINGER" | "TCP_STATE" => because(
                 Cause::AbortiveClose,
-                format!(
+                text!(
                     "{}: SO_LINGER with a zero timeout, or a disconnect",
                     by_task("abortive close")
                 ),
@@ -519,7 +531,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
             "TCP_ABORT_ON_MEMORY" => because(
                 Cause::OrphanLimit,
                 match kernel.max_orphans {
-                    Some(max) => format!(
+                    Some(max) => text!(
                         "the kernel aborted this closed (orphaned) socket instead of finishing its close: \
                          more orphans than net.ipv4.tcp_max_orphans ({max}) or TCP memory past net.ipv4.tcp_mem; \
                          raise them, or close connections before they pile up"
