@@ -354,9 +354,10 @@ impl KernelView<'_> {
     }
 }
 
-/// `format!` into a String sized once for a diagnosis: they run to 100-300
-/// bytes, and `format!` sizes its String from the literal pieces alone, so
-/// it grew, a copy at a time, several times per reset (#11).
+/// `format!` into a String sized once for a whole diagnosis: they run to
+/// 100-300 bytes, and `format!` sizes its String from the literal pieces
+/// alone, so it grew, a copy at a time, several times per reset (#11).
+/// The short pieces some diagnoses put together first stay `format!`s.
 macro_rules! text {
     ($($arg:tt)*) => {{
         let mut text = String::with_capacity(320);
@@ -384,7 +385,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
     }
     let by_task = |what: &str| {
         ev.task.as_ref().map_or(what.to_owned(), |t| {
-            text!("{what} by {}", Label(t.pid, &t.comm))
+            format!("{what} by {}", Label(t.pid, &t.comm))
         })
     };
     match ev.kind {
@@ -427,7 +428,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 TcpState::CloseWait => {
                     let fin = conn
                         .and_then(|c| c.peer_fin_at)
-                        .map(|at| text!(" {} ago", ago(at)))
+                        .map(|at| format!(" {} ago", ago(at)))
                         .unwrap_or_default();
                     because(
                         Cause::PeerResetAfterFin,
@@ -475,7 +476,7 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 } else {
                     " by the time tcprst looked"
                 };
-                text!(" (backlog {}, {} waiting{when})", q.backlog, q.waiting)
+                format!(" (backlog {}, {} waiting{when})", q.backlog, q.waiting)
             });
             because(
                 Cause::AcceptQueueOverflow,
