@@ -34,7 +34,7 @@ use crate::{
     host::{cgroup::CgroupInfo, enrich::Attribution, k8s::PodMeta, runtimes::ContainerMeta},
     memo::same_value,
     model::event::{
-        CloseOp, Errno, ExecContext, Initiator, NfHook, Process, RstEvent, RstKind, Task, TcpState,
+        CloseOp, Errno, ExecContext, Initiator, NfHook, Process, RstKind, Task, TcpState,
     },
     model::{flow::push_flow, text::push_ip},
     pipeline::diagnosis::RstDiagnosis,
@@ -1002,7 +1002,6 @@ impl KeyRuns {
 /// between a few keys (the sent and the received reset of each
 /// connection, a few listeners), each of whose resets differ only in the
 /// ports, the cookie and the task.
-#[derive(Default)]
 struct RunsCache {
     slots: [Option<(RunsKey, KeyRuns)>; RUN_SLOTS],
     /// For a line no key stands for: an aggregate (its count), a whole
@@ -1010,7 +1009,19 @@ struct RunsCache {
     once: KeyRuns,
 }
 
-const RUN_SLOTS: usize = 16;
+/// A host traces many listeners, clients and namespaces at once; 16
+/// slots, a storm's few keys, thrashed on the mixed Criterion stream's
+/// few dozen. A slot's runs are about 600 bytes.
+const RUN_SLOTS: usize = 64;
+
+impl Default for RunsCache {
+    fn default() -> Self {
+        Self {
+            slots: std::array::from_fn(|_| None),
+            once: KeyRuns::default(),
+        }
+    }
+}
 
 impl RunsCache {
     /// The runs of `report`'s key, rendered from `fields` unless they are
@@ -1033,7 +1044,7 @@ impl RunsCache {
             self.once.render(&fields(who, peer));
             return &self.once;
         }
-        let slot = &mut self.slots[RunsKey::slot(ev)];
+        let slot = &mut self.slots[RunsKey::slot(report)];
         let cached = slot
             .as_ref()
             .is_some_and(|(key, _)| key.is(report, &who, peer.as_ref()));
@@ -1048,8 +1059,8 @@ impl RunsCache {
 }
 
 /// What a reset line's shared fields are rendered from, short of the
-/// node, which is the sink's. Places are compared by address, as
-/// `Places` hands out one `Rc` for each place it has rendered.
+/// node, which is the sink's. Places are compared by their rendered
+/// bytes (`WhoKey::is`).
 struct RunsKey {
     kind: RstKind,
     local: IpAddr,
@@ -1082,18 +1093,36 @@ impl WhoKey {
         }
     }
 
+    /// Places compare by their bytes: the same place rendered anew, after
+    /// `Places` gave its slot to another, still serves.
     fn is(&self, a: &Attribution, who: &WhoJson) -> bool {
-        Rc::ptr_eq(&self.place, &who.place) && self.owner == a.owner
+        self.place == who.place && self.owner == a.owner
     }
 }
 
 impl RunsKey {
-    /// A slot for `ev`'s key, from the parts that tell a storm's keys
-    /// apart.
-    fn slot(ev: &RstEvent) -> usize {
-        let mixed = (ip_bits(ev.local.ip()) ^ ip_bits(ev.remote.ip()).rotate_left(32))
-            ^ ((ev.kind as u64) << 8 | ev.state.map_or(0, |s| s as u64 + 1));
-        (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % RUN_SLOTS
+    /// A slot for `report`'s key, from the parts that tell keys apart
+    /// most often: the ends, the kind and state, the reason (interned by
+    /// the decoder, so its address stands for it), the namespace, the
+    /// cgroup and the owner. Keys alike in all of these share a slot.
+    fn slot(report: &RstReport) -> usize {
+        let ev = &report.ev;
+        let owner = report.attribution.owner.as_ref();
+        let parts = [
+            ip_bits(ev.local.ip()),
+            ip_bits(ev.remote.ip()),
+            (ev.kind as u64) << 8 | ev.state.map_or(0, |s| s as u64 + 1),
+            ev.reason
+                .as_ref()
+                .map_or(0, |r| Arc::as_ptr(r).cast::<u8>() as u64),
+            u64::from(ev.netns.unwrap_or(0)),
+            report.attribution.cgroup_id.unwrap_or(0),
+            owner.map_or(0, |o| u64::from(o.pid) + 1),
+        ];
+        let mixed = parts.iter().fold(0u64, |h, &part| {
+            (h.rotate_left(23) ^ part).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        (mixed >> 32) as usize % RUN_SLOTS
     }
 
     fn of(report: &RstReport, who: &WhoJson, peer: Option<&PeerJson>) -> Self {
@@ -1525,8 +1554,10 @@ mod tests {
     }
 
     /// A storm's resets of one key, and resets that differ from them in one
-    /// part of the key each: every line written by one sink, whose runs
-    /// are cached, is the line a new sink writes for that reset alone.
+    /// part each: those that differ in what the line's shared fields are
+    /// rendered from have another key, and every line written by one sink,
+    /// whose runs are cached, is the line a new sink writes for that reset
+    /// alone.
     #[test]
     fn a_key_s_runs_serve_only_resets_of_that_key() {
         // One place for every reset, as the enricher shares it.
@@ -1545,48 +1576,73 @@ mod tests {
             report
         };
         let name: Arc<str> = "other".into();
-        let variants: Vec<fn(&mut RstReport, &Arc<str>)> = vec![
-            |_, _| {},
-            |r, _| r.ev.kind = RstKind::Received,
-            |r, _| r.ev.local.set_ip("10.9.9.9".parse().unwrap()),
-            |r, _| r.ev.remote.set_ip("::1".parse().unwrap()),
-            |r, _| r.ev.state = Some(TcpState::Established),
-            |r, _| r.ev.reason = Some("TCP_ABORT_ON_CLOSE".into()),
-            |r, _| r.ev.errno = Some(Errno::ConnReset),
-            |r, _| r.ev.netns = Some(7),
-            |r, _| r.ev.context = ExecContext::Process,
-            |r, _| r.diagnosis = None,
-            |r, _| r.diagnosis.as_mut().unwrap().text = "another text".into(),
-            |r, _| r.caller = Some("tcp_v6_rcv".into()),
-            |r, _| r.ev.hook = ResetHook::V4SendReset,
-            |r, _| r.ev.tier = AttachTier::Kprobe,
-            |r, _| r.ev.nf_hook = Some(NfHook::Input),
-            |r, _| r.origin = Some(Origin::LocalTcp),
-            |r, name| r.attribution.netns_name = Some(name.clone()),
-            |r, _| r.attribution.owner.as_mut().unwrap().pid = 8,
-            |r, _| r.attribution.owner.as_mut().unwrap().comm = "nginx".into(),
-            |r, _| r.attribution.owner = None,
-            |r, _| {
+        // Each change, and whether the reset it makes still has the storm's
+        // key: a whole stack or an aggregate is rendered apart, whatever
+        // its key.
+        type Change = fn(&mut RstReport, &Arc<str>);
+        let variants: Vec<(bool, Change)> = vec![
+            (true, |_, _| {}),
+            (false, |r, _| r.ev.kind = RstKind::Received),
+            (false, |r, _| r.ev.local.set_ip("10.9.9.9".parse().unwrap())),
+            (false, |r, _| r.ev.remote.set_ip("::1".parse().unwrap())),
+            (false, |r, _| r.ev.state = Some(TcpState::Established)),
+            (false, |r, _| {
+                r.ev.reason = Some("TCP_ABORT_ON_CLOSE".into())
+            }),
+            (false, |r, _| r.ev.errno = Some(Errno::ConnReset)),
+            (false, |r, _| r.ev.netns = Some(7)),
+            (false, |r, _| r.ev.context = ExecContext::Process),
+            (false, |r, _| r.diagnosis = None),
+            (false, |r, _| {
+                r.diagnosis.as_mut().unwrap().text = "another text".into()
+            }),
+            (false, |r, _| r.caller = Some("tcp_v6_rcv".into())),
+            (false, |r, _| r.ev.hook = ResetHook::V4SendReset),
+            (false, |r, _| r.ev.tier = AttachTier::Kprobe),
+            (false, |r, _| r.ev.nf_hook = Some(NfHook::Input)),
+            (false, |r, _| r.origin = Some(Origin::LocalTcp)),
+            (false, |r, name| {
+                r.attribution.netns_name = Some(name.clone())
+            }),
+            (false, |r, _| r.attribution.owner.as_mut().unwrap().pid = 8),
+            (false, |r, _| {
+                r.attribution.owner.as_mut().unwrap().comm = "nginx".into()
+            }),
+            (false, |r, _| r.attribution.owner = None),
+            (false, |r, _| {
                 r.peer = Some(Peer {
                     sent_reason: None,
                     netns: Some(5),
                     attribution: Attribution::default(),
                 })
-            },
-            |r, _| r.stack = Some(["tcp_v4_send_reset"].map(Arc::from).into()),
-            |r, _| {
+            }),
+            (true, |r, _| {
+                r.stack = Some(["tcp_v4_send_reset"].map(Arc::from).into())
+            }),
+            (true, |r, _| {
                 r.ev.aggregate = Some(crate::model::event::Aggregate {
                     count: 9,
                     first: t(1),
                     last: t(2),
                     ports: vec![1, 2],
                 })
-            },
+            }),
         ];
+        // The key alone, whatever slot either reset would take.
+        let mut places = Places::default();
+        let base = storm(40000, 10);
+        for (i, (same, change)) in variants.iter().enumerate() {
+            let (who, peer) = who_and_peer(&base, &mut places);
+            let key = RunsKey::of(&base, &who, peer.as_ref());
+            let mut report = storm(40001, 10);
+            change(&mut report, &name);
+            let (who, peer) = who_and_peer(&report, &mut places);
+            assert_eq!(key.is(&report, &who, peer.as_ref()), *same, "variant {i}");
+        }
         let buf = Shared::default();
         let mut sink = JsonSink::new(Box::new(buf.clone()), "node-a".into());
         let mut expected = String::new();
-        for (i, change) in variants.iter().enumerate() {
+        for (i, (_, change)) in variants.iter().enumerate() {
             // Each variant between two resets of the storm's key.
             for (port, change) in [
                 (40000, None),
@@ -1610,6 +1666,18 @@ mod tests {
             assert_eq!(got, want, "line {i}");
         }
         assert_eq!(written.lines().count(), 3 * variants.len());
+    }
+
+    fn who_and_peer<'a>(
+        r: &'a RstReport,
+        places: &mut Places,
+    ) -> (WhoJson<'a>, Option<PeerJson<'a>>) {
+        let who = WhoJson::new(&r.attribution, places);
+        let peer = r.peer.as_ref().map(|p| PeerJson {
+            netns: p.netns,
+            who: WhoJson::new(&p.attribution, places),
+        });
+        (who, peer)
     }
 
     #[test]
