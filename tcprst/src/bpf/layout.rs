@@ -71,7 +71,11 @@ pub fn reset_fields(format: &EventFormat) -> Result<ResetFields> {
 
 /// `enum sk_rst_reason` names, whose numbering changes between kernels.
 #[derive(Debug, Clone, Default)]
-pub struct ReasonNames(BTreeMap<u64, Arc<str>>);
+pub struct ReasonNames {
+    names: BTreeMap<u64, Arc<str>>,
+    /// Numbers named `REASON_n` and kept among `names`.
+    unnamed: usize,
+}
 
 impl ReasonNames {
     /// From the `print fmt` of `tcp:tcp_send_reset`, or, where the kernel
@@ -90,17 +94,32 @@ impl ReasonNames {
     }
 
     pub(crate) fn from_pairs(pairs: impl IntoIterator<Item = (u64, String)>) -> Self {
-        Self(pairs.into_iter().map(|(v, n)| (v, Arc::from(n))).collect())
+        Self {
+            names: pairs.into_iter().map(|(v, n)| (v, Arc::from(n))).collect(),
+            unnamed: 0,
+        }
     }
 
-    /// The kernel's name, or the number when this kernel gave none.
-    pub(crate) fn name(&self, value: u32) -> Arc<str> {
-        self.0
-            .get(&u64::from(value))
-            .cloned()
-            .unwrap_or_else(|| Arc::from(format!("REASON_{value}")))
+    /// The kernel's name, or the number when this kernel gave none. A
+    /// number is named once and kept, as the kernel's names are, so that
+    /// every reset of one reason shares one `Arc`: the JSON sink picks a
+    /// key's slot by its address. Past `UNNAMED_KEPT` such numbers (only
+    /// garbled input could bring so many) each is named anew.
+    pub(crate) fn name(&mut self, value: u32) -> Arc<str> {
+        if let Some(name) = self.names.get(&u64::from(value)) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(format!("REASON_{value}"));
+        if self.unnamed < UNNAMED_KEPT {
+            self.unnamed += 1;
+            self.names.insert(u64::from(value), name.clone());
+        }
+        name
     }
 }
+
+/// How many numbers without a kernel name `ReasonNames` keeps.
+const UNNAMED_KEPT: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -158,12 +177,29 @@ mod tests {
 
     #[test]
     fn reason_names_come_from_the_kernel() {
-        let names = ReasonNames::load(
+        let mut names = ReasonNames::load(
             &format(include_str!("../../testdata/format-6.18/tcp_send_reset")),
             None,
         );
         assert_eq!(&*names.name(1), "NO_SOCKET");
         assert_eq!(&*names.name(8), "TCP_ABORT_ON_DATA");
         assert_eq!(&*names.name(999), "REASON_999");
+    }
+
+    /// Every reset of a reason shares one name, the kernel's or a number's;
+    /// past 64 numbers, a number is still named, only not kept.
+    #[test]
+    fn an_unnamed_reason_is_named_once() {
+        let mut names = ReasonNames::from_pairs([(1, "NO_SOCKET".into())]);
+        assert!(Arc::ptr_eq(&names.name(1), &names.name(1)));
+        let first = names.name(999);
+        assert!(Arc::ptr_eq(&first, &names.name(999)));
+        for value in 1000..1063 {
+            names.name(value);
+        }
+        let past = names.name(5000);
+        assert_eq!(&*past, "REASON_5000");
+        assert!(!Arc::ptr_eq(&past, &names.name(5000)));
+        assert!(Arc::ptr_eq(&first, &names.name(999)));
     }
 }

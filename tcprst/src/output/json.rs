@@ -1009,9 +1009,10 @@ struct RunsCache {
     once: KeyRuns,
 }
 
-/// A host traces many listeners, clients and namespaces at once; 16
-/// slots, a storm's few keys, thrashed on the mixed Criterion stream's
-/// few dozen. A slot's runs are about 600 bytes.
+/// Room for the keys a host's resets come from at once: its listeners,
+/// clients and namespaces. 16 slots, enough for one storm, thrashed on the
+/// few dozen keys of the mixed Criterion stream. A slot's runs are about
+/// 600 bytes.
 const RUN_SLOTS: usize = 64;
 
 impl Default for RunsCache {
