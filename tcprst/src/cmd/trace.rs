@@ -935,7 +935,9 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     }
     let node = k8s::node_name();
     let pods = start_pod_watcher(&opts, &node).await;
-    let (stdout, written) = writer::spawn(io::stdout()).context("starting the output thread")?;
+    let pieces = writer::Pieces::for_output(&io::stdout());
+    let (stdout, written) =
+        writer::spawn(io::stdout(), pieces).context("starting the output thread")?;
     let (conntrack, mut answers) = match Conntrack::spawn() {
         Ok((conntrack, answers)) => (Some(conntrack), Some(answers)),
         Err(e) => {

@@ -5,9 +5,13 @@
 //! written in part; nor is the last one when tcprst exits with its reader
 //! behind (see `whole_lines`). Once the lines left are counted the thread
 //! writes no more, so a slow reader cannot get lines counted as lost.
+//! A regular file has no reader to fall behind: it takes each queued chunk
+//! in one write (see `Pieces`).
 
 use std::{
+    fs::File,
     io::{self, Write},
+    os::fd::AsFd,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, TryLockError,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -65,10 +69,46 @@ impl Progress {
     }
 }
 
+/// How the thread cuts a chunk into writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pieces {
+    /// Whole lines of at most `PIPE_BUF` bytes a write: a pipe, a socket
+    /// or a terminal, whose reader may stop with a write half taken.
+    PipeSized,
+    /// The whole chunk in one write: a regular file, which takes it all
+    /// (or fails). Cut to 4 KiB, each write of a storm's lines to a file
+    /// zeroed the rest of a new page cache page and counted its lines
+    /// again (docs/performance.md, "Results at" this change's section).
+    WholeChunks,
+}
+
+impl Pieces {
+    /// The pieces `out` needs: whole chunks only if it is a regular file.
+    pub fn for_output(out: &impl AsFd) -> Self {
+        let is_file = out
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from)
+            .and_then(|file| file.metadata())
+            .is_ok_and(|meta| meta.file_type().is_file());
+        if is_file {
+            Self::WholeChunks
+        } else {
+            Self::PipeSized
+        }
+    }
+}
+
+/// Complete lines queued for the thread, and how many.
+struct Chunk {
+    bytes: Vec<u8>,
+    lines: u64,
+}
+
 /// The `Write` end the sinks write into.
 pub struct QueuedWriter {
     pending: Vec<u8>,
-    queue: SyncSender<Vec<u8>>,
+    queue: SyncSender<Chunk>,
     progress: Arc<Progress>,
 }
 
@@ -104,14 +144,17 @@ impl WriterReport {
     }
 }
 
-/// Starts the thread that writes to `out`.
-pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(QueuedWriter, WriterReport)> {
+/// Starts the thread that writes to `out`, cut into `pieces`.
+pub fn spawn(
+    out: impl Write + Send + 'static,
+    pieces: Pieces,
+) -> io::Result<(QueuedWriter, WriterReport)> {
     let (queue, chunks) = sync_channel(QUEUED_CHUNKS);
     let progress = Arc::new(Progress::default());
     let shared = progress.clone();
     thread::Builder::new()
         .name("tcprst-stdout".into())
-        .spawn(move || write_out(out, chunks, &shared))?;
+        .spawn(move || write_out(out, pieces, chunks, &shared))?;
     Ok((
         QueuedWriter {
             pending: Vec::with_capacity(CHUNK),
@@ -122,23 +165,29 @@ pub fn spawn(out: impl Write + Send + 'static) -> io::Result<(QueuedWriter, Writ
     ))
 }
 
-fn write_out(mut out: impl Write, chunks: Receiver<Vec<u8>>, progress: &Progress) {
+fn write_out(mut out: impl Write, pieces: Pieces, chunks: Receiver<Chunk>, progress: &Progress) {
+    let mut write = |piece: &[u8], lines: u64| {
+        let _writing = progress.lock_piece();
+        if progress.stopped.load(Ordering::Relaxed) {
+            return false;
+        }
+        if let Err(e) = out.write_all(piece).and_then(|()| out.flush()) {
+            if e.kind() != io::ErrorKind::BrokenPipe {
+                log::warn!("writing events: {e}");
+            }
+            progress.closed.store(true, Ordering::Relaxed);
+            return false;
+        }
+        progress.queued_lines.fetch_sub(lines, Ordering::Relaxed);
+        true
+    };
     for chunk in chunks {
-        for piece in whole_lines(&chunk) {
-            let _writing = progress.lock_piece();
-            if progress.stopped.load(Ordering::Relaxed) {
-                return;
-            }
-            if let Err(e) = out.write_all(piece).and_then(|()| out.flush()) {
-                if e.kind() != io::ErrorKind::BrokenPipe {
-                    log::warn!("writing events: {e}");
-                }
-                progress.closed.store(true, Ordering::Relaxed);
-                return;
-            }
-            progress
-                .queued_lines
-                .fetch_sub(lines(piece), Ordering::Relaxed);
+        let written = match pieces {
+            Pieces::WholeChunks => write(&chunk.bytes, chunk.lines),
+            Pieces::PipeSized => whole_lines(&chunk.bytes).all(|piece| write(piece, lines(piece))),
+        };
+        if !written {
+            return;
         }
     }
 }
@@ -194,10 +243,10 @@ impl QueuedWriter {
         let mut rest = Vec::with_capacity(CHUNK);
         rest.extend_from_slice(&self.pending[end + 1..]);
         self.pending.truncate(end + 1);
-        let chunk = std::mem::replace(&mut self.pending, rest);
-        let n = lines(&chunk);
+        let bytes = std::mem::replace(&mut self.pending, rest);
+        let n = lines(&bytes);
         self.progress.queued_lines.fetch_add(n, Ordering::Relaxed);
-        match self.queue.try_send(chunk) {
+        match self.queue.try_send(Chunk { bytes, lines: n }) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 self.progress.queued_lines.fetch_sub(n, Ordering::Relaxed);
@@ -235,16 +284,72 @@ mod tests {
     use super::*;
     use crate::output::testing::Shared;
 
+    const BOTH: [Pieces; 2] = [Pieces::PipeSized, Pieces::WholeChunks];
+
     #[test]
     fn lines_reach_the_output_whole_and_in_order() {
-        let out = Shared::default();
-        let (mut writer, report) = spawn(out.clone()).unwrap();
-        write!(writer, "one\ntw").unwrap();
-        writer.flush().unwrap();
-        writeln!(writer, "o").unwrap();
-        writer.flush().unwrap();
-        assert_eq!(report.unwritten_after(Duration::from_secs(5)), 0);
-        assert_eq!(out.text(), "one\ntwo\n");
+        for pieces in BOTH {
+            let out = Shared::default();
+            let (mut writer, report) = spawn(out.clone(), pieces).unwrap();
+            write!(writer, "one\ntw").unwrap();
+            writer.flush().unwrap();
+            writeln!(writer, "o").unwrap();
+            writer.flush().unwrap();
+            assert_eq!(report.unwritten_after(Duration::from_secs(5)), 0);
+            assert_eq!(out.text(), "one\ntwo\n", "{pieces:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_regular_file_takes_whole_chunks() {
+        let path = std::env::temp_dir().join(format!("tcprst-pieces-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(Pieces::for_output(&file), Pieces::WholeChunks);
+        let (reader, pipe) = io::pipe().unwrap();
+        assert_eq!(Pieces::for_output(&pipe), Pieces::PipeSized);
+        assert_eq!(Pieces::for_output(&reader), Pieces::PipeSized);
+        let null = File::options().write(true).open("/dev/null").unwrap();
+        assert_eq!(Pieces::for_output(&null), Pieces::PipeSized);
+    }
+
+    /// Records the size of every write.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<usize>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().push(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_file_gets_a_chunk_a_write_and_a_pipe_pieces() {
+        let line = format!("{}\n", "x".repeat(99));
+        let lines = CHUNK / line.len();
+        for (pieces, writes) in [
+            (Pieces::WholeChunks, vec![lines * line.len()]),
+            (
+                Pieces::PipeSized,
+                (0..lines)
+                    .step_by(PIPE_BUF / line.len())
+                    .map(|first| (lines - first).min(PIPE_BUF / line.len()) * line.len())
+                    .collect(),
+            ),
+        ] {
+            let out = Writes::default();
+            let (mut writer, report) = spawn(out.clone(), pieces).unwrap();
+            for _ in 0..lines {
+                writer.write_all(line.as_bytes()).unwrap();
+            }
+            writer.flush().unwrap();
+            assert_eq!(report.unwritten_after(Duration::from_secs(5)), 0);
+            assert_eq!(*out.0.lock().unwrap(), writes, "{pieces:?}");
+        }
     }
 
     /// An output whose writes block until the test opens the gate.
@@ -278,7 +383,7 @@ mod tests {
     #[test]
     fn a_blocked_reader_costs_whole_lines_counted_not_a_stall() {
         let gate = Gate::default();
-        let (mut writer, report) = spawn(gate.clone()).unwrap();
+        let (mut writer, report) = spawn(gate.clone(), Pieces::PipeSized).unwrap();
         let lines = overfill(&mut writer);
         let dropped = report.dropped();
         // The thread holds one chunk and the queue the next QUEUED_CHUNKS.
@@ -303,7 +408,7 @@ mod tests {
     #[test]
     fn a_reader_that_catches_up_in_time_gets_every_line_kept() {
         let gate = Gate::default();
-        let (mut writer, report) = spawn(gate.clone()).unwrap();
+        let (mut writer, report) = spawn(gate.clone(), Pieces::PipeSized).unwrap();
         overfill(&mut writer);
         let dropped = report.dropped();
         assert!(dropped > 0);
@@ -331,20 +436,23 @@ mod tests {
     /// not be lines the count called unwritten.
     #[test]
     fn lines_counted_unwritten_never_arrive() {
-        let out = Shared::default();
-        let (mut writer, report) = spawn(Slow(out.clone())).unwrap();
-        let line = format!("{}\n", "x".repeat(99));
-        let lines = 2000;
-        for _ in 0..lines {
-            writer.write_all(line.as_bytes()).unwrap();
+        for pieces in BOTH {
+            let out = Shared::default();
+            let (mut writer, report) = spawn(Slow(out.clone()), pieces).unwrap();
+            let line = format!("{}\n", "x".repeat(99));
+            // 40 lines a pipe's piece, 655 a chunk; 2 ms a write: not nearly
+            // all in 20 ms.
+            let lines = 20_000;
+            for _ in 0..lines {
+                writer.write_all(line.as_bytes()).unwrap();
+            }
+            writer.flush().unwrap();
+            let unwritten = report.unwritten_after(Duration::from_millis(20));
+            assert!(unwritten > 0, "{pieces:?}");
+            thread::sleep(Duration::from_millis(200));
+            let written = out.text().lines().count() as u64;
+            assert_eq!(written + unwritten, lines, "{pieces:?}: {written} written");
         }
-        writer.flush().unwrap();
-        // About 40 lines a piece, 2 ms a piece: not nearly all in 20 ms.
-        let unwritten = report.unwritten_after(Duration::from_millis(20));
-        assert!(unwritten > 0);
-        thread::sleep(Duration::from_millis(200));
-        let written = out.text().lines().count() as u64;
-        assert_eq!(written + unwritten, lines, "{written} written");
     }
 
     #[test]
@@ -385,7 +493,7 @@ mod tests {
     #[test]
     fn a_full_pipe_holds_whole_lines_only() {
         let (mut reader, pipe) = io::pipe().unwrap();
-        let (mut writer, _report) = spawn(pipe).unwrap();
+        let (mut writer, _report) = spawn(pipe, Pieces::PipeSized).unwrap();
         let line = format!("{}\n", "x".repeat(299));
         // A small chunk, then a chunk the pipe has room for only part of: a
         // single write of it would stop wherever the pipe filled.
@@ -431,7 +539,7 @@ mod tests {
                 Ok(())
             }
         }
-        let (mut writer, _report) = spawn(Closed).unwrap();
+        let (mut writer, _report) = spawn(Closed, Pieces::PipeSized).unwrap();
         writeln!(writer, "to nobody").unwrap();
         writer.flush().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
