@@ -47,22 +47,35 @@ fn count_lost() {
 }
 
 /// Waking the reader for every record costs more than the record (an
-/// irq_work, an interrupt in a VM): wake it only once a batch waits. The
-/// reader drains on a timer too, so a lone record is not held for long.
+/// irq_work, an interrupt in a VM): wake it only as a batch builds up, once
+/// per `wakeup_bytes` that come to wait in the ring (the pending bytes went
+/// from `before` to `after` with this record). Waking every record once a
+/// batch waits, as this did, woke the reader for every record of a storm
+/// it trails: the self-IPI of each took 2 % of the generator's CPU
+/// (docs/performance.md). A record from another CPU at the same moment
+/// can hide a crossing from both; the next multiple then wakes the reader,
+/// which also drains on a short timer, so a lone record is not held long.
 #[inline(always)]
-fn wakeup_flags(size: usize) -> u64 {
-    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) + size as u64;
-    if waiting >= u64::from(global!(SETTINGS.wakeup_bytes)) {
+fn wakeup_flags(before: u64, after: u64) -> u64 {
+    let every = u64::from(global!(SETTINGS.wakeup_bytes)).max(1);
+    if before / every != after / every {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
     }
 }
 
+/// The bytes waiting for the reader.
+#[inline(always)]
+fn waiting() -> u64 {
+    EVENTS.query(u64::from(BPF_RB_AVAIL_DATA))
+}
+
 /// Emits `record`, or counts it as lost.
 #[inline(always)]
 pub fn emit(record: &RstRecord) {
-    let flags = wakeup_flags(core::mem::size_of::<RstRecord>());
+    let before = waiting();
+    let flags = wakeup_flags(before, before + core::mem::size_of::<RstRecord>() as u64);
     if EVENTS.output::<RstRecord>(record, flags).is_err() {
         count_lost();
     }
@@ -80,7 +93,10 @@ pub fn emit_marked(record: &RstRecord, mark: &CloseMark) {
                 (*slot).rst = *record;
                 (*slot).mark = *mark;
             }
-            entry.submit(wakeup_flags(core::mem::size_of::<MarkedRstRecord>()));
+            // The reservation already counts as waiting.
+            let after = waiting();
+            let before = after.saturating_sub(core::mem::size_of::<MarkedRstRecord>() as u64);
+            entry.submit(wakeup_flags(before, after));
         }
         None => count_lost(),
     }
