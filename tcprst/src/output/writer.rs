@@ -78,7 +78,7 @@ pub enum Pieces {
     /// The whole chunk in one write: a regular file, which takes it all
     /// (or fails). Cut to 4 KiB, each write of a storm's lines to a file
     /// zeroed the rest of a new page cache page and counted its lines
-    /// again (docs/performance.md, "Results at" this change's section).
+    /// again (docs/performance.md, "Results at 5eb2232").
     WholeChunks,
 }
 
