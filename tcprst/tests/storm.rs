@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Tracer, records_read, summary_count};
+use common::{FileTracer, Netns, Tracer, records_read, summary_count};
 use serde_json::Value;
 
 const CLOSED_PORT: &str = "127.0.0.1:9";
@@ -107,6 +107,41 @@ fn every_reset_gets_a_record_with_no_budget() {
     assert_eq!(records_read(&stderr), 2 * refused, "{stderr}");
     let shown =
         (of_kind(&records, "rst_sent").len() + of_kind(&records, "rst_received").len()) as u64;
+    assert_eq!(
+        shown + summary_count(&stderr, " events not written"),
+        2 * refused,
+        "{stderr}"
+    );
+}
+
+/// `tcprst trace -o json > FILE`: a regular file takes up to a chunk of
+/// lines a write, not a pipe's 4 KiB pieces, and still gets every reset of
+/// a storm as one whole line, or counts it as not written.
+#[test]
+fn a_file_gets_every_reset_as_a_whole_line() {
+    let ns = Netns::new();
+    // Room for the whole storm, as in every_reset_gets_a_record_with_no_budget.
+    let tracer = FileTracer::in_netns(&ns, &["--detail-per-sec", "0", "--buffer-pages", "16384"]);
+    let refused = ns.refused_connects(0.5);
+    let (status, text, stderr) = tracer.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(summary_count(&stderr, " lost"), 0, "{stderr}");
+    assert!(
+        text.ends_with('\n'),
+        "the file ends in a cut line: {:?}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    let records: Vec<Value> = text
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a whole JSON line ({e}): {line:?}"))
+        })
+        .collect();
+    assert_eq!(records_read(&stderr), 2 * refused, "{stderr}");
+    let shown =
+        (of_kind(&records, "rst_sent").len() + of_kind(&records, "rst_received").len()) as u64;
+    assert!(shown > 0, "{stderr}");
     assert_eq!(
         shown + summary_count(&stderr, " events not written"),
         2 * refused,

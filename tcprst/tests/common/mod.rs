@@ -354,7 +354,13 @@ impl Spawned {
 
     /// Like `start_as`, with `tcprst` the command given: TCPRST itself, or
     /// a wrapper such as setpriv that ends in it.
-    pub fn start_by(mut tcprst: Command, output: &str, args: &[&str]) -> Self {
+    pub fn start_by(tcprst: Command, output: &str, args: &[&str]) -> Self {
+        Self::start_into(tcprst, output, args, Stdio::piped())
+    }
+
+    /// Like `start_by`, with stdout going to `stdout` (a pipe the test
+    /// reads, or a file).
+    pub fn start_into(mut tcprst: Command, output: &str, args: &[&str], stdout: Stdio) -> Self {
         require_root();
         // tcprst says it is tracing on this pipe (--ready-fd): READY_LINE,
         // then EOF; EOF alone if it exits first.
@@ -376,7 +382,7 @@ impl Spawned {
             .args(["trace", "-o", output, "--ready-fd", &ready_fd.to_string()])
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -550,6 +556,46 @@ impl Tracer {
             "tcprst exited with {status}; stderr:\n{stderr}"
         );
         rsts(&seen).into_iter().cloned().collect()
+    }
+}
+
+/// A running `tcprst trace -o json > FILE`: stdout is a regular file,
+/// which tcprst writes in larger pieces than a pipe.
+pub struct FileTracer {
+    spawned: Spawned,
+    path: PathBuf,
+}
+
+impl FileTracer {
+    /// Tracing only `ns`, with `extra` flags, into a file of its own.
+    pub fn in_netns(ns: &Netns, extra: &[&str]) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "tcprst-test-{}-{}.ndjson",
+            std::process::id(),
+            ns.name
+        ));
+        let file = fs::File::create(&path).unwrap();
+        let mut args = vec!["--netns", ns.name.as_str()];
+        args.extend_from_slice(extra);
+        let spawned = Spawned::start_into(Command::new(TCPRST), "json", &args, file.into());
+        Self { spawned, path }
+    }
+
+    /// Stops with SIGTERM; returns the exit status, the file's text and
+    /// stderr.
+    pub fn stop(mut self) -> (ExitStatus, String, String) {
+        send_signal(self.spawned.child.id(), libc::SIGTERM);
+        let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
+        // The stderr reader may still be on its last lines.
+        thread::sleep(Duration::from_millis(100));
+        let text = fs::read_to_string(&self.path).unwrap();
+        (status, text, self.spawned.stderr_text())
+    }
+}
+
+impl Drop for FileTracer {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 
