@@ -124,8 +124,8 @@ fn trace_command(args: TraceArgs) -> ExitCode {
         Ok(opts) => opts,
         Err(e) => return fail(&e, EXIT_UNUSABLE),
     };
-    let started = match trace::start(&opts) {
-        Ok(started) => started,
+    let probes = match trace::start(&opts) {
+        Ok(probes) => probes,
         Err(e) => return fail(&e, EXIT_UNUSABLE),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -135,7 +135,7 @@ fn trace_command(args: TraceArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e.into(), EXIT_FAILED),
     };
-    match runtime.block_on(trace::run(started, opts)) {
+    match runtime.block_on(trace::run(probes, opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, EXIT_FAILED),
     }

@@ -877,31 +877,12 @@ impl Pipeline<'_> {
     }
 }
 
-/// What tracing starts from.
-pub struct Started {
-    /// The programs, loaded and attached.
-    probes: Probes,
-    /// The kernel's symbols, to name callers with, or why there are none.
-    kallsyms: Result<Kallsyms, String>,
+/// Loads and attaches; errors here mean tracing never started.
+pub fn start(opts: &TraceOptions) -> Result<Probes> {
+    Probes::load(&opts.probes)
 }
 
-/// Reads the kernel's symbols, then loads and attaches; errors here mean
-/// tracing never started. The symbols come first because the ring buffer
-/// fills from the moment the programs attach, and until the event loop
-/// drains it nothing does: reading /proc/kallsyms was 50 of the 100 ms
-/// between the two, in which a storm traced a line per reset overflowed
-/// the default ring (docs/performance.md).
-pub fn start(opts: &TraceOptions) -> Result<Started> {
-    let kallsyms = Kallsyms::load();
-    let probes = Probes::load(&opts.probes)?;
-    Ok(Started { probes, kallsyms })
-}
-
-pub async fn run(started: Started, mut opts: TraceOptions) -> Result<()> {
-    let Started {
-        mut probes,
-        kallsyms,
-    } = started;
+pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     let ready = opts.ready.take();
     // First, so a stop asked for during startup (the pod watch, the first
     // scan) still ends cleanly once the loop runs.
@@ -927,7 +908,7 @@ pub async fn run(started: Started, mut opts: TraceOptions) -> Result<()> {
         });
         (None, notes)
     };
-    let stacks = match kallsyms {
+    let stacks = match Kallsyms::load() {
         Ok(kallsyms) => {
             let whole = opts
                 .probes
