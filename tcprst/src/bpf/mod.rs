@@ -7,6 +7,7 @@
 pub mod attach;
 pub mod btf;
 pub(crate) mod close_notes;
+pub(crate) mod early;
 pub mod layout;
 pub(crate) mod privileges;
 pub(crate) mod probes;

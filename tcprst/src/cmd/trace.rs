@@ -29,6 +29,7 @@ use tokio::{
 
 use crate::{
     bpf::close_notes::CloseNotes,
+    bpf::early::EarlyRecords,
     bpf::probes::{Counters, ProbeConfig, Probes},
     bpf::stacks::{Kallsyms, KernelPath, Stacks},
     bpf::tallies::{Tallies, Tally},
@@ -91,6 +92,8 @@ fn scans_are_dear(took: Duration, wait: Duration) -> bool {
 
 /// Records handled per wake-up before signals and the loss report get a turn.
 const DRAIN_BATCH: usize = 4096;
+/// Startup's copies read between two copies of the ring behind them.
+const EARLY_COPY_EVERY: usize = 256;
 /// The programs wake the reader only for a batch of records; a lone record
 /// waits at most this long.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
@@ -253,6 +256,8 @@ struct Pipeline<'a> {
     /// The close-mark map sock_diag dumps beside each socket, with
     /// `--history`. Held here so its descriptor stays open.
     marks: Option<MapData>,
+    /// What startup copied out of the ring, read before the ring.
+    early: EarlyRecords,
     /// The close-note rings, by default; None with `--history` or where the
     /// kernel keeps no marks.
     notes: Option<CloseNotes>,
@@ -622,6 +627,19 @@ impl Pipeline<'_> {
         // Once the ring is read empty, all the kernel wrote before this was read.
         let began = Instant::now();
         let mut n = 0;
+        // Startup's copies come first. The ring is copied behind them as
+        // they are read, or it would fill meanwhile: there were thousands
+        // of them, read at 20 µs each in a debug build.
+        while n < DRAIN_BATCH && !self.early.is_empty() {
+            if n % EARLY_COPY_EVERY == 0 {
+                self.early.copy(ring);
+            }
+            let Some(record) = self.early.pop() else {
+                break;
+            };
+            n += 1;
+            self.record(&record)?;
+        }
         while n < DRAIN_BATCH {
             let Some(item) = ring.next() else { break };
             n += 1;
@@ -681,15 +699,6 @@ impl Pipeline<'_> {
                 namespaces,
             }
         }
-    }
-
-    /// Scans every namespace, on the event loop: the first scan, which must
-    /// end before tracing is announced, so that what it finds half-closed
-    /// and the overflows it counts predate tracing. Returns the wait before
-    /// the next scan.
-    fn first_scan(&mut self, opts: &TraceOptions) -> io::Result<Duration> {
-        let scan = self.namespace_walk(opts)();
-        self.scanned(opts, scan)
     }
 
     /// Resolves what moved on since the last dump, reports the stuck, and
@@ -888,7 +897,10 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     // scan) still ends cleanly once the loop runs.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let ring = probes.take_ring()?;
+    let mut ring = probes.take_ring()?;
+    // Until the event loop reads the ring, startup copies it (see `early`).
+    let mut early = EarlyRecords::default();
+    early.copy(&mut ring);
     let counters = probes.take_counters()?;
     let mut tallies = probes.take_tallies()?;
     let mut bpf_logs = if opts.probes.debug_bpf {
@@ -908,7 +920,11 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         });
         (None, notes)
     };
-    let stacks = match Kallsyms::load() {
+    let kallsyms = early
+        .during(&mut ring, tokio::task::spawn_blocking(Kallsyms::load))
+        .await
+        .unwrap_or_else(|e| Err(format!("reading /proc/kallsyms failed: {e}")));
+    let stacks = match kallsyms {
         Ok(kallsyms) => {
             let whole = opts
                 .probes
@@ -922,10 +938,6 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
             None
         }
     };
-    // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(io::Error::from)
-        .context("polling the ring buffer")?;
     let metrics = Arc::new(Metrics::default());
     for (tier, n) in probes.attached_by_tier() {
         metrics.programs_attached(tier, n);
@@ -958,6 +970,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         counts: Counts::default(),
         origins: origins_for(&probes, &opts),
         marks,
+        early: EarlyRecords::default(),
         notes,
         written,
         overflows: OverflowWatch::default(),
@@ -967,15 +980,33 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     };
     // Containers running now are named from their first reset; a runtime
     // slow to answer delays the start by RUNTIMES_WAIT at most.
-    pipeline
-        .enricher
-        .ask_runtimes(ContainerNames::start(opts.runtimes.clone()), RUNTIMES_WAIT)
+    early
+        .during(
+            &mut ring,
+            pipeline
+                .enricher
+                .ask_runtimes(ContainerNames::start(opts.runtimes.clone()), RUNTIMES_WAIT),
+        )
         .await;
     let mut tick = interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // The first scan, before tracing is announced, finds what was already
-    // half-closed: only those ages are lower bounds.
-    let first_wait = pipeline.first_scan(&opts)?;
+    // The first scan ends before tracing is announced, so that what it
+    // finds half-closed and the overflows it counts predate tracing: only
+    // those ages are lower bounds. It walks on a thread of its own, as the
+    // later scans do, while the ring is copied.
+    let first_scan = early
+        .during(
+            &mut ring,
+            tokio::task::spawn_blocking(pipeline.namespace_walk(&opts)),
+        )
+        .await
+        .context("the first scan for half-closed connections")?;
+    let first_wait = pipeline.scanned(&opts, first_scan)?;
+    pipeline.early = early;
+    // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("polling the ring buffer")?;
     // Each scan sets the wait before the next (`wait_after_scan`).
     let mut scan_tick = interval_at(
         tokio::time::Instant::now() + first_wait,
