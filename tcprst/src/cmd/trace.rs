@@ -631,7 +631,7 @@ impl Pipeline<'_> {
         // they are read, or it would fill meanwhile: there were thousands
         // of them, read at 20 µs each in a debug build.
         while n < DRAIN_BATCH && !self.early.is_empty() {
-            if n % EARLY_COPY_EVERY == 0 {
+            if n % EARLY_COPY_EVERY == 0 && self.early.catching_up() {
                 self.early.copy(ring);
             }
             let Some(record) = self.early.pop() else {
@@ -1002,6 +1002,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         .await
         .context("the first scan for half-closed connections")?;
     let first_wait = pipeline.scanned(&opts, first_scan)?;
+    early.startup_done();
     pipeline.early = early;
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
