@@ -69,10 +69,6 @@ impl EarlyRecords {
         self.from_startup > 0
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
-    }
-
     /// The oldest record copied, no longer kept.
     pub fn pop(&mut self) -> Option<Box<[u8]>> {
         let record = self.records.pop_front()?;
@@ -107,8 +103,8 @@ mod tests {
         }
         assert!(!early.catching_up(), "startup's three are read");
         assert_eq!(early.pop().as_deref(), Some(&[9; 8][..]));
-        assert!(early.is_empty());
         assert_eq!(early.bytes, 0);
         assert_eq!(early.pop(), None);
+        assert!(!early.catching_up());
     }
 }

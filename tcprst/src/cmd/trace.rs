@@ -630,7 +630,7 @@ impl Pipeline<'_> {
         // Startup's copies come first. The ring is copied behind them as
         // they are read, or it would fill meanwhile: there were thousands
         // of them, read at 20 µs each in a debug build.
-        while n < DRAIN_BATCH && !self.early.is_empty() {
+        while n < DRAIN_BATCH {
             if n % EARLY_COPY_EVERY == 0 && self.early.catching_up() {
                 self.early.copy(ring);
             }

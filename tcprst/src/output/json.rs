@@ -854,6 +854,19 @@ impl Json for NatJson<'_> {
     }
 }
 
+/// Who a reset's socket belongs to, and its peer's, as the line shows them.
+fn who_and_peer<'a>(
+    report: &'a RstReport,
+    places: &mut Places,
+) -> (WhoJson<'a>, Option<PeerJson<'a>>) {
+    let who = WhoJson::new(&report.attribution, places);
+    let peer = report.peer.as_ref().map(|p| PeerJson {
+        netns: p.netns,
+        who: WhoJson::new(&p.attribution, places),
+    });
+    (who, peer)
+}
+
 impl<'a> RstJson<'a> {
     fn new(
         report: &'a RstReport,
@@ -865,11 +878,7 @@ impl<'a> RstJson<'a> {
         let ev = &report.ev;
         let task: Option<&Task> = ev.task.as_ref();
         let conn = report.conn.as_ref();
-        let who = WhoJson::new(&report.attribution, places);
-        let peer = report.peer.as_ref().map(|p| PeerJson {
-            netns: p.netns,
-            who: WhoJson::new(&p.attribution, places),
-        });
+        let (who, peer) = who_and_peer(report, places);
         let aggregate = ev.aggregate.as_ref().map(|a| AggregateJson {
             first_time: stamps.stamp(a.first),
             ports: &a.ports,
@@ -1667,18 +1676,6 @@ mod tests {
             assert_eq!(got, want, "line {i}");
         }
         assert_eq!(written.lines().count(), 3 * variants.len());
-    }
-
-    fn who_and_peer<'a>(
-        r: &'a RstReport,
-        places: &mut Places,
-    ) -> (WhoJson<'a>, Option<PeerJson<'a>>) {
-        let who = WhoJson::new(&r.attribution, places);
-        let peer = r.peer.as_ref().map(|p| PeerJson {
-            netns: p.netns,
-            who: WhoJson::new(&p.attribution, places),
-        });
-        (who, peer)
     }
 
     #[test]
