@@ -1,10 +1,10 @@
-//! Stdout on a thread of its own, behind a bounded queue of whole lines: a
-//! reader that stops reading (`tcprst trace | (sleep 60)`) cannot stall the
-//! event loop, so signals, /metrics and the ring buffer keep being served.
-//! Lines that do not fit in the queue are dropped whole and counted, never
-//! written in part; nor is the last one when tcprst exits with its reader
-//! behind (see `whole_lines`). Once the lines left are counted the thread
-//! writes no more, so a slow reader cannot get lines counted as lost.
+//! Stdout on a thread of its own, behind a queue of whole lines bounded in
+//! bytes: a reader that stops reading (`tcprst trace | (sleep 60)`) cannot
+//! stall the event loop, so signals, /metrics and the ring buffer keep being
+//! served. Lines that do not fit in the queue are dropped whole and counted,
+//! never written in part; nor is the last one when tcprst exits with its
+//! reader behind (see `whole_lines`). Once the lines left are counted the
+//! thread writes no more, so a slow reader cannot get lines counted as lost.
 //! A regular file has no reader to fall behind: it takes each queued chunk
 //! in one write (see `Pieces`).
 
@@ -14,17 +14,30 @@ use std::{
     os::fd::AsFd,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError, TryLockError,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        mpsc::{Receiver, Sender, channel},
     },
     thread,
     time::{Duration, Instant},
 };
 
-/// Chunks the queue holds; with `CHUNK` that bounds it to a few MiB.
-const QUEUED_CHUNKS: usize = 64;
-/// Pending bytes that make a chunk before a flush asks for one.
-const CHUNK: usize = 64 * 1024;
+/// The bytes the queue may hold, counting the chunk being written: a
+/// reader this far behind loses lines, counted, and never holds more
+/// memory than this.
+const QUEUED_BYTES: usize = 4 << 20;
+/// The bytes lines gather in before a chunk is queued. Large, because a
+/// regular file takes a chunk in one write, and ext4 gives a larger write
+/// larger page-cache folios: with 1 MiB writes instead of 64 KiB, a storm's
+/// output took 7 times fewer folios, and the thread's CPU per line fell
+/// from about 500 ns to 220–480 (docs/performance.md, "Output chunks of
+/// 1 MiB").
+/// A chunk gathers only between flushes, which end every drain of the
+/// ring, so its size adds no delay to a line.
+const CHUNK: usize = 1 << 20;
+/// A flush with fewer bytes than this copies them out, so that the queue
+/// holds what they take, and the chunk's buffer is kept: a lone reset
+/// queued in a buffer of `CHUNK` would count as that many bytes.
+const COPIED_BELOW: usize = CHUNK / 8;
 /// How long the final count waits for a piece being written to land: a
 /// reader that is still reading takes a piece in far less; one that
 /// stopped never takes it.
@@ -35,6 +48,8 @@ const PIECE_GRACE: Duration = Duration::from_millis(100);
 struct Progress {
     /// Lines given to the queue and not yet written out.
     queued_lines: AtomicU64,
+    /// Their buffers' bytes (`Vec::capacity`), bounded by `QUEUED_BYTES`.
+    queued_bytes: AtomicUsize,
     /// Lines dropped because the queue was full.
     dropped_lines: AtomicU64,
     /// The reader went away (EPIPE): tracing should end.
@@ -108,7 +123,7 @@ struct Chunk {
 /// The `Write` end the sinks write into.
 pub struct QueuedWriter {
     pending: Vec<u8>,
-    queue: SyncSender<Chunk>,
+    queue: Sender<Chunk>,
     progress: Arc<Progress>,
 }
 
@@ -149,7 +164,7 @@ pub fn spawn(
     out: impl Write + Send + 'static,
     pieces: Pieces,
 ) -> io::Result<(QueuedWriter, WriterReport)> {
-    let (queue, chunks) = sync_channel(QUEUED_CHUNKS);
+    let (queue, chunks) = channel();
     let progress = Arc::new(Progress::default());
     let shared = progress.clone();
     thread::Builder::new()
@@ -189,6 +204,9 @@ fn write_out(mut out: impl Write, pieces: Pieces, chunks: Receiver<Chunk>, progr
         if !written {
             return;
         }
+        progress
+            .queued_bytes
+            .fetch_sub(chunk.bytes.capacity(), Ordering::Relaxed);
     }
 }
 
@@ -237,24 +255,31 @@ impl QueuedWriter {
         let Some(end) = memchr::memrchr(b'\n', &self.pending) else {
             return Ok(());
         };
-        // The partial line left goes into a new buffer of a chunk's size:
-        // one that grew from the partial line's size would copy itself
-        // over at every doubling.
-        let mut rest = Vec::with_capacity(CHUNK);
-        rest.extend_from_slice(&self.pending[end + 1..]);
-        self.pending.truncate(end + 1);
-        let bytes = std::mem::replace(&mut self.pending, rest);
+        let bytes = if end < COPIED_BELOW {
+            let bytes = self.pending[..=end].to_vec();
+            self.pending.drain(..=end);
+            bytes
+        } else {
+            // The partial line left goes into a new buffer of a chunk's
+            // size: one that grew from the partial line's size would copy
+            // itself over at every doubling.
+            let mut rest = Vec::with_capacity(CHUNK);
+            rest.extend_from_slice(&self.pending[end + 1..]);
+            self.pending.truncate(end + 1);
+            std::mem::replace(&mut self.pending, rest)
+        };
         let n = lines(&bytes);
-        self.progress.queued_lines.fetch_add(n, Ordering::Relaxed);
-        match self.queue.try_send(Chunk { bytes, lines: n }) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                self.progress.queued_lines.fetch_sub(n, Ordering::Relaxed);
-                self.progress.dropped_lines.fetch_add(n, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(TrySendError::Disconnected(_)) => Err(io::ErrorKind::BrokenPipe.into()),
+        let size = bytes.capacity();
+        let queued = &self.progress.queued_bytes;
+        if queued.load(Ordering::Relaxed) + size > QUEUED_BYTES {
+            self.progress.dropped_lines.fetch_add(n, Ordering::Relaxed);
+            return Ok(());
         }
+        queued.fetch_add(size, Ordering::Relaxed);
+        self.progress.queued_lines.fetch_add(n, Ordering::Relaxed);
+        self.queue
+            .send(Chunk { bytes, lines: n })
+            .map_err(|_| io::ErrorKind::BrokenPipe.into())
     }
 }
 
@@ -369,28 +394,38 @@ mod tests {
         }
     }
 
-    /// Fills `writer` with far more flushed chunks than the queue holds,
-    /// none of which waits; returns how many lines that was.
+    /// The lines `overfill` writes, and how many a flush queues.
+    const LINE: &str = "ninety-nine bytes and a newline, written a hundred at a time: ten thousand bytes a flush...........\n";
+    const LINES_A_FLUSH: usize = 100;
+
+    /// Fills `writer` with flushed chunks of twice the bytes the queue
+    /// holds, none of which waits; returns how many lines that was.
     fn overfill(writer: &mut QueuedWriter) -> u64 {
-        let lines = QUEUED_CHUNKS * 4;
+        let lines = 2 * QUEUED_BYTES / LINE.len();
         for i in 0..lines {
-            writeln!(writer, "line {i}").unwrap();
-            writer.flush().unwrap();
+            writer.write_all(LINE.as_bytes()).unwrap();
+            if (i + 1) % LINES_A_FLUSH == 0 {
+                writer.flush().unwrap();
+            }
         }
+        writer.flush().unwrap();
         lines as u64
     }
 
     #[test]
     fn a_blocked_reader_costs_whole_lines_counted_not_a_stall() {
+        assert_eq!(LINE.len(), 100);
         let gate = Gate::default();
         let (mut writer, report) = spawn(gate.clone(), Pieces::PipeSized).unwrap();
         let lines = overfill(&mut writer);
         let dropped = report.dropped();
-        // The thread holds one chunk and the queue the next QUEUED_CHUNKS.
-        let kept = lines - dropped;
-        assert!(
-            (QUEUED_CHUNKS as u64..=QUEUED_CHUNKS as u64 + 1).contains(&kept),
-            "{dropped} dropped"
+        // The queue, with the chunk the thread holds, keeps all the whole
+        // flushes that fit in its bytes.
+        let kept = (lines - dropped) as usize;
+        assert_eq!(kept % LINES_A_FLUSH, 0, "{dropped} dropped");
+        assert_eq!(
+            kept / LINES_A_FLUSH,
+            QUEUED_BYTES / (LINES_A_FLUSH * LINE.len())
         );
         let began = Instant::now();
         assert_eq!(
@@ -402,6 +437,48 @@ mod tests {
             began.elapsed() < Duration::from_secs(2),
             "{:?}",
             began.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_full_chunk_counts_its_buffer_and_a_flush_its_lines() {
+        let gate = Gate::default();
+        let set_gate = |open: bool| {
+            *gate.0.0.lock().unwrap() = open;
+            gate.0.1.notify_all();
+        };
+        let (mut writer, report) = spawn(gate.clone(), Pieces::WholeChunks).unwrap();
+        let queued = || report.0.queued_bytes.load(Ordering::Relaxed);
+        // Each full chunk counts a chunk's buffer: the queue, with the one
+        // the thread holds, takes QUEUED_BYTES / CHUNK of them, and drops
+        // the next; a line more starts the chunk after.
+        let chunk_lines = CHUNK / LINE.len();
+        for _ in 0..(QUEUED_BYTES / CHUNK + 1) * chunk_lines + 1 {
+            writer.write_all(LINE.as_bytes()).unwrap();
+        }
+        assert_eq!(report.dropped() as usize, chunk_lines);
+        assert_eq!(queued(), QUEUED_BYTES);
+        // That line, flushed, is copied into a buffer its size: still one
+        // byte too many for the full queue.
+        writer.flush().unwrap();
+        assert_eq!(report.dropped() as usize, chunk_lines + 1);
+        set_gate(true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queued() > 0 {
+            assert!(Instant::now() < deadline, "the queue never emptied");
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Once written, the queue takes lines again; held by a blocked
+        // write, a flushed line counts its own bytes.
+        set_gate(false);
+        writer.write_all(LINE.as_bytes()).unwrap();
+        writer.flush().unwrap();
+        assert_eq!(queued(), LINE.len());
+        assert_eq!(report.dropped() as usize, chunk_lines + 1);
+        set_gate(true);
+        assert_eq!(
+            report.unwritten_after(Duration::from_secs(5)) as usize,
+            chunk_lines + 1
         );
     }
 
@@ -423,7 +500,7 @@ mod tests {
 
     impl Write for Slow {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            thread::sleep(Duration::from_millis(2));
+            thread::sleep(Duration::from_millis(50));
             self.0.write(buf)
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -440,8 +517,8 @@ mod tests {
             let out = Shared::default();
             let (mut writer, report) = spawn(Slow(out.clone()), pieces).unwrap();
             let line = format!("{}\n", "x".repeat(99));
-            // 40 lines a pipe's piece, 655 a chunk; 2 ms a write: not nearly
-            // all in 20 ms.
+            // 40 lines a pipe's piece, 10,485 a chunk; 50 ms a write: not
+            // nearly all in 20 ms.
             let lines = 20_000;
             for _ in 0..lines {
                 writer.write_all(line.as_bytes()).unwrap();
