@@ -25,7 +25,7 @@ use std::{
 };
 
 use super::{
-    LossReport, ResolvedReport, RstReport, Sink, StuckReport,
+    LineOutput, LossReport, ResolvedReport, RstReport, Sink, StuckReport,
     stamp::{Stamp, StampCache},
 };
 use crate::{
@@ -53,7 +53,7 @@ pub struct JsonSink {
 }
 
 impl JsonSink {
-    pub fn new(out: Box<dyn Write>, node: String) -> Self {
+    pub fn new(out: Box<dyn LineOutput>, node: String) -> Self {
         Self {
             lines: Lines {
                 out,
@@ -67,16 +67,23 @@ impl JsonSink {
     }
 }
 
-/// Writes each record whole: a line is built in a Vec, kept from line to
-/// line so that it stops allocating once it has held the longest, and
-/// written with one call through `dyn Write`.
+/// Writes each record whole: a line is built in the output's own buffer
+/// where it keeps one (a storm's lines were copied over once more, 4 % of
+/// the event loop's time), else in a Vec, kept from line to line so that
+/// it stops allocating once it has held the longest, and written with one
+/// call through `dyn Write`.
 struct Lines {
-    out: Box<dyn Write>,
+    out: Box<dyn LineOutput>,
     line: Vec<u8>,
 }
 
 impl Lines {
     fn write(&mut self, value: &impl Json) -> io::Result<()> {
+        if let Some(buffer) = self.out.line_buffer()? {
+            value.write(buffer);
+            buffer.push(b'\n');
+            return Ok(());
+        }
         self.line.clear();
         value.write(&mut self.line);
         self.line.push(b'\n');

@@ -125,7 +125,22 @@ pub enum OutputFormat {
     Json,
 }
 
-pub(crate) fn open(format: OutputFormat, out: Box<dyn Write>, node: String) -> Box<dyn Sink> {
+/// Where a sink's lines go: a `Write` that may keep a buffer of its own,
+/// which a line is then built in (`QueuedWriter`), not built apart and
+/// copied in.
+pub trait LineOutput: Write {
+    /// The buffer to build the next line at the end of, if the output keeps
+    /// one: what is appended to it is the output's, and must end in a
+    /// newline. None: the line is given to `write_all`.
+    fn line_buffer(&mut self) -> io::Result<Option<&mut Vec<u8>>> {
+        Ok(None)
+    }
+}
+
+/// Lines to nowhere: what a benchmark of the encoding writes into.
+impl LineOutput for io::Sink {}
+
+pub(crate) fn open(format: OutputFormat, out: Box<dyn LineOutput>, node: String) -> Box<dyn Sink> {
     match format {
         OutputFormat::Table => Box::new(TableSink::new(out)),
         OutputFormat::Json => Box::new(JsonSink::new(out, node)),
@@ -162,4 +177,6 @@ pub(crate) mod testing {
             Ok(())
         }
     }
+
+    impl super::LineOutput for Shared {}
 }

@@ -21,6 +21,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::LineOutput;
+
 /// The bytes the queue may hold, counting the chunk being written: a
 /// reader this far behind loses lines, counted, and never holds more
 /// memory than this.
@@ -34,6 +36,9 @@ const QUEUED_BYTES: usize = 4 << 20;
 /// A chunk gathers only between flushes, which end every drain of the
 /// ring, so its size adds no delay to a line.
 const CHUNK: usize = 1 << 20;
+/// Room left in a chunk's buffer for the line that fills it, which is
+/// built in place (`LineOutput`): a longer line makes the buffer grow.
+const LINE_ROOM: usize = 64 * 1024;
 /// A flush with fewer bytes than this copies them out, so that the queue
 /// holds what they take, and the chunk's buffer is kept: a lone reset
 /// queued in a buffer of `CHUNK` would count as that many bytes.
@@ -283,6 +288,15 @@ impl QueuedWriter {
     }
 }
 
+impl LineOutput for QueuedWriter {
+    fn line_buffer(&mut self) -> io::Result<Option<&mut Vec<u8>>> {
+        if self.pending.len() + LINE_ROOM > CHUNK {
+            self.send_lines()?;
+        }
+        Ok(Some(&mut self.pending))
+    }
+}
+
 impl Write for QueuedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // Sent before it would grow: a chunk that outgrew its buffer would be
@@ -375,6 +389,31 @@ mod tests {
             assert_eq!(report.unwritten_after(Duration::from_secs(5)), 0);
             assert_eq!(*out.0.lock().unwrap(), writes, "{pieces:?}");
         }
+    }
+
+    #[test]
+    fn lines_built_in_place_fill_chunks_that_never_grow() {
+        let out = Writes::default();
+        let (mut writer, report) = spawn(out.clone(), Pieces::WholeChunks).unwrap();
+        let line = format!("{}\n", "x".repeat(999));
+        let lines = 3 * CHUNK / line.len();
+        for _ in 0..lines {
+            let buffer = writer.line_buffer().unwrap().expect("a buffer of its own");
+            buffer.extend_from_slice(line.as_bytes());
+            assert_eq!(buffer.capacity(), CHUNK);
+        }
+        writer.flush().unwrap();
+        assert_eq!(report.unwritten_after(Duration::from_secs(5)), 0);
+        // Each chunk was sent once the next line might not fit in it.
+        let full = (CHUNK - LINE_ROOM) / line.len() + 1;
+        let writes = out.0.lock().unwrap().clone();
+        assert_eq!(writes.len(), lines.div_ceil(full), "{writes:?}");
+        assert!(
+            writes
+                .iter()
+                .all(|&w| w % line.len() == 0 && w <= full * line.len())
+        );
+        assert_eq!(writes.iter().sum::<usize>(), lines * line.len());
     }
 
     /// An output whose writes block until the test opens the gate.
