@@ -27,22 +27,18 @@ use super::LineOutput;
 /// reader this far behind loses lines, counted, and never holds more
 /// memory than this.
 const QUEUED_BYTES: usize = 4 << 20;
-/// The bytes lines gather in before a chunk is queued. Large, because a
-/// regular file takes a chunk in one write, and ext4 gives a larger write
-/// larger page-cache folios: with 1 MiB writes instead of 64 KiB, a storm's
-/// output took 7 times fewer folios, and the thread's CPU per line fell
-/// from about 500 ns to 220–480 (docs/performance.md, "Output chunks of
-/// 1 MiB").
-/// A chunk gathers only between flushes, which end every drain of the
-/// ring, so its size adds no delay to a line.
-const CHUNK: usize = 1 << 20;
-/// Room left in a chunk's buffer for the line that fills it, which is
-/// built in place (`LineOutput`): a longer line makes the buffer grow.
-const LINE_ROOM: usize = 64 * 1024;
-/// A flush with fewer bytes than this copies them out, so that the queue
-/// holds what they take, and the chunk's buffer is kept: a lone reset
-/// queued in a buffer of `CHUNK` would count as that many bytes.
-const COPIED_BELOW: usize = CHUNK / 8;
+/// The bytes lines gather in before a chunk is queued for a regular file.
+/// Large, because a file takes a chunk in one write, and ext4 gives a
+/// larger write larger page-cache folios: with 1 MiB writes instead of 64
+/// KiB, a storm's output took 7 times fewer folios, and the thread's CPU
+/// per line fell from about 500 ns to 220–480 (docs/performance.md,
+/// "Output chunks of 1 MiB").
+const FILE_CHUNK: usize = 1 << 20;
+/// The same for a pipe, a socket or a terminal, which take pieces of
+/// `PIPE_BUF` whatever the chunk: a larger one would only hold lines back
+/// from a reader that keeps up (a burst of a startup's records, read
+/// through a pipe, then overflowed the queue).
+const PIPE_CHUNK: usize = 64 * 1024;
 /// How long the final count waits for a piece being written to land: a
 /// reader that is still reading takes a piece in far less; one that
 /// stopped never takes it.
@@ -103,6 +99,27 @@ pub enum Pieces {
 }
 
 impl Pieces {
+    /// How many bytes of lines make a chunk for these pieces.
+    fn chunk(self) -> usize {
+        match self {
+            Self::PipeSized => PIPE_CHUNK,
+            Self::WholeChunks => FILE_CHUNK,
+        }
+    }
+
+    /// Room left in a chunk's buffer for the line that fills it, which is
+    /// built in place (`LineOutput`): a longer line makes the buffer grow.
+    fn line_room(self) -> usize {
+        self.chunk() / 16
+    }
+
+    /// A flush with fewer bytes than this copies them out, so that the
+    /// queue holds what they take, and the chunk's buffer is kept: a lone
+    /// reset queued in a chunk's buffer would count as a whole chunk.
+    fn copied_below(self) -> usize {
+        self.chunk() / 8
+    }
+
     /// The pieces `out` needs: whole chunks only if it is a regular file.
     pub fn for_output(out: &impl AsFd) -> Self {
         let is_file = out
@@ -128,6 +145,7 @@ struct Chunk {
 /// The `Write` end the sinks write into.
 pub struct QueuedWriter {
     pending: Vec<u8>,
+    pieces: Pieces,
     queue: Sender<Chunk>,
     progress: Arc<Progress>,
 }
@@ -177,7 +195,8 @@ pub fn spawn(
         .spawn(move || write_out(out, pieces, chunks, &shared))?;
     Ok((
         QueuedWriter {
-            pending: Vec::with_capacity(CHUNK),
+            pending: Vec::with_capacity(pieces.chunk()),
+            pieces,
             queue,
             progress: progress.clone(),
         },
@@ -260,7 +279,7 @@ impl QueuedWriter {
         let Some(end) = memchr::memrchr(b'\n', &self.pending) else {
             return Ok(());
         };
-        let bytes = if end < COPIED_BELOW {
+        let bytes = if end < self.pieces.copied_below() {
             let bytes = self.pending[..=end].to_vec();
             self.pending.drain(..=end);
             bytes
@@ -268,7 +287,7 @@ impl QueuedWriter {
             // The partial line left goes into a new buffer of a chunk's
             // size: one that grew from the partial line's size would copy
             // itself over at every doubling.
-            let mut rest = Vec::with_capacity(CHUNK);
+            let mut rest = Vec::with_capacity(self.pieces.chunk());
             rest.extend_from_slice(&self.pending[end + 1..]);
             self.pending.truncate(end + 1);
             std::mem::replace(&mut self.pending, rest)
@@ -290,7 +309,7 @@ impl QueuedWriter {
 
 impl LineOutput for QueuedWriter {
     fn line_buffer(&mut self) -> io::Result<Option<&mut Vec<u8>>> {
-        if self.pending.len() + LINE_ROOM > CHUNK {
+        if self.pending.len() + self.pieces.line_room() > self.pieces.chunk() {
             self.send_lines()?;
         }
         Ok(Some(&mut self.pending))
@@ -301,7 +320,7 @@ impl Write for QueuedWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // Sent before it would grow: a chunk that outgrew its buffer would be
         // copied whole into one twice its size.
-        if self.pending.len() + buf.len() > CHUNK {
+        if self.pending.len() + buf.len() > self.pieces.chunk() {
             self.send_lines()?;
         }
         self.pending.extend_from_slice(buf);
@@ -369,7 +388,7 @@ mod tests {
     #[test]
     fn a_file_gets_a_chunk_a_write_and_a_pipe_pieces() {
         let line = format!("{}\n", "x".repeat(99));
-        let lines = CHUNK / line.len();
+        let lines = PIPE_CHUNK / line.len();
         for (pieces, writes) in [
             (Pieces::WholeChunks, vec![lines * line.len()]),
             (
@@ -396,16 +415,16 @@ mod tests {
         let out = Writes::default();
         let (mut writer, report) = spawn(out.clone(), Pieces::WholeChunks).unwrap();
         let line = format!("{}\n", "x".repeat(999));
-        let lines = 3 * CHUNK / line.len();
+        let lines = 3 * FILE_CHUNK / line.len();
         for _ in 0..lines {
             let buffer = writer.line_buffer().unwrap().expect("a buffer of its own");
             buffer.extend_from_slice(line.as_bytes());
-            assert_eq!(buffer.capacity(), CHUNK);
+            assert_eq!(buffer.capacity(), FILE_CHUNK);
         }
         writer.flush().unwrap();
         assert_eq!(report.unwritten_after(Duration::from_secs(5)), 0);
         // Each chunk was sent once the next line might not fit in it.
-        let full = (CHUNK - LINE_ROOM) / line.len() + 1;
+        let full = (FILE_CHUNK - Pieces::WholeChunks.line_room()) / line.len() + 1;
         let writes = out.0.lock().unwrap().clone();
         assert_eq!(writes.len(), lines.div_ceil(full), "{writes:?}");
         assert!(
@@ -434,13 +453,13 @@ mod tests {
     }
 
     /// The lines `overfill` writes, and how many a flush queues.
-    const LINE: &str = "ninety-nine bytes and a newline, written a hundred at a time: ten thousand bytes a flush...........\n";
-    const LINES_A_FLUSH: usize = 100;
+    const LINE: &str = "ninety-nine bytes and a newline, written fifty at a time: five thousand bytes a flush..............\n";
+    const LINES_A_FLUSH: usize = 50;
 
     /// Fills `writer` with flushed chunks of twice the bytes the queue
     /// holds, none of which waits; returns how many lines that was.
     fn overfill(writer: &mut QueuedWriter) -> u64 {
-        let lines = 2 * QUEUED_BYTES / LINE.len();
+        let lines = (2 * QUEUED_BYTES / LINE.len()).next_multiple_of(LINES_A_FLUSH);
         for i in 0..lines {
             writer.write_all(LINE.as_bytes()).unwrap();
             if (i + 1) % LINES_A_FLUSH == 0 {
@@ -489,10 +508,10 @@ mod tests {
         let (mut writer, report) = spawn(gate.clone(), Pieces::WholeChunks).unwrap();
         let queued = || report.0.queued_bytes.load(Ordering::Relaxed);
         // Each full chunk counts a chunk's buffer: the queue, with the one
-        // the thread holds, takes QUEUED_BYTES / CHUNK of them, and drops
+        // the thread holds, takes QUEUED_BYTES / FILE_CHUNK of them, and drops
         // the next; a line more starts the chunk after.
-        let chunk_lines = CHUNK / LINE.len();
-        for _ in 0..(QUEUED_BYTES / CHUNK + 1) * chunk_lines + 1 {
+        let chunk_lines = FILE_CHUNK / LINE.len();
+        for _ in 0..(QUEUED_BYTES / FILE_CHUNK + 1) * chunk_lines + 1 {
             writer.write_all(LINE.as_bytes()).unwrap();
         }
         assert_eq!(report.dropped() as usize, chunk_lines);
@@ -556,7 +575,7 @@ mod tests {
             let out = Shared::default();
             let (mut writer, report) = spawn(Slow(out.clone()), pieces).unwrap();
             let line = format!("{}\n", "x".repeat(99));
-            // 40 lines a pipe's piece, 10,485 a chunk; 50 ms a write: not
+            // 40 lines a pipe's piece, 10,485 a file's chunk; 50 ms a write: not
             // nearly all in 20 ms.
             let lines = 20_000;
             for _ in 0..lines {
@@ -613,7 +632,7 @@ mod tests {
         let line = format!("{}\n", "x".repeat(299));
         // A small chunk, then a chunk the pipe has room for only part of: a
         // single write of it would stop wherever the pipe filled.
-        for lines in [10, CHUNK / line.len()] {
+        for lines in [10, PIPE_CHUNK / line.len()] {
             for _ in 0..lines {
                 writer.write_all(line.as_bytes()).unwrap();
             }
@@ -630,7 +649,7 @@ mod tests {
             held = now;
         }
         assert!(
-            held > 0 && held < 10 * line.len() + CHUNK,
+            held > 0 && held < 10 * line.len() + PIPE_CHUNK,
             "{held} bytes held"
         );
         let mut bytes = vec![0; held];
