@@ -405,15 +405,23 @@ impl Conntrack {
         ))
     }
 
-    /// Asks for a lookup; false (and counted) when it is skipped. Each one
-    /// asked gets exactly one answer.
-    pub fn ask(&mut self, id: u64, tuples: Vec<Tuple>) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
+    /// Asks for a lookup at `now`; false (and counted) when it is skipped.
+    /// Each one asked gets exactly one answer. `now` is the caller's clock,
+    /// read once per batch of records (a storm asks for every sent reset);
+    /// it never runs the bucket backwards.
+    pub fn ask(&mut self, id: u64, tuples: &[Tuple], now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = self.refilled.max(now);
         self.tokens = (self.tokens + elapsed * LOOKUPS_PER_SEC).min(BURST);
         // A full queue or a worker gone: skipped either way.
-        let sent = self.tokens >= 1.0 && self.asks.try_send(Ask { id, tuples }).is_ok();
+        let sent = self.tokens >= 1.0
+            && self
+                .asks
+                .try_send(Ask {
+                    id,
+                    tuples: tuples.to_vec(),
+                })
+                .is_ok();
         if sent {
             self.tokens -= 1.0;
         } else {
@@ -610,16 +618,24 @@ mod tests {
             refilled: Instant::now(),
             stats: Arc::default(),
         };
-        let lookup = vec![tuple("10.0.0.1:1", "10.0.0.2:2")];
-        assert!(conntrack.ask(1, lookup.clone()));
-        assert!(!conntrack.ask(2, lookup.clone()));
+        let lookup = [tuple("10.0.0.1:1", "10.0.0.2:2")];
+        let now = Instant::now();
+        assert!(conntrack.ask(1, &lookup, now));
+        assert!(!conntrack.ask(2, &lookup, now));
         assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 1);
         assert_eq!(asked.recv().unwrap().id, 1);
         // Out of tokens, however empty the queue.
         conntrack.tokens = 0.0;
-        conntrack.refilled = Instant::now() + Duration::from_secs(3600);
-        assert!(!conntrack.ask(3, lookup));
+        assert!(!conntrack.ask(3, &lookup, now));
         assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 2);
+        // A token back after 1/LOOKUPS_PER_SEC; a clock read earlier than
+        // the last one takes none back.
+        let later = now + Duration::from_secs_f64(1.0 / LOOKUPS_PER_SEC);
+        assert!(conntrack.ask(4, &lookup, later));
+        assert_eq!(asked.recv().unwrap().id, 4);
+        assert!(!conntrack.ask(5, &lookup, now));
+        assert!(!conntrack.ask(6, &lookup, later));
+        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 4);
     }
 
     #[test]

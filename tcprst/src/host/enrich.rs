@@ -278,6 +278,7 @@ impl Enricher {
         key: &ConnKey,
         cgroup_id: Option<u64>,
         owner: Option<Process>,
+        now: Instant,
     ) -> Attribution {
         let cgroup = cgroup_id.and_then(|id| self.cgroups.resolve(id));
         let pod = cgroup.as_deref().and_then(|c| self.pod_in(c));
@@ -291,7 +292,7 @@ impl Enricher {
             })
             .or_else(|| from_runtime.as_ref()?.name.clone());
         Attribution {
-            netns_name: self.netns_name(key.netns),
+            netns_name: self.netns_name(key.netns, now),
             cgroup_id,
             cgroup,
             pod,
@@ -325,18 +326,20 @@ impl Enricher {
     /// `NETNS_REFRESH_EVERY` rescans too, because the kernel reuses the
     /// inode of a namespace that went away. Each scan replaces the map, so
     /// it holds only namespaces that exist.
-    fn netns_name(&mut self, inode: u32) -> Option<Arc<str>> {
+    fn netns_name(&mut self, inode: u32, now: Instant) -> Option<Arc<str>> {
         if inode == 0 {
             return None;
         }
-        let age = self.netns_scanned_at.map(|at| at.elapsed());
+        let age = self
+            .netns_scanned_at
+            .map(|at| now.saturating_duration_since(at));
         let due = match age {
             None => true,
             Some(age) if self.netns_names.contains_key(&inode) => age >= NETNS_REFRESH_EVERY,
             Some(age) => age >= NETNS_RESCAN_EVERY,
         };
         if due {
-            self.netns_scanned_at = Some(Instant::now());
+            self.netns_scanned_at = Some(now);
             self.netns_names = all_namespaces()
                 .into_iter()
                 .map(|ns| (ns.inode, namespace_label(&ns).into()))
