@@ -353,7 +353,7 @@ impl Summary {
         format!(
             "\n## Targets ({} on {} CPUs, {}, tcprst {})\n\n{}\nRST storm, unpaced: tcprst {:.3}× (counts exact: {}), tcprst --detail-per-sec 0 {:.3}×, bpftrace {:.3}×, empty programs on the same hooks {:.3}× of the generator's throughput without a tracer; \
              bpftrace costs {:.2}× the throughput tcprst costs. Highest rate with zero loss: tcprst {}, bpftrace {}. System CPU added per reset at {PACED_STORM_RATE} connects/s: {}.\n\
-             Churn: tcprst {:.3}× (spread {:.3}–{:.3}), tcprst --history {:.3}×, bpftrace {:.3}×; system CPU added per connection at {PACED_CHURN_RATE}/s: {}.\n\
+             Churn: tcprst {:.3}× (spread {:.3}–{:.3}), tcprst --history {:.3}×, bpftrace {:.3}×; system CPU added per connection at {PACED_CHURN_RATE}/s: {}; tcprst's direct cost (its programs, {:.2} µs of which empty programs would take, and its threads) {:.2} µs.\n\
              tcprst hooks: {}\nbpftrace hooks: storm {}; churn {}\n{}",
             self.machine.kernel,
             self.machine.cpus,
@@ -384,6 +384,8 @@ impl Summary {
                 .map(|(t, us)| format!("{t} {us:.2} µs"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            self.churn.direct.empty_programs_us,
+            self.churn.direct.total_us(),
             self.hooks.tcprst.join(", "),
             self.hooks.bpftrace_storm.join(", "),
             self.hooks.bpftrace_churn.join(", "),
