@@ -130,8 +130,8 @@ pub enum OutputFormat {
 /// copied in.
 pub trait LineOutput: Write {
     /// The buffer to build the next line at the end of, if the output keeps
-    /// one: what is appended to it is the output's, and must end in a
-    /// newline. None: the line is given to `write_all`.
+    /// one: what is appended to it is the output's, and must be one line,
+    /// ending in a newline. None: the line is given to `write_all`.
     fn line_buffer(&mut self) -> io::Result<Option<&mut Vec<u8>>> {
         Ok(None)
     }
