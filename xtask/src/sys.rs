@@ -2,6 +2,7 @@
 //! namespaces, sysctls, /proc.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::Path,
     process::{self, Command},
@@ -127,6 +128,41 @@ pub(crate) fn proc_cpu_ticks(pid: u32) -> Result<u64> {
     }
 }
 
+/// Each live thread's CPU time so far, ns, by thread id
+/// (`/proc/PID/task/TID/schedstat`): exact, where /proc/PID/stat counts
+/// clock ticks.
+pub(crate) fn thread_cpu_ns(pid: u32) -> Result<BTreeMap<u32, u64>> {
+    let dir = format!("/proc/{pid}/task");
+    let mut threads = BTreeMap::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let entry = entry?;
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // A thread may end between the listing and the read.
+        let Ok(stat) = fs::read_to_string(entry.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some(ns) = stat.split(' ').next().and_then(|ns| ns.parse().ok()) {
+            threads.insert(tid, ns);
+        }
+    }
+    Ok(threads)
+}
+
+/// The CPU time threads spent between two `thread_cpu_ns` readings, ns:
+/// a thread new since the first counts whole, one gone since loses what
+/// it spent between them (idle pool threads, which spend nothing).
+pub(crate) fn thread_cpu_ns_between(
+    before: &BTreeMap<u32, u64>,
+    after: &BTreeMap<u32, u64>,
+) -> u64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
+}
+
 pub(crate) fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf() takes a name and touches no memory.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
@@ -179,5 +215,30 @@ impl FdInfo {
             .lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
             .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn thread_time_between_counts_new_threads_whole_and_gone_ones_not() {
+        let before = BTreeMap::from([(1, 100), (2, 50), (3, 70)]);
+        // 1 ran 20 more, 2 ended, 4 began and ran 5; 3 did nothing.
+        let after = BTreeMap::from([(1, 120), (3, 70), (4, 5)]);
+        assert_eq!(thread_cpu_ns_between(&before, &after), 25);
+    }
+
+    #[test]
+    fn this_process_threads_are_read() {
+        let threads = thread_cpu_ns(std::process::id()).unwrap();
+        assert!(!threads.is_empty());
+        let busy_until = Instant::now() + std::time::Duration::from_millis(20);
+        while Instant::now() < busy_until {}
+        let later = thread_cpu_ns(std::process::id()).unwrap();
+        assert!(thread_cpu_ns_between(&threads, &later) >= 10_000_000);
     }
 }

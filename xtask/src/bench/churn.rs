@@ -48,7 +48,8 @@ pub(crate) struct DirectCost {
     pub(crate) programs_us: f64,
     /// Of which empty programs on the same hooks take, from a run of them.
     pub(crate) empty_programs_us: f64,
-    /// Its threads' CPU time: reading the close notes, the scans, the timers.
+    /// Its threads' CPU time while tracing (not while exiting): reading the
+    /// close notes, the scans, the timers.
     pub(crate) threads_us: f64,
 }
 
@@ -69,7 +70,10 @@ impl DirectCost {
                 .map(|p| p.run_time_ns as f64)
                 .sum::<f64>()
         };
-        let threads_ns = ours.tracer.as_ref().map_or(f64::NAN, |t| t.cpu_s * 1e9);
+        let threads_ns = ours
+            .tracer
+            .as_ref()
+            .map_or(f64::NAN, |t| t.threads_s_settled * 1e9);
         Ok(Self {
             programs_us: per_connection_us(&ours, programs_ns(&ours)),
             empty_programs_us: per_connection_us(&empty, programs_ns(&empty)),

@@ -2,6 +2,7 @@
 //! fresh network namespace, and what it saw and cost.
 
 use std::{
+    collections::BTreeMap,
     fs::{self, File},
     io::{BufRead as _, BufReader},
     os::unix::process::CommandExt as _,
@@ -25,6 +26,7 @@ use crate::{
     soak::SOAK_NETNS_PORT,
     sys::{
         clock_ticks_per_s, proc_cpu_ticks, proc_memory, run_netns, system_busy_s, system_idle_s,
+        thread_cpu_ns, thread_cpu_ns_between,
     },
 };
 
@@ -236,6 +238,10 @@ pub(crate) struct TracerNumbers {
     /// tcprst's own count of ring-buffer records read (its final log line).
     pub(crate) records_read: Option<u64>,
     pub(crate) cpu_s: f64,
+    /// Its threads' CPU time from the load's start until its output
+    /// stopped growing, before it was stopped: tracing without the exit's
+    /// work, to the ns.
+    pub(crate) threads_s_settled: f64,
     pub(crate) cpu_pct: f64,
     pub(crate) vm_hwm_kib: u64,
     pub(crate) vm_rss_kib: u64,
@@ -289,6 +295,10 @@ pub(crate) fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Samp
         None => None,
     };
     let ticks = running.as_ref().map(Running::cpu_ticks).transpose()?;
+    let threads = running
+        .as_ref()
+        .map(|r| thread_cpu_ns(r.proc.pid()))
+        .transpose()?;
     let idle_before = system_idle_s()?;
     let start = Instant::now();
     let results = loads
@@ -299,7 +309,12 @@ pub(crate) fn measure(ctx: &Ctx, tracer: &Tracer, loads: &[Load]) -> Result<Samp
     let system_busy_s = system_busy_s(start, idle_before)?;
     let load_s = start.elapsed().as_secs_f64();
     let tracer = match running {
-        Some(running) => Some(running.finish(ticks.unwrap_or(0), load_s, ctx)?),
+        Some(running) => Some(running.finish(
+            ticks.unwrap_or(0),
+            &threads.unwrap_or_default(),
+            load_s,
+            ctx,
+        )?),
         None => None,
     };
     Ok(Sample {
@@ -442,10 +457,12 @@ impl Running {
     pub(crate) fn finish(
         mut self,
         ticks_before: u64,
+        threads_before: &BTreeMap<u32, u64>,
         load_s: f64,
         ctx: &Ctx,
     ) -> Result<TracerNumbers> {
         self.settle()?;
+        let threads_ns = thread_cpu_ns_between(threads_before, &thread_cpu_ns(self.proc.pid())?);
         let (vm_hwm_kib, vm_rss_kib) = proc_memory(self.proc.pid())?;
         let progs = ctx.prog_stats(self.proc.pid())?;
         let map_kib = ctx.map_kib(self.proc.pid())?;
@@ -491,6 +508,7 @@ impl Running {
             lost: lost.max(final_lost.unwrap_or(0)),
             records_read,
             cpu_s,
+            threads_s_settled: threads_ns as f64 / 1e9,
             cpu_pct: cpu_s * 100.0 / load_s,
             vm_hwm_kib,
             vm_rss_kib,
