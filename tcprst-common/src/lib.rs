@@ -134,6 +134,12 @@ pub struct KernelOffsets {
     pub socket_ino: u32,
     /// `sock.sk_protocol` (a u16; `ABSENT` where it is a bitfield)
     pub sk_protocol: u32,
+    // What the close-mark program reads with plain loads instead of helper
+    // calls, where the verifier types the task and the socket.
+    /// `task_struct.comm` (`ABSENT` unless 8-aligned: it is read as two u64s)
+    pub task_comm: u32,
+    /// `sock_common.skc_cookie`: 0 until someone asks for the cookie
+    pub sk_cookie: u32,
 }
 
 impl KernelOffsets {
@@ -163,6 +169,8 @@ impl KernelOffsets {
         sk_socket: ABSENT,
         socket_ino: ABSENT,
         sk_protocol: ABSENT,
+        task_comm: ABSENT,
+        sk_cookie: ABSENT,
     };
 }
 

@@ -129,14 +129,15 @@ pub fn fill_task(task: &mut TaskInfo) {
     task.tgid = (pid_tgid >> 32) as u32;
     task.tid = pid_tgid as u32;
     task.uid = bpf_get_current_uid_gid() as u32;
+    fill_comm(&mut task.comm);
+}
+
+/// The current task's name, through the helper.
+#[inline(always)]
+pub fn fill_comm(comm: &mut [u8; 16]) {
     // Straight into the record: aya's wrapper zeroes a buffer of its own
     // first, a call of the byte-wise `memset` (see `words`), and the helper
     // pads the name with zeros anyway.
     // SAFETY: `comm` is writable for its length.
-    unsafe {
-        bpf_get_current_comm(
-            task.comm.as_mut_ptr().cast(),
-            core::mem::size_of_val(&task.comm) as u32,
-        )
-    };
+    unsafe { bpf_get_current_comm(comm.as_mut_ptr().cast(), size_of_val(comm) as u32) };
 }

@@ -97,6 +97,36 @@ pub fn task_is_exiting(mem: impl KernelMemory, task: u64) -> bool {
         .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
+/// `task_struct.comm`, as two u64 loads; false where the loader found no
+/// 8-aligned member. A plain copy of what `bpf_get_current_comm` copies
+/// with a helper call and a padded string copy: the kernel keeps the name
+/// NUL-padded (`__set_task_comm`), and a rename racing this read is as
+/// torn as it would be for the helper.
+#[inline(always)]
+pub fn task_comm(mem: impl KernelMemory, task: u64, comm: &mut [u8; 16]) -> bool {
+    let offset = global!(KERNEL_OFFSETS.task_comm);
+    if offset == ABSENT {
+        return false;
+    }
+    let (Some(low), Some(high)) = (
+        mem.read::<u64>(task, offset),
+        mem.read::<u64>(task, offset + 8),
+    ) else {
+        return false;
+    };
+    comm[..8].copy_from_slice(&low.to_ne_bytes());
+    comm[8..].copy_from_slice(&high.to_ne_bytes());
+    true
+}
+
+/// `sock_common.skc_cookie`: the socket's cookie if anyone (a close note,
+/// a reset program, sock_diag) asked for it, else 0; None where the loader
+/// found no member.
+#[inline(always)]
+pub fn sock_cookie(mem: impl KernelMemory, sk: u64) -> Option<u64> {
+    mem.read::<u64>(sk, global!(KERNEL_OFFSETS.sk_cookie))
+}
+
 /// `sock.sk_protocol`; None where the loader found no plain member.
 #[inline(always)]
 pub fn sock_protocol(mem: impl KernelMemory, sk: u64) -> Option<u16> {

@@ -1,6 +1,6 @@
 // What the BTF unit tests in tcprst/src/bpf/btf.rs read, as CO-RE relocations:
 // `bpftool gen min_core_btf` keeps only the types and members an object
-// relocates, at the kernel's own offsets. Made on Linux 6.18 (x86_64) with
+// relocates, at the kernel's own offsets. Made on Linux 6.18.44 (x86_64) with
 //   bpftool btf dump file /sys/kernel/btf/vmlinux format c > vmlinux.h
 //   clang -target bpf -g -O2 -c btf-6.18-min.c -o btf-6.18-min.o
 //   bpftool gen min_core_btf /sys/kernel/btf/vmlinux btf-6.18-min btf-6.18-min.o
@@ -35,6 +35,7 @@ __attribute__((section("tracepoint/x"), used)) int offsets(void *ctx)
 	sum += OFFSET(sk->sk_shutdown);
 	sum += OFFSET(sk->sk_socket);
 	sum += OFFSET(sk->sk_protocol);
+	sum += OFFSET(sk->__sk_common.skc_cookie.counter);
 	sum += OFFSET(net->ns.inum);
 	sum += OFFSET(net->net_cookie);
 	sum += OFFSET(skb->dev);
@@ -44,6 +45,7 @@ __attribute__((section("tracepoint/x"), used)) int offsets(void *ctx)
 	sum += OFFSET(dev->nd_net.net);
 	sum += OFFSET(task->flags);
 	sum += OFFSET(task->stack);
+	sum += OFFSET(task->comm);
 	sum += OFFSET(regs->orig_ax);
 	// The size of the registers saved at the top of a task's stack.
 	sum += __builtin_preserve_type_info(*regs, 1 /* BPF_TYPE_SIZE */);

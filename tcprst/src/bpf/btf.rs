@@ -562,6 +562,18 @@ impl KernelBtf {
             // A bitfield before 5.6; the close-mark program then skips the
             // protocol check (SCTP never enters the states it marks).
             sk_protocol: self.offset_of("sock", &["sk_protocol"]).unwrap_or(ABSENT),
+            // Speed only, like `net_cookie`: without them the close-mark
+            // program calls the helpers these loads replace. The name is
+            // read as two u64s, which the verifier takes inside the array
+            // but which must not straddle its alignment.
+            task_comm: self
+                .offset_of("task_struct", &["comm"])
+                .ok()
+                .filter(|offset| offset % 8 == 0)
+                .unwrap_or(ABSENT),
+            sk_cookie: self
+                .offset_of("sock_common", &["skc_cookie", "counter"])
+                .unwrap_or(ABSENT),
         };
         Ok((offsets, lost))
     }
@@ -622,7 +634,7 @@ mod tests {
                 sk_state: 18,
                 sk_net: 48,
                 net_ns_inum: 176,
-                net_cookie: 4160,
+                net_cookie: 4096,
                 skb_dev: 16,
                 dev_nd_net: 264,
                 task_flags: 44,
@@ -644,6 +656,8 @@ mod tests {
                 sk_socket: 288,
                 socket_ino: 192,
                 sk_protocol: 532,
+                task_comm: 1752,
+                sk_cookie: 88,
             }
         );
     }
