@@ -116,6 +116,7 @@ pub fn scanned(state: TcpState, history: Option<CloseHistory>, orphaned: bool) -
         inode: (!orphaned).then_some(4242),
         cgroup_id: None,
         history,
+        peer_quiet: None,
     }
 }
 

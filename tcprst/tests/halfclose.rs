@@ -260,13 +260,15 @@ fn an_orphan_in_fin_wait2_is_reported_with_the_close_that_left_it() {
 }
 
 /// A connection half-closed before tracing starts is found with sock_diag
-/// and tracked, its age a lower bound.
+/// and tracked, its age a lower bound: how long its peer has been silent
+/// (`tcp_info`), so it is reported at once, not `--stuck-after` later.
 #[test]
 fn half_closed_before_tracing_is_tracked() {
     let ns = Netns::new();
     let (client, server) = ns.pair("127.0.0.1:45004", "127.0.0.1:8004");
     drop(client);
-    thread::sleep(Duration::from_millis(100));
+    let before_tracing = Duration::from_secs(3);
+    thread::sleep(before_tracing);
 
     let mut tracer = Tracer::in_netns(&ns, &["--stuck-after", "1s"]);
     let stuck = tracer.wait_for("the server's stuck report", |v| {
@@ -274,6 +276,9 @@ fn half_closed_before_tracing_is_tracked() {
     });
     assert_eq!(stuck["state"], "CLOSE_WAIT");
     assert_eq!(stuck["age_is_lower_bound"], true);
+    // Aged from the scan that found it, it would read 1 to 2 s.
+    let age = stuck["stuck_for_ms"].as_u64().unwrap();
+    assert!(age >= before_tracing.as_millis() as u64, "{stuck}");
     assert_eq!(stuck["owner"]["pid"], std::process::id());
     assert!(
         stuck["diagnosis"]
@@ -286,13 +291,14 @@ fn half_closed_before_tracing_is_tracked() {
     tracer.stop();
 }
 
-/// `tcprst snapshot` finds a CLOSE_WAIT made before it ran, with its owner.
+/// `tcprst snapshot` finds a CLOSE_WAIT made before it ran, with its owner,
+/// and how long it has been so at least: since the peer's FIN (`tcp_info`).
 #[test]
 fn snapshot_lists_close_wait_with_its_owner() {
     let ns = Netns::new();
     let (client, server) = ns.pair("127.0.0.1:45005", "127.0.0.1:8005");
     drop(client);
-    thread::sleep(Duration::from_millis(100));
+    thread::sleep(Duration::from_millis(1500));
 
     let out = Command::new(common::TCPRST)
         .args(["snapshot", "-o", "json", "--netns", &ns.name])
@@ -323,13 +329,15 @@ fn snapshot_lists_close_wait_with_its_owner() {
             .any(|o| o["pid"] == std::process::id()),
         "{server_row}"
     );
-    assert!(
-        server_row["diagnosis"]
-            .as_str()
-            .unwrap()
-            .starts_with("CLOSE_WAIT: the peer closed, and "),
-        "{server_row}"
-    );
+    let at_least = server_row["diagnosis"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("CLOSE_WAIT for at least ")
+        .and_then(|rest| rest.split_once("s: the peer closed, and "))
+        .and_then(|(secs, _)| secs.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{server_row}"));
+    // 1.5 s, in jiffies and rounded to tenths.
+    assert!((1.4..10.0).contains(&at_least), "{server_row}");
     // The client closed: its orphaned FIN_WAIT2 lingers too, held by nobody.
     let client_row = rows
         .iter()

@@ -10,7 +10,10 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    host::enrich::{self, FoundSocket, Lookup},
+    host::{
+        enrich::{self, FoundSocket, Lookup},
+        sockdiag::DumpExtras,
+    },
     model::event::{TcpState, process_label},
     output::{
         Endpoints, OutputFormat, ProcessJson,
@@ -47,7 +50,8 @@ fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> SnapshotRow
         .collect();
     let orphaned = s.inode == 0;
     let diagnosis = if s.state.is_half_closed() {
-        let conn = Connection::found(found.key(), s.state, orphaned, now);
+        let conn = Connection::found(found.key(), s.state, orphaned, now)
+            .dated_by_peer(s.last_ack_recv, None);
         let owner = owners.first().map(|o| process_label(o.pid, &o.comm));
         let fin_timeout = lookup.fin_timeout(found.netns.inode);
         diagnosis::stuck(&conn, now, owner.as_deref(), fin_timeout).text
@@ -82,7 +86,11 @@ fn order(row: &SnapshotRow) -> (&str, &str, u16, u16) {
 pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
     let mut states = TcpState::HALF_CLOSED.to_vec();
     states.push(TcpState::TimeWait);
-    let found = enrich::find_sockets(&states, opts.netns);
+    let with_info = DumpExtras {
+        tcp_info: true,
+        ..DumpExtras::default()
+    };
+    let found = enrich::find_sockets(&states, opts.netns, with_info);
     let mut lookup = Lookup::default();
     let now = SystemTime::now();
     let mut rows: Vec<SnapshotRow> = found.iter().map(|f| row(f, &mut lookup, now)).collect();

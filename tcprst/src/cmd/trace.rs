@@ -683,6 +683,7 @@ impl Pipeline<'_> {
             let started = Instant::now();
             let extras = DumpExtras {
                 marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
+                tcp_info: true,
             };
             let visits = enrich::in_every_namespace(only, || {
                 (
@@ -760,6 +761,7 @@ impl Pipeline<'_> {
                     .mark
                     .or_else(|| noted.get(&f.socket.cookie).copied())
                     .map(|m| self.decoder.history(&m)),
+                peer_quiet: f.socket.last_ack_recv,
             })
             .collect();
         for resolved in self.tracker.scan(now, sockets) {

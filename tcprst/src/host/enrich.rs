@@ -127,13 +127,9 @@ pub(crate) fn in_every_namespace<T: Send>(
         .collect()
 }
 
-/// Every socket in `states` in every visible namespace (or only `only`).
-pub(crate) fn find_sockets(states: &[TcpState], only: Option<u32>) -> Vec<FoundSocket> {
-    find_sockets_with(states, only, DumpExtras::default())
-}
-
-/// `find_sockets`, each socket with what `extras` asks the kernel to add.
-pub(crate) fn find_sockets_with(
+/// Every socket in `states` in every visible namespace (or only `only`),
+/// each with what `extras` asks the kernel to add.
+pub(crate) fn find_sockets(
     states: &[TcpState],
     only: Option<u32>,
     extras: DumpExtras,

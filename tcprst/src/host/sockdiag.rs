@@ -41,6 +41,14 @@ pub struct DiagSocket {
     pub cgroup_id: Option<u64>,
     /// The socket's close mark, when the dump asked for the map's storage.
     pub mark: Option<CloseMark>,
+    /// How long ago the peer's last ACK came (`tcp_info.tcpi_last_ack_recv`),
+    /// when the dump asked for `tcp_info`. Every segment a peer sends
+    /// carries an ACK the socket takes in, its FIN too: so in FIN_WAIT2 and
+    /// CLOSE_WAIT, whose start was such a segment (the ACK of our FIN, the
+    /// peer's FIN), this is at most the time since the state began, and
+    /// equal to it while the peer has been silent since. Timewait sockets
+    /// have none.
+    pub last_ack_recv: Option<Duration>,
 }
 
 /// What a dump asks the kernel to add to each socket.
@@ -49,10 +57,15 @@ pub struct DumpExtras {
     /// The close-mark map (`BPF_MAP_TYPE_SK_STORAGE`) whose value for each
     /// socket the kernel should add (`INET_DIAG_REQ_SK_BPF_STORAGES`).
     pub marks_fd: Option<RawFd>,
+    /// Whether to ask for each socket's `tcp_info` (`INET_DIAG_INFO`), for
+    /// `DiagSocket::last_ack_recv`. The kernel takes each socket's lock
+    /// to fill it in, so only scans of half-closed sockets ask.
+    pub tcp_info: bool,
 }
 
 // Request and reply attributes (linux/inet_diag.h, linux/sock_diag.h).
 const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const INET_DIAG_INFO: u16 = 2;
 const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
 const INET_DIAG_SHUTDOWN: u16 = 8;
 const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
@@ -63,6 +76,9 @@ const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 /// `struct inet_diag_msg`, before the attributes.
 const INET_DIAG_MSG_LEN: usize = 72;
+/// Where `tcpi_last_ack_recv` (u32 milliseconds) lies in `struct tcp_info`,
+/// the same in every kernel: the struct only grows at its end.
+const TCPI_LAST_ACK_RECV: usize = 56;
 
 /// Netlink attributes in `bytes`: (type, payload), padding skipped.
 fn attributes(mut bytes: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
@@ -214,7 +230,11 @@ fn dump_request(family: u8, states: u32, extras: DumpExtras) -> Vec<u8> {
     let request = InetRequest {
         family,
         protocol: IPPROTO_TCP,
-        extensions: ExtensionFlags::empty(),
+        extensions: if extras.tcp_info {
+            ExtensionFlags::INFO
+        } else {
+            ExtensionFlags::empty()
+        },
         // StateFlags has no NEW_SYN_RECV or BOUND_INACTIVE; the kernel does.
         states: StateFlags::from_bits_retain(states),
         socket_id: if family == AF_INET {
@@ -289,6 +309,7 @@ impl DiagSocket {
             shutdown: None,
             cgroup_id: None,
             mark: None,
+            last_ack_recv: None,
         }
         .with_attributes(raw.get(INET_DIAG_MSG_LEN..).unwrap_or_default()))
     }
@@ -304,6 +325,12 @@ impl DiagSocket {
                         .map(u64::from_ne_bytes)
                 }
                 INET_DIAG_SK_BPF_STORAGES => self.mark = mark_in(payload),
+                INET_DIAG_INFO => {
+                    self.last_ack_recv = payload
+                        .get(TCPI_LAST_ACK_RECV..TCPI_LAST_ACK_RECV + 4)
+                        .and_then(|b| b.try_into().ok())
+                        .map(|ms| Duration::from_millis(u32::from_ne_bytes(ms).into()))
+                }
                 _ => {}
             }
         }
@@ -410,7 +437,11 @@ mod tests {
         ]
         .concat();
         let storages = attribute(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &storage);
+        // A tcp_info whose last ACK came 1.234 s ago.
+        let mut info = [0u8; 248];
+        info[56..60].copy_from_slice(&1234u32.to_ne_bytes());
         let attrs = [
+            attribute(INET_DIAG_INFO, &info),
             attribute(INET_DIAG_SHUTDOWN, &[2]),
             attribute(INET_DIAG_CGROUP_ID, &9001u64.to_ne_bytes()),
             attribute(INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED, &storages),
@@ -429,11 +460,16 @@ mod tests {
             shutdown: None,
             cgroup_id: None,
             mark: None,
+            last_ack_recv: None,
         }
         .with_attributes(&attrs);
         assert_eq!(socket.shutdown, Some(2));
         assert_eq!(socket.cgroup_id, Some(9001));
         assert_eq!(socket.mark, Some(mark));
+        assert_eq!(socket.last_ack_recv, Some(Duration::from_millis(1234)));
+        // One too short to hold the time is none.
+        let short = attribute(INET_DIAG_INFO, &info[..56]);
+        assert_eq!(socket.with_attributes(&short).last_ack_recv, None);
         // A truncated value is no mark.
         let short = attribute(SK_DIAG_BPF_STORAGE_MAP_VALUE, &value[..10]);
         let storages = attribute(SK_DIAG_BPF_STORAGE, &short);
@@ -454,6 +490,7 @@ mod tests {
             shutdown: None,
             cgroup_id: None,
             mark: None,
+            last_ack_recv: None,
         }
     }
 
@@ -587,10 +624,18 @@ mod tests {
         let netns = TestNetns::create();
         let (server, client_local, client_peer) =
             in_netns(&netns.0, || close_wait(listen, connect)).unwrap();
+        let quiet = Duration::from_millis(300);
+        std::thread::sleep(quiet);
 
-        let dump = in_netns(&netns.0, || dump_tcp(&[TcpState::CloseWait]))
-            .unwrap()
-            .unwrap();
+        let with_info = DumpExtras {
+            tcp_info: true,
+            ..DumpExtras::default()
+        };
+        let dump = in_netns(&netns.0, || {
+            dump_tcp_with(&[TcpState::CloseWait], with_info)
+        })
+        .unwrap()
+        .unwrap();
 
         let [found] = dump.as_slice() else {
             panic!("expected one CLOSE_WAIT socket, got {dump:?}");
@@ -610,8 +655,16 @@ mod tests {
             shutdown: Some(1),
             cgroup_id: found.cgroup_id,
             mark: None,
+            last_ack_recv: found.last_ack_recv,
         };
         assert_eq!(*found, expected);
+        // The peer's FIN was the last segment it sent, `quiet` ago (the
+        // kernel counts in jiffies: 4 ms at most at HZ=250).
+        let since_fin = found.last_ack_recv.expect("tcp_info asked for");
+        assert!(
+            since_fin >= quiet - Duration::from_millis(10) && since_fin < Duration::from_secs(10),
+            "{since_fin:?}"
+        );
         assert!(found.cgroup_id.is_some_and(|id| id != 0), "{found:?}");
         assert_ne!(found.inode, 0);
         let owners = SocketOwners::scan();

@@ -72,6 +72,31 @@ impl Connection {
         }
     }
 
+    /// Dates a connection `found` in FIN_WAIT2 or CLOSE_WAIT by `peer_quiet`,
+    /// how long ago the peer's last ACK came (`tcp_info`): its state began
+    /// then at the latest. Both states begin with a segment from the peer
+    /// (the ACK of our FIN, the peer's FIN) and any segment since came
+    /// later, so the age this gives is a lower bound, exact while the peer
+    /// has sent nothing since, as a peer that leaves a socket hanging seldom
+    /// does (it may answer keepalive probes). `not_before`: when a scan last
+    /// looked and did not see it so. Aged from when it was found instead, a
+    /// leak hours old waited `--stuck-after` to be reported. The other
+    /// half-closed states begin with our own FIN, after whatever the peer
+    /// sent last.
+    pub fn dated_by_peer(
+        mut self,
+        peer_quiet: Option<Duration>,
+        not_before: Option<SystemTime>,
+    ) -> Self {
+        let silent_since = peer_quiet.and_then(|quiet| self.since.checked_sub(quiet));
+        if let Some(silent_since) = silent_since
+            && matches!(self.state, TcpState::FinWait2 | TcpState::CloseWait)
+        {
+            self.since = not_before.map_or(silent_since, |at| silent_since.max(at));
+        }
+        self
+    }
+
     /// Adds what the socket's close mark says: who started the close, and
     /// when each step happened.
     fn learn(&mut self, mark: &CloseHistory) {
@@ -162,6 +187,9 @@ pub struct ScannedSocket {
     pub inode: Option<u64>,
     pub cgroup_id: Option<u64>,
     pub history: Option<CloseHistory>,
+    /// How long ago the peer's last ACK came (`tcp_info`), which in
+    /// FIN_WAIT2 and CLOSE_WAIT is at most the state's age (`dated_by_peer`).
+    pub peer_quiet: Option<Duration>,
 }
 
 pub struct Tracker {
@@ -203,16 +231,18 @@ impl Tracker {
                     conn
                 }
                 previous => {
-                    let mut conn = Connection::found(key, found.state, found.orphaned, now);
-                    // It came into this state since the last scan; before
-                    // the first one, it may have been so for long.
+                    // It came into this state since the last scan, which
+                    // did not see it so; before the first one, it may have
+                    // been so for long.
+                    let mut conn = Connection::found(key, found.state, found.orphaned, now)
+                        .dated_by_peer(found.peer_quiet, self.last_scan);
                     conn.seen_from_start = !first;
                     if let Some(p) = &previous {
                         conn.our_fin_at = p.our_fin_at;
                         conn.peer_fin_at = p.peer_fin_at;
                     }
                     if found.state == TcpState::CloseWait && !first {
-                        conn.peer_fin_at = Some(now);
+                        conn.peer_fin_at = Some(conn.since);
                     }
                     refresh(&mut conn, &found);
                     if let Some(stuck) = previous.filter(|p| p.stuck_reported_at.is_some()) {
@@ -363,6 +393,42 @@ mod tests {
             HashMap::from([((TcpState::FinWait2, None), 1)])
         );
         assert_eq!(tracker.stuck_counts(|_| false), HashMap::new());
+    }
+
+    /// A socket found with a silent peer: aged from the peer's last ACK,
+    /// so a leak older than tcprst is reported at the first scan.
+    #[test]
+    fn a_silent_peer_dates_fin_wait2_and_close_wait() {
+        let quiet = |state, secs| ScannedSocket {
+            peer_quiet: Some(Duration::from_secs(secs)),
+            ..scanned(state, None, false)
+        };
+        let mut tracker = Tracker::new(100);
+        tracker.scan(t(100), vec![quiet(TcpState::CloseWait, 40)]);
+        let [conn] = tracker.stuck(t(100), AFTER, REPEAT).try_into().unwrap();
+        assert_eq!(conn.since, t(60));
+        assert!(!conn.seen_from_start, "a lower bound");
+        // Unknown before the first scan, as without tcp_info.
+        assert_eq!(conn.peer_fin_at, None);
+
+        // Not seen so by the scan at t(100): it entered FIN_WAIT2 since, not
+        // when the peer's last ACK says.
+        let mut tracker = Tracker::new(100);
+        tracker.scan(t(100), Vec::new());
+        tracker.scan(t(110), vec![quiet(TcpState::FinWait2, 40)]);
+        let [conn] = tracker.stuck(t(140), AFTER, REPEAT).try_into().unwrap();
+        assert_eq!(conn.since, t(100));
+        assert!(conn.seen_from_start);
+
+        // Later in CLOSE_WAIT, the peer's FIN is dated too.
+        tracker.scan(t(120), vec![quiet(TcpState::CloseWait, 5)]);
+        let [conn] = tracker.stuck(t(150), AFTER, REPEAT).try_into().unwrap();
+        assert_eq!((conn.since, conn.peer_fin_at), (t(115), Some(t(115))));
+
+        // FIN_WAIT1 starts with our FIN, after whatever the peer sent last.
+        let mut tracker = Tracker::new(100);
+        tracker.scan(t(100), vec![quiet(TcpState::FinWait1, 40)]);
+        assert!(tracker.stuck(t(100), AFTER, REPEAT).is_empty());
     }
 
     #[test]
