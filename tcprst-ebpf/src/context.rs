@@ -9,10 +9,7 @@
 //! `softirq_entry` and `softirq_exit`, on every softirq of the host.
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
-        generated::bpf_get_current_comm,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated::bpf_get_current_comm},
     macros::{map, raw_tracepoint},
     maps::PerCpuArray,
     programs::RawTracePointContext,
@@ -53,9 +50,18 @@ fn softirq_flag() -> bool {
     IN_SOFTIRQ.get(0).is_some_and(|v| *v != 0)
 }
 
+/// The current task, and how its members are read: tp_btf programs get it
+/// typed (`bpf_get_current_task_btf`), so each member is one load where a
+/// probe read is a helper call.
+#[derive(Clone, Copy)]
+pub struct Current<M: KernelMemory> {
+    pub mem: M,
+    pub task: u64,
+}
+
 /// By the flag the softirq programs keep.
 #[inline(always)]
-fn context_by_flag() -> ExecContext {
+fn context_by_flag(current: Current<impl KernelMemory>) -> ExecContext {
     if softirq_flag() {
         return ExecContext::Softirq;
     }
@@ -63,8 +69,7 @@ fn context_by_flag() -> ExecContext {
     if bpf_get_current_pid_tgid() as u32 == 0 {
         return ExecContext::Softirq;
     }
-    // SAFETY: bpf_get_current_task returns the current task's address.
-    if task_is_kthread(ProbeRead, unsafe { bpf_get_current_task() }) {
+    if task_is_kthread(current.mem, current.task) {
         return ExecContext::KernelThread;
     }
     ExecContext::Process
@@ -81,10 +86,13 @@ fn context_by_flag() -> ExecContext {
 /// itself only inside a system call (`orig_ax` its number) or while it
 /// exits (a fatal signal may arrive at an interrupt's return).
 #[inline(always)]
-fn context_by_stack(context: u64, stack_size: u32) -> ExecContext {
-    // SAFETY: bpf_get_current_task returns the current task's address.
-    let task = unsafe { bpf_get_current_task() };
-    let Some(stack) = ProbeRead.read::<u64>(task, global!(KERNEL_OFFSETS.task_stack)) else {
+fn context_by_stack(
+    current: Current<impl KernelMemory>,
+    context: u64,
+    stack_size: u32,
+) -> ExecContext {
+    let Current { mem, task } = current;
+    let Some(stack) = mem.read::<u64>(task, global!(KERNEL_OFFSETS.task_stack)) else {
         return ExecContext::Process;
     };
     // A pointer compared with a number: allowed to the privileged loaders
@@ -92,13 +100,14 @@ fn context_by_stack(context: u64, stack_size: u32) -> ExecContext {
     if context < stack || context >= stack + u64::from(stack_size) {
         return ExecContext::Softirq;
     }
-    if task_is_kthread(ProbeRead, task) {
+    if task_is_kthread(mem, task) {
         return ExecContext::KernelThread;
     }
+    // The stack is a plain number even to a typed task (`void *`).
     let orig_ax = ProbeRead
         .read::<i64>(stack, global!(SETTINGS.user_orig_ax))
         .unwrap_or(0);
-    if orig_ax < 0 && !task_is_exiting(ProbeRead, task) {
+    if orig_ax < 0 && !task_is_exiting(mem, task) {
         return ExecContext::Softirq;
     }
     ExecContext::Process
@@ -108,11 +117,15 @@ fn context_by_stack(context: u64, stack_size: u32) -> ExecContext {
 /// is softirq (where the task is whoever was interrupted). `context` is the
 /// address of the program's context when that lies on the kernel stack.
 #[inline(always)]
-pub fn context_and_task(task: &mut TaskInfo, context: Option<u64>) -> ExecContext {
+pub fn context_and_task(
+    task: &mut TaskInfo,
+    context: Option<u64>,
+    current: Current<impl KernelMemory>,
+) -> ExecContext {
     let stack_size = global!(SETTINGS.task_stack_size);
     let context = match context {
-        Some(context) if stack_size != 0 => context_by_stack(context, stack_size),
-        _ => context_by_flag(),
+        Some(context) if stack_size != 0 => context_by_stack(current, context, stack_size),
+        _ => context_by_flag(current),
     };
     // ksoftirqd, which runs softirqs on its own stack when they pile up, is
     // a kernel thread here: userspace tells it by name, which costs the

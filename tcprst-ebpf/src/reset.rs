@@ -7,7 +7,10 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_task, bpf_ktime_get_ns,
+        generated::{bpf_get_current_task_btf, bpf_get_socket_cookie},
+    },
     macros::{btf_tracepoint, tracepoint},
     programs::{
         BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext,
@@ -20,7 +23,7 @@ use tcprst_common::{
 
 use crate::{
     closing::mark_of,
-    context::context_and_task,
+    context::{Current, context_and_task},
     failure::tuple_unread,
     function::{ResetArgs, report},
     globals::{global, receive_reset_fields, send_reset_fields},
@@ -58,6 +61,9 @@ pub trait ResetContext: StackIdContext {
         Self::MEMORY
     }
 
+    /// The current task, to be read as `memory()` reads.
+    fn current(&self) -> Current<Self::Memory>;
+
     /// What finds the close of the record's socket, which the details of a
     /// reset on a full socket add: its cookie, by which userspace finds its
     /// `CloseNote`s, and with `--history` its `CloseMark`. Only where the
@@ -80,6 +86,15 @@ macro_rules! probe_read_contexts {
             type Memory = ProbeRead;
             const MEMORY: ProbeRead = ProbeRead;
             const ON_KERNEL_STACK: bool = $on_stack;
+
+            #[inline(always)]
+            fn current(&self) -> Current<ProbeRead> {
+                Current {
+                    mem: ProbeRead,
+                    // SAFETY: returns the current task's address.
+                    task: unsafe { bpf_get_current_task() },
+                }
+            }
         }
     )+};
 }
@@ -91,6 +106,18 @@ impl ResetContext for BtfTracePointContext {
     type Memory = TypedLoad;
     const MEMORY: TypedLoad = TypedLoad;
     const ON_KERNEL_STACK: bool = true;
+
+    /// Typed: telling softirq reads the task's stack pointer with one load
+    /// where a probe read was a helper call, in every reset of a storm
+    /// (#11).
+    #[inline(always)]
+    fn current(&self) -> Current<TypedLoad> {
+        Current {
+            mem: TypedLoad,
+            // SAFETY: returns the current task, typed by the verifier.
+            task: unsafe { bpf_get_current_task_btf() } as u64,
+        }
+    }
 
     #[inline(always)]
     fn close_facts(&self, rec: &mut RstRecord) -> Option<CloseMark> {
@@ -323,7 +350,7 @@ pub fn finish(
     let tgid = global!(FILTER.tgid);
     if tgid != 0 {
         // The pid filter needs the task before the reset may count.
-        let context = context_and_task(&mut rec.task, ctx.stack_address());
+        let context = context_and_task(&mut rec.task, ctx.stack_address(), ctx.current());
         rec.context = context as u8;
         if context != ExecContext::Process || rec.task.tgid != tgid {
             return;
@@ -335,7 +362,7 @@ pub fn finish(
         Budget::Untallied => None,
     };
     if tgid == 0 {
-        rec.context = context_and_task(&mut rec.task, ctx.stack_address()) as u8;
+        rec.context = context_and_task(&mut rec.task, ctx.stack_address(), ctx.current()) as u8;
     }
     let mark = details(rec);
     rec.stack_id = stack_id(ctx);
