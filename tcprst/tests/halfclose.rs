@@ -338,6 +338,8 @@ fn snapshot_lists_close_wait_with_its_owner() {
         .unwrap_or_else(|| panic!("{server_row}"));
     // 1.5 s, in jiffies and rounded to tenths.
     assert!((1.4..10.0).contains(&at_least), "{server_row}");
+    let state_for_ms = server_row["state_for_ms"].as_u64().unwrap();
+    assert!((1400..10_000).contains(&state_for_ms), "{server_row}");
     // The client closed: its orphaned FIN_WAIT2 lingers too, held by nobody.
     let client_row = rows
         .iter()
@@ -346,5 +348,7 @@ fn snapshot_lists_close_wait_with_its_owner() {
     assert_eq!(client_row["state"], "FIN_WAIT2");
     assert_eq!(client_row["orphaned"], true);
     assert!(client_row["owners"].as_array().unwrap().is_empty());
+    // The kernel keeps it as a timewait socket, which has no tcp_info.
+    assert_eq!(client_row["state_for_ms"], Value::Null);
     drop(server);
 }

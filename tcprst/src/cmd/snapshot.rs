@@ -68,6 +68,10 @@ fn row(found: &FoundSocket, lookup: &mut Lookup, now: SystemTime) -> SnapshotRow
         uid: s.uid,
         inode: s.inode,
         timer: s.timer.map(|t| t.ss_style()),
+        state_for_ms: s
+            .last_ack_recv
+            .filter(|_| s.state.begins_with_peer_segment())
+            .map(|quiet| quiet.as_millis() as u64),
         diagnosis,
     }
 }

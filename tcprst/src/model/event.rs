@@ -76,6 +76,16 @@ impl TcpState {
         Self::HALF_CLOSED.contains(&self)
     }
 
+    /// Whether the state began with a segment from the peer: the ACK of
+    /// our FIN (FIN_WAIT2) or the peer's FIN (CLOSE_WAIT). Every segment
+    /// carries an ACK, so the time since the peer's last ACK
+    /// (`tcpi_last_ack_recv`) is how long such a state has lasted, at
+    /// least. The other half-closed states begin with our own FIN, after
+    /// whatever the peer sent last.
+    pub(crate) fn begins_with_peer_segment(self) -> bool {
+        matches!(self, Self::FinWait2 | Self::CloseWait)
+    }
+
     pub(crate) fn from_kernel(value: u8) -> Option<Self> {
         use TcpState::*;
         Some(match value {

@@ -23,6 +23,9 @@ pub struct SnapshotRow {
     pub(crate) uid: u32,
     pub(crate) inode: u64,
     pub(crate) timer: Option<String>,
+    /// How long the socket has been in its state at least, where `tcp_info`
+    /// tells (FIN_WAIT2, CLOSE_WAIT): milliseconds since the peer's last ACK.
+    pub(crate) state_for_ms: Option<u64>,
     pub(crate) diagnosis: String,
 }
 
@@ -102,6 +105,7 @@ mod tests {
             uid: 0,
             inode: 1,
             timer: None,
+            state_for_ms: None,
             diagnosis: "held by \x1b]0;pwn\x07[7]".into(),
         };
         let mut out = Vec::new();

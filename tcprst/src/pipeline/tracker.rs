@@ -74,15 +74,12 @@ impl Connection {
 
     /// Dates a connection `found` in FIN_WAIT2 or CLOSE_WAIT by `peer_quiet`,
     /// how long ago the peer's last ACK came (`tcp_info`): its state began
-    /// then at the latest. Both states begin with a segment from the peer
-    /// (the ACK of our FIN, the peer's FIN) and any segment since came
-    /// later, so the age this gives is a lower bound, exact while the peer
-    /// has sent nothing since, as a peer that leaves a socket hanging seldom
-    /// does (it may answer keepalive probes). `not_before`: when a scan last
-    /// looked and did not see it so. Aged from when it was found instead, a
-    /// leak hours old waited `--stuck-after` to be reported. The other
-    /// half-closed states begin with our own FIN, after whatever the peer
-    /// sent last.
+    /// then at the latest (`TcpState::begins_with_peer_segment`). The age
+    /// this gives is a lower bound, exact while the peer has sent nothing
+    /// since, as a peer that leaves a socket hanging seldom does (it may
+    /// answer keepalive probes). `not_before`: when a scan last looked and
+    /// did not see it so. Aged from when it was found instead, a leak hours
+    /// old waited `--stuck-after` to be reported.
     pub fn dated_by_peer(
         mut self,
         peer_quiet: Option<Duration>,
@@ -90,7 +87,7 @@ impl Connection {
     ) -> Self {
         let silent_since = peer_quiet.and_then(|quiet| self.since.checked_sub(quiet));
         if let Some(silent_since) = silent_since
-            && matches!(self.state, TcpState::FinWait2 | TcpState::CloseWait)
+            && self.state.begins_with_peer_segment()
         {
             self.since = not_before.map_or(silent_since, |at| silent_since.max(at));
         }
