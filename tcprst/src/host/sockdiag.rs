@@ -220,28 +220,36 @@ pub fn dump_tcp_with(states: &[TcpState], extras: DumpExtras) -> Result<Vec<Diag
     let states = states
         .iter()
         .fold(0, |mask, &state| mask | 1 << state as u32);
-    let socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
-    let mut sockets = Vec::new();
     if extras.marks_fd.is_none() {
-        match dump_both_families(&socket, states, extras.tcp_info, &mut sockets) {
-            Ok(()) => return Ok(sockets),
-            Err(e) => {
-                log::debug!("one sock_diag dump for both families: {e:#}; dumping each");
-                sockets.clear();
-            }
+        match dump(&both_families_request(states, extras.tcp_info)) {
+            Ok(sockets) => return Ok(sockets),
+            Err(e) => log::debug!("one sock_diag dump for both families: {e:#}; dumping each"),
         }
     }
-    for family in [AF_INET, AF_INET6] {
-        socket
-            .send_to(
-                &dump_request(family, states, extras),
-                &NetlinkAddr::new(0, 0),
-                0,
-            )
-            .context("sending the sock_diag dump request")?;
-        receive_dump(&socket, &mut sockets)?;
-    }
+    let mut sockets = dump(&dump_request(AF_INET, states, extras))?;
+    sockets.extend(dump(&dump_request(AF_INET6, states, extras))?);
     Ok(sockets)
+}
+
+/// The sockets one dump `request` lists, on a netlink socket of its own:
+/// a dump that failed partway leaves no replies behind for the next one.
+fn dump(request: &[u8]) -> Result<Vec<DiagSocket>> {
+    let socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
+    socket
+        .send_to(request, &NetlinkAddr::new(0, 0), 0)
+        .context("sending the sock_diag dump request")?;
+    let mut sockets = Vec::new();
+    receive_dump(&socket, &mut sockets)?;
+    Ok(sockets)
+}
+
+/// What a dump asks the kernel to add to each socket's reply.
+fn extensions(tcp_info: bool) -> ExtensionFlags {
+    if tcp_info {
+        ExtensionFlags::INFO
+    } else {
+        ExtensionFlags::empty()
+    }
 }
 
 fn dump_request(family: u8, states: u32, extras: DumpExtras) -> Vec<u8> {
@@ -250,11 +258,7 @@ fn dump_request(family: u8, states: u32, extras: DumpExtras) -> Vec<u8> {
     let request = InetRequest {
         family,
         protocol: IPPROTO_TCP,
-        extensions: if extras.tcp_info {
-            ExtensionFlags::INFO
-        } else {
-            ExtensionFlags::empty()
-        },
+        extensions: extensions(extras.tcp_info),
         // StateFlags has no NEW_SYN_RECV or BOUND_INACTIVE; the kernel does.
         states: StateFlags::from_bits_retain(states),
         socket_id: if family == AF_INET {
@@ -280,20 +284,6 @@ fn dump_request(family: u8, states: u32, extras: DumpExtras) -> Vec<u8> {
     buf
 }
 
-/// Every TCP socket in one of `states`, both families in one walk.
-fn dump_both_families(
-    socket: &Socket,
-    states: u32,
-    tcp_info: bool,
-    sockets: &mut Vec<DiagSocket>,
-) -> Result<()> {
-    let request = both_families_request(states, tcp_info);
-    socket
-        .send_to(&request, &NetlinkAddr::new(0, 0), 0)
-        .context("sending the sock_diag dump request")?;
-    receive_dump(socket, sockets)
-}
-
 /// `TCPDIAG_GETSOCK` (linux/inet_diag.h) with a `struct inet_diag_req`:
 /// a dump of every TCP socket in one of `states` (a mask of `1 << state`),
 /// both families in one walk (the kernel dumps it as AF_UNSPEC).
@@ -301,17 +291,12 @@ fn both_families_request(states: u32, tcp_info: bool) -> Vec<u8> {
     // nlmsghdr, then the request: family, source and destination lengths,
     // extensions; a zeroed `inet_diag_sockid` (48 bytes); states; dbs.
     const LEN: usize = 16 + 4 + 48 + 4 + 4;
-    let extensions = if tcp_info {
-        ExtensionFlags::INFO.bits()
-    } else {
-        0
-    };
     let mut buf = Vec::with_capacity(LEN);
     buf.extend_from_slice(&(LEN as u32).to_ne_bytes());
     buf.extend_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
     buf.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     buf.extend_from_slice(&[0; 8]); // sequence number and port id
-    buf.extend_from_slice(&[AF_INET, 0, 0, extensions]);
+    buf.extend_from_slice(&[AF_INET, 0, 0, extensions(tcp_info).bits()]);
     buf.extend_from_slice(&[0; 48]);
     buf.extend_from_slice(&states.to_ne_bytes());
     buf.extend_from_slice(&0u32.to_ne_bytes());
@@ -752,13 +737,9 @@ mod tests {
         let (_v4_server, _, v4_peer) = in_netns(&netns.0, || close_wait(v4, v4)).unwrap();
         let (_v6_server, _, v6_peer) = in_netns(&netns.0, || close_wait(v6, v6)).unwrap();
         let states = 1 << TcpState::CloseWait as u32;
-        let dumped = in_netns(&netns.0, || {
-            let socket = Socket::new(NETLINK_SOCK_DIAG).unwrap();
-            let mut sockets = Vec::new();
-            dump_both_families(&socket, states, true, &mut sockets).map(|()| sockets)
-        })
-        .unwrap()
-        .unwrap();
+        let dumped = in_netns(&netns.0, || dump(&both_families_request(states, true)))
+            .unwrap()
+            .unwrap();
         let mut locals: Vec<SocketAddr> = dumped.iter().map(|s| s.local).collect();
         locals.sort();
         assert_eq!(locals, [v4_peer, v6_peer], "{dumped:?}");
