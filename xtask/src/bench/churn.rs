@@ -9,7 +9,7 @@ use crate::{
         TARGET_PACED_US_PER_CONNECTION, bpftrace_churn_script,
         report::{
             Measurement, Table, TargetCheck, added_busy_us, added_busy_us_of, busy_us_per,
-            median_ratio, opt, print_section,
+            median_ratio, opt, print_section, ratios_per_rep, spread,
         },
         tracer::{Load, Sample, Tracer, each_tracer, measure},
     },
@@ -105,15 +105,7 @@ pub(crate) fn churn(ctx: &Ctx, plan: &Scale) -> Result<Churn> {
         ratio("tcprst --history"),
         ratio("bpftrace"),
     );
-    let per_rep: Vec<f64> = rows
-        .iter()
-        .filter(|r| r.tracer == "tcprst")
-        .filter_map(|r| r.vs_none(&rows))
-        .collect();
-    let spread = (
-        per_rep.iter().copied().fold(f64::INFINITY, f64::min),
-        per_rep.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-    );
+    let spread_tcprst = spread(ratios_per_rep(&rows, "tcprst", 0));
     let mut paced = Vec::new();
     for rep in 0..plan.churn_reps {
         paced.extend(each_tracer(
@@ -214,7 +206,7 @@ pub(crate) fn churn(ctx: &Ctx, plan: &Scale) -> Result<Churn> {
         ratio_tcprst: tcprst,
         ratio_history: history,
         ratio_bpftrace: bpftrace,
-        spread_tcprst: spread,
+        spread_tcprst,
         paced,
         paced_us_per_connection,
         direct,

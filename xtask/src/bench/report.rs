@@ -166,6 +166,30 @@ pub(crate) fn added_busy_us(
         .collect()
 }
 
+/// The lowest and highest of `each`: a figure's spread over repetitions.
+pub(crate) fn spread(each: impl Iterator<Item = f64>) -> (f64, f64) {
+    each.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    })
+}
+
+/// A spread as text: `0.812–0.867`.
+fn range((lo, hi): (f64, f64)) -> String {
+    format!("{lo:.3}–{hi:.3}")
+}
+
+/// Each repetition's throughput with `tracer` over the no-tracer run of
+/// the same repetition, at `rate`.
+pub(crate) fn ratios_per_rep<'a>(
+    rows: &'a [Measurement],
+    tracer: &'a str,
+    rate: u32,
+) -> impl Iterator<Item = f64> + 'a {
+    rows.iter()
+        .filter(move |r| r.tracer == tracer && r.target_rate == rate)
+        .filter_map(|r| r.vs_none(rows))
+}
+
 /// median(with tracer) / median(without), over the repetitions at `rate`.
 pub(crate) fn median_ratio(rows: &[Measurement], tracer: &str, rate: u32) -> f64 {
     let at = |t: &str| {
@@ -351,20 +375,26 @@ impl Summary {
         let s = &self.storm;
         let zero = |r: Option<f64>| opt(r, |v| format!("{v:.0} connects/s"));
         format!(
-            "\n## Targets ({} on {} CPUs, {}, tcprst {})\n\n{}\nRST storm, unpaced: tcprst {:.3}× (counts exact: {}), tcprst --detail-per-sec 0 {:.3}×, bpftrace {:.3}×, empty programs on the same hooks {:.3}× of the generator's throughput without a tracer; \
-             bpftrace costs {:.2}× the throughput tcprst costs. Highest rate with zero loss: tcprst {}, bpftrace {}. System CPU added per reset at {PACED_STORM_RATE} connects/s: {}.\n\
-             Churn: tcprst {:.3}× (spread {:.3}–{:.3}), tcprst --history {:.3}×, bpftrace {:.3}×; system CPU added per connection at {PACED_CHURN_RATE}/s: {}; tcprst's direct cost (its programs, {:.2} µs of which empty programs would take, and its threads) {:.2} µs.\n\
+            "\n## Targets ({} on {} CPUs, {}, tcprst {})\n\n{}\nRST storm, unpaced, medians (spreads) of {} repetitions: tcprst {:.3}× ({}; counts exact: {}), tcprst --detail-per-sec 0 {:.3}× ({}), bpftrace {:.3}× ({}), empty programs on the same hooks {:.3}× of the generator's throughput without a tracer; \
+             tcprst --detail-per-sec 0 over bpftrace {:.3} (each repetition's: {}); bpftrace costs {:.2}× the throughput tcprst costs. Highest rate with zero loss: tcprst {}, bpftrace {}. System CPU added per reset at {PACED_STORM_RATE} connects/s: {}.\n\
+             Churn: tcprst {:.3}× (spread {}), tcprst --history {:.3}×, bpftrace {:.3}×; system CPU added per connection at {PACED_CHURN_RATE}/s: {}; tcprst's direct cost (its programs, {:.2} µs of which empty programs would take, and its threads) {:.2} µs.\n\
              tcprst hooks: {}\nbpftrace hooks: storm {}; churn {}\n{}",
             self.machine.kernel,
             self.machine.cpus,
             self.machine.bpftrace,
             self.machine.revision,
             t.render(),
+            s.reps,
             s.max_ratio_tcprst,
+            range(s.spread_tcprst),
             if s.counts_exact { "yes" } else { "NO" },
             s.max_ratio_every_reset,
+            range(s.spread_every_reset),
             s.max_ratio_bpftrace,
+            range(s.spread_bpftrace),
             s.max_ratio_attach_only,
+            s.tcprst_over_bpftrace,
+            range(s.spread_over_bpftrace),
             s.overhead_bpftrace_over_tcprst,
             zero(s.zero_loss_rate_tcprst),
             zero(s.zero_loss_rate_bpftrace),
@@ -374,8 +404,7 @@ impl Summary {
                 .collect::<Vec<_>>()
                 .join(", "),
             self.churn.ratio_tcprst,
-            self.churn.spread_tcprst.0,
-            self.churn.spread_tcprst.1,
+            range(self.churn.spread_tcprst),
             self.churn.ratio_history,
             self.churn.ratio_bpftrace,
             self.churn

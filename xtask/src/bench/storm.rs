@@ -7,7 +7,7 @@ use crate::bench::{
     BPFTRACE_RESETS, Ctx, PACED_STORM_RATE, Scale, TARGET_STORM_RATIO, TARGET_VS_BPFTRACE,
     report::{
         Measurement, Table, TargetCheck, added_busy_us, added_busy_us_of, median_ratio, opt,
-        print_section, rate_label,
+        print_section, rate_label, ratios_per_rep, spread,
     },
     tracer::{ATTACH_ONLY, EVERY_RESET, Load, Tracer, each_tracer},
 };
@@ -15,6 +15,8 @@ use crate::bench::{
 #[derive(Serialize)]
 pub(crate) struct Storm {
     pub(crate) rows: Vec<Measurement>,
+    /// Unpaced repetitions of each tracer.
+    pub(crate) reps: usize,
     /// Median unpaced throughput with the tracer / without, per tracer:
     /// tcprst with its defaults (storms counted in the kernel), tcprst with
     /// a record per reset, bpftrace, and empty programs on tcprst's hooks.
@@ -22,8 +24,15 @@ pub(crate) struct Storm {
     pub(crate) max_ratio_every_reset: f64,
     pub(crate) max_ratio_bpftrace: f64,
     pub(crate) max_ratio_attach_only: f64,
-    /// tcprst's ratio with a record per reset over bpftrace's (target ≥ 2).
+    /// The lowest and highest of each repetition's ratio, for the same
+    /// tracers.
+    pub(crate) spread_tcprst: (f64, f64),
+    pub(crate) spread_every_reset: (f64, f64),
+    pub(crate) spread_bpftrace: (f64, f64),
+    /// tcprst's ratio with a record per reset over bpftrace's (target ≥ 2):
+    /// of the medians, and the spread of each repetition's.
     pub(crate) tcprst_over_bpftrace: f64,
+    pub(crate) spread_over_bpftrace: (f64, f64),
     /// Whether every default tcprst run's detailed and aggregate records
     /// added up to exactly two resets per refused connect.
     pub(crate) counts_exact: bool,
@@ -53,7 +62,7 @@ pub(crate) fn storm(ctx: &Ctx, plan: &Scale) -> Result<Storm> {
     }
     // The unpaced maximum decides the ratios: repeated and interleaved, so
     // drift on the machine hits every tracer alike.
-    for rep in 0..plan.reps {
+    for rep in 0..plan.storm_reps {
         rows.extend(each_tracer(ctx, "storm", &tracers, 0, rep, || {
             Load::rst(0, plan.storm_secs)
         })?);
@@ -64,6 +73,13 @@ pub(crate) fn storm(ctx: &Ctx, plan: &Scale) -> Result<Storm> {
         ratio(EVERY_RESET),
         ratio("bpftrace"),
         ratio(ATTACH_ONLY),
+    );
+    let spread_of = |t| spread(ratios_per_rep(&rows, t, 0));
+    // Each repetition's quotient: both ran between the same two drifts.
+    let over_bpftrace = spread(
+        ratios_per_rep(&rows, EVERY_RESET, 0)
+            .zip(ratios_per_rep(&rows, "bpftrace", 0))
+            .map(|(ours, theirs)| ours / theirs),
     );
     // Lost in the kernel, or never written out: an event tcprst had to
     // drop because its output fell behind is as gone for the reader. The
@@ -114,7 +130,7 @@ pub(crate) fn storm(ctx: &Ctx, plan: &Scale) -> Result<Storm> {
         )
         .and(inexact.is_empty(), inexact.join("; ")),
         TargetCheck::at_least(
-            "storm: tcprst --detail-per-sec 0 ratio / bpftrace ratio, 0 lost",
+            "storm: tcprst --detail-per-sec 0 ratio / bpftrace ratio (of the medians), 0 lost",
             every_reset / bpftrace,
             TARGET_VS_BPFTRACE,
         )
@@ -125,11 +141,16 @@ pub(crate) fn storm(ctx: &Ctx, plan: &Scale) -> Result<Storm> {
     ];
     print_section("RST storm", &storm_table(&rows));
     Ok(Storm {
+        reps: plan.storm_reps,
         max_ratio_tcprst: tcprst,
         max_ratio_every_reset: every_reset,
         max_ratio_bpftrace: bpftrace,
         max_ratio_attach_only: attach_only,
+        spread_tcprst: spread_of("tcprst"),
+        spread_every_reset: spread_of(EVERY_RESET),
+        spread_bpftrace: spread_of("bpftrace"),
         tcprst_over_bpftrace: every_reset / bpftrace,
+        spread_over_bpftrace: over_bpftrace,
         counts_exact: inexact.is_empty(),
         paced_us_per_reset,
         overhead_bpftrace_over_tcprst: (1.0 - bpftrace) / (1.0 - tcprst),
