@@ -78,7 +78,7 @@ impl Measurement {
             system_busy_s: s.system_busy_s,
             distinct_connections: s.loads.iter().map(|l| l.distinct_connections).sum(),
             events: t.map(|t| t.events),
-            rst_events: t.map(|t| t.rst_events),
+            rst_events: t.map(|t| t.rst_events).filter(|_| tracer.prints_events()),
             lost: t.map(|t| t.lost),
             records_read: t.and_then(|t| t.records_read),
             cpu_s: t.map(|t| t.cpu_s),

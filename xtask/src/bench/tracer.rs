@@ -88,6 +88,12 @@ impl Tracer {
         }
     }
 
+    /// Whether the tracer shows the resets it sees: the empty programs
+    /// print nothing, so none of theirs are missing.
+    pub(crate) fn prints_events(&self) -> bool {
+        self.label() != ATTACH_ONLY
+    }
+
     /// The port of `--metrics-addr 127.0.0.1:PORT`, if given.
     pub(crate) fn metrics_port(&self) -> Option<u16> {
         let Self::Tcprst { args, .. } = self else {
