@@ -434,6 +434,12 @@ pub struct CloseMark {
 /// (`tcprst/src/bpf/close_notes.rs`), so a stalled reader has margin.
 pub const CLOSE_NOTES_BYTES: u32 = 3 << 20;
 
+/// The u64s between two CPUs' heads in `CLOSE_NOTE_HEADS`: 128 bytes, a
+/// cache line and the neighbour x86's prefetcher fetches with it. Each
+/// note bumps its CPU's head, and heads side by side made every CPU's notes
+/// take the line from the others.
+pub const NOTE_HEAD_STRIDE: u32 = 16;
+
 /// `CloseNote::seq` while a program writes the note.
 pub const NOTE_WRITING: u64 = u64::MAX;
 

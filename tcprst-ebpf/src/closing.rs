@@ -32,7 +32,9 @@ use aya_ebpf::{
     maps::Array,
     programs::BtfTracePointContext,
 };
-use tcprst_common::{CloseMark, CloseNote, MARK_STEPS, NOTE_WRITING, TaskInfo, close_op};
+use tcprst_common::{
+    CloseMark, CloseNote, MARK_STEPS, NOTE_HEAD_STRIDE, NOTE_WRITING, TaskInfo, close_op,
+};
 
 use crate::{
     context::fill_comm,
@@ -158,7 +160,8 @@ struct Step {
 #[map]
 static CLOSE_NOTES: Array<CloseNote> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// The number of the next note of each CPU's ring: its notes so far.
+/// The number of the next note of each CPU's ring: its notes so far, each
+/// CPU's `NOTE_HEAD_STRIDE` u64s from the last.
 #[map]
 static CLOSE_NOTE_HEADS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
@@ -177,7 +180,7 @@ fn note(sk: *mut core::ffi::c_void, step: &Step, task: &TaskInfo) {
     };
     // SAFETY: reads this CPU's number.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(head) = CLOSE_NOTE_HEADS.get_ptr_mut(cpu) else {
+    let Some(head) = CLOSE_NOTE_HEADS.get_ptr_mut(cpu * NOTE_HEAD_STRIDE) else {
         return;
     };
     // SAFETY: this CPU's head, which only this program on this CPU writes.

@@ -30,7 +30,9 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::maps::MapData;
 use memmap2::{Mmap, MmapOptions};
-use tcprst_common::{CLOSE_NOTES_BYTES, CloseMark, CloseNote, MARK_STEPS, NOTE_WRITING, close_op};
+use tcprst_common::{
+    CLOSE_NOTES_BYTES, CloseMark, CloseNote, MARK_STEPS, NOTE_HEAD_STRIDE, NOTE_WRITING, close_op,
+};
 
 use crate::{memo::Memo, model::event::TcpState};
 
@@ -80,6 +82,11 @@ impl NoteRings {
     pub fn slots(self) -> u32 {
         self.cpus << self.slots_shift
     }
+
+    /// The u64s of the heads map: a line of its own for each CPU's head.
+    pub fn heads(self) -> u32 {
+        self.cpus * NOTE_HEAD_STRIDE
+    }
 }
 
 /// The rings as the kernel shares them.
@@ -110,7 +117,7 @@ impl Rings {
         let rings = Self {
             notes: map(notes, layout.slots() as usize * size_of::<CloseNote>())
                 .context("mapping the close-note rings")?,
-            heads: map(heads, layout.cpus as usize * size_of::<u64>())
+            heads: map(heads, layout.heads() as usize * size_of::<u64>())
                 .context("mapping the close-note heads")?,
             layout,
         };
@@ -122,7 +129,11 @@ impl Rings {
 
     /// Notes CPU `cpu` has written since loading.
     fn head(&self, cpu: u32) -> u64 {
-        let head = self.heads.as_ptr().cast::<u64>().wrapping_add(cpu as usize);
+        let head = self
+            .heads
+            .as_ptr()
+            .cast::<u64>()
+            .wrapping_add((cpu * NOTE_HEAD_STRIDE) as usize);
         // SAFETY: `cpu`'s u64 in the page-aligned heads mapping (`cpu` is
         // below `layout.cpus`, as every caller iterates).
         unsafe { AtomicU64::from_ptr(head.cast_mut()) }.load(Ordering::Acquire)
@@ -482,9 +493,13 @@ mod tests {
             // SAFETY: in bounds, and the anonymous mapping is page-aligned.
             unsafe { slots.as_mut_ptr().add(at).cast::<CloseNote>().write(*n) };
         }
-        let mut head_page = MmapOptions::new().len(16).map_anon().unwrap();
+        let mut head_page = MmapOptions::new()
+            .len(LAYOUT.heads() as usize * size_of::<u64>())
+            .map_anon()
+            .unwrap();
+        // Each CPU's head 128 bytes from the last, as the loader sizes them.
         head_page[..8].copy_from_slice(&heads[0].to_ne_bytes());
-        head_page[8..].copy_from_slice(&heads[1].to_ne_bytes());
+        head_page[128..136].copy_from_slice(&heads[1].to_ne_bytes());
         Rings {
             notes: slots.make_read_only().unwrap(),
             heads: head_page.make_read_only().unwrap(),

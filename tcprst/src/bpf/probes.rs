@@ -212,7 +212,7 @@ impl Probes {
             .map_max_entries(maps::EVENTS, cfg.buffer_pages * PAGE_SIZE)
             // The close-note rings, only written without --history.
             .map_max_entries(maps::CLOSE_NOTES, note_rings.slots())
-            .map_max_entries(maps::CLOSE_NOTE_HEADS, note_rings.cpus)
+            .map_max_entries(maps::CLOSE_NOTE_HEADS, note_rings.heads())
             // Whole stacks only with --stack: a full map holds ~2 MB.
             .map_max_entries(maps::STACKS, if cfg.whole_stacks { 2048 } else { 1 })
             .load(OBJECT)
