@@ -5,7 +5,7 @@ mod common;
 
 use std::{net::TcpStream, time::Duration};
 
-use common::{Netns, Tracer, metric, scrape, trace_with_metrics};
+use common::{Netns, Tracer, metric, scrape, trace_with_metrics, wait_until};
 
 /// Idle clients cannot take the endpoint: connections are capped, the
 /// rest wait in the backlog, and one that sends no request is dropped
@@ -100,11 +100,40 @@ fn metrics_count_resets_programs_and_losses() {
     let scans = metric(&m, "tcprst_scans_total", &[]).unwrap();
     assert!(scans >= 2.0, "{scans} scans found a stuck pair");
     assert_eq!(metric(&m, "tcprst_scan_namespaces", &[]), Some(1.0));
+    assert_eq!(metric(&m, "tcprst_scan_namespaces_walked", &[]), Some(1.0));
     let seconds = metric(&m, "tcprst_scan_seconds_total", &[]).unwrap();
     assert!(
         seconds > 0.0 && seconds < scans,
         "{scans} scans took {seconds} s"
     );
+    drop(pair);
+    tracer.stop();
+}
+
+/// A scan dumps no namespace whose socket counters show nothing but
+/// listeners, since each dump walks the host's whole socket table. Once a
+/// connection there half-closes, it is found all the same.
+#[test]
+fn scans_walk_no_namespace_of_mere_listeners() {
+    let ns = Netns::new();
+    let (mut tracer, addr) = trace_with_metrics(&ns, &[]);
+    let _listeners = (ns.listen("127.0.0.1:8083"), ns.listen("[::1]:8084"));
+    let scans = |m: &prometheus_parse::Scrape| metric(m, "tcprst_scans_total", &[]).unwrap();
+    let before = scans(&scrape(&addr));
+    // The scan after next began after the listeners were made.
+    let mut m = scrape(&addr);
+    wait_until("two more scans", Duration::from_secs(10), || {
+        m = scrape(&addr);
+        scans(&m) >= before + 2.0
+    });
+    assert_eq!(metric(&m, "tcprst_scan_namespaces", &[]), Some(1.0));
+    assert_eq!(metric(&m, "tcprst_scan_namespaces_walked", &[]), Some(0.0));
+
+    let pair = half_closed_until_stuck(&ns, &mut tracer, "127.0.0.1:40220", "127.0.0.1:8085");
+    let m = scrape(&addr);
+    assert_eq!(stuck_now(&m, "FIN_WAIT2"), Some(1.0));
+    assert_eq!(stuck_now(&m, "CLOSE_WAIT"), Some(1.0));
+    assert_eq!(metric(&m, "tcprst_scan_namespaces_walked", &[]), Some(1.0));
     drop(pair);
     tracer.stop();
 }

@@ -40,6 +40,7 @@ use crate::{
     host::overflows::{self, OverflowWatch},
     host::runtimes::{ContainerNames, RuntimeOptions},
     host::sockdiag::{DumpExtras, dump_tcp_with},
+    host::sockstat,
     model::conn::ConnKey,
     model::event::{Process, ResetHook, RstEvent, RstKind, TcpState},
     output::metrics::{self, Metrics, MetricsAddr, ResetSeries, Shortfalls},
@@ -63,9 +64,29 @@ struct Scan {
     began_ns: u64,
     sockets: Vec<enrich::FoundSocket>,
     overflows: Vec<overflows::Sample>,
-    /// How long the walk took, and over how many namespaces.
+    /// How long the walk took, over how many namespaces, and how many of
+    /// them were dumped.
     took: Duration,
     namespaces: usize,
+    walked: usize,
+}
+
+/// Whether the calling thread's namespace may hold a half-closed socket,
+/// by its counters and listeners (`sockstat`): the microseconds that spare
+/// a walk of the host's whole socket table. Yes when either cannot be read.
+fn may_hold_half_closed() -> bool {
+    let listeners = dump_tcp_with(&[TcpState::Listen], DumpExtras::default());
+    match (sockstat::read(), listeners) {
+        (Ok(counts), Ok(listeners)) => counts.may_hold_half_closed(listeners.len()),
+        (counts, listeners) => {
+            log::debug!(
+                "sockstat {:?}, listeners {:?}: dumping",
+                counts.err(),
+                listeners.err()
+            );
+            true
+        }
+    }
 }
 
 /// How often stuck half-closed connections are looked for while scans are
@@ -75,8 +96,8 @@ fn scan_every(stuck_after: Duration) -> Duration {
 }
 
 /// The wait after a scan that took `took` before the next. A scan walks
-/// the kernel's TCP table once per namespace, so on a host with many of
-/// them it can take seconds: the wait then stretches until scanning takes
+/// the kernel's TCP table once per namespace that holds connections, so on
+/// a host with many of them it can take seconds: the wait then stretches until scanning takes
 /// a tenth of a CPU, up to half of `--stuck-after`, the latest a stuck
 /// connection may be reported.
 fn wait_after_scan(took: Duration, stuck_after: Duration) -> Duration {
@@ -669,9 +690,12 @@ impl Pipeline<'_> {
     /// The part of a scan that walks every namespace, as a job that can run
     /// off the event loop: the half-closed sockets from sock_diag (with
     /// their marks, with `--history`), and the namespace's listen-queue
-    /// overflows, read in the same visit.
+    /// overflows, read in the same visit. A namespace whose counters show
+    /// nothing but listeners, and none of whose connections are tracked,
+    /// is not dumped (`sockstat`).
     fn namespace_walk(&self, opts: &TraceOptions) -> impl FnOnce() -> Scan + Send + 'static {
         let only = (opts.probes.filter.netns != 0).then_some(opts.probes.filter.netns);
+        let tracked = self.tracker.namespaces();
         // Its own descriptor of the mark map, which the job closes.
         let marks = self
             .marks
@@ -685,17 +709,21 @@ impl Pipeline<'_> {
                 marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
                 tcp_info: true,
             };
-            let visits = enrich::in_every_namespace(only, || {
-                (
-                    dump_tcp_with(&TcpState::HALF_CLOSED, extras),
-                    overflows::read(),
-                )
+            let visits = enrich::in_every_namespace(only, |ns| {
+                let walked = tracked.contains(&ns.inode) || may_hold_half_closed();
+                let dump = if walked {
+                    dump_tcp_with(&TcpState::HALF_CLOSED, extras)
+                } else {
+                    Ok(Vec::new())
+                };
+                (dump, walked, overflows::read())
             });
             let took = started.elapsed();
             let namespaces = visits.len();
+            let walked = visits.iter().filter(|(_, (_, walked, _))| *walked).count();
             let mut dumps = Vec::with_capacity(visits.len());
             let mut counts = Vec::with_capacity(visits.len());
-            for (ns, (dump, count)) in visits {
+            for (ns, (dump, _, count)) in visits {
                 match count {
                     Ok(total) => counts.push(overflows::Sample {
                         netns: ns.inode,
@@ -713,6 +741,7 @@ impl Pipeline<'_> {
                 overflows: counts,
                 took,
                 namespaces,
+                walked,
             }
         }
     }
@@ -725,13 +754,15 @@ impl Pipeline<'_> {
             log::warn!("{warning}");
         }
         self.metrics.listen_overflows(&scan.overflows);
-        self.metrics.scanned(scan.took, scan.namespaces);
+        self.metrics
+            .scanned(scan.took, scan.namespaces, scan.walked);
         let wait = wait_after_scan(scan.took, opts.stuck_after);
         if scans_are_dear(scan.took, wait) && !self.counts.scans_warned {
             self.counts.scans_warned = true;
             log::warn!(
-                "a scan for stuck half-closed connections took {} ms over {} network namespaces, and scans cannot be further apart than {} ms (half of --stuck-after): the kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace. A longer --stuck-after lets scans space out, and --netns scans one namespace (tcprst_scan_seconds_total)",
+                "a scan for stuck half-closed connections took {} ms dumping {} of {} network namespaces, and scans cannot be further apart than {} ms (half of --stuck-after): the kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace that holds more than listeners. A longer --stuck-after lets scans space out, and --netns scans one namespace (tcprst_scan_seconds_total)",
                 scan.took.as_millis(),
+                scan.walked,
                 scan.namespaces,
                 wait.as_millis()
             );

@@ -107,17 +107,17 @@ impl FoundSocket {
     }
 }
 
-/// What `f` returns inside every visible namespace (or only `only`), each
-/// beside its namespace. Namespaces that vanish or refuse are skipped:
+/// What `f` returns inside every visible namespace (or only `only`), given
+/// it and kept beside it. Namespaces that vanish or refuse are skipped:
 /// processes come and go.
 pub(crate) fn in_every_namespace<T: Send>(
     only: Option<u32>,
-    f: impl Fn() -> T + Sync,
+    f: impl Fn(&NetnsHandle) -> T + Sync,
 ) -> Vec<(NetnsHandle, T)> {
     all_namespaces()
         .into_iter()
         .filter(|ns| only.is_none_or(|inode| inode == ns.inode))
-        .filter_map(|ns| match in_netns(&ns, &f) {
+        .filter_map(|ns| match in_netns(&ns, || f(&ns)) {
             Ok(found) => Some((ns, found)),
             Err(e) => {
                 log::debug!("{e:#}");
@@ -134,7 +134,7 @@ pub(crate) fn find_sockets(
     only: Option<u32>,
     extras: DumpExtras,
 ) -> Vec<FoundSocket> {
-    found_sockets(in_every_namespace(only, || dump_tcp_with(states, extras)))
+    found_sockets(in_every_namespace(only, |_| dump_tcp_with(states, extras)))
 }
 
 /// The sockets of each namespace's sock_diag dump; a namespace whose dump

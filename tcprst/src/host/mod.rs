@@ -1,6 +1,6 @@
 //! Whose a socket is, from what only userspace can read: cgroups, pods,
 //! container runtimes, processes by inode, network namespaces, sock_diag,
-//! conntrack, listen-queue overflows. Imports `model` only.
+//! conntrack, listen-queue overflows, socket counters. Imports `model` only.
 
 pub mod cgroup;
 pub(crate) mod conntrack;
@@ -11,3 +11,4 @@ pub(crate) mod overflows;
 pub(crate) mod owner;
 pub(crate) mod runtimes;
 pub(crate) mod sockdiag;
+pub(crate) mod sockstat;

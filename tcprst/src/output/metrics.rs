@@ -113,6 +113,7 @@ pub struct Metrics {
     scans: Counter,
     scan_seconds: Counter<f64, AtomicU64>,
     scan_namespaces: Gauge,
+    scan_namespaces_walked: Gauge,
     listen_overflows: Family<NetnsLabels, Counter>,
     /// The namespaces `listen_overflows` has a series for, so those of
     /// namespaces gone go too.
@@ -238,7 +239,7 @@ impl Default for Metrics {
         let scan_seconds = Counter::<f64, AtomicU64>::default();
         registry.register(
             "scan_seconds",
-            "Time the scans took. The kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace, so this grows with namespaces times sockets",
+            "Time the scans took. The kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace dumped, so this grows with those namespaces times sockets",
             scan_seconds.clone(),
         );
         let scan_namespaces = Gauge::default();
@@ -246,6 +247,12 @@ impl Default for Metrics {
             "scan_namespaces",
             "Network namespaces the last scan visited",
             scan_namespaces.clone(),
+        );
+        let scan_namespaces_walked = Gauge::default();
+        registry.register(
+            "scan_namespaces_walked",
+            "Of those, the namespaces whose half-closed sockets the last scan dumped, walking the whole TCP socket table; the others' socket counters showed nothing but listeners",
+            scan_namespaces_walked.clone(),
         );
         Self {
             registry,
@@ -272,6 +279,7 @@ impl Default for Metrics {
             scans,
             scan_seconds,
             scan_namespaces,
+            scan_namespaces_walked,
             listen_overflows,
             overflow_series: Mutex::default(),
         }
@@ -428,10 +436,11 @@ impl Metrics {
     }
 
     /// One scan, which took `took` over `namespaces` network namespaces.
-    pub fn scanned(&self, took: Duration, namespaces: usize) {
+    pub fn scanned(&self, took: Duration, namespaces: usize, walked: usize) {
         self.scans.inc();
         self.scan_seconds.inc_by(took.as_secs_f64());
         self.scan_namespaces.set(namespaces as i64);
+        self.scan_namespaces_walked.set(walked as i64);
     }
 
     /// Each sampled namespace's count, as the kernel has it; namespaces
@@ -809,8 +818,8 @@ mod tests {
             close_notes_overwritten: 11,
         };
         m.shortfalls(&shortfalls);
-        m.scanned(Duration::from_millis(250), 4);
-        m.scanned(Duration::from_millis(500), 3);
+        m.scanned(Duration::from_millis(250), 4, 4);
+        m.scanned(Duration::from_millis(500), 3, 1);
         shortfalls.tally_full = 6;
         m.shortfalls(&shortfalls);
         let text = m.encode();
@@ -832,6 +841,7 @@ mod tests {
             "tcprst_scans_total 2",
             "tcprst_scan_seconds_total 0.75",
             "tcprst_scan_namespaces 3",
+            "tcprst_scan_namespaces_walked 1",
             "tcprst_skipped_program_runs_total 10",
             "tcprst_conntrack_lookups_skipped_total 8",
             "tcprst_conntrack_lookup_failures_total 9",

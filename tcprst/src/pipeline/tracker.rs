@@ -10,7 +10,7 @@
 //! socket carry only the tuple.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, SystemTime},
 };
 
@@ -274,6 +274,13 @@ impl Tracker {
         self.half_closed = seen;
         self.last_scan = Some(now);
         resolved
+    }
+
+    /// The namespaces of the connections tracked: a scan walks these
+    /// whatever their counters say, so a connection is never resolved by a
+    /// namespace left out.
+    pub fn namespaces(&self) -> HashSet<u32> {
+        self.half_closed.keys().map(|key| key.netns).collect()
     }
 
     /// A reset ended the connection of `key`: resolves it if it was stuck.
