@@ -97,9 +97,9 @@ fn scan_every(stuck_after: Duration) -> Duration {
 
 /// The wait after a scan that took `took` before the next. A scan walks
 /// the kernel's TCP table once per namespace that holds connections, so on
-/// a host with many of them it can take seconds: the wait then stretches until scanning takes
-/// a tenth of a CPU, up to half of `--stuck-after`, the latest a stuck
-/// connection may be reported.
+/// a host with many of them it can take seconds: the wait then stretches
+/// until scanning takes a tenth of a CPU, up to half of `--stuck-after`,
+/// the latest a stuck connection may be reported.
 fn wait_after_scan(took: Duration, stuck_after: Duration) -> Duration {
     let every = scan_every(stuck_after);
     (took * 10).clamp(every, (stuck_after / 2).max(every))

@@ -435,7 +435,8 @@ impl Metrics {
         }
     }
 
-    /// One scan, which took `took` over `namespaces` network namespaces.
+    /// One scan, which took `took` over `namespaces` network namespaces,
+    /// dumping `walked` of them.
     pub fn scanned(&self, took: Duration, namespaces: usize, walked: usize) {
         self.scans.inc();
         self.scan_seconds.inc_by(took.as_secs_f64());
