@@ -760,7 +760,7 @@ impl Pipeline<'_> {
         if scans_are_dear(scan.took, wait) && !self.counts.scans_warned {
             self.counts.scans_warned = true;
             log::warn!(
-                "a scan for stuck half-closed connections took {} ms dumping {} of {} network namespaces, and scans cannot be further apart than {} ms (half of --stuck-after): the kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace that holds more than listeners. A longer --stuck-after lets scans space out, and --netns scans one namespace (tcprst_scan_seconds_total)",
+                "a scan for stuck half-closed connections took {} ms dumping {} of {} network namespaces, and scans cannot be further apart than {} ms (half of --stuck-after): the kernel walks its whole TCP socket table, TIME_WAIT included, once for each namespace that holds more than listeners. A longer --stuck-after lets scans space out, --netns scans one namespace, and on Linux 6.1 and later sysctl net.ipv4.tcp_child_ehash_entries gives each namespace made after it a socket table of its own, which its dump alone walks (tcprst_scan_seconds_total)",
                 scan.took.as_millis(),
                 scan.walked,
                 scan.namespaces,
