@@ -94,6 +94,8 @@ fn doctor_checks_every_hook_at_every_tier() {
     // Its build config is readable and says nothing of KASAN, FRED or
     // PREEMPT_RT, and its reset programs are tp_btf: no softirq programs.
     assert_eq!(report["softirq_by_stack"], true, "{report:#}");
+    // sock_diag dumps the half-closed sockets the scans ask for.
+    assert_eq!(report["socket_table"], true, "{report:#}");
     let hooks = report["hooks"].as_array().unwrap();
     let names: Vec<&str> = hooks.iter().map(|h| h["hook"].as_str().unwrap()).collect();
     assert_eq!(names, FUNCTIONS);

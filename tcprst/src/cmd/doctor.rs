@@ -14,6 +14,8 @@ use crate::{
     bpf::probes::{ProbeConfig, Probes},
     bpf::stacks::Kallsyms,
     bpf::tracefs::Tracefs,
+    host::sockdiag::{DumpExtras, dump_tcp_with},
+    model::event::TcpState,
     output::doctor::DoctorReport,
 };
 
@@ -50,6 +52,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         close_marks: Err("not tried: tracing cannot start".to_owned()),
         softirq_by_stack: Err("not tried: tracing cannot start".to_owned()),
         callers: Kallsyms::load().map(drop),
+        socket_table: socket_table(),
         limitations: Vec::new(),
     };
     if let Err(why) = privileges {
@@ -79,6 +82,22 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         Err(e) => report.load_error = Some(format!("{e:#}")),
     }
     report
+}
+
+/// Whether the scans can dump this namespace's half-closed sockets, with
+/// what they ask of each (`tcp_info`), and why not.
+fn socket_table() -> Result<(), String> {
+    let extras = DumpExtras {
+        marks_fd: None,
+        tcp_info: true,
+    };
+    dump_tcp_with(&TcpState::HALF_CLOSED, extras)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "sock_diag cannot dump TCP sockets ({e:#}); the kernel needs the tcp_diag module"
+            )
+        })
 }
 
 /// The kernel lockdown mode: securityfs says it; the command line may.

@@ -2,7 +2,7 @@
 //! periodic scan for stuck half-closed connections.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io::{self, Write as _},
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
@@ -69,6 +69,9 @@ struct Scan {
     took: Duration,
     namespaces: usize,
     walked: usize,
+    /// The namespaces whose dump failed, and the first failure.
+    unread: HashSet<u32>,
+    first_failure: Option<String>,
 }
 
 /// Whether the calling thread's namespace may hold a half-closed socket,
@@ -196,6 +199,8 @@ struct Counts {
     notes_warned: bool,
     /// Whether the cost of the scans was warned of.
     scans_warned: bool,
+    /// Whether a namespace's failed dump was warned of.
+    scan_failures_warned: bool,
 }
 
 /// With `TCPRST_DUMP_RECORDS=DIR`, the first records read are written to
@@ -723,7 +728,13 @@ impl Pipeline<'_> {
             let walked = visits.iter().filter(|(_, (_, walked, _))| *walked).count();
             let mut dumps = Vec::with_capacity(visits.len());
             let mut counts = Vec::with_capacity(visits.len());
+            let mut unread = HashSet::new();
+            let mut first_failure = None;
             for (ns, (dump, _, count)) in visits {
+                if let Err(e) = &dump {
+                    unread.insert(ns.inode);
+                    first_failure.get_or_insert_with(|| format!("{}: {e:#}", ns.name));
+                }
                 match count {
                     Ok(total) => counts.push(overflows::Sample {
                         netns: ns.inode,
@@ -742,6 +753,8 @@ impl Pipeline<'_> {
                 took,
                 namespaces,
                 walked,
+                unread,
+                first_failure,
             }
         }
     }
@@ -756,6 +769,17 @@ impl Pipeline<'_> {
         self.metrics.listen_overflows(&scan.overflows);
         self.metrics
             .scanned(scan.took, scan.namespaces, scan.walked);
+        self.metrics.scan_failures(scan.unread.len());
+        if let Some(failure) = &scan.first_failure
+            && !self.counts.scan_failures_warned
+        {
+            self.counts.scan_failures_warned = true;
+            log::warn!(
+                "sock_diag could not dump {} of {} network namespaces ({failure}): their stuck half-closed connections go unreported, and those tracked there stay as they were. The kernel needs the tcp_diag module (modprobe tcp_diag); `tcprst doctor` checks (tcprst_scan_failures_total)",
+                scan.unread.len(),
+                scan.namespaces
+            );
+        }
         let wait = wait_after_scan(scan.took, opts.stuck_after);
         if scans_are_dear(scan.took, wait) && !self.counts.scans_warned {
             self.counts.scans_warned = true;
@@ -795,7 +819,7 @@ impl Pipeline<'_> {
                 peer_quiet: f.socket.last_ack_recv,
             })
             .collect();
-        for resolved in self.tracker.scan(now, sockets) {
+        for resolved in self.tracker.scan_except(now, sockets, &scan.unread) {
             self.emit_resolved(resolved)?;
         }
         let mut lookup = enrich::Lookup::default();

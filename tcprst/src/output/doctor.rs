@@ -29,6 +29,9 @@ pub struct DoctorReport {
     pub(crate) softirq_by_stack: Result<(), String>,
     /// Whether /proc/kallsyms can name the kernel function behind a reset.
     pub(crate) callers: Result<(), String>,
+    /// Whether sock_diag dumps this namespace's half-closed TCP sockets, as
+    /// the scans for stuck half-closes ask.
+    pub(crate) socket_table: Result<(), String>,
     pub(crate) limitations: Vec<String>,
 }
 
@@ -108,6 +111,10 @@ impl DoctorReport {
                 Ok(()) => json!(true),
                 Err(why) => json!({ "error": why }),
             },
+            "socket_table": match &self.socket_table {
+                Ok(()) => json!(true),
+                Err(why) => json!({ "error": why }),
+            },
             "privileges": match &self.privileges {
                 Ok(()) => json!(true),
                 Err(why) => json!({ "error": why }),
@@ -172,6 +179,13 @@ impl DoctorReport {
             },
         ));
         rows.push((
+            "stuck half-closes".to_owned(),
+            match &self.socket_table {
+                Ok(()) => "found by scanning the kernel's socket table (sock_diag)".to_owned(),
+                Err(why) => format!("never reported: {why}"),
+            },
+        ));
+        rows.push((
             "privileges".to_owned(),
             match &self.privileges {
                 Ok(()) => "enough".to_owned(),
@@ -229,6 +243,7 @@ mod tests {
             close_marks: Ok(()),
             softirq_by_stack: Ok(()),
             callers: Ok(()),
+            socket_table: Ok(()),
             limitations: Vec::new(),
         }
     }

@@ -114,6 +114,7 @@ pub struct Metrics {
     scan_seconds: Counter<f64, AtomicU64>,
     scan_namespaces: Gauge,
     scan_namespaces_walked: Gauge,
+    scan_failures: Counter,
     listen_overflows: Family<NetnsLabels, Counter>,
     /// The namespaces `listen_overflows` has a series for, so those of
     /// namespaces gone go too.
@@ -248,6 +249,12 @@ impl Default for Metrics {
             "Network namespaces the last scan visited",
             scan_namespaces.clone(),
         );
+        let scan_failures = Counter::default();
+        registry.register(
+            "scan_failures",
+            "Namespaces a scan could not dump (sock_diag refused or failed, e.g. without the tcp_diag module): their stuck half-closed connections go unreported",
+            scan_failures.clone(),
+        );
         let scan_namespaces_walked = Gauge::default();
         registry.register(
             "scan_namespaces_walked",
@@ -280,6 +287,7 @@ impl Default for Metrics {
             scan_seconds,
             scan_namespaces,
             scan_namespaces_walked,
+            scan_failures,
             listen_overflows,
             overflow_series: Mutex::default(),
         }
@@ -442,6 +450,11 @@ impl Metrics {
         self.scan_seconds.inc_by(took.as_secs_f64());
         self.scan_namespaces.set(namespaces as i64);
         self.scan_namespaces_walked.set(walked as i64);
+    }
+
+    /// Namespaces one scan could not dump.
+    pub fn scan_failures(&self, unread: usize) {
+        self.scan_failures.inc_by(unread as u64);
     }
 
     /// Each sampled namespace's count, as the kernel has it; namespaces
@@ -821,6 +834,7 @@ mod tests {
         m.shortfalls(&shortfalls);
         m.scanned(Duration::from_millis(250), 4, 4);
         m.scanned(Duration::from_millis(500), 3, 1);
+        m.scan_failures(2);
         shortfalls.tally_full = 6;
         m.shortfalls(&shortfalls);
         let text = m.encode();
@@ -843,6 +857,7 @@ mod tests {
             "tcprst_scan_seconds_total 0.75",
             "tcprst_scan_namespaces 3",
             "tcprst_scan_namespaces_walked 1",
+            "tcprst_scan_failures_total 2",
             "tcprst_skipped_program_runs_total 10",
             "tcprst_conntrack_lookups_skipped_total 8",
             "tcprst_conntrack_lookup_failures_total 9",

@@ -213,10 +213,23 @@ impl Tracker {
         self.half_closed.len()
     }
 
-    /// Takes one full scan. Returns the connections that were reported
-    /// stuck and are no longer so, and the stuck ones gone from the table
-    /// (their new state unknown: the caller looks for them).
+    /// A scan that read every namespace, as the tests' scans do.
+    #[cfg(test)]
     pub fn scan(&mut self, now: SystemTime, sockets: Vec<ScannedSocket>) -> Vec<Resolved> {
+        self.scan_except(now, sockets, &HashSet::new())
+    }
+
+    /// Takes one full scan, which could not read the namespaces `unread`:
+    /// their connections stay as they were, since a failed dump says
+    /// nothing of them. Returns the connections that were reported stuck
+    /// and are no longer so, and the stuck ones gone from the table (their
+    /// new state unknown: the caller looks for them).
+    pub fn scan_except(
+        &mut self,
+        now: SystemTime,
+        sockets: Vec<ScannedSocket>,
+        unread: &HashSet<u32>,
+    ) -> Vec<Resolved> {
         let first = self.last_scan.is_none();
         let mut seen = HashMap::with_capacity(sockets.len());
         let mut resolved = Vec::new();
@@ -250,7 +263,11 @@ impl Tracker {
             };
             seen.insert(key, conn);
         }
-        for (_, gone) in self.half_closed.drain() {
+        for (key, gone) in self.half_closed.drain() {
+            if unread.contains(&key.netns) {
+                seen.insert(key, gone);
+                continue;
+            }
             if gone.stuck_reported_at.is_some() {
                 let mut after = gone.clone();
                 after.state = TcpState::Close;
@@ -454,6 +471,22 @@ mod tests {
         assert_eq!(resolved.stuck_state, TcpState::FinWait2);
         assert_eq!(resolved.stuck_for, Duration::from_secs(40));
         assert_eq!(resolved.conn.peer_fin_at, Some(t(50)));
+        assert_eq!(tracker.tracked(), 0);
+    }
+
+    #[test]
+    fn a_namespace_left_unread_resolves_none_of_its_connections() {
+        let mut tracker = Tracker::new(100);
+        tracker.scan(t(0), Vec::new());
+        tracker.scan(t(11), vec![scanned(TcpState::CloseWait, None, false)]);
+        assert_eq!(tracker.stuck(t(45), AFTER, REPEAT).len(), 1);
+        // Its dump failed: nothing is known of it.
+        let unread = HashSet::from([key().netns]);
+        assert!(tracker.scan_except(t(50), Vec::new(), &unread).is_empty());
+        assert_eq!(tracker.tracked(), 1);
+        // Read again, and gone.
+        let [resolved] = tracker.scan(t(60), Vec::new()).try_into().unwrap();
+        assert_eq!(resolved.stuck_state, TcpState::CloseWait);
         assert_eq!(tracker.tracked(), 0);
     }
 

@@ -1,6 +1,6 @@
 //! The guest's initramfs: busybox, the static binaries, nft with its
-//! libraries, the reject modules, the kernel's build config, and what /init
-//! reads under /vm.
+//! libraries, the reject and TCP sock_diag modules, the kernel's build
+//! config, and what /init reads under /vm.
 
 use std::{
     collections::BTreeSet,
@@ -22,6 +22,9 @@ use crate::process::output;
 /// What `reject with tcp reset` in an inet table loads; modules.dep names
 /// the rest (nf_reject_ipv4/6, nf_tables, …).
 pub(crate) const REJECT_MODULE: &str = "nft_reject_inet";
+/// What sock_diag's TCP dumps need (and inet_diag under it): Debian builds
+/// them as modules, which no modprobe loads in the guest.
+const TCP_DIAG_MODULE: &str = "tcp_diag";
 
 /// PID 1 in the guest. The console (ttyS0) carries the kernel's messages;
 /// what the host parses goes to ttyS1 alone, between `@@begin NAME` and
@@ -44,7 +47,12 @@ pub(crate) fn initramfs_archive(kernel: &KernelTree, binaries: &Path) -> Result<
         cpio.copy(inside.trim_start_matches('/'), &path)?;
     }
 
-    let modules = modules_in_load_order(&kernel.modules(), REJECT_MODULE)?;
+    let mut modules = modules_in_load_order(&kernel.modules(), REJECT_MODULE)?;
+    for module in modules_in_load_order(&kernel.modules(), TCP_DIAG_MODULE)? {
+        if !modules.contains(&module) {
+            modules.push(module);
+        }
+    }
     let mut names = String::new();
     for module in &modules {
         let name = module_name(module);

@@ -91,6 +91,7 @@ pub(crate) fn judge(guest: &Guest, sections: &HashMap<&str, String>) -> Vec<Plan
                 "softirq-context",
                 judge_softirq_context(&doctor, version),
             ));
+            rows.push(row("socket-table", judge_socket_table(&doctor)));
         }
         _ => {
             let err = sections.get("doctor.err").map_or("", |s| s.trim());
@@ -170,6 +171,13 @@ pub(crate) fn judge_softirq_context(doctor: &Value, version: (u32, u32)) -> Verd
         "softirq context by the stack",
         version >= (5, 15),
     )
+}
+
+/// sock_diag dumps the half-closed sockets the scans ask for, with
+/// `tcp_info`, on every kernel: the one-walk request for both families, or
+/// a dump per family where the kernel refuses it.
+pub(crate) fn judge_socket_table(doctor: &Value) -> Verdict {
+    judge_works(doctor, "socket_table", "the socket table", true)
 }
 
 /// The doctor's `key` is `true` when `expected`, and otherwise an error
