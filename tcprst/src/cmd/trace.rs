@@ -794,7 +794,14 @@ impl Pipeline<'_> {
         let now = scan.began;
         let noted = match &mut self.notes {
             Some(notes) => {
-                notes.scanned(scan.began_ns, scan.sockets.iter().map(|f| f.socket.cookie))
+                // A namespace left unread may hold any of the closes in
+                // progress: forget none, as if the dump began at boot.
+                let began_ns = if scan.unread.is_empty() {
+                    scan.began_ns
+                } else {
+                    0
+                };
+                notes.scanned(began_ns, scan.sockets.iter().map(|f| f.socket.cookie))
             }
             None => HashMap::new(),
         };
