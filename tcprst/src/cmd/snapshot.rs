@@ -97,8 +97,15 @@ pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
     let found = enrich::find_sockets(&states, opts.netns, with_info);
     let mut lookup = Lookup::default();
     let now = SystemTime::now();
-    let mut rows: Vec<SnapshotRow> = found.iter().map(|f| row(f, &mut lookup, now)).collect();
+    let mut rows: Vec<SnapshotRow> = found
+        .sockets
+        .iter()
+        .map(|f| row(f, &mut lookup, now))
+        .collect();
     rows.sort_by(|a, b| order(a).cmp(&order(b)));
+    for (ns, why) in &found.unread {
+        log::debug!("sock_diag in {}: {why}", ns.name);
+    }
     match snapshot::write(&rows, opts.output, out).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing the snapshot"),

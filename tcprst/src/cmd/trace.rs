@@ -725,16 +725,11 @@ impl Pipeline<'_> {
             });
             let took = started.elapsed();
             let namespaces = visits.len();
-            let walked = visits.iter().filter(|(_, (_, walked, _))| *walked).count();
+            let mut walked = 0;
             let mut dumps = Vec::with_capacity(visits.len());
             let mut counts = Vec::with_capacity(visits.len());
-            let mut unread = HashSet::new();
-            let mut first_failure = None;
-            for (ns, (dump, _, count)) in visits {
-                if let Err(e) = &dump {
-                    unread.insert(ns.inode);
-                    first_failure.get_or_insert_with(|| format!("{}: {e:#}", ns.name));
-                }
+            for (ns, (dump, dumped, count)) in visits {
+                walked += usize::from(dumped);
                 match count {
                     Ok(total) => counts.push(overflows::Sample {
                         netns: ns.inode,
@@ -745,16 +740,20 @@ impl Pipeline<'_> {
                 }
                 dumps.push((ns, dump));
             }
+            let found = enrich::found_sockets(dumps);
             Scan {
                 began,
                 began_ns,
-                sockets: enrich::found_sockets(dumps),
+                sockets: found.sockets,
                 overflows: counts,
                 took,
                 namespaces,
                 walked,
-                unread,
-                first_failure,
+                unread: found.unread.iter().map(|(ns, _)| ns.inode).collect(),
+                first_failure: found
+                    .unread
+                    .first()
+                    .map(|(ns, why)| format!("{}: {why}", ns.name)),
             }
         }
     }

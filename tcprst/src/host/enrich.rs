@@ -129,27 +129,33 @@ pub(crate) fn in_every_namespace<T: Send>(
 
 /// Every socket in `states` in every visible namespace (or only `only`),
 /// each with what `extras` asks the kernel to add.
-pub(crate) fn find_sockets(
-    states: &[TcpState],
-    only: Option<u32>,
-    extras: DumpExtras,
-) -> Vec<FoundSocket> {
+pub(crate) fn find_sockets(states: &[TcpState], only: Option<u32>, extras: DumpExtras) -> Found {
     found_sockets(in_every_namespace(only, |_| dump_tcp_with(states, extras)))
 }
 
-/// The sockets of each namespace's sock_diag dump; a namespace whose dump
-/// failed is skipped.
-pub(crate) fn found_sockets(
-    dumps: Vec<(NetnsHandle, Result<Vec<DiagSocket>>)>,
-) -> Vec<FoundSocket> {
-    let mut found = Vec::new();
+/// What the sock_diag dumps of several namespaces found, and which of them
+/// could not be dumped: those say nothing of their sockets, which the
+/// caller must not take for none.
+#[derive(Default)]
+pub(crate) struct Found {
+    pub sockets: Vec<FoundSocket>,
+    /// Each namespace whose dump failed, with why.
+    pub unread: Vec<(NetnsHandle, String)>,
+}
+
+/// The sockets of each namespace's sock_diag dump, and the namespaces whose
+/// dump failed.
+pub(crate) fn found_sockets(dumps: Vec<(NetnsHandle, Result<Vec<DiagSocket>>)>) -> Found {
+    let mut found = Found::default();
     for (ns, dump) in dumps {
         match dump {
-            Ok(sockets) => found.extend(sockets.into_iter().map(|socket| FoundSocket {
-                netns: ns.clone(),
-                socket,
-            })),
-            Err(e) => log::debug!("sock_diag in {}: {e:#}", ns.name),
+            Ok(sockets) => found
+                .sockets
+                .extend(sockets.into_iter().map(|socket| FoundSocket {
+                    netns: ns.clone(),
+                    socket,
+                })),
+            Err(e) => found.unread.push((ns, format!("{e:#}"))),
         }
     }
     found
@@ -379,6 +385,30 @@ pub(crate) fn namespace_label(ns: &NetnsHandle) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_dump_is_kept_apart_from_an_empty_one() {
+        let ns = |inode, name: &str| NetnsHandle {
+            inode,
+            name: name.into(),
+            path: format!("/run/netns/{name}").into(),
+        };
+        let found = found_sockets(vec![
+            (ns(1, "empty"), Ok(Vec::new())),
+            (
+                ns(2, "refused"),
+                Err(anyhow::anyhow!("No such file or directory")),
+            ),
+        ]);
+        assert!(found.sockets.is_empty());
+        let [(unread, why)] = &found.unread[..] else {
+            panic!("{} unread", found.unread.len());
+        };
+        assert_eq!(
+            (unread.inode, why.as_str()),
+            (2, "No such file or directory")
+        );
+    }
 
     #[test]
     fn owners_rescan_at_most_a_twentieth_of_the_time() {
