@@ -236,11 +236,16 @@ fn seed_003_peer_never_sends_fin() {
 fn an_orphan_in_fin_wait2_is_reported_with_the_close_that_left_it() {
     let ns = Netns::new();
     let mut tracer = Tracer::in_netns(&ns, &["--stuck-after", "1s"]);
-    let (client, server) = ns.pair("127.0.0.1:45012", "127.0.0.1:8012");
-    drop(client);
-
-    let orphan = tracer.wait_for("the orphan's stuck report", |v| {
-        is(v, "halfclose_stuck", 45012, 8012)
+    // The close() must be this process's, so both ends live on a thread
+    // with a descriptor table of its own until the report is in.
+    let orphan = ns.enter_alone(|| {
+        let (client, server) = ns.pair("127.0.0.1:45012", "127.0.0.1:8012");
+        drop(client);
+        let orphan = tracer.wait_for("the orphan's stuck report", |v| {
+            is(v, "halfclose_stuck", 45012, 8012)
+        });
+        drop(server);
+        orphan
     });
     assert_eq!(orphan["state"], "FIN_WAIT2");
     assert_eq!(orphan["orphaned"], true);
@@ -255,7 +260,6 @@ fn an_orphan_in_fin_wait2_is_reported_with_the_close_that_left_it() {
             .contains("the socket is orphaned, so the kernel reaps it after tcp_fin_timeout"),
         "{orphan}"
     );
-    drop(server);
     tracer.stop();
 }
 

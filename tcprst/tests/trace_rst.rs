@@ -17,11 +17,14 @@ fn closed_port(ns: &Netns, from: &str, to: &str) {
 }
 
 /// Makes scenario `name`'s reset in `ns` between exactly these ends, and
-/// returns the scenario.
+/// returns the scenario. Its sockets stay out of the descriptor tables of
+/// the processes that parallel tests spawn, so that the close that resets
+/// is this process's.
 fn make(ns: &Netns, name: &str, client: &str, server: &str) -> &'static Scenario {
     let scenario = Scenario::named(name).unwrap();
     let (client, server) = (client.parse().unwrap(), server.parse().unwrap());
-    ns.enter(|| scenario.make_between(client, server)).unwrap();
+    ns.enter_alone(|| scenario.make_between(client, server))
+        .unwrap();
     scenario
 }
 

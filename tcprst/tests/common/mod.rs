@@ -81,6 +81,31 @@ impl Netns {
         self.0.enter(f).unwrap()
     }
 
+    /// Runs `f` like [`Netns::enter`], but with a descriptor table of the
+    /// thread's own, for sockets that live and die inside `f` when a test
+    /// checks which process closed them. A process that another test
+    /// spawns holds a copy of the process's shared table until it execs.
+    /// If a socket is closed while such a copy exists, the child closes it
+    /// for good at exec, and the kernel rightly names the child. No spawn
+    /// copies a table that is this thread's own.
+    pub fn enter_alone<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.enter(|| {
+            // SAFETY: with CLOSE_RANGE_UNSHARE the call first gives this
+            // thread a private copy of the table, then closes descriptors
+            // 3 and up in that copy only. The rest of the process keeps
+            // them, and this thread uses none of them afterwards.
+            let unshared =
+                unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_UNSHARE as i32) };
+            assert_eq!(
+                unshared,
+                0,
+                "close_range: {}",
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+    }
+
     pub fn listen(&self, addr: &str) -> TcpListener {
         let addr: SocketAddr = addr.parse().unwrap();
         self.enter(|| TcpListener::bind(addr).unwrap())
