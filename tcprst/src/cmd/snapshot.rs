@@ -103,11 +103,10 @@ pub fn run(opts: &SnapshotOptions, out: &mut dyn Write) -> Result<()> {
         .map(|f| row(f, &mut lookup, now))
         .collect();
     rows.sort_by(|a, b| order(a).cmp(&order(b)));
-    for (ns, why) in &found.unread {
-        log::debug!("sock_diag in {}: {why}", ns.name);
-    }
     match snapshot::write(&rows, opts.output, out).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing the snapshot"),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+        other => other.context("writing the snapshot")?,
     }
+    // What could be read is shown; an incomplete list must still fail.
+    found.complete()
 }

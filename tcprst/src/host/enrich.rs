@@ -143,6 +143,26 @@ pub(crate) struct Found {
     pub unread: Vec<(NetnsHandle, String)>,
 }
 
+impl Found {
+    /// An error naming each namespace whose dump failed, if any: what was
+    /// found then lacks their sockets.
+    pub(crate) fn complete(&self) -> Result<()> {
+        if self.unread.is_empty() {
+            return Ok(());
+        }
+        let each: Vec<String> = self
+            .unread
+            .iter()
+            .map(|(ns, why)| format!("{} ({why})", ns.name))
+            .collect();
+        anyhow::bail!(
+            "sock_diag could not dump {} network namespace(s), so their sockets are missing: {}",
+            self.unread.len(),
+            each.join(", ")
+        )
+    }
+}
+
 /// The sockets of each namespace's sock_diag dump, and the namespaces whose
 /// dump failed.
 pub(crate) fn found_sockets(dumps: Vec<(NetnsHandle, Result<Vec<DiagSocket>>)>) -> Found {
@@ -407,6 +427,15 @@ mod tests {
         assert_eq!(
             (unread.inode, why.as_str()),
             (2, "No such file or directory")
+        );
+        assert_eq!(
+            found.complete().unwrap_err().to_string(),
+            "sock_diag could not dump 1 network namespace(s), so their sockets are missing: refused (No such file or directory)"
+        );
+        assert!(
+            found_sockets(vec![(ns(1, "empty"), Ok(Vec::new()))])
+                .complete()
+                .is_ok()
         );
     }
 
