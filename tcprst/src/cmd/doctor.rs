@@ -14,8 +14,7 @@ use crate::{
     bpf::probes::{ProbeConfig, Probes},
     bpf::stacks::Kallsyms,
     bpf::tracefs::Tracefs,
-    host::sockdiag::{DumpExtras, dump_tcp_with},
-    model::event::TcpState,
+    host::sockdiag::dump_half_closed,
     output::doctor::DoctorReport,
 };
 
@@ -87,17 +86,9 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
 /// Whether the scans can dump this namespace's half-closed sockets, with
 /// what they ask of each (`tcp_info`), and why not.
 fn socket_table() -> Result<(), String> {
-    let extras = DumpExtras {
-        marks_fd: None,
-        tcp_info: true,
-    };
-    dump_tcp_with(&TcpState::HALF_CLOSED, extras)
-        .map(drop)
-        .map_err(|e| {
-            format!(
-                "sock_diag cannot dump TCP sockets ({e:#}); the kernel needs the tcp_diag module"
-            )
-        })
+    dump_half_closed(None).map(drop).map_err(|e| {
+        format!("sock_diag cannot dump TCP sockets ({e:#}); the kernel needs the tcp_diag module")
+    })
 }
 
 /// The kernel lockdown mode: securityfs says it; the command line may.

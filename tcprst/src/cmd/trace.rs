@@ -39,7 +39,7 @@ use crate::{
     host::k8s::{self, PodIndex},
     host::overflows::{self, OverflowWatch},
     host::runtimes::{ContainerNames, RuntimeOptions},
-    host::sockdiag::{DumpExtras, dump_tcp_with},
+    host::sockdiag::{dump_half_closed, dump_tcp},
     host::sockstat,
     model::conn::ConnKey,
     model::event::{Process, ResetHook, RstEvent, RstKind, TcpState},
@@ -78,7 +78,7 @@ struct Scan {
 /// by its counters and listeners (`sockstat`): the microseconds that spare
 /// a walk of the host's whole socket table. Yes when either cannot be read.
 fn may_hold_half_closed() -> bool {
-    let listeners = dump_tcp_with(&[TcpState::Listen], DumpExtras::default());
+    let listeners = dump_tcp(&[TcpState::Listen]);
     match (sockstat::read(), listeners) {
         (Ok(counts), Ok(listeners)) => counts.may_hold_half_closed(listeners.len()),
         (counts, listeners) => {
@@ -710,14 +710,10 @@ impl Pipeline<'_> {
             let began = SystemTime::now();
             let began_ns = clock::monotonic_ns();
             let started = Instant::now();
-            let extras = DumpExtras {
-                marks_fd: marks.as_ref().map(|fd| fd.as_raw_fd()),
-                tcp_info: true,
-            };
             let visits = enrich::in_every_namespace(only, |ns| {
                 let walked = tracked.contains(&ns.inode) || may_hold_half_closed();
                 let dump = if walked {
-                    dump_tcp_with(&TcpState::HALF_CLOSED, extras)
+                    dump_half_closed(marks.as_ref().map(|fd| fd.as_raw_fd()))
                 } else {
                     Ok(Vec::new())
                 };

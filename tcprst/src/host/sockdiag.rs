@@ -207,6 +207,17 @@ pub fn dump_tcp(states: &[TcpState]) -> Result<Vec<DiagSocket>> {
     dump_tcp_with(states, DumpExtras::default())
 }
 
+/// The scans' dump: every half-closed TCP socket with its `tcp_info`, and,
+/// given the close-mark map, each one's marks. `tcprst doctor` asks the
+/// same without the map.
+pub fn dump_half_closed(marks_fd: Option<RawFd>) -> Result<Vec<DiagSocket>> {
+    let extras = DumpExtras {
+        marks_fd,
+        tcp_info: true,
+    };
+    dump_tcp_with(&TcpState::HALF_CLOSED, extras)
+}
+
 /// `dump_tcp`, with what `extras` asks the kernel to add.
 ///
 /// The kernel answers a dump by walking its whole table of TCP sockets,
