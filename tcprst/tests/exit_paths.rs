@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use common::{
     Netns, Spawned, TCPRST, Tracer, exit_summary, metric, metrics_addr, scrape, send_signal,
-    summary_count, the_error, wait_timeout,
+    summary_count, the_error,
 };
 
 /// Tests here compare the kernel's program lists; one at a time, so each
@@ -128,12 +128,8 @@ fn closed_stdout_exits_0_and_unloads() {
     drop(spawned.stdout.take());
     // The next event written finds no reader.
     let _ = ns.connect("127.0.0.1:40010", "127.0.0.1:9");
-    let status = wait_timeout(&mut spawned.child, Duration::from_secs(10));
-    assert!(
-        status.success(),
-        "exit {status}; stderr:\n{}",
-        spawned.stderr_text()
-    );
+    let (status, stderr) = spawned.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit {status}; stderr:\n{stderr}");
     assert_unloaded(&ids);
 }
 
@@ -216,8 +212,7 @@ fn a_stalled_reader_neither_freezes_tcprst_nor_hides_what_it_missed() {
     }
     send_signal(spawned.child.id(), libc::SIGTERM);
     // A frozen agent would never exit; the margin is for a loaded machine.
-    let status = wait_timeout(&mut spawned.child, Duration::from_secs(5));
-    let stderr = spawned.stderr_text();
+    let (status, stderr) = spawned.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "exit {status}; stderr:\n{stderr}");
     let unwritten = summary_count(&stderr, " events not written");
     assert!(unwritten > 0, "{stderr}");

@@ -14,7 +14,7 @@ use std::{
         atomic::{AtomicU32, Ordering},
         mpsc::{Receiver, RecvTimeoutError, channel},
     },
-    thread,
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
@@ -362,6 +362,9 @@ pub struct Spawned {
     /// Taken by `Tracer`, or dropped by a test to close the pipe.
     pub stdout: Option<ChildStdout>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr into `stderr` until end of file, which comes when
+    /// tcprst exits.
+    stderr_reader: Option<JoinHandle<()>>,
 }
 
 impl Spawned {
@@ -429,17 +432,18 @@ impl Spawned {
             })
         };
         let stdout = child.stdout.take();
-        let spawned = Self {
+        let mut spawned = Self {
             child,
             stdout,
             stderr,
+            stderr_reader: Some(stderr_reader),
         };
         let ready = ready_rx.recv_timeout(Duration::from_secs(60));
         if ready != Ok(true) {
             if ready == Ok(false) {
                 // It exited: its last words are on their way to the end
                 // of its stderr.
-                let _ = stderr_reader.join();
+                spawned.wait_exit(Duration::from_secs(10));
             }
             panic!(
                 "tcprst did not start tracing; stderr:\n{}",
@@ -452,12 +456,41 @@ impl Spawned {
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
     }
+
+    /// Waits up to `timeout` for tcprst to exit, then for its stderr to be
+    /// read to the end, and returns the exit status and all of stderr.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, String) {
+        let status = wait_timeout(&mut self.child, timeout);
+        if let Some(reader) = self.stderr_reader.take() {
+            read_to_end(reader);
+        }
+        (status, self.stderr_text())
+    }
+}
+
+/// Waits for `reader`, a thread reading one of tcprst's pipes, to reach
+/// end of file once tcprst has exited, and passes on its panic: a reader
+/// still on its last lines would leave them out of what the test checks.
+fn read_to_end(reader: JoinHandle<()>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "a pipe of tcprst's was still open 10 s after it exited"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    if let Err(panic) = reader.join() {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// A running `tcprst trace -o json` whose records are collected.
 pub struct Tracer {
     spawned: Spawned,
     events: Receiver<Value>,
+    /// Parses stdout into `events` until end of file.
+    stdout_reader: Option<JoinHandle<()>>,
     seen: Vec<Value>,
 }
 
@@ -486,7 +519,7 @@ impl Tracer {
         let mut spawned = Spawned::start_by(tcprst, "json", args);
         let (tx, events) = channel();
         let pipe = spawned.stdout.take().unwrap();
-        thread::spawn(move || {
+        let stdout_reader = thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 let value: Value = serde_json::from_str(&line)
                     .unwrap_or_else(|e| panic!("tcprst printed non-JSON {line:?}: {e}"));
@@ -498,6 +531,7 @@ impl Tracer {
         Self {
             spawned,
             events,
+            stdout_reader: Some(stdout_reader),
             seen: Vec::new(),
         }
     }
@@ -565,11 +599,11 @@ impl Tracer {
     /// and stderr.
     pub fn stop_with(mut self, signal: i32) -> (ExitStatus, Vec<Value>, String) {
         send_signal(self.spawned.child.id(), signal);
-        let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
-        // The reader threads may still be on their last lines.
-        thread::sleep(Duration::from_millis(100));
+        let (status, stderr) = self.spawned.wait_exit(Duration::from_secs(10));
+        if let Some(reader) = self.stdout_reader.take() {
+            read_to_end(reader);
+        }
         self.seen.extend(self.events.try_iter());
-        let stderr = self.spawned.stderr_text();
         (status, std::mem::take(&mut self.seen), stderr)
     }
 
@@ -610,11 +644,9 @@ impl FileTracer {
     /// stderr.
     pub fn stop(mut self) -> (ExitStatus, String, String) {
         send_signal(self.spawned.child.id(), libc::SIGTERM);
-        let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
-        // The stderr reader may still be on its last lines.
-        thread::sleep(Duration::from_millis(100));
+        let (status, stderr) = self.spawned.wait_exit(Duration::from_secs(10));
         let text = fs::read_to_string(&self.path).unwrap();
-        (status, text, self.spawned.stderr_text())
+        (status, text, stderr)
     }
 }
 
@@ -680,11 +712,10 @@ impl TableTracer {
     /// Stops with SIGTERM and returns all of stdout.
     pub fn stop(mut self) -> Vec<u8> {
         send_signal(self.spawned.child.id(), libc::SIGTERM);
-        let status = wait_timeout(&mut self.spawned.child, Duration::from_secs(10));
+        let (status, stderr) = self.spawned.wait_exit(Duration::from_secs(10));
         assert!(
             status.success(),
-            "tcprst exited with {status}; stderr:\n{:?}",
-            self.spawned.stderr_text()
+            "tcprst exited with {status}; stderr:\n{stderr:?}"
         );
         // The reader thread ends at end of file, after the last line.
         for line in self.lines.iter() {
