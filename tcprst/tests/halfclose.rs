@@ -263,6 +263,56 @@ fn an_orphan_in_fin_wait2_is_reported_with_the_close_that_left_it() {
     tracer.stop();
 }
 
+/// The client close()s, and the server writes after the client's FIN: the
+/// client's kernel resets. Its record comes microseconds after the notes of
+/// the close, before the reader's next periodic read of them, and it still
+/// names that close.
+#[test]
+fn data_after_close_names_the_close_it_ended() {
+    let ns = Netns::new();
+    let mut tracer = Tracer::in_netns(&ns, &[]);
+    // The close() must be this process's: see Netns::enter_alone.
+    ns.enter_alone(|| {
+        let (client, mut server) = ns.pair("127.0.0.1:45014", "127.0.0.1:8014");
+        drop(client);
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            read_within(&mut server, &mut buf).unwrap(),
+            0,
+            "the client's FIN"
+        );
+        server.write_all(b"too late").unwrap();
+        tracer.wait_for("the client's reset", |v| is(v, "rst_sent", 45014, 8014));
+    });
+    let events = tracer.stop();
+    let reset = events
+        .iter()
+        .find(|v| is(v, "rst_sent", 45014, 8014))
+        .unwrap();
+    assert_eq!(reset["cause"], "data_after_close", "{reset:#}");
+    assert_eq!(reset["reason"], "TCP_ABORT_ON_DATA", "{reset:#}");
+    let initiator = &reset["initiator"];
+    assert_eq!(initiator["op"], "close", "{reset:#}");
+    assert_eq!(initiator["pid"], std::process::id());
+    let states: Vec<&str> = reset["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| step["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"],
+        "{reset:#}"
+    );
+    let diagnosis = reset["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.starts_with("data arrived after close() by ")
+            && diagnosis.contains(&format!("[{}]", std::process::id())),
+        "{diagnosis}"
+    );
+}
+
 /// A connection half-closed before tracing starts is found with sock_diag
 /// and tracked, its age a lower bound: how long its peer has been silent
 /// (`tcp_info`), so it is reported at once, not `--stuck-after` later.

@@ -10,8 +10,9 @@
 //! their end went unread, or no state change marks it (an orphan that
 //! lives on as a timewait socket in FIN_WAIT2). When those pile up, a scan
 //! comes early (`due`). A reset on a socket that sent its FIN looks there,
-//! then through the rings for its cookie. A note overwritten before it was
-//! read, or one no room was left for, is counted.
+//! then among the closes that ended lately (`EndedCloses`): data that
+//! arrives after close() ends the close, and the reset follows. A note
+//! overwritten before it was read, or one no room was left for, is counted.
 //!
 //! Reading every close's notes costs userspace a few hash-map operations a
 //! connection. It replaced a scan of every namespace's sockets whenever a
@@ -34,7 +35,7 @@ use tcprst_common::{
     CLOSE_NOTES_BYTES, CloseMark, CloseNote, MARK_STEPS, NOTE_HEAD_STRIDE, NOTE_WRITING, close_op,
 };
 
-use crate::{memo::Memo, model::event::TcpState};
+use crate::model::event::TcpState;
 
 /// How the rings are laid out: the loader sizes the maps by it, and the
 /// programs and this reader index them by it.
@@ -189,6 +190,8 @@ pub struct CloseNotes {
     open: HashMap<u64, Vec<CloseNote>, foldhash::fast::RandomState>,
     /// The closes whose end was read lately.
     ended: RecentEnds,
+    /// Their notes, for the resets that come after.
+    ended_closes: EndedCloses,
     /// Per CPU, the next note to read.
     read_to: Vec<u64>,
     /// Notes lost unread: overwritten before a read, or not kept because
@@ -196,14 +199,9 @@ pub struct CloseNotes {
     overwritten: u64,
     /// Closes kept as the last scan ended, after it forgot what it could.
     open_after_scan: usize,
-    /// What resets found in the rings, by cookie: a storm on one socket
-    /// looks once.
-    found: Memo<u64, Option<CloseMark>>,
 }
 
 impl CloseNotes {
-    /// Sockets whose lookups `found` keeps.
-    const MAX_FOUND: usize = 4096;
     /// Closes kept in progress at once, a few hundred bytes each: sockets
     /// stuck half-closed stay here as long as they are stuck.
     const MAX_OPEN: usize = 65_536;
@@ -223,10 +221,10 @@ impl CloseNotes {
             _maps: maps,
             open: HashMap::default(),
             ended: RecentEnds::default(),
+            ended_closes: EndedCloses::new(),
             read_to: vec![0; cpus],
             overwritten: 0,
             open_after_scan: 0,
-            found: Memo::new(Self::MAX_FOUND),
         }
     }
 
@@ -260,11 +258,13 @@ impl CloseNotes {
 
     fn keep(&mut self, note: CloseNote) {
         if note.new_state == TcpState::Close as u8 {
-            self.open.remove(&note.cookie);
+            let notes = self.open.remove(&note.cookie).unwrap_or_default();
+            self.ended_closes.keep(note.cookie, notes);
             self.ended.insert(&note);
             return;
         }
         if self.ended.before(&note) {
+            self.ended_closes.add_late(note);
             return;
         }
         // A step may be read before its start when the two were written on
@@ -322,29 +322,63 @@ impl CloseNotes {
     }
 
     /// The close mark of a socket a reset came on, which sent its FIN: from
-    /// the closes in progress, or every note the rings hold for it (its
-    /// close may have ended, by this reset, before the reset was read).
+    /// the closes in progress, or from those that ended lately (the reset
+    /// may have ended its close before it was read). The notes written
+    /// since the last read are read first: the reset's record can come
+    /// before the next read, and its close's notes were written before it.
     pub fn mark_of(&mut self, cookie: u64) -> Option<CloseMark> {
-        if let Some(notes) = self.open.get(&cookie) {
-            return close_mark(notes);
+        self.read();
+        match self.open.get(&cookie) {
+            Some(notes) => close_mark(notes),
+            None => close_mark(self.ended_closes.notes(cookie)?),
         }
-        let rings = &self.rings;
-        self.found.get(&cookie, || {
-            let slots = rings.layout.ring_slots();
-            let mut notes = Vec::new();
-            for cpu in 0..rings.layout.cpus {
-                let head = rings.head(cpu);
-                notes.extend(
-                    (head.saturating_sub(slots)..head)
-                        .filter_map(|seq| match rings.read(cpu, seq) {
-                            Slot::Note(note) => Some(note),
-                            Slot::Pending | Slot::Overwritten => None,
-                        })
-                        .filter(|n| n.cookie == cookie),
-                );
-            }
-            close_mark(&notes)
-        })
+    }
+}
+
+/// The notes of the closes whose end was read lately, in a table indexed
+/// by cookie, one close a slot: keeping one moves its notes in and drops
+/// the close it displaces, and a lookup is one compare. It replaced a
+/// search of the rings for the reset's cookie, which took about a
+/// millisecond, so a storm of data arriving after close() kept tcprst
+/// searching and lost most of its records. Cookies come from a counter,
+/// so consecutive sockets take consecutive slots, and a close stays until
+/// `SLOTS` later closes have ended: about a second at 8,000 closes a second.
+struct EndedCloses {
+    /// Cookie and notes; cookie 0, which no socket has, in a slot not yet
+    /// used.
+    slots: Vec<(u64, Vec<CloseNote>)>,
+}
+
+impl EndedCloses {
+    const SLOTS: usize = 8192;
+
+    fn new() -> Self {
+        Self {
+            slots: vec![(0, Vec::new()); Self::SLOTS],
+        }
+    }
+
+    fn slot(&mut self, cookie: u64) -> &mut (u64, Vec<CloseNote>) {
+        &mut self.slots[cookie as usize % Self::SLOTS]
+    }
+
+    /// Keeps the notes of `cookie`'s close, which just ended.
+    fn keep(&mut self, cookie: u64, notes: Vec<CloseNote>) {
+        *self.slot(cookie) = (cookie, notes);
+    }
+
+    /// Adds a note read after the end of its close: one written on another
+    /// CPU than the end.
+    fn add_late(&mut self, note: CloseNote) {
+        let (cookie, notes) = self.slot(note.cookie);
+        if *cookie == note.cookie && notes.len() < CloseNotes::MAX_NOTES {
+            notes.push(note);
+        }
+    }
+
+    fn notes(&self, cookie: u64) -> Option<&[CloseNote]> {
+        let (kept, notes) = &self.slots[cookie as usize % Self::SLOTS];
+        (*kept == cookie).then_some(notes.as_slice())
     }
 }
 
@@ -568,8 +602,8 @@ mod tests {
         // A later scan that does not find it forgets it.
         assert!(reader.scanned(10_000, [client]).contains_key(&client));
         assert!(!reader.open.contains_key(&server));
-        // A reset on a socket whose close ended finds its notes in the
-        // rings, without the end.
+        // A reset on a socket whose close ended finds its notes among the
+        // closes that ended, without the end.
         let mark = reader.mark_of(other).unwrap();
         assert_eq!((mark.first_state, mark.steps), (Established as u8, 1));
         assert_eq!(reader.mark_of(12345), None);
@@ -627,6 +661,64 @@ mod tests {
             note(2, late, close_op::SHUTDOWN, Established, FinWait1),
         ));
         assert!(reader.open.contains_key(&late));
+    }
+
+    /// Data that arrives after close() ends the close, then sends the reset:
+    /// the reset is read after its close's notes, and maybe before the
+    /// drain's read of them. Its close is found without a search of the
+    /// rings, even when its start was on another CPU than its end and is
+    /// read after it.
+    #[test]
+    fn a_reset_finds_the_close_it_ended() {
+        use TcpState::*;
+        let (one_cpu, two_cpus) = (70, 80);
+        let at = |at_ns, note: CloseNote| CloseNote { at_ns, ..note };
+        let notes = [
+            (
+                0,
+                at(10, note(0, one_cpu, close_op::CLOSE, Established, FinWait1)),
+            ),
+            (
+                0,
+                at(20, note(1, one_cpu, close_op::NONE, FinWait1, FinWait2)),
+            ),
+            (0, at(30, note(2, one_cpu, close_op::NONE, FinWait2, Close))),
+            // CPU 0's ring is read first, so this end comes before its start.
+            (
+                0,
+                at(50, note(3, two_cpus, close_op::NONE, FinWait1, Close)),
+            ),
+            (
+                1,
+                at(
+                    40,
+                    note(0, two_cpus, close_op::SHUTDOWN, Established, FinWait1),
+                ),
+            ),
+        ];
+        // Nothing read before the resets.
+        let mut reader = CloseNotes::reading(rings(&notes, [4, 1]), Vec::new());
+        let mark = reader.mark_of(one_cpu).unwrap();
+        assert_eq!(
+            (mark.op, mark.tgid, mark.steps),
+            (close_op::CLOSE, 51435, 2)
+        );
+        assert_eq!(&mark.step_state[..2], [FinWait1 as u8, FinWait2 as u8]);
+        let mark = reader.mark_of(two_cpus).unwrap();
+        assert_eq!(
+            (mark.op, mark.op_at_ns, mark.steps),
+            (close_op::SHUTDOWN, 40, 1)
+        );
+        assert!(reader.open.is_empty());
+        // The close that ends `SLOTS` cookies later takes the slot.
+        let later = one_cpu + EndedCloses::SLOTS as u64;
+        reader.keep(note(4, later, close_op::CLOSE, Established, FinWait1));
+        reader.keep(note(5, later, close_op::NONE, FinWait1, Close));
+        assert_eq!(reader.mark_of(one_cpu), None);
+        assert_eq!(reader.mark_of(later).unwrap().op, close_op::CLOSE);
+        // A socket whose close was never noted (a server's, answering the
+        // peer's FIN) has none.
+        assert_eq!(reader.mark_of(12345), None);
     }
 
     #[test]
