@@ -268,7 +268,7 @@ fn an_orphan_in_fin_wait2_is_reported_with_the_close_that_left_it() {
 /// the close, before the reader's next periodic read of them, and it still
 /// names that close.
 #[test]
-fn data_after_close_names_the_close_it_ended() {
+fn data_after_close_names_the_close() {
     let ns = Netns::new();
     let mut tracer = Tracer::in_netns(&ns, &[]);
     // The close() must be this process's: see Netns::enter_alone.

@@ -342,7 +342,7 @@ impl CloseNotes {
 /// a millisecond, so a storm of data arriving after close() kept tcprst
 /// searching and lost most of its records. The notes lie in the slots, not
 /// in vectors of their own: freeing a vector kept for thousands of closes
-/// missed the cache, 100–150 ns a connection of churn. Cookies come from a
+/// missed the cache, 100–190 ns a connection of churn. Cookies come from a
 /// counter, so consecutive sockets take consecutive slots, and a close
 /// stays until `SLOTS` later closes have ended: half a second at 8,000
 /// closes a second, where a reset's record follows the end of its close
