@@ -385,12 +385,10 @@ impl EndedCloses {
     /// Keeps the notes of `cookie`'s close, which just ended.
     fn keep(&mut self, cookie: u64, notes: &[CloseNote]) {
         let slot = self.slot(cookie);
+        let kept = notes.len().min(slot.notes.len());
+        slot.notes[..kept].copy_from_slice(&notes[..kept]);
         slot.cookie = cookie;
-        slot.len = 0;
-        for note in notes.iter().take(slot.notes.len()) {
-            slot.notes[usize::from(slot.len)] = *note;
-            slot.len += 1;
-        }
+        slot.len = kept as u8;
     }
 
     /// Adds a note read after the end of its close: one written on another
