@@ -9,9 +9,11 @@
 //! the tracer's records for it are found by their 4-tuple.
 
 use std::{
+    fs,
     io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    time::Duration,
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -20,6 +22,9 @@ use socket2::{Domain, Socket, Type};
 
 /// A reset that never comes must fail the scenario, not hang a test or a VM.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a scenario looks again for a state the kernel reaches on its
+/// own.
+const POLL: Duration = Duration::from_millis(10);
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
@@ -81,6 +86,21 @@ pub const SCENARIOS: &[Scenario] = &[
         reason: Reason::Active("TCP_STATE"),
         received: ("ESTABLISHED", "ECONNRESET"),
     },
+    // An orphan whose FIN was acknowledged lives on as a timewait socket in
+    // FIN_WAIT2 (tcp_time_wait), which resets new data from tcp_v4_rcv. The
+    // server has the client's FIN, so the reset finds it in CLOSE_WAIT.
+    Scenario {
+        name: "timewait-data",
+        server: SocketAddr::new(V4, 4106),
+        trigger: Trigger::DataToTimewait,
+        hook: "tcp_v4_send_reset",
+        sender: End::Client,
+        state: Some("TIME_WAIT"),
+        caller: "tcp_v4_rcv",
+        context: "softirq",
+        reason: Reason::Passive("TCP_TIMEWAIT_SOCKET"),
+        received: ("CLOSE_WAIT", "EPIPE"),
+    },
     // The rule answers the SYN before TCP sees it: no socket, and nft's
     // reject expression is the caller. The socket sees what closed-port
     // shows; only the tracer tells the two apart.
@@ -109,7 +129,8 @@ pub struct Scenario {
     /// The function that sends the reset, as `--attach HOOK=TIER` names it.
     pub hook: &'static str,
     pub sender: End,
-    /// The sending socket's state in the record; `None` when none sent it.
+    /// The sending socket's state in the record; `None` when none sent it,
+    /// TIME_WAIT when a timewait socket did.
     pub state: Option<&'static str>,
     pub caller: &'static str,
     /// Where the kernel ran when it sent the reset, as the record's
@@ -131,6 +152,9 @@ pub enum Trigger {
     AbortOnClose,
     /// The client closes with SO_LINGER {on, 0}: tcp_disconnect resets.
     Linger0,
+    /// The client closes; once its socket is a timewait socket, the server
+    /// writes.
+    DataToTimewait,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +226,14 @@ impl Scenario {
             Trigger::Refused => refused(client, server),
             Trigger::AbortOnClose => abort_on_close(client, server),
             Trigger::Linger0 => linger0(client, server),
+            Trigger::DataToTimewait => data_to_timewait(client, server),
         }
+    }
+
+    /// Whether a full socket sends the reset, which is all that
+    /// `tcp:tcp_send_reset` reports before 6.10.
+    pub fn sent_by_full_socket(&self) -> bool {
+        self.state.is_some_and(|state| state != "TIME_WAIT")
     }
 
     /// (sender, receiver) of the reset, among a connection's two ends.
@@ -263,6 +294,63 @@ fn linger0(client: SocketAddr, server: SocketAddr) -> Result<SocketAddr> {
         "read",
     )?;
     Ok(client)
+}
+
+/// A timewait socket in FIN_WAIT2 resets new data: the peer was still
+/// sending when the application closed.
+fn data_to_timewait(client: SocketAddr, server: SocketAddr) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(server).with_context(|| format!("binding {server}"))?;
+    let (stream, client) = connect(client, server)?;
+    let (mut accepted, _) = listener.accept()?;
+    drop(stream);
+    accepted.set_read_timeout(Some(IO_TIMEOUT))?;
+    if accepted.read(&mut [0; 16])? != 0 {
+        bail!("the server read data, not the client's FIN");
+    }
+    // Written any earlier, the data would carry the ACK of the client's
+    // FIN, and the full socket would reset it.
+    wait_until_timewait(client, server)?;
+    accepted.write_all(b"too late")?;
+    // A second write would reach no socket at all, and reset again.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        match accepted.take_error()? {
+            Some(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(client),
+            Some(e) => bail!("the server's socket failed with {e}, not EPIPE"),
+            None if Instant::now() > deadline => bail!("no reset came to the server"),
+            None => thread::sleep(POLL),
+        }
+    }
+}
+
+/// Waits until the kernel has turned `client`'s closed socket into a
+/// timewait socket: `/proc/net/tcp` shows one in its substate (FIN_WAIT2,
+/// 05) with the timewait timer (03), where a full socket in FIN_WAIT2 has
+/// the keepalive timer (02). Read through `thread-self`, whose namespace is
+/// this thread's, which a test's may not share with the process's.
+fn wait_until_timewait(client: SocketAddr, server: SocketAddr) -> Result<()> {
+    let table = match client {
+        SocketAddr::V4(_) => "/proc/thread-self/net/tcp",
+        SocketAddr::V6(_) => "/proc/thread-self/net/tcp6",
+    };
+    let client_port = format!(":{:04X}", client.port());
+    let server_port = format!(":{:04X}", server.port());
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let text = fs::read_to_string(table).with_context(|| format!("reading {table}"))?;
+        let timewait = text.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            matches!(fields[..], [_, local, peer, "05", _, timer, ..]
+                if local.ends_with(&client_port) && peer.ends_with(&server_port) && timer.starts_with("03:"))
+        });
+        if timewait {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{client}'s closed socket never became a timewait socket in FIN_WAIT2");
+        }
+        thread::sleep(POLL);
+    }
 }
 
 fn connect(client: SocketAddr, server: SocketAddr) -> Result<(TcpStream, SocketAddr)> {

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{ChildGuard, Netns, Tracer, is, read_within};
+use common::{ChildGuard, Netns, Tracer, history_states, is, read_within};
 use serde_json::Value;
 
 /// Seed 000: the client half-closes and keeps reading; the peer answers
@@ -76,17 +76,7 @@ fn peer_resets_a_half_closed_connection(extra: &[&str]) -> (Vec<String>, Vec<Str
     );
     let sent = tracer.wait_for("the server's rst_sent", |v| is(v, "rst_sent", 9999, 43108));
     tracer.stop();
-    (states(&rst["history"]), states(&sent["history"]))
-}
-
-/// The states of an event's `history`, oldest first.
-fn states(history: &Value) -> Vec<String> {
-    history
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["state"].as_str().unwrap().to_owned())
-        .collect()
+    (history_states(&rst), history_states(&sent))
 }
 
 /// Seed 002: a proxy forwards the upstream's FIN with shutdown(SHUT_WR);
@@ -294,14 +284,8 @@ fn data_after_close_names_the_close() {
     let initiator = &reset["initiator"];
     assert_eq!(initiator["op"], "close", "{reset:#}");
     assert_eq!(initiator["pid"], std::process::id());
-    let states: Vec<&str> = reset["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|step| step["state"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        states,
+        history_states(reset),
         ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"],
         "{reset:#}"
     );

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Netns, Tracer, assert_exact, expect_reset, find};
+use common::{Netns, Tracer, assert_exact, expect_reset, find, history_states};
 use serde_json::Value;
 use tcprst_loadgen::scenario::{self, ACTIVE_REASONS_SINCE, Scenario};
 
@@ -46,26 +46,35 @@ fn expected(scenario: &Scenario, client: &str, server: &str, netns: u32) -> Vec<
     ]
 }
 
+/// Traces scenario `name`'s reset between these ends, in a namespace of its
+/// own, and holds its two records, and the sent one's caller and context, to
+/// the table.
+fn traced(name: &str, client: &str, server: &str) -> Vec<Value> {
+    let ns = Netns::new();
+    let mut tracer = Tracer::in_netns(&ns, &[]);
+    let scenario = make(&ns, name, client, server);
+    tracer.wait_for_rsts(2);
+    let events = tracer.stop();
+    assert_exact(&events, &expected(scenario, client, server, ns.inode));
+    let sent = find(&events, "rst_sent");
+    assert_eq!(sent["caller"], scenario.caller);
+    assert_eq!(sent["context"], scenario.context);
+    events
+}
+
 /// A connect() to a closed port: the stack answers the SYN with a reset
 /// (carrying the offending SYN's tuple, reversed), and the client learns
 /// ECONNREFUSED.
 fn closed_port_resets(client: &str, server: &str) -> Vec<Value> {
-    let ns = Netns::new();
-    let mut tracer = Tracer::in_netns(&ns, &[]);
     let name = if server.starts_with('[') {
         "closed-port6"
     } else {
         "closed-port"
     };
-    let scenario = make(&ns, name, client, server);
-    tracer.wait_for_rsts(2);
-    let events = tracer.stop();
-    assert_exact(&events, &expected(scenario, client, server, ns.inode));
+    let events = traced(name, client, server);
     assert!(find(&events, "rst_received")["socket_cookie"].is_u64());
-    let sent = find(&events, "rst_sent");
-    assert_eq!(sent["caller"], scenario.caller);
     // Sent while the stack handled the SYN: nobody's process to blame.
-    assert_eq!(sent["context"], scenario.context);
+    let sent = find(&events, "rst_sent");
     assert!(sent["pid"].is_null() && sent["comm"].is_null());
     events
 }
@@ -110,20 +119,12 @@ fn closed_port_ipv6() {
 }
 
 /// close() with unread data: the closer aborts the connection.
-fn close_with_unread_data(server: &str, client: &str) -> Vec<Value> {
-    let ns = Netns::new();
-    let mut tracer = Tracer::in_netns(&ns, &[]);
-    let scenario = make(&ns, "abort-on-close", client, server);
-    tracer.wait_for_rsts(2);
-    let events = tracer.stop();
-    assert_exact(&events, &expected(scenario, client, server, ns.inode));
+fn close_with_unread_data(server: &str, client: &str) {
+    let events = traced("abort-on-close", client, server);
     // The closing thread sent it, in process context.
     let sent = find(&events, "rst_sent");
-    assert_eq!(sent["caller"], scenario.caller);
-    assert_eq!(sent["context"], scenario.context);
     assert_eq!(sent["pid"], std::process::id());
     assert_eq!(sent["uid"], 0);
-    events
 }
 
 #[test]
@@ -138,17 +139,30 @@ fn close_with_unread_data_ipv6() {
 
 #[test]
 fn linger_zero_close_is_an_active_reset() {
-    let ns = Netns::new();
-    let mut tracer = Tracer::in_netns(&ns, &[]);
-    let (client, server) = ("127.0.0.1:40003", "127.0.0.1:5001");
-    let scenario = make(&ns, "linger0", client, server);
-    tracer.wait_for_rsts(2);
-    let events = tracer.stop();
-    assert_exact(&events, &expected(scenario, client, server, ns.inode));
+    let events = traced("linger0", "127.0.0.1:40003", "127.0.0.1:5001");
+    assert_eq!(find(&events, "rst_sent")["pid"], std::process::id());
+}
+
+/// The client close()s, and the server writes once the client's socket
+/// has become a timewait socket: the kernel resets from it. The timewait
+/// socket keeps the closed socket's cookie, which names the close.
+#[test]
+fn data_to_a_timewait_socket_names_the_close() {
+    let events = traced("timewait-data", "127.0.0.1:40005", "127.0.0.1:5002");
     let sent = find(&events, "rst_sent");
-    assert_eq!(sent["pid"], std::process::id());
-    assert_eq!(sent["caller"], scenario.caller);
-    assert_eq!(sent["context"], scenario.context);
+    assert_eq!(sent["cause"], "data_after_close", "{sent:#}");
+    assert_eq!(sent["initiator"]["op"], "close", "{sent:#}");
+    assert_eq!(sent["initiator"]["pid"], std::process::id());
+    assert_eq!(
+        history_states(sent),
+        ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"],
+        "{sent:#}"
+    );
+    let diagnosis = sent["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.starts_with("data arrived after close() by "),
+        "{diagnosis}"
+    );
 }
 
 /// A listener on `server` closed while `client`'s connection waits in its

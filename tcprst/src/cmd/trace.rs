@@ -416,9 +416,12 @@ impl Pipeline<'_> {
     }
 
     /// The close history of a reset's socket that sent its FIN, from the
-    /// close notes (with `--history` the record carries it).
+    /// close notes (with `--history` the record carries it). A timewait
+    /// socket sent its FIN as the socket it replaced, whose cookie it keeps.
     fn add_close_notes(&mut self, ev: &mut RstEvent) {
-        if ev.history.is_some() || !ev.socket.is_some_and(|s| s.sent_fin) {
+        let sent_fin =
+            ev.socket.is_some_and(|s| s.sent_fin) || ev.state == Some(TcpState::TimeWait);
+        if ev.history.is_some() || !sent_fin {
             return;
         }
         let (Some(notes), Some(cookie)) = (&mut self.notes, ev.sock_cookie) else {

@@ -155,8 +155,6 @@ pub(crate) fn resolved(r: &Resolved) -> String {
 /// of every reset record. The README has one line per value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
-    /// Late segment to a connection that had ended (TIME_WAIT).
-    LateSegment,
     /// The peer reset a connection we half-closed with shutdown().
     PeerResetHalfClose,
     /// The peer reset after our close() instead of finishing the close.
@@ -169,7 +167,8 @@ pub enum Cause {
     PeerAborted,
     /// The peer reset instead of acknowledging our FIN (LAST_ACK, CLOSING).
     PeerResetFin,
-    /// Data arrived on a socket the application had closed.
+    /// Data arrived on a socket the application had closed, a full one or
+    /// the timewait socket an orphan becomes in FIN_WAIT2.
     DataAfterClose,
     /// A segment for a socket that does not exist here.
     NoSocket,
@@ -199,8 +198,7 @@ pub enum Cause {
 
 impl Cause {
     #[cfg(test)]
-    pub(crate) const ALL: [Self; 18] = [
-        Self::LateSegment,
+    pub(crate) const ALL: [Self; 17] = [
         Self::PeerResetHalfClose,
         Self::PeerResetClosing,
         Self::PeerResetAfterFin,
@@ -222,7 +220,6 @@ impl Cause {
 
     pub(crate) fn name(self) -> &'static str {
         match self {
-            Self::LateSegment => "late_segment",
             Self::PeerResetHalfClose => "peer_reset_half_close",
             Self::PeerResetClosing => "peer_reset_closing",
             Self::PeerResetAfterFin => "peer_reset_after_fin",
@@ -374,15 +371,20 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
     let initiator = conn.and_then(|c| c.initiator.as_ref().zip(c.initiated_at));
     let ago = |at: SystemTime| short(since(at, ev.time));
     let reason = ev.reason.as_deref();
-    if ctx.ended_before {
-        return because(
-            Cause::LateSegment,
+    let data_after_close = || match initiator {
+        Some((i, at)) => because(
+            Cause::DataAfterClose,
             text!(
-                "late segment: the peer sent to a connection that had closed (TIME_WAIT on {}); its socket is gone",
-                ev.local
+                "data arrived after {i} ({} ago): the application closed while the peer was still sending; \
+                 read to EOF, or shutdown(SHUT_WR) first",
+                ago(at)
             ),
-        );
-    }
+        ),
+        None => because(
+            Cause::DataAfterClose,
+            "data arrived on a socket the application had closed",
+        ),
+    };
     let by_task = |what: &str| {
         ev.task.as_ref().map_or(what.to_owned(), |t| {
             format!("{what} by {}", Label(t.pid, &t.comm))
@@ -488,21 +490,10 @@ pub(crate) fn rst(ev: &RstEvent, ctx: &RstContext, kernel: &KernelView) -> Optio
                 ),
             )
         }
+        // Its state says what no reason before 6.10 does.
+        RstKind::Sent if ctx.from_timewait => data_after_close(),
         RstKind::Sent => match reason? {
-            "TCP_ABORT_ON_DATA" => match initiator {
-                Some((i, at)) => because(
-                    Cause::DataAfterClose,
-                    text!(
-                        "data arrived after {i} ({} ago): the application closed while the peer was still sending; \
-                         read to EOF, or shutdown(SHUT_WR) first",
-                        ago(at)
-                    ),
-                ),
-                None => because(
-                    Cause::DataAfterClose,
-                    "data arrived on a socket the application had closed",
-                ),
-            },
+            "TCP_ABORT_ON_DATA" => data_after_close(),
             "NO_SOCKET" => because(
                 Cause::NoSocket,
                 around_addr(
@@ -622,13 +613,30 @@ mod tests {
         );
     }
 
+    /// The kernel resets from a timewait socket only when data comes before
+    /// the peer's FIN: data after close, whether or not the kernel gives a
+    /// reason (before 6.10 it gives none).
     #[test]
-    fn late_segment_versus_no_socket() {
-        let late = reset(RstKind::Sent, t(30), Some(TcpState::TimeWait), None);
-        assert_eq!(
-            explain(&late).unwrap(),
-            "late segment: the peer sent to a connection that had closed (TIME_WAIT on 10.0.0.1:15001); its socket is gone"
-        );
+    fn a_timewait_socket_resets_data_after_close() {
+        for reason in [Some("TCP_TIMEWAIT_SOCKET"), None] {
+            let mut ev = reset(RstKind::Sent, t(30), Some(TcpState::TimeWait), reason);
+            let d = diagnose(&ev).unwrap();
+            assert_eq!(d.cause, Cause::DataAfterClose);
+            assert_eq!(
+                d.text,
+                "data arrived on a socket the application had closed"
+            );
+            ev.history = Some(mark(
+                CloseOp::Close,
+                t(28),
+                &[(TcpState::FinWait1, t(28)), (TcpState::FinWait2, t(28))],
+            ));
+            let text = explain(&ev).unwrap();
+            assert!(
+                text.starts_with("data arrived after close() by envoy[51435] (2.0s ago)"),
+                "{text}"
+            );
+        }
         let none = reset(RstKind::Sent, t(30), None, Some("NO_SOCKET"));
         assert!(explain(&none).unwrap().contains("where no socket exists"));
     }

@@ -147,9 +147,11 @@ pub struct Resolved {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RstContext {
     pub conn: Option<Connection>,
-    /// The connection had ended before this reset (a late segment to a
-    /// TIME_WAIT socket).
-    pub ended_before: bool,
+    /// A timewait socket sent the reset: an orphan whose close's FIN was
+    /// acknowledged, still waiting in FIN_WAIT2 for the peer's, which the
+    /// kernel resets only when new data (or a SYN) comes first
+    /// (`tcp_timewait_state_process`). A retransmission gets an ACK.
+    pub from_timewait: bool,
 }
 
 impl RstContext {
@@ -170,7 +172,7 @@ impl RstContext {
             });
         Self {
             conn,
-            ended_before: ev.state == Some(TcpState::TimeWait),
+            from_timewait: ev.state == Some(TcpState::TimeWait),
         }
     }
 }
@@ -572,17 +574,17 @@ mod tests {
         ev.history = Some(proxy_half_close());
         let ctx = RstContext::of(&ev);
         let conn = ctx.conn.unwrap();
-        assert!(!ctx.ended_before);
+        assert!(!ctx.from_timewait);
         assert_eq!(conn.orphaned, Some(false));
         assert_eq!(conn.inode, Some(4242));
         assert_eq!(conn.initiated_at, Some(t(10)));
         assert_eq!(conn.history.len(), 3);
-        let late = reset(
+        let timewait = reset(
             RstKind::Sent,
             t(15),
             Some(TcpState::TimeWait),
-            Some("NO_SOCKET"),
+            Some("TCP_TIMEWAIT_SOCKET"),
         );
-        assert!(RstContext::of(&late).ended_before);
+        assert!(RstContext::of(&timewait).from_timewait);
     }
 }

@@ -832,6 +832,14 @@ pub fn summary(v: &Value) -> String {
 
 /// Asserts that exactly these events arrived, in any order (on loopback the
 /// peer often handles a RST before the sender's tracepoint fires).
+/// The states of a record's `history`, oldest first.
+pub fn history_states(v: &Value) -> Vec<String> {
+    let steps = v["history"].as_array();
+    let steps = steps.unwrap_or_else(|| panic!("no history: {v:#}"));
+    let state = |step: &Value| step["state"].as_str().unwrap().to_owned();
+    steps.iter().map(state).collect()
+}
+
 pub fn assert_exact(events: &[Value], expected: &[String]) {
     let mut got: Vec<String> = events.iter().map(summary).collect();
     let mut want = expected.to_vec();

@@ -545,9 +545,10 @@ impl Check<'_> {
             .collect()
     }
 
-    /// Before 6.10 `tcp:tcp_send_reset` fires only for a full socket.
+    /// Before 6.10 `tcp:tcp_send_reset` fires only for a full socket: not
+    /// for none, nor for a timewait socket.
     pub(crate) fn tracepoint_sees_it(&self) -> bool {
-        self.scenario.state.is_some() || self.version >= SOCKETLESS_TRACEPOINT
+        self.scenario.sent_by_full_socket() || self.version >= SOCKETLESS_TRACEPOINT
     }
 
     pub(crate) fn reason(&self) -> Option<&'static str> {
