@@ -11,7 +11,8 @@
 use std::{
     fs,
     io::{self, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     thread,
     time::{Duration, Instant},
 };
@@ -101,6 +102,22 @@ pub const SCENARIOS: &[Scenario] = &[
         reason: Reason::Passive("TCP_TIMEWAIT_SOCKET"),
         received: ("CLOSE_WAIT", "EPIPE"),
     },
+    // A socket shut down both ways but still open: data to it makes
+    // tcp_rcv_state_process abort it (tcp_reset, which fires the received
+    // reset's tracepoint though no reset came) and tcp_v4_do_rcv reset the
+    // peer. tcprst must show only the reset that was sent.
+    Scenario {
+        name: "shutdown-data",
+        server: SocketAddr::new(V4, 4107),
+        trigger: Trigger::DataAfterShutdown,
+        hook: "tcp_v4_send_reset",
+        sender: End::Client,
+        state: Some("CLOSE"),
+        caller: "tcp_v4_do_rcv",
+        context: "softirq",
+        reason: Reason::Passive("TCP_ABORT_ON_DATA"),
+        received: ("CLOSE_WAIT", "EPIPE"),
+    },
     // The rule answers the SYN before TCP sees it: no socket, and nft's
     // reject expression is the caller. The socket sees what closed-port
     // shows; only the tracer tells the two apart.
@@ -155,6 +172,9 @@ pub enum Trigger {
     /// The client closes; once its socket is a timewait socket, the server
     /// writes.
     DataToTimewait,
+    /// The client shuts its socket down both ways and keeps it; the server
+    /// writes.
+    DataAfterShutdown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +247,7 @@ impl Scenario {
             Trigger::AbortOnClose => abort_on_close(client, server),
             Trigger::Linger0 => linger0(client, server),
             Trigger::DataToTimewait => data_to_timewait(client, server),
+            Trigger::DataAfterShutdown => data_after_shutdown(client, server),
         }
     }
 
@@ -311,15 +332,51 @@ fn data_to_timewait(client: SocketAddr, server: SocketAddr) -> Result<SocketAddr
     // FIN, and the full socket would reset it.
     wait_until_timewait(client, server)?;
     accepted.write_all(b"too late")?;
-    // A second write would reach no socket at all, and reset again.
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
-        match accepted.take_error()? {
-            Some(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(client),
-            Some(e) => bail!("the server's socket failed with {e}, not EPIPE"),
-            None if Instant::now() > deadline => bail!("no reset came to the server"),
-            None => thread::sleep(POLL),
-        }
+    await_reset_after_fin(&accepted)?;
+    Ok(client)
+}
+
+/// A socket shut down for reading, in FIN_WAIT1 or FIN_WAIT2, is aborted
+/// when data comes (RFC 1122 4.2.2.13).
+fn data_after_shutdown(client: SocketAddr, server: SocketAddr) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(server).with_context(|| format!("binding {server}"))?;
+    let (stream, client) = connect(client, server)?;
+    let (mut accepted, _) = listener.accept()?;
+    stream.shutdown(Shutdown::Both)?;
+    accepted.set_read_timeout(Some(IO_TIMEOUT))?;
+    if accepted.read(&mut [0; 16])? != 0 {
+        bail!("the server read data, not the client's FIN");
+    }
+    accepted.write_all(b"too late")?;
+    await_reset_after_fin(&accepted)?;
+    expect_error(
+        stream.take_error()?.map_or(Ok(()), Err),
+        io::ErrorKind::ConnectionReset,
+        "the client's socket",
+    )?;
+    Ok(client)
+}
+
+/// Waits for a reset to end `stream`, whose peer's FIN it has read: the
+/// error the application then gets is EPIPE. poll() asked for no events
+/// wakes only on POLLERR and POLLHUP, which the reset raises and the FIN
+/// did not.
+pub fn await_reset_after_fin(stream: &TcpStream) -> Result<()> {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `fd` is one pollfd, which lives across the call.
+    let ready = unsafe { libc::poll(&mut fd, 1, IO_TIMEOUT.as_millis() as libc::c_int) };
+    match ready {
+        0 => bail!("no reset came within {IO_TIMEOUT:?}"),
+        1.. => expect_error(
+            stream.take_error()?.map_or(Ok(()), Err),
+            io::ErrorKind::BrokenPipe,
+            "the socket",
+        ),
+        _ => Err(io::Error::last_os_error()).context("poll"),
     }
 }
 

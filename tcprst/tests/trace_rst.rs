@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{Netns, Tracer, assert_exact, expect_reset, find, history_states};
+use common::{
+    Netns, Tracer, assert_exact, expect_reset, find, history_states, rsts, summary_count,
+};
 use serde_json::Value;
 use tcprst_loadgen::scenario::{self, ACTIVE_REASONS_SINCE, Scenario};
 
@@ -48,18 +50,24 @@ fn expected(scenario: &Scenario, client: &str, server: &str, netns: u32) -> Vec<
 
 /// Traces scenario `name`'s reset between these ends, in a namespace of its
 /// own, and holds its two records, and the sent one's caller and context, to
-/// the table.
-fn traced(name: &str, client: &str, server: &str) -> Vec<Value> {
+/// the table. Returns them, and tcprst's stderr.
+fn traced_with_stderr(name: &str, client: &str, server: &str) -> (Vec<Value>, String) {
     let ns = Netns::new();
     let mut tracer = Tracer::in_netns(&ns, &[]);
     let scenario = make(&ns, name, client, server);
     tracer.wait_for_rsts(2);
-    let events = tracer.stop();
+    let (status, seen, stderr) = tracer.stop_with(libc::SIGTERM);
+    assert!(status.success(), "tcprst exited with {status}: {stderr}");
+    let events: Vec<Value> = rsts(&seen).into_iter().cloned().collect();
     assert_exact(&events, &expected(scenario, client, server, ns.inode));
     let sent = find(&events, "rst_sent");
     assert_eq!(sent["caller"], scenario.caller);
     assert_eq!(sent["context"], scenario.context);
-    events
+    (events, stderr)
+}
+
+fn traced(name: &str, client: &str, server: &str) -> Vec<Value> {
+    traced_with_stderr(name, client, server).0
 }
 
 /// A connect() to a closed port: the stack answers the SYN with a reset
@@ -163,6 +171,24 @@ fn data_to_a_timewait_socket_names_the_close() {
         diagnosis.starts_with("data arrived after close() by "),
         "{diagnosis}"
     );
+}
+
+/// Data to a socket shut down both ways: the kernel aborts it and resets
+/// the peer. The abort fires tcp:tcp_receive_reset too, for a reset that
+/// never arrived: tcprst shows only the reset sent (`traced` holds the
+/// records to exactly the two on the wire) and counts the other.
+#[test]
+fn data_after_shutdown_shows_only_the_reset_sent() {
+    let (events, stderr) = traced_with_stderr("shutdown-data", "127.0.0.1:40006", "127.0.0.1:5003");
+    let sent = find(&events, "rst_sent");
+    assert_eq!(sent["cause"], "data_after_close", "{sent:#}");
+    assert_eq!(sent["initiator"]["op"], "shutdown", "{sent:#}");
+    assert_eq!(sent["initiator"]["how"], "SHUT_RDWR", "{sent:#}");
+    let phantoms = summary_count(
+        &stderr,
+        " received resets that were the kernel's own aborts",
+    );
+    assert_eq!(phantoms, 1, "{stderr}");
 }
 
 /// A listener on `server` closed while `client`'s connection waits in its

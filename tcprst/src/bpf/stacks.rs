@@ -74,6 +74,16 @@ impl Kallsyms {
         Ok(Self { starts, names })
     }
 
+    /// Whether the kernel has `function` as a function of its own, under
+    /// its name or a compiler's clone of it (`name.isra.0`), not only
+    /// inlined into its callers.
+    pub fn defines(&self, function: &str) -> bool {
+        self.starts
+            .iter()
+            .filter_map(|(_, from, to)| self.names.get(*from as usize..*to as usize))
+            .any(|name| plain(name) == function)
+    }
+
     /// The function containing `addr`.
     pub fn symbol(&self, addr: u64) -> Option<&str> {
         let i = self.starts.partition_point(|(start, ..)| *start <= addr);
@@ -306,6 +316,18 @@ mod tests {
             why_hidden(None, None, false),
             "kallsyms addresses hidden (kernel.kptr_restrict unreadable)"
         );
+    }
+
+    /// This kernel keeps tcp_validate_incoming apart and inlined
+    /// tcp_rcv_synsent_state_process into tcp_rcv_state_process.
+    #[test]
+    fn knows_which_functions_stand_apart() {
+        let k = Kallsyms::parse(KALLSYMS);
+        assert!(k.defines("tcp_validate_incoming"));
+        assert!(!k.defines("tcp_rcv_synsent_state_process"));
+        assert!(!k.defines("tcp_validate"));
+        let clone = Kallsyms::parse("ffffffff82000000 t tcp_validate_incoming.isra.0\n");
+        assert!(clone.defines("tcp_validate_incoming"));
     }
 
     #[test]

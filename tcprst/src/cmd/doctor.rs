@@ -16,10 +16,12 @@ use crate::{
     bpf::tracefs::Tracefs,
     host::sockdiag::dump_half_closed,
     output::doctor::DoctorReport,
+    pipeline::diagnosis::RESET_TAKER,
 };
 
 pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
     let privileges = privileges::check().map_err(|e| format!("{e:#}"));
+    let kallsyms = Kallsyms::load();
     let mut report = DoctorReport {
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
             .map_or_else(|e| format!("unknown ({e})"), |v| v.trim().to_owned()),
@@ -50,7 +52,7 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
         hooks: Vec::new(),
         close_marks: Err("not tried: tracing cannot start".to_owned()),
         softirq_by_stack: Err("not tried: tracing cannot start".to_owned()),
-        callers: Kallsyms::load().map(drop),
+        callers: kallsyms.as_ref().map(drop).map_err(Clone::clone),
         socket_table: socket_table(),
         limitations: Vec::new(),
     };
@@ -79,6 +81,11 @@ pub fn examine(btf: &Option<PathBuf>, attach: &AttachRequest) -> DoctorReport {
             report.limitations = probes.limitations.clone();
         }
         Err(e) => report.load_error = Some(format!("{e:#}")),
+    }
+    if kallsyms.is_ok_and(|k| !k.defines(RESET_TAKER)) {
+        report.limitations.push(format!(
+            "phantom received resets are shown: this kernel inlined {RESET_TAKER}, which tells a reset that arrived from the kernel's own abort of a socket shut down for reading when data comes (that abort fires tcp:tcp_receive_reset too)"
+        ));
     }
     report
 }

@@ -194,6 +194,8 @@ struct Counts {
     /// Resets the kernel only counted, and the aggregate events for them.
     counted: u64,
     aggregates: u64,
+    /// Received resets that were the kernel's own aborts: not shown.
+    phantom_receipts: u64,
     unwritten_warned: bool,
     skipped_runs_warned: bool,
     notes_warned: bool,
@@ -272,6 +274,9 @@ struct Pipeline<'a> {
     enricher: Enricher,
     owners: OwnerCache,
     stacks: Option<Stacks>,
+    /// Whether this kernel keeps `diagnosis::RESET_TAKER` apart, so that a
+    /// phantom receipt can be told from a reset that arrived.
+    reset_taker_apart: bool,
     filter: &'a EventFilter,
     sink: Box<dyn Sink>,
     metrics: Arc<Metrics>,
@@ -401,6 +406,10 @@ impl Pipeline<'_> {
             dump.keep(bytes);
         }
         match self.decoder.decode(bytes) {
+            Ok(ev) if self.is_phantom_receipt(&ev) => {
+                self.phantom_receipts(1);
+                Ok(())
+            }
             Ok(mut ev) => {
                 self.add_close_notes(&mut ev);
                 self.rst(ev)
@@ -413,6 +422,23 @@ impl Pipeline<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Whether a received reset is the kernel's own abort, no reset having
+    /// arrived (`diagnosis::is_phantom_receipt`). Its connection's rst_sent
+    /// is the reset on the wire.
+    fn is_phantom_receipt(&mut self, ev: &RstEvent) -> bool {
+        let Some(stacks) = &mut self.stacks else {
+            return false;
+        };
+        diagnosis::is_phantom_receipt(ev, self.reset_taker_apart, || {
+            stacks.path(&ev.frames).caller
+        })
+    }
+
+    fn phantom_receipts(&mut self, n: u64) {
+        self.counts.phantom_receipts += n;
+        self.metrics.phantom_receipts(n);
     }
 
     /// The close history of a reset's socket that sent its FIN, from the
@@ -582,6 +608,10 @@ impl Pipeline<'_> {
     fn aggregates(&mut self, tallies: Vec<(RstKey, Tally)>) -> io::Result<()> {
         for (key, tally) in tallies {
             let ev = match self.decoder.aggregate(&key, &tally) {
+                Ok(ev) if self.is_phantom_receipt(&ev) => {
+                    self.phantom_receipts(tally.counted);
+                    continue;
+                }
                 Ok(ev) => ev,
                 Err(e) => {
                     // Not silent: the count goes into the exit summary.
@@ -1001,11 +1031,20 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         (None, notes)
     };
     let kallsyms = early
-        .during(&mut ring, tokio::task::spawn_blocking(Kallsyms::load))
+        .during(
+            &mut ring,
+            tokio::task::spawn_blocking(|| {
+                let kallsyms = Kallsyms::load()?;
+                let taker_apart = kallsyms.defines(diagnosis::RESET_TAKER);
+                Ok((kallsyms, taker_apart))
+            }),
+        )
         .await
         .unwrap_or_else(|e| Err(format!("reading /proc/kallsyms failed: {e}")));
+    let mut reset_taker_apart = false;
     let stacks = match kallsyms {
-        Ok(kallsyms) => {
+        Ok((kallsyms, taker_apart)) => {
+            reset_taker_apart = taker_apart;
             let whole = opts
                 .probes
                 .whole_stacks
@@ -1044,6 +1083,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         enricher: Enricher::new(CgroupResolver::discover(), pods),
         owners: OwnerCache::default(),
         stacks,
+        reset_taker_apart,
         filter: &opts.filter,
         sink: output::open(opts.output, Box::new(stdout), node),
         metrics,
@@ -1202,7 +1242,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
     let counts = &pipeline.counts;
     let shortfalls = pipeline.shortfalls(&counters);
     log::info!(
-        "{STOPPED}{} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} program runs the kernel skipped, {} conntrack lookups skipped, {} conntrack lookups failed, {} close notes overwritten unread",
+        "{STOPPED}{} records read, {} events shown, {} lost, {} undecodable, {} half-closed connections left untracked, {} resets with no readable stack, {} resets only counted in the kernel (in {} aggregate events), {} past their budget shown in detail because the tally map was full, {} received resets no local send explained, {} sends forgotten by origin matching, {} events not written because the reader of stdout fell behind, {} resets dropped because their ends could not be read, {} program runs the kernel skipped, {} conntrack lookups skipped, {} conntrack lookups failed, {} close notes overwritten unread, {} received resets that were the kernel's own aborts (not shown)",
         counts.read,
         counts.shown,
         counters.lost().unwrap_or(counts.lost_reported),
@@ -1222,6 +1262,7 @@ pub async fn run(mut probes: Probes, mut opts: TraceOptions) -> Result<()> {
         shortfalls.conntrack_skipped,
         shortfalls.conntrack_failed,
         shortfalls.close_notes_overwritten,
+        counts.phantom_receipts,
     );
     Ok(())
 }

@@ -110,6 +110,7 @@ pub struct Metrics {
     conntrack_skipped: Counter,
     conntrack_failed: Counter,
     close_notes_overwritten: Counter,
+    phantom_receipts: Counter,
     scans: Counter,
     scan_seconds: Counter<f64, AtomicU64>,
     scan_namespaces: Gauge,
@@ -233,6 +234,10 @@ impl Default for Metrics {
             "close_notes_overwritten",
             "Close notes (who started closing a socket, and its steps) lost unread: overwritten in the kernel's ring before tcprst read them, or not kept because 65,536 closes were in progress. A socket they belong to is reported without who started its close",
         );
+        let phantom_receipts = counter(
+            "phantom_receipts",
+            "Received resets the kernel reported though none arrived: its own abort of a socket shut down for reading when data came (TCP_ABORT_ON_DATA), whose reset it sent is counted as sent. Not shown, and not in tcprst_resets_total",
+        );
         let scans = counter(
             "scans",
             "Scans for stuck half-closed connections: each asks sock_diag for the half-closed sockets of every network namespace tcprst watches",
@@ -283,6 +288,7 @@ impl Default for Metrics {
             conntrack_skipped,
             conntrack_failed,
             close_notes_overwritten,
+            phantom_receipts,
             scans,
             scan_seconds,
             scan_namespaces,
@@ -417,6 +423,10 @@ impl Metrics {
 
     pub fn lost(&self, n: u64) {
         self.lost.inc_by(n);
+    }
+
+    pub fn phantom_receipts(&self, n: u64) {
+        self.phantom_receipts.inc_by(n);
     }
 
     pub fn stack_failures(&self, n: u64) {

@@ -321,6 +321,31 @@ pub(crate) fn rejected_by_conntrack(ev: &RstEvent, found: &Found) -> Option<RstD
     })
 }
 
+/// The function that takes a reset that arrived on an open connection,
+/// where the kernel has it as a function of its own (`is_phantom_receipt`).
+pub(crate) const RESET_TAKER: &str = "tcp_validate_incoming";
+
+/// Whether a received reset is a phantom: none arrived. When data comes to
+/// a socket in FIN_WAIT1 or FIN_WAIT2 that was shut down for reading
+/// (close(), or shutdown() with SHUT_RD or SHUT_RDWR), tcp_rcv_state_process
+/// aborts it with tcp_reset(), which fires tcp:tcp_receive_reset, and then
+/// sends a reset, the connection's rst_sent (TCP_ABORT_ON_DATA). A reset
+/// that did arrive came through `RESET_TAKER`, which names the caller only
+/// where the kernel did not inline it: `taker_apart`. Without it no receipt
+/// is called a phantom. (In SYN_SENT, tcp_rcv_state_process is the caller
+/// of a real receipt, through the function it inlined.)
+/// `caller` is asked last: naming frames is the dear part.
+pub(crate) fn is_phantom_receipt<C: AsRef<str>>(
+    ev: &RstEvent,
+    taker_apart: bool,
+    caller: impl FnOnce() -> Option<C>,
+) -> bool {
+    taker_apart
+        && ev.kind == RstKind::Received
+        && matches!(ev.state, Some(TcpState::FinWait1 | TcpState::FinWait2))
+        && caller().is_some_and(|c| c.as_ref() == "tcp_rcv_state_process")
+}
+
 /// What the kernel knew when a reset was decided that the socket and its
 /// record do not say.
 #[derive(Debug, Default, Clone)]
@@ -611,6 +636,30 @@ mod tests {
             explain(&ev).unwrap(),
             "the peer sent FIN and then reset while we had not closed: the application's next write fails with EPIPE"
         );
+    }
+
+    /// The kernel's abort of a socket shut for reading fires the received
+    /// reset's tracepoint from tcp_rcv_state_process; a reset that arrived
+    /// comes through tcp_validate_incoming, or, in SYN_SENT, through the
+    /// function tcp_rcv_state_process inlined.
+    #[test]
+    fn phantom_receipts_are_aborts_on_data() {
+        let phantom = |ev: &RstEvent, caller: &'static str, taker_apart: bool| {
+            is_phantom_receipt(ev, taker_apart, || Some(caller))
+        };
+        let state_process = "tcp_rcv_state_process";
+        let abort = reset(RstKind::Received, t(1), Some(TcpState::FinWait2), None);
+        assert!(phantom(&abort, state_process, true));
+        assert!(!phantom(&abort, RESET_TAKER, true));
+        assert!(!is_phantom_receipt(&abort, true, || None::<&str>));
+        // A kernel that inlined the taker: nothing tells them apart.
+        assert!(!phantom(&abort, state_process, false));
+        let in_fin_wait1 = reset(RstKind::Received, t(1), Some(TcpState::FinWait1), None);
+        assert!(phantom(&in_fin_wait1, state_process, true));
+        let refused = reset(RstKind::Received, t(1), Some(TcpState::SynSent), None);
+        assert!(!phantom(&refused, state_process, true));
+        let sent = reset(RstKind::Sent, t(1), Some(TcpState::FinWait2), None);
+        assert!(!phantom(&sent, state_process, true));
     }
 
     /// The kernel resets from a timewait socket only when data comes before

@@ -427,6 +427,32 @@ impl Check<'_> {
         let reporter = self.reporter(attached, notes);
         failures.extend(self.check_sent(reporter, &self.find("rst_sent")));
         failures.extend(self.check_received(reporter, &self.find("rst_received")));
+        failures.extend(self.others());
+    }
+
+    /// Records of the scenario's connection that are neither its sent
+    /// reset nor its received one: a received reset the kernel's own abort
+    /// fires its tracepoint for, say, where none arrived.
+    pub(crate) fn others(&self) -> Vec<String> {
+        let (client, server) = (self.outcome.client, self.outcome.server);
+        let connection = [Some((client, server)), Some((server, client))];
+        let expected = ["rst_sent", "rst_received"].map(|kind| (kind, Some(self.ends(kind))));
+        self.resets
+            .iter()
+            .filter(|r| connection.contains(&record_ends(r)))
+            .filter(|r| {
+                !expected
+                    .iter()
+                    .any(|(kind, ends)| r["kind"] == *kind && record_ends(r) == *ends)
+            })
+            .map(|r| {
+                format!(
+                    "{}: a reset not on the wire: {}",
+                    self.scenario.name,
+                    describe(r)
+                )
+            })
+            .collect()
     }
 
     /// This host's end, then the remote one, in a record of `kind`: the
@@ -920,6 +946,52 @@ mod tests {
         let (failures, _) = check("nft-reject", (6, 12), &unavailable, &[received]);
         assert_eq!(failures.len(), 1);
         assert!(failures[0].contains(NOT_LOCAL_ORIGIN), "{failures:?}");
+    }
+
+    /// The kernel's abort of a socket shut down for reading fires the
+    /// received reset's tracepoint on that socket; tcprst must not show it.
+    #[test]
+    fn a_reset_not_on_the_wire_fails() {
+        let sent = reset(
+            "rst_sent",
+            "127.0.0.1:40000",
+            "127.0.0.1:4107",
+            json!({"hook": "tcp:tcp_send_reset", "tier": "tracepoint", "state": "CLOSE", "caller": "tcp_v4_do_rcv", "context": "softirq", "reason": "TCP_ABORT_ON_DATA"}),
+        );
+        let received = reset(
+            "rst_received",
+            "127.0.0.1:4107",
+            "127.0.0.1:40000",
+            json!({"state": "CLOSE_WAIT", "errno": "EPIPE", "origin": "this host's TCP stack"}),
+        );
+        let phantom = reset(
+            "rst_received",
+            "127.0.0.1:40000",
+            "127.0.0.1:4107",
+            json!({"state": "FIN_WAIT2", "errno": "ECONNRESET"}),
+        );
+        let on_the_wire = [sent, received];
+        let (failures, _) = check(
+            "shutdown-data",
+            (6, 12),
+            &Attached::Tracepoint,
+            &on_the_wire,
+        );
+        assert!(failures.is_empty(), "{failures:?}");
+        let mut with_phantom = on_the_wire.to_vec();
+        with_phantom.push(phantom);
+        let (failures, _) = check(
+            "shutdown-data",
+            (6, 12),
+            &Attached::Tracepoint,
+            &with_phantom,
+        );
+        assert_eq!(
+            failures,
+            [
+                "shutdown-data: a reset not on the wire: rst_received 127.0.0.1:40000 ← 127.0.0.1:4107"
+            ]
+        );
     }
 
     #[test]
