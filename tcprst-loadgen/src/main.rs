@@ -3,9 +3,11 @@
 //!
 //! `rst` makes nonblocking connects to a closed port, each answered by a
 //! reset; `churn` runs whole connections (connect, send, shutdown, close)
-//! against its own server. Both stop by themselves after `--seconds` or a
-//! count, refuse any address that is not loopback, and print one JSON line
-//! with what they achieved. Run them inside a network namespace
+//! against its own server; `data-after-close` runs connections whose server
+//! writes after the client's close(), which the client's kernel resets. All
+//! three stop by themselves after `--seconds` or a count, refuse any address
+//! that is not loopback, and print one JSON line with what they achieved.
+//! Run them inside a network namespace
 //! (`ip netns exec NS tcprst-loadgen …`): the bench does. `namespaces` runs
 //! on the host and makes a namespace and a cgroup for each refused connect,
 //! for the soak. `scenario` makes one reset of a named kind on loopback and
@@ -13,12 +15,13 @@
 //! each, are the library's table (`tcprst_loadgen::scenario`).
 
 mod churn;
+mod data_after_close;
 mod namespaces;
 mod pace;
 mod storm;
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     process::ExitCode,
     thread,
     time::{Duration, Instant},
@@ -48,6 +51,9 @@ enum Mode {
     Rst(RstArgs),
     /// Whole connections against our own server: connect, send, shutdown(SHUT_WR), read EOF, close.
     Churn(ChurnArgs),
+    /// Connections whose client closes and whose server then writes: one reset sent (data after
+    /// close) and one received each.
+    DataAfterClose(DataAfterCloseArgs),
     /// Connects to a closed port, each in a network namespace and a cgroup made for it and
     /// removed after it. Runs on the host, as root.
     Namespaces(namespaces::NamespacesArgs),
@@ -101,6 +107,15 @@ pub(crate) struct ChurnArgs {
     /// Bytes each client sends before shutdown(SHUT_WR)
     #[arg(long, default_value_t = 64)]
     bytes: usize,
+}
+
+#[derive(Args)]
+pub(crate) struct DataAfterCloseArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Loopback address each worker's server listens on, at a port of its own
+    #[arg(long, default_value = "127.0.0.1")]
+    address: IpAddr,
 }
 
 /// What one run achieved; the bench parses this line.
@@ -167,6 +182,10 @@ fn main() -> ExitCode {
     match Cli::parse().mode {
         Mode::Rst(args) => report(rst(&args)),
         Mode::Churn(args) => report(ensure_loopback(args.server).and_then(|()| churn::run(&args))),
+        Mode::DataAfterClose(args) => report(
+            ensure_loopback(SocketAddr::new(args.address, 0))
+                .and_then(|()| data_after_close::run(&args)),
+        ),
         Mode::Namespaces(args) => report(namespaces::run(&args)),
         Mode::Scenario(args) => match Scenario::named(&args.name)
             .expect("clap admits only the table's names")

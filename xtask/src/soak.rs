@@ -231,7 +231,7 @@ pub(crate) fn soak(opts: &SoakOptions) -> Result<()> {
         let port = Some(u64::from(SOAK_NETNS_PORT));
         json_number(line, "local_port") == port || json_number(line, "remote_port") == port
     };
-    let (_, resets_seen, _) = count_output(Kind::Tcprst, &out, &err, on_netns_port)?;
+    let resets_seen = count_output(Kind::Tcprst, &out, &err, on_netns_port)?.rsts;
     let summary = SoakSummary {
         minutes: opts.minutes,
         rss_kib: Trend::of(

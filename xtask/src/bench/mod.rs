@@ -3,6 +3,8 @@
 //!
 //! 1. RST storm: connects to a closed port at rising rates; events seen,
 //!    lost, tracer CPU, and the generator's throughput with each tracer.
+//!    Then data after close, unpaced: resets on sockets that sent their FIN,
+//!    whose records name their close.
 //! 2. Connection churn: whole connections; throughput with each tracer.
 //! 3. Kernel-side cost: ns per program run (kernel.bpf_stats_enabled) next
 //!    to an empty bpftrace program on the same tracepoint.
@@ -37,7 +39,7 @@ use crate::{
         churn::churn,
         kernel_cost::kernel_cost,
         report::{Hooks, Machine, Summary, notes},
-        storm::storm,
+        storm::{data_after_close, storm},
         userspace::userspace,
     },
     process::catch_interrupts,
@@ -71,6 +73,8 @@ pub(crate) struct Scale {
     /// Repetitions of the storm's unpaced comparison, interleaved, for a
     /// median and a spread (#11 asks for at least five).
     pub(crate) storm_reps: usize,
+    /// Repetitions of the data-after-close storm, interleaved.
+    pub(crate) data_after_close_reps: usize,
     /// Repetitions of the unpaced churn comparison, interleaved.
     pub(crate) churn_reps: usize,
     pub(crate) churn_secs: f64,
@@ -86,6 +90,7 @@ pub(crate) const FULL: Scale = Scale {
     storm_rates: &[10_000, PACED_STORM_RATE, 50_000, 100_000],
     storm_secs: 3.0,
     storm_reps: 5,
+    data_after_close_reps: 3,
     churn_reps: 5,
     churn_secs: 4.0,
     paced_secs: 5.0,
@@ -98,6 +103,7 @@ pub(crate) const QUICK: Scale = Scale {
     storm_rates: &[PACED_STORM_RATE],
     storm_secs: 2.0,
     storm_reps: 1,
+    data_after_close_reps: 1,
     churn_reps: 1,
     churn_secs: 2.0,
     paced_secs: 2.0,
@@ -240,6 +246,7 @@ pub(crate) fn main(opts: &Options) -> Result<()> {
     }
     let started = Instant::now();
     let storm = storm(&ctx, &plan)?;
+    let data_after_close = data_after_close(&ctx, &plan)?;
     let churn = churn(&ctx, &plan)?;
     let cost = kernel_cost(&ctx, &plan)?;
     let memory = userspace(&ctx, &plan, &storm, &churn)?;
@@ -260,8 +267,15 @@ pub(crate) fn main(opts: &Options) -> Result<()> {
             bpftrace_storm: probes_of(BPFTRACE_RESETS),
             bpftrace_churn: probes_of(&bpftrace_churn_script()),
         },
-        notes: notes(storm.rows.iter().chain(&churn.rows)),
+        notes: notes(
+            storm
+                .rows
+                .iter()
+                .chain(&data_after_close.rows)
+                .chain(&churn.rows),
+        ),
         storm,
+        data_after_close,
         churn,
         kernel_cost: cost,
         userspace: memory,

@@ -10,7 +10,7 @@ use crate::{
         PACED_CHURN_RATE, PACED_STORM_RATE,
         churn::Churn,
         kernel_cost::KernelCost,
-        storm::Storm,
+        storm::{DataAfterClose, Storm},
         tracer::{Sample, Tracer},
         userspace::Userspace,
     },
@@ -33,6 +33,8 @@ pub(crate) struct Measurement {
     pub(crate) events: Option<u64>,
     pub(crate) rst_events: Option<u64>,
     pub(crate) lost: Option<u64>,
+    /// tcprst's sent resets that name their socket's close.
+    pub(crate) sent_naming_a_close: Option<u64>,
     pub(crate) records_read: Option<u64>,
     pub(crate) cpu_s: Option<f64>,
     pub(crate) cpu_pct: Option<f64>,
@@ -80,6 +82,9 @@ impl Measurement {
             events: t.map(|t| t.events),
             rst_events: t.map(|t| t.rst_events).filter(|_| tracer.prints_events()),
             lost: t.map(|t| t.lost),
+            sent_naming_a_close: t
+                .filter(|_| matches!(tracer, Tracer::Tcprst { .. }))
+                .map(|t| t.sent_naming_a_close),
             records_read: t.and_then(|t| t.records_read),
             cpu_s: t.map(|t| t.cpu_s),
             cpu_pct: t.map(|t| t.cpu_pct),
@@ -294,6 +299,7 @@ pub(crate) struct Summary {
     pub(crate) hooks: Hooks,
     pub(crate) notes: Vec<String>,
     pub(crate) storm: Storm,
+    pub(crate) data_after_close: DataAfterClose,
     pub(crate) churn: Churn,
     pub(crate) kernel_cost: KernelCost,
     pub(crate) userspace: Userspace,
@@ -356,6 +362,7 @@ impl Summary {
             .storm
             .verdicts
             .iter()
+            .chain(&self.data_after_close.verdicts)
             .chain(&self.churn.verdicts)
             .chain(&self.kernel_cost.verdicts)
             .chain(&self.userspace.verdicts);
@@ -377,6 +384,7 @@ impl Summary {
         format!(
             "\n## Targets ({} on {} CPUs, {}, tcprst {})\n\n{}\nRST storm, unpaced, medians (spreads) of {} repetitions: tcprst {:.3}× ({}; counts exact: {}), tcprst --detail-per-sec 0 {:.3}× ({}), bpftrace {:.3}× ({}), empty programs on the same hooks {:.3}× of the generator's throughput without a tracer; \
              tcprst --detail-per-sec 0 over bpftrace {:.3} (each repetition's: {}); bpftrace costs {:.2}× the throughput tcprst costs. Highest rate with zero loss: tcprst {}, bpftrace {}. System CPU added per reset at {PACED_STORM_RATE} connects/s: {}.\n\
+             Data after close, unpaced, medians of {}: tcprst --detail-per-sec 0 {:.3}×, bpftrace {:.3}× (tcprst over bpftrace, each repetition's: {}); tcprst's sent resets naming their close: {} of {} connections.\n\
              Churn: tcprst {:.3}× (spread {}), tcprst --history {:.3}×, bpftrace {:.3}×; system CPU added per connection at {PACED_CHURN_RATE}/s: {}; tcprst's direct cost (its programs, {:.2} µs of which empty programs would take, and its threads) {:.2} µs.\n\
              tcprst hooks: {}\nbpftrace hooks: storm {}; churn {}\n{}",
             self.machine.kernel,
@@ -403,6 +411,12 @@ impl Summary {
                 .map(|(t, us)| format!("{t} {us:.2} µs"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            self.data_after_close.reps,
+            self.data_after_close.ratio_every_reset,
+            self.data_after_close.ratio_bpftrace,
+            range(self.data_after_close.spread_over_bpftrace),
+            self.data_after_close.sent_naming_a_close,
+            self.data_after_close.connections,
             self.churn.ratio_tcprst,
             range(self.churn.spread_tcprst),
             self.churn.ratio_history,

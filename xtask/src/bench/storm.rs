@@ -1,4 +1,5 @@
-//! Benchmark 1: RST storm: connects to a closed port at rising rates.
+//! Benchmark 1: RST storms. Connects to a closed port at rising rates; and
+//! data after close, whose resets tcprst explains from the close notes.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -75,12 +76,7 @@ pub(crate) fn storm(ctx: &Ctx, plan: &Scale) -> Result<Storm> {
         ratio(ATTACH_ONLY),
     );
     let spread_of = |t| spread(ratios_per_rep(&rows, t, 0));
-    // Each repetition's quotient: both ran between the same two drifts.
-    let over_bpftrace = spread(
-        ratios_per_rep(&rows, EVERY_RESET, 0)
-            .zip(ratios_per_rep(&rows, "bpftrace", 0))
-            .map(|(ours, theirs)| ours / theirs),
-    );
+    let over_bpftrace = spread_of_quotients(&rows, EVERY_RESET, "bpftrace");
     // Lost in the kernel, or never written out: an event tcprst had to
     // drop because its output fell behind is as gone for the reader. The
     // defaults' aggregated counts answer to `inexact` instead.
@@ -160,6 +156,80 @@ pub(crate) fn storm(ctx: &Ctx, plan: &Scale) -> Result<Storm> {
         verdicts,
         rows,
     })
+}
+
+/// A storm of data after close, a line per reset: the resets on sockets
+/// that sent their FIN, whose records name their close from the close
+/// notes, which the refused connects never exercise.
+#[derive(Serialize)]
+pub(crate) struct DataAfterClose {
+    pub(crate) rows: Vec<Measurement>,
+    pub(crate) reps: usize,
+    /// Median throughput with the tracer over without.
+    pub(crate) ratio_every_reset: f64,
+    pub(crate) ratio_bpftrace: f64,
+    /// Each repetition's quotient of the two.
+    pub(crate) spread_over_bpftrace: (f64, f64),
+    /// Resets lost or not written, at most, over tcprst's runs.
+    pub(crate) max_lost_tcprst: u64,
+    /// Over tcprst's runs: sent resets that named their close, and
+    /// connections (each made one sent reset).
+    pub(crate) sent_naming_a_close: u64,
+    pub(crate) connections: u64,
+    pub(crate) verdicts: Vec<TargetCheck>,
+}
+
+pub(crate) fn data_after_close(ctx: &Ctx, plan: &Scale) -> Result<DataAfterClose> {
+    let tracers = [
+        Tracer::None,
+        Tracer::tcprst_every_reset(),
+        Tracer::bpftrace(BPFTRACE_RESETS),
+    ];
+    let mut rows = Vec::new();
+    for rep in 0..plan.data_after_close_reps {
+        rows.extend(each_tracer(
+            ctx,
+            "data after close",
+            &tracers,
+            0,
+            rep,
+            || Load::data_after_close(plan.storm_secs),
+        )?);
+    }
+    let tcprst_rows = || rows.iter().filter(|r| r.tracer == EVERY_RESET);
+    let max_lost_tcprst = tcprst_rows()
+        .map(|r| r.lost.unwrap_or(0).max(r.missing().unwrap_or(0)))
+        .max()
+        .unwrap_or(0);
+    let sent_naming_a_close = tcprst_rows().filter_map(|r| r.sent_naming_a_close).sum();
+    let connections = tcprst_rows().map(|r| r.completed).sum();
+    let verdicts = vec![TargetCheck::at_most(
+        "data after close: tcprst --detail-per-sec 0, resets lost or not written",
+        max_lost_tcprst as f64,
+        0.0,
+    )];
+    print_section("Data after close", &storm_table(&rows));
+    Ok(DataAfterClose {
+        reps: plan.data_after_close_reps,
+        ratio_every_reset: median_ratio(&rows, EVERY_RESET, 0),
+        ratio_bpftrace: median_ratio(&rows, "bpftrace", 0),
+        spread_over_bpftrace: spread_of_quotients(&rows, EVERY_RESET, "bpftrace"),
+        max_lost_tcprst,
+        sent_naming_a_close,
+        connections,
+        verdicts,
+        rows,
+    })
+}
+
+/// The lowest and highest of each unpaced repetition's quotient of `ours`
+/// over `theirs`: both ran between the same two drifts.
+fn spread_of_quotients(rows: &[Measurement], ours: &str, theirs: &str) -> (f64, f64) {
+    spread(
+        ratios_per_rep(rows, ours, 0)
+            .zip(ratios_per_rep(rows, theirs, 0))
+            .map(|(ours, theirs)| ours / theirs),
+    )
 }
 
 pub(crate) fn storm_table(rows: &[Measurement]) -> Table {

@@ -165,6 +165,20 @@ impl Load {
         }
     }
 
+    /// Connections whose client closes before its server writes, unpaced:
+    /// two resets each, the sent one on a socket that sent its FIN.
+    pub(crate) fn data_after_close(secs: f64) -> Self {
+        Self {
+            args: vec![
+                "data-after-close".into(),
+                "--seconds".into(),
+                secs.to_string(),
+            ],
+            secs,
+            on_host: false,
+        }
+    }
+
     /// Whole connections for `secs`, or until `max` of them, unpaced.
     pub(crate) fn churn(secs: f64, max: Option<u64>) -> Self {
         Self::churn_paced(0, secs, max)
@@ -241,6 +255,8 @@ pub(crate) struct TracerNumbers {
     /// RST lines only.
     pub(crate) rst_events: u64,
     pub(crate) lost: u64,
+    /// tcprst's sent resets that name their socket's close.
+    pub(crate) sent_naming_a_close: u64,
     /// tcprst's own count of ring-buffer records read (its final log line).
     pub(crate) records_read: Option<u64>,
     pub(crate) cpu_s: f64,
@@ -488,7 +504,7 @@ impl Running {
             );
         }
         let cpu_s = (ticks - ticks_before) as f64 / clock_ticks_per_s();
-        let (events, rst_events, lost) = count_output(self.kind, &self.out, &self.err, |_| true)?;
+        let counts = count_output(self.kind, &self.out, &self.err, |_| true)?;
         let stderr = fs::read_to_string(&self.err).unwrap_or_default();
         let stopped = stderr.lines().find_map(|l| l.split(stderr::STOPPED).nth(1));
         let records_read = stopped.and_then(|s| s.split(' ').next()?.parse().ok());
@@ -509,9 +525,10 @@ impl Running {
             let _ = fs::remove_file(&self.out);
         }
         Ok(TracerNumbers {
-            events,
-            rst_events,
-            lost: lost.max(final_lost.unwrap_or(0)),
+            events: counts.events,
+            rst_events: counts.rsts,
+            lost: counts.lost.max(final_lost.unwrap_or(0)),
+            sent_naming_a_close: counts.sent_naming_a_close,
             records_read,
             cpu_s,
             threads_s_settled: threads_ns as f64 / 1e9,
@@ -564,15 +581,27 @@ impl Running {
     }
 }
 
-/// (event lines, RST lines, lost) from a tracer's output, of the lines
-/// `counted` accepts.
+/// What a tracer's output holds, of the lines a count accepts.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct OutputCounts {
+    /// Event lines (tcprst: every kind but `lost`).
+    pub(crate) events: u64,
+    /// Resets, an aggregate standing for its count.
+    pub(crate) rsts: u64,
+    pub(crate) lost: u64,
+    /// tcprst's sent resets that name who closed their socket (an
+    /// `initiator`), of the sockets that sent their FIN.
+    pub(crate) sent_naming_a_close: u64,
+}
+
+/// What a tracer's output holds, of the lines `counted` accepts.
 pub(crate) fn count_output(
     kind: Kind,
     out: &Path,
     err: &Path,
     counted: impl Fn(&str) -> bool,
-) -> Result<(u64, u64, u64)> {
-    let (mut events, mut rsts, mut lost) = (0, 0, 0);
+) -> Result<OutputCounts> {
+    let mut n = OutputCounts::default();
     for path in [out, err] {
         let Ok(file) = File::open(path) else { continue };
         for line in BufReader::new(file).lines() {
@@ -583,24 +612,28 @@ pub(crate) fn count_output(
             match kind {
                 Kind::Tcprst if path == out => {
                     if line.contains(r#""kind":"lost""#) {
-                        lost = lost.max(json_number(&line, "lost_total").unwrap_or(0));
+                        n.lost = n.lost.max(json_number(&line, "lost_total").unwrap_or(0));
                     } else {
-                        events += 1;
+                        n.events += 1;
                         // An aggregate record stands for `count` resets.
                         if line.contains(r#""kind":"rst_"#) {
-                            rsts += json_number(&line, "count").unwrap_or(1);
+                            n.rsts += json_number(&line, "count").unwrap_or(1);
                         }
+                        n.sent_naming_a_close += u64::from(
+                            line.contains(r#""kind":"rst_sent","#)
+                                && line.contains(r#""initiator":{"#),
+                        );
                     }
                 }
                 Kind::Bpftrace => {
                     if line.starts_with(|c: char| c.is_ascii_digit()) {
-                        events += 1;
-                        rsts += u64::from(line.contains(" rst_"));
-                    } else if let Some(n) = line.strip_prefix("Lost ") {
-                        lost += n
+                        n.events += 1;
+                        n.rsts += u64::from(line.contains(" rst_"));
+                    } else if let Some(lost) = line.strip_prefix("Lost ") {
+                        n.lost += lost
                             .split(' ')
                             .next()
-                            .and_then(|n| n.parse().ok())
+                            .and_then(|lost| lost.parse().ok())
                             .unwrap_or(0);
                     }
                 }
@@ -608,7 +641,7 @@ pub(crate) fn count_output(
             }
         }
     }
-    Ok((events, rsts, lost))
+    Ok(n)
 }
 
 pub(crate) fn json_number(line: &str, key: &str) -> Option<u64> {
@@ -713,7 +746,7 @@ mod tests {
         fs::write(
             &out,
             concat!(
-                r#"{"kind":"rst_sent","count":1,"x":1}"#,
+                r#"{"kind":"rst_sent","count":1,"initiator":{"op":"close"}}"#,
                 "\n",
                 r#"{"kind":"rst_sent_aggregate","count":480,"x":1}"#,
                 "\n",
@@ -727,14 +760,20 @@ mod tests {
         )
         .unwrap();
         fs::write(&err, "tcprst: stopped: …\n").unwrap();
+        let counts = |events, rsts, lost, sent_naming_a_close| OutputCounts {
+            events,
+            rsts,
+            lost,
+            sent_naming_a_close,
+        };
         assert_eq!(
             count_output(Kind::Tcprst, &out, &err, |_| true).unwrap(),
-            (3, 481, 7)
+            counts(3, 481, 7, 1)
         );
         let aggregates = |line: &str| line.contains("aggregate");
         assert_eq!(
             count_output(Kind::Tcprst, &out, &err, aggregates).unwrap(),
-            (1, 480, 0)
+            counts(1, 480, 0, 0)
         );
         fs::write(
             &out,
@@ -744,7 +783,7 @@ mod tests {
         fs::write(&err, "Lost 1 events\n").unwrap();
         assert_eq!(
             count_output(Kind::Bpftrace, &out, &err, |_| true).unwrap(),
-            (3, 2, 5)
+            counts(3, 2, 5, 0)
         );
         fs::remove_dir_all(&dir).unwrap();
     }
