@@ -302,8 +302,12 @@ impl CloseNotes {
     /// The close marks of the sockets a scan found, by cookie. A close the
     /// scan did not find ended, unless it started after the dump began
     /// (`dump_began_ns`, CLOCK_MONOTONIC), where the dump may have missed
-    /// it: the others are forgotten, since their end notes, which the
-    /// rings order only within one CPU, may have been read before them.
+    /// it: the others go to the closes that ended, since their end notes,
+    /// which the rings order only within one CPU, may have been read before
+    /// them, or there were none. An orphan's death in FIN_WAIT2 writes none
+    /// (it looks like its becoming a timewait socket), and the reset that
+    /// killed it may be read after the scan: data after close() on a socket
+    /// the peer's ACK had moved to FIN_WAIT2.
     pub fn scanned(
         &mut self,
         dump_began_ns: u64,
@@ -311,8 +315,15 @@ impl CloseNotes {
     ) -> HashMap<u64, CloseMark> {
         self.read();
         let wanted: HashSet<u64> = cookies.into_iter().collect();
-        self.open.retain(|cookie, notes| {
-            wanted.contains(cookie) || notes.iter().any(|n| n.at_ns >= dump_began_ns)
+        let Self {
+            open, ended_closes, ..
+        } = self;
+        open.retain(|cookie, notes| {
+            let ongoing = wanted.contains(cookie) || notes.iter().any(|n| n.at_ns >= dump_began_ns);
+            if !ongoing {
+                ended_closes.keep_unless_newer(*cookie, notes);
+            }
+            ongoing
         });
         self.open_after_scan = self.open.len();
         wanted
@@ -389,6 +400,14 @@ impl EndedCloses {
         slot.notes[..kept].copy_from_slice(&notes[..kept]);
         slot.cookie = cookie;
         slot.len = kept as u8;
+    }
+
+    /// Keeps the notes of a close a scan found ended, unless its slot holds
+    /// a later socket's close: a scan ends many closes at once, in no order.
+    fn keep_unless_newer(&mut self, cookie: u64, notes: &[CloseNote]) {
+        if self.slot(cookie).cookie <= cookie {
+            self.keep(cookie, notes);
+        }
     }
 
     /// Adds a note read after the end of its close: one written on another
@@ -624,15 +643,34 @@ mod tests {
         assert_eq!(marks.keys().collect::<Vec<_>>(), [&client]);
         assert_eq!(marks[&client].steps, 2);
         assert!(reader.open.contains_key(&server));
-        // A later scan that does not find it forgets it.
+        // A later scan that does not find it ends it: a reset that comes
+        // for it still finds its notes.
         assert!(reader.scanned(10_000, [client]).contains_key(&client));
         assert!(!reader.open.contains_key(&server));
+        assert_eq!(reader.mark_of(server).unwrap().op, close_op::CLOSE);
         // A reset on a socket whose close ended finds its notes among the
         // closes that ended, without the end.
         let mark = reader.mark_of(other).unwrap();
         assert_eq!((mark.first_state, mark.steps), (Established as u8, 1));
         assert_eq!(reader.mark_of(12345), None);
         assert_eq!(reader.overwritten(), 0);
+    }
+
+    /// A scan ends its closes in no order: an earlier socket's close never
+    /// displaces a later one's from their slot.
+    #[test]
+    fn a_scan_keeps_the_later_of_two_closes_in_a_slot() {
+        use TcpState::*;
+        let early = 70;
+        let later = early + EndedCloses::SLOTS as u64;
+        let start = |seq, cookie| note(seq, cookie, close_op::CLOSE, Established, FinWait1);
+        let mut ended = EndedCloses::new();
+        ended.keep_unless_newer(later, &[start(0, later)]);
+        ended.keep_unless_newer(early, &[start(1, early)]);
+        assert_eq!(ended.notes(early), None);
+        assert_eq!(ended.notes(later).map(<[_]>::len), Some(1));
+        ended.keep_unless_newer(later + 1, &[start(2, later + 1)]);
+        assert_eq!(ended.notes(later + 1).map(<[_]>::len), Some(1));
     }
 
     #[test]
