@@ -334,6 +334,7 @@ pub(crate) const RESET_TAKER: &str = "tcp_validate_incoming";
 /// where the kernel did not inline it: `taker_apart`. Without it no receipt
 /// is called a phantom. (In SYN_SENT, tcp_rcv_state_process is the caller
 /// of a real receipt, through the function it inlined.)
+///
 /// `caller` is asked last: naming frames is the dear part.
 pub(crate) fn is_phantom_receipt<C: AsRef<str>>(
     ev: &RstEvent,

@@ -36,6 +36,7 @@ pub(crate) struct Measurement {
     /// tcprst's sent resets that name their socket's close.
     pub(crate) sent_naming_a_close: Option<u64>,
     pub(crate) records_read: Option<u64>,
+    pub(crate) notes_overwritten: Option<u64>,
     pub(crate) cpu_s: Option<f64>,
     pub(crate) cpu_pct: Option<f64>,
     pub(crate) vm_hwm_kib: Option<u64>,
@@ -86,6 +87,7 @@ impl Measurement {
                 .filter(|_| matches!(tracer, Tracer::Tcprst { .. }))
                 .map(|t| t.sent_naming_a_close),
             records_read: t.and_then(|t| t.records_read),
+            notes_overwritten: t.and_then(|t| t.notes_overwritten),
             cpu_s: t.map(|t| t.cpu_s),
             cpu_pct: t.map(|t| t.cpu_pct),
             vm_hwm_kib: t.map(|t| t.vm_hwm_kib),
@@ -384,7 +386,7 @@ impl Summary {
         format!(
             "\n## Targets ({} on {} CPUs, {}, tcprst {})\n\n{}\nRST storm, unpaced, medians (spreads) of {} repetitions: tcprst {:.3}× ({}; counts exact: {}), tcprst --detail-per-sec 0 {:.3}× ({}), bpftrace {:.3}× ({}), empty programs on the same hooks {:.3}× of the generator's throughput without a tracer; \
              tcprst --detail-per-sec 0 over bpftrace {:.3} (each repetition's: {}); bpftrace costs {:.2}× the throughput tcprst costs. Highest rate with zero loss: tcprst {}, bpftrace {}. System CPU added per reset at {PACED_STORM_RATE} connects/s: {}.\n\
-             Data after close, unpaced, medians of {}: tcprst --detail-per-sec 0 {:.3}×, bpftrace {:.3}× (tcprst over bpftrace, each repetition's: {}); tcprst's sent resets naming their close: {} of {} connections.\n\
+             Data after close, unpaced, medians of {}: tcprst --detail-per-sec 0 {:.3}×, bpftrace {:.3}× (tcprst over bpftrace, each repetition's: {}); tcprst's sent resets naming their close: {} of {} connections ({} close notes overwritten unread).\n\
              Churn: tcprst {:.3}× (spread {}), tcprst --history {:.3}×, bpftrace {:.3}×; system CPU added per connection at {PACED_CHURN_RATE}/s: {}; tcprst's direct cost (its programs, {:.2} µs of which empty programs would take, and its threads) {:.2} µs.\n\
              tcprst hooks: {}\nbpftrace hooks: storm {}; churn {}\n{}",
             self.machine.kernel,
@@ -417,6 +419,7 @@ impl Summary {
             range(self.data_after_close.spread_over_bpftrace),
             self.data_after_close.sent_naming_a_close,
             self.data_after_close.connections,
+            self.data_after_close.notes_overwritten,
             self.churn.ratio_tcprst,
             range(self.churn.spread_tcprst),
             self.churn.ratio_history,

@@ -176,6 +176,9 @@ pub(crate) struct DataAfterClose {
     /// connections (each made one sent reset).
     pub(crate) sent_naming_a_close: u64,
     pub(crate) connections: u64,
+    /// Close notes tcprst lost unread over its runs: the closes it could
+    /// not name for want of them.
+    pub(crate) notes_overwritten: u64,
     pub(crate) verdicts: Vec<TargetCheck>,
 }
 
@@ -203,6 +206,7 @@ pub(crate) fn data_after_close(ctx: &Ctx, plan: &Scale) -> Result<DataAfterClose
         .unwrap_or(0);
     let sent_naming_a_close = tcprst_rows().filter_map(|r| r.sent_naming_a_close).sum();
     let connections = tcprst_rows().map(|r| r.completed).sum();
+    let notes_overwritten = tcprst_rows().filter_map(|r| r.notes_overwritten).sum();
     let verdicts = vec![TargetCheck::at_most(
         "data after close: tcprst --detail-per-sec 0, resets lost or not written",
         max_lost_tcprst as f64,
@@ -217,6 +221,7 @@ pub(crate) fn data_after_close(ctx: &Ctx, plan: &Scale) -> Result<DataAfterClose
         max_lost_tcprst,
         sent_naming_a_close,
         connections,
+        notes_overwritten,
         verdicts,
         rows,
     })

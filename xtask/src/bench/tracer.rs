@@ -259,6 +259,9 @@ pub(crate) struct TracerNumbers {
     pub(crate) sent_naming_a_close: u64,
     /// tcprst's own count of ring-buffer records read (its final log line).
     pub(crate) records_read: Option<u64>,
+    /// tcprst's close notes lost unread (its final log line): closes a
+    /// reset cannot name.
+    pub(crate) notes_overwritten: Option<u64>,
     pub(crate) cpu_s: f64,
     /// Its threads' CPU time from the load's start until its output
     /// stopped growing, before it was stopped: tracing without the exit's
@@ -509,6 +512,7 @@ impl Running {
         let stopped = stderr.lines().find_map(|l| l.split(stderr::STOPPED).nth(1));
         let records_read = stopped.and_then(|s| s.split(' ').next()?.parse().ok());
         let final_lost = stopped.and_then(|s| nth_number_before(s, "lost"));
+        let notes_overwritten = stopped.and_then(|s| number_before(s, " close notes overwritten"));
         let hooks = stderr
             .lines()
             // "… half-closes (hook (tier), hook (tier)); Ctrl-C to stop"
@@ -530,6 +534,7 @@ impl Running {
             lost: counts.lost.max(final_lost.unwrap_or(0)),
             sent_naming_a_close: counts.sent_naming_a_close,
             records_read,
+            notes_overwritten,
             cpu_s,
             threads_s_settled: threads_ns as f64 / 1e9,
             cpu_pct: cpu_s * 100.0 / load_s,
@@ -652,6 +657,17 @@ pub(crate) fn json_number(line: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// In "…, 12 close notes overwritten unread, …", the number before
+/// `phrase`.
+pub(crate) fn number_before(s: &str, phrase: &str) -> Option<u64> {
+    s.split(phrase)
+        .next()?
+        .rsplit([' ', ','])
+        .find(|w| !w.is_empty())?
+        .parse()
+        .ok()
+}
+
 /// In "…, 12 lost, …", the number before `word`.
 pub(crate) fn nth_number_before(s: &str, word: &str) -> Option<u64> {
     let words: Vec<&str> = s.split([' ', ',']).filter(|w| !w.is_empty()).collect();
@@ -734,6 +750,9 @@ mod tests {
         let stopped = "1200 records read, 600 events shown, 7 lost, 0 undecodable, 3 connections evicted from tracking";
         assert_eq!(nth_number_before(stopped, "lost"), Some(7));
         assert_eq!(nth_number_before(stopped, "missing"), None);
+        let notes = "9 records read, 2 lost, 3 close notes overwritten unread, 0 received resets";
+        assert_eq!(number_before(notes, " close notes overwritten"), Some(3));
+        assert_eq!(number_before(stopped, " close notes overwritten"), None);
         let lost = r#"{"time":"…","kind":"lost","lost":964,"lost_total":1964}"#;
         assert_eq!(json_number(lost, "lost_total"), Some(1964));
     }
