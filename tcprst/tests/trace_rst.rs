@@ -6,7 +6,7 @@
 mod common;
 
 use common::{
-    Netns, Tracer, assert_exact, expect_reset, find, history_states, rsts, summary_count,
+    Netns, Tracer, assert_exact, assert_names_this_close, expect_reset, find, rsts, summary_count,
 };
 use serde_json::Value;
 use tcprst_loadgen::scenario::{self, ACTIVE_REASONS_SINCE, Scenario};
@@ -157,20 +157,7 @@ fn linger_zero_close_is_an_active_reset() {
 #[test]
 fn data_to_a_timewait_socket_names_the_close() {
     let events = traced("timewait-data", "127.0.0.1:40005", "127.0.0.1:5002");
-    let sent = find(&events, "rst_sent");
-    assert_eq!(sent["cause"], "data_after_close", "{sent:#}");
-    assert_eq!(sent["initiator"]["op"], "close", "{sent:#}");
-    assert_eq!(sent["initiator"]["pid"], std::process::id());
-    assert_eq!(
-        history_states(sent),
-        ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"],
-        "{sent:#}"
-    );
-    let diagnosis = sent["diagnosis"].as_str().unwrap();
-    assert!(
-        diagnosis.starts_with("data arrived after close() by "),
-        "{diagnosis}"
-    );
+    assert_names_this_close(find(&events, "rst_sent"));
 }
 
 /// Data to a socket shut down both ways: the kernel aborts it and resets

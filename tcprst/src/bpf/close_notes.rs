@@ -390,7 +390,11 @@ impl EndedCloses {
     }
 
     fn slot(&mut self, cookie: u64) -> &mut EndedClose {
-        &mut self.slots[cookie as usize % Self::SLOTS]
+        &mut self.slots[Self::index(cookie)]
+    }
+
+    fn index(cookie: u64) -> usize {
+        cookie as usize % Self::SLOTS
     }
 
     /// Keeps the notes of `cookie`'s close, which just ended.
@@ -421,7 +425,7 @@ impl EndedCloses {
     }
 
     fn notes(&self, cookie: u64) -> Option<&[CloseNote]> {
-        let slot = &self.slots[cookie as usize % Self::SLOTS];
+        let slot = &self.slots[Self::index(cookie)];
         (slot.cookie == cookie).then(|| &slot.notes[..usize::from(slot.len)])
     }
 }

@@ -830,8 +830,6 @@ pub fn summary(v: &Value) -> String {
     )
 }
 
-/// Asserts that exactly these events arrived, in any order (on loopback the
-/// peer often handles a RST before the sender's tracepoint fires).
 /// The states of a record's `history`, oldest first.
 pub fn history_states(v: &Value) -> Vec<String> {
     let steps = v["history"].as_array();
@@ -840,6 +838,29 @@ pub fn history_states(v: &Value) -> Vec<String> {
     steps.iter().map(state).collect()
 }
 
+/// Asserts that `reset`, which this process's client socket sent for data
+/// that came after its close(), names that close: as its cause, its
+/// initiator, the steps of its history and its diagnosis.
+pub fn assert_names_this_close(reset: &Value) {
+    let pid = std::process::id();
+    assert_eq!(reset["cause"], "data_after_close", "{reset:#}");
+    assert_eq!(reset["initiator"]["op"], "close", "{reset:#}");
+    assert_eq!(reset["initiator"]["pid"], pid, "{reset:#}");
+    assert_eq!(
+        history_states(reset),
+        ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"],
+        "{reset:#}"
+    );
+    let diagnosis = reset["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.starts_with("data arrived after close() by ")
+            && diagnosis.contains(&format!("[{pid}]")),
+        "{diagnosis}"
+    );
+}
+
+/// Asserts that exactly these events arrived, in any order (on loopback the
+/// peer often handles a RST before the sender's tracepoint fires).
 pub fn assert_exact(events: &[Value], expected: &[String]) {
     let mut got: Vec<String> = events.iter().map(summary).collect();
     let mut want = expected.to_vec();
