@@ -323,6 +323,9 @@ impl Pipeline<'_> {
     /// entry found, a received one is matched through it, and a sent one
     /// is explained by it and written.
     fn conntrack_answer(&mut self, answer: conntrack::Answer) -> io::Result<()> {
+        if let Some(conntrack) = &mut self.conntrack {
+            conntrack.heard(&answer, Instant::now());
+        }
         match self.pending.remove(&answer.id) {
             Some(Pending::Receipt { number, tuples }) => {
                 // The entry's other direction is the sender's view: its

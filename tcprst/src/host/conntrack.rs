@@ -6,10 +6,10 @@
 //! (IPCTNL_MSG_CT_GET_STATS_CPU): the evidence for a reset a
 //! `ct state invalid reject` rule sent.
 //!
-//! Lookups run on a thread of their own, never on the event loop: each
-//! enters every namespace (a netlink socket talks to the conntrack table of
-//! the namespace it was made in). They are rate limited, so a storm costs a
-//! bounded amount; what is skipped or fails is counted.
+//! Lookups run on a thread of their own, never on the event loop, through a
+//! socket per namespace (`Tables`): a netlink socket talks to the conntrack
+//! table of the namespace it was made in. They are rate limited, so a storm
+//! costs a bounded amount; what is skipped or fails is counted.
 
 use std::{
     collections::HashMap,
@@ -18,7 +18,7 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, sync_channel},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel},
     },
     time::{Duration, Instant},
 };
@@ -227,19 +227,27 @@ fn decode(datagram: &[u8]) -> io::Result<Option<Entry>> {
 
 /// CTA_STATS_INVALID in `enum ctattr_stats_cpu`.
 const CTA_STATS_INVALID: u16 = 4;
-/// IPCTNL_MSG_CT_GET_STATS_CPU in `enum cntl_msg_types`.
+/// IPCTNL_MSG_CT_GET_STATS_CPU and IPCTNL_MSG_CT_GET_STATS in `enum
+/// cntl_msg_types`.
 const IPCTNL_MSG_CT_GET_STATS_CPU: u8 = 4;
+const IPCTNL_MSG_CT_GET_STATS: u8 = 5;
+/// CTA_STATS_GLOBAL_ENTRIES in `enum ctattr_stats_global`.
+const CTA_STATS_GLOBAL_ENTRIES: u16 = 1;
 
-fn stats_request() -> Vec<u8> {
+/// A request for conntrack's statistics: per CPU (a dump), or global.
+fn stats_request(message_type: u8) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = match message_type {
+        IPCTNL_MSG_CT_GET_STATS_CPU => NLM_F_REQUEST | NLM_F_DUMP,
+        _ => NLM_F_REQUEST,
+    };
     header.sequence_number = 2;
     let mut message = NetlinkMessage::new(
         header,
         NetlinkPayload::from(NetfilterMessage::new(
             NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0),
             ConntrackMessage::Other {
-                message_type: IPCTNL_MSG_CT_GET_STATS_CPU,
+                message_type,
                 attributes: Vec::new(),
             },
         )),
@@ -254,6 +262,35 @@ fn u32_attribute(nla: &DefaultNla) -> Option<u32> {
     let mut value = [0u8; 4];
     (nla.value_len() == 4).then(|| nla.emit_value(&mut value))?;
     Some(u32::from_be_bytes(value))
+}
+
+/// The entries a global stats answer counts.
+fn decode_entries(datagram: &[u8]) -> io::Result<u32> {
+    let message = NetlinkMessage::<NetfilterMessage>::deserialize(datagram)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    match message.payload {
+        NetlinkPayload::Error(err) => {
+            let code = err.code.map_or(0, |c| -c.get());
+            Err(io::Error::from_raw_os_error(code))
+        }
+        NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::Conntrack(ConntrackMessage::Other { attributes, .. }),
+            ..
+        }) => attributes
+            .iter()
+            .find(|a| a.kind() == CTA_STATS_GLOBAL_ENTRIES)
+            .and_then(u32_attribute)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "conntrack stats without a count",
+                )
+            }),
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected ctnetlink answer {other:?}"),
+        )),
+    }
 }
 
 /// Adds the INVALID counts of one datagram of the per-CPU stats dump to
@@ -319,11 +356,10 @@ fn ctnetlink() -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// The packets conntrack in the calling thread's network namespace has
-/// marked INVALID, summed over CPUs.
-pub fn invalid_packets() -> io::Result<u64> {
-    let socket = ctnetlink()?;
-    socket.send(&stats_request(), 0)?;
+/// The packets the conntrack of `socket`'s namespace has marked INVALID,
+/// summed over CPUs.
+fn invalid_packets(socket: &Socket) -> io::Result<u64> {
+    socket.send(&stats_request(IPCTNL_MSG_CT_GET_STATS_CPU), 0)?;
     let mut total = 0;
     loop {
         let (datagram, _) = socket.recv_from_full()?;
@@ -333,13 +369,88 @@ pub fn invalid_packets() -> io::Result<u64> {
     }
 }
 
-/// The entry with `tuple` in either direction, in the calling thread's
-/// network namespace.
-pub fn get(tuple: &Tuple) -> io::Result<Option<Entry>> {
-    let socket = ctnetlink()?;
+/// How many entries the conntrack of `socket`'s namespace holds.
+fn entries(socket: &Socket) -> io::Result<u32> {
+    socket.send(&stats_request(IPCTNL_MSG_CT_GET_STATS), 0)?;
+    let (datagram, _) = socket.recv_from_full()?;
+    decode_entries(&datagram)
+}
+
+/// The entry with `tuple` in either direction, in the conntrack of
+/// `socket`'s namespace.
+fn get(socket: &Socket, tuple: &Tuple) -> io::Result<Option<Entry>> {
     socket.send(&request(tuple, 1), 0)?;
     let (datagram, _) = socket.recv_from_full()?;
     decode(&datagram)
+}
+
+/// One namespace's conntrack, through a ctnetlink socket made inside it
+/// once. The socket goes on talking to that namespace from any thread, so
+/// a lookup costs a request and an answer per namespace. Entering each one
+/// per lookup cost a thread and two setns() per namespace: 8 % of a CPU
+/// under a storm on a host with 50 namespaces, and it grows with the pods
+/// on a node.
+struct Table {
+    ns: NetnsHandle,
+    /// Why there is no socket: it could not be made, or it failed once
+    /// and may hold a late answer. The next listing makes it again.
+    socket: Result<Socket, String>,
+    /// Whether the namespace's conntrack held no entry when listed: most
+    /// on a node never track a connection (a pod's, unless it has rules
+    /// of its own), and cannot answer until the next listing finds one.
+    empty: bool,
+}
+
+/// Every namespace's table, as listed at `listed`. A socket keeps its
+/// namespace alive, so a namespace no longer listed loses its table at
+/// the next listing, and the worker drops them all once lookups pause.
+struct Tables {
+    listed: Instant,
+    all: Vec<Table>,
+}
+
+impl Tables {
+    /// Lists the namespaces again: a table is kept while its namespace is
+    /// listed, and made for a new one. The inode names the same namespace
+    /// as long as the table's socket keeps it alive. Each table's entries
+    /// are counted again: a request per namespace a second, against one
+    /// or two per namespace per lookup.
+    fn relist(previous: Option<Self>, now: Instant) -> Self {
+        let mut kept: HashMap<u32, Socket> = previous
+            .into_iter()
+            .flat_map(|tables| tables.all)
+            .filter_map(|table| Some((table.ns.inode, table.socket.ok()?)))
+            .collect();
+        let all = netns::all_namespaces()
+            .into_iter()
+            .filter_map(|ns| {
+                let socket = match kept.remove(&ns.inode) {
+                    Some(socket) => Ok(socket),
+                    // Gone since it was listed: no table, and no error.
+                    None => netns::in_netns(&ns, ctnetlink).ok()?,
+                };
+                // A count that fails fails the lookups too, as an error.
+                let counted = socket.and_then(|socket| Ok((entries(&socket)?, socket)));
+                Some(match counted {
+                    Ok((entries, socket)) => Table {
+                        ns,
+                        socket: Ok(socket),
+                        empty: entries == 0,
+                    },
+                    Err(e) => Table {
+                        ns,
+                        socket: Err(e.to_string()),
+                        empty: false,
+                    },
+                })
+            })
+            .collect();
+        Self { listed: now, all }
+    }
+
+    fn in_use(&self) -> bool {
+        self.all.iter().any(|table| !table.empty)
+    }
 }
 
 /// Lookups no faster than this on average; a storm beyond it is counted as
@@ -348,8 +459,13 @@ const LOOKUPS_PER_SEC: f64 = 50.0;
 const BURST: f64 = 100.0;
 /// Lookups queued for the worker at most.
 const QUEUED: usize = 256;
-/// How long a list of namespaces is reused.
+/// How long a list of namespaces is reused; after this long without a
+/// lookup the worker closes its sockets, so that none keeps a namespace
+/// alive.
 const NAMESPACES_FOR: Duration = Duration::from_secs(1);
+/// How long an answer that found every namespace's conntrack empty
+/// stands for the lookups a storm skips: until the listing after next.
+const UNUSED_FOR: Duration = Duration::from_secs(2);
 /// How long an answer is reused for the same tuples, and how many are kept.
 const CACHED_FOR: Duration = Duration::from_millis(500);
 const CACHED: usize = 1024;
@@ -374,6 +490,9 @@ struct Ask {
 pub struct Answer {
     pub id: u64,
     pub found: Option<Found>,
+    /// Whether any namespace's conntrack held entries (or could not be
+    /// counted) when the namespaces were last listed.
+    pub in_use: bool,
 }
 
 /// The lookup worker's handle.
@@ -381,6 +500,8 @@ pub struct Conntrack {
     asks: SyncSender<Ask>,
     tokens: f64,
     refilled: Instant,
+    /// When the last answer said no namespace's conntrack held an entry.
+    unused_at: Option<Instant>,
     pub stats: Arc<LookupStats>,
 }
 
@@ -399,6 +520,7 @@ impl Conntrack {
                 asks,
                 tokens: BURST,
                 refilled: Instant::now(),
+                unused_at: None,
                 stats,
             },
             answered,
@@ -422,12 +544,23 @@ impl Conntrack {
                     tuples: tuples.to_vec(),
                 })
                 .is_ok();
+        // A lookup skipped while no conntrack held an entry had nothing to
+        // find, and is not counted: it would be every reset of a storm on
+        // a host without NAT.
+        let nothing_to_find = self
+            .unused_at
+            .is_some_and(|at| now.saturating_duration_since(at) < UNUSED_FOR);
         if sent {
             self.tokens -= 1.0;
-        } else {
+        } else if !nothing_to_find {
             self.stats.skipped.fetch_add(1, Ordering::Relaxed);
         }
         sent
+    }
+
+    /// Takes in what an answer says of conntrack at `now`.
+    pub fn heard(&mut self, answer: &Answer, now: Instant) {
+        self.unused_at = (!answer.in_use).then_some(now);
     }
 }
 
@@ -436,10 +569,18 @@ fn work(
     answers: &tokio::sync::mpsc::UnboundedSender<Answer>,
     stats: &LookupStats,
 ) {
-    let mut namespaces: Option<(Instant, Vec<NetnsHandle>)> = None;
+    let mut tables: Option<Tables> = None;
     let mut cache: HashMap<Vec<Tuple>, (Instant, Option<Found>)> = HashMap::new();
     let mut warned = false;
-    while let Ok(Ask { id, tuples }) = asked.recv() {
+    loop {
+        let Ask { id, tuples } = match asked.recv_timeout(NAMESPACES_FOR) {
+            Ok(ask) => ask,
+            Err(RecvTimeoutError::Timeout) => {
+                tables = None;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let now = Instant::now();
         let cached = cache
             .get(&tuples)
@@ -448,13 +589,13 @@ fn work(
         let found = match cached {
             Some(found) => found,
             None => {
-                let fresh = namespaces
+                let fresh = tables
                     .as_ref()
-                    .is_some_and(|(at, _)| now.duration_since(*at) < NAMESPACES_FOR);
+                    .is_some_and(|t| now.duration_since(t.listed) < NAMESPACES_FOR);
                 if !fresh {
-                    namespaces = Some((now, netns::all_namespaces()));
+                    tables = Some(Tables::relist(tables.take(), now));
                 }
-                let all = &namespaces.as_ref().expect("just listed").1;
+                let all = &mut tables.as_mut().expect("just listed").all;
                 let (found, error) = find(all, &tuples);
                 if let Some(e) = error {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -472,33 +613,34 @@ fn work(
                 found
             }
         };
-        if answers.send(Answer { id, found }).is_err() {
+        let in_use = tables.as_ref().is_none_or(Tables::in_use);
+        if answers.send(Answer { id, found, in_use }).is_err() {
             return;
         }
     }
 }
 
 /// The first NAT'd entry for any of `tuples` in any namespace, else the
-/// first entry, and the first error met on the way. A namespace gone since
-/// it was listed is not an error.
-fn find(all: &[NetnsHandle], tuples: &[Tuple]) -> (Option<Found>, Option<String>) {
+/// first entry, and the first error met on the way. A table whose socket
+/// fails loses it, so that a late answer is never read as the next one's.
+fn find(tables: &mut [Table], tuples: &[Tuple]) -> (Option<Found>, Option<String>) {
     let mut error = None;
     let mut plain = None;
-    for ns in all {
-        let entered = netns::in_netns(ns, || {
+    for table in tables.iter_mut().filter(|table| !table.empty) {
+        let looked_up = table.socket.as_ref().map(|socket| {
             for (by, tuple) in tuples.iter().enumerate() {
-                if let Some(entry) = get(tuple)? {
+                if let Some(entry) = get(socket, tuple)? {
                     // Evidence to go with the entry; its absence is no failure.
-                    return Ok(Some((by, entry, invalid_packets().ok())));
+                    return Ok(Some((by, entry, invalid_packets(socket).ok())));
                 }
             }
             Ok::<_, io::Error>(None)
         });
-        match entered {
+        match looked_up {
             Ok(Ok(Some((by, entry, invalid)))) => {
                 let found = Found {
-                    netns: ns.inode,
-                    netns_name: ns.name.clone(),
+                    netns: table.ns.inode,
+                    netns_name: table.ns.name.clone(),
                     entry,
                     by,
                     invalid,
@@ -510,9 +652,13 @@ fn find(all: &[NetnsHandle], tuples: &[Tuple]) -> (Option<Found>, Option<String>
             }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
-                error.get_or_insert_with(|| format!("in network namespace {}: {e}", ns.name));
+                let e = e.to_string();
+                error.get_or_insert_with(|| format!("in network namespace {}: {e}", table.ns.name));
+                table.socket = Err(e);
             }
-            Err(_) => {}
+            Err(e) => {
+                error.get_or_insert_with(|| format!("in network namespace {}: {e}", table.ns.name));
+            }
         }
     }
     (plain, error)
@@ -616,6 +762,7 @@ mod tests {
             asks,
             tokens: BURST,
             refilled: Instant::now(),
+            unused_at: None,
             stats: Arc::default(),
         };
         let lookup = [tuple("10.0.0.1:1", "10.0.0.2:2")];
@@ -636,6 +783,44 @@ mod tests {
         assert!(!conntrack.ask(5, &lookup, now));
         assert!(!conntrack.ask(6, &lookup, later));
         assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 4);
+        // An answer that found no conntrack in use anywhere: what is
+        // skipped after it had nothing to find, for UNUSED_FOR.
+        let unused = Answer {
+            id: 4,
+            found: None,
+            in_use: false,
+        };
+        conntrack.heard(&unused, later);
+        assert!(!conntrack.ask(7, &lookup, later));
+        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 4);
+        // Past UNUSED_FOR a skip counts again (the queue's one place taken).
+        let after = later + UNUSED_FOR;
+        assert!(conntrack.ask(8, &lookup, after));
+        assert!(!conntrack.ask(9, &lookup, after));
+        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 5);
+        conntrack.heard(&unused, after);
+        assert!(!conntrack.ask(10, &lookup, after));
+        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 5);
+        // And at once after an answer that found conntrack in use.
+        conntrack.heard(
+            &Answer {
+                in_use: true,
+                ..unused
+            },
+            after,
+        );
+        assert!(!conntrack.ask(11, &lookup, after));
+        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn the_global_stats_give_the_entries() {
+        // IPCTNL_MSG_CT_GET_STATS: CTA_STATS_GLOBAL_ENTRIES 42, then
+        // CTA_STATS_GLOBAL_MAX_ENTRIES 262144.
+        let body = [8, 0, 1, 0, 0, 0, 0, 42, 8, 0, 2, 0, 0, 4, 0, 0];
+        assert_eq!(decode_entries(&ctnetlink(5, 0, &body)).unwrap(), 42);
+        let without = decode_entries(&ctnetlink(5, 0, &body[8..])).unwrap_err();
+        assert_eq!(without.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
@@ -689,18 +874,53 @@ mod tests {
             sock.bind(&tx.into()).unwrap();
             sock.connect(&rx.into()).unwrap();
             let _accepted = listener.accept().unwrap();
-            get(&Tuple::new(tx, rx)).unwrap()
+            get(&super::ctnetlink().unwrap(), &Tuple::new(tx, rx)).unwrap()
         })
         .unwrap()
         .expect("the DNAT'd connection's entry");
         assert_eq!(found.original, Tuple::new(tx, rx));
         assert_eq!(found.reply, tuple("127.0.0.1:8080", "127.0.0.1:40700"));
         assert_eq!(found.tcp_state_name(), Some("ESTABLISHED"));
-        let (answer, error) = find(std::slice::from_ref(&ns.0), &[Tuple::new(tx, rx)]);
+        // Looked up from this thread, through the namespace's socket.
+        let socket = crate::host::netns::in_netns(&ns.0, super::ctnetlink).unwrap();
+        let socket = socket.unwrap();
+        assert!(entries(&socket).unwrap() >= 1, "the entry is counted");
+        let mut tables = [Table {
+            ns: ns.0.clone(),
+            socket: Ok(socket),
+            empty: false,
+        }];
+        let (answer, error) = find(&mut tables, &[Tuple::new(tx, rx)]);
         assert_eq!(error, None);
         let answer = answer.expect("found in the namespace");
         assert_eq!(answer.netns, ns.0.inode);
         // Nothing here was INVALID, and the counter says so.
         assert_eq!(answer.invalid, Some(0));
+    }
+
+    /// A table outlives a listing while its namespace is listed, and goes
+    /// with the first listing that no longer has it: its socket would keep
+    /// a deleted namespace alive.
+    #[test]
+    fn a_namespace_keeps_its_table_while_listed() {
+        use std::os::fd::AsRawFd as _;
+
+        use crate::host::netns::testing::TestNetns;
+        let socket_of = |tables: &Tables, inode: u32| {
+            let table = tables.all.iter().find(|t| t.ns.inode == inode)?;
+            Some(table.socket.as_ref().expect("a socket").as_raw_fd())
+        };
+        let ns = TestNetns::create();
+        let inode = ns.0.inode;
+        let first = Tables::relist(None, Instant::now());
+        let fd = socket_of(&first, inode).expect("a table for the new namespace");
+        // Nothing ever went through its conntrack.
+        let table = first.all.iter().find(|t| t.ns.inode == inode).unwrap();
+        assert!(table.empty);
+        let second = Tables::relist(Some(first), Instant::now());
+        assert_eq!(socket_of(&second, inode), Some(fd), "the same socket, kept");
+        drop(ns);
+        let third = Tables::relist(Some(second), Instant::now());
+        assert_eq!(socket_of(&third, inode), None);
     }
 }

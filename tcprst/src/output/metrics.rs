@@ -224,7 +224,7 @@ impl Default for Metrics {
         );
         let conntrack_skipped = counter(
             "conntrack_lookups_skipped",
-            "Conntrack lookups for resets across NAT skipped under a storm (rate limit or a full queue), or unanswered when tracing stopped",
+            "Conntrack lookups for resets across NAT skipped under a storm (rate limit or a full queue) while some namespace's conntrack held entries, or unanswered when tracing stopped",
         );
         let conntrack_failed = counter(
             "conntrack_lookup_failures",
