@@ -719,7 +719,6 @@ fn load_btf(explicit: Option<&Path>) -> Result<Option<KernelBtf>> {
     }
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 /// aya-log's level for the programs: all of their (failure) logs with
 /// `--debug-bpf`, none otherwise.
 fn log_level(debug_bpf: bool) -> u8 {
@@ -730,6 +729,7 @@ fn log_level(debug_bpf: bool) -> u8 {
     }
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

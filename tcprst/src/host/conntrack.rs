@@ -508,6 +508,7 @@ pub struct Conntrack {
 impl Conntrack {
     /// Starts the worker; its answers arrive on the returned channel.
     pub fn spawn() -> io::Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Answer>)> {
+        raise_open_files_limit();
         let (asks, asked) = sync_channel(QUEUED);
         let (answers, answered) = tokio::sync::mpsc::unbounded_channel();
         let stats = Arc::new(LookupStats::default());
@@ -561,6 +562,30 @@ impl Conntrack {
     /// Takes in what an answer says of conntrack at `now`.
     pub fn heard(&mut self, answer: &Answer, now: Instant) {
         self.unused_at = (!answer.in_use).then_some(now);
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one: the worker keeps a
+/// socket per namespace, hundreds on a node, and the soft limit (often
+/// 1024) is kept low only for select(), which tcprst does not use. Past
+/// the hard limit a namespace's socket fails, and its lookups are counted
+/// as failed.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `limit`, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit only reads `limit`, which outlives the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_NOFILE: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
