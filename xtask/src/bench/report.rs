@@ -33,7 +33,9 @@ pub(crate) struct Measurement {
     pub(crate) events: Option<u64>,
     pub(crate) rst_events: Option<u64>,
     pub(crate) lost: Option<u64>,
-    /// tcprst's sent resets that name their socket's close.
+    /// tcprst's sent resets shown each on a line, and those of them that
+    /// name their socket's close.
+    pub(crate) sent_shown: Option<u64>,
     pub(crate) sent_naming_a_close: Option<u64>,
     pub(crate) records_read: Option<u64>,
     pub(crate) notes_overwritten: Option<u64>,
@@ -83,6 +85,9 @@ impl Measurement {
             events: t.map(|t| t.events),
             rst_events: t.map(|t| t.rst_events).filter(|_| tracer.prints_events()),
             lost: t.map(|t| t.lost),
+            sent_shown: t
+                .filter(|_| matches!(tracer, Tracer::Tcprst { .. }))
+                .map(|t| t.sent_shown),
             sent_naming_a_close: t
                 .filter(|_| matches!(tracer, Tracer::Tcprst { .. }))
                 .map(|t| t.sent_naming_a_close),
@@ -386,7 +391,7 @@ impl Summary {
         format!(
             "\n## Targets ({} on {} CPUs, {}, tcprst {})\n\n{}\nRST storm, unpaced, medians (spreads) of {} repetitions: tcprst {:.3}× ({}; counts exact: {}), tcprst --detail-per-sec 0 {:.3}× ({}), bpftrace {:.3}× ({}), empty programs on the same hooks {:.3}× of the generator's throughput without a tracer; \
              tcprst --detail-per-sec 0 over bpftrace {:.3} (each repetition's: {}); bpftrace costs {:.2}× the throughput tcprst costs. Highest rate with zero loss: tcprst {}, bpftrace {}. System CPU added per reset at {PACED_STORM_RATE} connects/s: {}.\n\
-             Data after close, unpaced, medians of {}: tcprst --detail-per-sec 0 {:.3}×, bpftrace {:.3}× (tcprst over bpftrace, each repetition's: {}); tcprst's sent resets naming their close: {} of {} connections ({} close notes overwritten unread).\n\
+             Data after close, unpaced, medians of {}: tcprst --detail-per-sec 0 {:.3}×, bpftrace {:.3}× (tcprst over bpftrace, each repetition's: {}); tcprst's sent resets naming their close: {} of {} shown, for {} connections ({} close notes overwritten unread).\n\
              Churn: tcprst {:.3}× (spread {}), tcprst --history {:.3}×, bpftrace {:.3}×; system CPU added per connection at {PACED_CHURN_RATE}/s: {}; tcprst's direct cost (its programs, {:.2} µs of which empty programs would take, and its threads) {:.2} µs.\n\
              tcprst hooks: {}\nbpftrace hooks: storm {}; churn {}\n{}",
             self.machine.kernel,
@@ -418,6 +423,7 @@ impl Summary {
             self.data_after_close.ratio_bpftrace,
             range(self.data_after_close.spread_over_bpftrace),
             self.data_after_close.sent_naming_a_close,
+            self.data_after_close.sent_shown,
             self.data_after_close.connections,
             self.data_after_close.notes_overwritten,
             self.churn.ratio_tcprst,

@@ -172,9 +172,11 @@ pub(crate) struct DataAfterClose {
     pub(crate) spread_over_bpftrace: (f64, f64),
     /// Resets lost or not written, at most, over tcprst's runs.
     pub(crate) max_lost_tcprst: u64,
-    /// Over tcprst's runs: sent resets that named their close, and
-    /// connections (each made one sent reset).
+    /// Over tcprst's runs: sent resets that named their close, of those
+    /// shown, and connections (each made one sent reset; those not shown
+    /// are counted as lost or not written).
     pub(crate) sent_naming_a_close: u64,
+    pub(crate) sent_shown: u64,
     pub(crate) connections: u64,
     /// Close notes tcprst lost unread over its runs: the closes it could
     /// not name for want of them.
@@ -205,6 +207,7 @@ pub(crate) fn data_after_close(ctx: &Ctx, plan: &Scale) -> Result<DataAfterClose
         .max()
         .unwrap_or(0);
     let sent_naming_a_close = tcprst_rows().filter_map(|r| r.sent_naming_a_close).sum();
+    let sent_shown = tcprst_rows().filter_map(|r| r.sent_shown).sum();
     let connections = tcprst_rows().map(|r| r.completed).sum();
     let notes_overwritten = tcprst_rows().filter_map(|r| r.notes_overwritten).sum();
     let verdicts = vec![TargetCheck::at_most(
@@ -220,6 +223,7 @@ pub(crate) fn data_after_close(ctx: &Ctx, plan: &Scale) -> Result<DataAfterClose
         spread_over_bpftrace: spread_of_quotients(&rows, EVERY_RESET, "bpftrace"),
         max_lost_tcprst,
         sent_naming_a_close,
+        sent_shown,
         connections,
         notes_overwritten,
         verdicts,

@@ -255,7 +255,9 @@ pub(crate) struct TracerNumbers {
     /// RST lines only.
     pub(crate) rst_events: u64,
     pub(crate) lost: u64,
-    /// tcprst's sent resets that name their socket's close.
+    /// tcprst's sent resets shown each on a line of its own, and those of
+    /// them that name their socket's close.
+    pub(crate) sent_shown: u64,
     pub(crate) sent_naming_a_close: u64,
     /// tcprst's own count of ring-buffer records read (its final log line).
     pub(crate) records_read: Option<u64>,
@@ -532,6 +534,7 @@ impl Running {
             events: counts.events,
             rst_events: counts.rsts,
             lost: counts.lost.max(final_lost.unwrap_or(0)),
+            sent_shown: counts.sent_shown,
             sent_naming_a_close: counts.sent_naming_a_close,
             records_read,
             notes_overwritten,
@@ -594,8 +597,10 @@ pub(crate) struct OutputCounts {
     /// Resets, an aggregate standing for its count.
     pub(crate) rsts: u64,
     pub(crate) lost: u64,
-    /// tcprst's sent resets that name who closed their socket (an
-    /// `initiator`), of the sockets that sent their FIN.
+    /// tcprst's sent resets, each on a line of its own, and those of them
+    /// that name who closed their socket (an `initiator`): the two differ
+    /// by the resets that could not name a close, not by lines unwritten.
+    pub(crate) sent_shown: u64,
     pub(crate) sent_naming_a_close: u64,
 }
 
@@ -624,10 +629,10 @@ pub(crate) fn count_output(
                         if line.contains(r#""kind":"rst_"#) {
                             n.rsts += json_number(&line, "count").unwrap_or(1);
                         }
-                        n.sent_naming_a_close += u64::from(
-                            line.contains(r#""kind":"rst_sent","#)
-                                && line.contains(r#""initiator":{"#),
-                        );
+                        if line.contains(r#""kind":"rst_sent","#) {
+                            n.sent_shown += 1;
+                            n.sent_naming_a_close += u64::from(line.contains(r#""initiator":{"#));
+                        }
                     }
                 }
                 Kind::Bpftrace => {
@@ -767,6 +772,8 @@ mod tests {
             concat!(
                 r#"{"kind":"rst_sent","count":1,"initiator":{"op":"close"}}"#,
                 "\n",
+                r#"{"kind":"rst_sent","count":1,"initiator":null}"#,
+                "\n",
                 r#"{"kind":"rst_sent_aggregate","count":480,"x":1}"#,
                 "\n",
                 r#"{"kind":"halfclose_stuck"}"#,
@@ -779,20 +786,21 @@ mod tests {
         )
         .unwrap();
         fs::write(&err, "tcprst: stopped: …\n").unwrap();
-        let counts = |events, rsts, lost, sent_naming_a_close| OutputCounts {
+        let counts = |events, rsts, lost, (sent_shown, sent_naming_a_close)| OutputCounts {
             events,
             rsts,
             lost,
+            sent_shown,
             sent_naming_a_close,
         };
         assert_eq!(
             count_output(Kind::Tcprst, &out, &err, |_| true).unwrap(),
-            counts(3, 481, 7, 1)
+            counts(4, 482, 7, (2, 1))
         );
         let aggregates = |line: &str| line.contains("aggregate");
         assert_eq!(
             count_output(Kind::Tcprst, &out, &err, aggregates).unwrap(),
-            counts(1, 480, 0, 0)
+            counts(1, 480, 0, (0, 0))
         );
         fs::write(
             &out,
@@ -802,7 +810,7 @@ mod tests {
         fs::write(&err, "Lost 1 events\n").unwrap();
         assert_eq!(
             count_output(Kind::Bpftrace, &out, &err, |_| true).unwrap(),
-            counts(3, 2, 5, 0)
+            counts(3, 2, 5, (0, 0))
         );
         fs::remove_dir_all(&dir).unwrap();
     }
