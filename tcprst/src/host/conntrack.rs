@@ -395,9 +395,12 @@ struct Table {
     /// Why there is no socket: it could not be made, or it failed once
     /// and may hold a late answer. The next listing makes it again.
     socket: Result<Socket, String>,
-    /// Whether the namespace's conntrack held no entry when listed: most
-    /// on a node never track a connection (a pod's, unless it has rules
-    /// of its own), and cannot answer until the next listing finds one.
+    /// Whether the namespace's conntrack held no entry when last counted:
+    /// most on a node never track a connection (a pod's, unless it has
+    /// rules of its own). Such a table is counted again before each
+    /// lookup, a request instead of one per tuple: the connection looked
+    /// up may be the first it tracked, reset within a millisecond (a SYN
+    /// redirected to a sidecar not yet listening).
     empty: bool,
 }
 
@@ -651,18 +654,16 @@ fn work(
 fn find(tables: &mut [Table], tuples: &[Tuple]) -> (Option<Found>, Option<String>) {
     let mut error = None;
     let mut plain = None;
-    for table in tables.iter_mut().filter(|table| !table.empty) {
-        let looked_up = table.socket.as_ref().map(|socket| {
-            for (by, tuple) in tuples.iter().enumerate() {
-                if let Some(entry) = get(socket, tuple)? {
-                    // Evidence to go with the entry; its absence is no failure.
-                    return Ok(Some((by, entry, invalid_packets(socket).ok())));
-                }
+    for table in tables.iter_mut() {
+        let looked_up = match &table.socket {
+            Ok(socket) => look_up_in(socket, &mut table.empty, tuples),
+            Err(e) => {
+                error.get_or_insert_with(|| format!("in network namespace {}: {e}", table.ns.name));
+                continue;
             }
-            Ok::<_, io::Error>(None)
-        });
+        };
         match looked_up {
-            Ok(Ok(Some((by, entry, invalid)))) => {
+            Ok(Some((by, entry, invalid))) => {
                 let found = Found {
                     netns: table.ns.inode,
                     netns_name: table.ns.name.clone(),
@@ -675,18 +676,39 @@ fn find(tables: &mut [Table], tuples: &[Tuple]) -> (Option<Found>, Option<String
                 }
                 plain.get_or_insert(found);
             }
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => {
+            Ok(None) => {}
+            Err(e) => {
                 let e = e.to_string();
                 error.get_or_insert_with(|| format!("in network namespace {}: {e}", table.ns.name));
                 table.socket = Err(e);
             }
-            Err(e) => {
-                error.get_or_insert_with(|| format!("in network namespace {}: {e}", table.ns.name));
-            }
         }
     }
     (plain, error)
+}
+
+/// The entry for the first of `tuples` found in the conntrack of
+/// `socket`'s namespace, which of them found it, and the namespace's
+/// INVALID count. Where the table was `empty`, its entries are counted
+/// first, and only a table that now has some is asked for them.
+fn look_up_in(
+    socket: &Socket,
+    empty: &mut bool,
+    tuples: &[Tuple],
+) -> io::Result<Option<(usize, Entry, Option<u64>)>> {
+    if *empty {
+        if entries(socket)? == 0 {
+            return Ok(None);
+        }
+        *empty = false;
+    }
+    for (by, tuple) in tuples.iter().enumerate() {
+        if let Some(entry) = get(socket, tuple)? {
+            // Evidence to go with the entry; its absence is no failure.
+            return Ok(Some((by, entry, invalid_packets(socket).ok())));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -910,13 +932,16 @@ mod tests {
         let socket = crate::host::netns::in_netns(&ns.0, super::ctnetlink).unwrap();
         let socket = socket.unwrap();
         assert!(entries(&socket).unwrap() >= 1, "the entry is counted");
+        // Through a table counted empty before the connection came: it is
+        // counted again, and asked.
         let mut tables = [Table {
             ns: ns.0.clone(),
             socket: Ok(socket),
-            empty: false,
+            empty: true,
         }];
         let (answer, error) = find(&mut tables, &[Tuple::new(tx, rx)]);
         assert_eq!(error, None);
+        assert!(!tables[0].empty);
         let answer = answer.expect("found in the namespace");
         assert_eq!(answer.netns, ns.0.inode);
         // Nothing here was INVALID, and the counter says so.
