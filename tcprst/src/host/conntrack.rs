@@ -416,8 +416,7 @@ impl Tables {
     /// Lists the namespaces again: a table is kept while its namespace is
     /// listed, and made for a new one. The inode names the same namespace
     /// as long as the table's socket keeps it alive. Each table's entries
-    /// are counted again: a request per namespace a second, against one
-    /// or two per namespace per lookup.
+    /// are counted again (`Table::empty`).
     fn relist(previous: Option<Self>, now: Instant) -> Self {
         let mut kept: HashMap<u32, Socket> = previous
             .into_iter()
