@@ -382,7 +382,8 @@ impl Pipeline<'_> {
             }
         }
         let left: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
-        if let Some(conntrack) = &self.conntrack {
+        if let Some(conntrack) = &mut self.conntrack {
+            conntrack.finish();
             conntrack
                 .stats
                 .skipped

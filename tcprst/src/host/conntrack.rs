@@ -502,8 +502,13 @@ pub struct Conntrack {
     asks: SyncSender<Ask>,
     tokens: f64,
     refilled: Instant,
-    /// When the last answer said no namespace's conntrack held an entry.
-    unused_at: Option<Instant>,
+    /// When the last answer came, and whether it found conntrack holding
+    /// entries in any namespace.
+    heard: Option<(Instant, bool)>,
+    /// Lookups skipped with no answer in the last `UNUSED_FOR` to say
+    /// whether they had anything to find (a storm's start): the next
+    /// answer counts them or drops them, and stopping counts them.
+    unjudged: u64,
     pub stats: Arc<LookupStats>,
 }
 
@@ -523,7 +528,8 @@ impl Conntrack {
                 asks,
                 tokens: BURST,
                 refilled: Instant::now(),
-                unused_at: None,
+                heard: None,
+                unjudged: 0,
                 stats,
             },
             answered,
@@ -547,23 +553,42 @@ impl Conntrack {
                     tuples: tuples.to_vec(),
                 })
                 .is_ok();
+        if sent {
+            self.tokens -= 1.0;
+            return true;
+        }
         // A lookup skipped while no conntrack held an entry had nothing to
         // find, and is not counted: it would be every reset of a storm on
         // a host without NAT.
-        let nothing_to_find = self
-            .unused_at
-            .is_some_and(|at| now.saturating_duration_since(at) < UNUSED_FOR);
-        if sent {
-            self.tokens -= 1.0;
-        } else if !nothing_to_find {
-            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        let recent = self
+            .heard
+            .filter(|(at, _)| now.saturating_duration_since(*at) < UNUSED_FOR);
+        match recent {
+            Some((_, false)) => {}
+            Some((_, true)) => self.skip(1),
+            None => self.unjudged += 1,
         }
-        sent
+        false
     }
 
-    /// Takes in what an answer says of conntrack at `now`.
+    fn skip(&self, lookups: u64) {
+        self.stats.skipped.fetch_add(lookups, Ordering::Relaxed);
+    }
+
+    /// Takes in what an answer says of conntrack at `now`, and judges the
+    /// lookups skipped before it.
     pub fn heard(&mut self, answer: &Answer, now: Instant) {
-        self.unused_at = (!answer.in_use).then_some(now);
+        let unjudged = std::mem::take(&mut self.unjudged);
+        if answer.in_use {
+            self.skip(unjudged);
+        }
+        self.heard = Some((now, answer.in_use));
+    }
+
+    /// Stopping: the skipped lookups no answer judged count as skipped.
+    pub fn finish(&mut self) {
+        let unjudged = std::mem::take(&mut self.unjudged);
+        self.skip(unjudged);
     }
 }
 
@@ -808,11 +833,14 @@ mod tests {
             asks,
             tokens: BURST,
             refilled: Instant::now(),
-            unused_at: None,
+            heard: None,
+            unjudged: 0,
             stats: Arc::default(),
         };
         let lookup = [tuple("10.0.0.1:1", "10.0.0.2:2")];
         let now = Instant::now();
+        // Conntrack holds entries somewhere: every skip counts at once.
+        conntrack.heard(&answer(true), now);
         assert!(conntrack.ask(1, &lookup, now));
         assert!(!conntrack.ask(2, &lookup, now));
         assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 1);
@@ -829,34 +857,58 @@ mod tests {
         assert!(!conntrack.ask(5, &lookup, now));
         assert!(!conntrack.ask(6, &lookup, later));
         assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 4);
-        // An answer that found no conntrack in use anywhere: what is
-        // skipped after it had nothing to find, for UNUSED_FOR.
-        let unused = Answer {
-            id: 4,
+    }
+
+    fn answer(in_use: bool) -> Answer {
+        Answer {
+            id: 0,
             found: None,
-            in_use: false,
+            in_use,
+        }
+    }
+
+    /// A skip counts where some namespace's conntrack held entries: it had
+    /// something to find. Before any answer it waits for one.
+    #[test]
+    fn skips_count_only_where_conntrack_holds_entries() {
+        // A worker that takes nothing: every lookup is skipped.
+        let (asks, _asked) = sync_channel(0);
+        let mut conntrack = Conntrack {
+            asks,
+            tokens: BURST,
+            refilled: Instant::now(),
+            heard: None,
+            unjudged: 0,
+            stats: Arc::default(),
         };
-        conntrack.heard(&unused, later);
-        assert!(!conntrack.ask(7, &lookup, later));
-        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 4);
-        // Past UNUSED_FOR a skip counts again (the queue's one place taken).
-        let after = later + UNUSED_FOR;
-        assert!(conntrack.ask(8, &lookup, after));
-        assert!(!conntrack.ask(9, &lookup, after));
-        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 5);
-        conntrack.heard(&unused, after);
-        assert!(!conntrack.ask(10, &lookup, after));
-        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 5);
-        // And at once after an answer that found conntrack in use.
-        conntrack.heard(
-            &Answer {
-                in_use: true,
-                ..unused
-            },
-            after,
-        );
-        assert!(!conntrack.ask(11, &lookup, after));
-        assert_eq!(conntrack.stats.skipped.load(Ordering::Relaxed), 6);
+        let skipped = |c: &Conntrack| c.stats.skipped.load(Ordering::Relaxed);
+        let lookup = [tuple("10.0.0.1:1", "10.0.0.2:2")];
+        let now = Instant::now();
+        // A storm's start: judged by the answer that comes next.
+        assert!(!conntrack.ask(1, &lookup, now));
+        assert!(!conntrack.ask(2, &lookup, now));
+        assert_eq!(skipped(&conntrack), 0);
+        conntrack.heard(&answer(false), now);
+        assert_eq!(skipped(&conntrack), 0);
+        // Within UNUSED_FOR of an answer that found conntrack empty
+        // everywhere: nothing to find.
+        assert!(!conntrack.ask(3, &lookup, now + UNUSED_FOR / 2));
+        assert_eq!(skipped(&conntrack), 0);
+        // Past it, judged again by the next answer, which found entries.
+        let after = now + UNUSED_FOR;
+        assert!(!conntrack.ask(4, &lookup, after));
+        assert!(!conntrack.ask(5, &lookup, after));
+        assert_eq!(skipped(&conntrack), 0);
+        conntrack.heard(&answer(true), after);
+        assert_eq!(skipped(&conntrack), 2);
+        assert!(!conntrack.ask(6, &lookup, after));
+        assert_eq!(skipped(&conntrack), 3);
+        // Stopping counts what no answer judged.
+        let last = after + UNUSED_FOR;
+        assert!(!conntrack.ask(7, &lookup, last));
+        assert_eq!(skipped(&conntrack), 3);
+        conntrack.finish();
+        assert_eq!(skipped(&conntrack), 4);
     }
 
     #[test]
