@@ -523,17 +523,19 @@ impl Conntrack {
         std::thread::Builder::new()
             .name("conntrack".into())
             .spawn(move || work(&asked, &answers, &worker_stats))?;
-        Ok((
-            Self {
-                asks,
-                tokens: BURST,
-                refilled: Instant::now(),
-                heard: None,
-                unjudged: 0,
-                stats,
-            },
-            answered,
-        ))
+        Ok((Self::new(asks, stats), answered))
+    }
+
+    /// The handle on a worker that takes `asks`, with a full bucket.
+    fn new(asks: SyncSender<Ask>, stats: Arc<LookupStats>) -> Self {
+        Self {
+            asks,
+            tokens: BURST,
+            refilled: Instant::now(),
+            heard: None,
+            unjudged: 0,
+            stats,
+        }
     }
 
     /// Asks for a lookup at `now`; false (and counted) when it is skipped.
@@ -829,14 +831,7 @@ mod tests {
     fn a_lookup_the_worker_has_no_room_for_is_skipped_and_counted() {
         // A worker that takes one lookup and is busy with it.
         let (asks, asked) = sync_channel(1);
-        let mut conntrack = Conntrack {
-            asks,
-            tokens: BURST,
-            refilled: Instant::now(),
-            heard: None,
-            unjudged: 0,
-            stats: Arc::default(),
-        };
+        let mut conntrack = Conntrack::new(asks, Arc::default());
         let lookup = [tuple("10.0.0.1:1", "10.0.0.2:2")];
         let now = Instant::now();
         // Conntrack holds entries somewhere: every skip counts at once.
@@ -873,14 +868,7 @@ mod tests {
     fn skips_count_only_where_conntrack_holds_entries() {
         // A worker that takes nothing: every lookup is skipped.
         let (asks, _asked) = sync_channel(0);
-        let mut conntrack = Conntrack {
-            asks,
-            tokens: BURST,
-            refilled: Instant::now(),
-            heard: None,
-            unjudged: 0,
-            stats: Arc::default(),
-        };
+        let mut conntrack = Conntrack::new(asks, Arc::default());
         let skipped = |c: &Conntrack| c.stats.skipped.load(Ordering::Relaxed);
         let lookup = [tuple("10.0.0.1:1", "10.0.0.2:2")];
         let now = Instant::now();
