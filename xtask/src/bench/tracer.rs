@@ -513,7 +513,7 @@ impl Running {
         let stderr = fs::read_to_string(&self.err).unwrap_or_default();
         let stopped = stderr.lines().find_map(|l| l.split(stderr::STOPPED).nth(1));
         let records_read = stopped.and_then(|s| s.split(' ').next()?.parse().ok());
-        let final_lost = stopped.and_then(|s| nth_number_before(s, "lost"));
+        let final_lost = stopped.and_then(|s| number_before(s, " lost,"));
         let notes_overwritten = stopped.and_then(|s| number_before(s, " close notes overwritten"));
         let hooks = stderr
             .lines()
@@ -662,22 +662,16 @@ pub(crate) fn json_number(line: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
-/// In "…, 12 close notes overwritten unread, …", the number before
-/// `phrase`.
+/// In "…, 12 lost, 3 close notes overwritten unread, …", the number
+/// before the first `phrase` (" lost,", " close notes overwritten"); None
+/// where there is no such phrase.
 pub(crate) fn number_before(s: &str, phrase: &str) -> Option<u64> {
-    s.split(phrase)
-        .next()?
+    let (before, _) = s.split_once(phrase)?;
+    before
         .rsplit([' ', ','])
         .find(|w| !w.is_empty())?
         .parse()
         .ok()
-}
-
-/// In "…, 12 lost, …", the number before `word`.
-pub(crate) fn nth_number_before(s: &str, word: &str) -> Option<u64> {
-    let words: Vec<&str> = s.split([' ', ',']).filter(|w| !w.is_empty()).collect();
-    let at = words.iter().position(|w| *w == word)?;
-    words.get(at.checked_sub(1)?)?.parse().ok()
 }
 
 /// One scrape of tcprst's metrics on host loopback.
@@ -753,11 +747,12 @@ mod tests {
     #[test]
     fn reads_tcprst_final_line_and_lost_records() {
         let stopped = "1200 records read, 600 events shown, 7 lost, 0 undecodable, 3 connections evicted from tracking";
-        assert_eq!(nth_number_before(stopped, "lost"), Some(7));
-        assert_eq!(nth_number_before(stopped, "missing"), None);
-        let notes = "9 records read, 2 lost, 3 close notes overwritten unread, 0 received resets";
+        assert_eq!(number_before(stopped, " lost,"), Some(7));
+        assert_eq!(number_before(stopped, " missing,"), None);
+        let notes = "9 records read, 2 lost, 3 close notes overwritten unread, 12";
         assert_eq!(number_before(notes, " close notes overwritten"), Some(3));
-        assert_eq!(number_before(stopped, " close notes overwritten"), None);
+        // An absent phrase is None, whatever number ends the line.
+        assert_eq!(number_before(notes, " phantoms"), None);
         let lost = r#"{"time":"…","kind":"lost","lost":964,"lost_total":1964}"#;
         assert_eq!(json_number(lost, "lost_total"), Some(1964));
     }
