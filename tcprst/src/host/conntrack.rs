@@ -538,8 +538,9 @@ impl Conntrack {
         }
     }
 
-    /// Asks for a lookup at `now`; false (and counted) when it is skipped.
-    /// Each one asked gets exactly one answer. `now` is the caller's clock,
+    /// Asks for a lookup at `now`; false when it is skipped, which counts
+    /// where conntrack holds entries (`heard`, `finish`). Each one asked
+    /// gets exactly one answer. `now` is the caller's clock,
     /// read once per batch of records (a storm asks for every sent reset);
     /// it never runs the bucket backwards.
     pub fn ask(&mut self, id: u64, tuples: &[Tuple], now: Instant) -> bool {
