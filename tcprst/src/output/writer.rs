@@ -6,14 +6,15 @@
 //! reader behind (see `whole_lines`). Once the lines left are counted the
 //! thread writes no more, so a slow reader cannot get lines counted as lost.
 //! A regular file has no reader to fall behind: it takes each queued chunk
-//! in one write (see `Pieces`).
+//! in one write (see `Pieces`), and lines for it wait a moment for room in
+//! a full queue rather than being dropped (see `QueuedWriter::room_for`).
 
 use std::{
     fs::File,
     io::{self, Write},
     os::fd::AsFd,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError, TryLockError,
+        Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc::{Receiver, Sender, channel},
     },
@@ -43,6 +44,11 @@ const PIPE_CHUNK: usize = 64 * 1024;
 /// reader that is still reading takes a piece in far less; one that
 /// stopped never takes it.
 const PIECE_GRACE: Duration = Duration::from_millis(100);
+/// How long lines for a regular file wait for room in a full queue. A
+/// file takes a chunk in the time of a copy (about a millisecond), so a
+/// wait this long means the disk itself stalled: the lines are dropped,
+/// counted, and none waits again until a chunk is written.
+const ROOM_WAIT: Duration = Duration::from_millis(50);
 
 /// What the writer thread and the queue share.
 #[derive(Default)]
@@ -60,12 +66,22 @@ struct Progress {
     /// Held by the thread from writing a piece to counting it written, so
     /// that the final count never falls between the two.
     piece: Mutex<()>,
+    /// Chunks written, under the lock lines waiting for room sleep on.
+    chunks_written: Mutex<u64>,
+    /// Signalled as each chunk is written.
+    room: Condvar,
 }
 
 impl Progress {
     /// The thread's hold on the output, for one piece.
     fn lock_piece(&self) -> MutexGuard<'_, ()> {
         self.piece.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_chunks_written(&self) -> MutexGuard<'_, u64> {
+        self.chunks_written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The piece lock, once the piece being written landed; `None` if it
@@ -153,6 +169,8 @@ pub struct QueuedWriter {
     pieces: Pieces,
     queue: Sender<Chunk>,
     progress: Arc<Progress>,
+    /// The chunks written when lines last waited for room in vain.
+    stalled_at: Option<u64>,
 }
 
 /// Reads what became of the lines after the sinks are gone.
@@ -205,6 +223,7 @@ pub fn spawn(
             pieces,
             queue,
             progress: progress.clone(),
+            stalled_at: None,
         },
         WriterReport(progress),
     ))
@@ -237,6 +256,8 @@ fn write_out(mut out: impl Write, pieces: Pieces, chunks: Receiver<Chunk>, progr
         progress
             .queued_bytes
             .fetch_sub(chunk.bytes.capacity(), Ordering::Relaxed);
+        *progress.lock_chunks_written() += 1;
+        progress.room.notify_one();
     }
 }
 
@@ -276,8 +297,8 @@ fn lines(bytes: &[u8]) -> u64 {
 }
 
 impl QueuedWriter {
-    /// Queues every complete line pending, or drops them if the queue is
-    /// full; a partial line waits for its end.
+    /// Queues every complete line pending, or drops them if the queue has
+    /// no room for them (`room_for`); a partial line waits for its end.
     fn send_lines(&mut self) -> io::Result<()> {
         if self.progress.closed.load(Ordering::Relaxed) {
             return Err(io::ErrorKind::BrokenPipe.into());
@@ -302,16 +323,55 @@ impl QueuedWriter {
         let n = self.whole_lines.unwrap_or_else(|| lines(&bytes));
         self.whole_lines = self.pending.is_empty().then_some(0);
         let size = bytes.capacity();
-        let queued = &self.progress.queued_bytes;
-        if queued.load(Ordering::Relaxed) + size > QUEUED_BYTES {
+        if !self.room_for(size) {
             self.progress.dropped_lines.fetch_add(n, Ordering::Relaxed);
             return Ok(());
         }
-        queued.fetch_add(size, Ordering::Relaxed);
+        self.progress
+            .queued_bytes
+            .fetch_add(size, Ordering::Relaxed);
         self.progress.queued_lines.fetch_add(n, Ordering::Relaxed);
         self.queue
             .send(Chunk { bytes, lines: n })
             .map_err(|_| io::ErrorKind::BrokenPipe.into())
+    }
+
+    /// Whether the queue has room for `size` bytes more. Lines for a
+    /// regular file wait up to `ROOM_WAIT` for it: on a busy host the
+    /// thread that writes them is most often only waiting for a CPU, and
+    /// this wait gives it this one (in a storm of a line per reset on two
+    /// CPUs, without it up to a sixth of the lines were dropped while that
+    /// thread slept; see docs/performance.md). The records left meanwhile
+    /// wait in the ring buffer, in a quarter of the bytes of their lines.
+    /// Lines for a pipe never wait: its reader sets the pace, and must not
+    /// set the event loop's (metrics count every reset read). Nor do they
+    /// wait again after a wait ran out until a chunk was written.
+    fn room_for(&mut self, size: usize) -> bool {
+        let queued = &self.progress.queued_bytes;
+        let fits = || queued.load(Ordering::Relaxed) + size <= QUEUED_BYTES;
+        if fits() {
+            return true;
+        }
+        if self.pieces != Pieces::WholeChunks {
+            return false;
+        }
+        let written = self.progress.lock_chunks_written();
+        if self.stalled_at == Some(*written) {
+            return false;
+        }
+        let (written, _) = self
+            .progress
+            .room
+            .wait_timeout_while(written, ROOM_WAIT, |_| {
+                let progress = &self.progress;
+                !fits()
+                    && !progress.closed.load(Ordering::Relaxed)
+                    && !progress.stopped.load(Ordering::Relaxed)
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        let room = fits();
+        self.stalled_at = (!room).then_some(*written);
+        room
     }
 }
 
@@ -594,16 +654,65 @@ mod tests {
 
     /// An output that takes each write after a pause: a reader that keeps
     /// reading, behind.
-    struct Slow(Shared);
+    struct Slow(Shared, Duration);
 
     impl Write for Slow {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(self.1);
             self.0.write(buf)
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Writes `chunks` chunks' worth of lines without a flush, so that each
+    /// chunk is queued as it fills; returns how many lines that was.
+    fn fill_chunks(writer: &mut QueuedWriter, chunks: usize) -> u64 {
+        let lines = chunks * FILE_CHUNK / LINE.len();
+        for _ in 0..lines {
+            writer.write_all(LINE.as_bytes()).unwrap();
+        }
+        writer.flush().unwrap();
+        lines as u64
+    }
+
+    /// A file behind: twice the chunks the queue holds, each written after a
+    /// pause, and none dropped, where a pipe's reader as slow loses lines.
+    #[test]
+    fn lines_for_a_file_wait_for_room_and_a_pipes_do_not() {
+        let chunks = 2 * QUEUED_BYTES / FILE_CHUNK;
+        let out = Shared::default();
+        let slow = Slow(out.clone(), Duration::from_millis(5));
+        let (mut writer, report) = spawn(slow, Pieces::WholeChunks).unwrap();
+        let lines = fill_chunks(&mut writer, chunks);
+        assert_eq!(report.dropped(), 0);
+        assert_eq!(report.unwritten_after(Duration::from_secs(5)), 0);
+        assert_eq!(out.text().lines().count() as u64, lines);
+
+        let slow = Slow(Shared::default(), Duration::from_millis(5));
+        let (mut writer, report) = spawn(slow, Pieces::PipeSized).unwrap();
+        fill_chunks(&mut writer, chunks);
+        assert!(report.dropped() > 0);
+    }
+
+    /// A file whose writes stopped (a stalled disk) is waited for once, not
+    /// at every chunk: the event loop goes on, dropping lines, counted.
+    #[test]
+    fn a_stalled_file_is_waited_for_once() {
+        let chunks = 40;
+        let (mut writer, report) = spawn(Gate::default(), Pieces::WholeChunks).unwrap();
+        let began = Instant::now();
+        let lines = fill_chunks(&mut writer, chunks);
+        // Waiting at each of the chunks past the queue's would take 1.8 s.
+        assert!(
+            began.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            began.elapsed()
+        );
+        let kept = QUEUED_BYTES / FILE_CHUNK;
+        assert!(report.dropped() as usize >= (chunks - kept - 1) * FILE_CHUNK / LINE.len());
+        assert_eq!(report.unwritten_after(Duration::from_millis(10)), lines);
     }
 
     /// tcprst counts the lines left as it exits, and a reader that is only
@@ -613,7 +722,8 @@ mod tests {
     fn lines_counted_unwritten_never_arrive() {
         for pieces in BOTH {
             let out = Shared::default();
-            let (mut writer, report) = spawn(Slow(out.clone()), pieces).unwrap();
+            let slow = Slow(out.clone(), Duration::from_millis(50));
+            let (mut writer, report) = spawn(slow, pieces).unwrap();
             let line = format!("{}\n", "x".repeat(99));
             // 40 lines a pipe's piece, 10,485 a file's chunk; 50 ms a write: not
             // nearly all in 20 ms.
