@@ -179,7 +179,10 @@ pub struct TraceArgs {
     pub ipv6: bool,
 
     /// Ring-buffer size in 4 KiB pages (a power of two)
-    #[arg(long, default_value_t = 256, value_parser = parse_buffer_pages)]
+    // 4 MiB: about 50 ms of a storm of a line per reset on two CPUs, the
+    // longest the event loop was seen to wait for the output thread or for
+    // a CPU; at 1 MiB such storms lost records (docs/performance.md).
+    #[arg(long, default_value_t = 1024, value_parser = parse_buffer_pages)]
     pub buffer_pages: u32,
 
     /// Report connections half-closed for longer than this
