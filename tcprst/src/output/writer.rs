@@ -678,22 +678,25 @@ mod tests {
     }
 
     /// A file behind: twice the chunks the queue holds, each written after a
-    /// pause, and none dropped, where a pipe's reader as slow loses lines.
+    /// pause far shorter than `ROOM_WAIT`, and none dropped, where a pipe's
+    /// reader as slow loses lines.
     #[test]
     fn lines_for_a_file_wait_for_room_and_a_pipes_do_not() {
         let chunks = 2 * QUEUED_BYTES / FILE_CHUNK;
+        let pause = Duration::from_millis(1);
         let out = Shared::default();
-        let slow = Slow(out.clone(), Duration::from_millis(5));
-        let (mut writer, report) = spawn(slow, Pieces::WholeChunks).unwrap();
+        let (mut writer, report) = spawn(Slow(out.clone(), pause), Pieces::WholeChunks).unwrap();
         let lines = fill_chunks(&mut writer, chunks);
         assert_eq!(report.dropped(), 0);
         assert_eq!(report.unwritten_after(Duration::from_secs(5)), 0);
         assert_eq!(out.text().lines().count() as u64, lines);
 
-        let slow = Slow(Shared::default(), Duration::from_millis(5));
+        let slow = Slow(Shared::default(), pause);
         let (mut writer, report) = spawn(slow, Pieces::PipeSized).unwrap();
         fill_chunks(&mut writer, chunks);
         assert!(report.dropped() > 0);
+        // Stops the thread, which would go on writing the queue for a second.
+        report.unwritten_after(Duration::ZERO);
     }
 
     /// A file whose writes stopped (a stalled disk) is waited for once, not
