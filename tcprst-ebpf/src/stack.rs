@@ -13,7 +13,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::bpf_get_stack,
     macros::map,
-    maps::{Array, HashMap, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, StackTrace},
     programs::tracing::StackIdContext,
 };
 use tcprst_common::{CALLER_FRAMES, RecordKind, ResetHook, RstRecord, counters, rst_flags};
@@ -50,13 +50,20 @@ struct PathKey {
     flags: u8,
 }
 
-/// The frames of the last unwind for a `PathKey`, and when it was taken.
+/// The frames of the last unwind for a `PathKey`, as the record keeps
+/// them, and when it was taken.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct KnownPath {
-    frames: [u64; CALLER_FRAMES],
+    frames: [u32; CALLER_FRAMES],
     at_ns: u64,
 }
+
+/// Where the kernel unwinds a reset's frames, whole addresses, before the
+/// record keeps their low halves (`RstRecord::frames`): the BPF stack has
+/// no room for them beside the record.
+#[map]
+static UNWOUND: PerCpuArray<[u64; CALLER_FRAMES]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Kinds of resets are few (hooks × reasons × states); a full map only
 /// means unwinding every time.
@@ -132,12 +139,23 @@ pub fn caller_frames(ctx: &impl EbpfContext, rec: &mut RstRecord) {
             }
         }
     }
-    let size = core::mem::size_of_val(&rec.frames) as u32;
-    // SAFETY: `frames` is writable for `size` bytes; flags 0: kernel stack.
-    let taken = unsafe { bpf_get_stack(ctx.as_ptr(), rec.frames.as_mut_ptr().cast(), size, 0) };
+    let Some(unwound) = UNWOUND.get_ptr_mut(0) else {
+        count(counters::STACK_FAILURES);
+        return;
+    };
+    let size = core::mem::size_of::<[u64; CALLER_FRAMES]>() as u32;
+    // SAFETY: this CPU's scratch, writable for `size` bytes; flags 0: the
+    // kernel stack. The helper zeroes what it does not fill.
+    let taken = unsafe { bpf_get_stack(ctx.as_ptr(), unwound.cast(), size, 0) };
     if taken <= 0 {
         count(counters::STACK_FAILURES);
         return;
+    }
+    // SAFETY: this CPU's scratch, which only this program on this CPU
+    // writes, just filled.
+    let unwound = unsafe { &*unwound };
+    for (frame, address) in rec.frames.iter_mut().zip(unwound) {
+        *frame = *address as u32;
     }
     if settled {
         remember(&key, rec);

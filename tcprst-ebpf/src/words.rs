@@ -47,15 +47,24 @@ pub unsafe fn zeroed<T: Copy>(slot: &mut MaybeUninit<T>) -> &mut T {
 /// `src` must be valid for reads and `dst` for writes of a `T`.
 #[inline(always)]
 pub unsafe fn copy<T: Copy>(dst: *mut T, src: *const T) {
-    let words = const {
-        assert!(word::<T>() == 8);
-        size_of::<T>() / 8
-    };
-    let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
+    if const { word::<T>() == 8 } {
+        // SAFETY: the caller's, and `word` tiles `T` with u64s.
+        unsafe { copy_words(dst.cast::<u64>(), src.cast::<u64>(), size_of::<T>() / 8) };
+    } else {
+        // SAFETY: the caller's, and `word` tiles `T` with u32s.
+        unsafe { copy_words(dst.cast::<u32>(), src.cast::<u32>(), size_of::<T>() / 4) };
+    }
+}
+
+/// Copies `words` words from `src` to `dst`.
+///
+/// # Safety
+/// Both must be valid for that many words, and not overlap.
+#[inline(always)]
+unsafe fn copy_words<W: Copy>(dst: *mut W, src: *const W, words: usize) {
     for i in 0..words {
-        // SAFETY: within `*src` and `*dst`, which the caller lends and `word`
-        // tiles. Volatile, so LLVM does not turn the loop back into a call
-        // of `memmove`.
+        // SAFETY: within what the caller lends. Volatile, so LLVM does not
+        // turn the loop back into a call of `memmove`.
         unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
     }
 }

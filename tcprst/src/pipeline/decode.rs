@@ -133,7 +133,7 @@ impl Decoder {
                 inode: nonzero(rec.inode),
             }),
             history: mark.map(|m| self.history(m)),
-            frames: rec.frames,
+            frames: rec.frame_addresses(),
             stack_id: u32::try_from(rec.stack_id).ok(),
             hook: ResetHook::from_u8(rec.hook)
                 .ok_or_else(|| anyhow!("unknown reset hook {}", rec.hook))?,
@@ -282,7 +282,7 @@ mod tests {
         sample.cgroup_id = 77;
         sample.sock_cookie = 5;
         sample.flags |= rst_flags::HAS_COOKIE | rst_flags::HAS_SOCKET_FACTS;
-        sample.frames[0] = 0xffff_ffff_8100_0000;
+        sample.frames[0] = 0x8100_0000;
         let (key, tally) = tally_of(sample);
         let ev = decoder().aggregate(&key, &tally).unwrap();
         assert_eq!(ev.kind, RstKind::Sent);
