@@ -8,12 +8,14 @@
 //! came by (`path_is_settled`), the frames of the last unwind for that kind
 //! are reused for a second.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
     helpers::generated::bpf_get_stack,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, StackTrace},
+    maps::{Array, HashMap, StackTrace},
     programs::tracing::StackIdContext,
 };
 use tcprst_common::{CALLER_FRAMES, RecordKind, ResetHook, RstRecord, counters, rst_flags};
@@ -58,12 +60,6 @@ struct KnownPath {
     frames: [u32; CALLER_FRAMES],
     at_ns: u64,
 }
-
-/// Where the kernel unwinds a reset's frames, whole addresses, before the
-/// record keeps their low halves (`RstRecord::frames`): the BPF stack has
-/// no room for them beside the record.
-#[map]
-static UNWOUND: PerCpuArray<[u64; CALLER_FRAMES]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Kinds of resets are few (hooks × reasons × states); a full map only
 /// means unwinding every time.
@@ -139,21 +135,22 @@ pub fn caller_frames(ctx: &impl EbpfContext, rec: &mut RstRecord) {
             }
         }
     }
-    let Some(unwound) = UNWOUND.get_ptr_mut(0) else {
-        count(counters::STACK_FAILURES);
-        return;
-    };
-    let size = core::mem::size_of::<[u64; CALLER_FRAMES]>() as u32;
-    // SAFETY: this CPU's scratch, writable for `size` bytes; flags 0: the
-    // kernel stack. The helper zeroes what it does not fill.
-    let taken = unsafe { bpf_get_stack(ctx.as_ptr(), unwound.cast(), size, 0) };
+    // Whole addresses, of which the record keeps the low halves
+    // (`RstRecord::frames`). On this function's own stack, not in a per-CPU
+    // map: a reset program in a softirq can interrupt another between its
+    // unwind and its copy on the same CPU.
+    let mut unwound = MaybeUninit::<[u64; CALLER_FRAMES]>::uninit();
+    let size = core::mem::size_of_val(&unwound) as u32;
+    // SAFETY: `unwound` is writable for `size` bytes; flags 0: the kernel
+    // stack.
+    let taken = unsafe { bpf_get_stack(ctx.as_ptr(), unwound.as_mut_ptr().cast(), size, 0) };
     if taken <= 0 {
         count(counters::STACK_FAILURES);
         return;
     }
-    // SAFETY: this CPU's scratch, which only this program on this CPU
-    // writes, just filled.
-    let unwound = unsafe { &*unwound };
+    // SAFETY: the helper wrote all `size` bytes: the frames it took, and
+    // zeroes after them.
+    let unwound = unsafe { unwound.assume_init_ref() };
     for (frame, address) in rec.frames.iter_mut().zip(unwound) {
         *frame = *address as u32;
     }

@@ -302,6 +302,7 @@ mod tests {
         assert_eq!(ev.cgroup_id, Some(77));
         assert_eq!(&*ev.task.as_ref().unwrap().comm, "curl");
         assert_eq!(ev.frames[0], 0xffff_ffff_8100_0000);
+        assert_eq!(ev.frames[1], 0, "a frame not taken stays none");
         assert_eq!(ev.sock_cookie, None);
         assert_eq!(ev.socket, None);
         assert_eq!(ev.stack_id, None);
